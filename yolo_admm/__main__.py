@@ -1,0 +1,3 @@
+from yolo_admm.cli import main
+
+raise SystemExit(main())
