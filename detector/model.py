@@ -1,0 +1,114 @@
+"""`DarknetModel`: a Darknet cfg as a PyTorch module, and `load_darknet` to build and load one."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from detector.cfg import DarknetCfg, DarknetError, NetConfig, parse_cfg
+from detector.head import YoloHead
+from detector.layers import ConvBlock, build_layers
+from detector.weights import WeightsHeader, read_weights
+
+
+class DarknetModel(nn.Module):
+    """The layers of a Darknet cfg, run in cfg order; route and shortcut read earlier outputs.
+
+    Attributes:
+        cfg: the parsed `detector.cfg.DarknetCfg`.
+        net: its `[net]` section (`NetConfig`): input size, letter_box, training options.
+        layers: `nn.ModuleList`, one module per cfg layer section (index = Darknet layer index).
+        heads: list[YoloHead], the `[yolo]` layers in cfg order.
+        input_multiple: the input height and width must be multiples of this (the deepest
+            downsampling of the network, 32 for the YOLO cfgs).
+        weights_header: the header of the `.weights` file loaded by `load_darknet`, else None.
+
+    Forward: `x` float Tensor[B, channels, H, W], RGB in [0, 1]. Returns one Tensor[B, A, Hk, Wk,
+    5 + C] per head, in cfg order: decoded in eval mode (cx, cy, w, h in input pixels, objectness,
+    class probabilities), the per-anchor input of the head in training mode (`detector.decode`
+    turns it into the eval output).
+    """
+
+    def __init__(self, cfg: DarknetCfg):
+        super().__init__()
+        modules, shapes = build_layers(cfg)
+        self.cfg = cfg
+        self.net: NetConfig = cfg.net
+        self.layers = nn.ModuleList(modules)
+        self.heads: list[YoloHead] = [m for m in modules if isinstance(m, YoloHead)]
+        if not self.heads:
+            raise DarknetError(f"{cfg.path}: expected at least one [yolo] layer, found none")
+        self.input_multiple = max(max(cfg.net.width // s.width, cfg.net.height // s.height)
+                                  for s in shapes)
+        self.weights_header: WeightsHeader | None = None
+        self._head_indices = [i for i, m in enumerate(modules) if isinstance(m, YoloHead)]
+        self._release_after = _release_schedule(modules, set(self._head_indices))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not torch.jit.is_tracing():
+            self._check_input(x)
+        values: list[torch.Tensor | None] = [x] + [None] * len(self.layers)   # [0] = input
+        for index, layer in enumerate(self.layers):
+            values[index + 1] = layer(*[values[source + 1] for source in layer.sources])
+            for done in self._release_after[index]:
+                values[done + 1] = None
+        return [values[index + 1] for index in self._head_indices]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        channels, multiple = self.net.channels, self.input_multiple
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise ValueError(f"{self.cfg.path}: expected input Tensor[B, {channels}, H, W], "
+                             f"found shape {tuple(x.shape)}")
+        if x.shape[2] % multiple or x.shape[3] % multiple:
+            raise ValueError(f"{self.cfg.path}: expected input height and width that are "
+                             f"multiples of {multiple}, found {x.shape[2]}x{x.shape[3]}")
+
+
+def _release_schedule(modules: list[nn.Module], keep: set[int]) -> list[tuple[int, ...]]:
+    """For each layer i, the outputs (layer index, -1 = input) no longer needed after layer i."""
+    last_use = {index: index for index in range(len(modules))}
+    last_use[-1] = 0
+    for index, module in enumerate(modules):
+        for source in module.sources:
+            last_use[source] = max(last_use[source], index)
+    schedule: list[list[int]] = [[] for _ in modules]
+    for value, index in last_use.items():
+        if value not in keep:
+            schedule[index].append(value)
+    return [tuple(sorted(done)) for done in schedule]
+
+
+def fused_for_inference(model: DarknetModel) -> DarknetModel:
+    """An eval-mode copy of `model` with every batch norm folded into its conv.
+
+    Same outputs up to float rounding, fewer passes over memory: for inference and benchmarks.
+    The copy cannot be trained nor written as `.weights` (its layout no longer matches the cfg).
+    """
+    fused = copy.deepcopy(model).eval()
+    for module in fused.layers:
+        if isinstance(module, ConvBlock):
+            module.fuse_batchnorm()
+    return fused
+
+
+def load_darknet(cfg_path: str | Path, weights_path: str | Path | None = None) -> DarknetModel:
+    """Build the model of a Darknet cfg and load its `.weights`, if given.
+
+    Args:
+        cfg_path: the `.cfg` file.
+        weights_path: the `.weights` file; None keeps PyTorch's default initialisation.
+
+    Returns:
+        A `DarknetModel` on the CPU in eval mode, float32.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        DarknetError (a ValueError): a bad cfg or weights file; the message names the file and
+            the line or layer.
+    """
+    model = DarknetModel(parse_cfg(cfg_path))
+    if weights_path is not None:
+        model.weights_header = read_weights(weights_path, model)
+    return model.eval()

@@ -1,0 +1,202 @@
+"""Darknet cfg parsing, the module graph built from it, and the YOLO head decode."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import detector
+from detector.cfg import DarknetError
+from detector.layers import build_layers
+
+NET = "[net]\nwidth={size}\nheight={size}\nchannels={channels}\n\n"
+
+# Darknet's own layer numbering (it prints 0..n-1 while loading) and the head strides.
+CANONICAL = {
+    "yolov4.cfg": (162, [8, 16, 32]),
+    "yolov4-tiny.cfg": (38, [32, 16]),
+    "yolov3.cfg": (107, [32, 16, 8]),
+    "yolov3-tiny.cfg": (24, [32, 16]),
+    "yolov4-csp.cfg": (175, [8, 16, 32]),
+    "yolo-fastest-1.1.cfg": (131, [32, 16]),
+}
+
+
+def write_cfg(tmp_path, body: str, size: int = 32, channels: int = 3, name: str = "t.cfg"):
+    path = tmp_path / name
+    path.write_text(NET.format(size=size, channels=channels) + body)
+    return path
+
+
+def constant_head_cfg(tmp_path, values: list[float], extra: str = "", activation="linear"):
+    """A 1-anchor, 1-class head whose raw input is the constant `values` (conv weight 0, bias)."""
+    body = (f"[convolutional]\nfilters=6\nsize=1\nstride=32\nactivation={activation}\n\n"
+            f"[yolo]\nmask=0\nanchors=10,20\nclasses=1\nnum=1\n{extra}\n")
+    model = detector.load_darknet(write_cfg(tmp_path, body, size=64))
+    with torch.no_grad():
+        model.layers[0].conv.weight.zero_()
+        model.layers[0].conv.bias.copy_(torch.tensor(values))
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(CANONICAL))
+def test_canonical_cfg_builds_with_darknet_layer_count_and_head_shapes(shared_data, name):
+    n_layers, strides = CANONICAL[name]
+    model = detector.load_darknet(shared_data("darknet", name))
+    with torch.no_grad():
+        outputs = model(torch.rand(2, 3, 64, 96))
+    assert len(model.layers) == n_layers
+    assert [head.stride for head in model.heads] == strides
+    assert [tuple(o.shape) for o in outputs] == [(2, 3, 64 // s, 96 // s, 85) for s in strides]
+    assert all(torch.isfinite(o).all() for o in outputs)
+
+
+def test_yolo_heads_keep_masked_anchors_and_darknet_loss_defaults(shared_data):
+    v4 = detector.load_darknet(shared_data("darknet", "yolov4-tiny.cfg"))
+    head = v4.heads[0]
+    assert head.mask == [3, 4, 5] and head.num_classes == 80 and not head.new_coords
+    assert head.anchors.tolist() == [[81, 82], [135, 169], [344, 319]]
+    assert head.all_anchors.shape == (6, 2)
+    assert head.scale_x_y == pytest.approx(1.05)
+    options = head.loss_options
+    assert options["iou_loss"] == "ciou" and options["iou_normalizer"] == pytest.approx(0.07)
+    assert options["nms_kind"] == "greedynms" and options["ignore_thresh"] == pytest.approx(0.7)
+    # yolov3-tiny sets none of these: Darknet's defaults (parser.c parse_yolo) apply.
+    v3 = detector.load_darknet(shared_data("darknet", "yolov3-tiny.cfg")).heads[1].loss_options
+    assert v3["iou_loss"] == "mse" and v3["iou_normalizer"] == 0.75 and v3["obj_normalizer"] == 1
+    assert v3["max_delta"] == math.inf and v3["iou_thresh"] == 1.0 and v3["beta_nms"] == 0.6
+    csp = detector.parse_cfg(shared_data("darknet", "yolov4-csp.cfg"))
+    assert [layer.new_coords for layer in csp.layers if layer.kind == "yolo"] == [True] * 3
+
+
+def test_net_section_is_typed_and_keeps_other_darknet_keys(shared_data, tmp_path):
+    net = detector.parse_cfg(shared_data("darknet", "yolov4-csp.cfg")).net
+    assert (net.width, net.height, net.channels, net.letter_box) == (512, 512, 3, True)
+    assert (net.batch, net.subdivisions, net.mosaic, net.ema_alpha) == (64, 8, True, 0.9998)
+    assert net.steps == (400000, 450000) and net.scales == (0.1, 0.1)
+    assert net.policy == "steps" and net.momentum == 0.949 and net.hue == 0.1
+    cfg = write_cfg(tmp_path, "[maxpool]\n").read_text().replace(
+        "[net]\n", "[net]\noptimized_memory=1\nresize_step = 64\n")
+    (tmp_path / "o.cfg").write_text(cfg)
+    other = detector.parse_cfg(tmp_path / "o.cfg").net
+    assert other.options == {"optimized_memory": "1", "resize_step": "64"}
+    assert other.letter_box is False and other.learning_rate == 0.001   # Darknet defaults
+
+
+def test_maxpool_size2_stride1_pads_right_and_bottom_like_darknet(shared_data, tmp_path):
+    modules, shapes = build_layers(detector.parse_cfg(shared_data("darknet", "yolov3-tiny.cfg")))
+    assert shapes[11] == shapes[10]                  # the size=2 stride=1 maxpool keeps 13x13
+    path = write_cfg(tmp_path, "[maxpool]\nsize=2\nstride=1\n", size=5, channels=1)
+    (pool,), (shape,) = build_layers(detector.parse_cfg(path))
+    x = torch.randn(1, 1, 5, 5)
+    padded = torch.full((7, 7), -math.inf)
+    padded[:5, :5] = x[0, 0]                         # Darknet: offset -pad/2 = 0, -inf outside
+    expected = torch.tensor([[padded[i:i + 2, j:j + 2].max() for j in range(5)]
+                             for i in range(5)])
+    assert (shape.height, shape.width) == (5, 5)
+    assert torch.equal(pool(x)[0, 0], expected)
+
+
+def test_route_groups_take_the_group_id_chunk_of_each_input(tmp_path):
+    body = ("[convolutional]\nfilters=4\nsize=1\nactivation=linear\n\n"
+            "[convolutional]\nfilters=6\nsize=1\nactivation=linear\n\n"
+            "[route]\nlayers=-2,-1\ngroups=2\ngroup_id=1\n")
+    modules, shapes = build_layers(detector.parse_cfg(write_cfg(tmp_path, body)))
+    assert modules[2].sources == (0, 1) and shapes[2].channels == 2 + 3
+    a, b = torch.randn(1, 4, 8, 8), torch.randn(1, 6, 8, 8)
+    assert torch.equal(modules[2](a, b), torch.cat([a[:, 2:], b[:, 3:]], dim=1))
+
+
+def test_decode_matches_darknet_formulas(tmp_path):
+    raw_values = [0.3, -0.4, 0.5, -0.2, 1.0, -1.0]            # tx, ty, tw, th, obj, cls
+    model = constant_head_cfg(tmp_path, raw_values, extra="scale_x_y=1.1")
+    out = model(torch.zeros(1, 3, 64, 64))[0]
+    assert out.shape == (1, 1, 2, 2, 6)
+    sig = [1 / (1 + math.exp(-v)) for v in raw_values]
+    for row in range(2):
+        for col in range(2):
+            cx = (sig[0] * 1.1 - 0.05 + col) * 32
+            cy = (sig[1] * 1.1 - 0.05 + row) * 32
+            expected = [cx, cy, math.exp(0.5) * 10, math.exp(-0.2) * 20, sig[4], sig[5]]
+            assert out[0, 0, row, col].tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_decode_new_coords_uses_logistic_inputs_as_they_are(tmp_path):
+    model = constant_head_cfg(tmp_path, [0.0] * 6, extra="scale_x_y=2.0\nnew_coords=1",
+                              activation="logistic")     # every raw value is sigmoid(0) = 0.5
+    out = model(torch.zeros(1, 3, 64, 64))[0]
+    cx = (0.5 * 2.0 - 0.5 + 1) * 32                         # col 1
+    assert out[0, 0, 0, 1].tolist() == pytest.approx([cx, 16.0, 10.0, 20.0, 0.5, 0.5])
+
+
+def test_train_mode_returns_raw_and_decode_gives_the_eval_output(tmp_path):
+    model = constant_head_cfg(tmp_path, [0.3, -0.4, 0.5, -0.2, 1.0, -1.0])
+    x = torch.zeros(2, 3, 64, 32)
+    evaluated = model.eval()(x)[0]
+    raw = model.train()(x)[0]
+    assert raw.shape == (2, 1, 2, 1, 6)
+    assert torch.equal(raw[1, 0, 1, 0], torch.tensor([0.3, -0.4, 0.5, -0.2, 1.0, -1.0]))
+    assert torch.equal(detector.decode(raw, model.heads[0]), evaluated)
+
+
+def test_input_size_must_be_a_multiple_of_the_network_stride(tmp_path):
+    model = constant_head_cfg(tmp_path, [0.0] * 6)
+    with pytest.raises(ValueError, match="multiples of 32, found 48x64"):
+        model(torch.zeros(1, 3, 48, 64))
+    with pytest.raises(ValueError, match=r"Tensor\[B, 3, H, W\]"):
+        model(torch.zeros(1, 1, 64, 64))
+
+
+@pytest.mark.parametrize("body, line, section, message", [
+    ("[convolutional]\nfilters=4\n\n[foo]\nsize=3\n", 9, "foo", "unknown or unsupported section"),
+    ("[convolutional]\nfilters=abc\n", 7, "convolutional",
+     "option 'filters': expected an integer, found 'abc'"),
+    ("[convolutional]\nfilters=4\nfliters=3\n", 8, "convolutional", "unknown option 'fliters'"),
+    ("[convolutional]\nactivation=gelu\n", 7, "convolutional",
+     "option 'activation': expected one of linear, leaky, relu, mish, swish, logistic"),
+    ("[maxpool]\nsize=2\n\n[route]\nlayers=-1,4\n", 10, "route",
+     "layer 4 resolves to 4; expected an earlier layer (0..0)"),
+    ("[convolutional]\nfilters=4\nsize=0\n", 8, "convolutional",
+     "option 'size': expected an integer >= 1, found 0"),
+    ("[convolutional]\ndilation=2\n", 7, "convolutional", "'dilation' is not supported"),
+    ("[yolo]\nmask=0,3\nnum=3\nanchors=1,2,3,4,5,6\n", 7, "yolo",
+     "option 'mask': expected distinct anchor indices in 0..2"),
+    ("[yolo]\nnum=2\nanchors=1,2,3\n", 8, "yolo", "option 'anchors': expected 4 positive"),
+])
+def test_cfg_errors_name_file_line_and_section(tmp_path, body, line, section, message):
+    path = write_cfg(tmp_path, body)
+    with pytest.raises(DarknetError) as info:
+        detector.parse_cfg(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}:{line} [{section}]"), text
+    assert message in text
+
+
+def test_build_errors_name_the_layer_and_what_was_expected(tmp_path):
+    body = ("[convolutional]\nfilters=100\nsize=1\n\n"
+            "[yolo]\nclasses=80\nmask=0,1,2\nnum=3\nanchors=" + ",".join(["10"] * 6) + "\n")
+    with pytest.raises(DarknetError) as info:
+        detector.load_darknet(write_cfg(tmp_path, body))
+    assert str(info.value).startswith(f"{tmp_path / 't.cfg'}:10 [yolo] (layer 1): expected the "
+                                      f"layer before to output 255 channels")
+    assert "found 100" in str(info.value)
+    to_yolo = body + "\n[route]\nlayers=-1\n"
+    with pytest.raises(DarknetError, match=r":16 \[route\] \(layer 2\): reads the output of "
+                                           r"\[yolo\] layer 1"):
+        build_layers(detector.parse_cfg(write_cfg(tmp_path, to_yolo.replace("100", "255"))))
+    groups = ("[convolutional]\nfilters=4\nsize=1\ngroups=2\n\n"
+              "[convolutional]\nfilters=3\ngroups=2\n")
+    with pytest.raises(DarknetError, match=r":11 \[convolutional\] \(layer 1\): groups=2 must"):
+        build_layers(detector.parse_cfg(write_cfg(tmp_path, groups, channels=4)))
+
+
+def test_missing_files_and_bad_net_section(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        detector.parse_cfg(tmp_path / "missing.cfg")
+    (tmp_path / "n.cfg").write_text("[net]\nwidth=32\nheight=32\n\n[maxpool]\n")
+    with pytest.raises(DarknetError, match=r"n.cfg:1 \[net\]: option 'channels' is required"):
+        detector.parse_cfg(tmp_path / "n.cfg")
+    (tmp_path / "c.cfg").write_text("[convolutional]\nfilters=2\n")
+    with pytest.raises(DarknetError, match=r"c.cfg:1 \[convolutional\]: expected the first "):
+        detector.parse_cfg(tmp_path / "c.cfg")
