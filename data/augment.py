@@ -1,0 +1,131 @@
+"""Training augmentation for detection: an albumentations pipeline with boxes, from Darknet's [net].
+
+`build_train_transform(AugmentConfig(...))` runs, in order:
+1. mosaic (`albumentations.Mosaic`, 2x2 images; with probability `mosaic`; the dataset passes the
+   three partner images as `mosaic_metadata`),
+2. fit to `size` x `size`: plain resize, or letterbox on a grey border (`letterbox`),
+3. scale and translate (`Affine`),
+4. horizontal flip,
+5. colour jitter: hue shift in [-hue, hue] of the colour circle, saturation and brightness
+   (Darknet's exposure) factors in [1/s, s] and [1/e, e].
+
+`build_plain_transform(size, letterbox)` is step 2 alone (no augmentation). Both take and return
+uint8 RGB images with `bboxes` in pixel xyxy (albumentations "pascal_voc") and `class_labels`;
+boxes leaving the image are clipped, and dropped when narrower or lower than `min_box_size` px.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import albumentations as A
+import cv2
+
+from data.geometry import LETTERBOX_FILL
+
+FILL = int(round(LETTERBOX_FILL * 255))  # grey, as Darknet's letterbox border
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Settings of the training augmentation.
+
+    Attributes:
+        size: output side in pixels (a multiple of 32).
+        letterbox: keep the aspect ratio and pad (Darknet `letter_box=1`), else stretch.
+        hue: max hue shift as a fraction of the colour circle (Darknet `hue`, 0..0.5).
+        saturation: saturation factor range [1/saturation, saturation] (Darknet `saturation`, >= 1).
+        exposure: brightness factor range [1/exposure, exposure] (Darknet `exposure`, >= 1).
+        flip: probability of a horizontal flip (Darknet `flip=1` flips half the images).
+        scale: range of the random zoom factor.
+        translate: max shift as a fraction of `size`, in x and in y.
+        mosaic: probability of a 2x2 mosaic (Darknet `mosaic=1` uses it on half the batches).
+        min_box_size: boxes smaller than this (px, after augmentation) in width or height are dropped.
+    """
+
+    size: int
+    letterbox: bool = False
+    hue: float = 0.1
+    saturation: float = 1.5
+    exposure: float = 1.5
+    flip: float = 0.5
+    scale: tuple[float, float] = (0.75, 1.25)
+    translate: float = 0.1
+    mosaic: float = 0.0
+    min_box_size: float = 2.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.size <= 0 or self.size % 32:
+            problems.append(f"size must be a positive multiple of 32, found {self.size}")
+        if not 0.0 <= self.hue <= 0.5:
+            problems.append(f"hue must be in [0, 0.5], found {self.hue}")
+        if self.saturation < 1.0 or self.exposure < 1.0:
+            problems.append(f"saturation and exposure must be >= 1, found {self.saturation}, {self.exposure}")
+        if not (0.0 <= self.flip <= 1.0 and 0.0 <= self.mosaic <= 1.0):
+            problems.append(f"flip and mosaic are probabilities in [0, 1], found {self.flip}, {self.mosaic}")
+        if not 0.0 < self.scale[0] <= self.scale[1] or not 0.0 <= self.translate < 1.0:
+            problems.append(f"scale must be 0 < low <= high and translate in [0, 1), found "
+                            f"{self.scale}, {self.translate}")
+        if problems:
+            raise ValueError("AugmentConfig: " + "; ".join(problems))
+
+    @classmethod
+    def from_net(cls, net, size: int | None = None, **overrides) -> "AugmentConfig":
+        """Defaults from a Darknet `[net]` (`detector.NetConfig`): hue, saturation, exposure,
+        flip, mosaic, letter_box and width; keyword arguments override any field."""
+        from_cfg = {
+            "size": int(size if size is not None else net.width),
+            "letterbox": bool(getattr(net, "letter_box", False)),
+            "hue": float(getattr(net, "hue", cls.hue)),
+            "saturation": float(getattr(net, "saturation", cls.saturation)),
+            "exposure": float(getattr(net, "exposure", cls.exposure)),
+            "flip": 0.5 if int(getattr(net, "flip", 1)) else 0.0,
+            "mosaic": 0.5 if int(getattr(net, "mosaic", 0)) else 0.0,
+        }
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"AugmentConfig.from_net: unknown settings {sorted(unknown)}")
+        return replace(cls(**from_cfg), **overrides)
+
+
+def build_plain_transform(size: int, letterbox: bool, min_box_size: float = 1.0) -> A.Compose:
+    """Fit to `size` x `size` (resize or letterbox) without any augmentation."""
+    return A.Compose(_fit_steps(size, letterbox), bbox_params=_bbox_params(min_box_size))
+
+
+def build_train_transform(config: AugmentConfig) -> A.Compose:
+    """The augmentation pipeline described in the module docstring."""
+    steps = []
+    if config.mosaic > 0:
+        if not hasattr(A, "Mosaic"):
+            raise ValueError(f"mosaic needs albumentations.Mosaic, which albumentations {A.__version__} "
+                             f"lacks; upgrade albumentations or set mosaic to 0")
+        steps.append(A.Mosaic(grid_yx=(2, 2), target_size=(config.size, config.size),
+                              cell_shape=(config.size, config.size), fill=FILL, p=config.mosaic))
+    steps += _fit_steps(config.size, config.letterbox)
+    steps += [
+        A.Affine(scale=config.scale, translate_percent=(-config.translate, config.translate),
+                 border_mode=cv2.BORDER_CONSTANT, fill=FILL, p=1.0),
+        A.HorizontalFlip(p=config.flip),
+        A.ColorJitter(brightness=(1 / config.exposure, config.exposure), contrast=(1.0, 1.0),
+                      saturation=(1 / config.saturation, config.saturation),
+                      hue=(-config.hue, config.hue), p=1.0),
+    ]
+    return A.Compose(steps, bbox_params=_bbox_params(config.min_box_size))
+
+
+def uses_mosaic(transform: A.Compose) -> bool:
+    """Whether `transform` contains a mosaic step (which wants `mosaic_metadata`)."""
+    return any(type(step).__name__ == "Mosaic" for step in transform.transforms)
+
+
+def _fit_steps(size: int, letterbox: bool) -> list:
+    if not letterbox:
+        return [A.Resize(size, size, interpolation=cv2.INTER_LINEAR)]
+    return [A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_LINEAR),
+            A.PadIfNeeded(size, size, position="center", border_mode=cv2.BORDER_CONSTANT, fill=FILL)]
+
+
+def _bbox_params(min_box_size: float) -> A.BboxParams:
+    return A.BboxParams(format="pascal_voc", label_fields=["class_labels"], min_width=min_box_size,
+                        min_height=min_box_size, clip=True, filter_invalid_bboxes=True)

@@ -1,0 +1,187 @@
+"""Training batches for detection: a `DetectionSource` through augmentation, and the collate.
+
+`DetectionTrainDataset(source, AugmentConfig(size, ...), augment=True)[i]` returns
+`(image uint8 Tensor[3, S, S], labels float32 Tensor[n, 5])`, labels = (class, cx, cy, w, h)
+normalised to the image; `collate_detection` (or `MultiScaleCollate(sizes)`) turns a list of these
+into the batch of docs/contracts.md: `images` float Tensor[B, 3, S, S] in [0, 1] and `targets`
+Tensor[N, 6] = (batch_index, class, cx, cy, w, h).
+
+Edge cases, each reported once:
+- images without boxes are ordinary samples;
+- crowd boxes are removed;
+- boxes reaching outside their image are clipped to it, and boxes narrower or lower than 1 px
+  (after clipping) or not finite are dropped: ONE warning counts both and names a few images;
+- a missing image file is skipped (one warning names them); an image that fails to decode is
+  replaced by another sample and named in a warning, once per file and process.
+
+Randomness: each `__getitem__` draws one seed from torch's generator (the DataLoader seeds it per
+worker, the engine checkpoints it), so augmentation and mosaic partners replay exactly on resume.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from data.augment import AugmentConfig, build_plain_transform, build_train_transform, uses_mosaic
+from data.eval_dataset import read_rgb
+from data.sources import DetectionRecord, DetectionSource
+
+MIN_BOX_PIXELS = 1.0
+MOSAIC_PARTNERS = 3
+_NAMED_IN_WARNINGS = 5
+
+
+class DetectionTrainDataset(Dataset):
+    """Augmented training samples of a `DetectionSource` (see the module docstring).
+
+    Args:
+        source: the images and their ground truth.
+        config: output size S, fit mode (letterbox or resize) and the augmentation settings.
+        augment: False for no augmentation (only the fit to S x S).
+    """
+
+    def __init__(self, source: DetectionSource, config: AugmentConfig, augment: bool = True):
+        self.class_names = list(source.class_names)
+        self.records = clean_records(source.records)
+        if not self.records:
+            raise ValueError(f"DetectionTrainDataset: none of the {len(source.records)} images is usable")
+        self.config = config
+        self.transform = (build_train_transform(config) if augment
+                          else build_plain_transform(config.size, config.letterbox))
+        self._mosaic = uses_mosaic(self.transform)
+        self._unreadable: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+        self.transform.set_random_seed(seed)
+        index, image, boxes, classes = self._load(index)
+        extra = {}
+        if self._mosaic:
+            picks = np.random.default_rng(seed).integers(0, len(self.records), MOSAIC_PARTNERS)
+            extra["mosaic_metadata"] = [self._as_mosaic_item(int(i)) for i in picks]
+        out = self.transform(image=image, bboxes=boxes, class_labels=classes, **extra)
+        image_tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
+        return image_tensor, _labels(out["bboxes"], out["class_labels"], out["image"].shape[:2])
+
+    def _load(self, index: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """(index actually read, uint8 RGB image, xyxy boxes in its pixels, classes), skipping
+        undecodable images by moving on to the next index."""
+        for step in range(len(self.records)):
+            candidate = (index + step) % len(self.records)
+            if candidate in self._unreadable:
+                continue
+            record = self.records[candidate]
+            try:
+                image = read_rgb(record.path)
+            except (ValueError, FileNotFoundError) as err:
+                self._unreadable.add(candidate)
+                warnings.warn(f"skipping unreadable training image {record.path}: {err}", stacklevel=2)
+                continue
+            return candidate, image, _boxes_in_image(record, image.shape[:2]), record.classes.copy()
+        raise ValueError(f"DetectionTrainDataset: none of the {len(self.records)} images could be read")
+
+    def _as_mosaic_item(self, index: int) -> dict:
+        _, image, boxes, classes = self._load(index)
+        return {"image": image, "bboxes": boxes, "class_labels": classes}
+
+
+def clean_records(records: Sequence[DetectionRecord]) -> list[DetectionRecord]:
+    """Records ready for training: missing images skipped, crowd boxes removed, boxes clipped to
+    the image and degenerate ones dropped; one warning per kind of problem (see module doc)."""
+    cleaned, missing, touched = [], [], []
+    clipped = dropped = 0
+    for record in records:
+        if not record.path.is_file():
+            missing.append(str(record.path))
+            continue
+        keep = ~record.iscrowd.astype(bool)
+        boxes = record.boxes[keep].astype(np.float32)
+        limit = np.array([record.width, record.height] * 2, np.float32)
+        inside = np.clip(boxes, 0, limit)
+        finite = np.isfinite(boxes).all(axis=1)
+        valid = finite & ((inside[:, 2:] - inside[:, :2]) >= MIN_BOX_PIXELS).all(axis=1)
+        changed = valid & (inside != boxes).any(axis=1)
+        clipped += int(changed.sum())
+        dropped += int((~valid).sum())
+        if changed.any() or not valid.all():
+            touched.append(record.path.name)
+        cleaned.append(replace(record, boxes=inside[valid], classes=record.classes[keep][valid],
+                               iscrowd=np.zeros(int(valid.sum()), bool), areas=None))
+    if missing:
+        warnings.warn(f"skipping {len(missing)} missing training image(s): {_some(missing)}", stacklevel=2)
+    if clipped or dropped:
+        warnings.warn(f"training labels: {clipped} box(es) clipped to their image, {dropped} degenerate or "
+                      f"non-finite box(es) (< {MIN_BOX_PIXELS:g} px after clipping) dropped, in "
+                      f"{len(touched)} image(s): {_some(touched)}", stacklevel=2)
+    return cleaned
+
+
+def collate_detection(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Stack samples into (images float Tensor[B, 3, S, S] in [0, 1], targets Tensor[N, 6])."""
+    images = torch.stack([image for image, _ in batch]).float().div_(255.0)
+    targets = [torch.cat([labels.new_full((len(labels), 1), index), labels], dim=1)
+               for index, (_, labels) in enumerate(batch)]
+    return images, torch.cat(targets)
+
+
+class MultiScaleCollate:
+    """`collate_detection`, then a bilinear resize of the whole batch to a side drawn from `sizes`.
+
+    Targets are normalised, so they stay valid. The side is drawn with torch's generator.
+
+    Args:
+        sizes: candidate sides, each a positive multiple of 32.
+    """
+
+    def __init__(self, sizes: Sequence[int]):
+        self.sizes = [int(s) for s in sizes]
+        if not self.sizes or any(s <= 0 or s % 32 for s in self.sizes):
+            raise ValueError(f"MultiScaleCollate: sizes must be positive multiples of 32, found {list(sizes)}")
+
+    def __call__(self, batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        images, targets = collate_detection(batch)
+        side = self.sizes[int(torch.randint(len(self.sizes), ()))]
+        if images.shape[-1] != side or images.shape[-2] != side:
+            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+        return images, targets
+
+
+def multi_scale_sizes(size: int, low: float = 0.7, high: float = 1.3) -> list[int]:
+    """Multiples of 32 within [low * size, high * size] (Darknet's `random=1` range), always incl. size."""
+    first, last = int(np.ceil(low * size / 32)), int(high * size // 32)
+    return sorted({32 * k for k in range(max(first, 1), last + 1)} | {size})
+
+
+def _boxes_in_image(record: DetectionRecord, image_hw: tuple[int, int]) -> np.ndarray:
+    """The record's boxes in the pixels of the decoded image (rescaled if its size differs)."""
+    height, width = image_hw
+    if (width, height) == (record.width, record.height):
+        return record.boxes.copy()
+    scale = np.array([width / record.width, height / record.height] * 2, np.float32)
+    return np.clip(record.boxes * scale, 0, np.array([width, height] * 2, np.float32))
+
+
+def _labels(bboxes, class_labels, image_hw: tuple[int, int]) -> Tensor:
+    """albumentations output -> float32 Tensor[n, 5] of (class, cx, cy, w, h) normalised."""
+    boxes = np.asarray(bboxes, np.float32).reshape(-1, 4)
+    height, width = image_hw
+    scale = np.array([width, height, width, height], np.float32)
+    boxes = np.clip(boxes / scale, 0.0, 1.0)
+    centre, extent = (boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]
+    classes = np.asarray(class_labels, np.float32).reshape(-1, 1)
+    return torch.from_numpy(np.concatenate([classes, centre, extent], axis=1))
+
+
+def _some(names: list[str]) -> str:
+    shown = ", ".join(names[:_NAMED_IN_WARNINGS])
+    return shown + (f" and {len(names) - _NAMED_IN_WARNINGS} more" if len(names) > _NAMED_IN_WARNINGS else "")

@@ -1,0 +1,125 @@
+"""`yolo-admm detect train`: train or fine-tune a Darknet detector.
+
+    yolo-admm detect train --cfg C [--weights W] --data data.yaml --epochs 10 --out runs/train
+    yolo-admm detect train --cfg C --weights W --images DIR --annotations train.json \\
+        [--val-images DIR --val-annotations val.json] --epochs 10 --out runs/train
+    yolo-admm detect train --cfg C --data data.yaml --epochs 20 --out runs/train --resume runs/train
+
+Optimiser, schedule and augmentation default to the cfg's [net] (see `detector.train`); the flags
+override them. Writes to --out: a checkpoint per epoch (`epoch_NNNN.pt`, what --resume takes),
+`history.csv`, `args.json`, and the trained model as Darknet `.weights` (`<cfg name>.weights`;
+the EMA weights when EMA is on).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+import detector
+from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
+from detector.cli import network_size
+from detector.predict import write_json_atomic
+from detector.train import DetectTrainConfig, fit_detector
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cfg", required=True, help="Darknet .cfg file")
+    parser.add_argument("--weights", help="Darknet .weights to start from (default: random initialisation)")
+    dataset = parser.add_argument_group("dataset (--data, or --images with --annotations)")
+    dataset.add_argument("--data", help="Ultralytics data.yaml: trains on 'train', validates on 'val' if present")
+    dataset.add_argument("--images", help="training images folder of a COCO json")
+    dataset.add_argument("--annotations", help="training COCO instances json")
+    dataset.add_argument("--val-images", help="validation images folder of a COCO json")
+    dataset.add_argument("--val-annotations", help="validation COCO instances json")
+    run = parser.add_argument_group("run")
+    run.add_argument("--epochs", type=int, default=10, help="epochs to train (in total, when resuming; default 10)")
+    run.add_argument("--batch-size", type=int, help="images per forward pass (default: [net] batch/subdivisions)")
+    run.add_argument("--accumulate", type=int,
+                     help="forward passes per optimizer step (default: [net] batch / batch size)")
+    run.add_argument("--img-size", type=network_size, metavar="N", help="input N x N (default: [net] width)")
+    run.add_argument("--lr", type=float, help="learning rate (default: [net] learning_rate)")
+    run.add_argument("--momentum", type=float, help="SGD momentum (default: [net] momentum)")
+    run.add_argument("--weight-decay", type=float, help="weight decay on conv weights (default: [net] decay)")
+    run.add_argument("--burn-in", type=int, help="warm-up optimizer steps (default: [net] burn_in)")
+    run.add_argument("--no-augment", action="store_true", help="no colour/flip/scale augmentation")
+    run.add_argument("--mosaic", type=float, help="mosaic probability (default: 0.5 if [net] mosaic=1, else 0)")
+    run.add_argument("--multi-scale", action="store_true", help="random input size per batch, 0.7x..1.3x")
+    run.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                     help="EMA of the weights (default: on when [net] ema_alpha > 0)")
+    run.add_argument("--eval-every", type=int, default=1, help="validation mAP every N epochs (0: never; default 1)")
+    run.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="DataLoader workers")
+    run.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    run.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    run.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    run.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, history, .weights)")
+    run.add_argument("--resume", help="checkpoint file, or a folder meaning its newest checkpoint")
+
+
+def load_sources(args: argparse.Namespace) -> tuple[DetectionSource, DetectionSource | None]:
+    """(train source, validation source or None) from --data or the COCO json flags."""
+    coco_flags = (args.images, args.annotations, args.val_images, args.val_annotations)
+    if args.data and any(coco_flags):
+        raise ValueError("give either --data, or --images with --annotations, not both")
+    if args.data:
+        train = load_yolo_dataset(args.data, "train")  # checks the yaml
+        with open(args.data, encoding="utf-8") as f:
+            has_val = bool(yaml.safe_load(f).get("val"))
+        return train, load_yolo_dataset(args.data, "val") if has_val else None
+    if not (args.images and args.annotations):
+        raise ValueError("a dataset is needed: --data data.yaml, or --images DIR --annotations train.json")
+    if bool(args.val_images) != bool(args.val_annotations):
+        raise ValueError("--val-images and --val-annotations go together")
+    val = load_coco_json(args.val_images, args.val_annotations) if args.val_images else None
+    return load_coco_json(args.images, args.annotations), val
+
+
+def train_config(args: argparse.Namespace) -> DetectTrainConfig:
+    """The `DetectTrainConfig` of the parsed flags (checked)."""
+    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--accumulate": args.accumulate}
+    for flag, value in positive.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, found {value}")
+    if args.lr is not None and args.lr <= 0:
+        raise ValueError(f"--lr must be > 0, found {args.lr}")
+    if args.workers < 0 or args.eval_every < 0 or (args.burn_in is not None and args.burn_in < 0):
+        raise ValueError("--workers, --eval-every and --burn-in must be >= 0")
+    return DetectTrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, accumulate=args.accumulate, img_size=args.img_size,
+        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, burn_in=args.burn_in,
+        augment=not args.no_augment, mosaic=args.mosaic, multi_scale=args.multi_scale, ema=args.ema,
+        eval_every=args.eval_every, workers=args.workers, device=args.device, amp=not args.no_amp,
+        out_dir=args.out, resume=args.resume)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = train_config(args)
+    train_source, val_source = load_sources(args)
+    model = detector.load_darknet(args.cfg, args.weights)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out / "args.json", {k: str(v) if isinstance(v, Path) else v
+                                                for k, v in vars(args).items() if k != "run"})
+    _seed_everything(args.seed)
+    print(f"train: {len(train_source.records)} images, validation: "
+          f"{len(val_source.records) if val_source else 'none'}; out: {args.out}")
+    trainer = fit_detector(model, train_source, val_source, config)
+    trained = trainer.ema.module if trainer.ema is not None else trainer.model
+    weights_path = args.out / f"{Path(args.cfg).stem}.weights"
+    detector.write_weights(weights_path, trained)
+    last = trainer.history[-1] if trainer.history else {}
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("train/loss", "eval/map50")))
+    print(f"done: {trainer.epoch} epochs, {trainer.step} steps; {summary}")
+    print(f"weights: {weights_path}; checkpoint: {trainer.last_checkpoint}")
+    return 0
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+

@@ -1,0 +1,304 @@
+"""The YOLO detection loss with the semantics of Darknet's `[yolo]` layer (AlexeyAB/darknet).
+
+Per head, with its `[yolo]` options (`head.loss_options`):
+- **Assignment** (`detector.assign`): each box to its best-shaped anchor over all anchors, plus
+  this head's other anchors with shape IoU > `iou_thresh`.
+- **Box**: `iou_loss` (ciou, giou, diou, iou or mse) between the decoded prediction and the box,
+  times `iou_normalizer`, at the assigned slots.
+- **Objectness**: target 1 at assigned slots, 0 elsewhere, except that predictions whose decoded
+  box has IoU > `ignore_thresh` with some box of their image are left out; times `obj_normalizer`.
+- **Classes**: one-hot targets (smoothed to y(1 - eps) + eps/2 by `label_smooth_eps`) at assigned
+  slots, times `cls_normalizer`.
+
+Gradients are Darknet's, so that the cfg's normalisers and `[net]` learning rates carry over:
+- Darknet's delta on objectness and classes is (target - output). Where the head applies the
+  logistic itself, that is the gradient of BCE with logits, which we use. With `new_coords=1` the
+  conv already applied it and the delta lands on the probability p: that is the gradient of
+  (p - target)^2 / 2, which we use there.
+- Darknet applies the IoU-loss gradient w.r.t. the decoded box (in units of the input size)
+  straight to the raw x, y outputs, and times exp(raw) to the raw w, h (new_coords: straight to
+  w, h), skipping the logistic, scale_x_y and grid factors. We compute the loss on the decoded box
+  and route its gradient the same way (a straight-through estimator: the value is the true box,
+  the gradient path is Darknet's). `max_delta` clips that box gradient per element.
+
+Reduction: Darknet sums every delta over the batch and divides the learning rate by the batch
+size. We return the sum over all heads, slots and images divided by the number of images, so SGD
+with the cfg's `learning_rate` takes Darknet's step (the engine averages over accumulated
+batches, which plays `subdivisions`).
+
+Not supported (a warning says so when a cfg asks): `objectness_smooth`, `truth_thresh < 1`,
+`focal_loss`, `counters_per_class`, `iou_thresh_kind` other than iou. Darknet's newest versions
+also require a class probability > 0.25 before ignoring a prediction; we ignore on IoU alone.
+
+Reference: AlexeyAB/darknet src/yolo_layer.c; Zheng et al., "Distance-IoU Loss", AAAI 2020.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import (box_convert, box_iou, complete_box_iou_loss, distance_box_iou_loss,
+                             generalized_box_iou_loss)
+
+from detector.assign import Assignment, assign_targets
+from detector.head import decode
+
+IOU_LOSSES = ("ciou", "diou", "giou", "iou", "mse")
+UNSUPPORTED_OPTIONS = {"objectness_smooth": 0, "focal_loss": 0, "counters_per_class": None}
+
+
+class YoloLoss:
+    """`YoloLoss(heads)(raw_outputs, targets, input_hw) -> (loss, logs)`.
+
+    Args:
+        heads: the model's `YoloHead`s in cfg order (`model.heads`).
+    """
+
+    def __init__(self, heads: Sequence):
+        self.heads = list(heads)
+        if not self.heads:
+            raise ValueError("YoloLoss needs at least one [yolo] head, found none")
+        for index, head in enumerate(self.heads):
+            _check_loss_options(index, head.loss_options)
+
+    def __call__(self, raw_outputs: Sequence[Tensor], targets: Tensor,
+                 input_hw: tuple[int, int]) -> tuple[Tensor, dict[str, float]]:
+        """The loss of one batch.
+
+        Args:
+            raw_outputs: train-mode model outputs, one Tensor[B, A, H, W, 5 + C] per head.
+            targets: Tensor[N, 6] = (batch_index, class, cx, cy, w, h), boxes normalised to the input.
+            input_hw: (height, width) of the network input in pixels.
+
+        Returns:
+            (scalar loss: sum over heads / batch size, logs: "box", "obj", "cls" (same scale),
+            "positives" (assigned slots), "iou" (mean IoU of the assigned predictions)).
+        """
+        if len(raw_outputs) != len(self.heads):
+            raise ValueError(f"YoloLoss: expected {len(self.heads)} head outputs, found {len(raw_outputs)}")
+        batch_size = raw_outputs[0].shape[0]
+        targets = targets.to(device=raw_outputs[0].device, dtype=torch.float32)
+        self._check_targets(targets, batch_size)
+        parts: dict[str, Tensor] = {}
+        positives, iou_sum = 0, 0.0
+        with torch.autocast(raw_outputs[0].device.type, enabled=False):
+            for head, raw in zip(self.heads, raw_outputs):
+                head_parts, assigned, ious = head_loss(raw.float(), head, targets, input_hw, batch_size)
+                for key, value in head_parts.items():
+                    parts[key] = parts[key] + value if key in parts else value
+                positives += len(assigned)
+                iou_sum += float(ious.sum())
+        loss = (parts["box"] + parts["obj"] + parts["cls"]) / batch_size
+        logs = {key: float(value.detach()) / batch_size for key, value in parts.items()}
+        logs.update(positives=float(positives), iou=iou_sum / max(positives, 1))
+        return loss, logs
+
+    def _check_targets(self, targets: Tensor, batch_size: int) -> None:
+        if targets.ndim != 2 or targets.shape[1] != 6:
+            raise ValueError(f"YoloLoss: targets must be Tensor[N, 6] (batch_index, class, cx, cy, w, h), "
+                             f"found shape {tuple(targets.shape)}")
+        if targets.numel() == 0:
+            return
+        num_classes = self.heads[0].num_classes
+        low, high = targets.min(dim=0).values, targets.max(dim=0).values
+        if low[1] < 0 or high[1] >= num_classes:
+            raise ValueError(f"YoloLoss: target classes must be in 0..{num_classes - 1}, "
+                             f"found {int(low[1])}..{int(high[1])}")
+        if low[0] < 0 or high[0] >= batch_size:
+            raise ValueError(f"YoloLoss: target batch indices must be in 0..{batch_size - 1}, "
+                             f"found {int(low[0])}..{int(high[0])}")
+        if (targets[:, 4:6] <= 0).any():
+            raise ValueError("YoloLoss: target widths and heights must be > 0")
+
+
+def head_loss(raw: Tensor, head, targets: Tensor, input_hw: tuple[int, int],
+              batch_size: int) -> tuple[dict[str, Tensor], Assignment, Tensor]:
+    """Summed (not yet batch-normalised) box, objectness and class losses of one head.
+
+    Args:
+        raw: Tensor[B, A, H, W, 5 + C], the head's raw output (float32).
+        head: its `YoloHead`.
+        targets: Tensor[N, 6] as in `YoloLoss.__call__`.
+        input_hw: network input (height, width) in pixels.
+        batch_size: B.
+
+    Returns:
+        ({"box", "obj", "cls"}: scalar Tensors, the assignment, Tensor[P] IoU of each assigned
+        prediction with its box).
+    """
+    options = head.loss_options
+    decoded = decode(raw, head)  # [B, A, H, W, 5 + C], boxes in input pixels
+    scale = raw.new_tensor([input_hw[1], input_hw[0]] * 2)
+    pred_boxes = decoded[..., :4] / scale  # normalised cxcywh
+    assigned = assign_targets(targets, head.all_anchors, list(head.mask), raw.shape[2:4], input_hw,
+                              float(options["iou_thresh"]))
+    slot = (assigned.batch, assigned.anchor, assigned.grid_y, assigned.grid_x)
+    truth = targets[assigned.target]  # [P, 6]
+    raw_at_slots = raw[slot]  # [P, 5 + C]
+
+    box = float(options["iou_normalizer"]) * _box_term(raw_at_slots[:, :4], pred_boxes[slot], truth, head,
+                                                       assigned, raw.shape[2:4], input_hw, batch_size).sum()
+
+    obj_target = torch.zeros_like(raw[..., 4])
+    obj_weight = (~ignored_predictions(pred_boxes.detach(), targets, float(options["ignore_thresh"]))).float()
+    obj_target[slot] = 1.0
+    obj_weight[slot] = 1.0
+    obj = float(options["obj_normalizer"]) * (obj_weight * _probability_loss(raw[..., 4], obj_target, head)).sum()
+
+    eps = float(options.get("label_smooth_eps", 0.0))
+    cls_target = F.one_hot(truth[:, 1].long(), head.num_classes).float() * (1.0 - eps) + 0.5 * eps
+    cls = float(options["cls_normalizer"]) * _probability_loss(raw_at_slots[:, 5:], cls_target, head).sum()
+
+    with torch.no_grad():
+        ious = _elementwise_iou(_xyxy(pred_boxes[slot]), _xyxy(truth[:, 2:6]))
+    return {"box": box, "obj": obj, "cls": cls}, assigned, ious
+
+
+def _probability_loss(raw: Tensor, target: Tensor, head) -> Tensor:
+    """Elementwise loss whose gradient is Darknet's (output - target) on the head's raw values."""
+    if head.new_coords:  # raw already holds probabilities (the conv applied the logistic)
+        return 0.5 * (raw - target) ** 2
+    return F.binary_cross_entropy_with_logits(raw, target, reduction="none")
+
+
+def _box_term(raw_box: Tensor, pred_box: Tensor, truth: Tensor, head, assigned: Assignment,
+              grid_hw: tuple[int, int], input_hw: tuple[int, int], batch_size: int) -> Tensor:
+    """Per-slot box loss Tensor[P] (before `iou_normalizer`) of one head's assigned predictions.
+
+    Args:
+        raw_box: Tensor[P, 4], raw (x, y, w, h) outputs at the assigned slots.
+        pred_box: Tensor[P, 4], the decoded boxes there, normalised cxcywh.
+        truth: Tensor[P, 6], the target row of each slot.
+    """
+    options = head.loss_options
+    max_delta = float(options.get("max_delta", float("inf")))
+    if max_delta != float("inf"):
+        raw_box = _ClipGrad.apply(raw_box, max_delta / batch_size)
+    kind = str(options["iou_loss"]).lower()
+    if kind == "mse":
+        anchors = head.anchors.to(raw_box)[assigned.anchor] / raw_box.new_tensor(input_hw[::-1])
+        cells = torch.stack([assigned.grid_x, assigned.grid_y], dim=1).to(raw_box)
+        return darknet_mse_loss(raw_box, pred_box, truth[:, 2:6], anchors, cells,
+                                raw_box.new_tensor(grid_hw[::-1]), bool(head.new_coords))
+    surrogate = darknet_box_surrogate(raw_box, pred_box, bool(head.new_coords))
+    return iou_kind_loss(surrogate, truth[:, 2:6], kind)
+
+
+def darknet_box_surrogate(raw_box: Tensor, pred_box: Tensor, new_coords: bool) -> Tensor:
+    """The decoded box, with Darknet's gradient path back to the raw outputs.
+
+    Args:
+        raw_box: Tensor[P, 4], raw (x, y, w, h) outputs.
+        pred_box: Tensor[P, 4], the decoded boxes, normalised cxcywh (only their value is used).
+        new_coords: the head's `new_coords`.
+
+    Returns:
+        Tensor[P, 4] equal to `pred_box`; d(out)/d(raw) is 1 for x, y and exp(raw) (new_coords: 1)
+        for w, h.
+    """
+    carrier_xy = raw_box[:, :2]
+    carrier_wh = raw_box[:, 2:] if new_coords else raw_box[:, 2:] * raw_box[:, 2:].detach().exp()
+    carrier = torch.cat([carrier_xy, carrier_wh], dim=1)
+    return pred_box.detach() + carrier - carrier.detach()
+
+
+def iou_kind_loss(pred: Tensor, truth: Tensor, kind: str) -> Tensor:
+    """1 - (C/D/G)IoU per row of normalised cxcywh `pred` and `truth` (Tensor[P, 4]) -> Tensor[P]."""
+    pred_xyxy, truth_xyxy = _xyxy(pred), _xyxy(truth)
+    if kind == "ciou":
+        return complete_box_iou_loss(pred_xyxy, truth_xyxy)
+    if kind == "diou":
+        return distance_box_iou_loss(pred_xyxy, truth_xyxy)
+    if kind == "giou":
+        return generalized_box_iou_loss(pred_xyxy, truth_xyxy)
+    return 1.0 - _elementwise_iou(pred_xyxy, truth_xyxy)
+
+
+def darknet_mse_loss(raw_box: Tensor, pred_box: Tensor, truth: Tensor, anchors: Tensor, cells: Tensor,
+                     grid_wh: Tensor, new_coords: bool) -> Tensor:
+    """Darknet's old box loss: squared error on (cell offset, log size) targets, times (2 - w*h) / 2.
+
+    Args:
+        raw_box, pred_box, truth: Tensor[P, 4] (raw outputs; normalised cxcywh; normalised cxcywh).
+        anchors: Tensor[P, 2], each slot's anchor normalised to the input.
+        cells: Tensor[P, 2], each slot's (grid_x, grid_y).
+        grid_wh: Tensor[2], the grid's (W, H).
+
+    Returns:
+        Tensor[P]. As in Darknet the x, y error is taken on the (scaled) logistic output but its
+        gradient goes straight to the raw x, y; w, h compare raw outputs with log(w / anchor)
+        (new_coords: sqrt(w / (4 anchor))).
+    """
+    target_xy = truth[:, :2] * grid_wh - cells
+    offset_xy = pred_box[:, :2].detach() * grid_wh - cells
+    pred_xy = offset_xy + raw_box[:, :2] - raw_box[:, :2].detach()
+    ratio = truth[:, 2:] / anchors
+    target_wh = (ratio / 4).sqrt() if new_coords else ratio.log()
+    error = ((pred_xy - target_xy) ** 2).sum(dim=1) + ((raw_box[:, 2:] - target_wh) ** 2).sum(dim=1)
+    return 0.5 * (2.0 - truth[:, 2] * truth[:, 3]) * error
+
+
+def ignored_predictions(pred_boxes: Tensor, targets: Tensor, ignore_thresh: float) -> Tensor:
+    """Predictions that overlap a box of their image by IoU > ignore_thresh.
+
+    Args:
+        pred_boxes: Tensor[B, A, H, W, 4], normalised cxcywh.
+        targets: Tensor[N, 6] as in `YoloLoss.__call__`.
+
+    Returns:
+        bool Tensor[B, A, H, W].
+    """
+    ignored = torch.zeros(pred_boxes.shape[:-1], dtype=torch.bool, device=pred_boxes.device)
+    image_of_target = targets[:, 0].long()
+    for image in torch.unique(image_of_target).tolist():
+        truth = _xyxy(targets[image_of_target == image, 2:6])  # [T, 4]
+        preds = _xyxy(pred_boxes[image].reshape(-1, 4))  # [A*H*W, 4]
+        best = box_iou(preds, truth).max(dim=1).values
+        ignored[image] = (best > ignore_thresh).reshape(ignored.shape[1:])
+    return ignored
+
+
+def _xyxy(boxes: Tensor) -> Tensor:
+    return box_convert(boxes, "cxcywh", "xyxy")
+
+
+def _elementwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of row i of boxes1 with row i of boxes2 (xyxy Tensor[P, 4] each) -> Tensor[P]."""
+    top_left = torch.maximum(boxes1[:, :2], boxes2[:, :2])
+    bottom_right = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=1)
+    area1 = (boxes1[:, 2:] - boxes1[:, :2]).prod(dim=1)
+    area2 = (boxes2[:, 2:] - boxes2[:, :2]).prod(dim=1)
+    return inter / (area1 + area2 - inter).clamp(min=1e-9)
+
+
+class _ClipGrad(torch.autograd.Function):
+    """Identity whose backward clips each gradient element to [-bound, bound]."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, bound: float) -> Tensor:
+        ctx.bound = bound
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad.clamp(-ctx.bound, ctx.bound), None
+
+
+def _check_loss_options(index: int, options: dict) -> None:
+    """Raise on an unknown `iou_loss`; warn on options this loss does not implement."""
+    kind = str(options.get("iou_loss", "mse")).lower()
+    if kind not in IOU_LOSSES:
+        raise ValueError(f"[yolo] head {index}: iou_loss={kind!r} is not supported; expected one of {IOU_LOSSES}")
+    ignored = [key for key, default in UNSUPPORTED_OPTIONS.items()
+               if options.get(key, default) not in (default, 0, "0", None)]
+    if float(options.get("truth_thresh", 1.0)) < 1.0:
+        ignored.append("truth_thresh<1")
+    if str(options.get("iou_thresh_kind", "iou")).lower() != "iou":
+        ignored.append("iou_thresh_kind (plain IoU is used)")
+    if ignored:
+        warnings.warn(f"[yolo] head {index}: {', '.join(ignored)} not implemented by YoloLoss; ignored",
+                      stacklevel=3)

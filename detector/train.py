@@ -1,0 +1,207 @@
+"""Train a Darknet detector on the shared engine, with the optimiser and schedule of its `[net]`.
+
+- Optimiser: SGD with `momentum`; weight decay `decay` on conv weights only (not on BatchNorm or
+  biases), as Darknet decays only `weights`.
+- Learning rate per optimizer step n (Darknet's iteration, counted from 1): `learning_rate` x
+  (n / burn_in)^power during burn-in (power from `[net] power`, default 4), then the `policy`:
+  constant, steps (times `scales[i]` once n reaches `steps[i]`), step, exp or poly.
+- Batches: `batch_size` images per forward pass, gradients summed over `accumulate` passes (the
+  part of Darknet's subdivisions); by default the cfg's batch / subdivisions and subdivisions.
+  The loss is per image (see `detector.loss`), so the cfg's learning rate means what it meant.
+
+`build_detector_trainer(model, train_source, val_source, config, callbacks)` returns an
+`engine.Trainer` (the prune pipeline adds its callbacks and calls `fit` itself);
+`fit_detector(...)` builds one and trains it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from data.augment import AugmentConfig
+from data.eval_dataset import InferenceDataset
+from data.sources import DetectionSource
+from data.train_dataset import (DetectionTrainDataset, MultiScaleCollate, collate_detection,
+                                multi_scale_sizes)
+from detector.evaluate import evaluate
+from detector.loss import YoloLoss
+from detector.predict import make_loader
+from engine import Trainer, TrainConfig, resolve_device
+
+DEFAULT_BURN_IN_POWER = 4.0
+POLICIES = ("constant", "steps", "step", "exp", "poly")
+
+
+@dataclass
+class DetectTrainConfig:
+    """Settings of a detector training run; None means "from the cfg's [net]".
+
+    Attributes:
+        epochs: passes over the training images.
+        batch_size: images per forward pass (default: batch / subdivisions).
+        accumulate: forward passes per optimizer step (default: batch / batch_size).
+        img_size: square input side, a multiple of 32 (default: [net] width).
+        lr, momentum, weight_decay, burn_in: override [net] learning_rate, momentum, decay, burn_in.
+        augment: colour / flip / scale-translate augmentation (False: resize or letterbox only).
+        mosaic: mosaic probability (default: 0.5 when [net] mosaic=1, else 0).
+        multi_scale: draw each batch's side from 0.7x..1.3x img_size (multiples of 32).
+        ema: keep an EMA of the weights (default: when [net] ema_alpha > 0); ema_decay likewise.
+        eval_every: validation mAP every this many epochs (0: never).
+        workers: DataLoader worker processes.
+        device, amp, out_dir (checkpoints + history.csv), resume, progress: as `engine.TrainConfig`.
+    """
+
+    epochs: int = 10
+    batch_size: int | None = None
+    accumulate: int | None = None
+    img_size: int | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    burn_in: int | None = None
+    augment: bool = True
+    mosaic: float | None = None
+    multi_scale: bool = False
+    ema: bool | None = None
+    ema_decay: float | None = None
+    eval_every: int = 1
+    eval_batch_size: int = 8
+    workers: int = 0
+    device: str | None = None
+    amp: bool = True
+    out_dir: str | os.PathLike | None = None
+    resume: str | os.PathLike | None = None
+    progress: bool = True
+
+
+def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with weight decay on the conv weights (parameters with >1 dimension) only."""
+    decayed = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    others = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
+def darknet_lr_factor(iteration: int, net, burn_in: int) -> float:
+    """Darknet's `get_current_rate` / learning_rate at optimizer step `iteration` (from 1).
+
+    Raises:
+        ValueError: a `policy` other than constant, steps, step, exp, poly.
+    """
+    power = float(net.options.get("power", DEFAULT_BURN_IN_POWER))
+    if iteration < burn_in:
+        return (iteration / burn_in) ** power
+    policy = net.policy
+    if policy == "constant":
+        return 1.0
+    if policy == "steps":
+        factor = 1.0
+        for step, scale in zip(net.steps, net.scales):
+            if step > iteration:
+                break
+            factor *= scale
+        return factor
+    if policy == "step":
+        return float(net.options.get("scale", 1.0)) ** (iteration // int(net.options.get("step", 1)))
+    if policy == "exp":
+        return float(net.options.get("gamma", 1.0)) ** iteration
+    if policy == "poly":
+        return max(0.0, 1.0 - iteration / max(net.max_batches, 1)) ** power
+    raise ValueError(f"{net.source}: policy={policy} is not supported for training; expected one of {POLICIES}")
+
+
+def darknet_scheduler(optimizer: torch.optim.Optimizer, net, burn_in: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepped once per optimizer step that follows `darknet_lr_factor`."""
+    darknet_lr_factor(max(burn_in, 1), net, burn_in)  # reject an unsupported policy now, not mid-run
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_factor_after, net=net, burn_in=burn_in))
+
+
+def _factor_after(steps_taken: int, net, burn_in: int) -> float:
+    return darknet_lr_factor(steps_taken + 1, net, burn_in)
+
+
+class DetectionLoss:
+    """`loss_fn(model, (images, targets)) -> (loss, logs)` for `engine.Trainer`."""
+
+    def __init__(self, heads):
+        self.yolo_loss = YoloLoss(heads)
+
+    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+        images, targets = batch
+        return self.yolo_loss(model(images), targets, (images.shape[-2], images.shape[-1]))
+
+
+class ValidationMap:
+    """`evaluate(model) -> {"map50", "map50_95", ...}` on a validation source (for `engine.Trainer`)."""
+
+    def __init__(self, source: DetectionSource, size: int, letterbox: bool, batch_size: int,
+                 workers: int, device: torch.device):
+        self.source = source
+        dataset = InferenceDataset.from_source(source, size, size, letterbox)
+        self.loader = make_loader(dataset, batch_size, workers, device)
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        return evaluate(model, self.loader, self.source, progress=False).metrics()
+
+
+def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
+                           val_source: DetectionSource | None, config: DetectTrainConfig,
+                           callbacks: list | None = None) -> Trainer:
+    """An `engine.Trainer` that trains `model` (a `detector.DarknetModel`) on `train_source`.
+
+    Raises:
+        ValueError: the dataset's classes do not match the model's, or a setting is invalid.
+    """
+    net = model.net
+    _check_classes(model, train_source, val_source)
+    size = int(config.img_size or net.width)
+    batch_size = int(config.batch_size or max(net.batch // net.subdivisions, 1))
+    accumulate = int(config.accumulate or max(round(net.batch / batch_size), 1))
+    augment = AugmentConfig.from_net(net, size, **({} if config.mosaic is None else {"mosaic": config.mosaic}))
+    dataset = DetectionTrainDataset(train_source, augment, augment=config.augment)
+    device = resolve_device(config.device)
+    collate = MultiScaleCollate(multi_scale_sizes(size)) if config.multi_scale else collate_detection
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=config.workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=False)
+    optimizer = build_optimizer(model, _pick(config.lr, net.learning_rate), _pick(config.momentum, net.momentum),
+                                _pick(config.weight_decay, net.decay))
+    burn_in = int(_pick(config.burn_in, net.burn_in))
+    use_ema = bool(net.ema_alpha > 0) if config.ema is None else config.ema
+    ema_decay = _pick(config.ema_decay, net.ema_alpha if net.ema_alpha > 0 else 0.9999)
+    train_config = TrainConfig(
+        epochs=config.epochs, device=str(device), amp=config.amp, accumulate=accumulate, ema=use_ema,
+        ema_decay=ema_decay, checkpoint_dir=config.out_dir, resume=config.resume,
+        log_csv=None if config.out_dir is None else os.path.join(config.out_dir, "history.csv"),
+        eval_every=config.eval_every, scheduler_interval="step", progress=config.progress, desc="detect train")
+    evaluator = None
+    if val_source is not None and config.eval_every > 0:
+        evaluator = ValidationMap(val_source, size, augment.letterbox, config.eval_batch_size, config.workers, device)
+    return Trainer(model, optimizer, DetectionLoss(model.heads), loader, train_config, callbacks=callbacks,
+                   scheduler=darknet_scheduler(optimizer, net, burn_in), evaluate=evaluator)
+
+
+def fit_detector(model: nn.Module, train_source: DetectionSource, val_source: DetectionSource | None,
+                 config: DetectTrainConfig, callbacks: list | None = None) -> Trainer:
+    """Train `model` for `config.epochs` epochs (see `build_detector_trainer`); returns the trainer
+    (its `history` holds the per-epoch losses and validation metrics)."""
+    trainer = build_detector_trainer(model, train_source, val_source, config, callbacks)
+    trainer.fit()
+    return trainer
+
+
+def _pick(override, default):
+    return default if override is None else override
+
+
+def _check_classes(model: nn.Module, *sources: DetectionSource | None) -> None:
+    num_classes = int(model.heads[0].num_classes)
+    for source in sources:
+        if source is not None and len(source.class_names) != num_classes:
+            raise ValueError(f"{model.net.source.path}: the model predicts {num_classes} classes but the "
+                             f"dataset has {len(source.class_names)} ({source.class_names[:3]}...)")
+

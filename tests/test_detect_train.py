@@ -1,0 +1,163 @@
+"""Detector training: [net] optimiser and schedule, overfitting a tiny model, exact resume, the CLI
+(detector.train, detector.cli_train)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import pytest
+import torch
+
+from data.sources import load_yolo_dataset
+from data.synthetic import make_shapes_dataset
+from detector import load_darknet
+from detector.cli_train import add_arguments, run
+from detector.train import DetectTrainConfig, build_optimizer, darknet_lr_factor, fit_detector
+
+# A 64x64 detector with one stride-16 head for the 4 classes of data.synthetic. iou_normalizer is
+# raised from yolov4's 0.07 so that boxes converge within a few dozen steps.
+TINY_CFG = """[net]
+batch=8
+subdivisions=1
+width=64
+height=64
+channels=3
+momentum=0.9
+decay=0.0005
+learning_rate=0.02
+burn_in=15
+policy=steps
+steps=48
+scales=0.1
+hue=.1
+saturation=1.5
+exposure=1.5
+""" + "".join(f"""
+[convolutional]
+batch_normalize=1
+filters={filters}
+size=3
+stride=1
+pad=1
+activation=leaky
+
+[maxpool]
+size=2
+stride=2
+""" for filters in (16, 32, 32, 64)) + """
+[convolutional]
+size=1
+stride=1
+pad=1
+filters=27
+activation=linear
+
+[yolo]
+mask=0,1,2
+anchors=16,16, 24,24, 32,32
+classes=4
+num=3
+ignore_thresh=.7
+iou_thresh=0.213
+iou_normalizer=0.5
+iou_loss=ciou
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: thread hand-offs cost more than they save (and the CI box has 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    yaml = make_shapes_dataset(root / "data", n_train=8, n_val=2, img_size=64, seed=0, max_objects=2,
+                               size_range=(0.25, 0.5))
+    return yaml, load_yolo_dataset(yaml, "train")
+
+
+def tiny_model(tmp_path, seed: int = 0):
+    path = tmp_path / "tiny.cfg"
+    path.write_text(TINY_CFG)
+    torch.manual_seed(seed)
+    model = load_darknet(path)
+    # Darknet's BatchNorm running averages move by 1% a step: too slow to follow 60 steps of
+    # training. The test speeds them up; training itself is unchanged.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 0.1
+    return model
+
+
+def test_darknet_lr_schedule(tmp_path):
+    net = tiny_model(tmp_path).net
+    assert darknet_lr_factor(1, net, burn_in=15) == pytest.approx((1 / 15) ** 4)
+    assert darknet_lr_factor(10, net, burn_in=15) == pytest.approx((10 / 15) ** 4)
+    assert darknet_lr_factor(15, net, burn_in=15) == 1.0
+    assert darknet_lr_factor(47, net, burn_in=15) == 1.0
+    assert darknet_lr_factor(48, net, burn_in=15) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="policy=sgdr"):
+        darknet_lr_factor(20, replace(net, policy="sgdr"), burn_in=0)
+
+
+def test_weight_decay_only_on_conv_weights(tmp_path):
+    model = tiny_model(tmp_path)
+    optimizer = build_optimizer(model, lr=0.1, momentum=0.9, weight_decay=0.01)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, param in model.named_parameters():
+        assert (id(param) in decayed) == (name.endswith("conv.weight")), name
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_tiny_model_overfits_a_few_images(tmp_path, shapes):
+    _, source = shapes
+    model = tiny_model(tmp_path)
+    config = DetectTrainConfig(epochs=60, batch_size=8, augment=False, eval_every=60, device="cpu",
+                               progress=False)
+    trainer = fit_detector(model, source, source, config)
+    first, last = trainer.history[0], trainer.history[-1]
+    assert last["train/loss"] < 0.1 * first["train/loss"]
+    assert last["eval/map50"] >= 0.8
+
+
+def test_resumed_training_continues_identically(tmp_path, shapes):
+    _, source = shapes
+    config = DetectTrainConfig(epochs=2, batch_size=4, mosaic=0.5, eval_every=0, device="cpu",
+                               progress=False)
+    torch.manual_seed(1)
+    straight = fit_detector(tiny_model(tmp_path), source, None, replace(config, out_dir=tmp_path / "a"))
+    torch.manual_seed(1)
+    fit_detector(tiny_model(tmp_path), source, None, replace(config, epochs=1, out_dir=tmp_path / "b"))
+    torch.manual_seed(123)  # whatever the state now: resume restores the checkpoint's
+    resumed = fit_detector(tiny_model(tmp_path, seed=5), source, None,
+                           replace(config, out_dir=tmp_path / "b", resume=tmp_path / "b"))
+    assert resumed.step == straight.step == 2  # 8 images, 4 per batch, 2 batches per step (batch=8)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert straight.history[-1]["train/loss"] == resumed.history[-1]["train/loss"]
+
+
+def test_cli_writes_checkpoint_and_weights_that_load_back(tmp_path, shapes):
+    yaml, _ = shapes
+    cfg = tmp_path / "tiny.cfg"
+    cfg.write_text(TINY_CFG)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "run"
+    args = parser.parse_args(["--cfg", str(cfg), "--data", str(yaml), "--epochs", "1", "--batch-size", "4",
+                              "--device", "cpu", "--workers", "0", "--out", str(out)])
+    assert run(args) == 0
+    assert (out / "epoch_0001.pt").is_file() and (out / "history.csv").is_file() and (out / "args.json").is_file()
+    reloaded = load_darknet(cfg, out / "tiny.weights")
+    checkpoint = torch.load(out / "epoch_0001.pt", weights_only=False)
+    for name, value in reloaded.state_dict().items():
+        if not name.endswith("num_batches_tracked"):  # a PyTorch counter, not in .weights
+            assert torch.equal(value, checkpoint["model"][name]), name
+    bad = parser.parse_args(["--cfg", str(cfg), "--data", str(yaml), "--epochs", "0", "--out", str(out)])
+    with pytest.raises(ValueError, match="--epochs must be >= 1"):
+        run(bad)

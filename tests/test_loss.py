@@ -1,0 +1,281 @@
+"""YOLO loss and target assignment (detector.assign, detector.loss) on a tiny two-head model."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.ops import complete_box_iou_loss
+
+from detector import decode, load_darknet
+from detector.assign import anchor_shape_iou, assign_targets
+from detector.loss import YoloLoss
+
+INPUT = 64
+CLASSES = 3
+# Anchors in input pixels; head 0 (stride 32, 2x2 grid) predicts with 2 and 3, head 1 (stride 16,
+# 4x4 grid) with 0 and 1.
+ANCHORS = "10,10, 20,20, 40,40, 60,60"
+
+
+def tiny_cfg(yolo_extra: str = "", new_coords: bool = False) -> str:
+    activation = "logistic" if new_coords else "linear"
+    yolo = (f"anchors={ANCHORS}\nclasses={CLASSES}\nnum=4\nignore_thresh=.7\niou_thresh=0.213\n"
+            f"iou_normalizer=0.07\niou_loss=ciou\nscale_x_y=1.1\n"
+            f"{'new_coords=1' if new_coords else ''}\n{yolo_extra}\n")
+    conv = "[convolutional]\nbatch_normalize=1\nfilters={f}\nsize=3\nstride=2\npad=1\nactivation=leaky\n\n"
+    head_filters = 2 * (5 + CLASSES)
+    return (f"[net]\nbatch=4\nsubdivisions=1\nwidth={INPUT}\nheight={INPUT}\nchannels=3\n\n"
+            + conv.format(f=8) + conv.format(f=8) + conv.format(f=16) + conv.format(f=16) + conv.format(f=16)
+            + f"[convolutional]\nfilters={head_filters}\nsize=1\nstride=1\npad=1\nactivation={activation}\n\n"
+            + f"[yolo]\nmask=2,3\n{yolo}\n[route]\nlayers=-4\n\n"
+            + f"[convolutional]\nfilters={head_filters}\nsize=1\nstride=1\npad=1\nactivation={activation}\n\n"
+            + f"[yolo]\nmask=0,1\n{yolo}")
+
+
+@pytest.fixture
+def make_model(tmp_path):
+    def make(yolo_extra: str = "", new_coords: bool = False):
+        path = tmp_path / f"tiny-{abs(hash((yolo_extra, new_coords)))}.cfg"
+        path.write_text(tiny_cfg(yolo_extra, new_coords))
+        torch.manual_seed(0)
+        return load_darknet(path).train()
+    return make
+
+
+def targets_of(rows) -> torch.Tensor:
+    """Tensor[N, 6] from (batch, class, cx, cy, w_px, h_px) rows; sizes given in input pixels."""
+    t = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
+    t[:, 4:6] /= INPUT
+    return t
+
+
+# ----------------------------------------------------------------------------- assignment
+def test_anchor_shape_iou_hand_values():
+    ious = anchor_shape_iou(torch.tensor([[30.0, 30.0], [10.0, 40.0]]),
+                            torch.tensor([[20.0, 20.0], [40.0, 40.0], [10.0, 10.0]]))
+    expected = torch.tensor([[400 / 900, 900 / 1600, 100 / 900],
+                             [200 / (400 + 400 - 200), 400 / 1600, 100 / 400]])
+    torch.testing.assert_close(ious, expected)
+
+
+def test_best_anchor_over_all_heads_and_extra_anchor_above_iou_thresh():
+    anchors = torch.tensor([[10.0, 10], [20, 20], [40, 40], [60, 60]])
+    # 30x30 box: IoUs with the anchors 0.111, 0.444, 0.5625, 0.25 -> best is anchor 2 (mask 2,3 head);
+    # anchor 1 (0.444 > 0.213) is assigned too in the other head, anchor 3 (0.25 > 0.213) in this one.
+    targets = targets_of([(0, 1, 0.3, 0.6, 30, 30)])
+    coarse = assign_targets(targets, anchors, [2, 3], (2, 2), (INPUT, INPUT), iou_thresh=0.213)
+    fine = assign_targets(targets, anchors, [0, 1], (4, 4), (INPUT, INPUT), iou_thresh=0.213)
+    assert coarse.anchor.tolist() == [0, 1] and coarse.grid_x.tolist() == [0, 0] and coarse.grid_y.tolist() == [1, 1]
+    assert fine.anchor.tolist() == [1] and fine.grid_x.tolist() == [1] and fine.grid_y.tolist() == [2]
+    # iou_thresh 0.3 keeps only anchor 1's 0.444 in the fine head and nothing extra in the coarse one.
+    coarse = assign_targets(targets, anchors, [2, 3], (2, 2), (INPUT, INPUT), iou_thresh=0.3)
+    assert coarse.anchor.tolist() == [0]
+    # iou_thresh >= 1 (Darknet's default) turns extra anchors off: the fine head gets nothing.
+    fine = assign_targets(targets, anchors, [0, 1], (4, 4), (INPUT, INPUT), iou_thresh=1.0)
+    assert len(fine) == 0
+
+
+def test_same_slot_last_box_wins_and_edges_clamp():
+    anchors = torch.tensor([[10.0, 10], [20, 20]])
+    targets = targets_of([(1, 0, 0.55, 0.55, 9, 9), (1, 2, 0.6, 0.6, 11, 11), (0, 1, 1.0, 0.0, 20, 20)])
+    got = assign_targets(targets, anchors, [0, 1], (4, 4), (INPUT, INPUT), iou_thresh=1.0)
+    rows = sorted(zip(got.batch.tolist(), got.anchor.tolist(), got.grid_y.tolist(), got.grid_x.tolist(),
+                      got.target.tolist()))
+    assert rows == [(0, 1, 0, 3, 2), (1, 0, 2, 2, 1)]
+
+
+# ----------------------------------------------------------------------------- loss
+def perfect_raw(model, targets: torch.Tensor, batch: int, big: float = 30.0) -> list[torch.Tensor]:
+    """Raw outputs whose decoding is exactly each target at its assigned slots, objectness and class
+    certain there, and no objectness elsewhere."""
+    raws = []
+    for head in model.heads:
+        grid = INPUT // int(head.stride)
+        new_coords = head.new_coords
+        raw = torch.zeros(batch, len(head.mask), grid, grid, 5 + CLASSES)
+        raw[..., 4:] = 0.0 if new_coords else -big
+        a = assign_targets(targets, head.all_anchors, head.mask, (grid, grid), (INPUT, INPUT),
+                           head.loss_options["iou_thresh"])
+        truth = targets[a.target]
+        s = head.scale_x_y
+        frac = torch.stack([truth[:, 2] * grid - a.grid_x, truth[:, 3] * grid - a.grid_y], dim=1)
+        activated = (frac + (s - 1) / 2) / s
+        ratio = truth[:, 4:6] * INPUT / head.anchors[a.anchor]
+        slot = (a.batch, a.anchor, a.grid_y, a.grid_x)
+        if new_coords:
+            raw[slot + (slice(0, 2),)] = activated
+            raw[slot + (slice(2, 4),)] = ratio.sqrt() / 2
+        else:
+            raw[slot + (slice(0, 2),)] = torch.log(activated / (1 - activated))
+            raw[slot + (slice(2, 4),)] = ratio.log()
+        raw[slot + (4,)] = 1.0 if new_coords else big
+        one_hot = torch.nn.functional.one_hot(truth[:, 1].long(), CLASSES).float()
+        raw[slot + (slice(5, None),)] = one_hot if new_coords else (2 * one_hot - 1) * big
+        raws.append(raw.requires_grad_())
+    return raws
+
+
+TARGETS = [(0, 1, 0.30, 0.60, 30, 30), (0, 2, 0.70, 0.20, 12, 16), (1, 0, 0.45, 0.55, 50, 40)]
+
+
+@pytest.mark.parametrize("new_coords", [False, True])
+def test_loss_is_at_its_minimum_on_perfect_predictions(make_model, new_coords):
+    model = make_model(new_coords=new_coords)
+    targets = targets_of(TARGETS)
+    raws = perfect_raw(model, targets, batch=2)
+    for head, raw in zip(model.heads, raws):  # the construction really decodes to the boxes
+        decoded = decode(raw.detach(), head)
+        assert torch.isfinite(decoded).all()
+    loss, logs = YoloLoss(model.heads)(raws, targets, (INPUT, INPUT))
+    assert logs["positives"] >= len(TARGETS)
+    assert logs["iou"] == pytest.approx(1.0, abs=1e-5)
+    assert loss.item() < 1e-5
+    loss.backward()
+    for raw in raws:  # objectness and classes are smooth and flat here (box IoU has a kink at 1)
+        assert raw.grad[..., 4:].abs().max() < 1e-4
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):  # any small move raises the loss
+        moved = [r.detach() + 0.05 * torch.randn(r.shape, generator=generator) for r in raws]
+        worse, _ = YoloLoss(model.heads)(moved, targets, (INPUT, INPUT))
+        assert worse.item() > loss.item() + 1e-4
+
+
+@pytest.mark.parametrize("kind", ["giou", "diou", "iou", "mse"])
+@pytest.mark.parametrize("new_coords", [False, True])
+def test_every_iou_loss_kind_is_zero_on_the_box_and_grows_off_it(make_model, kind, new_coords):
+    model = make_model(new_coords=new_coords)
+    for head in model.heads:
+        head.loss_options["iou_loss"] = kind
+    targets = targets_of(TARGETS)
+    raws = perfect_raw(model, targets, batch=2)
+    assert YoloLoss(model.heads)(raws, targets, (INPUT, INPUT))[1]["box"] < 1e-5
+    for channel in range(4):
+        moved = [r.detach().clone() for r in raws]
+        moved[0][..., channel] += 0.2
+        assert YoloLoss(model.heads)(moved, targets, (INPUT, INPUT))[1]["box"] > 1e-4
+
+
+def test_gradients_are_finite_and_reach_every_head(make_model):
+    model = make_model()
+    images = torch.rand(2, 3, INPUT, INPUT)
+    targets = targets_of(TARGETS)
+    loss, logs = YoloLoss(model.heads)(model(images), targets, (INPUT, INPUT))
+    loss.backward()
+    assert math.isfinite(loss.item()) and set(logs) >= {"box", "obj", "cls", "positives", "iou"}
+    head_convs = [model.layers[5], model.layers[8]]  # the conv feeding each [yolo]
+    for conv in head_convs:
+        grads = [p.grad for p in conv.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_images_without_boxes_give_objectness_only_loss(make_model):
+    model = make_model()
+    loss, logs = YoloLoss(model.heads)(model(torch.rand(2, 3, INPUT, INPUT)), torch.zeros(0, 6), (INPUT, INPUT))
+    loss.backward()
+    assert logs["box"] == 0 and logs["cls"] == 0 and logs["obj"] > 0 and logs["positives"] == 0
+    assert model.layers[5].conv.weight.grad.abs().sum() > 0
+
+
+def test_ignore_thresh_leaves_out_good_unassigned_predictions(make_model):
+    """A prediction that overlaps the box (IoU 0.28) but is not assigned is no negative when the
+    IoU exceeds ignore_thresh: its objectness BCE (log 2 at logit 0) leaves the loss."""
+    model = make_model()
+    targets = targets_of([(0, 1, 0.30, 0.60, 30, 30)])
+    raws = perfect_raw(model, targets, batch=1)
+    with torch.no_grad():  # coarse head, anchor 0, cell (y=1, x=1): not assigned (the box is in x=0)
+        raws[0][0, 0, 1, 1, :4] = raws[0][0, 0, 1, 0, :4]
+        raws[0][0, 0, 1, 1, 0] -= 2.0
+        raws[0][0, 0, 1, 1, 4] = 0.0
+    box = decode(raws[0].detach(), model.heads[0])[0, 0, 1, 1, :4]
+    truth = torch.tensor([0.30 * INPUT, 0.60 * INPUT, 30, 30])
+    overlap = (30 - (box[0] - truth[0])) * 30
+    iou = overlap / (2 * 900 - overlap)
+    assert 0.2 < iou < 0.5
+    obj = {}
+    for thresh in (0.2, 0.5):
+        for head in model.heads:
+            head.loss_options["ignore_thresh"] = thresh
+        obj[thresh] = YoloLoss(model.heads)([r.detach() for r in raws], targets, (INPUT, INPUT))[1]["obj"]
+    assert obj[0.5] - obj[0.2] == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_box_gradient_takes_darknets_path(make_model):
+    """d loss / d raw = iou_normalizer * d(1 - CIoU)/d(box in input units) * (1 for x, y; exp(raw) for w, h) / B."""
+    model = make_model()
+    head = model.heads[0]
+    targets = targets_of([(0, 1, 0.30, 0.60, 30, 30)])
+    raws = [torch.zeros(1, 2, 2, 2, 5 + CLASSES), torch.zeros(1, 2, 4, 4, 5 + CLASSES)]
+    raws[0][0, 0, 1, 0, :4] = torch.tensor([0.3, -0.2, 0.25, -0.1])
+    raws = [r.requires_grad_() for r in raws]
+    YoloLoss(model.heads)(raws, targets, (INPUT, INPUT))[0].backward()
+
+    box = (decode(raws[0].detach(), head)[0, 0, 1, 0, :4] / INPUT).requires_grad_()
+    truth = targets[0, 2:6]
+    xyxy = lambda b: torch.cat([b[:2] - b[2:] / 2, b[:2] + b[2:] / 2])[None]  # noqa: E731
+    complete_box_iou_loss(xyxy(box), xyxy(truth)).sum().backward()
+    expected = 0.07 * box.grad * torch.tensor([1, 1, math.exp(0.25), math.exp(-0.1)])
+    torch.testing.assert_close(raws[0].grad[0, 0, 1, 0, :4], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_mse_box_gradient_is_darknets_delta(make_model):
+    """Darknet's mse delta: scale * (t - out) for x, y (out: the scaled logistic, applied to raw)
+    and scale * (log(w / anchor) - raw) for w, h, with scale = (2 - w*h) * iou_normalizer."""
+    model = make_model()
+    head = model.heads[0]
+    head.loss_options["iou_loss"] = "mse"
+    targets = targets_of([(0, 1, 0.30, 0.60, 30, 30)])
+    raws = [torch.zeros(1, 2, 2, 2, 5 + CLASSES), torch.zeros(1, 2, 4, 4, 5 + CLASSES)]
+    raws[0][0, 0, 1, 0, :4] = torch.tensor([0.3, -0.2, 0.25, -0.1])
+    raws = [r.requires_grad_() for r in raws]
+    YoloLoss(model.heads)(raws, targets, (INPUT, INPUT))[0].backward()
+    s = head.scale_x_y
+    out_xy = s * torch.sigmoid(torch.tensor([0.3, -0.2])) - (s - 1) / 2
+    target_xy = torch.tensor([0.30 * 2 - 0, 0.60 * 2 - 1])  # cell (x=0, y=1) of the 2x2 grid
+    target_wh = torch.log(torch.tensor([30.0, 30.0]) / head.anchors[0])
+    scale = 0.07 * (2 - (30 / INPUT) ** 2)
+    expected = scale * torch.cat([out_xy - target_xy, torch.tensor([0.25, -0.1]) - target_wh])
+    torch.testing.assert_close(raws[0].grad[0, 0, 1, 0, :4], expected)
+
+
+def test_max_delta_clips_box_gradient(make_model):
+    targets = targets_of([(0, 1, 0.30, 0.60, 30, 30)])
+    grads = {}
+    for extra in ("", "max_delta=0.001"):
+        model = make_model(yolo_extra=extra)
+        raws = [torch.zeros(1, 2, 2, 2, 5 + CLASSES), torch.zeros(1, 2, 4, 4, 5 + CLASSES)]
+        raws[0][0, 0, 1, 0, 2:4] = 2.0  # far too large a box: big w, h gradients
+        raws = [r.requires_grad_() for r in raws]
+        YoloLoss(model.heads)(raws, targets, (INPUT, INPUT))[0].backward()
+        grads[extra] = raws[0].grad[0, 0, 1, 0, :4]
+    assert grads[""].abs().max() > 0.001
+    torch.testing.assert_close(grads["max_delta=0.001"], grads[""].clamp(-0.001, 0.001))
+
+
+def test_label_smoothing_moves_the_class_optimum(make_model):
+    eps = 0.1
+    model = make_model(yolo_extra=f"label_smooth_eps={eps}")
+    targets = targets_of([(0, 2, 0.30, 0.60, 30, 30)])
+    raws = perfect_raw(model, targets, batch=1)
+    target_pos = 1 - eps + eps / 2
+    with torch.no_grad():  # the smoothed targets' logits: zero class gradient there
+        for raw in raws:
+            positive = raw[..., 4] > 0
+            logits = raw[..., 5:][positive]
+            raw[..., 5:][positive] = torch.where(logits > 0, math.log(target_pos / (1 - target_pos)),
+                                                 math.log((eps / 2) / (1 - eps / 2)))
+    YoloLoss(model.heads)(raws, targets, (INPUT, INPUT))[0].backward()
+    assert all(r.grad[..., 5:].abs().max() < 1e-5 for r in raws)
+
+
+def test_bad_targets_and_options_raise(make_model):
+    model = make_model()
+    raws = [torch.zeros(1, 2, 2, 2, 5 + CLASSES), torch.zeros(1, 2, 4, 4, 5 + CLASSES)]
+    with pytest.raises(ValueError, match="classes must be in 0..2"):
+        YoloLoss(model.heads)(raws, targets_of([(0, 3, 0.5, 0.5, 10, 10)]), (INPUT, INPUT))
+    with pytest.raises(ValueError, match="batch indices"):
+        YoloLoss(model.heads)(raws, targets_of([(1, 0, 0.5, 0.5, 10, 10)]), (INPUT, INPUT))
+    model.heads[0].loss_options["iou_loss"] = "siou"
+    with pytest.raises(ValueError, match="iou_loss='siou'"):
+        YoloLoss(model.heads)

@@ -1,0 +1,180 @@
+"""Training data: record cleaning, corrupt images, augmentation/box consistency, collate (data.augment,
+data.train_dataset)."""
+from __future__ import annotations
+
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from data.augment import AugmentConfig, build_plain_transform
+from data.geometry import boxes_to_network, fit_transform
+from data.sources import DetectionRecord, DetectionSource
+from data.train_dataset import (DetectionTrainDataset, MultiScaleCollate, clean_records, collate_detection,
+                                multi_scale_sizes)
+
+NO_COLOUR = {"hue": 0.0, "saturation": 1.0, "exposure": 1.0}
+
+
+def write_rectangles(path, size_wh, boxes) -> None:
+    """A black image with a white filled rectangle per xyxy box (pixel-exact edges)."""
+    image = np.zeros((size_wh[1], size_wh[0], 3), np.uint8)
+    for x1, y1, x2, y2 in boxes:
+        image[int(y1):int(y2), int(x1):int(x2)] = 255
+    cv2.imwrite(str(path), image)
+
+
+def record(path, size_wh, boxes, classes=None, crowd=None, image_id=1) -> DetectionRecord:
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    classes = np.zeros(len(boxes), np.int64) if classes is None else np.asarray(classes, np.int64)
+    crowd = np.zeros(len(boxes), bool) if crowd is None else np.asarray(crowd, bool)
+    return DetectionRecord(image_id, path, size_wh[0], size_wh[1], boxes, classes, crowd)
+
+
+def rectangles_source(tmp_path, specs) -> DetectionSource:
+    """specs: list of ((w, h), boxes) -> a source of generated rectangle images, 2 classes."""
+    records = []
+    for index, (size_wh, boxes) in enumerate(specs):
+        path = tmp_path / f"{index:03d}.png"
+        write_rectangles(path, size_wh, boxes)
+        records.append(record(path, size_wh, boxes, classes=[i % 2 for i in range(len(boxes))], image_id=index + 1))
+    return DetectionSource(records, ["a", "b"], [1, 2])
+
+
+def test_clean_records_drops_crowd_clips_and_drops_degenerate_with_one_warning(tmp_path):
+    path = tmp_path / "a.png"
+    write_rectangles(path, (100, 80), [])
+    rec = record(path, (100, 80),
+                 [[10, 10, 50, 50], [-5, 20, 30, 90], [40, 40, 40.5, 60], [200, 10, 250, 20],
+                  [5, 5, 20, 20], [np.nan, 0, 10, 10]],
+                 classes=[0, 1, 0, 1, 1, 0], crowd=[0, 0, 0, 0, 1, 0])
+    with pytest.warns(UserWarning) as caught:
+        cleaned = clean_records([rec, record(tmp_path / "missing.png", (10, 10), [])])
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2
+    assert any("1 missing" in m and "missing.png" in m for m in messages)
+    label_warning = next(m for m in messages if "clipped" in m)
+    assert "1 box(es) clipped" in label_warning and "3 degenerate" in label_warning and "a.png" in label_warning
+    (only,) = cleaned
+    np.testing.assert_array_equal(only.boxes, [[10, 10, 50, 50], [0, 20, 30, 80]])
+    np.testing.assert_array_equal(only.classes, [0, 1])
+    assert not only.iscrowd.any()
+
+
+def test_clean_records_is_silent_on_clean_data(tmp_path):
+    source = rectangles_source(tmp_path, [((64, 64), [[8, 8, 40, 40]]), ((64, 64), [])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(clean_records(source.records)) == 2
+
+
+def test_corrupt_image_is_skipped_and_named(tmp_path):
+    source = rectangles_source(tmp_path, [((64, 64), [[8, 8, 40, 40]]), ((64, 64), [[0, 0, 32, 32]])])
+    source.records[0].path.write_bytes(b"not an image")
+    dataset = DetectionTrainDataset(source, AugmentConfig(64), augment=False)
+    with pytest.warns(UserWarning, match="000.png"):
+        image, labels = dataset[0]
+    # it served the next image instead: its one box at (0, 0, 32, 32) -> centre 0.25, size 0.5
+    torch.testing.assert_close(labels, torch.tensor([[0.0, 0.25, 0.25, 0.5, 0.5]]))
+    with warnings.catch_warnings():  # reported once
+        warnings.simplefilter("error")
+        dataset[0]
+
+
+def test_collate_format_and_images_without_boxes(tmp_path):
+    source = rectangles_source(tmp_path, [((64, 32), [[0, 0, 32, 16], [32, 16, 64, 32]]), ((64, 64), []),
+                                          ((32, 64), [[8, 8, 24, 40]])])
+    dataset = DetectionTrainDataset(source, AugmentConfig(64), augment=False)
+    images, targets = collate_detection([dataset[i] for i in range(3)])
+    assert images.shape == (3, 3, 64, 64) and images.dtype == torch.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0 and images.max() == 1.0
+    expected = torch.tensor([[0, 0, 0.25, 0.25, 0.5, 0.5], [0, 1, 0.75, 0.75, 0.5, 0.5],
+                             [2, 0, 0.5, 0.375, 0.5, 0.5]])
+    torch.testing.assert_close(targets, expected)
+
+
+def test_plain_letterbox_matches_geometry(tmp_path):
+    boxes = np.array([[10, 20, 60, 45]], np.float32)
+    image = np.zeros((50, 100, 3), np.uint8)
+    out = build_plain_transform(64, letterbox=True)(image=image, bboxes=boxes, class_labels=[0])
+    expected = boxes_to_network(torch.from_numpy(boxes), fit_transform(100, 50, 64, 64, letterbox=True))
+    assert out["image"].shape == (64, 64, 3)
+    np.testing.assert_allclose(np.asarray(out["bboxes"]), expected.numpy(), atol=1.0)
+
+
+def white_inside(image: np.ndarray, box: np.ndarray) -> float:
+    """Fraction of white pixels in an xyxy box shrunk by 1 px (edges blur under interpolation)."""
+    x1, y1, x2, y2 = np.round(box).astype(int) + np.array([1, 1, -1, -1])
+    patch = image[y1:y2, x1:x2].mean(axis=2)
+    return float((patch > 200).mean()) if patch.size else 1.0
+
+
+@pytest.mark.parametrize("mosaic", [0.0, 1.0])
+def test_augmented_boxes_follow_the_pixels(tmp_path, mosaic):
+    """Every box lies on a white rectangle, and no white area thicker than 2 px (slivers under the
+    size limit are dropped) is left without a box."""
+    specs = [((96, 64), [[10, 8, 40, 30], [55, 30, 90, 60]]), ((64, 96), [[20, 40, 50, 90]]),
+             ((80, 80), [[5, 5, 35, 75], [45, 20, 75, 35]]), ((64, 64), [[16, 16, 48, 48]])]
+    config = AugmentConfig(64, scale=(0.6, 1.4), translate=0.2, flip=0.5, mosaic=mosaic, **NO_COLOUR)
+    dataset = DetectionTrainDataset(rectangles_source(tmp_path, specs), config)
+    torch.manual_seed(0)
+    boxes_seen = 0
+    for _ in range(6):
+        for index in range(len(dataset)):
+            image_t, labels = dataset[index]
+            image = image_t.permute(1, 2, 0).numpy()
+            xyxy = torch.cat([labels[:, 1:3] - labels[:, 3:5] / 2, labels[:, 1:3] + labels[:, 3:5] / 2], 1) * 64
+            covered = np.zeros(image.shape[:2], np.uint8)
+            for box in xyxy.numpy():
+                assert white_inside(image, box) > 0.95
+                x1, y1, x2, y2 = np.round(box).astype(int)
+                covered[max(y1 - 1, 0):y2 + 1, max(x1 - 1, 0):x2 + 1] = 1
+            white = (image.mean(axis=2) > 200).astype(np.uint8)  # the padding is grey (128)
+            solid_white = cv2.erode(white, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+            assert not (solid_white & (1 - covered)).any()
+            boxes_seen += len(labels)
+    assert boxes_seen > 20
+
+
+def test_same_seed_same_sample_and_colour_jitter_changes_pixels(tmp_path):
+    source = rectangles_source(tmp_path, [((64, 64), [[8, 8, 40, 40]])])
+    dataset = DetectionTrainDataset(source, AugmentConfig(64, hue=0.5, saturation=2.0, exposure=2.0, mosaic=1.0))
+    torch.manual_seed(3)
+    first = dataset[0]
+    torch.manual_seed(3)
+    again = dataset[0]
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    plain = DetectionTrainDataset(source, AugmentConfig(64), augment=False)[0][0]
+    assert not torch.equal(first[0], plain)
+
+
+def test_multi_scale_collate(tmp_path):
+    assert multi_scale_sizes(320) == [224, 256, 288, 320, 352, 384, 416]
+    source = rectangles_source(tmp_path, [((64, 64), [[8, 8, 40, 40]]), ((64, 64), [])])
+    dataset = DetectionTrainDataset(source, AugmentConfig(64), augment=False)
+    batch = [dataset[0], dataset[1]]
+    collate = MultiScaleCollate([32, 96])
+    torch.manual_seed(0)
+    sides = set()
+    for _ in range(12):
+        images, targets = collate(batch)
+        sides.add(images.shape[-1])
+        assert images.shape[-2] == images.shape[-1]
+        torch.testing.assert_close(targets, collate_detection(batch)[1])
+    assert sides == {32, 96}
+    with pytest.raises(ValueError, match="multiples of 32"):
+        MultiScaleCollate([100])
+
+
+def test_augment_config_from_net_and_validation():
+    class Net:  # the [net] fields AugmentConfig reads
+        width, letter_box, hue, saturation, exposure, flip, mosaic = 320, True, 0.1, 1.5, 1.4, False, True
+    config = AugmentConfig.from_net(Net(), translate=0.05)
+    assert (config.size, config.letterbox, config.hue, config.saturation, config.exposure) == (320, True, 0.1, 1.5, 1.4)
+    assert config.flip == 0.0 and config.mosaic == 0.5 and config.translate == 0.05
+    with pytest.raises(ValueError, match="multiple of 32"):
+        AugmentConfig(100)
+    with pytest.raises(ValueError, match="unknown settings"):
+        AugmentConfig.from_net(Net(), colour=1)
