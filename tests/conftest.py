@@ -4,7 +4,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# As yolo_admm.cli does, before torch is imported: spin-waiting OpenMP threads thrash a busy machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("YOLO_ADMM_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"yolo-admm: unknown task {task!r}; expected one of {', '.join(TASKS)}\n\n{USAGE}",
               file=sys.stderr)
         return 2
+    # Before torch is first imported: OpenMP threads that spin-wait for each other make torch
+    # several times slower on a busy machine (measured in benchmarks/eval_speed.py).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     module = importlib.import_module(TASKS[task][0])
     try:
         return module.main(rest)

@@ -1,0 +1,284 @@
+"""Detection data sources: a list of annotated images, read from COCO json or Ultralytics YOLO txt.
+
+Both readers return a `DetectionSource` whose records hold boxes as float32 xyxy in original-image
+pixels and classes as model class indices, and which turns back into a COCO ground-truth dict
+(`to_coco()`) for pycocotools.
+
+- `load_coco_json(images_dir, annotations_json)`: model class i is the i-th category by sorted id
+  (for COCO's 80 categories this is Darknet's coco.names order). Annotations are kept as they are,
+  with their `area` (the segmentation area COCO uses for the small/medium/large split) and `iscrowd`.
+- `load_yolo_dataset(data_yaml, split)`: Ultralytics-style data yaml. Category id of class i is i+1.
+  Boxes are clipped to the image and degenerate ones dropped; an image without a label file has no
+  objects.
+
+Image ids: the COCO json's own ids; for YOLO txt, the integer file stem when every stem is a unique
+number (COCO's 000000000139.jpg -> 139, so results match the official ids), else 1, 2, ... in order.
+Image sizes come from the file header (PIL), in stored pixel order: EXIF orientation is ignored,
+as Darknet and the COCO annotations do.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+IMAGE_SUFFIXES = (".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm")
+
+
+@dataclass
+class DetectionRecord:
+    """One image and its ground truth.
+
+    Attributes:
+        image_id: COCO image id.
+        path: image file.
+        width, height: image size in pixels.
+        boxes: float32 ndarray[n, 4], xyxy in original-image pixels.
+        classes: int64 ndarray[n], model class indices.
+        iscrowd: bool ndarray[n].
+        areas: float32 ndarray[n], the COCO `area` of each object, or None to use the box area.
+    """
+
+    image_id: int
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray
+    classes: np.ndarray
+    iscrowd: np.ndarray
+    areas: np.ndarray | None = None
+
+
+@dataclass
+class DetectionSource:
+    """Annotated images plus the class list.
+
+    Attributes:
+        records: one `DetectionRecord` per image.
+        class_names: model class order.
+        category_ids: model class i -> COCO category id.
+    """
+
+    records: list[DetectionRecord]
+    class_names: list[str]
+    category_ids: list[int]
+
+    def to_coco(self) -> dict:
+        """COCO ground-truth dict (info, images, annotations, categories) for pycocotools."""
+        images, annotations = [], []
+        for record in self.records:
+            images.append({"id": record.image_id, "file_name": record.path.name,
+                           "width": record.width, "height": record.height})
+            widths = record.boxes[:, 2] - record.boxes[:, 0]
+            heights = record.boxes[:, 3] - record.boxes[:, 1]
+            areas = widths * heights if record.areas is None else record.areas
+            for i in range(len(record.boxes)):
+                annotations.append({
+                    "id": len(annotations) + 1,  # pycocotools treats id 0 as "unmatched"
+                    "image_id": record.image_id,
+                    "category_id": self.category_ids[int(record.classes[i])],
+                    "bbox": [float(record.boxes[i, 0]), float(record.boxes[i, 1]),
+                             float(widths[i]), float(heights[i])],
+                    "area": float(areas[i]),
+                    "iscrowd": int(record.iscrowd[i]),
+                })
+        categories = [{"id": cid, "name": name} for cid, name in zip(self.category_ids, self.class_names)]
+        return {"info": {}, "licenses": [], "images": images, "annotations": annotations,
+                "categories": categories}
+
+
+def load_coco_json(images_dir: str | Path, annotations_json: str | Path) -> DetectionSource:
+    """Read a COCO instances json; images are `images_dir / file_name`.
+
+    Raises:
+        FileNotFoundError: the json, the folder or an image it lists is missing.
+        ValueError: the json is malformed (the message names the file and the entry).
+    """
+    images_dir, annotations_json = Path(images_dir), Path(annotations_json)
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"{images_dir}: images folder not found")
+    with open(annotations_json, encoding="utf-8") as f:
+        try:
+            coco = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{annotations_json}: not valid json ({err})") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key) if isinstance(coco, dict) else None, list):
+            raise ValueError(f"{annotations_json}: expected a COCO instances json with a "
+                             f"'{key}' list, found none")
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    class_of_category = {c["id"]: i for i, c in enumerate(categories)}
+    objects = _group_coco_annotations(coco["annotations"], class_of_category, annotations_json)
+    records = []
+    for image in coco["images"]:
+        path = images_dir / image["file_name"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{annotations_json}: image id {image['id']} -> {path}: not found")
+        boxes, classes, iscrowd, areas = objects.pop(image["id"], ([], [], [], []))
+        records.append(DetectionRecord(
+            image_id=int(image["id"]), path=path, width=int(image["width"]), height=int(image["height"]),
+            boxes=np.asarray(boxes, np.float32).reshape(-1, 4), classes=np.asarray(classes, np.int64),
+            iscrowd=np.asarray(iscrowd, bool), areas=np.asarray(areas, np.float32)))
+    if objects:
+        raise ValueError(f"{annotations_json}: annotations refer to image ids not in 'images': "
+                         f"{sorted(objects)[:5]}")
+    return DetectionSource(records, [str(c["name"]) for c in categories], [int(c["id"]) for c in categories])
+
+
+def _group_coco_annotations(annotations: list[dict], class_of_category: dict[int, int],
+                            json_path: Path) -> dict[int, tuple[list, list, list, list]]:
+    """image id -> (xyxy boxes, class indices, iscrowd flags, areas), in json order."""
+    grouped: dict[int, tuple[list, list, list, list]] = {}
+    for ann in annotations:
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4):
+            raise ValueError(f"{json_path}: annotation id {ann.get('id')}: expected 'bbox' [x, y, w, h], "
+                             f"found {bbox!r}")
+        if ann.get("category_id") not in class_of_category:
+            raise ValueError(f"{json_path}: annotation id {ann.get('id')}: category_id "
+                             f"{ann.get('category_id')!r} is not in 'categories'")
+        x, y, w, h = (float(v) for v in bbox)
+        boxes, classes, iscrowd, areas = grouped.setdefault(ann["image_id"], ([], [], [], []))
+        boxes.append((x, y, x + w, y + h))
+        classes.append(class_of_category[ann["category_id"]])
+        iscrowd.append(bool(ann.get("iscrowd", 0)))
+        areas.append(float(ann.get("area", w * h)))
+    return grouped
+
+
+def load_yolo_dataset(data_yaml: str | Path, split: str = "val") -> DetectionSource:
+    """Read an Ultralytics data yaml and the YOLO txt labels of one split.
+
+    The yaml's `path` (relative paths are taken from the yaml's folder; absent means that folder) is
+    the root of the split entries. A split entry is a folder of images (searched recursively), a
+    .txt file listing image paths, or a list of these. Labels of `.../images/.../x.jpg` are in
+    `.../labels/.../x.txt` (the last `/images/` replaced), one `class cx cy w h` line per object,
+    normalised to 0..1 (a polygon line `class x1 y1 x2 y2 ...` gives its bounding box).
+
+    Raises:
+        FileNotFoundError: the yaml, a split folder/list or a listed image is missing.
+        ValueError: the yaml or a label line is malformed (the message names file and line).
+    """
+    data_yaml = Path(data_yaml)
+    with open(data_yaml, encoding="utf-8") as f:
+        try:
+            spec = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{data_yaml}: not valid yaml ({err})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{data_yaml}: expected a mapping with 'names' and '{split}', found {type(spec).__name__}")
+    names = parse_class_names(spec, data_yaml)
+    if spec.get(split) is None:
+        raise ValueError(f"{data_yaml}: split {split!r} not found; the yaml has "
+                         f"{[k for k in ('train', 'val', 'test') if spec.get(k)]}")
+    root = data_yaml.parent / str(spec.get("path") or ".")
+    image_paths = _split_images(spec[split], root.resolve(), data_yaml)
+    if not image_paths:
+        raise ValueError(f"{data_yaml}: split {split!r} has no images")
+    image_ids = _image_ids(image_paths)
+    records = [_yolo_record(image_id, path, len(names)) for image_id, path in zip(image_ids, image_paths)]
+    return DetectionSource(records, names, list(range(1, len(names) + 1)))
+
+
+def parse_class_names(spec: dict, data_yaml: Path) -> list[str]:
+    """The class names of a parsed data yaml: `names` as a list, or a dict {0: name, ...} with keys 0..n-1."""
+    names = spec.get("names") if isinstance(spec, dict) else None
+    if isinstance(names, dict):
+        if set(names) != set(range(len(names))):
+            raise ValueError(f"{data_yaml}: 'names' keys must be 0..{len(names) - 1}, found {list(names)}")
+        names = [names[i] for i in range(len(names))]
+    if not isinstance(names, list) or not names:
+        raise ValueError(f"{data_yaml}: expected 'names' as a non-empty list or dict, found {names!r}")
+    if "nc" in spec and spec["nc"] != len(names):
+        raise ValueError(f"{data_yaml}: nc is {spec['nc']} but 'names' has {len(names)} entries")
+    return [str(n) for n in names]
+
+
+def _split_images(entry: str | list, root: Path, data_yaml: Path) -> list[Path]:
+    """Image files of a split entry (folder, .txt list or list of these), in sorted order."""
+    paths: list[Path] = []
+    for item in entry if isinstance(entry, list) else [entry]:
+        location = Path(item) if Path(item).is_absolute() else root / item
+        if location.is_dir():
+            paths += [p for p in location.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        elif location.is_file() and location.suffix == ".txt":
+            paths += _listed_images(location)
+        else:
+            raise FileNotFoundError(f"{data_yaml}: split entry {item!r} -> {location}: "
+                                    f"expected a folder of images or a .txt list, found nothing")
+    return sorted(set(paths))
+
+
+def _listed_images(list_file: Path) -> list[Path]:
+    """Image paths from a .txt list, one per line, relative ones taken from the list's folder."""
+    paths = []
+    for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        path = Path(line) if Path(line).is_absolute() else list_file.parent / line
+        if not path.is_file():
+            raise FileNotFoundError(f"{list_file}:{number}: image {path} not found")
+        paths.append(path)
+    return paths
+
+
+def _image_ids(paths: list[Path]) -> list[int]:
+    """Integer stems when all are unique numbers, else 1..n."""
+    stems = [p.stem for p in paths]
+    if all(s.isdigit() for s in stems) and len(set(map(int, stems))) == len(stems):
+        return [int(s) for s in stems]
+    return list(range(1, len(paths) + 1))
+
+
+def label_path(image_path: Path) -> Path:
+    """Ultralytics convention: the last `/images/` in the path becomes `/labels/`, suffix `.txt`."""
+    parts = list(image_path.parts)
+    if "images" not in parts[:-1]:
+        return image_path.with_suffix(".txt")
+    index = len(parts) - 2 - parts[-2::-1].index("images")
+    parts[index] = "labels"
+    return Path(*parts).with_suffix(".txt")
+
+
+def _yolo_record(image_id: int, image_path: Path, num_classes: int) -> DetectionRecord:
+    with Image.open(image_path) as image:
+        width, height = image.size
+    labels = label_path(image_path)
+    rows = _read_label_file(labels, num_classes) if labels.is_file() else np.zeros((0, 5), np.float32)
+    scale = np.array([width, height, width, height], np.float32)
+    cx, cy, w, h = rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4]
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1) * scale
+    boxes = np.clip(boxes, 0, scale)
+    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return DetectionRecord(image_id, image_path, width, height, boxes[valid].astype(np.float32),
+                           rows[valid, 0].astype(np.int64), np.zeros(int(valid.sum()), bool))
+
+
+def _read_label_file(labels: Path, num_classes: int) -> np.ndarray:
+    """float32 ndarray[n, 5] of (class, cx, cy, w, h) rows; polygons become their bounding box."""
+    rows = []
+    for number, line in enumerate(labels.read_text(encoding="utf-8").splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            values = [float(v) for v in fields]
+        except ValueError:
+            raise ValueError(f"{labels}:{number}: expected numbers 'class cx cy w h', found {line!r}") from None
+        if len(values) < 5 or (len(values) > 5 and len(values) % 2 == 0):
+            raise ValueError(f"{labels}:{number}: expected 'class cx cy w h' or a polygon "
+                             f"'class x1 y1 x2 y2 ...', found {len(values)} values")
+        cls = values[0]
+        if cls != int(cls) or not 0 <= cls < num_classes:
+            raise ValueError(f"{labels}:{number}: class must be an integer in 0..{num_classes - 1}, found {fields[0]}")
+        if len(values) > 5:
+            xs, ys = np.array(values[1::2]), np.array(values[2::2])
+            values = [cls, (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2,
+                      xs.max() - xs.min(), ys.max() - ys.min()]
+        rows.append(values)
+    return np.asarray(rows, np.float32).reshape(-1, 5)

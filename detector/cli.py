@@ -1,0 +1,95 @@
+"""`yolo-admm detect MODE [options]`: the detector's modes.
+
+Each mode lives in its own module `detector.cli_<mode>`, which provides `add_arguments(parser)` and
+`run(args) -> int`. To add a mode, add one line to `MODES`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import torch
+
+import detector
+
+MODES = {
+    "predict": ("detector.cli_predict", "detect objects in images: annotated images + detections JSON"),
+    "eval": ("detector.cli_eval", "COCO mAP (pycocotools) on a COCO json or YOLO txt dataset"),
+    "train": ("detector.cli_train", "train or fine-tune on a data.yaml or COCO json dataset"),
+    "prune": ("detector.cli_prune", "the main job: global ADMM pruning, retraining, evaluation, export"),
+    "export": ("detector.cli_export", "export to Darknet .weights, ONNX and a compact sparse archive"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `detect` parser with one subcommand per entry of `MODES`."""
+    parser = argparse.ArgumentParser(prog="yolo-admm detect", description="Darknet YOLO detectors.")
+    subparsers = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
+    for mode, (module_name, summary) in MODES.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(mode, help=summary, description=summary)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Parse `argv` (the words after `detect`) and run the chosen mode; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # --help, or a usage error argparse already printed
+        return int(exit_request.code or 0)
+    return args.run(args)
+
+
+def network_size(text: str) -> int:
+    """argparse type of --img-size: a positive multiple of 32."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer multiple of 32, found {text!r}") from None
+    if value <= 0 or value % 32:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 32 (the network's stride), found {value}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cfg, --weights, --img-size, --device: the options every mode that runs a model takes."""
+    parser.add_argument("--cfg", required=True, help="Darknet .cfg file")
+    parser.add_argument("--weights", required=True, help="Darknet .weights file")
+    parser.add_argument("--img-size", type=network_size, default=None, metavar="N",
+                        help="network input N x N (multiple of 32); default: the cfg's width x height")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`name` as a torch.device; None means cuda when available, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device: expected a torch device such as cpu or cuda:0, found {name!r} ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int, int, bool]:
+    """Load the Darknet model of --cfg/--weights onto --device.
+
+    Returns (model, net_w, net_h, letterbox): the input size is --img-size or the cfg's [net] size,
+    and letterbox is the cfg's [net] letter_box.
+    """
+    model = detector.load_darknet(args.cfg, args.weights)
+    net_w, net_h = (args.img_size, args.img_size) if args.img_size else (model.net.width, model.net.height)
+    if net_w % 32 or net_h % 32:
+        raise ValueError(f"{args.cfg}: [net] width x height is {net_w}x{net_h}; the input must be a multiple "
+                         f"of 32 on each side (pass --img-size)")
+    model.to(resolve_device(args.device)).eval()
+    return model, net_w, net_h, bool(model.net.letter_box)
+
+
+def model_num_classes(model: torch.nn.Module) -> int:
+    """The number of classes the model's [yolo] heads predict."""
+    return int(model.heads[0].num_classes)

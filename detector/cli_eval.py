@@ -1,0 +1,92 @@
+"""`yolo-admm detect eval`: COCO box mAP of a Darknet model with pycocotools.
+
+    yolo-admm detect eval --cfg C --weights W --images DIR --annotations instances.json
+    yolo-admm detect eval --cfg C --weights W --data data.yaml [--split val]
+
+Prints COCOeval's 12-number table (and per-class AP with --per-class); --json-out writes
+map50_95, map50, map75, ap_small, ap_medium, ap_large and images.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from data.eval_dataset import InferenceDataset
+from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
+from detector.cli import add_model_arguments, load_model, model_num_classes
+from detector.evaluate import CONF_THRESH, MAX_DET, NMS_IOU, EvalResult, evaluate
+from detector.predict import make_loader, write_json_atomic
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    dataset = parser.add_argument_group("dataset (either --images with --annotations, or --data)")
+    dataset.add_argument("--images", help="folder of the images a COCO json refers to")
+    dataset.add_argument("--annotations", help="COCO instances json (model class i = i-th sorted category id)")
+    dataset.add_argument("--data", help="Ultralytics data.yaml with YOLO txt labels")
+    dataset.add_argument("--split", default="val", help="split of --data (default: val)")
+    parser.add_argument("--conf", type=float, default=CONF_THRESH,
+                        help=f"score threshold, objectness x class (default: {CONF_THRESH}, as Darknet's detector map)")
+    parser.add_argument("--iou", type=float, default=NMS_IOU, help=f"per-class NMS IoU threshold (default: {NMS_IOU})")
+    parser.add_argument("--max-det", type=int, default=MAX_DET, help=f"detections kept per image (default: {MAX_DET})")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader worker processes (default: 0 on CPU, where the forward pass "
+                             "already uses every core; min(4, CPU count) on CUDA)")
+    parser.add_argument("--per-class", action="store_true", help="also print AP50-95 and AP50 per class")
+    parser.add_argument("--json-out", type=Path, help="write the headline metrics to this JSON file")
+
+
+def load_source(args: argparse.Namespace) -> DetectionSource:
+    """The dataset of --images/--annotations or --data/--split."""
+    if args.data and (args.images or args.annotations):
+        raise ValueError("give either --data, or --images with --annotations, not both")
+    if args.data:
+        return load_yolo_dataset(args.data, args.split)
+    if not (args.images and args.annotations):
+        raise ValueError("a dataset is needed: --images DIR --annotations instances.json, or --data data.yaml")
+    return load_coco_json(args.images, args.annotations)
+
+
+def format_per_class(result: EvalResult) -> str:
+    """A table of per-class AP50-95 and AP50."""
+    width = max([len(c.name) for c in result.per_class] + [5])
+    lines = [f"{'class':<{width}}  AP50-95   AP50"]
+    lines += [f"{c.name:<{width}}  {c.ap50_95:7.4f}  {c.ap50:7.4f}" for c in result.per_class]
+    return "\n".join(lines)
+
+
+def default_workers(device: torch.device) -> int:
+    """0 on CPU, where the forward pass already has every core (one worker gave no clear gain on the
+    2-core CPU, benchmarks/eval_speed.py); min(4, CPU count) on CUDA, where decoding is the bottleneck."""
+    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("conf", "iou"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ValueError(f"--{name} must be in [0, 1], found {getattr(args, name)}")
+    if args.max_det < 1 or args.batch_size < 1 or (args.workers or 0) < 0:
+        raise ValueError(f"--max-det and --batch-size must be >= 1 and --workers >= 0, found "
+                         f"{args.max_det}, {args.batch_size}, {args.workers}")
+    source = load_source(args)
+    model, net_w, net_h, letterbox = load_model(args)
+    if model_num_classes(model) != len(source.class_names):
+        raise ValueError(f"{args.cfg} predicts {model_num_classes(model)} classes but the dataset has "
+                         f"{len(source.class_names)}")
+    dataset = InferenceDataset.from_source(source, net_w, net_h, letterbox)
+    device = next(model.parameters()).device
+    workers = default_workers(device) if args.workers is None else args.workers
+    loader = make_loader(dataset, args.batch_size, workers, device)
+    print(f"eval: {len(dataset)} images at {net_w}x{net_h} ({'letterbox' if letterbox else 'resize'}) on {device}")
+    result = evaluate(model, loader, source, args.conf, args.iou, args.max_det, per_class=args.per_class)
+    print(result.summary)
+    if args.per_class:
+        print(format_per_class(result))
+    if args.json_out:
+        write_json_atomic(args.json_out, result.metrics())
+        print(f"metrics written to {args.json_out}")
+    return 0

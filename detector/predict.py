@@ -1,0 +1,148 @@
+"""Run a detector over images: detections in original-image pixels, annotated images, a JSON file.
+
+`detect_loader` is the one inference loop (used by `predict` and by `detector.evaluate`): batches
+from a DataLoader of `data.InferenceDataset`, an `inference_copy` of the model (batch norm folded,
+channels_last) under `torch.inference_mode`, `postprocess`, then boxes mapped back to each image.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.eval_dataset import ImageMeta, InferenceDataset, collate_inference
+from detector.layers import ConvBlock
+from detector.postprocess import postprocess, to_original_image
+
+_PALETTE_SEED = 12345
+
+
+def inference_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` in eval mode, rearranged for fast inference; `model` is not touched.
+
+    In every Darknet `[convolutional]` block the batch norm is folded into the convolution and the
+    activation runs in place; parameters are in channels_last memory format. Outputs equal the
+    original's up to float rounding. On the 2-core CPU this made the forward pass of yolo-fastest-1.1
+    about 1.9x faster (one thread, batch 8: 21.6 -> 11.6 ms per image).
+    """
+    fast = copy.deepcopy(model).eval()
+    for block in fast.modules():
+        if isinstance(block, ConvBlock):
+            if isinstance(block.bn, torch.nn.BatchNorm2d):
+                block.conv = fuse_conv_bn_eval(block.conv, block.bn)
+                block.bn = torch.nn.Identity()
+            if hasattr(block.act, "inplace"):
+                block.act.inplace = True  # its input is the block's own fresh conv output
+    return fast.to(memory_format=torch.channels_last)
+
+
+def make_loader(dataset: InferenceDataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    """A DataLoader in dataset order (pinned memory on CUDA)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      collate_fn=collate_inference, pin_memory=device.type == "cuda")
+
+
+def detect_loader(model: torch.nn.Module, loader: DataLoader, conf_thresh: float, iou_thresh: float,
+                  max_det: int, progress: bool = True) -> Iterator[tuple[ImageMeta, torch.Tensor]]:
+    """Yield (meta, Tensor[M, 6] (x1, y1, x2, y2, score, class) in original-image pixels, on CPU)
+    for every image of `loader`, in order. Runs an `inference_copy` of the model on the device of
+    its parameters; `model` itself (and its train/eval mode) is left as it is."""
+    device = next(model.parameters()).device
+    fast = inference_copy(model)
+    with torch.inference_mode():
+        for images, metas in tqdm(loader, desc="detect", unit="batch", disable=not progress):
+            outputs = fast(images.to(device, memory_format=torch.channels_last, non_blocking=True))
+            for detections, meta in zip(postprocess(outputs, conf_thresh, iou_thresh, max_det), metas):
+                yield meta, to_original_image(detections, meta.transform).cpu()
+
+
+def detections_to_json(meta: ImageMeta, detections: torch.Tensor, class_names: Sequence[str]) -> dict:
+    """One image's detections as a JSON-able dict (boxes xyxy in original-image pixels)."""
+    t = meta.transform
+    return {
+        "image": str(meta.path), "image_id": meta.image_id, "width": t.orig_w, "height": t.orig_h,
+        "detections": [
+            {"class_id": int(c), "class_name": class_names[int(c)], "score": round(float(s), 5),
+             "box_xyxy": [round(float(v), 2) for v in (x1, y1, x2, y2)]}
+            for x1, y1, x2, y2, s, c in detections.tolist()
+        ],
+    }
+
+
+def draw_detections(image_bgr: np.ndarray, detections: torch.Tensor, class_names: Sequence[str]) -> np.ndarray:
+    """A copy of uint8 ndarray[H, W, 3] BGR with boxes and "name score" labels drawn on it."""
+    canvas = image_bgr.copy()
+    colours = np.random.default_rng(_PALETTE_SEED).integers(64, 256, size=(len(class_names), 3))
+    thickness = max(1, round(max(canvas.shape[:2]) / 500))
+    font_scale = max(0.35, max(canvas.shape[:2]) / 1600)
+    for x1, y1, x2, y2, score, cls in reversed(detections.tolist()):  # highest score drawn last, on top
+        colour = tuple(int(v) for v in colours[int(cls)])
+        top_left = (round(x1), round(y1))
+        cv2.rectangle(canvas, top_left, (round(x2), round(y2)), colour, thickness)
+        label = f"{class_names[int(cls)]} {score:.2f}"
+        (text_w, text_h), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+        text_y = max(top_left[1], text_h + baseline)
+        cv2.rectangle(canvas, (top_left[0], text_y - text_h - baseline), (top_left[0] + text_w, text_y), colour, -1)
+        cv2.putText(canvas, label, (top_left[0], text_y - baseline), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+    return canvas
+
+
+def write_json_atomic(path: Path, payload: object) -> None:
+    """Write `payload` as indented JSON to `path` through a temp file and os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_image_atomic(path: Path, image_bgr: np.ndarray) -> None:
+    """cv2.imwrite through a temp file (same suffix, so the same format) and os.replace."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    if not cv2.imwrite(str(tmp), image_bgr):
+        raise ValueError(f"{path}: could not write the image (unsupported suffix {path.suffix!r}?)")
+    os.replace(tmp, path)
+
+
+def predict(model: torch.nn.Module, dataset: InferenceDataset, out_dir: Path, class_names: Sequence[str],
+            conf_thresh: float, iou_thresh: float, max_det: int, batch_size: int = 1, workers: int = 0,
+            progress: bool = True) -> Path:
+    """Detect on every image of `dataset`; write `out_dir/<image stem>.jpg` annotated and
+    `out_dir/detections.json` (a list of `detections_to_json` dicts). Returns the JSON path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loader = make_loader(dataset, batch_size, workers, next(model.parameters()).device)
+    results, used_names = [], set()
+    for meta, detections in detect_loader(model, loader, conf_thresh, iou_thresh, max_det, progress):
+        name = _unique_name(meta.path, used_names)
+        annotated = draw_detections(cv2.imread(str(meta.path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION),
+                                    detections, class_names)
+        write_image_atomic(out_dir / name, annotated)
+        results.append({**detections_to_json(meta, detections, class_names), "annotated": name})
+    json_path = out_dir / "detections.json"
+    write_json_atomic(json_path, results)
+    return json_path
+
+
+def _unique_name(path: Path, used: set[str]) -> str:
+    """`<stem>.jpg`, with _1, _2... added when an earlier image had the same stem."""
+    name, index = f"{path.stem}.jpg", 0
+    while name in used:
+        index += 1
+        name = f"{path.stem}_{index}.jpg"
+    used.add(name)
+    return name

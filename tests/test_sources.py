@@ -1,0 +1,179 @@
+"""Detection sources: COCO json and Ultralytics YOLO txt, and their COCO ground truth (data.sources)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from data.sources import label_path, load_coco_json, load_yolo_dataset
+
+
+def write_image(path: Path, width: int, height: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full((height, width, 3), 90, np.uint8))
+    return path
+
+
+def write_coco(tmp_path: Path) -> Path:
+    images = tmp_path / "images"
+    write_image(images / "a.jpg", 64, 48)
+    write_image(images / "b.jpg", 32, 32)
+    coco = {
+        # categories out of order and with gaps: model class i = i-th sorted id
+        "categories": [{"id": 7, "name": "cat"}, {"id": 2, "name": "bird"}, {"id": 90, "name": "toaster"}],
+        "images": [{"id": 11, "file_name": "a.jpg", "width": 64, "height": 48},
+                   {"id": 12, "file_name": "b.jpg", "width": 32, "height": 32}],
+        "annotations": [
+            {"id": 1, "image_id": 11, "category_id": 7, "bbox": [1, 2, 10, 20], "area": 150.5, "iscrowd": 0},
+            {"id": 2, "image_id": 11, "category_id": 90, "bbox": [5, 5, 4, 4], "area": 16, "iscrowd": 1},
+        ],
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def test_coco_json_maps_sorted_category_ids_to_classes(tmp_path):
+    src = load_coco_json(tmp_path / "images", write_coco(tmp_path))
+    assert src.class_names == ["bird", "cat", "toaster"]
+    assert src.category_ids == [2, 7, 90]
+    a, b = src.records
+    assert (a.image_id, a.width, a.height, a.path.name) == (11, 64, 48, "a.jpg")
+    np.testing.assert_array_equal(a.boxes, [[1, 2, 11, 22], [5, 5, 9, 9]])
+    np.testing.assert_array_equal(a.classes, [1, 2])
+    np.testing.assert_array_equal(a.iscrowd, [False, True])
+    assert a.boxes.dtype == np.float32 and a.classes.dtype == np.int64
+    assert b.boxes.shape == (0, 4) and b.classes.shape == (0,)
+
+
+def test_coco_json_round_trips_through_to_coco(tmp_path):
+    src = load_coco_json(tmp_path / "images", write_coco(tmp_path))
+    gt = src.to_coco()
+    assert [c["id"] for c in gt["categories"]] == [2, 7, 90]
+    assert [(i["id"], i["width"], i["height"]) for i in gt["images"]] == [(11, 64, 48), (12, 32, 32)]
+    anns = gt["annotations"]
+    assert [(a["category_id"], a["bbox"], a["area"], a["iscrowd"]) for a in anns] == [
+        (7, [1.0, 2.0, 10.0, 20.0], 150.5, 0), (90, [5.0, 5.0, 4.0, 4.0], 16.0, 1)]
+    assert all(a["id"] > 0 for a in anns) and len({a["id"] for a in anns}) == len(anns)
+
+
+def test_coco_json_unknown_category_names_file_and_annotation(tmp_path):
+    path = write_coco(tmp_path)
+    coco = json.loads(path.read_text())
+    coco["annotations"][1]["category_id"] = 5
+    path.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=r"instances\.json: annotation id 2: category_id 5"):
+        load_coco_json(tmp_path / "images", path)
+
+
+def test_coco_json_missing_image_is_file_not_found(tmp_path):
+    path = write_coco(tmp_path)
+    (tmp_path / "images" / "b.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="b.jpg"):
+        load_coco_json(tmp_path / "images", path)
+
+
+def write_yolo_dataset(root: Path, names_yaml: str) -> Path:
+    write_image(root / "images" / "val" / "000000000042.jpg", 100, 50)
+    write_image(root / "images" / "val" / "000000000007.png", 40, 40)    # no label file: no objects
+    labels = root / "labels" / "val" / "000000000042.txt"
+    labels.parent.mkdir(parents=True)
+    labels.write_text(
+        "1 0.5 0.5 0.2 0.4\n"           # -> x 40..60, y 15..35
+        "0 0.95 0.1 0.2 0.4\n"          # sticks out right and top: clipped to x 85..100, y 0..15
+        "0 1.2 0.5 0.1 0.1\n"           # entirely outside: dropped
+        "\n"
+        "1 0.1 0.2 0.3 0.2 0.2 0.6\n")  # polygon (0.1,0.2) (0.3,0.2) (0.2,0.6): box x 10..30, y 10..30
+    yaml_path = root / "cfg" / "data.yaml"
+    yaml_path.parent.mkdir()
+    yaml_path.write_text(f"path: ..\ntrain: images/train\nval: images/val\n{names_yaml}")
+    return yaml_path
+
+
+@pytest.mark.parametrize("names_yaml", ["names: [dog, person]\n", "names:\n  0: dog\n  1: person\n"])
+def test_yolo_dataset_reads_labels_relative_to_yaml_path(tmp_path, names_yaml):
+    src = load_yolo_dataset(write_yolo_dataset(tmp_path / "ds", names_yaml), split="val")
+    assert src.class_names == ["dog", "person"] and src.category_ids == [1, 2]
+    empty, labelled = src.records  # sorted by path: ...007.png before ...042.jpg
+    assert (empty.image_id, empty.width, empty.height, len(empty.boxes)) == (7, 40, 40, 0)
+    assert (labelled.image_id, labelled.width, labelled.height) == (42, 100, 50)
+    np.testing.assert_allclose(labelled.boxes, [[40, 15, 60, 35], [85, 0, 100, 15], [10, 10, 30, 30]], atol=1e-4)
+    np.testing.assert_array_equal(labelled.classes, [1, 0, 1])
+    assert not labelled.iscrowd.any()
+
+
+def test_yolo_dataset_to_coco_uses_box_areas(tmp_path):
+    src = load_yolo_dataset(write_yolo_dataset(tmp_path / "ds", "names: [dog, person]\n"))
+    anns = src.to_coco()["annotations"]
+    assert [a["category_id"] for a in anns] == [2, 1, 2]
+    assert [round(a["area"], 3) for a in anns] == [400.0, 225.0, 400.0]
+
+
+def test_yolo_dataset_txt_image_list(tmp_path):
+    root = tmp_path / "ds"
+    yaml_path = write_yolo_dataset(root, "names: [dog, person]\n")
+    (root / "val.txt").write_text("./images/val/000000000042.jpg\n")
+    yaml_path.write_text("path: ..\nval: val.txt\nnames: [dog, person]\n")
+    src = load_yolo_dataset(yaml_path)
+    assert [r.image_id for r in src.records] == [42] and len(src.records[0].boxes) == 3
+
+
+def test_yolo_dataset_non_numeric_stems_get_sequential_ids(tmp_path):
+    write_image(tmp_path / "images" / "cat.jpg", 20, 20)
+    write_image(tmp_path / "images" / "dog.jpg", 20, 20)
+    (tmp_path / "data.yaml").write_text("val: images\nnames: [x]\n")
+    assert [r.image_id for r in load_yolo_dataset(tmp_path / "data.yaml").records] == [1, 2]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("3 0.5 0.5 0.1 0.1", r"000000000042\.txt:1: class must be an integer in 0\.\.1, found 3"),
+    ("0 0.5 0.5 0.1", r"000000000042\.txt:1: expected 'class cx cy w h'.*found 4 values"),
+    ("0 a 0.5 0.1 0.1", r"000000000042\.txt:1: expected numbers"),
+])
+def test_yolo_dataset_bad_label_line_names_file_and_line(tmp_path, line, message):
+    yaml_path = write_yolo_dataset(tmp_path / "ds", "names: [dog, person]\n")
+    (tmp_path / "ds" / "labels" / "val" / "000000000042.txt").write_text(line + "\n")
+    with pytest.raises(ValueError, match=message):
+        load_yolo_dataset(yaml_path)
+
+
+def test_yolo_dataset_bad_yaml_errors(tmp_path):
+    yaml_path = write_yolo_dataset(tmp_path / "ds", "names: [dog, person]\nnc: 3\n")
+    with pytest.raises(ValueError, match="nc is 3 but 'names' has 2"):
+        load_yolo_dataset(yaml_path)
+    yaml_path.write_text("path: ..\nval: images/val\nnames: [dog]\n")
+    with pytest.raises(ValueError, match="split 'test' not found"):
+        load_yolo_dataset(yaml_path, split="test")
+    yaml_path.write_text("path: ..\nval: images/nowhere\nnames: [dog]\n")
+    with pytest.raises(FileNotFoundError, match="images/nowhere"):
+        load_yolo_dataset(yaml_path)
+
+
+def test_label_path_replaces_the_last_images_folder():
+    assert label_path(Path("/d/images/x/images/val/a.jpg")) == Path("/d/images/x/labels/val/a.txt")
+    assert label_path(Path("/d/flat/a.png")) == Path("/d/flat/a.txt")
+
+
+def test_real_coco128_yaml_and_json_agree(shared_data):
+    """coco128 train has both YOLO txt and the original COCO json: same non-crowd boxes and classes."""
+    root = shared_data("coco128")
+    from_yolo = load_yolo_dataset(root / "coco128.yaml", split="train")
+    from_json = load_coco_json(root / "images" / "train2017", root / "annotations" / "instances_train2017.json")
+    assert len(from_yolo.records) == len(from_json.records) == 128
+    assert from_yolo.class_names == from_json.class_names  # yaml order == sorted COCO category ids
+    json_by_id = {r.image_id: r for r in from_json.records}
+    for record in from_yolo.records:
+        reference = json_by_id[record.image_id]
+        keep = ~reference.iscrowd
+        assert (record.width, record.height) == (reference.width, reference.height)
+        assert len(record.boxes) == keep.sum()
+        if not len(record.boxes):
+            continue
+        distance = np.abs(record.boxes[:, None] - reference.boxes[keep][None]).max(-1)  # [n, n]
+        match = distance.argmin(1)
+        assert len(set(match)) == len(match) and distance.min(1).max() < 0.01
+        np.testing.assert_array_equal(record.classes, reference.classes[keep][match])
+    assert len(load_yolo_dataset(root / "coco128.yaml", split="val").records) == 128
