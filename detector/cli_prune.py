@@ -1,0 +1,63 @@
+"""`yolo-admm detect prune`: the main job (see `detector.prune_pipeline`).
+
+Settings come from the defaults, then `--config job.yaml`, then the flags given here.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from detector.cli import network_size
+from detector.prune_pipeline import EXPORT_FORMATS, METHODS, PruneJob, format_stage_table, run_job
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma-separated list, found {text!r}") from None
+
+
+def _formats(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file of settings (keys as the long flags, with _); flags override it")
+    parser.add_argument("--cfg", help="Darknet .cfg of the pretrained detector")
+    parser.add_argument("--weights", help="its Darknet .weights")
+    parser.add_argument("--data", help="Ultralytics data.yaml with train and val splits")
+    parser.add_argument("--train-images", help="COCO json alternative: training image folder")
+    parser.add_argument("--train-annotations", help="COCO json alternative: training instances json")
+    parser.add_argument("--val-images", help="COCO json alternative: validation image folder")
+    parser.add_argument("--val-annotations", help="COCO json alternative: validation instances json")
+    parser.add_argument("--out", help="run folder (default runs/prune); an existing one is resumed")
+    parser.add_argument("--sparsity", type=_floats, help="fraction of weights removed, e.g. 0.8, or a list 0.5,0.7,0.9")
+    parser.add_argument("--method", choices=METHODS, help="pruning method (default admm-global)")
+    parser.add_argument("--admm-iters", type=int, help="ADMM iterations (default 4)")
+    parser.add_argument("--epochs-per-iter", type=int, help="training epochs per ADMM iteration (default 2)")
+    parser.add_argument("--rho", type=float, help="initial ADMM penalty (default 1e-3)")
+    parser.add_argument("--rho-mult", type=float, help="rho multiplier per ADMM iteration (default 2)")
+    parser.add_argument("--rho-max", type=float, help="cap on rho (default 0.1)")
+    parser.add_argument("--retrain-epochs", type=int, help="masked retraining epochs (default 4)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the cfg's [net] learning_rate)")
+    parser.add_argument("--burn-in", type=int, help="warm-up optimizer steps (default 0: the model is pretrained)")
+    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: [net] batch/subdivisions)")
+    parser.add_argument("--img-size", type=network_size, help="network input side (default: the cfg's width)")
+    parser.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--export", type=_formats, help=f"formats, comma-separated (default {','.join(EXPORT_FORMATS)})")
+    parser.add_argument("--seed", type=int, help="random seed (default 0)")
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                        help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {key: value for key, value in vars(args).items() if key not in {"config", "run", "mode"}}
+    job = PruneJob.from_sources(args.config, overrides)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    results = run_job(job)
+    print(format_stage_table(results["sweep"]))
+    print(f"\nresults: {job.out}/results.json")
+    return 0

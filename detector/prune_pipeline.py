@@ -1,0 +1,428 @@
+"""The main job: prune a pretrained Darknet detector, one global budget over all its weights.
+
+Stages, each written into the run folder and skipped when its output is already there (so a
+killed run resumes; mid-stage, training resumes from the trainer's newest checkpoint):
+
+1. ``dense``: COCO mAP of the pretrained model.
+2. ``admm`` (ADMM methods only): ``admm_iters`` ADMM iterations of ``epochs_per_iter`` epochs each,
+   trained on the full detection loss plus the ADMM penalty; rho grows by ``rho_mult`` per iteration.
+3. ``hard_prune``: weights outside Z's support (or the magnitude baseline's masks) set to zero.
+4. ``retrained``: ``retrain_epochs`` of masked retraining (magnitude baselines get the ADMM epochs
+   too, so every method has the same training budget).
+5. export of the retrained model: Darknet ``.weights``, ONNX and the compact sparse archive.
+
+Every stage gets a record: mAP50-95, mAP50, nonzero prunable weights, sparsity, compact-archive
+size and CPU latency per image. A list of sparsities sweeps them, each in its own sub-folder, and
+draws mAP against sparsity.
+
+Under torchrun (``torchrun --nproc_per_node=N -m yolo_admm detect prune ...``) every rank trains,
+rank 0 alone evaluates, measures, exports and writes files, and rank 0's view of which stages are
+done is sent to every rank (the run folder must be the same shared folder for every rank to resume).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import detector
+import pruning
+from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
+from detector.export import FORMATS as EXPORT_FORMATS
+from detector.export import export_model
+from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer
+from engine import atomic_torch_save, distributed, find_latest_checkpoint, resolve_device
+
+LOG = logging.getLogger("yolo_admm.prune")
+METHODS = ("admm-global", "admm-layerwise", "magnitude-global", "magnitude-uniform")
+
+
+@dataclass
+class PruneJob:
+    """Everything one `detect prune` run needs; YAML keys and CLI flags use these names.
+
+    Data: ``data`` (an Ultralytics data.yaml with train and val splits), or the COCO json pairs
+    ``train_images``/``train_annotations`` and ``val_images``/``val_annotations``.
+    """
+
+    cfg: str = ""
+    weights: str | None = None
+    data: str | None = None
+    train_images: str | None = None
+    train_annotations: str | None = None
+    val_images: str | None = None
+    val_annotations: str | None = None
+    out: str = "runs/prune"
+    sparsity: list[float] = field(default_factory=lambda: [0.8])
+    method: str = "admm-global"
+    layer_sparsity: dict[str, float] | None = None
+    admm_iters: int = 4
+    epochs_per_iter: int = 2
+    rho: float = 1e-3
+    rho_mult: float = 2.0
+    rho_max: float = 1e-1
+    retrain_epochs: int = 4
+    lr: float | None = None
+    burn_in: int | None = 0
+    batch_size: int | None = None
+    img_size: int | None = None
+    augment: bool = True
+    mosaic: float | None = 0.0
+    workers: int = 0
+    device: str | None = None
+    amp: bool = True
+    export: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))
+    latency_runs: int = 10
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.cfg:
+            raise ValueError("prune: a Darknet cfg is required (--cfg or `cfg:` in the YAML config)")
+        if isinstance(self.sparsity, (int, float)):
+            self.sparsity = [float(self.sparsity)]
+        for value in self.sparsity:
+            pruning.check_sparsity(float(value))
+        if self.method not in METHODS:
+            raise ValueError(f"unknown pruning method {self.method!r}; expected one of {', '.join(METHODS)}")
+        unknown = sorted(set(self.export) - set(EXPORT_FORMATS))
+        if unknown:
+            raise ValueError(f"unknown export format(s) {unknown}; expected some of {', '.join(EXPORT_FORMATS)}")
+        if self.img_size is not None and (self.img_size <= 0 or self.img_size % 32):
+            raise ValueError(f"img_size must be a positive multiple of 32, found {self.img_size}")
+        if self.admm_iters < 1 or self.epochs_per_iter < 1 or self.retrain_epochs < 0:
+            raise ValueError(f"need admm_iters >= 1, epochs_per_iter >= 1, retrain_epochs >= 0; found "
+                             f"{self.admm_iters}, {self.epochs_per_iter}, {self.retrain_epochs}")
+        if self.data is None and not (self.train_images and self.train_annotations
+                                      and self.val_images and self.val_annotations):
+            raise ValueError("prune: give --data data.yaml, or all of --train-images/--train-annotations/"
+                             "--val-images/--val-annotations (COCO json)")
+
+    @property
+    def admm_epochs(self) -> int:
+        return self.admm_iters * self.epochs_per_iter
+
+    @classmethod
+    def from_sources(cls, yaml_path: str | os.PathLike | None, overrides: dict[str, Any]) -> "PruneJob":
+        """Defaults, then the YAML file's keys, then the non-None ``overrides`` (the CLI flags)."""
+        values: dict[str, Any] = {}
+        if yaml_path is not None:
+            values.update(read_job_yaml(yaml_path))
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
+
+
+def read_job_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in a YAML job config; unknown keys are an error naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, found {type(values).__name__}")
+    known = {f.name for f in fields(PruneJob)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {unknown}; known settings: {', '.join(sorted(known))}")
+    return values
+
+
+# ---------------------------------------------------------------------------------- helpers
+def write_json(path: Path, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON, atomically (under torchrun: on rank 0 only)."""
+    if not distributed.is_main():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_sources(job: PruneJob) -> tuple[DetectionSource, DetectionSource]:
+    """(train, val) detection sources of the job."""
+    if job.data is not None:
+        return load_yolo_dataset(job.data, "train"), load_yolo_dataset(job.data, "val")
+    return (load_coco_json(job.train_images, job.train_annotations),
+            load_coco_json(job.val_images, job.val_annotations))
+
+
+def nonzero_stats(model: torch.nn.Module) -> dict[str, float]:
+    """Prunable weights, their nonzeros and the sparsity over them; all parameters and their nonzeros."""
+    rows = pruning.layer_table(model)
+    totals = pruning.table_totals(rows)
+    all_params = sum(p.numel() for p in model.parameters())
+    all_nonzero = sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+    return {"prunable_params": totals["params"], "nonzero_prunable": totals["kept"],
+            "sparsity": totals["sparsity"], "params": all_params, "nonzero_params": all_nonzero}
+
+
+@torch.inference_mode()
+def cpu_latency_ms(model: torch.nn.Module, size: int, runs: int) -> float:
+    """Median CPU time in ms of one forward pass at batch 1 (on a copy of the model)."""
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))  # global RNG untouched
+    cpu_model(image)  # warm-up
+    times = []
+    for _ in range(max(runs, 1)):
+        started = time.perf_counter()
+        cpu_model(image)
+        times.append(1000.0 * (time.perf_counter() - started))
+    return float(sorted(times)[len(times) // 2])
+
+
+# ---------------------------------------------------------------------------------- stages
+@dataclass
+class RunContext:
+    """What every stage of one run shares."""
+
+    job: PruneJob
+    root: Path
+    train: DetectionSource
+    val: DetectionSource
+    evaluator: ValidationMap
+    size: int
+
+    def load_model(self) -> torch.nn.Module:
+        return detector.load_darknet(self.job.cfg, self.job.weights)
+
+    def train_config(self, epochs: int, checkpoint_dir: Path) -> DetectTrainConfig:
+        job = self.job
+        return DetectTrainConfig(
+            epochs=epochs, batch_size=job.batch_size, img_size=self.size, lr=job.lr, burn_in=job.burn_in,
+            augment=job.augment, mosaic=job.mosaic, ema=False, eval_every=0, workers=job.workers,
+            device=job.device, amp=job.amp, out_dir=checkpoint_dir, progress=job.progress,
+            resume=checkpoint_dir if find_latest_checkpoint(checkpoint_dir) else None)
+
+    def record(self, stage: str, model: torch.nn.Module, folder: Path) -> dict[str, Any]:
+        """Evaluate ``model`` and write its stage record to ``folder/<stage>.json`` (under torchrun:
+        rank 0 measures and writes, every rank gets the record)."""
+        record = self._measure(stage, model, folder) if distributed.is_main() else None
+        return distributed.broadcast_object(record)
+
+    def _measure(self, stage: str, model: torch.nn.Module, folder: Path) -> dict[str, Any]:
+        metrics = self.evaluator(model.eval())
+        archive = folder / f".{stage}.size.yolo-admm"
+        pruning.save_sparse_archive(model.state_dict(), archive, sparse_names=list(pruning.prunable_parameters(model)))
+        record = {"stage": stage, "map50_95": metrics["map50_95"], "map50": metrics["map50"],
+                  **nonzero_stats(model), "compact_bytes": archive.stat().st_size,
+                  "dense_fp32_bytes": 4 * sum(t.numel() for t in model.state_dict().values() if t.is_floating_point()),
+                  "cpu_latency_ms": cpu_latency_ms(model, self.size, self.job.latency_runs)}
+        archive.unlink()
+        write_json(folder / f"{stage}.json", record)
+        LOG.info("%s: mAP50-95 %.4f  mAP50 %.4f  sparsity %.2f%%", stage, record["map50_95"], record["map50"],
+                 100 * record["sparsity"])
+        return record
+
+
+def stage_done(path: Path) -> dict[str, Any] | None:
+    """The stage record at ``path`` when that stage already finished, else None (rank 0's answer
+    on every rank under torchrun)."""
+    record = json.loads(path.read_text()) if distributed.is_main() and path.is_file() else None
+    return distributed.broadcast_object(record)
+
+
+def save_state(path: Path, model: torch.nn.Module, masks: pruning.Masks) -> None:
+    if distributed.is_main():
+        atomic_torch_save({"model": model.state_dict(), "masks": masks.state_dict()}, path)
+
+
+def load_state(path: Path, ctx: RunContext) -> tuple[torch.nn.Module, pruning.Masks]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = detector.load_darknet(ctx.job.cfg)
+    model.load_state_dict(state["model"])
+    masks = pruning.Masks({name: mask for name, mask in state["masks"].items()})
+    return model, masks
+
+
+def run_admm(ctx: RunContext, model: torch.nn.Module, sparsity: float, folder: Path) -> pruning.Masks:
+    """ADMM with the full detection loss; returns the hard-pruning masks (the support of Z)."""
+    job = ctx.job
+    scope = "global" if job.method == "admm-global" else "layerwise"
+    admm = pruning.ADMM(model, pruning.ADMMConfig(
+        sparsity=sparsity, scope=scope, layer_sparsity=job.layer_sparsity if scope == "layerwise" else None,
+        rho=job.rho, rho_multiplier=job.rho_mult, rho_max=max(job.rho_max, job.rho)))
+    config = ctx.train_config(job.admm_epochs, folder / "admm")
+    trainer = build_detector_trainer(model, ctx.train, None, config)
+    callback = pruning.ADMMCallback(admm, job.epochs_per_iter * len(trainer.train_loader))
+    trainer.callbacks.append(callback)
+    trainer.fit()
+    write_json(folder / "admm_residuals.json", callback.history)
+    return admm.hard_prune()
+
+
+def prune_stage(ctx: RunContext, sparsity: float, folder: Path) -> tuple[torch.nn.Module, pruning.Masks]:
+    """Stages 2-3: the pruning method, then the hard prune (saved to ``hard_prune.pt``)."""
+    state_path = folder / "hard_prune.pt"
+    if state_path.is_file():
+        return load_state(state_path, ctx)
+    model = ctx.load_model()
+    if ctx.job.method.startswith("admm"):
+        masks = run_admm(ctx, model, sparsity, folder)
+    else:
+        masks = pruning.magnitude_prune(model, sparsity, scope=ctx.job.method.split("-", 1)[1])
+    save_state(state_path, model.cpu(), masks.to("cpu"))
+    return model, masks
+
+
+def retrain_stage(ctx: RunContext, model: torch.nn.Module, masks: pruning.Masks,
+                  folder: Path) -> torch.nn.Module:
+    """Stage 4: masked retraining (saved to ``retrained.pt``)."""
+    state_path = folder / "retrained.pt"
+    if state_path.is_file():
+        return load_state(state_path, ctx)[0]
+    epochs = ctx.job.retrain_epochs + (0 if ctx.job.method.startswith("admm") else ctx.job.admm_epochs)
+    if epochs > 0:
+        config = ctx.train_config(epochs, folder / "retrain")
+        trainer = build_detector_trainer(model, ctx.train, None, config)
+        masks.to(trainer.device)
+        trainer.callbacks.append(pruning.MaskCallback(masks))
+        trainer.fit()
+    save_state(state_path, model.cpu(), masks.to("cpu"))
+    return model
+
+
+def run_sparsity(ctx: RunContext, sparsity: float, dense: dict[str, Any]) -> dict[str, Any]:
+    """Stages 2-5 for one target sparsity, in ``<out>/sparsity_<s>/``; returns its results."""
+    folder = ctx.root / f"sparsity_{sparsity:.3f}".rstrip("0").rstrip(".")
+    folder.mkdir(parents=True, exist_ok=True)
+    finished = stage_done(folder / "results.json")
+    if finished is not None:
+        return finished
+    started = time.perf_counter()
+    model, masks = prune_stage(ctx, sparsity, folder)
+    hard = stage_done(folder / "hard_prune.json") or ctx.record("hard_prune", model, folder)
+    model = retrain_stage(ctx, model, masks, folder)
+    retrained = stage_done(folder / "retrained.json") or ctx.record("retrained", model, folder)
+    rows = pruning.layer_table(model, masks)
+    write_json(folder / "layers.json", rows)
+    exports = {}
+    if distributed.is_main():
+        pruning.save_kept_fraction_plot(rows, folder / "layers.png",
+                                        f"{ctx.job.method}: {100 * retrained['sparsity']:.1f}% of weights removed")
+        exports = export_model(model.cpu().eval(), folder / "export", ctx.job.export, masks=masks.to("cpu"),
+                               img_size=ctx.size, stem="pruned") if ctx.job.export else {}
+    results = {"target_sparsity": sparsity, "method": ctx.job.method, "stages": [dense, hard, retrained],
+               "exports": exports, "wall_time_s": time.perf_counter() - started}
+    write_json(folder / "results.json", results)
+    return results
+
+
+def format_stage_table(sweep: list[dict[str, Any]]) -> str:
+    """The stage records of every sparsity as a plain-text table."""
+    header = (f"{'target':>7} {'stage':<11} {'mAP50-95':>9} {'mAP50':>7} {'nonzero':>10} {'sparsity':>9} "
+              f"{'compact':>10} {'CPU ms':>7}")
+    lines = [header, "-" * len(header)]
+    for result in sweep:
+        for record in result["stages"]:
+            lines.append(f"{result['target_sparsity']:>7.2f} {record['stage']:<11} {record['map50_95']:>9.4f} "
+                         f"{record['map50']:>7.4f} {record['nonzero_prunable']:>10,d} "
+                         f"{100 * record['sparsity']:>8.2f}% {record['compact_bytes'] / 1024:>8.1f}KB "
+                         f"{record['cpu_latency_ms']:>7.2f}")
+    return "\n".join(lines)
+
+
+def save_sweep_plot(sweep: list[dict[str, Any]], path: Path, method: str) -> Path:
+    """mAP50 and mAP50-95 of the retrained models against their measured sparsity (PNG, atomic)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.0, 3.4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    points = sorted((r["stages"][-1]["sparsity"], r["stages"][-1]) for r in sweep)
+    dense = sweep[0]["stages"][0]
+    for key, label in (("map50", "mAP50"), ("map50_95", "mAP50-95")):
+        line, = axes.plot([100 * s for s, _ in points], [rec[key] for _, rec in points], "o-", label=label)
+        axes.axhline(dense[key], color=line.get_color(), linestyle=":", linewidth=1)
+    axes.set_xlabel("weights removed (%)")
+    axes.set_ylabel("COCO mAP (dotted: dense)")
+    axes.set_title(method)
+    axes.legend()
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        figure.savefig(handle, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def make_context(job: PruneJob) -> RunContext:
+    root = Path(job.out)
+    train, val = load_sources(job)
+    net = detector.parse_cfg(job.cfg).net
+    size = int(job.img_size or net.width)
+    letterbox = bool(net.letter_box)
+    evaluator = ValidationMap(val, size, letterbox, batch_size=8, workers=job.workers,
+                              device=resolve_device(job.device))
+    return RunContext(job, root, train, val, evaluator, size)
+
+
+RESUMABLE_CHANGES = {"out", "workers", "device", "progress", "latency_runs"}
+
+
+def write_or_check_config(job: PruneJob, path: Path) -> None:
+    """Write the job's settings to ``path``; when a run already wrote one there (a resume), its
+    settings must be the same, except those in RESUMABLE_CHANGES."""
+    settings = asdict(job)
+    if path.is_file():
+        before = yaml.safe_load(path.read_text()) or {}
+        changed = sorted(key for key in settings if key not in RESUMABLE_CHANGES
+                         and before.get(key) != settings[key])
+        if changed:
+            details = ", ".join(f"{key}: {before.get(key)!r} -> {settings[key]!r}" for key in changed)
+            raise ValueError(f"{path}: this run folder holds a run with other settings ({details}); "
+                             f"resume with the same settings or choose another --out")
+    if distributed.is_main():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(yaml.safe_dump(settings, sort_keys=False))
+        os.replace(tmp, path)
+
+
+def log_to_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+    return handler
+
+
+def run_job(job: PruneJob) -> dict[str, Any]:
+    """Run (or resume) the whole job; writes ``<out>/config.yaml``, ``log.txt``, ``results.json``
+    and the per-sparsity folders, and returns the results."""
+    distributed.init_from_env(resolve_device(job.device))  # joins torchrun's group, if any
+    torch.manual_seed(job.seed)
+    root = Path(job.out)
+    root.mkdir(parents=True, exist_ok=True)
+    write_or_check_config(job, root / "config.yaml")
+    handler = log_to_file(root / "log.txt") if distributed.is_main() else None
+    try:
+        return _run_stages(job)
+    finally:
+        if handler is not None:
+            LOG.removeHandler(handler)
+            handler.close()
+
+
+def _run_stages(job: PruneJob) -> dict[str, Any]:
+    ctx = make_context(job)
+    started = time.perf_counter()
+    dense = stage_done(ctx.root / "dense.json") or ctx.record("dense", ctx.load_model(), ctx.root)
+    sweep = [run_sparsity(ctx, float(s), dense) for s in job.sparsity]
+    if len(sweep) > 1 and distributed.is_main():
+        save_sweep_plot(sweep, ctx.root / "map_vs_sparsity.png", job.method)
+    results = {"cfg": job.cfg, "weights": job.weights, "method": job.method, "dense": dense, "sweep": sweep,
+               "wall_time_s": time.perf_counter() - started}
+    write_json(ctx.root / "results.json", results)
+    return results

@@ -1,0 +1,131 @@
+"""The `detect prune` pipeline end to end on a tiny generated dataset: stage records, and a run
+killed at several points resumes to the same masks and metrics as an uninterrupted run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import pruning
+from data.synthetic import make_shapes_dataset
+from detector import prune_pipeline
+from detector.prune_pipeline import PruneJob, read_job_yaml, run_job
+from engine import Trainer
+
+DEMO_CFG = str(Path(prune_pipeline.__file__).parent / "cfgs" / "demo-tiny.cfg")
+
+
+class SimulatedKill(Exception):
+    """Stands in for SIGKILL: raised at a chosen point, nothing after it runs."""
+
+
+@pytest.fixture(scope="module")
+def shapes_yaml(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes_dataset(root, n_train=12, n_val=6, img_size=96, seed=3)
+    return str(root / "data.yaml")
+
+
+def tiny_job(data: str, out: Path, **overrides) -> PruneJob:
+    settings = dict(cfg=DEMO_CFG, data=data, out=str(out), sparsity=[0.6], img_size=96, batch_size=4,
+                    admm_iters=2, epochs_per_iter=1, retrain_epochs=2, rho=1e-2, lr=1e-3, export=[],
+                    latency_runs=1, progress=False, augment=True, seed=0)
+    settings.update(overrides)
+    return PruneJob(**settings)
+
+
+def final_state(out: Path) -> dict:
+    folder = out / "sparsity_0.6"
+    state = torch.load(folder / "retrained.pt", weights_only=True)
+    results = json.loads((folder / "results.json").read_text())
+    return {"masks": state["masks"], "model": state["model"],
+            "metrics": [(r["stage"], r["map50"], r["map50_95"], r["nonzero_prunable"]) for r in results["stages"]]}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shapes_yaml, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    results = run_job(tiny_job(shapes_yaml, out))
+    return {"results": results, "state": final_state(out), "out": out}
+
+
+def test_stage_records_and_sparsity(uninterrupted):
+    results = uninterrupted["results"]
+    stages = results["sweep"][0]["stages"]
+    assert [r["stage"] for r in stages] == ["dense", "hard_prune", "retrained"]
+    assert stages[0]["sparsity"] == 0.0
+    for record in stages[1:]:
+        assert record["sparsity"] == pytest.approx(0.6, abs=1e-5)  # k = round(0.4 N) exactly
+        assert record["compact_bytes"] < stages[0]["compact_bytes"]
+        for key in ("map50_95", "map50", "cpu_latency_ms"):
+            assert record[key] >= 0.0
+    masks = uninterrupted["state"]["masks"]
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    assert kept == round(0.4 * total)
+    for name, weight in uninterrupted["state"]["model"].items():
+        if name in masks:
+            assert torch.count_nonzero(weight[~masks[name]]) == 0, f"{name}: pruned weight came back"
+    out = uninterrupted["out"]
+    for path in ("config.yaml", "log.txt", "results.json", "sparsity_0.6/layers.json", "sparsity_0.6/layers.png"):
+        assert (out / path).is_file(), path
+
+
+def _kill_after_checkpoint(monkeypatch, phase: str, epoch: int) -> None:
+    original = Trainer.save_checkpoint
+
+    def save_then_die(self):
+        path = original(self)
+        if Path(self.config.checkpoint_dir).name == phase and self.epoch == epoch:
+            raise SimulatedKill(f"killed after {path}")
+        return path
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+
+
+def _kill_at_hard_prune(monkeypatch) -> None:
+    def die(self):
+        raise SimulatedKill("killed between ADMM and the hard prune")
+
+    monkeypatch.setattr(pruning.ADMM, "hard_prune", die)
+
+
+@pytest.mark.parametrize("kill_point", ["mid-admm", "before-hard-prune", "mid-retrain"])
+def test_killed_run_resumes_to_the_same_result(kill_point, shapes_yaml, uninterrupted, tmp_path):
+    with pytest.MonkeyPatch.context() as patch:
+        if kill_point == "mid-admm":
+            _kill_after_checkpoint(patch, "admm", epoch=1)
+        elif kill_point == "before-hard-prune":
+            _kill_at_hard_prune(patch)
+        else:
+            _kill_after_checkpoint(patch, "retrain", epoch=1)
+        with pytest.raises(SimulatedKill):
+            run_job(tiny_job(shapes_yaml, tmp_path))
+    assert not (tmp_path / "sparsity_0.6" / "results.json").exists()
+    run_job(tiny_job(shapes_yaml, tmp_path))
+    resumed, expected = final_state(tmp_path), uninterrupted["state"]
+    assert resumed["metrics"] == expected["metrics"]
+    for name, mask in expected["masks"].items():
+        assert torch.equal(resumed["masks"][name], mask), name
+    for name, weight in expected["model"].items():
+        torch.testing.assert_close(resumed["model"][name], weight, rtol=0, atol=1e-6, msg=name)
+
+
+def test_resume_with_other_settings_is_refused(shapes_yaml, uninterrupted):
+    with pytest.raises(ValueError, match=r"other settings \(admm_iters: 2 -> 3\)"):
+        run_job(tiny_job(shapes_yaml, uninterrupted["out"], admm_iters=3))
+
+
+def test_bad_settings_name_what_is_wrong(shapes_yaml, tmp_path):
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\).*1\.2"):
+        tiny_job(shapes_yaml, tmp_path, sparsity=[1.2])
+    with pytest.raises(ValueError, match="multiple of 32, found 100"):
+        tiny_job(shapes_yaml, tmp_path, img_size=100)
+    with pytest.raises(ValueError, match="unknown pruning method 'magic'"):
+        tiny_job(shapes_yaml, tmp_path, method="magic")
+    config = tmp_path / "job.yaml"
+    config.write_text("sparsity: 0.5\nrhoo: 3\n")
+    with pytest.raises(ValueError, match=r"job.yaml: unknown setting\(s\) \['rhoo'\]"):
+        read_job_yaml(config)
