@@ -16,7 +16,6 @@ from typing import Iterator, Sequence
 import cv2
 import numpy as np
 import torch
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -38,9 +37,7 @@ def inference_copy(model: torch.nn.Module) -> torch.nn.Module:
     fast = copy.deepcopy(model).eval()
     for block in fast.modules():
         if isinstance(block, ConvBlock):
-            if isinstance(block.bn, torch.nn.BatchNorm2d):
-                block.conv = fuse_conv_bn_eval(block.conv, block.bn)
-                block.bn = torch.nn.Identity()
+            block.fuse_batchnorm()
             if hasattr(block.act, "inplace"):
                 block.act.inplace = True  # its input is the block's own fresh conv output
     return fast.to(memory_format=torch.channels_last)

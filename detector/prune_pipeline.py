@@ -21,7 +21,6 @@ done is sent to every rank (the run folder must be the same shared folder for ev
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ import detector
 import pruning
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from detector.export import FORMATS as EXPORT_FORMATS
+from detector.predict import inference_copy
 from detector.export import export_model
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer
 from engine import atomic_torch_save, distributed, find_latest_checkpoint, resolve_device
@@ -170,8 +170,8 @@ def nonzero_stats(model: torch.nn.Module) -> dict[str, float]:
 
 @torch.inference_mode()
 def cpu_latency_ms(model: torch.nn.Module, size: int, runs: int) -> float:
-    """Median CPU time in ms of one forward pass at batch 1 (on a copy of the model)."""
-    cpu_model = copy.deepcopy(model).cpu().eval()
+    """Median CPU time in ms of one forward pass at batch 1, with the inference copy evaluation uses."""
+    cpu_model = inference_copy(model).cpu()
     image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))  # global RNG untouched
     cpu_model(image)  # warm-up
     times = []
