@@ -26,6 +26,7 @@ from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from detector.cli import network_size
 from detector.predict import write_json_atomic
 from detector.train import DetectTrainConfig, fit_detector
+from engine import distributed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,17 +100,21 @@ def train_config(args: argparse.Namespace) -> DetectTrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = train_config(args)
+    config.device = str(distributed.init_from_env(config.device))  # joins torchrun's group, if any
     train_source, val_source = load_sources(args)
     model = detector.load_darknet(args.cfg, args.weights)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "args.json", {k: str(v) if isinstance(v, Path) else v
-                                                for k, v in vars(args).items() if k != "run"})
+    if distributed.is_main():
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out / "args.json", {k: str(v) if isinstance(v, Path) else v
+                                                    for k, v in vars(args).items() if k != "run"})
     _seed_everything(args.seed)
     print(f"train: {len(train_source.records)} images, validation: "
           f"{len(val_source.records) if val_source else 'none'}; out: {args.out}")
     trainer = fit_detector(model, train_source, val_source, config)
     trained = trainer.ema.module if trainer.ema is not None else trainer.model
     weights_path = args.out / f"{Path(args.cfg).stem}.weights"
+    if not distributed.is_main():
+        return 0
     detector.write_weights(weights_path, trained)
     last = trainer.history[-1] if trainer.history else {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("train/loss", "eval/map50")))

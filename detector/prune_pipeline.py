@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -250,12 +251,13 @@ def run_admm(ctx: RunContext, model: torch.nn.Module, sparsity: float, folder: P
     """ADMM with the full detection loss; returns the hard-pruning masks (the support of Z)."""
     job = ctx.job
     scope = "global" if job.method == "admm-global" else "layerwise"
+    config = ctx.train_config(job.admm_epochs, folder / "admm")
+    trainer = build_detector_trainer(model, ctx.train, None, config)  # moves the model to its device
     admm = pruning.ADMM(model, pruning.ADMMConfig(
         sparsity=sparsity, scope=scope, layer_sparsity=job.layer_sparsity if scope == "layerwise" else None,
         rho=job.rho, rho_multiplier=job.rho_mult, rho_max=max(job.rho_max, job.rho)))
-    config = ctx.train_config(job.admm_epochs, folder / "admm")
-    trainer = build_detector_trainer(model, ctx.train, None, config)
-    callback = pruning.ADMMCallback(admm, job.epochs_per_iter * len(trainer.train_loader))
+    steps_per_epoch = math.ceil(len(trainer.train_loader) / trainer.config.accumulate)  # optimizer steps
+    callback = pruning.ADMMCallback(admm, job.epochs_per_iter * steps_per_epoch)
     trainer.callbacks.append(callback)
     trainer.fit()
     write_json(folder / "admm_residuals.json", callback.history)
