@@ -1,0 +1,230 @@
+"""ADMM weight pruning: minimise loss(W) subject to W having at most k nonzeros.
+
+Splitting W = Z with Z in the sparsity set S gives the scaled augmented Lagrangian
+``loss(W) + rho/2 * ||W - Z + U||^2``, minimised by alternating
+
+- W-step: ordinary training, with ``rho * (W - Z + U)`` added to the gradients after backward
+  (``add_penalty_grad``), so any loss and any training loop work;
+- Z-step: ``Z = project_S(W + U)``, the k largest magnitudes of W + U (``update``);
+- U-step: ``U += W - Z`` (``update``).
+
+``scope="global"`` uses one budget k = round((1 - sparsity) * N) over all N prunable weights
+together (Lee et al., IJCIS 2023); ``scope="layerwise"`` gives each layer its own ratio
+(Zhang et al., ECCV 2018). When rho grows, U (the dual scaled by 1/rho) is rescaled by
+rho_old / rho_new so the unscaled dual rho * U is unchanged (Boyd et al. 2011, sec. 3.4.1).
+
+Under ``torch.distributed`` (several processes training one model with DDP) every rank computes
+the same Z and U from the same W, and in addition takes rank 0's Z, U and support at construction
+and after every ``update()``, so the ranks can never drift apart.
+
+Reference:
+    S. Boyd et al., "Distributed Optimization and Statistical Learning via the Alternating
+    Direction Method of Multipliers", 2011.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pruning.masks import Masks
+from pruning.projection import check_sparsity, global_topk_masks, kept_count, layerwise_topk_masks
+from pruning.selection import layer_floors, per_name_values, prunable_parameters
+
+SCOPES = ("global", "layerwise")
+
+
+@dataclass
+class ADMMConfig:
+    """Settings of one ADMM pruning run.
+
+    Attributes:
+        sparsity: fraction of prunable weights removed, in [0, 1).
+        scope: "global" (one budget over all layers) or "layerwise" (a ratio per layer).
+        layer_sparsity: layerwise only: pattern -> sparsity; layers no pattern matches use ``sparsity``.
+        rho: initial penalty weight, > 0.
+        rho_multiplier: rho is multiplied by this after every ``update()`` (>= 1; 1 = constant).
+        rho_max: cap on rho (None: no cap).
+        include, exclude: parameter-name patterns (see ``selection.prunable_parameters``).
+        min_density: per-layer floor: fraction of each layer always kept (number, or pattern -> number).
+    """
+
+    sparsity: float
+    scope: str = "global"
+    layer_sparsity: Mapping[str, float] | None = None
+    rho: float = 1e-3
+    rho_multiplier: float = 1.0
+    rho_max: float | None = None
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    min_density: float | Mapping[str, float] = 0.0
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown ADMM scope {self.scope!r}: expected one of {', '.join(SCOPES)}")
+        if self.layer_sparsity is not None:
+            if self.scope != "layerwise":
+                raise ValueError(f"layer_sparsity needs scope='layerwise', got scope={self.scope!r}")
+            for pattern, value in self.layer_sparsity.items():
+                check_sparsity(value, f"layer_sparsity[{pattern!r}]")
+        if not (math.isfinite(self.rho) and self.rho > 0):
+            raise ValueError(f"rho must be a finite number > 0, got {self.rho!r}")
+        if not self.rho_multiplier >= 1.0:
+            raise ValueError(f"rho_multiplier must be >= 1, got {self.rho_multiplier!r}")
+        if self.rho_max is not None and not self.rho_max >= self.rho:
+            raise ValueError(f"rho_max must be >= rho ({self.rho!r}), got {self.rho_max!r}")
+        densities = self.min_density.values() if isinstance(self.min_density, Mapping) else [self.min_density]
+        for density in densities:
+            if not 0.0 <= density <= 1.0:
+                raise ValueError(f"min_density must be in [0, 1], got {density!r}")
+
+
+class ADMM:
+    """ADMM state (Z, U, rho) over the prunable weights W of one model.
+
+    Z starts as the projection of W and U at zero. ``Z``, ``U`` and ``support`` are lists of
+    per-layer tensors on the device and in the dtype of each weight, updated in place (so
+    ``state_dict`` references stay current). ``U - Z`` is kept too, so the W-step is two fused
+    ``torch._foreach`` ops with no allocation. Memory: three float copies of the prunable weights
+    and one bool mask; ``update`` adds about two more float copies transiently, layer by layer.
+    """
+
+    def __init__(self, model: nn.Module, config: ADMMConfig):
+        self.config = config
+        named = prunable_parameters(model, config.include, config.exclude)
+        self.names: list[str] = list(named)
+        self.params: list[nn.Parameter] = list(named.values())
+        self.floors = layer_floors(named, config.min_density)
+        if config.scope == "global":
+            self.k = kept_count(sum(param.numel() for param in self.params), config.sparsity)
+        else:
+            self.ratios = per_name_values(self.names, config.layer_sparsity or {}, config.sparsity, "layer_sparsity")
+        self.rho = config.rho
+        self.iteration = 0
+        with torch.no_grad():
+            self.support: list[Tensor] = self.project([param.detach() for param in self.params])
+            self.Z: list[Tensor] = [param.detach() * mask for param, mask in zip(self.params, self.support)]
+            self.U: list[Tensor] = [torch.zeros_like(z) for z in self.Z]
+            self._offset: list[Tensor] = [u - z for u, z in zip(self.U, self.Z)]    # U - Z, for the W-step
+        self.broadcast_from_rank0()
+
+    def project(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Support of the projection of ``tensors`` (aligned with ``self.params``) onto the sparsity set.
+
+        Returns:
+            list of bool Tensors shaped like the parameters (True = kept).
+        """
+        if self.config.scope == "global":
+            return global_topk_masks(tensors, self.k, self.floors if any(self.floors) else None)
+        return layerwise_topk_masks(tensors, self.ratios, self.floors)
+
+    @torch.no_grad()
+    def add_penalty_grad(self) -> None:
+        """W-step term: ``grad += rho * (W - Z + U)`` for every prunable weight (grad created if None).
+
+        Call after backward (and after AMP unscaling), before ``optimizer.step()``.
+        """
+        grads = []
+        for param in self.params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            grads.append(param.grad)
+        torch._foreach_add_(grads, self.params, alpha=self.rho)
+        torch._foreach_add_(grads, self._offset, alpha=self.rho)
+
+    @torch.no_grad()
+    def update(self) -> dict[str, float]:
+        """Z-step, U-step and the rho schedule.
+
+        Returns:
+            dict with ``iteration`` (1-based count of updates), ``primal_residual`` ||W - Z||,
+            ``dual_residual`` rho * ||Z - Z_prev||, ``rho`` (used in this update) and
+            ``next_rho``.
+        """
+        rho = self.rho
+        self.rho = rho * self.config.rho_multiplier
+        if self.config.rho_max is not None:
+            self.rho = min(self.rho, self.config.rho_max)
+        scratch = torch._foreach_add([param.detach() for param in self.params], self.U)   # W + U
+        self.support = self.project(scratch)
+        primal, dual = [], []
+        for param, z, u, offset, buffer, mask in zip(self.params, self.Z, self.U, self._offset, scratch, self.support):
+            new_z = buffer.mul_(mask)                                    # projection of W + U
+            dual.append(torch.linalg.vector_norm(z.sub_(new_z)))         # Z_prev - Z
+            z.copy_(new_z)
+            residual = torch.sub(param.detach(), z, out=buffer)          # W - Z
+            primal.append(torch.linalg.vector_norm(residual))
+            u.add_(residual)                                             # U += W - Z
+            if self.rho != rho:
+                u.mul_(rho / self.rho)                                   # keep rho * U when rho changes
+            torch.sub(u, z, out=offset)
+        self.iteration += 1
+        self.broadcast_from_rank0()
+        return {
+            "iteration": self.iteration,
+            "primal_residual": float(torch.linalg.vector_norm(torch.stack(primal).double())),
+            "dual_residual": rho * float(torch.linalg.vector_norm(torch.stack(dual).double())),
+            "rho": rho,
+            "next_rho": self.rho,
+        }
+
+    @torch.no_grad()
+    def broadcast_from_rank0(self) -> None:
+        """Copy rank 0's Z, U and support to every rank (no-op unless a process group of more
+        than one process is initialised). Every rank must call it at the same point."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        for tensor in (*self.Z, *self.U, *self.support):
+            dist.broadcast(tensor, src=0)
+        torch._foreach_copy_(self._offset, torch._foreach_sub(self.U, self.Z))
+
+    @torch.no_grad()
+    def hard_prune(self) -> Masks:
+        """Zero the weights outside Z's support and return that support as fixed ``Masks``."""
+        for param, mask in zip(self.params, self.support):
+            param.mul_(mask)
+        return Masks({name: mask.clone() for name, mask in zip(self.names, self.support)})
+
+    def state_dict(self) -> dict:
+        """Z, U, support (per name), rho, iteration and the run's sparsity/scope, as plain values."""
+        return {
+            "Z": dict(zip(self.names, self.Z)),
+            "U": dict(zip(self.names, self.U)),
+            "support": dict(zip(self.names, self.support)),
+            "rho": self.rho,
+            "iteration": self.iteration,
+            "sparsity": self.config.sparsity,
+            "scope": self.config.scope,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a ``state_dict()`` taken from an ADMM over the same layers and settings."""
+        required = ("Z", "U", "support", "rho", "iteration", "sparsity", "scope")
+        missing_keys = [key for key in required if key not in state]
+        if missing_keys:
+            raise ValueError(f"ADMM state is missing {missing_keys}; found keys {sorted(state)}")
+        for key in ("sparsity", "scope"):
+            if state[key] != getattr(self.config, key):
+                raise ValueError(f"ADMM state has {key}={state[key]!r}, this run has {getattr(self.config, key)!r}")
+        for key, views in (("Z", self.Z), ("U", self.U), ("support", self.support)):
+            saved = state[key]
+            if set(saved) != set(self.names):
+                missing, extra = sorted(set(self.names) - set(saved)), sorted(set(saved) - set(self.names))
+                raise ValueError(f"ADMM state {key!r} layers differ: missing {missing}, unexpected {extra}")
+            for name, view in zip(self.names, views):
+                if saved[name].shape != view.shape:
+                    raise ValueError(
+                        f"ADMM state {key!r} for {name!r} has shape {tuple(saved[name].shape)},"
+                        f" expected {tuple(view.shape)}"
+                    )
+                view.copy_(saved[name])
+        self.rho = float(state["rho"])
+        self.iteration = int(state["iteration"])
+        for z, u, offset in zip(self.Z, self.U, self._offset):
+            torch.sub(u, z, out=offset)

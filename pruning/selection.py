@@ -1,0 +1,156 @@
+"""Which parameters are prunable, and per-name settings chosen by patterns.
+
+By default the ``weight`` of every convolution (1d/2d/3d, transposed too) and ``nn.Linear``;
+biases and normalisation parameters never. Names are canonical: wrapper prefixes added by
+DistributedDataParallel / DataParallel (``module.``) and ``torch.compile`` (``_orig_mod.``) are
+stripped, so the same names address a bare model, a wrapped one and its EMA copy.
+
+Patterns match canonical parameter names: a glob (``fnmatch``, e.g. ``"backbone.*.weight"``) or,
+with the prefix ``re:``, a regular expression searched in the name (``"re:^head\\."``).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from pruning.projection import floor_counts
+
+PRUNABLE_MODULE_TYPES = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear,
+)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def canonical_name(name: str) -> str:
+    """Strip leading wrapper prefixes: ``"module._orig_mod.conv.weight"`` -> ``"conv.weight"``."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                stripped = True
+    return name
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """True if ``pattern`` (glob, or ``re:`` + regex searched in the name) matches ``name``."""
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    return fnmatchcase(name, pattern)
+
+
+def _as_patterns(patterns: str | Iterable[str] | None, what: str) -> list[str]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        return [patterns]
+    patterns = list(patterns)
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ValueError(f"{what} patterns must be strings, got {pattern!r}")
+    return patterns
+
+
+def canonical_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """All parameters of ``model`` keyed by canonical name (shared parameters listed once)."""
+    return {canonical_name(name): param for name, param in model.named_parameters()}
+
+
+def prunable_parameters(
+    model: nn.Module,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+) -> dict[str, nn.Parameter]:
+    """The weights to prune, in model order, keyed by canonical name.
+
+    Args:
+        model: any module, possibly wrapped by DDP/DataParallel/torch.compile.
+        include: patterns; if given, only default candidates matching one of them are kept.
+            A pattern that matches no candidate is an error (catches typos).
+        exclude: patterns; candidates matching one of them are dropped.
+    Returns:
+        dict canonical name -> Parameter, non-empty; a weight tied into several modules appears
+        once, under its first name.
+    Raises:
+        ValueError: no prunable parameter is left, or an include pattern matches nothing.
+    """
+    include_patterns = _as_patterns(include, "include")
+    exclude_patterns = _as_patterns(exclude, "exclude")
+    candidates, seen = {}, set()
+    for module_name, module in model.named_modules():           # shared modules are listed once
+        weight = getattr(module, "weight", None)
+        if isinstance(module, PRUNABLE_MODULE_TYPES) and isinstance(weight, nn.Parameter) and id(weight) not in seen:
+            seen.add(id(weight))                                  # a tied weight keeps its first name
+            candidates[canonical_name(f"{module_name}.weight" if module_name else "weight")] = weight
+    for pattern in include_patterns:
+        if not any(name_matches(name, pattern) for name in candidates):
+            raise ValueError(
+                f"include pattern {pattern!r} matches no Conv/Linear weight of {type(model).__name__}"
+                f" (candidates: {_preview(candidates)})"
+            )
+    selected = {
+        name: param for name, param in candidates.items()
+        if (not include_patterns or any(name_matches(name, p) for p in include_patterns))
+        and not any(name_matches(name, p) for p in exclude_patterns)
+    }
+    if not selected:
+        raise ValueError(
+            f"no prunable parameters in {type(model).__name__}: expected Conv/Linear weights"
+            f" (include={include_patterns or None}, exclude={exclude_patterns or None});"
+            f" found {len(candidates)} candidate(s)"
+        )
+    return selected
+
+
+def _preview(names: Iterable[str], limit: int = 5) -> str:
+    names = list(names)
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    if len(names) > limit:
+        shown += f", ... ({len(names)} in all)"
+    return shown
+
+
+def per_name_values(
+    names: Sequence[str], values: float | Mapping[str, float], default: float, what: str
+) -> list[float]:
+    """Resolve a setting per parameter name.
+
+    Args:
+        names: canonical parameter names.
+        values: one number for all names, or a mapping pattern -> number where the first
+            matching pattern wins and unmatched names get ``default``.
+        default: value for names no pattern matches.
+        what: the setting's name, for error messages.
+    Returns:
+        list of floats aligned with ``names``.
+    Raises:
+        ValueError: a pattern of the mapping matches none of ``names``.
+    """
+    if not isinstance(values, Mapping):
+        return [float(values)] * len(names)
+    for pattern in values:
+        if not any(name_matches(name, pattern) for name in names):
+            raise ValueError(f"{what} pattern {pattern!r} matches no prunable parameter ({_preview(names)})")
+    resolved = []
+    for name in names:
+        match = next((pattern for pattern in values if name_matches(name, pattern)), None)
+        resolved.append(default if match is None else float(values[match]))
+    return resolved
+
+
+def layer_floors(params: Mapping[str, nn.Parameter], min_density: float | Mapping[str, float]) -> list[int]:
+    """Minimum kept entries per parameter from ``min_density`` (a number, or pattern -> density).
+
+    Returns:
+        list of ints aligned with ``params``: ``ceil(density * numel)``, at least 1 when density > 0.
+    """
+    densities = per_name_values(list(params), min_density, 0.0, "min_density")
+    return floor_counts([param.numel() for param in params.values()], densities)

@@ -1,0 +1,268 @@
+"""Compact single-file export of a pruned state_dict, and the entropy bound it is measured against.
+
+Layout (little-endian): 8-byte magic ``YASPARS1``, 8-byte header length, a UTF-8 JSON header,
+then the compressed blobs it points to (``[offset, length]`` from the end of the header).
+
+- A *sparse* tensor (by default every floating tensor with >= 2 dims, i.e. conv/linear
+  weights) is stored as its nonzero mask, bit-packed (``np.packbits`` order), plus its nonzero
+  values in flat order: float16 split into a low-byte and a high-byte plane, or int8 with one
+  symmetric scale per tensor. Each blob is compressed on its own (lzma or zlib).
+- Every other tensor (biases, BN statistics, counters) is stored exactly, raw bytes, compressed.
+
+Float16 values round-trip exactly when the weights are float16-representable; int8 is lossy
+(error <= scale / 2). ``entropy_bound`` gives the size an ideal order-0 coder of each layer's
+mask bits and quantised values would need; ``save_sparse_archive`` reports both.
+"""
+from __future__ import annotations
+
+import json
+import lzma
+import math
+import os
+import tempfile
+import zlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pruning.masks import pack_mask, unpack_mask
+
+MAGIC = b"YASPARS1"
+VALUE_FORMATS = ("fp16", "int8")
+_COMPRESSORS = {
+    "lzma": (
+        lambda data: lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 6}]),
+        lambda data: lzma.decompress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}]),
+    ),
+    "zlib": (lambda data: zlib.compress(data, 9), zlib.decompress),
+}
+
+
+def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temp_name, path)
+    except BaseException:
+        os.unlink(temp_name)
+        raise
+    return path
+
+
+def _sparse_names(state_dict: Mapping[str, Tensor], sparse_names: Iterable[str] | None) -> list[str]:
+    """Names stored sparse, in state_dict order: the given ones, or floating tensors with >= 2 dims."""
+    if sparse_names is None:
+        return [name for name, tensor in state_dict.items() if tensor.is_floating_point() and tensor.dim() >= 2]
+    wanted = set(sparse_names)
+    for name in wanted:
+        if name not in state_dict:
+            raise ValueError(f"sparse tensor {name!r} is not in the state_dict")
+        if not state_dict[name].is_floating_point():
+            raise ValueError(f"sparse tensor {name!r} must be floating, found {state_dict[name].dtype}")
+    return [name for name in state_dict if name in wanted]
+
+
+def quantise_nonzeros(values: Tensor, value_format: str, name: str) -> tuple[Tensor, float | None]:
+    """Quantise the nonzero values of one tensor.
+
+    Args:
+        values: float Tensor[nnz], the nonzeros in flat order.
+        value_format: "fp16" or "int8".
+        name: tensor name, for errors.
+    Returns:
+        (symbols, scale): float16 Tensor[nnz] and None, or int8 Tensor[nnz] in [-127, 127] and
+        the float scale with values ~= symbols * scale.
+    """
+    if value_format == "fp16":
+        half = values.to(torch.float16)
+        if not bool(torch.isfinite(half).all()):
+            raise ValueError(
+                f"{name}: values are not finite in float16 (max |w| = {values.abs().max():.4g});"
+                " expected |w| <= 65504 (else use int8)"
+            )
+        return half, None
+    if value_format == "int8":
+        peak = float(values.abs().max()) if values.numel() else 0.0
+        if not math.isfinite(peak):
+            raise ValueError(f"{name}: expected finite weights for int8, found max |w| = {peak}")
+        scale = peak / 127.0 if peak > 0 else 1.0
+        return torch.round(values.float() / scale).clamp_(-127, 127).to(torch.int8), scale
+    raise ValueError(f"unknown value format {value_format!r}: expected one of {', '.join(VALUE_FORMATS)}")
+
+
+def _empirical_entropy_bits(symbols: Tensor) -> float:
+    """Total bits an order-0 code of ``symbols`` (Tensor[n], any integer-viewable dtype) needs: n * H."""
+    if symbols.numel() == 0:
+        return 0.0
+    if symbols.dtype == torch.float16:
+        symbols = symbols.view(torch.int16)
+    counts = torch.unique(symbols, return_counts=True)[1].double()
+    probabilities = counts / counts.sum()
+    return float(-(counts * torch.log2(probabilities)).sum())
+
+
+def _binary_entropy(p: float) -> float:
+    return 0.0 if p <= 0.0 or p >= 1.0 else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+def entropy_bound(
+    state_dict: Mapping[str, Tensor], value_format: str = "fp16", sparse_names: Iterable[str] | None = None
+) -> dict[str, float]:
+    """Order-0 entropy bound of the sparse tensors: per tensor, numel * H2(density) for the mask
+    plus nnz * H(quantised nonzero values), each distribution measured on that tensor.
+
+    Returns:
+        dict ``mask_bytes``, ``value_bytes``, ``bytes`` (their sum); dense tensors are not counted.
+    """
+    mask_bits = value_bits = 0.0
+    for name in _sparse_names(state_dict, sparse_names):
+        tensor = state_dict[name].detach().reshape(-1)
+        nonzeros = tensor[tensor != 0]
+        mask_bits += tensor.numel() * _binary_entropy(nonzeros.numel() / max(tensor.numel(), 1))
+        value_bits += _empirical_entropy_bits(quantise_nonzeros(nonzeros, value_format, name)[0])
+    return {"mask_bytes": mask_bits / 8, "value_bytes": value_bits / 8, "bytes": (mask_bits + value_bits) / 8}
+
+
+def _tensor_bytes(tensor: Tensor) -> bytes:
+    """Raw little-endian bytes of a CPU tensor in its own dtype."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: list[int]) -> Tensor:
+    if len(data) == 0:
+        return torch.empty([0] if shape == [-1] else shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def _encode_sparse(name: str, tensor: Tensor, value_format: str) -> tuple[dict, dict[str, bytes]]:
+    """Header entry fields and raw blobs (mask, value planes) of one sparse tensor."""
+    flat = tensor.detach().cpu().reshape(-1)
+    mask = flat != 0
+    symbols, scale = quantise_nonzeros(flat[mask], value_format, name)
+    blobs = {"mask": pack_mask(mask).numpy().tobytes()}
+    if value_format == "fp16":
+        planes = symbols.view(torch.uint8).view(-1, 2)       # [nnz, 2]: low byte, high byte
+        blobs["values_lo"] = planes[:, 0].numpy().tobytes()
+        blobs["values_hi"] = planes[:, 1].numpy().tobytes()
+    else:
+        blobs["values"] = symbols.numpy().tobytes()
+    return {"kind": "sparse", "values": value_format, "nnz": int(mask.sum()), "scale": scale}, blobs
+
+
+def _decode_sparse(entry: dict, blobs: dict[str, bytes], name: str) -> Tensor:
+    shape = entry["shape"]
+    mask = unpack_mask(_tensor_from_bytes(blobs["mask"], torch.uint8, [-1]), shape).reshape(-1)
+    if int(mask.sum()) != entry["nnz"]:
+        raise ValueError(f"{name}: mask has {int(mask.sum())} nonzeros, header says {entry['nnz']}")
+    if entry["values"] == "fp16":
+        lo = _tensor_from_bytes(blobs["values_lo"], torch.uint8, [-1])
+        hi = _tensor_from_bytes(blobs["values_hi"], torch.uint8, [-1])
+        values = torch.stack([lo, hi], dim=1).reshape(-1).view(torch.float16)
+    else:
+        values = _tensor_from_bytes(blobs["values"], torch.int8, [-1]).float() * entry["scale"]
+    if values.numel() != entry["nnz"]:
+        raise ValueError(f"{name}: {values.numel()} stored values, header says {entry['nnz']}")
+    dtype = getattr(torch, entry["dtype"])
+    flat = torch.zeros(mask.numel(), dtype=dtype)
+    flat[mask] = values.to(dtype)
+    return flat.view(shape)
+
+
+def save_sparse_archive(
+    state_dict: Mapping[str, Tensor],
+    path: str | os.PathLike,
+    value_format: str = "fp16",
+    compression: str = "lzma",
+    sparse_names: Iterable[str] | None = None,
+) -> dict:
+    """Write ``state_dict`` compactly to one file, atomically.
+
+    Args:
+        state_dict: name -> Tensor (any device); sparse tensors are chosen by ``sparse_names``
+            (default: floating tensors with >= 2 dims).
+        path: output file.
+        value_format: "fp16" or "int8" for the nonzero values of sparse tensors.
+        compression: "lzma" or "zlib".
+    Returns:
+        dict ``path``, ``bytes`` (file size), ``sparse_bytes`` (compressed masks + values),
+        ``dense_bytes``, ``entropy_bound_bytes`` (see ``entropy_bound``), ``ratio_to_bound``
+        (sparse_bytes / bound).
+    """
+    if value_format not in VALUE_FORMATS:
+        raise ValueError(f"unknown value format {value_format!r}: expected one of {', '.join(VALUE_FORMATS)}")
+    if compression not in _COMPRESSORS:
+        raise ValueError(f"unknown compression {compression!r}: expected one of {', '.join(_COMPRESSORS)}")
+    compress = _COMPRESSORS[compression][0]
+    sparse = set(_sparse_names(state_dict, sparse_names))
+    entries, payload, sizes = [], bytearray(), {"sparse": 0, "dense": 0}
+    for name, tensor in state_dict.items():
+        if name in sparse:
+            fields, raw_blobs = _encode_sparse(name, tensor, value_format)
+        else:
+            fields, raw_blobs = {"kind": "dense"}, {"data": _tensor_bytes(tensor)}
+        blob_index = {}
+        for blob_name, raw in raw_blobs.items():
+            packed = compress(raw)
+            blob_index[blob_name] = [len(payload), len(packed)]
+            payload += packed
+            sizes[fields["kind"]] += len(packed)
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        entries.append({"name": name, "dtype": dtype, "shape": list(tensor.shape), **fields, "blobs": blob_index})
+    header = json.dumps({"compression": compression, "tensors": entries}).encode("utf-8")
+    write_bytes_atomically(path, MAGIC + len(header).to_bytes(8, "little") + header + bytes(payload))
+    bound = entropy_bound(state_dict, value_format, sorted(sparse))["bytes"]
+    return {
+        "path": str(path),
+        "bytes": len(MAGIC) + 8 + len(header) + len(payload),
+        "sparse_bytes": sizes["sparse"],
+        "dense_bytes": sizes["dense"],
+        "entropy_bound_bytes": bound,
+        "ratio_to_bound": sizes["sparse"] / bound if bound else math.nan,
+    }
+
+
+def _read_header(path: Path, data: bytes) -> tuple[dict, int]:
+    if data[: len(MAGIC)] != MAGIC:
+        raise ValueError(f"{path}: not a sparse archive: expected magic {MAGIC!r}, found {data[:len(MAGIC)]!r}")
+    header_length = int.from_bytes(data[len(MAGIC): len(MAGIC) + 8], "little")
+    start = len(MAGIC) + 8
+    if start + header_length > len(data):
+        raise ValueError(f"{path}: truncated: header of {header_length} bytes, file has {len(data)}")
+    try:
+        header = json.loads(data[start: start + header_length].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: corrupt header: {error}") from error
+    if header.get("compression") not in _COMPRESSORS:
+        raise ValueError(f"{path}: unknown compression {header.get('compression')!r}")
+    return header, start + header_length
+
+
+def load_sparse_archive(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Rebuild the full state_dict (CPU tensors, original dtypes and shapes) from ``save_sparse_archive``."""
+    path = Path(path)
+    data = path.read_bytes()
+    header, payload_start = _read_header(path, data)
+    decompress = _COMPRESSORS[header["compression"]][1]
+    state_dict = {}
+    for entry in header["tensors"]:
+        name = entry["name"]
+        blobs = {}
+        for blob_name, (offset, length) in entry["blobs"].items():
+            begin = payload_start + offset
+            if begin + length > len(data):
+                raise ValueError(f"{path}: truncated: blob {blob_name!r} of {name!r} ends past the file")
+            try:
+                blobs[blob_name] = decompress(data[begin: begin + length])
+            except (lzma.LZMAError, zlib.error) as error:
+                raise ValueError(f"{path}: corrupt blob {blob_name!r} of {name!r}: {error}") from error
+        if entry["kind"] == "sparse":
+            state_dict[name] = _decode_sparse(entry, blobs, name)
+        else:
+            state_dict[name] = _tensor_from_bytes(blobs["data"], getattr(torch, entry["dtype"]), entry["shape"])
+    return state_dict

@@ -1,0 +1,242 @@
+"""ADMM: config validation, selection, W-step gradient, Z/U-step, convergence, resume, callback."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from pruning import (
+    ADMM,
+    ADMMCallback,
+    ADMMConfig,
+    global_topk_masks,
+    kept_count,
+    prunable_parameters,
+)
+
+
+def small_convnet() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(32, 5),
+    )
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch that depends only on the step index (so a resumed run sees the same data)."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(4, 3, 8, 8, generator=generator), torch.randint(0, 5, (4,), generator=generator)
+
+
+def train_steps(trainer, callback, first_step: int, count: int) -> None:
+    """A minimal loop calling the engine's hooks in the engine's order."""
+    for step in range(first_step, first_step + count):
+        images, labels = batch(step)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(trainer.model(images), labels).backward()
+        callback.after_backward(trainer)
+        trainer.optimizer.step()
+        callback.after_step(trainer)
+
+
+# ---- configuration and selection -------------------------------------------------------------
+
+@pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.2])
+def test_config_rejects_sparsity_outside_unit_interval_naming_it(sparsity):
+    with pytest.raises(ValueError, match=rf"sparsity must be in \[0, 1\).*got {sparsity}"):
+        ADMMConfig(sparsity=sparsity)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"scope": "per-layer"}, "unknown ADMM scope 'per-layer': expected one of global, layerwise"),
+        ({"layer_sparsity": {"0.weight": 0.5}}, "layer_sparsity needs scope='layerwise'"),
+        ({"scope": "layerwise", "layer_sparsity": {"0.weight": 1.0}}, r"layer_sparsity\['0.weight'\]"),
+        ({"rho": 0.0}, "rho must be a finite number > 0, got 0.0"),
+        ({"rho_multiplier": 0.5}, "rho_multiplier must be >= 1, got 0.5"),
+        ({"rho": 1.0, "rho_max": 0.5}, "rho_max must be >= rho"),
+        ({"min_density": 2.0}, r"min_density must be in \[0, 1\], got 2.0"),
+    ],
+)
+def test_config_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ADMMConfig(sparsity=0.5, **kwargs)
+
+
+def test_no_prunable_parameters_is_a_clear_error():
+    with pytest.raises(ValueError, match="no prunable parameters in Sequential"):
+        ADMM(nn.Sequential(nn.BatchNorm1d(4), nn.ReLU()), ADMMConfig(sparsity=0.5))
+    with pytest.raises(ValueError, match="no prunable parameters"):
+        ADMM(small_convnet(), ADMMConfig(sparsity=0.5, exclude=["*"]))
+    with pytest.raises(ValueError, match="include pattern 'backbone.*' matches no Conv/Linear weight"):
+        ADMM(small_convnet(), ADMMConfig(sparsity=0.5, include=["backbone.*"]))
+
+
+def test_selection_takes_conv_and_linear_weights_only_with_patterns():
+    model = small_convnet()
+    assert list(prunable_parameters(model)) == ["0.weight", "3.weight", "7.weight"]
+    assert list(prunable_parameters(model, exclude="7.*")) == ["0.weight", "3.weight"]
+    assert list(prunable_parameters(model, include=[r"re:^[37]\."])) == ["3.weight", "7.weight"]
+    wrapped = nn.Module()
+    wrapped.module = model                              # how DDP/DataParallel name parameters
+    assert list(prunable_parameters(wrapped)) == ["0.weight", "3.weight", "7.weight"]
+    assert prunable_parameters(wrapped)["3.weight"] is model[3].weight
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    tied[1].weight = tied[0].weight                     # counted once, under its first name
+    assert list(prunable_parameters(tied)) == ["0.weight", "2.weight"]
+
+
+# ---- W-step ----------------------------------------------------------------------------------
+
+def test_add_penalty_grad_equals_autograd_of_the_augmented_term():
+    torch.manual_seed(0)
+    model = small_convnet().double()
+    admm = ADMM(model, ADMMConfig(sparsity=0.6, rho=0.3))
+    with torch.no_grad():                               # move W, then one update makes U nonzero
+        for param in admm.params:
+            param.add_(torch.randn_like(param) * 0.1)
+    admm.update()
+    images, labels = batch(0)
+    loss = nn.functional.cross_entropy(model(images.double()), labels)
+    penalty = sum((w - z + u).pow(2).sum() for w, z, u in zip(admm.params, admm.Z, admm.U)) * admm.rho / 2
+    expected = torch.autograd.grad(loss + penalty, admm.params, retain_graph=True)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    admm.add_penalty_grad()
+    for param, grad in zip(admm.params, expected):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-12, atol=1e-12)
+
+
+def test_add_penalty_grad_creates_missing_grads():
+    model = small_convnet()
+    admm = ADMM(model, ADMMConfig(sparsity=0.5, rho=2.0))
+    admm.add_penalty_grad()
+    for param, z, u in zip(admm.params, admm.Z, admm.U):
+        torch.testing.assert_close(param.grad, 2.0 * (param.detach() - z + u))
+
+
+# ---- Z-step, U-step, rho -----------------------------------------------------------------------
+
+def test_update_is_projection_then_dual_step_with_rescaled_u():
+    torch.manual_seed(0)
+    model = small_convnet()
+    admm = ADMM(model, ADMMConfig(sparsity=0.7, rho=1.0, rho_multiplier=2.0, rho_max=3.0))
+    assert math.isclose(sum(int(m.sum()) for m in admm.support), kept_count(sum(p.numel() for p in admm.params), 0.7))
+    with torch.no_grad():
+        for param in admm.params:
+            param.add_(torch.randn_like(param))
+    weights = [p.detach().clone() for p in admm.params]
+    z_prev, u_prev = [z.clone() for z in admm.Z], [u.clone() for u in admm.U]
+    stats = admm.update()
+    targets = [w + u for w, u in zip(weights, u_prev)]
+    support = global_topk_masks(targets, admm.k)
+    z_new = [t * m for t, m in zip(targets, support)]
+    for got, want in zip(admm.Z, z_new):
+        assert torch.equal(got, want)
+    for got, w, z in zip(admm.U, weights, z_new):            # rho 1 -> 2: U scaled by 1/2
+        torch.testing.assert_close(got, (w - z) * 0.5)
+    primal = math.sqrt(sum(float((w - z).pow(2).sum()) for w, z in zip(weights, z_new)))
+    dual = 1.0 * math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in zip(z_new, z_prev)))
+    assert stats["iteration"] == 1 and stats["rho"] == 1.0 and stats["next_rho"] == 2.0
+    assert math.isclose(stats["primal_residual"], primal, rel_tol=1e-5)
+    assert math.isclose(stats["dual_residual"], dual, rel_tol=1e-5)
+    assert [admm.update()["next_rho"] for _ in range(2)] == [3.0, 3.0]   # capped at rho_max
+
+
+def test_admm_converges_to_the_projection_of_the_unconstrained_optimum():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 10, bias=False), nn.Linear(10, 5, bias=False))
+    targets = [torch.randn(10, 20), torch.randn(5, 10) * 0.5]
+    admm = ADMM(model, ADMMConfig(sparsity=0.7, rho=0.05, rho_multiplier=1.5, rho_max=5.0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    residuals = []
+    for _ in range(15):
+        for _ in range(20):
+            optimizer.zero_grad()
+            sum(0.5 * (p - t).pow(2).sum() for p, t in zip(model.parameters(), targets)).backward()
+            admm.add_penalty_grad()
+            optimizer.step()
+        residuals.append(admm.update()["primal_residual"])
+    assert residuals[-1] < 1e-3 * max(residuals)
+    expected = global_topk_masks(targets, kept_count(250, 0.7))
+    masks = admm.hard_prune()
+    for name, want, param, target in zip(masks, expected, model.parameters(), targets):
+        assert torch.equal(masks[name], want)
+        assert torch.equal(param.detach() != 0, want)
+        torch.testing.assert_close(param.detach(), target * want, atol=0.02, rtol=0)
+
+
+def test_layerwise_scope_uses_per_layer_ratios_and_floors_protect_layers():
+    model = small_convnet()
+    config = ADMMConfig(sparsity=0.5, scope="layerwise", layer_sparsity={"3.*": 0.9, "re:^7": 0.25})
+    admm = ADMM(model, config)
+    assert [int(m.sum()) for m in admm.support] == [round(0.5 * 216), round(0.1 * 576), round(0.75 * 160)]
+    with torch.no_grad():
+        model[7].weight.mul_(1e-4)                           # tiny layer: global ranking would empty it
+    emptied = ADMM(model, ADMMConfig(sparsity=0.9))
+    floored = ADMM(model, ADMMConfig(sparsity=0.9, min_density={"7.weight": 0.05}))
+    assert int(emptied.support[2].sum()) == 0
+    assert int(floored.support[2].sum()) == 8                # ceil(0.05 * 160)
+    assert sum(int(m.sum()) for m in floored.support) == kept_count(952, 0.9)
+
+
+# ---- state and resume --------------------------------------------------------------------------
+
+def make_run(seed: int = 0):
+    torch.manual_seed(seed)
+    model = small_convnet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    admm = ADMM(model, ADMMConfig(sparsity=0.8, rho=0.01, rho_multiplier=1.3, rho_max=0.1))
+    callback = ADMMCallback(admm, steps_per_update=3)
+    return SimpleNamespace(model=model, optimizer=optimizer, ema=None), callback
+
+
+def test_resumed_run_equals_uninterrupted_run_exactly(tmp_path):
+    trainer, callback = make_run()
+    train_steps(trainer, callback, 0, 14)
+    masks = callback.admm.hard_prune()
+
+    first, first_callback = make_run()
+    train_steps(first, first_callback, 0, 7)
+    torch.save({"model": first.model.state_dict(), "optimizer": first.optimizer.state_dict(),
+                "callback": first_callback.state_dict()}, tmp_path / "ckpt.pt")
+    resumed, resumed_callback = make_run(seed=123)       # fresh objects, different init
+    checkpoint = torch.load(tmp_path / "ckpt.pt")
+    resumed.model.load_state_dict(checkpoint["model"])
+    resumed.optimizer.load_state_dict(checkpoint["optimizer"])
+    resumed_callback.load_state_dict(checkpoint["callback"])
+    train_steps(resumed, resumed_callback, 7, 7)
+    resumed_masks = resumed_callback.admm.hard_prune()
+
+    assert len(callback.history) == 4 and resumed_callback.history == callback.history
+    for (name, a), b in zip(trainer.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for key in ("Z", "U", "support"):
+        for name in masks:
+            assert torch.equal(callback.admm.state_dict()[key][name], resumed_callback.admm.state_dict()[key][name])
+    assert all(torch.equal(masks[name], resumed_masks[name]) for name in masks)
+    assert resumed_callback.admm.rho == callback.admm.rho
+
+
+def test_load_state_dict_rejects_a_different_run():
+    trainer, callback = make_run()
+    state = callback.admm.state_dict()
+    other = ADMM(trainer.model, ADMMConfig(sparsity=0.5))
+    with pytest.raises(ValueError, match="ADMM state has sparsity=0.8, this run has 0.5"):
+        other.load_state_dict(state)
+    narrower = ADMM(trainer.model, ADMMConfig(sparsity=0.8, exclude=["7.*"]))
+    with pytest.raises(ValueError, match=r"unexpected \['7.weight'\]"):
+        narrower.load_state_dict(state)
+    with pytest.raises(ValueError, match="ADMM state is missing"):
+        callback.admm.load_state_dict({"Z": state["Z"]})
+
+
+def test_admm_callback_rejects_bad_interval():
+    trainer, callback = make_run()
+    with pytest.raises(ValueError, match="steps_per_update must be an int >= 1, got 0"):
+        ADMMCallback(callback.admm, 0)

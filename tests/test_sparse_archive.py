@@ -1,0 +1,97 @@
+"""Sparse archive: exact round trip, int8 error bound, size against the entropy bound, bad files."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pruning import entropy_bound, load_sparse_archive, save_sparse_archive
+
+
+def sparse_normal(shape, density: float, generator: torch.Generator, std: float = 0.05) -> torch.Tensor:
+    """float32 weights, N(0, std) rounded to float16-representable values, (1 - density) zeroed."""
+    weight = (torch.randn(shape, generator=generator) * std).half().float()
+    return weight * (torch.rand(shape, generator=generator) < density)
+
+
+def realistic_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Conv-net-like state dict: 80%-sparse weights, dense biases and BN buffers (~0.8M weights)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for index, (out_ch, in_ch, k) in enumerate([(32, 16, 3), (64, 32, 3), (128, 64, 3), (256, 128, 3), (256, 256, 1)]):
+        state[f"conv{index}.weight"] = sparse_normal((out_ch, in_ch, k, k), 0.2, generator, std=0.1 / (index + 1))
+        state[f"bn{index}.running_mean"] = torch.randn(out_ch, generator=generator)
+        state[f"bn{index}.num_batches_tracked"] = torch.tensor(1234, dtype=torch.int64)
+    state["fc.weight"] = sparse_normal((10, 256), 0.2, generator)
+    state["fc.bias"] = torch.randn(10, generator=generator).double()
+    return state
+
+
+@pytest.mark.parametrize("compression", ["lzma", "zlib"])
+def test_round_trip_is_exact_for_float16_representable_values(tmp_path, compression):
+    state = realistic_state_dict()
+    state["flags"] = torch.tensor([True, False, True])
+    state["empty.weight"] = torch.zeros(0, 4)
+    info = save_sparse_archive(state, tmp_path / "model.yasp", compression=compression)
+    loaded = load_sparse_archive(tmp_path / "model.yasp")
+    assert list(loaded) == list(state)
+    for name, tensor in state.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape, name
+        assert torch.equal(loaded[name], tensor), name
+    assert info["bytes"] == (tmp_path / "model.yasp").stat().st_size
+    assert [p.name for p in tmp_path.iterdir()] == ["model.yasp"]          # no temp file left behind
+
+
+def test_int8_values_are_within_half_a_step_and_zeros_stay_zero(tmp_path):
+    state = realistic_state_dict()
+    save_sparse_archive(state, tmp_path / "q.yasp", value_format="int8")
+    loaded = load_sparse_archive(tmp_path / "q.yasp")
+    for name in ("conv0.weight", "conv3.weight", "fc.weight"):
+        original, restored = state[name], loaded[name]
+        step = float(original.abs().max()) / 127
+        assert torch.count_nonzero(restored[original == 0]) == 0
+        assert float((original - restored).abs().max()) <= step / 2 + 1e-7
+    assert torch.equal(loaded["bn2.running_mean"], state["bn2.running_mean"])
+
+
+def test_size_is_within_ten_percent_of_the_entropy_bound(tmp_path):
+    state = realistic_state_dict()
+    for value_format in ("fp16", "int8"):
+        info = save_sparse_archive(state, tmp_path / f"{value_format}.yasp", value_format=value_format)
+        bound = entropy_bound(state, value_format)["bytes"]
+        assert info["entropy_bound_bytes"] == pytest.approx(bound)
+        assert 0.98 <= info["sparse_bytes"] / bound <= 1.10, (value_format, info)
+        assert info["bytes"] <= 1.10 * bound + info["dense_bytes"] + 4096
+
+
+def test_entropy_bound_on_a_hand_computed_case():
+    state = {"w": torch.tensor([[0.0, 1.0], [-2.0, 0.0]]), "v": torch.tensor([[1.0, 1.0, 1.0, 0.0]])}
+    bound = entropy_bound(state)
+    # w: mask 4 * H2(1/2) = 4 bits, values {1, -2}: 2 * 1 bit; v: mask 4 * H2(3/4) bits, values all equal: 0.
+    h_three_quarters = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert bound["mask_bytes"] == pytest.approx((4 + 4 * h_three_quarters) / 8)
+    assert bound["value_bytes"] == pytest.approx(2 / 8)
+    assert bound["bytes"] == pytest.approx(bound["mask_bytes"] + bound["value_bytes"])
+
+
+def test_bad_input_and_bad_files_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"big.weight: values are not finite in float16 \(max \|w\| = 1e\+05\)"):
+        save_sparse_archive({"big.weight": torch.full((2, 2), 1e5)}, tmp_path / "x.yasp")
+    with pytest.raises(ValueError, match="nan.weight: expected finite weights for int8, found max"):
+        save_sparse_archive({"nan.weight": torch.tensor([[1.0, float("nan")]])}, tmp_path / "x.yasp", "int8")
+    with pytest.raises(ValueError, match="unknown value format 'int4'"):
+        save_sparse_archive({"w": torch.ones(2, 2)}, tmp_path / "x.yasp", value_format="int4")
+    with pytest.raises(ValueError, match="sparse tensor 'missing' is not in the state_dict"):
+        save_sparse_archive({"w": torch.ones(2, 2)}, tmp_path / "x.yasp", sparse_names=["missing"])
+    path = tmp_path / "model.yasp"
+    save_sparse_archive({"w": torch.randn(64, 64), "b": torch.randn(64)}, path)
+    data = path.read_bytes()
+    (tmp_path / "bad_magic.yasp").write_bytes(b"NOTMAGIC" + data[8:])
+    with pytest.raises(ValueError, match=r"bad_magic.yasp: not a sparse archive: expected magic b'YASPARS1'"):
+        load_sparse_archive(tmp_path / "bad_magic.yasp")
+    (tmp_path / "truncated.yasp").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"truncated.yasp: truncated: blob"):
+        load_sparse_archive(tmp_path / "truncated.yasp")
+    with pytest.raises(FileNotFoundError):
+        load_sparse_archive(tmp_path / "absent.yasp")
