@@ -8,8 +8,14 @@ pixels and classes as model class indices, and which turns back into a COCO grou
   (for COCO's 80 categories this is Darknet's coco.names order). Annotations are kept as they are,
   with their `area` (the segmentation area COCO uses for the small/medium/large split) and `iscrowd`.
 - `load_yolo_dataset(data_yaml, split)`: Ultralytics-style data yaml. Category id of class i is i+1.
-  Boxes are clipped to the image and degenerate ones dropped; an image without a label file has no
-  objects.
+  Boxes are clipped to the image and degenerate ones dropped; an image without a label file (or
+  with an empty one) is a background image without objects.
+
+Bad input, YOLO txt: a label line that is not numbers, has a class outside 0..nc-1 or a value that
+is not finite, or an image file PIL cannot read, is an error naming the file (and line). Label
+coordinates outside [0, 1] are clipped as Darknet does, with one warning per split naming the
+first such line; when every label line of a split is outside (pixel coordinates, say), it is an
+error. A split where no image has a label file gets a warning (the labels folder is elsewhere?).
 
 Image ids: the COCO json's own ids; for YOLO txt, the integer file stem when every stem is a unique
 number (COCO's 000000000139.jpg -> 139, so results match the official ids), else 1, 2, ... in order.
@@ -19,6 +25,8 @@ as Darknet and the COCO annotations do.
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,9 +187,32 @@ def load_yolo_dataset(data_yaml: str | Path, split: str = "val") -> DetectionSou
     image_paths = _split_images(spec[split], root.resolve(), data_yaml)
     if not image_paths:
         raise ValueError(f"{data_yaml}: split {split!r} has no images")
-    image_ids = _image_ids(image_paths)
-    records = [_yolo_record(image_id, path, len(names)) for image_id, path in zip(image_ids, image_paths)]
+    records, labelled, outside, lines = [], 0, [], 0
+    for image_id, path in zip(_image_ids(image_paths), image_paths):
+        record, label_lines, outside_lines = _yolo_record(image_id, path, len(names))
+        records.append(record)
+        labelled += label_lines is not None
+        lines += label_lines or 0
+        outside += outside_lines
+    where = f"{data_yaml}: split {split!r}"
+    if not labelled:
+        warnings.warn(f"{where}: none of its {len(records)} images has a label file (expected e.g. "
+                      f"{label_path(image_paths[0])}); all are used as images without objects", stacklevel=2)
+    _check_outside_lines(where, outside, lines)
     return DetectionSource(records, names, list(range(1, len(names) + 1)))
+
+
+def _check_outside_lines(where: str, outside: list[str], lines: int) -> None:
+    """Warn about label lines with coordinates outside [0, 1]; an error when that is all of them."""
+    if not outside:
+        return
+    expected = "expected cx cy w h normalised to the image size (0..1)"
+    if len(outside) == lines:
+        raise ValueError(f"{where}: every one of its {lines} label lines has coordinates outside [0, 1] "
+                         f"({expected}; pixel coordinates?), e.g. {outside[0]}")
+    warnings.warn(f"{where}: {len(outside)} of {lines} label lines have coordinates outside [0, 1] ({expected}); "
+                  f"their boxes were clipped to the image, or dropped when entirely outside; first: {outside[0]}",
+                  stacklevel=3)
 
 
 def parse_class_names(spec: dict, data_yaml: Path) -> list[str]:
@@ -245,23 +276,37 @@ def label_path(image_path: Path) -> Path:
     return Path(*parts).with_suffix(".txt")
 
 
-def _yolo_record(image_id: int, image_path: Path, num_classes: int) -> DetectionRecord:
-    with Image.open(image_path) as image:
-        width, height = image.size
+def _yolo_record(image_id: int, image_path: Path,
+                 num_classes: int) -> tuple[DetectionRecord, int | None, list[str]]:
+    """(the record, its label file's line count or None without a label file, its lines with
+    coordinates outside [0, 1] as "file:line: 'text'")."""
+    width, height = _image_size(image_path)
     labels = label_path(image_path)
-    rows = _read_label_file(labels, num_classes) if labels.is_file() else np.zeros((0, 5), np.float32)
+    rows, texts = _read_label_file(labels, num_classes) if labels.is_file() else (np.zeros((0, 5), np.float32), [])
+    outside = [texts[i] for i in np.flatnonzero(((rows[:, 1:] < 0) | (rows[:, 1:] > 1)).any(axis=1))]
     scale = np.array([width, height, width, height], np.float32)
     cx, cy, w, h = rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4]
     boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1) * scale
     boxes = np.clip(boxes, 0, scale)
     valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return DetectionRecord(image_id, image_path, width, height, boxes[valid].astype(np.float32),
-                           rows[valid, 0].astype(np.int64), np.zeros(int(valid.sum()), bool))
+    record = DetectionRecord(image_id, image_path, width, height, boxes[valid].astype(np.float32),
+                             rows[valid, 0].astype(np.int64), np.zeros(int(valid.sum()), bool))
+    return record, len(texts) if labels.is_file() else None, outside
 
 
-def _read_label_file(labels: Path, num_classes: int) -> np.ndarray:
-    """float32 ndarray[n, 5] of (class, cx, cy, w, h) rows; polygons become their bounding box."""
-    rows = []
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image file's header."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"{path}: expected an image file, found one that cannot be read ({err})") from None
+
+
+def _read_label_file(labels: Path, num_classes: int) -> tuple[np.ndarray, list[str]]:
+    """(float32 ndarray[n, 5] of (class, cx, cy, w, h) rows, the n lines as "file:line: 'text'");
+    polygons become their bounding box."""
+    rows, texts = [], []
     for number, line in enumerate(labels.read_text(encoding="utf-8").splitlines(), 1):
         fields = line.split()
         if not fields:
@@ -273,6 +318,8 @@ def _read_label_file(labels: Path, num_classes: int) -> np.ndarray:
         if len(values) < 5 or (len(values) > 5 and len(values) % 2 == 0):
             raise ValueError(f"{labels}:{number}: expected 'class cx cy w h' or a polygon "
                              f"'class x1 y1 x2 y2 ...', found {len(values)} values")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{labels}:{number}: expected finite numbers, found {line.strip()!r}")
         cls = values[0]
         if cls != int(cls) or not 0 <= cls < num_classes:
             raise ValueError(f"{labels}:{number}: class must be an integer in 0..{num_classes - 1}, found {fields[0]}")
@@ -281,4 +328,5 @@ def _read_label_file(labels: Path, num_classes: int) -> np.ndarray:
             values = [cls, (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2,
                       xs.max() - xs.min(), ys.max() - ys.min()]
         rows.append(values)
-    return np.asarray(rows, np.float32).reshape(-1, 5)
+        texts.append(f"{labels}:{number}: {line.strip()!r}")
+    return np.asarray(rows, np.float32).reshape(-1, 5), texts

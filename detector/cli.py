@@ -1,12 +1,15 @@
 """`yolo-admm detect MODE [options]`: the detector's modes.
 
 Each mode lives in its own module `detector.cli_<mode>`, which provides `add_arguments(parser)` and
-`run(args) -> int`. To add a mode, add one line to `MODES`.
+`run(args) -> int`, and may provide `interrupted_hint(args) -> str` (what Ctrl-C kept and how to
+resume). To add a mode, add one line to `MODES`.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+from pathlib import Path
 
 import torch
 
@@ -29,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         sub = subparsers.add_parser(mode, help=summary, description=summary)
         module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        sub.set_defaults(run=module.run, interrupted_hint=getattr(module, "interrupted_hint", None))
     return parser
 
 
@@ -39,7 +42,30 @@ def main(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_request:  # --help, or a usage error argparse already printed
         return int(exit_request.code or 0)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        if args.interrupted_hint is None:
+            raise
+        raise KeyboardInterrupt(args.interrupted_hint(args)) from None
+
+
+def output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """Create the output folder `path` of option `flag` now, before any long work, and return it.
+
+    Raises:
+        ValueError: it cannot be created or written (names the flag, the path and why).
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        why = f"expected a folder at {blocker}, found a file" if blocker is not None else err.strerror or str(err)
+        raise ValueError(f"{flag} {path}: cannot create this output folder: {why}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: expected a writable folder, found one without write permission")
+    return path
 
 
 def network_size(text: str) -> int:

@@ -16,9 +16,10 @@ import torch
 
 from data.eval_dataset import InferenceDataset
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
-from detector.cli import add_model_arguments, load_model, model_num_classes
+from detector.cli import add_model_arguments, load_model, model_num_classes, output_folder
 from detector.evaluate import CONF_THRESH, MAX_DET, NMS_IOU, EvalResult, evaluate
 from detector.predict import make_loader, write_json_atomic
+from detector.train import check_classes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,11 +73,11 @@ def run(args: argparse.Namespace) -> int:
     if args.max_det < 1 or args.batch_size < 1 or (args.workers or 0) < 0:
         raise ValueError(f"--max-det and --batch-size must be >= 1 and --workers >= 0, found "
                          f"{args.max_det}, {args.batch_size}, {args.workers}")
+    if args.json_out is not None:
+        output_folder(args.json_out.parent, f"--json-out {args.json_out}: its folder")
     source = load_source(args)
     model, net_w, net_h, letterbox = load_model(args)
-    if model_num_classes(model) != len(source.class_names):
-        raise ValueError(f"{args.cfg} predicts {model_num_classes(model)} classes but the dataset has "
-                         f"{len(source.class_names)}")
+    check_classes(args.cfg, model_num_classes(model), source)
     dataset = InferenceDataset.from_source(source, net_w, net_h, letterbox)
     device = next(model.parameters()).device
     workers = default_workers(device) if args.workers is None else args.workers

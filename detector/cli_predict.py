@@ -15,7 +15,7 @@ import yaml
 
 from data.eval_dataset import InferenceDataset
 from data.sources import IMAGE_SUFFIXES, parse_class_names
-from detector.cli import add_model_arguments, load_model, model_num_classes
+from detector.cli import add_model_arguments, load_model, model_num_classes, output_folder
 from detector.predict import predict
 
 
@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--conf and --iou must be in [0, 1] and --max-det >= 1, found "
                          f"{args.conf}, {args.iou}, {args.max_det}")
     images = collect_images(args.sources)
+    output_folder(args.out, "--out")
     model, net_w, net_h, letterbox = load_model(args)
     class_names = read_class_names(args.names, model_num_classes(model))
     dataset = InferenceDataset(images, None, net_w, net_h, letterbox)

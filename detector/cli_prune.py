@@ -1,6 +1,7 @@
 """`yolo-admm detect prune`: the main job (see `detector.prune_pipeline`).
 
-Settings come from the defaults, then `--config job.yaml`, then the flags given here.
+Settings come from the defaults, then `--config job.yaml`, then the flags given here. Running the
+same command again resumes the run in --out (after Ctrl-C, say).
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from detector.cli import network_size
+from detector.cli import network_size, output_folder
 from detector.prune_pipeline import EXPORT_FORMATS, METHODS, PruneJob, format_stage_table, run_job
 
 
@@ -53,11 +54,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no progress bars")
 
 
+def job_of(args: argparse.Namespace) -> PruneJob:
+    """The job of --config and the flags (the flags win)."""
+    overrides = {key: value for key, value in vars(args).items()
+                 if key not in {"config", "run", "mode", "interrupted_hint"}}
+    return PruneJob.from_sources(args.config, overrides)
+
+
 def run(args: argparse.Namespace) -> int:
-    overrides = {key: value for key, value in vars(args).items() if key not in {"config", "run", "mode"}}
-    job = PruneJob.from_sources(args.config, overrides)
+    job = job_of(args)
+    output_folder(job.out, "--out")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     results = run_job(job)
     print(format_stage_table(results["sweep"]))
     print(f"\nresults: {job.out}/results.json")
     return 0
+
+
+def interrupted_hint(args: argparse.Namespace) -> str:
+    """What an interrupted `detect prune` kept, and how to go on."""
+    return (f"the finished stages and the checkpoints so far are kept in {job_of(args).out}; "
+            f"run the same command again to resume")

@@ -9,10 +9,15 @@ Optimiser, schedule and augmentation default to the cfg's [net] (see `detector.t
 override them. Writes to --out: a checkpoint per epoch (`epoch_NNNN.pt`, what --resume takes),
 `history.csv`, `args.json`, and the trained model as Darknet `.weights` (`<cfg name>.weights`;
 the EMA weights when EMA is on).
+
+Running the same command again (after Ctrl-C, say) resumes from the newest checkpoint in --out;
+--out holding the checkpoints of a run with other settings is an error, never overwritten.
+Settings that may change on a resume: those in `RESUMABLE_FLAGS`.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 from pathlib import Path
@@ -23,10 +28,12 @@ import yaml
 
 import detector
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
-from detector.cli import network_size
+from detector.cli import network_size, output_folder
 from detector.predict import write_json_atomic
 from detector.train import DetectTrainConfig, fit_detector
-from engine import distributed
+from engine import distributed, find_latest_checkpoint
+
+RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,12 +108,13 @@ def train_config(args: argparse.Namespace) -> DetectTrainConfig:
 def run(args: argparse.Namespace) -> int:
     config = train_config(args)
     config.device = str(distributed.init_from_env(config.device))  # joins torchrun's group, if any
+    if distributed.is_main():
+        output_folder(args.out, "--out")
+    config.resume = resume_point(args)
     train_source, val_source = load_sources(args)
     model = detector.load_darknet(args.cfg, args.weights)
     if distributed.is_main():
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.out / "args.json", {k: str(v) if isinstance(v, Path) else v
-                                                    for k, v in vars(args).items() if k != "run"})
+        write_json_atomic(args.out / "args.json", recorded_args(args))
     _seed_everything(args.seed)
     print(f"train: {len(train_source.records)} images, validation: "
           f"{len(val_source.records) if val_source else 'none'}; out: {args.out}")
@@ -121,6 +129,46 @@ def run(args: argparse.Namespace) -> int:
     print(f"done: {trainer.epoch} epochs, {trainer.step} steps; {summary}")
     print(f"weights: {weights_path}; checkpoint: {trainer.last_checkpoint}")
     return 0
+
+
+def recorded_args(args: argparse.Namespace) -> dict:
+    """The flags as written to args.json (paths as strings, the dispatcher's callables left out)."""
+    return {key: str(value) if isinstance(value, Path) else value
+            for key, value in vars(args).items() if not callable(value)}
+
+
+def resume_point(args: argparse.Namespace) -> str | None:
+    """--resume, else --out when it already holds checkpoints of a run with the same settings
+    (so the same command resumes an interrupted run), else None.
+
+    Raises:
+        ValueError: --out holds checkpoints of a run with other settings.
+    """
+    latest = None if args.resume else find_latest_checkpoint(args.out)
+    if latest is None:
+        return args.resume
+    saved_path = args.out / "args.json"
+    saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else {}
+    current = recorded_args(args)
+    changed = sorted(key for key in current if key not in RESUMABLE_FLAGS and saved.get(key) != current[key])
+    if changed:
+        details = ", ".join(f"--{key.replace('_', '-')} {saved.get(key)!r} -> {current[key]!r}" for key in changed)
+        raise ValueError(f"--out {args.out}: expected a new folder or one of a run with the same settings, found "
+                         f"the checkpoints ({latest.name}) of a run with other settings ({details}); choose "
+                         f"another --out, or continue that run with --resume {args.out}")
+    if distributed.is_main():
+        print(f"resuming from {latest} (this command already ran in --out {args.out})")
+    return str(args.out)
+
+
+def interrupted_hint(args: argparse.Namespace) -> str:
+    """What an interrupted `detect train` kept, and how to go on."""
+    latest = find_latest_checkpoint(args.out)
+    if latest is None:
+        return f"no epoch had finished, so {args.out} holds no checkpoint yet"
+    again = ("run the same command again to resume" if args.resume in (None, str(args.out))
+             else f"resume with --resume {args.out}")
+    return f"the checkpoints so far are kept in {args.out} (newest: {latest.name}); {again}"
 
 
 def _seed_everything(seed: int) -> None:

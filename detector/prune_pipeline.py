@@ -39,7 +39,7 @@ from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from detector.export import FORMATS as EXPORT_FORMATS
 from detector.predict import inference_copy
 from detector.export import export_model
-from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer
+from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
 from engine import atomic_torch_save, distributed, find_latest_checkpoint, resolve_device
 
 LOG = logging.getLogger("yolo_admm.prune")
@@ -363,7 +363,11 @@ def save_sweep_plot(sweep: list[dict[str, Any]], path: Path, method: str) -> Pat
 def make_context(job: PruneJob) -> RunContext:
     root = Path(job.out)
     train, val = load_sources(job)
-    net = detector.parse_cfg(job.cfg).net
+    cfg = detector.parse_cfg(job.cfg)
+    heads = [layer for layer in cfg.layers if layer.kind == "yolo"]
+    if heads:  # before the dense evaluation, not after it
+        check_classes(job.cfg, heads[0].classes, train, val)
+    net = cfg.net
     size = int(job.img_size or net.width)
     letterbox = bool(net.letter_box)
     evaluator = ValidationMap(val, size, letterbox, batch_size=8, workers=job.workers,
@@ -375,10 +379,11 @@ RESUMABLE_CHANGES = {"out", "workers", "device", "progress", "latency_runs"}
 
 
 def write_or_check_config(job: PruneJob, path: Path) -> None:
-    """Write the job's settings to ``path``; when a run already wrote one there (a resume), its
-    settings must be the same, except those in RESUMABLE_CHANGES."""
+    """Write the job's settings to ``path``; when a run there already finished a stage (a resume),
+    its settings must be the same, except those in RESUMABLE_CHANGES. (A run that failed before
+    finishing any stage, on bad input say, may be run again with corrected settings.)"""
     settings = asdict(job)
-    if path.is_file():
+    if path.is_file() and (path.parent / "dense.json").is_file():
         before = yaml.safe_load(path.read_text()) or {}
         changed = sorted(key for key in settings if key not in RESUMABLE_CHANGES
                          and before.get(key) != settings[key])

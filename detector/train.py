@@ -8,6 +8,10 @@
 - Batches: `batch_size` images per forward pass, gradients summed over `accumulate` passes (the
   part of Darknet's subdivisions); by default the cfg's batch / subdivisions and subdivisions.
   The loss is per image (see `detector.loss`), so the cfg's learning rate means what it meant.
+- Several processes (`torchrun --nproc_per_node=N`, see `engine.distributed`): each rank reads its
+  1/N share of the images through a `DistributedSampler`, `batch_size` stays per process, and the
+  default `accumulate` becomes batch / (batch_size x N), so one optimizer step still sees the
+  cfg's `batch` images in total.
 
 `build_detector_trainer(model, train_source, val_source, config, callbacks)` returns an
 `engine.Trainer` (the prune pipeline adds its callbacks and calls `fit` itself);
@@ -31,7 +35,7 @@ from data.train_dataset import (DetectionTrainDataset, MultiScaleCollate, collat
 from detector.evaluate import evaluate
 from detector.loss import YoloLoss
 from detector.predict import make_loader
-from engine import Trainer, TrainConfig, resolve_device
+from engine import Trainer, TrainConfig, distributed, resolve_device
 
 DEFAULT_BURN_IN_POWER = 4.0
 POLICIES = ("constant", "steps", "step", "exp", "poly")
@@ -52,7 +56,7 @@ class DetectTrainConfig:
         multi_scale: draw each batch's side from 0.7x..1.3x img_size (multiples of 32).
         ema: keep an EMA of the weights (default: when [net] ema_alpha > 0); ema_decay likewise.
         eval_every: validation mAP every this many epochs (0: never).
-        workers: DataLoader worker processes.
+        workers: DataLoader worker processes (per process under torchrun).
         device, amp, out_dir (checkpoints + history.csv), resume, progress: as `engine.TrainConfig`.
     """
 
@@ -158,16 +162,18 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
         ValueError: the dataset's classes do not match the model's, or a setting is invalid.
     """
     net = model.net
-    _check_classes(model, train_source, val_source)
+    check_classes(model.cfg.path, int(model.heads[0].num_classes), train_source, val_source)
+    device = distributed.init_from_env(resolve_device(config.device))  # joins torchrun's group, if any
     size = int(config.img_size or net.width)
     batch_size = int(config.batch_size or max(net.batch // net.subdivisions, 1))
-    accumulate = int(config.accumulate or max(round(net.batch / batch_size), 1))
+    accumulate = int(config.accumulate or max(round(net.batch / (batch_size * distributed.world_size())), 1))
     augment = AugmentConfig.from_net(net, size, **({} if config.mosaic is None else {"mosaic": config.mosaic}))
     dataset = DetectionTrainDataset(train_source, augment, augment=config.augment)
-    device = resolve_device(config.device)
     collate = MultiScaleCollate(multi_scale_sizes(size)) if config.multi_scale else collate_detection
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=config.workers,
-                        collate_fn=collate, pin_memory=device.type == "cuda", drop_last=False)
+    sampler = distributed.distributed_sampler(dataset, shuffle=True) if distributed.is_distributed() else None
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                        num_workers=config.workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                        drop_last=False)
     optimizer = build_optimizer(model, _pick(config.lr, net.learning_rate), _pick(config.momentum, net.momentum),
                                 _pick(config.weight_decay, net.decay))
     burn_in = int(_pick(config.burn_in, net.burn_in))
@@ -198,10 +204,10 @@ def _pick(override, default):
     return default if override is None else override
 
 
-def _check_classes(model: nn.Module, *sources: DetectionSource | None) -> None:
-    num_classes = int(model.heads[0].num_classes)
+def check_classes(cfg_path: str | os.PathLike, num_classes: int, *sources: DetectionSource | None) -> None:
+    """Raise ValueError naming the cfg when a dataset's number of classes is not the model's."""
     for source in sources:
         if source is not None and len(source.class_names) != num_classes:
-            raise ValueError(f"{model.net.source.path}: the model predicts {num_classes} classes but the "
-                             f"dataset has {len(source.class_names)} ({source.class_names[:3]}...)")
-
+            names = ", ".join(source.class_names[:5]) + (", ..." if len(source.class_names) > 5 else "")
+            raise ValueError(f"{cfg_path}: the model predicts {num_classes} classes but the dataset has "
+                             f"{len(source.class_names)} ({names}); expected the same classes as the [yolo] layers")

@@ -2,12 +2,19 @@
 
 Each task owns its modes in its own package (`detector.cli`, `classify.cli`); this module only
 dispatches, so `yolo-admm detect --help` and `yolo-admm classify prune --help` are the tasks' own.
+
+Failures end with one line `yolo-admm TASK: error: MESSAGE` on stderr and no traceback (set
+YOLO_ADMM_DEBUG=1 to see it): bad input (ValueError, OSError such as a missing file or an
+unwritable folder) and a loss that stopped being finite exit with 2, as does running out of memory
+(the message suggests a smaller --batch-size); Ctrl-C exits with 130 and says how to resume.
+Warnings print as `yolo-admm TASK: warning: MESSAGE`.
 """
 from __future__ import annotations
 
 import importlib
 import os
 import sys
+import warnings
 
 TASKS = {
     "detect": ("detector.cli", "Darknet YOLO detectors: predict, eval, train, prune, export"),
@@ -17,6 +24,9 @@ TASKS = {
 USAGE = "usage: yolo-admm TASK MODE [options]\n\ntasks:\n" + "".join(
     f"  {name:<10}{summary}\n" for name, (_, summary) in TASKS.items()
 ) + "\nRun `yolo-admm TASK --help` for the modes of a task."
+
+# torch.utils.data re-raises a worker's exception with the worker's traceback inside the message.
+_WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,17 +43,65 @@ def main(argv: list[str] | None = None) -> int:
     # several times slower on a busy machine (measured in benchmarks/eval_speed.py).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     module = importlib.import_module(TASKS[task][0])
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_printer(task)
+        return _run_task(task, module, rest)
+
+
+def _run_task(task: str, module, rest: list[str]) -> int:
+    """`module.main(rest)`, with failures turned into one clear line on stderr and an exit status."""
+    from engine import NonFiniteLossError
+
     try:
         return module.main(rest)
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
+    except KeyboardInterrupt as interrupt:
+        hint = f": {interrupt}" if str(interrupt) else ""
+        print(f"yolo-admm {task}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        if not (_is_out_of_memory(err) or isinstance(err, NonFiniteLossError)):
+            raise
+        if os.environ.get("YOLO_ADMM_DEBUG"):
+            raise
+        print(f"yolo-admm {task}: error: {_runtime_message(err)}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as err:
         # Bad input: the message names the file, line or layer. YOLO_ADMM_DEBUG=1 shows the traceback.
         if os.environ.get("YOLO_ADMM_DEBUG"):
             raise
-        print(f"yolo-admm {task}: error: {err}", file=sys.stderr)
+        print(f"yolo-admm {task}: error: {_strip_worker_traceback(str(err))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"yolo-admm {task}: interrupted", file=sys.stderr)
-        return 130
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA), Python's MemoryError, or the CPU allocator's RuntimeError."""
+    import torch
+
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(err)
+
+
+def _runtime_message(err: BaseException) -> str:
+    """The text for a non-finite loss or an out-of-memory failure, with what to change."""
+    if not _is_out_of_memory(err):  # a NonFiniteLossError: its message names the last good checkpoint
+        return f"{err}. Lower the learning rate (--lr), or the ADMM penalty (--rho) when pruning."
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return (f"out of memory ({first_line}). Try a smaller --batch-size (for detect train, --accumulate "
+            f"keeps the images per optimizer step) or a smaller --img-size; checkpoints written so far are kept.")
+
+
+def _strip_worker_traceback(message: str) -> str:
+    """A DataLoader worker's error message without the worker's traceback: its last line."""
+    if _WORKER_TRACEBACK not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
+def _warning_printer(task: str):
+    """A `warnings.showwarning` that prints `yolo-admm TASK: warning: MESSAGE` to stderr."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"yolo-admm {task}: warning: {message}", file=file or sys.stderr)
+    return show
 
 
 if __name__ == "__main__":

@@ -1,0 +1,455 @@
+"""The bad-input catalogue (issue 6): bad Darknet files, bad data, bad settings and failures, each
+driven through the real command line (`yolo_admm.cli.main`, in-process) on tiny generated inputs.
+
+Every case asserts the exit status (2 for an error, 130 for Ctrl-C, 0 where the input is legitimate
+and at most a warning is due), that no traceback is printed, that the message names the file /
+line / layer with what was expected and what was found, and that nothing written before the run
+(an earlier run's weights, metrics or checkpoints in the output folder) was changed or removed.
+
+Decisions the catalogue pins down:
+- an image without a label file, or with an empty one, is a background image (YOLO format): no
+  warning; a split where no image has a label file gets a warning (a misplaced labels folder?);
+- label coordinates outside [0, 1] are clipped as Darknet does, with a warning naming the first
+  such line; when every line of a split is outside (pixel coordinates), it is an error;
+- a COCO json without `info` is accepted (`DetectionSource.to_coco` gives pycocotools one);
+- an image file that cannot be read is an error naming it, also from a DataLoader worker.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+import detector
+from data.sources import load_yolo_dataset
+from data.synthetic import make_shapes_dataset
+from detector.train import DetectionLoss
+from engine import load_checkpoint
+from yolo_admm.cli import main
+
+# A 64x64 detector with one stride-16 head for the 4 classes of data.synthetic.
+TINY_CFG = """[net]
+batch=8
+subdivisions=1
+width=64
+height=64
+channels=3
+momentum=0.9
+decay=0.0005
+learning_rate=0.001
+burn_in=0
+policy=steps
+steps=1000
+scales=0.1
+""" + "".join(f"""
+[convolutional]
+batch_normalize=1
+filters={filters}
+size=3
+stride=1
+pad=1
+activation=leaky
+
+[maxpool]
+size=2
+stride=2
+""" for filters in (8, 16, 16, 32)) + """
+[convolutional]
+size=1
+stride=1
+pad=1
+filters=27
+activation=linear
+
+[yolo]
+mask=0,1,2
+anchors=16,16, 24,24, 32,32
+classes=4
+num=3
+"""
+EARLIER_METRICS = '{"map50": 0.5, "map50_95": 0.3}\n'
+CORRUPT_JPEG = b"\xff\xd8\xff\xe0 a JPEG header, then nothing an image decoder can use"
+
+
+def line_of(text: str, needle: str) -> int:
+    """1-based line number of the first line of `text` that is `needle`."""
+    return text.splitlines().index(needle) + 1
+
+
+MAXPOOL_LINE = line_of(TINY_CFG, "[maxpool]")
+FILTERS_LINE = line_of(TINY_CFG, "filters=16")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: thread hand-offs cost more than they save (and the CI box has 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A shapes dataset (4 train, 2 val images), the tiny cfg and weights for it."""
+    root = tmp_path_factory.mktemp("base")
+    make_shapes_dataset(root / "ds", n_train=4, n_val=2, img_size=96, seed=0, max_objects=2)
+    (root / "tiny.cfg").write_text(TINY_CFG)
+    torch.manual_seed(0)
+    detector.write_weights(root / "tiny.weights", detector.load_darknet(root / "tiny.cfg"))
+    return root
+
+
+@dataclass
+class Workspace:
+    """One case's folder: a copy of the base inputs, and an output folder holding an earlier run's
+    weights and metrics (which a failing run must leave as they are)."""
+
+    root: Path
+
+    @classmethod
+    def create(cls, root: Path, base: Path) -> "Workspace":
+        shutil.copytree(base / "ds", root / "ds")
+        for name in ("tiny.cfg", "tiny.weights"):
+            shutil.copy(base / name, root / name)
+        (root / "out").mkdir()
+        (root / "out" / "metrics.json").write_text(EARLIER_METRICS)
+        shutil.copy(base / "tiny.weights", root / "out" / "tiny.weights")
+        return cls(root)
+
+    @property
+    def ds(self) -> Path:
+        return self.root / "ds"
+
+    @property
+    def data(self) -> Path:
+        return self.ds / "data.yaml"
+
+    @property
+    def cfg(self) -> Path:
+        return self.root / "tiny.cfg"
+
+    @property
+    def weights(self) -> Path:
+        return self.root / "tiny.weights"
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+    def names(self) -> dict[str, str]:
+        """Placeholders of the expected messages."""
+        return {"root": str(self.root), "ds": str(self.ds), "data": str(self.data), "cfg": str(self.cfg),
+                "weights": str(self.weights), "out": str(self.out)}
+
+    def write(self, relative: str, content: str | bytes | None) -> Path:
+        """Write `content` to `root/relative` (None: delete that file); returns the path."""
+        path = self.root / relative
+        if content is None:
+            path.unlink()
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+        return path
+
+    def coco_json(self, edit: Callable[[dict], None]) -> Path:
+        """The val split as a COCO instances json, changed by `edit`."""
+        ground_truth = load_yolo_dataset(self.data, "val").to_coco()
+        edit(ground_truth)
+        return self.write("instances.json", json.dumps(ground_truth))
+
+
+# ------------------------------------------------------------------------------------ command lines
+def detect_eval(ws: Workspace, *extra: str, cfg: Path | None = None, weights: Path | None = None,
+                coco: Path | None = None, images: Path | None = None, json_out: Path | None = None) -> list[str]:
+    dataset = (["--images", str(images or ws.ds / "images" / "val"), "--annotations", str(coco)] if coco
+               else ["--data", str(ws.data)])
+    return ["detect", "eval", "--cfg", str(cfg or ws.cfg), "--weights", str(weights or ws.weights), *dataset,
+            "--device", "cpu", "--json-out", str(json_out or ws.out / "metrics.json"), *extra]
+
+
+def detect_train(ws: Workspace, *extra: str, data: Path | None = None, out: Path | None = None,
+                 epochs: int = 1) -> list[str]:
+    return ["detect", "train", "--cfg", str(ws.cfg), "--data", str(data or ws.data), "--out", str(out or ws.out),
+            "--epochs", str(epochs), "--batch-size", "2", "--accumulate", "1", "--no-augment", "--device", "cpu",
+            "--workers", "0", "--eval-every", "0", *extra]
+
+
+def detect_prune(ws: Workspace, *extra: str, data: Path | None = None, out: Path | None = None) -> list[str]:
+    return ["detect", "prune", "--cfg", str(ws.cfg), "--weights", str(ws.weights), "--data", str(data or ws.data),
+            "--out", str(out or ws.out / "prune"), "--sparsity", "0.5", "--admm-iters", "1", "--epochs-per-iter", "1",
+            "--retrain-epochs", "1", "--batch-size", "2", "--device", "cpu", "--export", "", "--no-progress", *extra]
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+def other_model_weights(ws: Workspace) -> Path:
+    other = ws.write("other.cfg", TINY_CFG.replace("filters=8", "filters=12"))
+    detector.write_weights(ws.root / "other.weights", detector.load_darknet(other))
+    return ws.root / "other.weights"
+
+
+def yaml_with_names(ws: Workspace, names: str) -> Path:
+    return ws.write("ds/other.yaml", f"train: images/train\nval: images/val\nnames: [{names}]\n")
+
+
+def corrupt_image_in_coco_eval(ws: Workspace) -> list[str]:
+    """COCO json eval (which reads the images only in the DataLoader, here in a worker process)."""
+    argv = detect_eval(ws, "--workers", "1", coco=ws.coco_json(lambda gt: None))
+    ws.write("ds/images/val/000001.jpg", CORRUPT_JPEG)
+    return argv
+
+
+def loss_patch(from_call: int, make_result: Callable[[tuple], tuple]):
+    """A case patch: from the `from_call`-th call on, the detection loss returns
+    `make_result(real result)` (which may raise instead)."""
+    def patch(monkeypatch: pytest.MonkeyPatch) -> None:
+        original, calls = DetectionLoss.__call__, itertools.count(1)
+
+        def loss(self, model, batch):
+            result = original(self, model, batch)
+            return make_result(result) if next(calls) >= from_call else result
+
+        monkeypatch.setattr(DetectionLoss, "__call__", loss)
+    return patch
+
+
+def nan_loss(result: tuple) -> tuple:
+    loss, logs = result
+    return loss * float("nan"), logs
+
+
+def raise_(error: BaseException) -> Callable[[tuple], tuple]:
+    def fail(result: tuple) -> tuple:
+        raise error
+    return fail
+
+
+# Four training images at batch size 2: two loss calls per epoch, so call 3 is the first of epoch 2
+# (detect train) or of the retraining after one ADMM epoch (detect prune).
+FIRST_CALL_OF_EPOCH_2 = 3
+
+
+# ------------------------------------------------------------------------------------ follow-ups
+def epoch_1_checkpoint_kept(ws: Workspace, argv: list[str], capsys) -> None:
+    assert load_checkpoint(ws.out / "epoch_0001.pt")["epoch"] == 1
+    assert not (ws.out / "epoch_0002.pt").exists()
+
+
+def train_resumes_with_the_same_command(ws: Workspace, argv: list[str], capsys) -> None:
+    epoch_1_checkpoint_kept(ws, argv, capsys)
+    assert main(argv) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert len(load_checkpoint(ws.out / "epoch_0002.pt")["history"]) == 2
+    assert (ws.out / "tiny.weights").read_bytes() != ws.weights.read_bytes()  # this run's, not the earlier one
+    detector.load_darknet(ws.cfg, ws.out / "tiny.weights")  # and complete
+
+
+def prune_resumes_with_the_same_command(ws: Workspace, argv: list[str], capsys) -> None:
+    run = ws.out / "prune"
+    finished = {name: (run / name).read_bytes() for name in ("dense.json", "sparsity_0.5/hard_prune.pt")}
+    assert not (run / "sparsity_0.5" / "retrained.pt").exists()
+    assert main(argv) == 0
+    assert json.loads((run / "results.json").read_text())["sweep"][0]["stages"][-1]["stage"] == "retrained"
+    for name, content in finished.items():  # skipped on resume, not redone
+        assert (run / name).read_bytes() == content, name
+
+
+def corrected_prune_runs_in_the_same_folder(ws: Workspace, argv: list[str], capsys) -> None:
+    """Failed before the dense evaluation, so no stage finished: the folder takes corrected settings."""
+    assert not (ws.out / "prune" / "dense.json").exists()
+    assert main(detect_prune(ws)) == 0
+    assert (ws.out / "prune" / "results.json").is_file()
+
+
+@dataclass(frozen=True)
+class Case:
+    """One catalogue entry.
+
+    Attributes:
+        id: the test id.
+        argv: the command line (it may also write the case's inputs into the workspace).
+        expect: substrings of stderr ({root}, {ds}, {cfg}, ... are the workspace's paths).
+        code: the exit status.
+        files: written into the workspace first (path relative to it -> content; None deletes).
+        absent: substrings that must not be in stderr.
+        stdout: substrings of stdout.
+        patch: a simulated failure, `patch(monkeypatch)`.
+        then: further checks after the run, `then(workspace, argv, capsys)`.
+    """
+
+    id: str
+    argv: Callable[[Workspace], list[str]]
+    expect: tuple[str, ...]
+    code: int = 2
+    files: dict[str, str | bytes | None] = field(default_factory=dict)
+    absent: tuple[str, ...] = ()
+    stdout: tuple[str, ...] = ()
+    patch: Callable | None = None
+    then: Callable | None = None
+
+
+CASES = [
+    # --- Darknet files
+    Case("weights-truncated",
+         lambda ws: detect_eval(ws, weights=ws.write("cut.weights", ws.weights.read_bytes()[:5000])),
+         ("{root}/cut.weights: file ends inside layer", "[convolutional]", "the file has 5000 bytes",
+          "{cfg} needs")),
+    Case("weights-oversized",
+         lambda ws: detect_eval(ws, weights=ws.write("long.weights", ws.weights.read_bytes() + bytes(8))),
+         ("{root}/long.weights: file has", "needs exactly", "8 bytes are left after layer", "[convolutional]")),
+    Case("weights-of-another-model", lambda ws: detect_eval(ws, weights=other_model_weights(ws)),
+         ("{root}/other.weights: file has", "{cfg} needs", "(weights for another cfg?)")),
+    Case("cfg-unknown-section",
+         lambda ws: detect_eval(ws, cfg=ws.write("bad.cfg", TINY_CFG.replace("[maxpool]", "[maxpoool]", 1))),
+         (f"{{root}}/bad.cfg:{MAXPOOL_LINE} [maxpoool] (layer 1)", "unknown or unsupported section",
+          "expected one of [convolutional], [maxpool]")),
+    Case("cfg-bad-value",
+         lambda ws: detect_eval(ws, cfg=ws.write("bad.cfg", TINY_CFG.replace("filters=16", "filters=1x6", 1))),
+         (f"{{root}}/bad.cfg:{FILTERS_LINE} [convolutional] (layer 2)", "option 'filters'",
+          "expected an integer, found '1x6'")),
+    # --- data
+    Case("classes-disagree-train", lambda ws: detect_train(ws, data=yaml_with_names(ws, "a, b, c, d, e")),
+         ("{cfg}: the model predicts 4 classes but the dataset has 5 (a, b, c, d, e)",)),
+    Case("classes-disagree-prune-before-dense-eval",
+         lambda ws: detect_prune(ws, data=yaml_with_names(ws, "a, b, c, d, e")),
+         ("{cfg}: the model predicts 4 classes but the dataset has 5",), then=corrected_prune_runs_in_the_same_folder),
+    Case("missing-image-dir-yaml",
+         lambda ws: detect_train(ws, data=ws.write("ds/other.yaml", "train: images/nowhere\nnames: [a, b, c, d]\n")),
+         ("{ds}/other.yaml: split entry 'images/nowhere' -> {ds}/images/nowhere",
+          "expected a folder of images or a .txt list, found nothing")),
+    Case("missing-image-dir-coco",
+         lambda ws: detect_eval(ws, coco=ws.coco_json(lambda gt: None), images=ws.root / "nowhere"),
+         ("{root}/nowhere: images folder not found",)),
+    Case("corrupt-jpg-yolo", detect_eval,
+         ("{ds}/images/val/000001.jpg: expected an image file, found one that cannot be read",),
+         files={"ds/images/val/000001.jpg": CORRUPT_JPEG}),
+    Case("corrupt-jpg-coco-in-dataloader-worker", corrupt_image_in_coco_eval,
+         ("{ds}/images/val/000001.jpg: not a readable image",), absent=("DataLoader worker",)),
+    Case("label-class-out-of-range", detect_eval,
+         ("{ds}/labels/val/000000.txt:1: class must be an integer in 0..3, found 7",),
+         files={"ds/labels/val/000000.txt": "7 0.5 0.5 0.2 0.2\n"}),
+    Case("label-not-finite", detect_eval,
+         ("{ds}/labels/val/000000.txt:2: expected finite numbers, found '1 nan 0.5 0.2 0.2'",),
+         files={"ds/labels/val/000000.txt": "0 0.5 0.5 0.2 0.2\n1 nan 0.5 0.2 0.2\n"}),
+    Case("label-missing-values", detect_eval,
+         ("{ds}/labels/val/000000.txt:1: expected 'class cx cy w h'", "found 4 values"),
+         files={"ds/labels/val/000000.txt": "0 0.5 0.5 0.2\n"}),
+    Case("labels-in-pixel-coordinates", detect_eval,
+         ("{data}: split 'val': every one of its 2 label lines has coordinates outside [0, 1]",
+          "expected cx cy w h normalised", "e.g. {ds}/labels/val/000000.txt:1: '0 48 40 20 30'"),
+         files={"ds/labels/val/000000.txt": "0 48 40 20 30\n", "ds/labels/val/000001.txt": "2 60 50 10 12\n"}),
+    Case("coco-annotation-for-missing-image-id",
+         lambda ws: detect_eval(ws, coco=ws.coco_json(lambda gt: gt["annotations"][0].update(image_id=999))),
+         ("{root}/instances.json: annotations refer to image ids not in 'images': [999]",)),
+    Case("coco-image-file-missing",
+         lambda ws: detect_eval(ws, coco=ws.coco_json(lambda gt: gt["images"][0].update(file_name="gone.jpg"))),
+         ("{root}/instances.json: image id", "{ds}/images/val/gone.jpg: not found")),
+    # --- legitimate data: no error
+    Case("coco-json-without-info-is-accepted",
+         lambda ws: detect_eval(ws, coco=ws.coco_json(lambda gt: [gt.pop("info"), gt.pop("licenses")])),
+         (), code=0, absent=("error", "warning"), stdout=("eval: 2 images", "metrics written to")),
+    Case("empty-and-missing-label-files-are-background-images", detect_eval, (), code=0,
+         absent=("error", "warning"), stdout=("eval: 2 images", "metrics written to"),
+         files={"ds/labels/val/000000.txt": "", "ds/labels/val/000001.txt": None}),
+    Case("no-label-file-in-a-split-warns", detect_eval,
+         ("warning: {data}: split 'val': none of its 2 images has a label file",
+          "expected e.g. {ds}/labels/val/000000.txt"), code=0, absent=("error",),
+         files={"ds/labels/val/000000.txt": None, "ds/labels/val/000001.txt": None}),
+    Case("label-outside-the-image-warns", detect_eval,
+         ("warning: {data}: split 'val': 1 of 3 label lines have coordinates outside [0, 1]",
+          "{ds}/labels/val/000000.txt:2: '1 1.3 0.5 0.2 0.2'"), code=0, absent=("error",),
+         files={"ds/labels/val/000000.txt": "0 0.5 0.5 0.2 0.2\n1 1.3 0.5 0.2 0.2\n",
+                "ds/labels/val/000001.txt": "3 0.4 0.4 0.3 0.3\n"}),
+    # --- settings
+    Case("detect-prune-sparsity-1", lambda ws: detect_prune(ws, "--sparsity", "1.0"),
+         ("sparsity must be in [0, 1)", "got 1.0")),
+    Case("detect-prune-sparsity-negative", lambda ws: detect_prune(ws, "--sparsity", "-0.1"),
+         ("sparsity must be in [0, 1)", "got -0.1")),
+    Case("classify-prune-sparsity-1.5",
+         lambda ws: ["classify", "prune", "--model", "lenet5", "--data", str(ws.root), "--sparsity", "1.5"],
+         ("argument --sparsity: must be in [0, 1)", "found 1.5")),
+    Case("img-size-not-multiple-of-32", lambda ws: detect_train(ws, "--img-size", "100"),
+         ("argument --img-size: must be a positive multiple of 32", "found 100")),
+    Case("cfg-size-not-multiple-of-32",
+         lambda ws: detect_eval(ws, cfg=ws.write("big.cfg", TINY_CFG.replace("width=64\nheight=64",
+                                                                            "width=100\nheight=100"))),
+         ("{root}/big.cfg: [net] width x height is 100x100", "multiple of 32", "--img-size")),
+    # --- failures
+    Case("non-finite-loss-from-a-huge-lr", lambda ws: detect_train(ws, "--lr", "1e12"),
+         ("non-finite loss (", "at epoch 1, batch 1", "last good checkpoint: none was written", "--lr")),
+    Case("non-finite-loss-keeps-the-last-good-checkpoint", lambda ws: detect_train(ws, epochs=2),
+         ("non-finite loss (nan) at epoch 2", "last good checkpoint: {out}/epoch_0001.pt", "--lr"),
+         patch=loss_patch(FIRST_CALL_OF_EPOCH_2, nan_loss), then=epoch_1_checkpoint_kept),
+    Case("cuda-out-of-memory", lambda ws: detect_train(ws),
+         ("out of memory (CUDA out of memory. Tried to allocate 9.00 GiB)", "smaller --batch-size"),
+         patch=loss_patch(1, raise_(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")))),
+    Case("cpu-out-of-memory", lambda ws: detect_train(ws),
+         ("out of memory", "DefaultCPUAllocator: can't allocate memory", "smaller --batch-size"),
+         patch=loss_patch(1, raise_(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                                                 "allocate 9663676416 bytes.")))),
+    Case("unwritable-out-train", lambda ws: detect_train(ws, out=ws.out / "metrics.json" / "run"),
+         ("--out {out}/metrics.json/run: cannot create this output folder",
+          "expected a folder at {out}/metrics.json, found a file")),
+    Case("unwritable-json-out-eval", lambda ws: detect_eval(ws, json_out=ws.out / "tiny.weights" / "m.json"),
+         ("--json-out {out}/tiny.weights/m.json: its folder {out}/tiny.weights: cannot create",
+          "expected a folder at {out}/tiny.weights, found a file")),
+    Case("unwritable-out-prune", lambda ws: detect_prune(ws, out=ws.out / "metrics.json" / "prune"),
+         ("--out {out}/metrics.json/prune: cannot create this output folder", "found a file")),
+    Case("out-holds-another-run",
+         lambda ws: [main(detect_train(ws, "--lr", "0.01")), detect_train(ws, "--lr", "0.02")][1],
+         ("--out {out}: expected a new folder or one of a run with the same settings",
+          "the checkpoints (epoch_0001.pt) of a run with other settings (--lr 0.01 -> 0.02)",
+          "--resume {out}")),
+    Case("ctrl-c-in-detect-train", lambda ws: detect_train(ws, epochs=2),
+         ("interrupted: the checkpoints so far are kept in {out} (newest: epoch_0001.pt)",
+          "run the same command again to resume"), code=130,
+         patch=loss_patch(FIRST_CALL_OF_EPOCH_2, raise_(KeyboardInterrupt())),
+         then=train_resumes_with_the_same_command),
+    Case("ctrl-c-in-detect-prune", detect_prune,
+         ("interrupted: the finished stages and the checkpoints so far are kept in {out}/prune",
+          "run the same command again to resume"), code=130,
+         patch=loss_patch(FIRST_CALL_OF_EPOCH_2, raise_(KeyboardInterrupt())),
+         then=prune_resumes_with_the_same_command),
+]
+
+
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_gives_a_clear_error_and_loses_nothing(case: Case, base: Path, tmp_path: Path, capsys,
+                                                        monkeypatch):
+    monkeypatch.delenv("YOLO_ADMM_DEBUG", raising=False)
+    ws = Workspace.create(tmp_path, base)
+    for relative, content in case.files.items():
+        ws.write(relative, content)
+    argv = case.argv(ws)
+    before = snapshot(ws.out)
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch:
+        if case.patch is not None:
+            case.patch(patch)
+        code = main(argv)
+    captured = capsys.readouterr()
+    assert code == case.code, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    for expected in case.expect:
+        assert expected.format(**ws.names()) in captured.err, captured.err
+    for unexpected in case.absent:
+        assert unexpected not in captured.err, captured.err
+    for expected in case.stdout:
+        assert expected in captured.out, captured.out
+    if case.code != 0:
+        assert snapshot(ws.out).items() >= before.items(), "a file written before the run was changed or removed"
+    assert not [p for p in ws.out.rglob("*.tmp")], "a temporary file was left behind"
+    if case.then is not None:
+        case.then(ws, argv, capsys)
