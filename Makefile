@@ -16,5 +16,9 @@ $(VENV)/.installed: pyproject.toml
 test: venv
 	$(PY) -m pytest -q
 
+# The main job on the embedded default, offline: see scripts/prune_yolo.sh (run folder runs/demo).
+demo: venv
+	PYTHON=$(PY) scripts/prune_yolo.sh
+
 clean:
 	rm -rf $(VENV) build *.egg-info

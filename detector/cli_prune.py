@@ -20,7 +20,7 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected a number or a comma-separated list, found {text!r}") from None
 
 
-def _formats(text: str) -> list[str]:
+def _comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="run folder (default runs/prune); an existing one is resumed")
     parser.add_argument("--sparsity", type=_floats, help="fraction of weights removed, e.g. 0.8, or a list 0.5,0.7,0.9")
     parser.add_argument("--method", choices=METHODS, help="pruning method (default admm-global)")
+    parser.add_argument("--exclude", type=_comma_list, metavar="PATTERNS",
+                        help="parameter-name patterns never pruned, comma-separated globs (e.g. 'layers.120.*')")
+    parser.add_argument("--min-density", type=float, help="keep at least this fraction of every layer (default 0)")
     parser.add_argument("--admm-iters", type=int, help="ADMM iterations (default 4)")
     parser.add_argument("--epochs-per-iter", type=int, help="training epochs per ADMM iteration (default 2)")
     parser.add_argument("--rho", type=float, help="initial ADMM penalty (default 1e-3)")
@@ -48,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=network_size, help="network input side (default: the cfg's width)")
     parser.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--export", type=_formats, help=f"formats, comma-separated (default {','.join(EXPORT_FORMATS)})")
+    parser.add_argument("--export", type=_comma_list, help=f"formats, comma-separated (default {','.join(EXPORT_FORMATS)})")
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
     parser.add_argument("--no-progress", dest="progress", action="store_const", const=False,
                         help="no progress bars")

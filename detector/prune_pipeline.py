@@ -50,6 +50,9 @@ METHODS = ("admm-global", "admm-layerwise", "magnitude-global", "magnitude-unifo
 class PruneJob:
     """Everything one `detect prune` run needs; YAML keys and CLI flags use these names.
 
+    Which weights: ``include``/``exclude`` are parameter-name patterns (globs, or ``re:`` regexes;
+    default every conv weight), ``min_density`` keeps at least that fraction of every layer.
+
     Data: ``data`` (an Ultralytics data.yaml with train and val splits), or the COCO json pairs
     ``train_images``/``train_annotations`` and ``val_images``/``val_annotations``.
     """
@@ -65,6 +68,9 @@ class PruneJob:
     sparsity: list[float] = field(default_factory=lambda: [0.8])
     method: str = "admm-global"
     layer_sparsity: dict[str, float] | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    min_density: float = 0.0
     admm_iters: int = 4
     epochs_per_iter: int = 2
     rho: float = 1e-3
@@ -255,7 +261,8 @@ def run_admm(ctx: RunContext, model: torch.nn.Module, sparsity: float, folder: P
     trainer = build_detector_trainer(model, ctx.train, None, config)  # moves the model to its device
     admm = pruning.ADMM(model, pruning.ADMMConfig(
         sparsity=sparsity, scope=scope, layer_sparsity=job.layer_sparsity if scope == "layerwise" else None,
-        rho=job.rho, rho_multiplier=job.rho_mult, rho_max=max(job.rho_max, job.rho)))
+        rho=job.rho, rho_multiplier=job.rho_mult, rho_max=max(job.rho_max, job.rho),
+        include=job.include, exclude=job.exclude, min_density=job.min_density))
     steps_per_epoch = math.ceil(len(trainer.train_loader) / trainer.config.accumulate)  # optimizer steps
     callback = pruning.ADMMCallback(admm, job.epochs_per_iter * steps_per_epoch)
     trainer.callbacks.append(callback)
@@ -273,7 +280,9 @@ def prune_stage(ctx: RunContext, sparsity: float, folder: Path) -> tuple[torch.n
     if ctx.job.method.startswith("admm"):
         masks = run_admm(ctx, model, sparsity, folder)
     else:
-        masks = pruning.magnitude_prune(model, sparsity, scope=ctx.job.method.split("-", 1)[1])
+        masks = pruning.magnitude_prune(model, sparsity, scope=ctx.job.method.split("-", 1)[1],
+                                        include=ctx.job.include, exclude=ctx.job.exclude,
+                                        min_density=ctx.job.min_density)
     save_state(state_path, model.cpu(), masks.to("cpu"))
     return model, masks
 
