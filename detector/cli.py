@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import detector
+from engine import resolve_device
 
 MODES = {
     "predict": ("detector.cli_predict", "detect objects in images: annotated images + detections JSON"),
@@ -86,19 +87,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=network_size, default=None, metavar="N",
                         help="network input N x N (multiple of 32); default: the cfg's width x height")
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """`name` as a torch.device; None means cuda when available, else cpu."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device: expected a torch device such as cpu or cuda:0, found {name!r} ({err})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int, int, bool]:
