@@ -1,0 +1,19 @@
+"""The shared training engine: one loop with hooks, AMP, EMA, accumulation, checkpoints, resume and DDP."""
+from engine import distributed
+from engine.checkpoint import atomic_torch_save, find_latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.ema import ModelEMA
+from engine.trainer import NonFiniteLossError, Trainer, TrainConfig, move_to_device, resolve_device
+
+__all__ = [
+    "ModelEMA",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "Trainer",
+    "atomic_torch_save",
+    "distributed",
+    "find_latest_checkpoint",
+    "load_checkpoint",
+    "move_to_device",
+    "resolve_device",
+    "save_checkpoint",
+]

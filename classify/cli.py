@@ -1,0 +1,165 @@
+"""`yolo-admm classify MODE [options]`: train, evaluate and prune LeNet-5 / ResNet-56.
+
+    yolo-admm classify train --model lenet5 --data ../shared/data/mnist --epochs 10 --out runs/lenet5.pt
+    yolo-admm classify eval  --model resnet56 --data ../shared/data/cifar10 --weights resnet56-4bfd9763.th
+    yolo-admm classify prune --model lenet5 --data ../shared/data/mnist --weights runs/lenet5.pt \\
+        --sparsity 0.99 --method admm-global --admm-iters 4 --epochs-per-iter 1 --rho 1e-3 --rho-mult 2 \\
+        --retrain-epochs 6 --json-out runs/lenet5-admm.json
+
+Bad input (unknown model, sparsity outside [0, 1), missing data or weights) raises ValueError /
+FileNotFoundError with a message naming what was wrong; `yolo-admm` prints it without traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pruning
+from classify.pipeline import (METHODS, MODELS, PruneSettings, TrainSettings, evaluate_accuracy, make_eval_loader,
+                               model_spec, prepare, prune_model, save_prune_plots, save_weights, train_model,
+                               write_json)
+from engine import NonFiniteLossError, resolve_device
+
+DEFAULT_RUN_DIR = Path("runs/classify")
+
+
+def sparsity_fraction(text: str) -> float:
+    """argparse type of --sparsity: a float in [0, 1), the fraction of weights removed."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), found {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (the fraction of weights removed), found {value}")
+    return value
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every mode takes: model, data, weights, batching, device, subsets, seed."""
+    parser.add_argument("--model", required=True, choices=list(MODELS), help="classifier to use")
+    parser.add_argument("--data", required=True, type=Path,
+                        help="dataset directory: MNIST IDX .gz files (lenet5), "
+                             "or CIFAR-10 train/ and test/ class folders (resnet56)")
+    parser.add_argument("--weights", type=Path, default=None, help="weights to start from (state dict or checkpoint)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 128")
+    parser.add_argument("--lr", type=float, default=None, help="default: Adam 1e-3 (lenet5), SGD 0.01 (resnet56)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--train-samples", type=int, default=None, metavar="N",
+                        help="images drawn per training epoch (default: the whole train set)")
+    parser.add_argument("--eval-samples", type=int, default=None, metavar="N",
+                        help="evaluate on a fixed seeded subset of N test images (default: all)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the modes that train: checkpoints, resume, outputs."""
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="trainer checkpoints (one sub-folder per phase)")
+    parser.add_argument("--resume", action="store_true", help="continue each phase from its newest checkpoint")
+    parser.add_argument("--out", type=Path, default=None, help="write the final weights here")
+    parser.add_argument("--json-out", type=Path, default=None, help="write the result JSON (plots go beside it)")
+
+
+def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
+    """The pruning method and its schedule."""
+    parser.add_argument("--sparsity", type=sparsity_fraction, required=True,
+                        help="fraction of prunable weights removed, in [0, 1)")
+    parser.add_argument("--method", choices=list(METHODS), default="admm-global")
+    parser.add_argument("--admm-iters", type=int, default=3, help="ADMM iterations (Z/U updates)")
+    parser.add_argument("--epochs-per-iter", type=int, default=1, help="training epochs between ADMM updates")
+    parser.add_argument("--rho", type=float, default=1e-3, help="initial ADMM penalty")
+    parser.add_argument("--rho-mult", type=float, default=1.0, help="rho multiplier after each ADMM iteration")
+    parser.add_argument("--rho-max", type=float, default=None, help="cap on rho (default: none)")
+    parser.add_argument("--retrain-epochs", type=int, default=3,
+                        help="masked retraining epochs after ADMM (magnitude methods retrain for the ADMM epochs too)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `classify` parser with the train, eval and prune modes."""
+    parser = argparse.ArgumentParser(prog="yolo-admm classify", description="LeNet-5 / ResNet-56 classifiers.")
+    modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
+    train = modes.add_parser("train", help="dense training")
+    add_common_arguments(train)
+    train.add_argument("--epochs", type=int, default=10)
+    add_training_arguments(train)
+    evaluate = modes.add_parser("eval", help="top-1 accuracy on the test set")
+    add_common_arguments(evaluate)
+    prune = modes.add_parser("prune", help="dense eval -> prune -> masked retrain -> eval")
+    add_common_arguments(prune)
+    add_prune_arguments(prune)
+    add_training_arguments(prune)
+    return parser
+
+
+def train_settings(args: argparse.Namespace) -> TrainSettings:
+    """TrainSettings from the parsed options (ValueError for out-of-range values)."""
+    return TrainSettings(
+        epochs=getattr(args, "epochs", 0), batch_size=args.batch_size, lr=args.lr, device=args.device,
+        train_samples=args.train_samples, eval_samples=args.eval_samples, workers=args.workers, seed=args.seed,
+        progress=not args.no_progress, checkpoint_dir=getattr(args, "checkpoint_dir", None),
+        resume=getattr(args, "resume", False))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    settings = train_settings(args)
+    model, datasets = prepare(args.model, args.data, args.weights)
+    result = train_model(args.model, model, datasets, settings)
+    out = save_weights(model, args.out or DEFAULT_RUN_DIR / f"{args.model}-dense.pt")
+    print(f"{args.model}: top-1 {result['accuracy']:.2f}% after {settings.epochs} epochs "
+          f"({result['wall_time_s']:.0f} s); weights: {out}")
+    if args.json_out is not None:
+        write_json({**result, "weights": str(out)}, args.json_out)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    if args.weights is None:
+        raise ValueError("eval needs --weights (a trained model to evaluate)")
+    settings = train_settings(args)
+    model, datasets = prepare(args.model, args.data, args.weights, splits=("test",))
+    model.to(resolve_device(settings.device))
+    loader = make_eval_loader(model_spec(args.model), datasets["test"], settings)
+    accuracy = evaluate_accuracy(model, loader, settings.device)
+    print(f"{args.model} {args.weights}: top-1 {accuracy:.2f}% on {len(loader.dataset)} test images")
+    return 0
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    if args.weights is None:
+        raise ValueError("prune needs --weights (the dense model to prune)")
+    settings = train_settings(args)
+    prune = PruneSettings(sparsity=args.sparsity, method=args.method, admm_iters=args.admm_iters,
+                          epochs_per_iter=args.epochs_per_iter, rho=args.rho, rho_mult=args.rho_mult,
+                          rho_max=args.rho_max, retrain_epochs=args.retrain_epochs)
+    model, datasets = prepare(args.model, args.data, args.weights)
+    result = prune_model(args.model, model, datasets, prune, settings)
+    print(pruning.format_table(result["layers"]))
+    print(f"{args.model} {args.method}: {100 * result['sparsity']:.2f}% of {result['params']} weights removed; "
+          f"top-1 {result['dense_accuracy']:.2f}% dense -> {result['pruned_accuracy']:.2f}% pruned "
+          f"({result['wall_time_s']:.0f} s)")
+    if args.out is not None:
+        print(f"pruned weights: {save_weights(model, args.out)}")
+    if args.json_out is not None:
+        write_json(result, args.json_out)
+        plots = save_prune_plots(result, args.json_out)
+        print(f"result: {args.json_out}; plots: {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+RUNNERS = {"train": run_train, "eval": run_eval, "prune": run_prune}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (the words after `classify`) and run the mode; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # --help, or a usage error argparse already printed
+        return int(exit_request.code or 0)
+    try:
+        return RUNNERS[args.mode](args)
+    except NonFiniteLossError as err:
+        print(f"yolo-admm classify: {err}", file=sys.stderr)
+        return 1

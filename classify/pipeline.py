@@ -1,0 +1,410 @@
+"""Classifier workflows as plain functions, shared by the `classify` CLI and the benchmarks.
+
+- `prepare(model_name, data_dir, weights)`: the model (optionally with weights) and its datasets;
+- `train_model`: dense training (cosine LR over all steps);
+- `evaluate_accuracy`: top-1 accuracy in percent;
+- `prune_model`: dense eval -> pruning method -> hard prune -> masked retraining -> eval.
+
+Pruning methods (`METHODS`): "admm-global" (Lee et al. 2023: one budget over all layers),
+"admm-layerwise" (Zhang et al. 2018: a ratio per layer), "magnitude-global" and
+"magnitude-uniform" (one-shot baselines). Every method gets the same total number of training
+epochs: ADMM spends `admm_iters * epochs_per_iter` of them on the ADMM phase (constant LR) and
+`retrain_epochs` on masked retraining; the magnitude baselines spend all of them on masked
+retraining. Retraining always uses a fresh optimizer with a cosine LR decay to zero.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+
+import pruning
+from classify.lenet5 import LeNet5
+from classify.resnet56 import RESNET56_MEAN, RESNET56_STD, resnet56
+from data.cifar import CIFARDataset, load_cifar_folder
+from data.mnist import MNISTDataset, load_mnist
+from engine import Trainer, TrainConfig, atomic_torch_save, find_latest_checkpoint, resolve_device
+
+METHODS = {
+    "admm-global": ("admm", "global"),
+    "admm-layerwise": ("admm", "layerwise"),
+    "magnitude-global": ("magnitude", "global"),
+    "magnitude-uniform": ("magnitude", "uniform"),
+}
+SPLITS = ("train", "test")
+
+
+def mnist_split(root: Path, split: str) -> Dataset:
+    """MNIST split from the IDX gz files in `root`."""
+    return MNISTDataset(*load_mnist(root, split))
+
+
+def cifar_split(root: Path, split: str) -> Dataset:
+    """CIFAR-10 split from `root/<split>/<class>/*.jpg`, augmented for training."""
+    images, labels, _ = load_cifar_folder(root, split)
+    return CIFARDataset(images, labels, RESNET56_MEAN, RESNET56_STD, augment=split == "train")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a `--model` name resolves to: its builder, its data and its default optimizer."""
+
+    build: Callable[[], nn.Module]
+    load_split: Callable[[Path, str], Dataset]
+    optimizer: str  # "adam" or "sgd" (momentum 0.9, Nesterov)
+    lr: float
+    weight_decay: float
+    batch_size: int
+
+
+MODELS = {
+    "lenet5": ModelSpec(LeNet5, mnist_split, "adam", 1e-3, 0.0, 128),
+    "resnet56": ModelSpec(resnet56, cifar_split, "sgd", 0.01, 1e-4, 128),
+}
+
+
+@dataclass
+class TrainSettings:
+    """How to train and evaluate; None picks the model's default (see `MODELS`).
+
+    Attributes:
+        epochs: dense training epochs (`train_model`; `prune_model` uses `PruneSettings`).
+        train_samples: images drawn (without replacement) per epoch; None for the whole train set.
+        eval_samples: size of a fixed, seeded subset of the test set; None for all of it.
+        eval_each_epoch: also evaluate after every epoch (logged in the history).
+        checkpoint_dir: trainer checkpoints go to `checkpoint_dir/<phase>/`; with `resume`, each
+            phase continues from its newest checkpoint there.
+    """
+
+    epochs: int = 10
+    batch_size: int | None = None
+    lr: float | None = None
+    device: str | None = None
+    train_samples: int | None = None
+    eval_samples: int | None = None
+    eval_each_epoch: bool = True
+    workers: int = 0
+    seed: int = 0
+    progress: bool = True
+    checkpoint_dir: str | os.PathLike | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "train_samples", "eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, found {value}")
+        if self.epochs < 0 or self.workers < 0:
+            raise ValueError(f"epochs and workers must be >= 0, found {self.epochs} and {self.workers}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, found {self.lr}")
+
+
+@dataclass
+class PruneSettings:
+    """The pruning method and its schedule (see the module docstring for the shared budget)."""
+
+    sparsity: float
+    method: str = "admm-global"
+    admm_iters: int = 3
+    epochs_per_iter: int = 1
+    rho: float = 1e-3
+    rho_mult: float = 1.0
+    rho_max: float | None = None  # None: no cap
+    retrain_epochs: int = 3
+    layer_sparsity: Mapping[str, float] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1) (the fraction of weights removed), found {self.sparsity}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown pruning method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.admm_iters < 1 or self.epochs_per_iter < 1 or self.retrain_epochs < 0:
+            raise ValueError(f"need admm_iters >= 1, epochs_per_iter >= 1, retrain_epochs >= 0; found "
+                             f"{self.admm_iters}, {self.epochs_per_iter}, {self.retrain_epochs}")
+
+    @property
+    def admm_epochs(self) -> int:
+        return self.admm_iters * self.epochs_per_iter
+
+    @property
+    def total_epochs(self) -> int:
+        return self.admm_epochs + self.retrain_epochs
+
+
+# ---------------------------------------------------------------------------------- setup
+def model_spec(model_name: str) -> ModelSpec:
+    """The `ModelSpec` of `model_name`; ValueError listing the known names otherwise."""
+    if model_name not in MODELS:
+        raise ValueError(f"unknown model {model_name!r}; expected one of {', '.join(MODELS)}")
+    return MODELS[model_name]
+
+
+def prepare(model_name: str, data_dir: str | os.PathLike, weights: str | os.PathLike | None = None,
+            splits: tuple[str, ...] = SPLITS) -> tuple[nn.Module, dict[str, Dataset]]:
+    """Build `model_name` (loading `weights` when given) and read the requested data splits."""
+    spec = model_spec(model_name)
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: data directory not found")
+    model = spec.build()
+    if weights is not None:
+        load_weights(model, weights)
+    return model, {split: spec.load_split(data_dir, split) for split in splits}
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load weights saved as a plain state dict, a trainer checkpoint ({"model": ...}) or a
+    {"state_dict": ...} file whose keys may carry DataParallel's `module.` prefix.
+
+    The names must match the model's exactly (BatchNorm's `num_batches_tracked`, absent from old
+    files, excepted). Raises FileNotFoundError / ValueError naming the file and the mismatch.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several unrelated types for a corrupt or foreign file
+        raise ValueError(f"{path}: not a readable weights file ({type(err).__name__}: {err})") from err
+    state = saved.get("model", saved.get("state_dict", saved)) if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a dict of tensors (optionally under 'model' or 'state_dict')")
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    expected = {key for key in model.state_dict() if not key.endswith("num_batches_tracked")}
+    found = {key for key in state if not key.endswith("num_batches_tracked")}
+    if expected != found:
+        raise ValueError(f"{path}: parameter names differ from {type(model).__name__}: missing "
+                         f"{sorted(expected - found)[:5]}, unexpected {sorted(found - expected)[:5]}")
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatch
+        raise ValueError(f"{path}: {err}") from None
+    return model
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_train_loader(spec: ModelSpec, train_set: Dataset, settings: TrainSettings) -> DataLoader:
+    """Shuffled batches; an epoch is `train_samples` images drawn without replacement (or all)."""
+    sampler = RandomSampler(train_set, num_samples=settings.train_samples)
+    return DataLoader(train_set, settings.batch_size or spec.batch_size, sampler=sampler,
+                      num_workers=settings.workers, persistent_workers=settings.workers > 0,
+                      pin_memory=resolve_device(settings.device).type == "cuda")
+
+
+def make_eval_loader(spec: ModelSpec, test_set: Dataset, settings: TrainSettings) -> DataLoader:
+    """In-order batches over the test set, or over a fixed subset of `eval_samples` images drawn
+    with `settings.seed` (the same subset for every run with that seed)."""
+    if settings.eval_samples is not None and settings.eval_samples < len(test_set):
+        order = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(settings.seed))
+        test_set = Subset(test_set, sorted(order[:settings.eval_samples].tolist()))
+    return DataLoader(test_set, max(settings.batch_size or spec.batch_size, 256), shuffle=False,
+                      num_workers=settings.workers, pin_memory=resolve_device(settings.device).type == "cuda")
+
+
+def make_loaders(spec: ModelSpec, datasets: Mapping[str, Dataset],
+                 settings: TrainSettings) -> tuple[DataLoader, DataLoader]:
+    """(training loader, evaluation loader) over `datasets["train"]` and `datasets["test"]`."""
+    return make_train_loader(spec, datasets["train"], settings), make_eval_loader(spec, datasets["test"], settings)
+
+
+# ---------------------------------------------------------------------------------- train / eval
+def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy on a batch (images Tensor[B, C, H, W], labels Tensor[B]); logs accuracy in %."""
+    images, labels = batch
+    logits = model(images)
+    accuracy = 100.0 * float((logits.detach().argmax(1) == labels).float().mean())
+    return F.cross_entropy(logits, labels), {"acc": accuracy}
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: str | torch.device | None = None) -> float:
+    """Top-1 accuracy in percent of `model` over `loader` (eval mode; the mode is restored after)."""
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for images, labels in loader:
+        logits = model(images.to(device))
+        correct += int((logits.argmax(1).cpu() == labels).sum())
+        total += len(labels)
+    model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluation set is empty")
+    return 100.0 * correct / total
+
+
+def make_optimizer(model: nn.Module, spec: ModelSpec, lr: float | None) -> torch.optim.Optimizer:
+    """The model's default optimizer (Adam, or SGD with Nesterov momentum 0.9) at `lr`."""
+    lr = lr or spec.lr
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=spec.weight_decay)
+
+
+def run_phase(model: nn.Module, spec: ModelSpec, loaders: tuple[DataLoader, DataLoader],
+              settings: TrainSettings, epochs: int, phase: str, callbacks: list | None = None,
+              cosine: bool = True) -> list[dict[str, float]]:
+    """Train `model` for `epochs` with a fresh optimizer through `engine.Trainer`; returns its history."""
+    train_loader, eval_loader = loaders
+    device = resolve_device(settings.device)
+    optimizer = make_optimizer(model, spec, settings.lr)
+    total_steps = max(1, epochs * len(train_loader))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps) if cosine else None
+    phase_dir = Path(settings.checkpoint_dir) / phase if settings.checkpoint_dir is not None else None
+    resume = phase_dir if settings.resume and phase_dir and find_latest_checkpoint(phase_dir) else None
+    config = TrainConfig(epochs=epochs, device=str(device), checkpoint_dir=phase_dir, resume=resume,
+                         log_csv=phase_dir / "history.csv" if phase_dir is not None else None,
+                         eval_every=1 if settings.eval_each_epoch else 0, scheduler_interval="step",
+                         progress=settings.progress, desc=phase)
+    trainer = Trainer(model, optimizer, classification_loss, train_loader, config, callbacks=callbacks,
+                      scheduler=scheduler, evaluate=lambda m: {"acc": evaluate_accuracy(m, eval_loader, device)})
+    return trainer.fit()
+
+
+def train_model(model_name: str, model: nn.Module, datasets: Mapping[str, Dataset],
+                settings: TrainSettings) -> dict[str, Any]:
+    """Dense training for `settings.epochs`; returns accuracy (%), history and wall time."""
+    started = time.perf_counter()
+    seed_everything(settings.seed)
+    spec = model_spec(model_name)
+    loaders = make_loaders(spec, datasets, settings)
+    history = run_phase(model, spec, loaders, settings, settings.epochs, "train")
+    accuracy = evaluate_accuracy(model, loaders[1], settings.device)
+    return {"model": model_name, "accuracy": accuracy, "epochs": settings.epochs,
+            "eval_images": len(loaders[1].dataset), "history": history,
+            "wall_time_s": time.perf_counter() - started, "settings": settings_dict(settings)}
+
+
+# ---------------------------------------------------------------------------------- prune
+def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Dataset],
+                prune: PruneSettings, settings: TrainSettings) -> dict[str, Any]:
+    """Dense eval -> `prune.method` -> hard prune -> masked retraining -> eval.
+
+    Returns a JSON-able dict: accuracies in % (`dense_accuracy`, `accuracy_after_hard_prune`,
+    `pruned_accuracy`), the sparsity measured on the final weights over all prunable weights,
+    `mask_violations` (nonzero weights at pruned positions: 0 when the masks held), the per-layer
+    table, the ADMM residual history, per-phase training histories (seconds per epoch included)
+    and the wall time.
+    """
+    started = time.perf_counter()
+    seed_everything(settings.seed)
+    spec = model_spec(model_name)
+    device = resolve_device(settings.device)
+    model.to(device)
+    loaders = make_loaders(spec, datasets, settings)
+    dense_accuracy = evaluate_accuracy(model, loaders[1], device)
+    kind, scope = METHODS[prune.method]
+    histories: dict[str, list] = {}
+    admm_updates: list[dict] = []
+    if kind == "admm":
+        admm = pruning.ADMM(model, pruning.ADMMConfig(
+            sparsity=prune.sparsity, scope=scope, layer_sparsity=prune.layer_sparsity, rho=prune.rho,
+            rho_multiplier=prune.rho_mult, rho_max=math.inf if prune.rho_max is None else prune.rho_max))
+        callback = pruning.ADMMCallback(admm, prune.epochs_per_iter * len(loaders[0]))
+        histories["admm"] = run_phase(model, spec, loaders, settings, prune.admm_epochs, "admm",
+                                      [callback], cosine=False)
+        admm_updates = callback.history
+        masks = admm.hard_prune()
+        retrain_epochs = prune.retrain_epochs
+    else:
+        masks = pruning.magnitude_prune(model, prune.sparsity, scope=scope)
+        retrain_epochs = prune.total_epochs
+    masks.to(device)
+    hard_accuracy = evaluate_accuracy(model, loaders[1], device)
+    histories["retrain"] = run_phase(model, spec, loaders, settings, retrain_epochs, "retrain",
+                                     [pruning.MaskCallback(masks)])
+    pruned_accuracy = evaluate_accuracy(model, loaders[1], device)
+    rows = pruning.layer_table(model)
+    totals = pruning.table_totals(rows)
+    return {
+        "model": model_name, "method": prune.method, "target_sparsity": prune.sparsity,
+        "dense_accuracy": dense_accuracy, "accuracy_after_hard_prune": hard_accuracy,
+        "pruned_accuracy": pruned_accuracy, "sparsity": totals["sparsity"], "params": totals["params"],
+        "kept": totals["kept"], "mask_violations": count_mask_violations(model, masks), "layers": rows,
+        "admm_updates": admm_updates, "history": histories,
+        "epochs": {"admm": prune.admm_epochs if kind == "admm" else 0, "retrain": retrain_epochs},
+        "train_images_per_epoch": len(loaders[0].sampler), "eval_images": len(loaders[1].dataset),
+        "wall_time_s": time.perf_counter() - started,
+        "settings": {"prune": asdict(prune), "train": settings_dict(settings)},
+    }
+
+
+def count_mask_violations(model: nn.Module, masks: Any) -> int:
+    """Number of nonzero weights at positions `masks` prunes (0 when masked retraining held)."""
+    params = pruning.prunable_parameters(model)
+    return sum(int(torch.count_nonzero(params[name].detach()[~mask.to(params[name].device)]))
+               for name, mask in masks.items())
+
+
+def settings_dict(settings: TrainSettings) -> dict[str, Any]:
+    """`settings` as JSON-able values."""
+    return {key: str(value) if isinstance(value, os.PathLike) else value for key, value in asdict(settings).items()}
+
+
+# ---------------------------------------------------------------------------------- outputs
+def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Atomically save `model.state_dict()` (CPU tensors) to `path`."""
+    return atomic_torch_save({key: value.cpu() for key, value in model.state_dict().items()}, path)
+
+
+def write_json(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write `result` as indented JSON, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def save_prune_plots(result: Mapping[str, Any], json_path: str | os.PathLike) -> list[Path]:
+    """PNGs beside `json_path`: `<stem>.layers.png` (kept fraction per layer against depth) and,
+    for ADMM, `<stem>.admm.png` (primal and dual residuals per ADMM iteration)."""
+    json_path = Path(json_path)
+    title = f"{result['model']} {result['method']}: {100 * result['sparsity']:.2f}% removed"
+    paths = [pruning.save_kept_fraction_plot(result["layers"], json_path.with_suffix(".layers.png"), title)]
+    if result["admm_updates"]:
+        paths.append(save_residual_plot(result["admm_updates"], json_path.with_suffix(".admm.png")))
+    return paths
+
+
+def save_residual_plot(updates: list[Mapping[str, float]], path: Path) -> Path:
+    """Log-scale primal ||W - Z|| and dual rho ||Z - Z_prev|| per ADMM iteration, written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.0, 3.2), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    iterations = [update["iteration"] for update in updates]
+    axes.semilogy(iterations, [max(u["primal_residual"], 1e-12) for u in updates], "o-", label="primal ||W - Z||")
+    axes.semilogy(iterations, [max(u["dual_residual"], 1e-12) for u in updates], "s-", label="dual rho ||dZ||")
+    axes.set_xticks(iterations)
+    axes.set_xlabel("ADMM iteration")
+    axes.set_ylabel("residual")
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        figure.savefig(handle, format="png")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,105 @@
+"""CIFAR-10 from class folders of images: `root/{train,test}/<class>/*.jpg` (or .png).
+
+The images are decoded once (OpenCV, threaded) into one uint8 tensor held in memory; the dataset
+then only indexes, crops and flips. Classes are the sub-folder names in sorted order, which for
+CIFAR-10 is its canonical label order (airplane=0 ... truck=9).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+IMAGE_SIZE = 32
+
+
+def list_class_images(split_dir: Path) -> tuple[list[Path], list[int], list[str]]:
+    """Image paths, their class indices and the sorted class names under `split_dir/<class>/`."""
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"{split_dir}: CIFAR split directory not found")
+    class_names = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir())
+    if not class_names:
+        raise ValueError(f"{split_dir}: expected one sub-folder per class, found none")
+    paths, labels = [], []
+    for index, name in enumerate(class_names):
+        files = sorted(f for f in (split_dir / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{split_dir / name}: expected images ({', '.join(IMAGE_SUFFIXES)}), found none")
+        paths.extend(files)
+        labels.extend([index] * len(files))
+    return paths, labels, class_names
+
+
+def decode_rgb32(path: Path) -> np.ndarray:
+    """Decode one image file to uint8 RGB [32, 32, 3]; ValueError naming the file otherwise."""
+    image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"{path}: not a decodable image")
+    if image.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"{path}: expected a {IMAGE_SIZE}x{IMAGE_SIZE} image, found "
+                         f"{image.shape[1]}x{image.shape[0]}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def load_cifar_folder(root: str | os.PathLike, split: str = "train",
+                      workers: int = 4) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Decode every image of `root/split` once.
+
+    Returns:
+        images: uint8 Tensor[N, 3, 32, 32] (RGB); labels: int64 Tensor[N]; class_names: list[str].
+    """
+    paths, labels, class_names = list_class_images(Path(root) / split)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        decoded = list(pool.map(decode_rgb32, paths, chunksize=256))
+    images = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(labels, dtype=torch.int64), class_names
+
+
+def random_crop_flip(image: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """Standard CIFAR augmentation on one image [C, H, W]: zero-pad (black, before normalisation),
+    random crop back to H x W, random horizontal flip.
+
+    Draws from torch's global generator, so a seeded (or checkpoint-restored) run repeats exactly.
+    """
+    height, width = image.shape[-2:]
+    padded = F.pad(image, (padding, padding, padding, padding))
+    top, left = (int(v) for v in torch.randint(0, 2 * padding + 1, (2,)))
+    crop = padded[:, top:top + height, left:left + width]
+    return crop.flip(-1) if bool(torch.rand(()) < 0.5) else crop
+
+
+class CIFARDataset(Dataset):
+    """In-memory CIFAR images: item i is (float Tensor[3, 32, 32] normalised per channel, int label).
+
+    Args:
+        images: uint8 Tensor[N, 3, H, W]; labels: int64 Tensor[N].
+        mean, std: per-channel statistics on the [0, 1] scale.
+        augment: random crop (pad 4) + horizontal flip, for training.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, float, float],
+                 std: tuple[float, float, float], augment: bool = False):
+        if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8 or len(images) != len(labels):
+            raise ValueError(f"expected uint8 images [N, 3, H, W] and N labels, found {images.dtype} "
+                             f"{tuple(images.shape)} and {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index].float().div_(255.0)
+        if self.augment:
+            image = random_crop_flip(image)
+        return (image - self.mean) / self.std, int(self.labels[index])

@@ -1,0 +1,89 @@
+"""Checkpoint files: atomic save, validated load, and finding the newest one in a directory.
+
+A checkpoint is a plain dict written with `torch.save`. Saving goes through a temporary file in
+the same directory and `os.replace`, so a crash mid-write never leaves a truncated checkpoint
+under the final name: readers see either the old file or the new one.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)\.pt$")
+REQUIRED_KEYS = ("epoch", "step", "model")
+
+
+def checkpoint_name(epoch: int) -> str:
+    """File name of the checkpoint written after `epoch` completed epochs, e.g. `epoch_0003.pt`."""
+    return f"epoch_{epoch:04d}.pt"
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """Write `obj` with `torch.save` to `path` atomically (temp file + fsync + `os.replace`).
+
+    The temporary file lives beside `path` (same filesystem, so the rename is atomic) and is
+    removed if writing fails. Returns the final path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike) -> Path:
+    """Atomically write a trainer checkpoint dict as `directory/epoch_NNNN.pt` (N = `state["epoch"]`)."""
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"checkpoint state lacks keys {missing}; expected at least {list(REQUIRED_KEYS)}")
+    return atomic_torch_save(state, Path(directory) / checkpoint_name(int(state["epoch"])))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a trainer checkpoint written by `save_checkpoint`.
+
+    A directory means "the newest checkpoint in it". Raises FileNotFoundError when nothing is
+    there, ValueError when the file is not a readable trainer checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir():
+        latest = find_latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path}: no checkpoint (epoch_NNNN.pt) in this directory")
+        path = latest
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # torch raises several unrelated types for a corrupt file
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: expected a trainer checkpoint with keys {list(REQUIRED_KEYS)}, found {found}")
+    return state
+
+
+def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The `epoch_NNNN.pt` in `directory` with the highest epoch, or None. Temp files are ignored."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    numbered = []
+    for entry in directory.iterdir():
+        match = CHECKPOINT_PATTERN.match(entry.name)
+        if match and entry.is_file():
+            numbered.append((int(match.group(1)), entry))
+    return max(numbered)[1] if numbered else None

@@ -1,0 +1,413 @@
+"""The one training loop: hooks, AMP, gradient accumulation and clipping, EMA, checkpoints, resume.
+
+Task code passes in `loss_fn(model, batch) -> (loss, logs)` and optionally
+`evaluate(model) -> dict[str, float]`; everything task-specific stays outside. Callbacks are
+duck-typed: any of `on_train_start(trainer)`, `after_backward(trainer)`, `after_step(trainer)`,
+`end_epoch(trainer)`, `state_dict()`, `load_state_dict(d)` (see docs/contracts.md "engine").
+
+Order of one optimizer step (after `accumulate` batches were back-propagated):
+unscale (AMP) -> `after_backward` -> clip -> `optimizer.step()` -> `after_step` -> EMA update
+-> scheduler (when stepping per step). Order of one epoch: batches -> `end_epoch` -> scheduler
+(per epoch) -> evaluate -> history/CSV -> checkpoint.
+
+Under torchrun (a process group of several processes, see `engine.distributed`) the model trains
+inside DistributedDataParallel, so gradients are averaged across the ranks during backward and
+every hook sees the same gradients and weights on every rank. A `DistributedSampler` in the
+loader gets `set_epoch` each epoch. The logged loss is the mean over the ranks and a non-finite
+loss on any rank stops every rank. Only rank 0 evaluates (the metrics are sent to the others),
+writes checkpoints and the CSV, and shows a progress bar; every rank loads the resume checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import random
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from engine import distributed
+from engine.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
+from engine.ema import ModelEMA, unwrap
+
+LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
+EvaluateFn = Callable[[nn.Module], "dict[str, float]"]
+HOOKS = ("on_train_start", "after_backward", "after_step", "end_epoch")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss became NaN or infinite; `checkpoint` is the last good one."""
+
+    def __init__(self, message: str, checkpoint: Path | None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one `Trainer` run.
+
+    Attributes:
+        epochs: total epochs `fit()` trains to (counting epochs done before a resume).
+        device: "cpu", "cuda", "cuda:1", ...; None picks CUDA when available.
+        amp: mixed precision (float16 autocast + GradScaler); only ever active on CUDA.
+        accumulate: batches whose gradients are summed into one optimizer step.
+        clip_grad_norm: max total L2 norm of the gradients, None for no clipping.
+        ema: keep an exponential moving average of the weights (`trainer.ema`).
+        ema_decay, ema_tau: its asymptotic decay and ramp length in optimizer steps.
+        checkpoint_dir: where `epoch_NNNN.pt` files go; None writes none.
+        save_every: write a checkpoint every this many epochs (the last epoch is always written).
+        resume: a checkpoint file, or a directory meaning its newest checkpoint.
+        log_csv: per-epoch history as CSV (rewritten atomically each epoch); None for none.
+        eval_every: run `evaluate` every this many epochs (and after the last); 0 never.
+        scheduler_interval: call `scheduler.step()` once per "epoch" or once per optimizer "step".
+        progress: show a tqdm bar per epoch.
+        desc: label of the progress bar.
+    """
+
+    epochs: int = 1
+    device: str | None = None
+    amp: bool = True
+    accumulate: int = 1
+    clip_grad_norm: float | None = None
+    ema: bool = False
+    ema_decay: float = 0.9999
+    ema_tau: float = 2000.0
+    checkpoint_dir: str | os.PathLike | None = None
+    save_every: int = 1
+    resume: str | os.PathLike | None = None
+    log_csv: str | os.PathLike | None = None
+    eval_every: int = 1
+    scheduler_interval: Literal["epoch", "step"] = "epoch"
+    progress: bool = True
+    desc: str = "train"
+
+    def __post_init__(self) -> None:
+        minimum = {"epochs": 0, "accumulate": 1, "save_every": 1, "eval_every": 0}
+        for name, lowest in minimum.items():
+            if getattr(self, name) < lowest:
+                raise ValueError(f"TrainConfig.{name} must be >= {lowest}, found {getattr(self, name)}")
+        if self.scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"TrainConfig.scheduler_interval must be 'epoch' or 'step', "
+                             f"found {self.scheduler_interval!r}")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ValueError(f"TrainConfig.clip_grad_norm must be > 0 or None, found {self.clip_grad_norm}")
+
+
+class Trainer:
+    """Runs `loss_fn` over `train_loader` for the configured epochs, with the hooks above.
+
+    Attributes:
+        model, optimizer, scheduler, callbacks: as given (the model is moved to `device`);
+            `model` stays the bare module, also under DDP.
+        ddp_model: the DistributedDataParallel wrapper the loss runs through when several
+            processes train together (see `engine.distributed`), else None.
+        ema: an `engine.ModelEMA` (its `.module` is the averaged copy) or None.
+        epoch: during an epoch (hooks included) its 0-based index; between epochs and after
+            `fit`, the number of completed epochs.
+        step: optimizer steps taken so far.
+        history: one dict per completed epoch (means of the loss logs, lr, eval metrics, time).
+        last_checkpoint: path of the newest checkpoint written or resumed from, or None.
+        target_epochs: the epoch count the current (or last) `fit` trains to.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
+                 train_loader: Iterable, config: TrainConfig, callbacks: list | None = None,
+                 scheduler: Any = None, evaluate: EvaluateFn | None = None):
+        self.config = config
+        self.device = distributed.local_device(resolve_device(config.device))
+        self.model = model.to(self.device)
+        self.ddp_model = distributed.wrap_model(self.model, self.device) if distributed.is_distributed() else None
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.train_loader = train_loader
+        self.callbacks = list(callbacks or [])
+        self.scheduler = scheduler
+        self.evaluate = evaluate
+        self.use_amp = bool(config.amp) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.ema = ModelEMA(self.model, config.ema_decay, config.ema_tau) if config.ema else None
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.last_checkpoint: Path | None = None
+        self.target_epochs = config.epochs
+        self._resume_pending = config.resume is not None
+
+    # ----------------------------------------------------------------------------- the loop
+    def fit(self, epochs: int | None = None) -> list[dict[str, float]]:
+        """Train until `epochs` (default `config.epochs`) epochs are complete; returns `history`.
+
+        Resumes from `config.resume` on the first call. Raises NonFiniteLossError (keeping the
+        last good checkpoint untouched) when the loss stops being finite.
+        """
+        total = self.config.epochs if epochs is None else epochs
+        self.target_epochs = total
+        callback_states = self._load_resume_state() if self._resume_pending else None
+        self._call("on_train_start")
+        if callback_states is not None:
+            self._load_callback_states(callback_states)
+        while self.epoch < total:
+            started = time.perf_counter()
+            train_logs = self._train_one_epoch()
+            self._call("end_epoch")
+            if self.scheduler is not None and self.config.scheduler_interval == "epoch":
+                self.scheduler.step()
+            metrics = self._maybe_evaluate(is_last=self.epoch + 1 == total)
+            self.epoch += 1
+            self._record_epoch(train_logs, metrics, time.perf_counter() - started)
+            if self.config.checkpoint_dir is not None and (
+                    self.epoch % self.config.save_every == 0 or self.epoch == total):
+                self.save_checkpoint()
+        return self.history
+
+    def _train_one_epoch(self) -> dict[str, float]:
+        """One pass over `train_loader`; returns the mean of "loss" and of each log key (over all ranks)."""
+        module = self.model if self.ddp_model is None else self.ddp_model
+        module.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        set_epoch = getattr(getattr(self.train_loader, "sampler", None), "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(self.epoch)  # a DistributedSampler's permutation for this epoch
+        sums: dict[str, float] = defaultdict(float)
+        batches = pending = 0
+        length = _length(self.train_loader)
+        bar = tqdm(self.train_loader, desc=f"{self.config.desc} {self.epoch + 1}/{self.target_epochs}",
+                   disable=not (self.config.progress and distributed.is_main()), leave=False, dynamic_ncols=True)
+        for batch in bar:
+            batch = move_to_device(batch, self.device)
+            ends_step = pending + 1 == self.config.accumulate or length is None or batches + 1 == length
+            with self._gradient_sync(ends_step):
+                with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+                    loss, logs = self.loss_fn(module, batch)
+                loss_value = float(distributed.mean_across_ranks(loss.detach()))
+                if not math.isfinite(loss_value):
+                    self._stop_on_non_finite(loss_value, batches)
+                self.scaler.scale(loss / self.config.accumulate).backward()
+            pending += 1
+            if pending == self.config.accumulate:
+                self._optimizer_step()
+                pending = 0
+            batches += 1
+            sums["loss"] += loss_value
+            for key, value in logs.items():
+                sums[key] += float(value)
+            bar.set_postfix(loss=f"{sums['loss'] / batches:.4g}", refresh=False)
+        if pending:
+            self._optimizer_step()
+        return self._mean_logs(sums, batches)
+
+    def _gradient_sync(self, ends_step: bool) -> contextlib.AbstractContextManager:
+        """Under DDP, skip the gradient all-reduce of batches that only accumulate (`no_sync`)."""
+        if self.ddp_model is None or ends_step:
+            return contextlib.nullcontext()
+        return self.ddp_model.no_sync()
+
+    def _mean_logs(self, sums: dict[str, float], batches: int) -> dict[str, float]:
+        """Per-batch means of the summed logs, averaged over the ranks (the same on every rank)."""
+        keys = list(sums)
+        totals = [sums[key] for key in keys]
+        if distributed.is_distributed():
+            reduced = distributed.mean_across_ranks(torch.tensor(totals, dtype=torch.float64, device=self.device))
+            totals = reduced.tolist()
+        return {key: total / max(batches, 1) for key, total in zip(keys, totals)}
+
+    def _optimizer_step(self) -> None:
+        """Unscale, hooks, clip, step, EMA, per-step scheduler; then clear the gradients."""
+        self.scaler.unscale_(self.optimizer)
+        self._call("after_backward")
+        if self.config.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        self._call("after_step")
+        if self.ema is not None:
+            self.ema.update(self.model)
+        if self.scheduler is not None and self.config.scheduler_interval == "step":
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _stop_on_non_finite(self, loss_value: float, batch_index: int) -> None:
+        where = self.last_checkpoint if self.last_checkpoint is not None else "none was written"
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss_value}) at epoch {self.epoch + 1}, batch {batch_index}, "
+            f"optimizer step {self.step}: training stopped; last good checkpoint: {where}",
+            self.last_checkpoint)
+
+    def _maybe_evaluate(self, is_last: bool) -> dict[str, float]:
+        """`evaluate` on the EMA copy (or the model) when due; under DDP on rank 0, sent to every rank."""
+        every = self.config.eval_every
+        if self.evaluate is None or every == 0 or not (is_last or (self.epoch + 1) % every == 0):
+            return {}
+        metrics = None
+        if distributed.is_main():
+            model = self.ema.module if self.ema is not None else self.model
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                metrics = {key: float(value) for key, value in self.evaluate(model).items()}
+            model.train(was_training)
+        return distributed.broadcast_object(metrics)
+
+    def _record_epoch(self, train_logs: dict[str, float], metrics: dict[str, float], seconds: float) -> None:
+        record = {"epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+                  **{f"train/{key}": value for key, value in train_logs.items()},
+                  **{f"eval/{key}": value for key, value in metrics.items()}, "seconds": seconds}
+        self.history.append(record)
+        if self.config.log_csv is not None and distributed.is_main():
+            write_history_csv(self.history, self.config.log_csv)
+
+    def _call(self, hook: str) -> None:
+        for callback in self.callbacks:
+            method = getattr(callback, hook, None)
+            if method is not None:
+                method(self)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this run exactly: weights, optimizer, RNG, callbacks..."""
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "callbacks": {key: cb.state_dict() for key, cb in self._stateful_callbacks().items()},
+            "rng": capture_rng_state(),
+            "history": list(self.history),
+            "config": {key: str(value) if isinstance(value, os.PathLike) else value
+                       for key, value in asdict(self.config).items()},
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Write `checkpoint_dir/epoch_NNNN.pt` atomically; returns its path.
+
+        Under DDP only rank 0 writes, and every rank waits until the file is there.
+        """
+        if self.config.checkpoint_dir is None:
+            raise ValueError("TrainConfig.checkpoint_dir is not set: nowhere to save a checkpoint")
+        if distributed.is_main():
+            self.last_checkpoint = save_checkpoint(self.state_dict(), self.config.checkpoint_dir)
+        else:
+            self.last_checkpoint = Path(self.config.checkpoint_dir) / checkpoint_name(self.epoch)
+        distributed.barrier()
+        return self.last_checkpoint
+
+    def _load_resume_state(self) -> dict[str, Any]:
+        """Restore everything but the callbacks from `config.resume`; returns the callbacks' states."""
+        self._resume_pending = False
+        path = Path(self.config.resume)
+        state = load_checkpoint(path, map_location=self.device)
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state.get("history", []))
+        restore_rng_state(state["rng"])
+        self.last_checkpoint = path
+        return {"path": path, "callbacks": state.get("callbacks", {})}
+
+    def _load_callback_states(self, saved: dict[str, Any]) -> None:
+        stateful = self._stateful_callbacks()
+        if set(stateful) != set(saved["callbacks"]):
+            raise ValueError(f"{saved['path']}: checkpoint holds callback states {sorted(saved['callbacks'])}, "
+                             f"but this trainer has stateful callbacks {sorted(stateful)}")
+        for key, callback in stateful.items():
+            callback.load_state_dict(saved["callbacks"][key])
+
+    def _stateful_callbacks(self) -> dict[str, Any]:
+        return {f"{index}.{type(cb).__name__}": cb for index, cb in enumerate(self.callbacks)
+                if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None`/"auto" -> CUDA when available, else CPU; otherwise the named device, checked.
+
+    Raises ValueError for a malformed name or a CUDA device on a machine without CUDA.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device: expected e.g. cpu, cuda or cuda:1, found {device!r} ({err})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+    return resolved
+
+
+def _length(loader: Iterable) -> int | None:
+    """Batches per epoch, or None when the loader has no length."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested tuple / list / dict) batch to `device`; other leaves as is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=device.type == "cuda")
+    if isinstance(batch, dict):
+        return {key: move_to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [move_to_device(value, device) for value in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The Python, NumPy, torch CPU and (when present) CUDA random states, as tensors and plain
+    Python values only, so a checkpoint stays loadable with `torch.load(weights_only=True)`."""
+    bit_generator, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"bit_generator": bit_generator, "keys": torch.from_numpy(keys.astype(np.int64)),
+                      "position": int(position), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached_gaussian)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng_state`."""
+    random.setstate(state["python"])
+    saved = state["numpy"]
+    np.random.set_state((saved["bit_generator"], saved["keys"].cpu().numpy().astype(np.uint32), saved["position"],
+                         saved["has_gauss"], saved["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def write_history_csv(history: list[dict[str, float]], path: str | os.PathLike) -> None:
+    """Write the per-epoch records as CSV (columns in order of first appearance), atomically."""
+    columns: list[str] = []
+    for record in history:
+        columns.extend(key for key in record if key not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buffer.getvalue())
+    os.replace(tmp, path)

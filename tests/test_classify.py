@@ -1,0 +1,221 @@
+"""classify: LeNet-5 / ResNet-56, MNIST / CIFAR readers, the classify CLI, a tiny end-to-end prune."""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from classify import LENET5_PRUNABLE_WEIGHTS, LeNet5, resnet56
+from classify.cli import main as classify_main
+from classify.pipeline import load_weights, prepare
+from classify.resnet56 import RESNET56_MEAN, RESNET56_STD
+from data.cifar import CIFARDataset, decode_rgb32, list_class_images, load_cifar_folder, random_crop_flip
+from data.mnist import IMAGES_MAGIC, LABELS_MAGIC, load_mnist, read_idx
+from yolo_admm.cli import main as yolo_admm_main
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and a shared CPU makes multi-thread regions stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_idx(path, array: np.ndarray, magic: int) -> None:
+    header = magic.to_bytes(4, "big") + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist_like(root, n_train: int = 200, n_test: int = 100, seed: int = 0) -> None:
+    """A learnable stand-in for MNIST: class c is a bright 6x6 square at one of 10 positions, plus noise."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(count) % 10
+        images = rng.integers(0, 60, (count, 28, 28))
+        for image, label in zip(images, labels):
+            row, col = 2 + 8 * (label // 4), 2 + 6 * (label % 4)
+            image[row:row + 6, col:col + 6] = 255
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", images, IMAGES_MAGIC)
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels, LABELS_MAGIC)
+
+
+# ------------------------------------------------------------------------------------ models
+def test_lenet5_has_430500_prunable_weights_and_classifies_28x28():
+    model = LeNet5()
+    weights = {n: p.numel() for n, p in model.named_parameters() if n.endswith("weight")}
+    assert weights == {"conv1.weight": 500, "conv2.weight": 25_000, "fc1.weight": 400_000, "fc2.weight": 5_000}
+    assert sum(weights.values()) == LENET5_PRUNABLE_WEIGHTS == 430_500
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_resnet56_shape_and_parameter_count():
+    model = resnet56()
+    assert sum(p.numel() for p in model.parameters()) == 853_018
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 55  # 1 stem + 54 in the blocks; + 1 linear = 56 weighted layers
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet56_checkpoint_loads_exactly_and_classifies(shared_data):
+    path = shared_data("resnet56", "resnet56-4bfd9763.th")
+    saved = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    model = load_weights(resnet56(), path)
+    state = model.state_dict()
+    assert all(torch.equal(state[key.removeprefix("module.")], value) for key, value in saved.items())
+    paths, labels, _ = list_class_images(shared_data("cifar10", "test"))
+    chosen = range(0, len(paths), 50)  # 200 images, 20 per class
+    images = torch.from_numpy(np.stack([decode_rgb32(paths[i]) for i in chosen])).permute(0, 3, 1, 2)
+    labels = torch.tensor([labels[i] for i in chosen])
+    dataset = CIFARDataset(images.contiguous(), labels, RESNET56_MEAN, RESNET56_STD)
+    with torch.no_grad():
+        logits = model.eval()(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    accuracy = float((logits.argmax(1) == labels).float().mean())
+    assert accuracy > 0.7  # 83% on the full JPEG test set; a wrong layout or normalisation gives far less
+
+
+def test_load_weights_names_the_file_and_the_mismatch(tmp_path):
+    torch.save(LeNet5().state_dict(), tmp_path / "lenet.pt")
+    with pytest.raises(ValueError, match=r"lenet.pt: parameter names differ.*missing"):
+        load_weights(resnet56(), tmp_path / "lenet.pt")
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_weights(LeNet5(), tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.pt: not a readable weights file"):
+        load_weights(LeNet5(), tmp_path / "junk.pt")
+
+
+# ------------------------------------------------------------------------------------ data
+def test_mnist_reader_round_trip_and_bad_files(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (5, 28, 28))
+    labels = np.array([3, 1, 4, 1, 5])
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images, IMAGES_MAGIC)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels, LABELS_MAGIC)
+    got_images, got_labels = load_mnist(tmp_path, "test")
+    assert got_images.dtype == torch.uint8 and torch.equal(got_images, torch.from_numpy(images.astype(np.uint8)))
+    assert got_labels.tolist() == [3, 1, 4, 1, 5]
+
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels, IMAGES_MAGIC)  # wrong magic
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte.gz: expected IDX magic number 0x00000801, "
+                                         r"found 0x00000803"):
+        load_mnist(tmp_path, "test")
+    with gzip.open(tmp_path / "short.gz", "wb") as handle:
+        handle.write(LABELS_MAGIC.to_bytes(4, "big") + (10).to_bytes(4, "big") + bytes(3))
+    with pytest.raises(ValueError, match=r"short.gz: header says shape \(10,\).*found 11 bytes"):
+        read_idx(tmp_path / "short.gz")
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz"):
+        load_mnist(tmp_path, "train")
+
+
+def test_real_mnist_test_split(shared_data):
+    images, labels = load_mnist(shared_data("mnist"), "test")
+    assert images.shape == (10_000, 28, 28) and labels.shape == (10_000,)
+    assert labels.bincount().tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_cifar_folder_reader_rgb_order_and_errors(tmp_path):
+    colours = {"cat": (255, 0, 0), "ship": (0, 0, 255)}  # RGB
+    for name, rgb in colours.items():
+        (tmp_path / "test" / name).mkdir(parents=True)
+        for index in range(2):
+            image = np.zeros((32, 32, 3), np.uint8)
+            image[:, :] = rgb[::-1]  # OpenCV writes BGR
+            image[0, 0] = (index, index, index)
+            cv2.imwrite(str(tmp_path / "test" / name / f"{index:04d}.png"), image)
+    images, labels, classes = load_cifar_folder(tmp_path, "test")
+    assert classes == ["cat", "ship"] and labels.tolist() == [0, 0, 1, 1]
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8
+    assert images[0, :, 5, 5].tolist() == [255, 0, 0] and images[2, :, 5, 5].tolist() == [0, 0, 255]
+    assert images[1, :, 0, 0].tolist() == [1, 1, 1]
+
+    cv2.imwrite(str(tmp_path / "test" / "cat" / "0002.png"), np.zeros((30, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"0002.png: expected a 32x32 image, found 32x30"):
+        load_cifar_folder(tmp_path, "test")
+    with pytest.raises(FileNotFoundError, match="train: CIFAR split directory not found"):
+        load_cifar_folder(tmp_path, "train")
+
+
+def test_cifar_augmentation_crops_with_black_padding_and_flips():
+    image = torch.arange(1, 3 * 32 * 32 + 1, dtype=torch.float32).view(3, 32, 32)
+    torch.manual_seed(0)
+    crops = [random_crop_flip(image) for _ in range(200)]
+    assert all(crop.shape == (3, 32, 32) for crop in crops)
+    assert any(torch.equal(crop, image) for crop in crops)  # offset (4, 4), no flip
+    assert any(torch.equal(crop, image.flip(-1)) for crop in crops)
+    assert any((crop == 0).any() for crop in crops)  # padding is zero before normalisation
+    dataset = CIFARDataset(image.to(torch.uint8)[None], torch.tensor([0]), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert torch.allclose(dataset[0][0], (image.to(torch.uint8).float() / 255 - 0.5) / 0.25)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def test_cli_rejects_bad_arguments(tmp_path, capsys):
+    write_mnist_like(tmp_path / "mnist", n_train=10, n_test=10)
+    base = ["--data", str(tmp_path / "mnist"), "--weights", str(tmp_path / "w.pt")]
+    assert classify_main(["prune", "--model", "lenet5", *base, "--sparsity", "1.0"]) == 2
+    assert "--sparsity: must be in [0, 1)" in capsys.readouterr().err
+    assert classify_main(["prune", "--model", "lenet5", *base, "--sparsity", "-0.1"]) == 2
+    assert "found -0.1" in capsys.readouterr().err
+    assert classify_main(["eval", "--model", "vgg16", *base]) == 2
+    assert "invalid choice: 'vgg16'" in capsys.readouterr().err
+    assert yolo_admm_main(["classify", "eval", "--model", "lenet5", "--data", str(tmp_path / "nowhere"),
+                           "--weights", str(tmp_path / "w.pt")]) == 2
+    assert "nowhere: data directory not found" in capsys.readouterr().err
+    assert yolo_admm_main(["classify", "eval", "--model", "lenet5", *base]) == 2
+    assert "w.pt: weights file not found" in capsys.readouterr().err
+
+
+def test_tiny_end_to_end_train_and_prune(tmp_path):
+    data = tmp_path / "mnist"
+    write_mnist_like(data)
+    common = ["--model", "lenet5", "--data", str(data), "--batch-size", "32", "--no-progress"]
+    assert classify_main(["train", *common, "--epochs", "3", "--out", str(tmp_path / "dense.pt"),
+                          "--json-out", str(tmp_path / "dense.json")]) == 0
+    assert json.loads((tmp_path / "dense.json").read_text())["accuracy"] > 50.0  # chance is 10%
+
+    out = tmp_path / "admm.json"
+    prune = ["prune", *common, "--weights", str(tmp_path / "dense.pt"), "--sparsity", "0.9", "--method", "admm-global",
+             "--admm-iters", "2", "--rho", "1e-2", "--rho-mult", "2", "--retrain-epochs", "1",
+             "--checkpoint-dir", str(tmp_path / "ckpt")]
+    assert classify_main([*prune, "--json-out", str(out), "--out", str(tmp_path / "pruned.pt")]) == 0
+    result = json.loads(out.read_text())
+    assert result["kept"] == round(0.1 * LENET5_PRUNABLE_WEIGHTS) and result["sparsity"] == pytest.approx(0.9)
+    assert result["mask_violations"] == 0
+    assert [u["iteration"] for u in result["admm_updates"]] == [1, 2] and result["epochs"] == {"admm": 2, "retrain": 1}
+    assert (tmp_path / "admm.layers.png").stat().st_size > 0 and (tmp_path / "admm.admm.png").stat().st_size > 0
+    pruned = load_weights(LeNet5(), tmp_path / "pruned.pt")
+    nonzero = sum(int(torch.count_nonzero(p)) for n, p in pruned.named_parameters() if n.endswith("weight"))
+    assert nonzero <= result["kept"]
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "retrain").iterdir()) == ["epoch_0001.pt", "history.csv"]
+    from_checkpoint = load_weights(LeNet5(), tmp_path / "ckpt" / "retrain" / "epoch_0001.pt")  # weights_only load
+    assert all(torch.equal(a, b) for a, b in zip(from_checkpoint.state_dict().values(), pruned.state_dict().values()))
+
+    # killed after the first ADMM iteration: resuming gives the very same pruned model
+    (tmp_path / "ckpt" / "admm" / "epoch_0002.pt").unlink()
+    shutil.rmtree(tmp_path / "ckpt" / "retrain")
+    assert classify_main([*prune, "--resume", "--json-out", str(tmp_path / "resumed.json"),
+                          "--out", str(tmp_path / "resumed.pt")]) == 0
+    resumed = load_weights(LeNet5(), tmp_path / "resumed.pt")
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), pruned.state_dict().values()))
+    assert json.loads((tmp_path / "resumed.json").read_text())["admm_updates"] == result["admm_updates"]
+
+
+def test_tiny_magnitude_uniform_prunes_every_layer_alike(tmp_path):
+    data = tmp_path / "mnist"
+    write_mnist_like(data, n_train=64, n_test=20)
+    model, datasets = prepare("lenet5", data)
+    torch.save(model.state_dict(), tmp_path / "dense.pt")
+    out = tmp_path / "uniform.json"
+    assert classify_main(["prune", "--model", "lenet5", "--data", str(data), "--weights", str(tmp_path / "dense.pt"),
+                          "--sparsity", "0.8", "--method", "magnitude-uniform", "--admm-iters", "1",
+                          "--retrain-epochs", "0", "--json-out", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    assert [row["kept"] for row in result["layers"]] == [100, 5000, 80000, 1000]
+    assert result["epochs"] == {"admm": 0, "retrain": 1} and result["mask_violations"] == 0

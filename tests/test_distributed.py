@@ -1,0 +1,236 @@
+"""Multi-process training: 2 gloo processes on CPU (as torchrun starts them) equal one process
+with the same global batch, through ADMM, hard pruning, masked retraining and a resume."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import pruning
+from engine import NonFiniteLossError, Trainer, TrainConfig, distributed
+
+WORLD = 2
+GLOBAL_BATCH = 8
+SAMPLES = 64
+SPARSITY = 0.75
+ADMM_EPOCHS = 2
+STEPS_PER_UPDATE = 4
+SPAWN_DEADLINE_S = 180.0
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available")
+
+
+def make_dataset() -> TensorDataset:
+    generator = torch.Generator().manual_seed(11)
+    inputs = torch.randn(SAMPLES, 10, generator=generator)
+    labels = (inputs[:, :3].sum(dim=1) > 0).long() + (inputs[:, 3] > 0.5).long()  # 3 learnable classes
+    return TensorDataset(inputs, labels)
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 3))  # no BatchNorm: exact equivalence
+
+
+def cross_entropy(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+    inputs, labels = batch
+    logits = model(inputs)
+    return nn.functional.cross_entropy(logits, labels), {"acc": float((logits.argmax(1) == labels).float().mean())}
+
+
+def train_config(epochs: int, folder: Path, resume: Path | None = None) -> TrainConfig:
+    return TrainConfig(epochs=epochs, device="cpu", checkpoint_dir=folder, log_csv=folder / "history.csv",
+                       resume=resume, progress=False)
+
+
+def prune_and_retrain(root: Path) -> dict:
+    """ADMM -> hard prune -> one epoch of masked retraining -> a second one resumed from rank 0's
+    checkpoint. Each rank writes (if at all) under root/rank<r>; returns the final state."""
+    dataset = make_dataset()
+    loader = DataLoader(dataset, batch_size=GLOBAL_BATCH // distributed.world_size(),
+                        sampler=distributed.distributed_sampler(dataset, shuffle=True, seed=7))
+    own = root / f"rank{distributed.rank()}"
+    model = make_model()
+    admm = pruning.ADMM(model, pruning.ADMMConfig(sparsity=SPARSITY, rho=0.05))
+    admm_callback = pruning.ADMMCallback(admm, STEPS_PER_UPDATE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    admm_trainer = Trainer(model, optimizer, cross_entropy, loader, train_config(ADMM_EPOCHS, own / "admm"),
+                           callbacks=[admm_callback])
+    admm_trainer.fit()
+    masks = admm.hard_prune()
+    for epochs, resume in ((1, None), (2, root / "rank0" / "retrain")):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        retrainer = Trainer(model, optimizer, cross_entropy, loader, train_config(epochs, own / "retrain", resume),
+                            callbacks=[pruning.MaskCallback(masks)])
+        retrainer.fit()
+    return {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "masks": masks.state_dict(),
+            "Z": [z.clone() for z in admm.Z], "U": [u.clone() for u in admm.U], "updates": admm_callback.history,
+            "admm_losses": [h["train/loss"] for h in admm_trainer.history],
+            "retrain_losses": [h["train/loss"] for h in retrainer.history], "sampler_epoch": loader.sampler.epoch,
+            "uses_ddp": admm_trainer.ddp_model is not None,
+            "model_is_bare": isinstance(admm_trainer.model, nn.Sequential)}
+
+
+def nan_on_rank_one(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+    loss, logs = cross_entropy(model, batch)
+    return (loss * float("nan") if distributed.rank() == 1 else loss), logs
+
+
+def stops_together_on_a_nan(root: Path) -> bool:
+    """A NaN loss on rank 1 only must stop every rank (no rank left waiting in an all-reduce)."""
+    dataset = make_dataset()
+    loader = DataLoader(dataset, batch_size=4, sampler=distributed.distributed_sampler(dataset, seed=0))
+    model = make_model()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nan_on_rank_one, loader,
+                      TrainConfig(epochs=1, device="cpu", progress=False))
+    try:
+        trainer.fit()
+    except NonFiniteLossError:
+        return True
+    return False
+
+
+def admm_from_rank_seeded_weights() -> dict:
+    """ADMM built on weights that differ by rank: its Z and support must still be rank 0's."""
+    torch.manual_seed(100 + distributed.rank())
+    model = nn.Linear(6, 4)
+    admm = pruning.ADMM(model, pruning.ADMMConfig(sparsity=0.5))
+    return {"weight": model.weight.detach().clone(), "Z": admm.Z[0].clone(), "support": admm.support[0].clone()}
+
+
+def worker(local_rank: int, port: int, root: str) -> None:
+    """One of the WORLD processes, set up exactly as torchrun would (environment variables)."""
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    device = distributed.init_from_env("cpu", timeout_s=60)
+    result = prune_and_retrain(Path(root))
+    result.update(device=str(device), rank=distributed.rank(), world=distributed.world_size(),
+                  nan_stops=stops_together_on_a_nan(Path(root)), seeded=admm_from_rank_seeded_weights())
+    torch.save(result, Path(root) / f"result_rank{local_rank}.pt")
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_processes(root: Path) -> list[dict]:
+    context = mp.spawn(worker, args=(free_port(), str(root)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail(f"the {WORLD} training processes did not finish within {SPAWN_DEADLINE_S:.0f} s")
+    return [torch.load(root / f"result_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[dict, list[dict], Path]:
+    """(single-process result, per-rank results of the 2-process run, the 2-process run folder)."""
+    ddp_root = tmp_path_factory.mktemp("ddp")
+    ranks = run_two_processes(ddp_root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = prune_and_retrain(tmp_path_factory.mktemp("single"))
+    finally:
+        torch.set_num_threads(threads)
+    return single, ranks, ddp_root
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(runs):
+    single, ranks, _ = runs
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == WORLD for r in ranks)
+    assert all(r["uses_ddp"] and r["model_is_bare"] for r in ranks) and not single["uses_ddp"]
+    assert len(single["updates"]) == ADMM_EPOCHS * SAMPLES // GLOBAL_BATCH // STEPS_PER_UPDATE
+    for result in ranks:
+        assert result["masks"].keys() == single["masks"].keys()
+        for name, mask in single["masks"].items():
+            assert torch.equal(result["masks"][name], mask), name
+        for name, weight in single["weights"].items():
+            torch.testing.assert_close(result["weights"][name], weight, rtol=0, atol=1e-5)
+        # the logged loss is the mean over the ranks, i.e. the single-process batch loss
+        torch.testing.assert_close(result["admm_losses"], single["admm_losses"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(result["retrain_losses"], single["retrain_losses"], rtol=0, atol=1e-5)
+        assert result["sampler_epoch"] == ADMM_EPOCHS - 1  # the trainer called set_epoch every epoch
+    kept = sum(int(mask.sum()) for mask in single["masks"].values())
+    total = sum(mask.numel() for mask in single["masks"].values())
+    assert kept == round((1 - SPARSITY) * total)
+
+
+def test_ranks_hold_identical_weights_and_admm_state(runs):
+    _, (first, second), _ = runs
+    for name, weight in first["weights"].items():
+        assert torch.equal(weight, second["weights"][name]), name
+    for z_first, z_second, u_first, u_second in zip(first["Z"], second["Z"], first["U"], second["U"]):
+        assert torch.equal(z_first, z_second) and torch.equal(u_first, u_second)
+    assert [u["primal_residual"] for u in first["updates"]] == [u["primal_residual"] for u in second["updates"]]
+
+
+def test_admm_takes_rank_zero_state_even_from_different_weights(runs):
+    _, (first, second), _ = runs
+    assert not torch.equal(first["seeded"]["weight"], second["seeded"]["weight"])
+    assert torch.equal(first["seeded"]["Z"], second["seeded"]["Z"])
+    assert torch.equal(first["seeded"]["support"], second["seeded"]["support"])
+    assert torch.equal(second["seeded"]["Z"], first["seeded"]["weight"] * first["seeded"]["support"])
+
+
+def test_only_rank_zero_writes_and_every_rank_resumes_from_it(runs):
+    _, _, root = runs
+    assert not (root / "rank1").exists()
+    assert sorted(p.name for p in (root / "rank0" / "admm").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt",
+                                                                           "history.csv"]
+    assert sorted(p.name for p in (root / "rank0" / "retrain").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt",
+                                                                              "history.csv"]
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(runs):
+    _, ranks, _ = runs
+    assert [r["nan_stops"] for r in ranks] == [True, True]
+
+
+def test_single_process_defaults(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.init_from_env("cpu") == torch.device("cpu")
+    assert not dist.is_initialized()
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    distributed.barrier()
+    sampler = distributed.distributed_sampler(list(range(10)), shuffle=False, seed=0)
+    assert list(sampler) == list(range(10))
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "one", "WORLD_SIZE": "2"}, "RANK"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK must be in 0..WORLD_SIZE-1"),
+])
+def test_init_from_env_rejects_bad_torchrun_variables(monkeypatch, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        distributed.init_from_env("cpu")
+    assert not dist.is_initialized()
+
+
+def test_init_from_env_rejects_one_fixed_gpu_for_several_processes(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+        distributed.init_from_env("cuda:1")
+    assert not dist.is_initialized()

@@ -1,0 +1,260 @@
+"""engine: resume equals an uninterrupted run, atomic checkpoints, EMA, non-finite loss, hook order."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import engine
+from engine import checkpoint as checkpoint_module
+from engine import ModelEMA, NonFiniteLossError, Trainer, TrainConfig
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and a shared CPU makes multi-thread regions stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+
+def tiny_loader(batch_size: int = 8, samples: int = 48) -> DataLoader:
+    generator = torch.Generator().manual_seed(123)
+    inputs = torch.randn(samples, 6, generator=generator)
+    labels = torch.randint(0, 3, (samples,), generator=generator)
+    return DataLoader(TensorDataset(inputs, labels), batch_size=batch_size, shuffle=True)
+
+
+def cross_entropy(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+    inputs, labels = batch
+    loss = nn.functional.cross_entropy(model(inputs), labels)
+    return loss, {"double": 2.0 * float(loss.detach())}
+
+
+class StepCounter:
+    """A stateful callback: counts optimizer steps and sums a running value into its state."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.total = torch.zeros(())
+
+    def after_step(self, trainer) -> None:
+        self.steps += 1
+        self.total += trainer.model[0].weight.detach().sum()
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "total": self.total.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.total = state["steps"], state["total"].clone()
+
+
+class CrashInEpoch:
+    """Simulates a kill: raises in the middle of epoch `epoch` (0-based)."""
+
+    def __init__(self, epoch: int, after_steps: int = 2) -> None:
+        self.epoch, self.after_steps, self.seen = epoch, after_steps, 0
+
+    def after_step(self, trainer) -> None:
+        if trainer.epoch == self.epoch:
+            self.seen += 1
+            if self.seen == self.after_steps:
+                raise KeyboardInterrupt("simulated kill")
+
+
+def make_trainer(tmp_path, callbacks, resume=None, **config) -> Trainer:
+    torch.manual_seed(0)
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    settings = dict(epochs=5, device="cpu", ema=True, ema_decay=0.9, ema_tau=3.0, checkpoint_dir=tmp_path / "ckpt",
+                    resume=resume, progress=False, log_csv=tmp_path / "log.csv")
+    settings.update(config)
+    return Trainer(model, optimizer, cross_entropy, tiny_loader(), TrainConfig(**settings), callbacks=callbacks,
+                   scheduler=scheduler, evaluate=lambda m: {"w": float(m[0].weight.sum())})
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    reference = make_trainer(tmp_path / "a", [StepCounter()])
+    reference.fit()
+
+    killed = make_trainer(tmp_path / "b", [StepCounter(), CrashInEpoch(epoch=3)])
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    assert engine.find_latest_checkpoint(tmp_path / "b" / "ckpt").name == "epoch_0003.pt"
+
+    resumed = make_trainer(tmp_path / "b", [StepCounter(), CrashInEpoch(epoch=-1)], resume=tmp_path / "b" / "ckpt")
+    torch.rand(1000)  # move the RNG on: its state, like the weights, must come from the checkpoint
+    resumed.fit()
+
+    assert resumed.epoch == reference.epoch == 5 and resumed.step == reference.step == 30
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    for key, value in reference.ema.module.state_dict().items():
+        assert torch.equal(value, resumed.ema.module.state_dict()[key]), key
+    assert resumed.callbacks[0].steps == reference.callbacks[0].steps == 30
+    assert torch.equal(resumed.callbacks[0].total, reference.callbacks[0].total)
+    assert resumed.optimizer.param_groups[0]["lr"] == reference.optimizer.param_groups[0]["lr"]
+    assert [row["eval/w"] for row in resumed.history] == [row["eval/w"] for row in reference.history]
+    with open(tmp_path / "b" / "log.csv") as handle:
+        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [1, 2, 3, 4, 5]
+
+
+def test_resume_rejects_different_callbacks(tmp_path):
+    make_trainer(tmp_path, [StepCounter()], epochs=1).fit()
+    trainer = make_trainer(tmp_path, [], resume=tmp_path / "ckpt", epochs=2)
+    with pytest.raises(ValueError, match="callback states"):
+        trainer.fit()
+
+
+def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    good = {"epoch": 1, "step": 5, "model": {"w": torch.arange(4.0)}}
+    path = engine.save_checkpoint(good, tmp_path)
+    assert path.name == "epoch_0001.pt"
+
+    def crash_midway(obj, handle):
+        handle.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        engine.save_checkpoint({**good, "model": {"w": torch.zeros(4)}}, tmp_path)
+    with pytest.raises(OSError):
+        engine.save_checkpoint({**good, "epoch": 2}, tmp_path)
+    monkeypatch.undo()
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0001.pt"]
+    assert torch.equal(engine.load_checkpoint(path)["model"]["w"], torch.arange(4.0))
+    assert engine.load_checkpoint(tmp_path)["epoch"] == 1
+
+
+def test_find_latest_and_load_errors(tmp_path):
+    assert engine.find_latest_checkpoint(tmp_path) is None
+    for epoch in (2, 10, 9):
+        engine.save_checkpoint({"epoch": epoch, "step": 0, "model": {}}, tmp_path)
+    (tmp_path / ".epoch_0011.pt.abc.tmp").write_bytes(b"junk")
+    assert engine.find_latest_checkpoint(tmp_path).name == "epoch_0010.pt"
+    with pytest.raises(FileNotFoundError, match="missing.pt: checkpoint file not found"):
+        engine.load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no checkpoint"):
+        engine.load_checkpoint(tmp_path / "empty")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pt"):
+        engine.load_checkpoint(tmp_path / "garbage.pt")
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="expected a trainer checkpoint"):
+        engine.load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_ema_average_ramp_and_buffers():
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    ema = ModelEMA(model, decay=0.5, tau=0.0)
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)
+        model[1].running_mean.fill_(7.0)
+    ema.update(model)
+    assert torch.allclose(ema.module[0].weight, torch.full((2, 2), 2.0))  # 0.5 * 1 + 0.5 * 3
+    assert torch.equal(ema.module[1].running_mean, torch.full((2,), 7.0))  # buffers copied
+    assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
+
+    ramped = ModelEMA(model, decay=0.9, tau=10.0)
+    assert ramped.current_decay() == pytest.approx(0.9 * (1 - math.exp(-1 / 10)))
+    ramped.updates = 10_000
+    assert ramped.current_decay() == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="decay"):
+        ModelEMA(model, decay=1.0)
+
+
+def test_trainer_evaluates_the_ema_copy(tmp_path):
+    seen = []
+    trainer = make_trainer(tmp_path, [], epochs=1, checkpoint_dir=None)
+    trainer.evaluate = lambda m: seen.append(m) or {}
+    trainer.fit()
+    assert seen == [trainer.ema.module] and trainer.ema.updates == trainer.step == 6
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def loss_turning_nan(model, batch):
+        calls["n"] += 1
+        loss, logs = cross_entropy(model, batch)
+        return (loss * float("nan") if calls["n"] > 14 else loss), logs  # 6 batches per epoch: NaN in epoch 3
+
+    trainer = make_trainer(tmp_path, [])
+    trainer.loss_fn = loss_turning_nan
+    with pytest.raises(NonFiniteLossError, match=r"epoch 3.*epoch_0002\.pt") as info:
+        trainer.fit()
+    assert info.value.checkpoint.name == "epoch_0002.pt"
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
+    saved = engine.load_checkpoint(info.value.checkpoint)
+    assert saved["epoch"] == 2 and saved["step"] == 12
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+class Recorder:
+    """Records hook calls and what the gradients look like when `after_backward` runs."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.grad_norms: list[float] = []
+
+    def on_train_start(self, trainer) -> None:
+        self.calls.append("on_train_start")
+
+    def after_backward(self, trainer) -> None:
+        self.calls.append("after_backward")
+        self.grad_norms.append(float(torch.cat([p.grad.flatten() for p in trainer.model.parameters()]).norm()))
+
+    def after_step(self, trainer) -> None:
+        self.calls.append("after_step")
+
+    def end_epoch(self, trainer) -> None:
+        self.calls.append(f"end_epoch {trainer.epoch}")
+
+
+def test_hooks_are_called_in_order_once_per_optimizer_step(tmp_path):
+    recorder = Recorder()
+    trainer = make_trainer(tmp_path, [recorder], epochs=2, accumulate=2, clip_grad_norm=1e-6, ema=False,
+                           checkpoint_dir=None)
+    trainer.fit()
+    step = ["after_backward", "after_step"]
+    assert recorder.calls == ["on_train_start", *step * 3, "end_epoch 0", *step * 3, "end_epoch 1"]
+    assert trainer.step == 6
+    assert min(recorder.grad_norms) > 1e-6  # hooks see the gradients before clipping
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
+    def run(batch_size: int, accumulate: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Linear(6, 3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader = DataLoader(TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,))), batch_size=batch_size)
+        config = TrainConfig(epochs=2, device="cpu", accumulate=accumulate, progress=False)
+        Trainer(model, optimizer, cross_entropy, loader, config).fit()
+        return model.weight.detach()
+
+    assert torch.allclose(run(8, 1), run(4, 2), atol=1e-6)
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="accumulate"):
+        TrainConfig(accumulate=0)
+    with pytest.raises(ValueError, match="scheduler_interval"):
+        TrainConfig(scheduler_interval="batch")
+    with pytest.raises(ValueError, match="save_every"):
+        TrainConfig(save_every=0)
+    with pytest.raises(ValueError, match="'gpu0'"):
+        engine.resolve_device("gpu0")
