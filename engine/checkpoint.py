@@ -87,3 +87,13 @@ def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
         if match and entry.is_file():
             numbered.append((int(match.group(1)), entry))
     return max(numbered)[1] if numbered else None
+
+
+def remove_older_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest `epoch_NNNN.pt` in `directory`; returns the deleted paths."""
+    numbered = sorted((int(match.group(1)), entry) for entry in Path(directory).iterdir()
+                      if (match := CHECKPOINT_PATTERN.match(entry.name)) and entry.is_file())
+    doomed = [entry for _, entry in numbered[:-keep]] if keep > 0 else []
+    for entry in doomed:
+        entry.unlink(missing_ok=True)
+    return doomed

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from engine import distributed
-from engine.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
+from engine.checkpoint import checkpoint_name, load_checkpoint, remove_older_checkpoints, save_checkpoint
 from engine.ema import ModelEMA, unwrap
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
@@ -67,6 +67,7 @@ class TrainConfig:
         ema_decay, ema_tau: its asymptotic decay and ramp length in optimizer steps.
         checkpoint_dir: where `epoch_NNNN.pt` files go; None writes none.
         save_every: write a checkpoint every this many epochs (the last epoch is always written).
+        keep_last: keep only this many newest checkpoints in `checkpoint_dir` (None keeps all).
         resume: a checkpoint file, or a directory meaning its newest checkpoint.
         log_csv: per-epoch history as CSV (rewritten atomically each epoch); None for none.
         eval_every: run `evaluate` every this many epochs (and after the last); 0 never.
@@ -85,6 +86,7 @@ class TrainConfig:
     ema_tau: float = 2000.0
     checkpoint_dir: str | os.PathLike | None = None
     save_every: int = 1
+    keep_last: int | None = 2
     resume: str | os.PathLike | None = None
     log_csv: str | os.PathLike | None = None
     eval_every: int = 1
@@ -100,6 +102,8 @@ class TrainConfig:
         if self.scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"TrainConfig.scheduler_interval must be 'epoch' or 'step', "
                              f"found {self.scheduler_interval!r}")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"TrainConfig.keep_last must be >= 1 or None, found {self.keep_last}")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             raise ValueError(f"TrainConfig.clip_grad_norm must be > 0 or None, found {self.clip_grad_norm}")
 
@@ -301,6 +305,8 @@ class Trainer:
             raise ValueError("TrainConfig.checkpoint_dir is not set: nowhere to save a checkpoint")
         if distributed.is_main():
             self.last_checkpoint = save_checkpoint(self.state_dict(), self.config.checkpoint_dir)
+            if self.config.keep_last is not None:
+                remove_older_checkpoints(self.config.checkpoint_dir, self.config.keep_last)
         else:
             self.last_checkpoint = Path(self.config.checkpoint_dir) / checkpoint_name(self.epoch)
         distributed.barrier()

@@ -258,3 +258,14 @@ def test_train_config_rejects_bad_values():
         TrainConfig(save_every=0)
     with pytest.raises(ValueError, match="'gpu0'"):
         engine.resolve_device("gpu0")
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    from engine.checkpoint import remove_older_checkpoints
+
+    for epoch in (1, 2, 3, 10):
+        (tmp_path / f"epoch_{epoch:04d}.pt").write_bytes(b"x")
+    (tmp_path / "history.csv").write_text("keep me")
+    removed = remove_older_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in removed) == ["epoch_0001.pt", "epoch_0002.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0003.pt", "epoch_0010.pt", "history.csv"]
