@@ -12,14 +12,13 @@ FileNotFoundError with a message naming what was wrong; `yolo-admm` prints it wi
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pruning
 from classify.pipeline import (METHODS, MODELS, PruneSettings, TrainSettings, evaluate_accuracy, make_eval_loader,
                                model_spec, prepare, prune_model, save_prune_plots, save_weights, train_model,
                                write_json)
-from engine import NonFiniteLossError, resolve_device
+from engine import resolve_device
 
 DEFAULT_RUN_DIR = Path("runs/classify")
 
@@ -158,8 +157,4 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_request:  # --help, or a usage error argparse already printed
         return int(exit_request.code or 0)
-    try:
-        return RUNNERS[args.mode](args)
-    except NonFiniteLossError as err:
-        print(f"yolo-admm classify: {err}", file=sys.stderr)
-        return 1
+    return RUNNERS[args.mode](args)  # yolo_admm.cli reports bad input and training failures
