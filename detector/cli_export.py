@@ -1,0 +1,96 @@
+"""`yolo-admm detect export`: write a (pruned) detector for edge devices.
+
+    yolo-admm detect export --cfg C --weights W --out DIR [--formats darknet,onnx,compact] [--int8]
+    yolo-admm detect export --cfg C --checkpoint RUN/epoch_0010.pt --out DIR
+
+Writes DIR/model.weights + DIR/model.cfg (Darknet, checked in OpenCV DNN), DIR/model.onnx (decoding
+included, checked in onnxruntime) and DIR/model.yaspars (compact sparse archive, fp16 or --int8
+nonzeros), prints their sizes against the dense fp32 model and the archive's entropy bound, and
+writes the numbers to DIR/export.json. The sparsity pattern is read from the weights' zeros.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from detector.cli import network_size
+from detector.export import FORMATS, export_model
+from detector.model import DarknetModel, load_darknet
+from engine.checkpoint import load_checkpoint
+from pruning.masks import Masks
+from pruning.sparse_archive import write_bytes_atomically
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cfg", required=True, help="Darknet .cfg file")
+    parser.add_argument("--weights", help="Darknet .weights file (or give --checkpoint)")
+    parser.add_argument("--checkpoint", help="training checkpoint (.pt, or a folder: its newest) whose weights "
+                                             "to export; its EMA weights when it has them, as training evaluated")
+    parser.add_argument("--formats", type=_formats, default=list(FORMATS), metavar="LIST",
+                        help=f"comma-separated, from {','.join(FORMATS)} (default: all)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--int8", action="store_true",
+                        help="compact archive: int8 nonzeros with per-tensor scales (lossy) instead of fp16")
+    parser.add_argument("--img-size", type=network_size, default=None, metavar="N",
+                        help="ONNX input N x N (multiple of 32); default: the cfg's width x height")
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_export_model(args.cfg, args.weights, args.checkpoint)
+    masks = Masks.from_model(model)
+    report = export_model(model, args.out, args.formats, masks, "int8" if args.int8 else "fp16", args.img_size)
+    print(format_report(report))
+    json_path = args.out / "export.json"
+    write_bytes_atomically(json_path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    print(f"report written to {json_path}")
+    return 0
+
+
+def load_export_model(cfg: str, weights: str | None, checkpoint: str | None) -> DarknetModel:
+    """The model of `cfg` with `weights`, then, if given, the weights of a training checkpoint."""
+    if weights is None and checkpoint is None:
+        raise ValueError("give the weights to export: --weights W.weights or --checkpoint CKPT")
+    model = load_darknet(cfg, weights)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        ema = state.get("ema")
+        weights_state = ema["module"] if isinstance(ema, dict) and "module" in ema else state["model"]
+        try:
+            model.load_state_dict(weights_state)
+        except RuntimeError as err:
+            raise ValueError(f"{checkpoint}: its model does not fit {cfg}: {err}") from None
+    return model.float().eval()
+
+
+def format_report(report: dict) -> str:
+    """A table: one line per exported file with its size and its ratio to the dense fp32 model."""
+    dense = report["dense_fp32_bytes"]
+    lines = [f"{'format':<9}{'file':<40}{'bytes':>12}{'vs dense':>10}  check",
+             f"{'dense':<9}{'(fp32, all tensors)':<40}{dense:>12,}{1.0:>10.3f}"]
+    checks = {"darknet": ("opencv_max_rel_diff", "OpenCV max rel diff"),
+              "onnx": ("onnxruntime_max_rel_diff", "onnxruntime max rel diff")}
+    for name in FORMATS:
+        if name not in report:
+            continue
+        entry = report[name]
+        path = entry.get("weights", entry.get("path"))
+        key, label = checks.get(name, (None, ""))
+        check = f"{label} {entry[key]:.2g}" if key in entry else ""
+        lines.append(f"{name:<9}{str(path):<40}{entry['bytes']:>12,}{entry['bytes'] / dense:>10.3f}  {check}")
+    if "compact" in report:
+        c = report["compact"]
+        lines.append(f"compact: {c['nonzero']:,} of {c['params']:,} weights kept (sparsity {c['sparsity']:.3f}), "
+                     f"{c['value_format']} values; masks + values {c['sparse_bytes']:,} bytes = "
+                     f"{c['ratio_to_bound']:.3f} x their entropy bound ({c['entropy_bound_bytes']:,.0f} bytes)")
+    return "\n".join(lines)
+
+
+def _formats(text: str) -> list[str]:
+    """argparse type of --formats: a comma-separated subset of FORMATS."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FORMATS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list from {','.join(FORMATS)}, found {text!r}")
+    return names
+

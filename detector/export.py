@@ -1,0 +1,391 @@
+"""Export a (pruned) Darknet model for edge devices, each format checked against the model itself.
+
+- **Darknet** (`export_darknet`): `.weights` via `detector.write_weights` plus a copy of the cfg
+  beside it; checked by loading both in OpenCV's DNN importer (`cv2.dnn.readNetFromDarknet`).
+  Pruned weights are stored as dense zeros: the file is as large as the dense model's.
+- **ONNX** (`export_onnx`): the eval-mode forward with the YOLO decoding included, one output
+  `detections` Float[B, N, 5 + C] = `detector.postprocess.flatten_heads` of the heads: rows are
+  head by head in cfg order, within a head anchor-major then row then column (the flatten of
+  [B, A, Hk, Wk, 5 + C]); columns cx, cy, w, h in network-input pixels, objectness, then class
+  probabilities (not multiplied by objectness). Input `images` Float[B, 3, H, W], RGB in [0, 1],
+  H and W fixed at export, B free. The row layout per head (anchors, stride, grid, row range) is
+  stored as JSON in the model's metadata under `ONNX_LAYOUT_KEY`. Checked with onnxruntime.
+  Initialisers are dense: the file is about the dense fp32 size.
+- **Compact** (`export_compact`, `load_compact`): `pruning.sparse_archive` (bit-packed masks,
+  nonzeros in fp16 or int8 with per-tensor scales, compressed) with the cfg text embedded, so the
+  one file rebuilds the model.
+
+Unstructured sparsity buys size, not speed, on dense runtimes (OpenCV, onnxruntime): only the
+compact archive is smaller than the dense model.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from detector.model import DarknetModel, load_darknet
+from detector.postprocess import flatten_heads
+from detector.weights import write_weights
+from pruning.masks import Masks
+from pruning.sparse_archive import load_sparse_archive, save_sparse_archive, write_bytes_atomically
+
+FORMATS = ("darknet", "onnx", "compact")
+ONNX_INPUT, ONNX_OUTPUT = "images", "detections"
+ONNX_LAYOUT_KEY = "yolo_admm.layout"
+MIN_OPSET = 17
+COMPACT_CFG_KEY = "darknet_cfg"   # the archive entry (uint8 tensor) holding the cfg text, UTF-8
+ONNX_TOLERANCE = 1e-4             # max |onnxruntime - PyTorch| / max(1, |PyTorch|) accepted by export_onnx
+OPENCV_TOLERANCE = 1e-3           # max relative |OpenCV - PyTorch| accepted by export_darknet's check
+OPENCV_BN_EPS = 1e-6              # OpenCV's batch-norm epsilon (Darknet's is 1e-5)
+_VERIFY_SEED = 0
+
+
+def dense_fp32_bytes(model: nn.Module) -> int:
+    """Bytes of every floating tensor of the model's state_dict stored as dense float32 (the payload
+    of its Darknet `.weights` file: conv weights, biases, batch-norm parameters and statistics)."""
+    return sum(4 * t.numel() for t in model.state_dict().values() if t.is_floating_point())
+
+
+def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = True) -> dict:
+    """Write `path` (.weights) and the model's cfg beside it (same stem, `.cfg`), atomically.
+
+    Args:
+        model: a `DarknetModel` (any device); its cfg file (`model.cfg.path`) must still exist.
+        path: the `.weights` file to write.
+        verify: load both files in OpenCV DNN and compare its output on one random input with the
+            model's (raises RuntimeError beyond OPENCV_TOLERANCE).
+
+    Returns:
+        dict `weights`, `cfg` (paths), `bytes` (the .weights size), `dense_fp32_bytes`, and with
+        verify `opencv_max_rel_diff`.
+    """
+    weights_path = Path(path)
+    cfg_path = weights_path.with_suffix(".cfg")
+    write_bytes_atomically(cfg_path, model_cfg_text(model).encode("utf-8"))
+    write_weights(weights_path, model, model.weights_header)
+    report = {"weights": str(weights_path), "cfg": str(cfg_path), "bytes": weights_path.stat().st_size,
+              "dense_fp32_bytes": dense_fp32_bytes(model)}
+    if verify:
+        image = _verify_input(model.net.channels, model.net.height, model.net.width)
+        report["opencv_max_rel_diff"] = opencv_difference(model, cfg_path, weights_path, image)
+        if not report["opencv_max_rel_diff"] <= OPENCV_TOLERANCE:
+            raise RuntimeError(f"{weights_path}: OpenCV's outputs differ from the model's by "
+                               f"{report['opencv_max_rel_diff']:.3g} (relative); expected <= {OPENCV_TOLERANCE}")
+    return report
+
+
+def model_cfg_text(model: DarknetModel) -> str:
+    """The text of the cfg file the model was built from (`model.cfg.path`)."""
+    cfg_path = Path(model.cfg.path)
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: the model's cfg file is gone; a model from load_compact "
+                                f"keeps its cfg only where load_compact was given cfg_path")
+    return cfg_path.read_text(encoding="utf-8")
+
+
+def opencv_outputs(cfg_path: str | os.PathLike, weights_path: str | os.PathLike,
+                   images: torch.Tensor) -> list[np.ndarray]:
+    """Run Darknet files in OpenCV DNN (`cv2.dnn.readNetFromDarknet`, CPU).
+
+    Args:
+        images: float Tensor[B, 3, H, W], RGB in [0, 1] (H, W: the cfg's [net] size).
+
+    Returns:
+        One float32 ndarray[B, Hk * Wk * A, 5 + C] per `[yolo]` layer, in cfg order, as OpenCV's
+        region layer gives them: rows ordered (row, column, anchor); cx, cy, w, h divided by the input
+        width/height; objectness; objectness x class probability, set to 0 where it is not above the
+        `[yolo]` section's `thresh` (default 0.2) and, only where the section sets `nms_threshold`,
+        where OpenCV's per-class NMS within that layer drops it.
+    """
+    net = cv2.dnn.readNetFromDarknet(str(cfg_path), str(weights_path))
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+    names = net.getUnconnectedOutLayersNames()
+    per_image = []
+    for image in images.detach().cpu().float().numpy():
+        net.setInput(np.ascontiguousarray(image[None]))
+        per_image.append(net.forward(names))
+    return [np.stack([outputs[head] for outputs in per_image]) for head in range(len(names))]
+
+
+def darknet_rows(decoded: torch.Tensor) -> torch.Tensor:
+    """Tensor[B, A, H, W, K] (our eval output of one head) -> Tensor[B, H * W * A, K] in OpenCV's row
+    order (row, column, anchor)."""
+    batch, _, _, _, channels = decoded.shape
+    return decoded.permute(0, 2, 3, 1, 4).reshape(batch, -1, channels)
+
+
+def opencv_difference(model: DarknetModel, cfg_path: str | os.PathLike, weights_path: str | os.PathLike,
+                      images: torch.Tensor) -> float:
+    """Largest relative difference between OpenCV's outputs and the model's on `images`.
+
+    OpenCV's batch norm divides by sqrt(var + 1e-6) where Darknet (and the model) use 1e-5: the
+    model's side is computed by a copy with OPENCV_BN_EPS, so the files are checked as written.
+    Boxes and objectness are compared everywhere, scores (objectness x class) where OpenCV keeps
+    them (see `opencv_outputs`); each difference is divided by max(1, |value|), boxes in pixels.
+    """
+    reference_model = copy.deepcopy(model)
+    for module in reference_model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eps = OPENCV_BN_EPS
+    reference = [darknet_rows(out) for out in _eval_outputs(reference_model, images)]
+    theirs = opencv_outputs(cfg_path, weights_path, images)
+    height, width = images.shape[-2:]
+    worst = 0.0
+    for ours, cv_out in zip(reference, theirs):
+        ours = ours.numpy().astype(np.float64)
+        cv_out = cv_out.astype(np.float64) * np.array([width, height, width, height] + [1.0] * (ours.shape[-1] - 4))
+        scores = ours[..., 5:] * ours[..., 4:5]
+        kept = cv_out[..., 5:] > 0
+        diffs = [np.abs(cv_out[..., :5] - ours[..., :5]) / np.maximum(1.0, np.abs(ours[..., :5])),
+                 np.abs(cv_out[..., 5:] - scores)[kept]]
+        worst = max([worst] + [float(d.max()) for d in diffs if d.size])
+    return worst
+
+
+class DecodedDetections(nn.Module):
+    """The model's eval forward with the heads joined: x Float[B, 3, H, W] -> Float[B, N, 5 + C]."""
+
+    def __init__(self, model: DarknetModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return flatten_heads(self.model(x))
+
+
+def onnx_layout(model: DarknetModel, height: int, width: int) -> dict:
+    """What the rows and columns of the ONNX output mean (stored in the file's metadata)."""
+    heads, start = [], 0
+    for head in model.heads:
+        grid = [int(height // head.stride), int(width // head.stride)]
+        stop = start + head.num_anchors * grid[0] * grid[1]
+        heads.append({"rows": [start, stop], "anchors": head.anchors.tolist(), "stride": float(head.stride),
+                      "grid": grid, "row_order": ["anchor", "row", "column"]})
+        start = stop
+    columns = ["cx", "cy", "w", "h", "objectness"] + [f"class{i}" for i in range(model.heads[0].num_classes)]
+    return {"input": {"name": ONNX_INPUT, "shape": ["batch", model.net.channels, height, width],
+                      "format": "RGB float in [0, 1]", "letter_box": bool(model.net.letter_box)},
+            "output": {"name": ONNX_OUTPUT, "rows": start, "columns": columns,
+                       "boxes": "centre x, centre y, width, height in input pixels",
+                       "scores": "objectness and class probabilities; score = objectness x class"},
+            "heads": heads}
+
+
+def export_onnx(model: DarknetModel, path: str | os.PathLike, img_size: int | None = None,
+                opset: int = MIN_OPSET, verify: bool = True) -> dict:
+    """Write the decoding model to ONNX (see the module doc for the layout), atomically.
+
+    Args:
+        model: a `DarknetModel`; a float32 CPU copy in eval mode is exported (the model is untouched).
+        path: the `.onnx` file.
+        img_size: square input side; default the cfg's [net] height x width.
+        opset: ONNX opset, >= MIN_OPSET.
+        verify: run the file in onnxruntime on a random batch of 2 and compare with PyTorch
+            (raises RuntimeError where |difference| / max(1, |value|) exceeds ONNX_TOLERANCE: boxes
+            are in pixels, so large inputs earn a proportionally larger absolute slack).
+
+    Returns:
+        dict `path`, `bytes`, `opset`, `input_shape`, `output_shape` (batch 1), `dense_fp32_bytes`,
+        and with verify `onnxruntime_max_abs_diff` and `onnxruntime_max_rel_diff`.
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"ONNX opset must be >= {MIN_OPSET} (needed for the decoding ops), got {opset}")
+    onnx = _import_optional("onnx")
+    height, width = (img_size, img_size) if img_size else (model.net.height, model.net.width)
+    _check_input_size(model, height, width)
+    wrapper = DecodedDetections(copy.deepcopy(model).float().cpu()).eval()
+    example = torch.zeros(1, model.net.channels, height, width)
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as staging:
+        staged = Path(staging) / path.name
+        _torch_onnx_export(wrapper, example, staged, opset)
+        proto = onnx.load(str(staged))
+        onnx.helper.set_model_props(proto, {ONNX_LAYOUT_KEY: json.dumps(onnx_layout(model, height, width))})
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(staged))
+        os.replace(staged, path)
+    with torch.no_grad():
+        output_shape = list(wrapper(example).shape)
+    report = {"path": str(path), "bytes": path.stat().st_size, "opset": opset,
+              "input_shape": list(example.shape), "output_shape": output_shape,
+              "dense_fp32_bytes": dense_fp32_bytes(model)}
+    if verify:
+        images = _verify_input(model.net.channels, height, width, batch=2)
+        with torch.no_grad():
+            expected = wrapper(images).numpy()
+        difference = np.abs(onnxruntime_outputs(path, images).astype(np.float64) - expected)
+        report["onnxruntime_max_abs_diff"] = float(difference.max())
+        report["onnxruntime_max_rel_diff"] = float((difference / np.maximum(1.0, np.abs(expected))).max())
+        if not report["onnxruntime_max_rel_diff"] <= ONNX_TOLERANCE:
+            raise RuntimeError(f"{path}: onnxruntime's output differs from PyTorch's by "
+                               f"{report['onnxruntime_max_rel_diff']:.3g} (relative); expected <= {ONNX_TOLERANCE}")
+    return report
+
+
+def onnxruntime_outputs(path: str | os.PathLike, images: torch.Tensor) -> np.ndarray:
+    """Run an exported file on the CPU: images Float[B, 3, H, W] -> ndarray[B, N, 5 + C]."""
+    ort = _import_optional("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run([ONNX_OUTPUT], {ONNX_INPUT: images.detach().cpu().float().numpy()})[0]
+
+
+def _torch_onnx_export(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    """TorchScript-based export (the dynamo exporter needs onnxscript, not a dependency here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*Constant folding.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        torch.onnx.export(wrapper, (example,), str(path), opset_version=opset, dynamo=False,
+                          input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+                          dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}})
+
+
+def export_compact(model: DarknetModel, masks: Masks | None, path: str | os.PathLike,
+                   value_format: str = "fp16", compression: str = "lzma") -> dict:
+    """Write the model's state_dict and cfg as one compact sparse archive (`pruning.sparse_archive`).
+
+    Args:
+        model: a `DarknetModel` (not wrapped), pruned: zero wherever `masks` is False.
+        masks: the pruning masks; their tensors are stored sparse (mask + nonzeros). None: every
+            conv weight is stored sparse, its mask read from its nonzeros.
+        path: the archive file.
+        value_format: "fp16" (exact for fp16-representable weights) or "int8" (per-tensor scale).
+        compression: "lzma" or "zlib".
+
+    Returns:
+        The archive's report (`bytes`, `sparse_bytes`, `entropy_bound_bytes`, `ratio_to_bound`, ...,
+        see `pruning.save_sparse_archive`) plus `dense_fp32_bytes`, `ratio_to_dense` (bytes / dense),
+        `params` and `nonzero` (of the sparse tensors) and `sparsity`.
+    """
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    sparse_names = _check_masks(state, masks) if masks is not None else None
+    if COMPACT_CFG_KEY in state:
+        raise ValueError(f"the model has a tensor named {COMPACT_CFG_KEY!r}, the archive's cfg entry")
+    cfg_bytes = model_cfg_text(model).encode("utf-8")
+    state[COMPACT_CFG_KEY] = torch.frombuffer(bytearray(cfg_bytes), dtype=torch.uint8)
+    report = save_sparse_archive(state, path, value_format, compression, sparse_names)
+    names = sparse_names if sparse_names is not None else [n for n, t in state.items()
+                                                          if t.is_floating_point() and t.dim() >= 2]
+    params = sum(state[name].numel() for name in names)
+    nonzero = sum(int(state[name].count_nonzero()) for name in names)
+    dense = dense_fp32_bytes(model)
+    report.update(dense_fp32_bytes=dense, ratio_to_dense=report["bytes"] / dense, params=params,
+                  nonzero=nonzero, sparsity=1.0 - nonzero / params if params else 0.0,
+                  value_format=value_format)
+    return report
+
+
+def _check_masks(state: dict[str, torch.Tensor], masks: Masks) -> list[str]:
+    """The masked tensor names, after checking each exists, fits, and is zero where pruned."""
+    for name, mask in masks.items():
+        if name not in state:
+            raise ValueError(f"mask {name!r} names no tensor of the model's state_dict "
+                             f"(masks of another model, or of a wrapped one?)")
+        tensor = state[name]
+        if tuple(mask.shape) != tuple(tensor.shape):
+            raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, the tensor {tuple(tensor.shape)}")
+        stray = int(((tensor != 0) & ~mask.cpu()).sum())
+        if stray:
+            raise ValueError(f"{name}: {stray} weights are nonzero where the mask prunes them; "
+                             f"apply the masks (masks.apply(model)) before exporting")
+    return list(masks)
+
+
+def load_compact(path: str | os.PathLike, cfg_path: str | os.PathLike | None = None) -> DarknetModel:
+    """Rebuild the model of an `export_compact` archive (CPU, float32, eval mode).
+
+    Args:
+        path: the archive.
+        cfg_path: where to write the embedded cfg; default a temporary file, removed once parsed
+            (the model's `cfg.path` then names a file that is gone: `export_darknet` needs a real one).
+    """
+    path = Path(path)
+    state = load_sparse_archive(path)
+    cfg_tensor = state.pop(COMPACT_CFG_KEY, None)
+    if cfg_tensor is None:
+        raise ValueError(f"{path}: a sparse archive without an embedded Darknet cfg "
+                         f"(entry {COMPACT_CFG_KEY!r}); expected a file written by export_compact")
+    cfg_text = cfg_tensor.numpy().tobytes()
+    if cfg_path is not None:
+        write_bytes_atomically(cfg_path, cfg_text)
+        model = load_darknet(cfg_path)
+    else:
+        with tempfile.TemporaryDirectory() as staging:
+            temporary_cfg = Path(staging) / f"{path.stem}.cfg"
+            temporary_cfg.write_bytes(cfg_text)
+            model = load_darknet(temporary_cfg)
+    try:
+        model.load_state_dict({name: tensor.float() if tensor.is_floating_point() else tensor
+                               for name, tensor in state.items()})
+    except RuntimeError as err:
+        raise ValueError(f"{path}: the tensors do not fit the embedded cfg: {err}") from None
+    return model.eval()
+
+
+def export_model(model: DarknetModel, out_dir: str | os.PathLike, formats: Iterable[str] = FORMATS,
+                 masks: Masks | None = None, value_format: str = "fp16", img_size: int | None = None,
+                 stem: str = "model") -> dict:
+    """Export to several formats in `out_dir`: `stem`.weights + `stem`.cfg, `stem`.onnx, `stem`.yaspars.
+
+    Returns:
+        dict `dense_fp32_bytes` and, per format exported, that exporter's report.
+    """
+    formats = list(formats)
+    unknown = [name for name in formats if name not in FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"export formats: expected some of {', '.join(FORMATS)}, found {formats}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict = {"dense_fp32_bytes": dense_fp32_bytes(model)}
+    if "darknet" in formats:
+        report["darknet"] = export_darknet(model, out_dir / f"{stem}.weights")
+    if "onnx" in formats:
+        report["onnx"] = export_onnx(model, out_dir / f"{stem}.onnx", img_size)
+    if "compact" in formats:
+        report["compact"] = export_compact(model, masks, out_dir / f"{stem}.yaspars", value_format)
+    return report
+
+
+def _eval_outputs(model: DarknetModel, images: torch.Tensor) -> list[torch.Tensor]:
+    """The model's eval-mode outputs on `images` (on the model's device), as float32 CPU tensors."""
+    was_training = model.training
+    parameter = next(model.parameters())
+    try:
+        with torch.no_grad():
+            outputs = model.eval()(images.to(parameter.device, parameter.dtype))
+    finally:
+        model.train(was_training)
+    return [out.float().cpu() for out in outputs]
+
+
+def _verify_input(channels: int, height: int, width: int, batch: int = 1) -> torch.Tensor:
+    """A fixed random batch Float[batch, channels, height, width] in [0, 1]."""
+    generator = torch.Generator().manual_seed(_VERIFY_SEED)
+    return torch.rand(batch, channels, height, width, generator=generator)
+
+
+def _check_input_size(model: DarknetModel, height: int, width: int) -> None:
+    multiple = model.input_multiple
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(f"{model.cfg.path}: the input size must be a positive multiple of {multiple}, "
+                         f"found {height}x{width}")
+
+
+def _import_optional(name: str):
+    """Import onnx / onnxruntime, with a hint where they are missing."""
+    try:
+        return __import__(name)
+    except ImportError as err:
+        raise ImportError(f"ONNX export needs the {name!r} package: pip install -e '.[dev]' "
+                          f"(or pip install onnx onnxruntime)") from err

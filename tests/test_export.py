@@ -1,0 +1,334 @@
+"""Export of a pruned detector (detector.export), each format checked by an independent runtime.
+
+The model is the demo cfg (detector/cfgs/demo-tiny.cfg, 160x160, 2 heads) with seeded random
+weights and batch-norm statistics, pruned to 80% global sparsity by magnitude. Inputs are images
+of the generated shapes dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import detector
+from data.eval_dataset import InferenceDataset
+from data.sources import load_yolo_dataset
+from data.synthetic import make_shapes_dataset
+from detector import cli_export
+from detector.cfgs import cfg_path
+from detector.evaluate import coco_metrics, to_coco_results
+from detector.export import (COMPACT_CFG_KEY, ONNX_LAYOUT_KEY, darknet_rows, dense_fp32_bytes, export_compact,
+                             export_darknet, export_onnx, load_compact, onnxruntime_outputs, opencv_difference,
+                             opencv_outputs)
+from detector.layers import ConvBlock
+from detector.postprocess import postprocess, select_detections, to_original_image
+from detector.predict import make_loader
+from pruning.magnitude import magnitude_prune
+from pruning.masks import Masks
+from pruning.sparse_archive import save_sparse_archive
+
+DEMO_CFG = cfg_path("demo-tiny.cfg")
+SPARSITY = 0.8
+
+
+@torch.no_grad()
+def _randomize(model: detector.DarknetModel, seed: int) -> None:
+    """Conv weights with variance 1/fan_in, BN affine and running statistics away from identity."""
+    gen = torch.Generator().manual_seed(seed)
+    for block in model.layers:
+        if not isinstance(block, ConvBlock):
+            continue
+        bound = math.sqrt(3.0 / block.conv.weight[0].numel())
+        block.conv.weight.uniform_(-bound, bound, generator=gen)
+        if isinstance(block.bn, nn.BatchNorm2d):
+            block.bn.weight.uniform_(0.5, 1.5, generator=gen)
+            block.bn.bias.uniform_(-0.2, 0.2, generator=gen)
+            block.bn.running_mean.uniform_(-0.2, 0.2, generator=gen)
+            block.bn.running_var.uniform_(0.5, 2.0, generator=gen)
+        else:
+            block.conv.bias.uniform_(-0.5, 0.5, generator=gen)
+
+
+@pytest.fixture(scope="module")
+def pruned():
+    """(model, masks): the demo model, random weights, 80% of its conv weights pruned (global magnitude)."""
+    model = detector.load_darknet(DEMO_CFG)
+    _randomize(model, seed=0)
+    masks = magnitude_prune(model, SPARSITY, scope="global")
+    return model.eval(), masks
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """The generated dataset's data.yaml (4 val images at the demo's 160x160)."""
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes") / "ds", n_train=1, n_val=4, img_size=160, seed=5)
+
+
+@pytest.fixture(scope="module")
+def images(shapes):
+    """Float Tensor[4, 3, 160, 160]: the val images as the network sees them."""
+    dataset = InferenceDataset.from_source(load_yolo_dataset(shapes, "val"), 160, 160, False)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def _with_yolo_options(cfg_text: str, options: str) -> str:
+    """The cfg with `options` added to every [yolo] section."""
+    return cfg_text.replace("[yolo]\n", f"[yolo]\n{options}\n")
+
+
+# ---- (1) Darknet .weights, read back by us and by OpenCV DNN --------------------------------------
+
+def test_darknet_export_round_trips_and_keeps_the_cfg(pruned, tmp_path):
+    model, masks = pruned
+    report = export_darknet(model, tmp_path / "pruned.weights", verify=False)
+    assert Path(report["cfg"]).read_text() == DEMO_CFG.read_text()
+    assert report["bytes"] == 20 + dense_fp32_bytes(model)  # header + every float tensor, dense
+    reloaded = detector.load_darknet(report["cfg"], report["weights"])
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            assert torch.equal(reloaded.state_dict()[name], tensor), name
+    assert Masks.from_model(reloaded).stats()["kept"] == masks.stats()["kept"]
+
+
+def test_opencv_reads_the_exported_files_and_computes_the_same_outputs(pruned, tmp_path, images):
+    model, _ = pruned
+    report = export_darknet(model, tmp_path / "pruned.weights", verify=True)
+    assert report["opencv_max_rel_diff"] <= 1e-4
+    # Every column of every row: OpenCV with its score threshold and NMS switched off.
+    cfg_all_rows = tmp_path / "all_rows.cfg"
+    cfg_all_rows.write_text(_with_yolo_options(Path(report["cfg"]).read_text(), "thresh=0\nnms_threshold=0"))
+    assert opencv_difference(model, cfg_all_rows, report["weights"], images) <= 1e-4
+    theirs = opencv_outputs(cfg_all_rows, report["weights"], images)
+    with torch.no_grad():
+        ours = [darknet_rows(out) for out in model(images)]
+    for head, (mine, cv_out) in enumerate(zip(ours, theirs)):
+        assert cv_out.shape == tuple(mine.shape), head
+        np.testing.assert_allclose(cv_out[..., 4], mine[..., 4].numpy(), atol=1e-4)
+
+
+def test_opencv_keeps_the_scores_we_keep(pruned, tmp_path, images):
+    """The exported cfg as is: OpenCV zeroes every score (objectness x class) not above 0.2."""
+    model = _confident_copy(pruned[0])
+    report = export_darknet(model, tmp_path / "confident.weights", verify=False)
+    theirs = opencv_outputs(report["cfg"], report["weights"], images)
+    with torch.no_grad():
+        ours = [darknet_rows(out) for out in model(images)]
+    for mine, cv_out in zip(ours, theirs):
+        scores = (mine[..., 5:] * mine[..., 4:5]).numpy()
+        np.testing.assert_array_equal(cv_out[..., 5:] > 0, scores > 0.2)
+        np.testing.assert_allclose(cv_out[..., 5:][scores > 0.2], scores[scores > 0.2], rtol=1e-4)
+    assert sum(int((cv_out[..., 5:] > 0).sum()) for cv_out in theirs) >= 100  # the check saw real scores
+
+
+def test_opencv_nms_keeps_the_detections_we_keep(pruned, tmp_path, images):
+    """With `nms_threshold=0.4` in each [yolo] section OpenCV also runs per-class NMS per layer:
+    it keeps the same (class, score) pairs as our post-processing with those settings, head by head."""
+    model = _confident_copy(pruned[0])
+    report = export_darknet(model, tmp_path / "confident.weights", verify=False)
+    cfg_nms = tmp_path / "nms.cfg"
+    cfg_nms.write_text(_with_yolo_options(Path(report["cfg"]).read_text(), "nms_threshold=0.4"))
+    theirs = opencv_outputs(cfg_nms, report["weights"], images)
+    with torch.no_grad():
+        ours = [darknet_rows(out) for out in model(images)]
+    compared = 0
+    for mine, cv_out in zip(ours, theirs):
+        for rows, cv_rows in zip(mine, cv_out):
+            expected = select_detections(rows, conf_thresh=0.2, iou_thresh=0.4, max_det=10_000)
+            row_index, class_index = np.nonzero(cv_rows[:, 5:])
+            cv_scores = cv_rows[row_index, 5 + class_index]
+            order = np.lexsort((class_index, -cv_scores))
+            assert len(row_index) == len(expected)
+            np.testing.assert_allclose(cv_scores[order], expected[:, 4].numpy(), rtol=1e-4)
+            np.testing.assert_array_equal(class_index[order], expected[:, 5].numpy().astype(int))
+            compared += len(expected)
+    assert compared >= 100  # the check saw real detections
+
+
+def _confident_copy(model: detector.DarknetModel) -> detector.DarknetModel:
+    """A copy whose heads predict objectness ~0.9 everywhere, so plenty of boxes pass 0.2."""
+    confident = detector.load_darknet(DEMO_CFG)
+    confident.load_state_dict(model.state_dict())
+    head_convs = [block for block in confident.layers if isinstance(block, ConvBlock)
+                  and block.conv.out_channels == 27]
+    with torch.no_grad():
+        for block in head_convs:
+            block.conv.bias.view(3, 9)[:, 4] = 2.5
+    return confident.eval()
+
+
+# ---- (2) ONNX with decoding, run by onnxruntime ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def onnx_export(pruned, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "pruned.onnx"
+    return path, export_onnx(pruned[0], path, opset=17, verify=True)
+
+
+def test_onnx_file_has_opset_17_and_documents_its_layout(pruned, onnx_export):
+    model, _ = pruned
+    path, report = onnx_export
+    proto = onnx.load(str(path))
+    assert max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")) >= 17
+    assert report["output_shape"] == [1, 3 * 5 * 5 + 3 * 10 * 10, 9]
+    layout = json.loads({p.key: p.value for p in proto.metadata_props}[ONNX_LAYOUT_KEY])
+    assert [h["rows"] for h in layout["heads"]] == [[0, 75], [75, 375]]
+    assert [h["grid"] for h in layout["heads"]] == [[5, 5], [10, 10]]
+    assert layout["heads"][0]["anchors"] == model.heads[0].anchors.tolist()
+    assert report["onnxruntime_max_abs_diff"] <= 1e-4 and report["onnxruntime_max_rel_diff"] <= 1e-4
+
+
+def test_onnxruntime_equals_pytorch_on_a_batch(pruned, onnx_export, images):
+    model, _ = pruned
+    theirs = onnxruntime_outputs(onnx_export[0], images)        # batch 4: the batch axis is free
+    with torch.no_grad():
+        ours = torch.cat([out.flatten(1, 3) for out in model(images)], dim=1).numpy()
+    assert theirs.shape == ours.shape == (4, 375, 9)
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_onnxruntime_gives_the_same_detections_and_map(pruned, onnx_export, shapes):
+    model = pruned[0]
+    source = load_yolo_dataset(shapes, "val")
+    loader = make_loader(InferenceDataset.from_source(source, 160, 160, False), 4, 0, torch.device("cpu"))
+    results = {"torch": [], "onnx": []}
+    for batch, metas in loader:
+        with torch.no_grad():
+            torch_out = model(batch)
+        onnx_out = [torch.from_numpy(onnxruntime_outputs(onnx_export[0], batch))]
+        for key, outputs in (("torch", torch_out), ("onnx", onnx_out)):
+            per_image = postprocess(outputs, conf_thresh=0.005, iou_thresh=0.45, max_det=100)
+            results[key] += [(meta, to_original_image(d, meta.transform)) for d, meta in zip(per_image, metas)]
+    for (_, mine), (_, theirs) in zip(results["torch"], results["onnx"]):
+        assert len(mine) == len(theirs) > 0
+        torch.testing.assert_close(theirs, mine, atol=1e-3, rtol=0)
+    maps = {key: coco_metrics(source.to_coco(), to_coco_results(dets, source.category_ids)).metrics()
+            for key, dets in results.items()}
+    assert maps["onnx"]["map50"] == pytest.approx(maps["torch"]["map50"], abs=1e-9)
+    assert maps["onnx"]["map50_95"] == pytest.approx(maps["torch"]["map50_95"], abs=1e-9)
+
+
+# ---- (3) the compact sparse archive -----------------------------------------------------------
+
+def test_compact_archive_rebuilds_the_model(pruned, tmp_path, images):
+    model, masks = pruned
+    report = export_compact(model, masks, tmp_path / "pruned.yaspars")
+    rebuilt = load_compact(tmp_path / "pruned.yaspars")
+    assert [h.anchors.tolist() for h in rebuilt.heads] == [h.anchors.tolist() for h in model.heads]
+    assert Masks.from_model(rebuilt).stats() == masks.stats()
+    # Conv weights come back as fp16 values, everything else exactly: identical to the model with
+    # its weights rounded to fp16, and within fp16 rounding of the model itself.
+    rounded = detector.load_darknet(DEMO_CFG)
+    rounded.load_state_dict({name: t.half().float() if name in set(masks) else t
+                             for name, t in model.state_dict().items()})
+    with torch.no_grad():
+        for got, want, original in zip(rebuilt(images), rounded.eval()(images), model(images)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got, original, atol=2e-2, rtol=2e-3)
+    assert report["sparsity"] == pytest.approx(SPARSITY, abs=1e-4)
+    assert report["bytes"] < 0.12 * report["dense_fp32_bytes"]
+    print(f"\ncompact fp16 @ {SPARSITY:.0%}: {report['bytes']} bytes = {report['ratio_to_dense']:.3f} x dense fp32 "
+          f"({report['dense_fp32_bytes']}); masks + values {report['sparse_bytes']} = "
+          f"{report['ratio_to_bound']:.3f} x entropy bound {report['entropy_bound_bytes']:.0f}")
+
+
+def test_a_rebuilt_model_exports_to_darknet_where_its_cfg_was_kept(pruned, tmp_path):
+    model, masks = pruned
+    export_compact(model, masks, tmp_path / "pruned.yaspars")
+    with pytest.raises(FileNotFoundError, match="cfg"):
+        export_darknet(load_compact(tmp_path / "pruned.yaspars"), tmp_path / "lost.weights", verify=False)
+    rebuilt = load_compact(tmp_path / "pruned.yaspars", cfg_path=tmp_path / "kept.cfg")
+    assert (tmp_path / "kept.cfg").read_text() == DEMO_CFG.read_text()
+    report = export_darknet(rebuilt, tmp_path / "again.weights", verify=False)
+    assert report["bytes"] == 20 + dense_fp32_bytes(model)
+
+
+@pytest.mark.parametrize("value_format", ["fp16", "int8"])
+def test_compact_archive_is_within_10_percent_of_the_entropy_bound(pruned, tmp_path, value_format):
+    model, masks = pruned
+    report = export_compact(model, masks, tmp_path / f"pruned-{value_format}.yaspars", value_format)
+    print(f"\n{value_format}: masks + values {report['sparse_bytes']} bytes, entropy bound "
+          f"{report['entropy_bound_bytes']:.0f}, ratio {report['ratio_to_bound']:.3f}; file {report['bytes']}")
+    assert 1.0 <= report["ratio_to_bound"] <= 1.10
+
+
+def test_int8_archive_is_smaller_and_close(pruned, tmp_path, images):
+    model, masks = pruned
+    fp16 = export_compact(model, masks, tmp_path / "a.yaspars", "fp16")
+    int8 = export_compact(model, masks, tmp_path / "b.yaspars", "int8")
+    assert int8["bytes"] < fp16["bytes"]
+    rebuilt = load_compact(tmp_path / "b.yaspars")
+    for name in masks:
+        weight, back = model.state_dict()[name], rebuilt.state_dict()[name]
+        step = weight.abs().max() / 127
+        assert torch.equal(back != 0, weight != 0), name
+        assert (back - weight).abs().max() <= step / 2 + 1e-7, name
+
+
+def test_compact_export_refuses_weights_outside_the_masks(pruned, tmp_path):
+    model, masks = pruned
+    unpruned = detector.load_darknet(DEMO_CFG)
+    unpruned.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        unpruned.layers[0].conv.weight.add_(1.0)
+    with pytest.raises(ValueError, match="nonzero where the mask prunes"):
+        export_compact(unpruned, masks, tmp_path / "bad.yaspars")
+    assert not (tmp_path / "bad.yaspars").exists()
+
+
+def test_load_compact_rejects_an_archive_without_a_cfg(pruned, tmp_path):
+    save_sparse_archive(pruned[0].state_dict(), tmp_path / "bare.yaspars")
+    with pytest.raises(ValueError, match=COMPACT_CFG_KEY):
+        load_compact(tmp_path / "bare.yaspars")
+
+
+# ---- the CLI ----------------------------------------------------------------------------------
+
+def test_cli_exports_every_format_and_writes_the_report(pruned, tmp_path, capsys):
+    model, masks = pruned
+    export_darknet(model, tmp_path / "in.weights", verify=False)
+    parser = argparse.ArgumentParser()
+    cli_export.add_arguments(parser)
+    args = parser.parse_args(["--cfg", str(tmp_path / "in.cfg"), "--weights", str(tmp_path / "in.weights"),
+                              "--out", str(tmp_path / "out"), "--formats", "darknet,compact", "--int8"])
+    assert cli_export.run(args) == 0
+    report = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert set(report) == {"dense_fp32_bytes", "darknet", "compact"}
+    assert report["compact"]["value_format"] == "int8"
+    assert report["compact"]["nonzero"] == masks.stats()["kept"]
+    assert (tmp_path / "out" / "model.cfg").is_file() and not (tmp_path / "out" / "model.onnx").exists()
+    assert "entropy bound" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cfg", "c", "--out", "o", "--formats", "darknet,tflite"])
+
+
+def test_cli_needs_weights_or_a_checkpoint(tmp_path):
+    parser = argparse.ArgumentParser()
+    cli_export.add_arguments(parser)
+    args = parser.parse_args(["--cfg", str(DEMO_CFG), "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--weights"):
+        cli_export.run(args)
+
+
+# ---- real weights -------------------------------------------------------------------------------
+
+def test_pruned_yolo_fastest_exports_to_every_format(shared_data, tmp_path):
+    """A real pretrained detector (grouped convs, route groups, dropout, 320x320), pruned to 50%."""
+    cfg = shared_data("darknet", "yolo-fastest-1.1.cfg")
+    model = detector.load_darknet(cfg, shared_data("darknet", "yolo-fastest-1.1.weights"))
+    masks = magnitude_prune(model, 0.5)
+    report = export_darknet(model, tmp_path / "fastest.weights", verify=True)
+    assert report["opencv_max_rel_diff"] <= 1e-4
+    onnx_report = export_onnx(model, tmp_path / "fastest.onnx", verify=True)
+    assert onnx_report["output_shape"] == [1, 3 * (10 * 10 + 20 * 20), 85]
+    assert onnx_report["onnxruntime_max_rel_diff"] <= 1e-4   # boxes reach 320 px: relative to max(1, |v|)
+    compact = export_compact(model, masks, tmp_path / "fastest.yaspars")
+    print(f"\nyolo-fastest-1.1 @ 50%: weights {report['bytes']}, compact {compact['bytes']} "
+          f"({compact['ratio_to_dense']:.3f} x dense), masks + values {compact['ratio_to_bound']:.3f} x entropy bound")
+    assert compact["bytes"] < 0.5 * report["bytes"]
