@@ -20,7 +20,8 @@ PY=${PYTHON:-.venv/bin/python}
 if [ $# -eq 0 ]; then
     DATA=runs/demo-data
     WEIGHTS=detector/cfgs/demo-tiny.weights
-    "$PY" -m data.synthetic --out "$DATA" --train 480 --val 160 --seed 0
+    [ -f "$DATA/data.yaml" ] || "$PY" -c \
+        "from data.synthetic import make_shapes_dataset; make_shapes_dataset('$DATA', 480, 160, seed=0)"
     if [ ! -f "$WEIGHTS" ]; then
         WEIGHTS=runs/demo-pretrain/demo-tiny.weights
         [ -f "$WEIGHTS" ] || "$PY" -m yolo_admm detect train --cfg detector/cfgs/demo-tiny.cfg \
