@@ -18,7 +18,7 @@ import pruning
 from classify.pipeline import (METHODS, MODELS, PruneSettings, TrainSettings, evaluate_accuracy, make_eval_loader,
                                model_spec, prepare, prune_model, save_prune_plots, save_weights, train_model,
                                write_json)
-from engine import resolve_device
+from engine import distributed, resolve_device
 
 DEFAULT_RUN_DIR = Path("runs/classify")
 
@@ -102,10 +102,18 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
         resume=getattr(args, "resume", False))
 
 
+def join_torchrun(args: argparse.Namespace) -> None:
+    """Under torchrun, join the process group; --device becomes this process's device."""
+    args.device = str(distributed.init_from_env(resolve_device(args.device)))
+
+
 def run_train(args: argparse.Namespace) -> int:
+    join_torchrun(args)
     settings = train_settings(args)
     model, datasets = prepare(args.model, args.data, args.weights)
     result = train_model(args.model, model, datasets, settings)
+    if not distributed.is_main():
+        return 0
     out = save_weights(model, args.out or DEFAULT_RUN_DIR / f"{args.model}-dense.pt")
     print(f"{args.model}: top-1 {result['accuracy']:.2f}% after {settings.epochs} epochs "
           f"({result['wall_time_s']:.0f} s); weights: {out}")
@@ -129,12 +137,15 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_prune(args: argparse.Namespace) -> int:
     if args.weights is None:
         raise ValueError("prune needs --weights (the dense model to prune)")
+    join_torchrun(args)
     settings = train_settings(args)
     prune = PruneSettings(sparsity=args.sparsity, method=args.method, admm_iters=args.admm_iters,
                           epochs_per_iter=args.epochs_per_iter, rho=args.rho, rho_mult=args.rho_mult,
                           rho_max=args.rho_max, retrain_epochs=args.retrain_epochs)
     model, datasets = prepare(args.model, args.data, args.weights)
     result = prune_model(args.model, model, datasets, prune, settings)
+    if not distributed.is_main():
+        return 0
     print(pruning.format_table(result["layers"]))
     print(f"{args.model} {args.method}: {100 * result['sparsity']:.2f}% of {result['params']} weights removed; "
           f"top-1 {result['dense_accuracy']:.2f}% dense -> {result['pruned_accuracy']:.2f}% pruned "

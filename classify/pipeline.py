@@ -34,7 +34,7 @@ from classify.lenet5 import LeNet5
 from classify.resnet56 import RESNET56_MEAN, RESNET56_STD, resnet56
 from data.cifar import CIFARDataset, load_cifar_folder
 from data.mnist import MNISTDataset, load_mnist
-from engine import Trainer, TrainConfig, atomic_torch_save, find_latest_checkpoint, resolve_device
+from engine import Trainer, TrainConfig, atomic_torch_save, distributed, find_latest_checkpoint, resolve_device
 
 METHODS = {
     "admm-global": ("admm", "global"),
@@ -202,10 +202,29 @@ def seed_everything(seed: int) -> None:
 
 
 def make_train_loader(spec: ModelSpec, train_set: Dataset, settings: TrainSettings) -> DataLoader:
-    """Shuffled batches; an epoch is `train_samples` images drawn without replacement (or all)."""
+    """Shuffled batches; an epoch is `train_samples` images drawn without replacement (or all).
+
+    Under torchrun each of the N processes gets 1/N of every global batch (DistributedSampler).
+    """
+    batch_size = settings.batch_size or spec.batch_size
+    if distributed.world_size() > 1:
+        return _distributed_train_loader(train_set, batch_size, settings)
     sampler = RandomSampler(train_set, num_samples=settings.train_samples)
-    return DataLoader(train_set, settings.batch_size or spec.batch_size, sampler=sampler,
+    return DataLoader(train_set, batch_size, sampler=sampler,
                       num_workers=settings.workers, persistent_workers=settings.workers > 0,
+                      pin_memory=resolve_device(settings.device).type == "cuda")
+
+
+def _distributed_train_loader(train_set: Dataset, batch_size: int, settings: TrainSettings) -> DataLoader:
+    processes = distributed.world_size()
+    if settings.train_samples is not None:
+        raise ValueError("--train-samples is not supported under torchrun: every process must see the same "
+                         "epoch; train on the whole set or run in one process")
+    if batch_size % processes:
+        raise ValueError(f"--batch-size {batch_size} (the global batch) must divide by the {processes} processes")
+    sampler = distributed.distributed_sampler(train_set, shuffle=True, seed=settings.seed)
+    return DataLoader(train_set, batch_size // processes, sampler=sampler, num_workers=settings.workers,
+                      persistent_workers=settings.workers > 0,
                       pin_memory=resolve_device(settings.device).type == "cuda")
 
 

@@ -219,3 +219,33 @@ def test_tiny_magnitude_uniform_prunes_every_layer_alike(tmp_path):
     result = json.loads(out.read_text())
     assert [row["kept"] for row in result["layers"]] == [100, 5000, 80000, 1000]
     assert result["epochs"] == {"admm": 0, "retrain": 1} and result["mask_violations"] == 0
+
+
+def test_classify_prune_runs_under_torchrun_with_two_processes(tmp_path):
+    """2 gloo processes on CPU: one result, written once, at the exact sparsity."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside this Python")
+    write_mnist_like(tmp_path / "mnist", n_train=128, n_test=64)
+    dense = tmp_path / "dense.pt"
+    assert classify_main(["train", "--model", "lenet5", "--data", str(tmp_path / "mnist"), "--epochs", "1",
+                          "--batch-size", "32", "--out", str(dense), "--no-progress"]) == 0
+    result = tmp_path / "prune.json"
+    with socket.socket() as probe:  # a free local port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "yolo_admm",
+         "classify", "prune", "--model", "lenet5", "--data", str(tmp_path / "mnist"), "--weights", str(dense),
+         "--sparsity", "0.9", "--admm-iters", "2", "--retrain-epochs", "1", "--batch-size", "32",
+         "--device", "cpu", "--json-out", str(result), "--no-progress"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("weights removed") == 1  # only rank 0 reports and writes
+    assert json.loads(result.read_text())["sparsity"] == pytest.approx(0.9, abs=1e-5)
