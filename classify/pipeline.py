@@ -14,7 +14,7 @@ retraining. Retraining always uses a fresh optimizer with a cosine LR decay to z
 """
 from __future__ import annotations
 
-import json
+import io
 import math
 import os
 import random
@@ -34,7 +34,8 @@ from classify.lenet5 import LeNet5
 from classify.resnet56 import RESNET56_MEAN, RESNET56_STD, resnet56
 from data.cifar import CIFARDataset, load_cifar_folder
 from data.mnist import MNISTDataset, load_mnist
-from engine import Trainer, TrainConfig, atomic_torch_save, distributed, find_latest_checkpoint, resolve_device
+from engine import (Trainer, TrainConfig, atomic_torch_save, atomic_write_bytes, atomic_write_json, distributed,
+                    find_latest_checkpoint, resolve_device)
 
 METHODS = {
     "admm-global": ("admm", "global"),
@@ -386,12 +387,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
 
 def write_json(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write `result` as indented JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, result)
 
 
 def save_prune_plots(result: Mapping[str, Any], json_path: str | os.PathLike) -> list[Path]:
@@ -421,9 +417,6 @@ def save_residual_plot(updates: list[Mapping[str, float]], path: Path) -> Path:
     axes.set_ylabel("residual")
     axes.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        figure.savefig(handle, format="png")
-    os.replace(tmp, path)
-    return path
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    return atomic_write_bytes(path, png.getvalue())

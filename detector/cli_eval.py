@@ -18,7 +18,8 @@ from data.eval_dataset import InferenceDataset
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from detector.cli import add_model_arguments, load_model, model_num_classes, output_folder
 from detector.evaluate import CONF_THRESH, MAX_DET, NMS_IOU, EvalResult, evaluate
-from detector.predict import make_loader, write_json_atomic
+from detector.predict import make_loader
+from engine import atomic_write_json
 from detector.train import check_classes
 
 
@@ -88,6 +89,6 @@ def run(args: argparse.Namespace) -> int:
     if args.per_class:
         print(format_per_class(result))
     if args.json_out:
-        write_json_atomic(args.json_out, result.metrics())
+        atomic_write_json(args.json_out, result.metrics())
         print(f"metrics written to {args.json_out}")
     return 0

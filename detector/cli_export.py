@@ -11,7 +11,6 @@ writes the numbers to DIR/export.json. The sparsity pattern is read from the wei
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from detector.cli import network_size
@@ -19,7 +18,7 @@ from detector.export import FORMATS, export_model
 from detector.model import DarknetModel, load_darknet
 from engine.checkpoint import load_checkpoint
 from pruning.masks import Masks
-from pruning.sparse_archive import write_bytes_atomically
+from engine import atomic_write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     report = export_model(model, args.out, args.formats, masks, "int8" if args.int8 else "fp16", args.img_size)
     print(format_report(report))
     json_path = args.out / "export.json"
-    write_bytes_atomically(json_path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+    atomic_write_json(json_path, report)
     print(f"report written to {json_path}")
     return 0
 

@@ -29,7 +29,7 @@ import yaml
 import detector
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from detector.cli import network_size, output_folder
-from detector.predict import write_json_atomic
+from engine import atomic_write_json
 from detector.train import DetectTrainConfig, fit_detector
 from engine import distributed, find_latest_checkpoint
 
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     train_source, val_source = load_sources(args)
     model = detector.load_darknet(args.cfg, args.weights)
     if distributed.is_main():
-        write_json_atomic(args.out / "args.json", recorded_args(args))
+        atomic_write_json(args.out / "args.json", recorded_args(args))
     _seed_everything(args.seed)
     print(f"train: {len(train_source.records)} images, validation: "
           f"{len(val_source.records) if val_source else 'none'}; out: {args.out}")

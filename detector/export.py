@@ -37,7 +37,8 @@ from detector.model import DarknetModel, load_darknet
 from detector.postprocess import flatten_heads
 from detector.weights import write_weights
 from pruning.masks import Masks
-from pruning.sparse_archive import load_sparse_archive, save_sparse_archive, write_bytes_atomically
+from engine import atomic_write_bytes
+from pruning.sparse_archive import load_sparse_archive, save_sparse_archive
 
 FORMATS = ("darknet", "onnx", "compact")
 ONNX_INPUT, ONNX_OUTPUT = "images", "detections"
@@ -71,7 +72,7 @@ def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = 
     """
     weights_path = Path(path)
     cfg_path = weights_path.with_suffix(".cfg")
-    write_bytes_atomically(cfg_path, model_cfg_text(model).encode("utf-8"))
+    atomic_write_bytes(cfg_path, model_cfg_text(model).encode("utf-8"))
     write_weights(weights_path, model, model.weights_header)
     report = {"weights": str(weights_path), "cfg": str(cfg_path), "bytes": weights_path.stat().st_size,
               "dense_fp32_bytes": dense_fp32_bytes(model)}
@@ -318,7 +319,7 @@ def load_compact(path: str | os.PathLike, cfg_path: str | os.PathLike | None = N
                          f"(entry {COMPACT_CFG_KEY!r}); expected a file written by export_compact")
     cfg_text = cfg_tensor.numpy().tobytes()
     if cfg_path is not None:
-        write_bytes_atomically(cfg_path, cfg_text)
+        atomic_write_bytes(cfg_path, cfg_text)
         model = load_darknet(cfg_path)
     else:
         with tempfile.TemporaryDirectory() as staging:

@@ -7,9 +7,7 @@ channels_last) under `torch.inference_mode`, `postprocess`, then boxes mapped ba
 from __future__ import annotations
 
 import copy
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -21,6 +19,7 @@ from tqdm import tqdm
 
 from data.eval_dataset import ImageMeta, InferenceDataset, collate_inference
 from detector.layers import ConvBlock
+from engine import atomic_write_json
 from detector.postprocess import postprocess, to_original_image
 
 _PALETTE_SEED = 12345
@@ -95,19 +94,6 @@ def draw_detections(image_bgr: np.ndarray, detections: torch.Tensor, class_names
     return canvas
 
 
-def write_json_atomic(path: Path, payload: object) -> None:
-    """Write `payload` as indented JSON to `path` through a temp file and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_image_atomic(path: Path, image_bgr: np.ndarray) -> None:
     """cv2.imwrite through a temp file (same suffix, so the same format) and os.replace."""
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
@@ -131,7 +117,7 @@ def predict(model: torch.nn.Module, dataset: InferenceDataset, out_dir: Path, cl
         write_image_atomic(out_dir / name, annotated)
         results.append({**detections_to_json(meta, detections, class_names), "annotated": name})
     json_path = out_dir / "detections.json"
-    write_json_atomic(json_path, results)
+    atomic_write_json(json_path, results)
     return json_path
 
 

@@ -21,6 +21,7 @@ done is sent to every rank (the run folder must be the same shared folder for ev
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -40,7 +41,8 @@ from detector.export import FORMATS as EXPORT_FORMATS
 from detector.predict import inference_copy
 from detector.export import export_model
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
-from engine import atomic_torch_save, distributed, find_latest_checkpoint, resolve_device
+from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, distributed, find_latest_checkpoint,
+                    resolve_device)
 
 LOG = logging.getLogger("yolo_admm.prune")
 METHODS = ("admm-global", "admm-layerwise", "magnitude-global", "magnitude-uniform")
@@ -148,13 +150,7 @@ def read_job_yaml(path: str | os.PathLike) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- helpers
 def write_json(path: Path, payload: Any) -> Path:
     """Write ``payload`` as indented JSON, atomically (under torchrun: on rank 0 only)."""
-    if not distributed.is_main():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, payload) if distributed.is_main() else path
 
 
 def load_sources(job: PruneJob) -> tuple[DetectionSource, DetectionSource]:
@@ -362,11 +358,9 @@ def save_sweep_plot(sweep: list[dict[str, Any]], path: Path, method: str) -> Pat
     axes.set_title(method)
     axes.legend()
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        figure.savefig(handle, format="png")
-    os.replace(tmp, path)
-    return path
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    return atomic_write_bytes(path, png.getvalue())
 
 
 def make_context(job: PruneJob) -> RunContext:
@@ -401,9 +395,7 @@ def write_or_check_config(job: PruneJob, path: Path) -> None:
             raise ValueError(f"{path}: this run folder holds a run with other settings ({details}); "
                              f"resume with the same settings or choose another --out")
     if distributed.is_main():
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(settings, sort_keys=False))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, yaml.safe_dump(settings, sort_keys=False).encode("utf-8"))
 
 
 def log_to_file(path: Path) -> logging.Handler:

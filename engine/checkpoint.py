@@ -6,11 +6,12 @@ under the final name: readers see either the old file or the new one.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -23,25 +24,44 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch_{epoch:04d}.pt"
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """Write `obj` with `torch.save` to `path` atomically (temp file + fsync + `os.replace`).
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically: a temporary file beside it (same filesystem), fsync,
+    then `os.replace`, so readers see the old file or the new one, never a partial one. The
+    temporary file is removed if writing fails; the result gets the usual (umask) permissions."""
+    return _atomic_write(path, lambda handle: handle.write(data))
 
-    The temporary file lives beside `path` (same filesystem, so the rename is atomic) and is
-    removed if writing fails. Returns the final path.
-    """
+
+def atomic_write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """`payload` as indented JSON (UTF-8, trailing newline), written atomically."""
+    return atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """Write `obj` with `torch.save` to `path` atomically (see `atomic_write_bytes`)."""
+    return _atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike) -> Path:

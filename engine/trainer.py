@@ -37,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from engine import distributed
-from engine.checkpoint import checkpoint_name, load_checkpoint, remove_older_checkpoints, save_checkpoint
+from engine.checkpoint import atomic_write_bytes, checkpoint_name, load_checkpoint, remove_older_checkpoints, save_checkpoint
 from engine.ema import ModelEMA, unwrap
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
@@ -412,8 +412,4 @@ def write_history_csv(history: list[dict[str, float]], path: str | os.PathLike) 
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(history)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buffer.getvalue().encode("utf-8"))

@@ -41,13 +41,18 @@ _COMPRESSORS = {
 
 
 def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
+    """Write ``data`` to a temporary file beside ``path``, then ``os.replace`` it into place.
+
+    ``pruning`` imports only torch, so it keeps this writer rather than using ``engine``'s."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(temp_name, 0o666 & ~mask)  # mkstemp makes 0600
         os.replace(temp_name, path)
     except BaseException:
         os.unlink(temp_name)

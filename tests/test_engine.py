@@ -269,3 +269,20 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     removed = remove_older_checkpoints(tmp_path, keep=2)
     assert sorted(p.name for p in removed) == ["epoch_0001.pt", "epoch_0002.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0003.pt", "epoch_0010.pt", "history.csv"]
+
+
+def test_atomic_writes_replace_whole_files_with_normal_permissions(tmp_path):
+    import json
+    import os
+
+    from engine import atomic_write_bytes, atomic_write_json
+
+    target = tmp_path / "sub" / "result.json"
+    atomic_write_json(target, {"map50": 0.5})
+    assert json.loads(target.read_text()) == {"map50": 0.5}
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert [p.name for p in target.parent.iterdir()] == ["result.json"]  # no temporary file left
