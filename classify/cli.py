@@ -74,6 +74,11 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rho-max", type=float, default=None, help="cap on rho (default: none)")
     parser.add_argument("--retrain-epochs", type=int, default=3,
                         help="masked retraining epochs after ADMM (magnitude methods retrain for the ADMM epochs too)")
+    parser.add_argument("--ramp-from", type=sparsity_fraction, default=None,
+                        help="progressive ADMM: the first Z-step keeps this sparsity and the target rises to "
+                             "--sparsity along a cubic (default: none, every Z-step at --sparsity)")
+    parser.add_argument("--ramp-iters", type=int, default=None,
+                        help="ADMM iterations the ramp takes (default: two thirds of --admm-iters)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +146,8 @@ def run_prune(args: argparse.Namespace) -> int:
     settings = train_settings(args)
     prune = PruneSettings(sparsity=args.sparsity, method=args.method, admm_iters=args.admm_iters,
                           epochs_per_iter=args.epochs_per_iter, rho=args.rho, rho_mult=args.rho_mult,
-                          rho_max=args.rho_max, retrain_epochs=args.retrain_epochs)
+                          rho_max=args.rho_max, retrain_epochs=args.retrain_epochs, ramp_from=args.ramp_from,
+                          ramp_iters=args.ramp_iters)
     model, datasets = prepare(args.model, args.data, args.weights)
     result = prune_model(args.model, model, datasets, prune, settings)
     if not distributed.is_main():

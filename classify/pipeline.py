@@ -125,6 +125,8 @@ class PruneSettings:
     rho_max: float | None = None  # None: no cap
     retrain_epochs: int = 3
     layer_sparsity: Mapping[str, float] | None = field(default=None)
+    ramp_from: float | None = None  # progressive sparsity: the first Z-step's target (None: none)
+    ramp_iters: int | None = None   # ADMM iterations to reach `sparsity` (None: two thirds of them)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -134,10 +136,17 @@ class PruneSettings:
         if self.admm_iters < 1 or self.epochs_per_iter < 1 or self.retrain_epochs < 0:
             raise ValueError(f"need admm_iters >= 1, epochs_per_iter >= 1, retrain_epochs >= 0; found "
                              f"{self.admm_iters}, {self.epochs_per_iter}, {self.retrain_epochs}")
+        if self.ramp_from is not None and not self.method.startswith("admm"):
+            raise ValueError(f"ramp_from is for the ADMM methods; method {self.method!r} prunes at once")
+        pruning.ramp_updates(self.sparsity, self.ramp_from, self.ramp_iters, self.admm_iters)  # validates
 
     @property
     def admm_epochs(self) -> int:
         return self.admm_iters * self.epochs_per_iter
+
+    @property
+    def ramp_updates(self) -> int:
+        return pruning.ramp_updates(self.sparsity, self.ramp_from, self.ramp_iters, self.admm_iters)
 
     @property
     def total_epochs(self) -> int:
@@ -337,7 +346,8 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
     if kind == "admm":
         admm = pruning.ADMM(model, pruning.ADMMConfig(
             sparsity=prune.sparsity, scope=scope, layer_sparsity=prune.layer_sparsity, rho=prune.rho,
-            rho_multiplier=prune.rho_mult, rho_max=math.inf if prune.rho_max is None else prune.rho_max))
+            rho_multiplier=prune.rho_mult, rho_max=math.inf if prune.rho_max is None else prune.rho_max,
+            ramp_from=prune.ramp_from, ramp_updates=prune.ramp_updates))
         callback = pruning.ADMMCallback(admm, prune.epochs_per_iter * len(loaders[0]))
         histories["admm"] = run_phase(model, spec, loaders, settings, prune.admm_epochs, "admm",
                                       [callback], cosine=False)

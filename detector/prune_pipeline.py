@@ -5,7 +5,8 @@ killed run resumes; mid-stage, training resumes from the trainer's newest checkp
 
 1. ``dense``: COCO mAP of the pretrained model.
 2. ``admm`` (ADMM methods only): ``admm_iters`` ADMM iterations of ``epochs_per_iter`` epochs each,
-   trained on the full detection loss plus the ADMM penalty; rho grows by ``rho_mult`` per iteration.
+   trained on the full detection loss plus the ADMM penalty; rho grows by ``rho_mult`` per iteration;
+   with ``ramp_from`` the Z-step's sparsity rises from it to the target over ``ramp_iters`` iterations.
 3. ``hard_prune``: weights outside Z's support (or the magnitude baseline's masks) set to zero.
 4. ``retrained``: ``retrain_epochs`` of masked retraining (magnitude baselines get the ADMM epochs
    too, so every method has the same training budget).
@@ -78,6 +79,8 @@ class PruneJob:
     rho: float = 1e-3
     rho_mult: float = 2.0
     rho_max: float = 1e-1
+    ramp_from: float | None = None
+    ramp_iters: int | None = None
     retrain_epochs: int = 4
     lr: float | None = None
     burn_in: int | None = 0
@@ -110,6 +113,10 @@ class PruneJob:
         if self.admm_iters < 1 or self.epochs_per_iter < 1 or self.retrain_epochs < 0:
             raise ValueError(f"need admm_iters >= 1, epochs_per_iter >= 1, retrain_epochs >= 0; found "
                              f"{self.admm_iters}, {self.epochs_per_iter}, {self.retrain_epochs}")
+        if self.ramp_from is not None and not self.method.startswith("admm"):
+            raise ValueError(f"ramp_from is for the ADMM methods; method {self.method!r} prunes at once")
+        for value in self.sparsity:
+            pruning.ramp_updates(float(value), self.ramp_from, self.ramp_iters, self.admm_iters)  # validates
         if self.data is None and not (self.train_images and self.train_annotations
                                       and self.val_images and self.val_annotations):
             raise ValueError("prune: give --data data.yaml, or all of --train-images/--train-annotations/"
@@ -258,7 +265,8 @@ def run_admm(ctx: RunContext, model: torch.nn.Module, sparsity: float, folder: P
     admm = pruning.ADMM(model, pruning.ADMMConfig(
         sparsity=sparsity, scope=scope, layer_sparsity=job.layer_sparsity if scope == "layerwise" else None,
         rho=job.rho, rho_multiplier=job.rho_mult, rho_max=max(job.rho_max, job.rho),
-        include=job.include, exclude=job.exclude, min_density=job.min_density))
+        include=job.include, exclude=job.exclude, min_density=job.min_density, ramp_from=job.ramp_from,
+        ramp_updates=pruning.ramp_updates(sparsity, job.ramp_from, job.ramp_iters, job.admm_iters)))
     steps_per_epoch = math.ceil(len(trainer.train_loader) / trainer.config.accumulate)  # optimizer steps
     callback = pruning.ADMMCallback(admm, job.epochs_per_iter * steps_per_epoch)
     trainer.callbacks.append(callback)

@@ -2,7 +2,7 @@
 
 Imports only torch (matplotlib lazily, for the plot). See docs/contracts.md, section ``pruning``.
 """
-from pruning.admm import ADMM, SCOPES, ADMMConfig
+from pruning.admm import ADMM, SCOPES, ADMMConfig, ramp_updates
 from pruning.callbacks import ADMMCallback, MaskCallback
 from pruning.magnitude import MAGNITUDE_SCOPES, magnitude_prune
 from pruning.masks import Masks, pack_mask, unpack_mask
@@ -19,7 +19,7 @@ from pruning.selection import canonical_name, layer_floors, name_matches, prunab
 from pruning.sparse_archive import entropy_bound, load_sparse_archive, save_sparse_archive
 
 __all__ = [
-    "ADMM", "ADMMConfig", "SCOPES", "ADMMCallback", "MaskCallback", "MAGNITUDE_SCOPES", "magnitude_prune",
+    "ADMM", "ADMMConfig", "SCOPES", "ramp_updates", "ADMMCallback", "MaskCallback", "MAGNITUDE_SCOPES", "magnitude_prune",
     "Masks", "pack_mask", "unpack_mask", "check_sparsity", "floor_counts", "global_topk_masks", "kept_count",
     "layerwise_topk_masks", "magnitude_keys", "format_table", "layer_table", "save_kept_fraction_plot",
     "table_totals", "canonical_name", "layer_floors", "name_matches", "prunable_parameters",

@@ -13,6 +13,11 @@ together (Lee et al., IJCIS 2023); ``scope="layerwise"`` gives each layer its ow
 (Zhang et al., ECCV 2018). When rho grows, U (the dual scaled by 1/rho) is rescaled by
 rho_old / rho_new so the unscaled dual rho * U is unchanged (Boyd et al. 2011, sec. 3.4.1).
 
+Progressive sparsity (optional, ``ramp_from``): the Z-step's target starts at ``ramp_from`` and
+rises to ``sparsity`` along the cubic curve of Zhu & Gupta (2017) over the first ``ramp_updates``
+updates, then stays there; ``hard_prune`` always cuts at ``sparsity``. Going straight to 99%
+removal projects onto a set far from the dense weights; the ramp lets the W-steps follow.
+
 Under ``torch.distributed`` (several processes training one model with DDP) every rank computes
 the same Z and U from the same W, and in addition takes rank 0's Z, U and support at construction
 and after every ``update()``, so the ranks can never drift apart.
@@ -44,6 +49,8 @@ class ADMMConfig:
 
     Attributes:
         sparsity: fraction of prunable weights removed, in [0, 1).
+        ramp_from: progressive sparsity: the first Z-step's target, below ``sparsity`` (None: no ramp).
+        ramp_updates: number of updates over which the target rises from ``ramp_from`` to ``sparsity``.
         scope: "global" (one budget over all layers) or "layerwise" (a ratio per layer).
         layer_sparsity: layerwise only: pattern -> sparsity; layers no pattern matches use ``sparsity``.
         rho: initial penalty weight, > 0.
@@ -62,9 +69,17 @@ class ADMMConfig:
     include: Sequence[str] | None = None
     exclude: Sequence[str] | None = None
     min_density: float | Mapping[str, float] = 0.0
+    ramp_from: float | None = None
+    ramp_updates: int = 0
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity)
+        if self.ramp_from is not None:
+            check_sparsity(self.ramp_from, "ramp_from")
+            if not self.ramp_from < self.sparsity:
+                raise ValueError(f"ramp_from must be below sparsity ({self.sparsity!r}), got {self.ramp_from!r}")
+            if isinstance(self.ramp_updates, bool) or not isinstance(self.ramp_updates, int) or self.ramp_updates < 1:
+                raise ValueError(f"ramp_from needs ramp_updates >= 1 (an int), got {self.ramp_updates!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"unknown ADMM scope {self.scope!r}: expected one of {', '.join(SCOPES)}")
         if self.layer_sparsity is not None:
@@ -84,6 +99,25 @@ class ADMMConfig:
                 raise ValueError(f"min_density must be in [0, 1], got {density!r}")
 
 
+def ramp_updates(sparsity: float, ramp_from: float | None, ramp_iters: int | None, admm_iters: int) -> int:
+    """``ADMMConfig.ramp_updates`` for a run of ``admm_iters`` updates: 0 without a ramp, else
+    ``ramp_iters``, by default two thirds of the iterations (so the last third runs at the target).
+
+    Raises:
+        ValueError: ``ramp_from`` not below ``sparsity``, or ``ramp_iters`` not in [1, admm_iters].
+    """
+    if ramp_from is None:
+        return 0
+    check_sparsity(ramp_from, "ramp_from")
+    if not ramp_from < sparsity:
+        raise ValueError(f"ramp_from must be below sparsity ({sparsity!r}), got {ramp_from!r}")
+    if ramp_iters is None:
+        return max(1, round(2 * admm_iters / 3))
+    if isinstance(ramp_iters, bool) or not isinstance(ramp_iters, int) or not 1 <= ramp_iters <= admm_iters:
+        raise ValueError(f"ramp_iters must be an int in [1, admm_iters={admm_iters}], got {ramp_iters!r}")
+    return ramp_iters
+
+
 class ADMM:
     """ADMM state (Z, U, rho) over the prunable weights W of one model.
 
@@ -100,28 +134,46 @@ class ADMM:
         self.names: list[str] = list(named)
         self.params: list[nn.Parameter] = list(named.values())
         self.floors = layer_floors(named, config.min_density)
-        if config.scope == "global":
-            self.k = kept_count(sum(param.numel() for param in self.params), config.sparsity)
-        else:
+        self.numel = sum(param.numel() for param in self.params)
+        if config.scope == "layerwise":
             self.ratios = per_name_values(self.names, config.layer_sparsity or {}, config.sparsity, "layer_sparsity")
         self.rho = config.rho
         self.iteration = 0
         with torch.no_grad():
-            self.support: list[Tensor] = self.project([param.detach() for param in self.params])
+            self.support: list[Tensor] = self.project([param.detach() for param in self.params], self.ramp_fraction(0))
             self.Z: list[Tensor] = [param.detach() * mask for param, mask in zip(self.params, self.support)]
             self.U: list[Tensor] = [torch.zeros_like(z) for z in self.Z]
             self._offset: list[Tensor] = [u - z for u, z in zip(self.U, self.Z)]    # U - Z, for the W-step
         self.broadcast_from_rank0()
 
-    def project(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """Support of the projection of ``tensors`` (aligned with ``self.params``) onto the sparsity set.
+    def ramp_fraction(self, update: int) -> float:
+        """How far the target has risen at Z-step number ``update`` (0: the initial projection):
+        0 at ``ramp_from``, 1 at ``sparsity``; always 1 without a ramp."""
+        if self.config.ramp_from is None:
+            return 1.0
+        return 1.0 - (1.0 - min(update, self.config.ramp_updates) / self.config.ramp_updates) ** 3
+
+    def target(self, sparsity: float, fraction: float) -> float:
+        """Sparsity on the way to ``sparsity`` after ``fraction`` of the ramp."""
+        start = min(self.config.ramp_from if self.config.ramp_from is not None else sparsity, sparsity)
+        return start + (sparsity - start) * fraction
+
+    @property
+    def k(self) -> int:
+        """Weights kept by the final projection (global scope)."""
+        return kept_count(self.numel, self.config.sparsity)
+
+    def project(self, tensors: Sequence[Tensor], fraction: float = 1.0) -> list[Tensor]:
+        """Support of the projection of ``tensors`` (aligned with ``self.params``) onto the sparsity
+        set, at ``fraction`` of the way along the ramp (1: the final set).
 
         Returns:
             list of bool Tensors shaped like the parameters (True = kept).
         """
         if self.config.scope == "global":
-            return global_topk_masks(tensors, self.k, self.floors if any(self.floors) else None)
-        return layerwise_topk_masks(tensors, self.ratios, self.floors)
+            k = kept_count(self.numel, self.target(self.config.sparsity, fraction))
+            return global_topk_masks(tensors, k, self.floors if any(self.floors) else None)
+        return layerwise_topk_masks(tensors, [self.target(r, fraction) for r in self.ratios], self.floors)
 
     @torch.no_grad()
     def add_penalty_grad(self) -> None:
@@ -151,7 +203,7 @@ class ADMM:
         if self.config.rho_max is not None:
             self.rho = min(self.rho, self.config.rho_max)
         scratch = torch._foreach_add([param.detach() for param in self.params], self.U)   # W + U
-        self.support = self.project(scratch)
+        self.support = self.project(scratch, self.ramp_fraction(self.iteration + 1))
         primal, dual = [], []
         for param, z, u, offset, buffer, mask in zip(self.params, self.Z, self.U, self._offset, scratch, self.support):
             new_z = buffer.mul_(mask)                                    # projection of W + U
@@ -171,6 +223,7 @@ class ADMM:
             "dual_residual": rho * float(torch.linalg.vector_norm(torch.stack(dual).double())),
             "rho": rho,
             "next_rho": self.rho,
+            "kept": int(sum(int(mask.sum()) for mask in self.support)),
         }
 
     @torch.no_grad()
@@ -185,7 +238,13 @@ class ADMM:
 
     @torch.no_grad()
     def hard_prune(self) -> Masks:
-        """Zero the weights outside Z's support and return that support as fixed ``Masks``."""
+        """Zero the weights outside Z's support and return that support as fixed ``Masks``.
+
+        If the ramp has not reached ``sparsity`` yet, the support is first recomputed as the
+        final projection of W + U (what the next Z-step would keep at the target).
+        """
+        if self.ramp_fraction(self.iteration) < 1.0:
+            self.support = self.project(torch._foreach_add([param.detach() for param in self.params], self.U))
         for param, mask in zip(self.params, self.support):
             param.mul_(mask)
         return Masks({name: mask.clone() for name, mask in zip(self.names, self.support)})
@@ -200,6 +259,7 @@ class ADMM:
             "iteration": self.iteration,
             "sparsity": self.config.sparsity,
             "scope": self.config.scope,
+            "ramp": [self.config.ramp_from, self.config.ramp_updates],
         }
 
     @torch.no_grad()
@@ -212,6 +272,9 @@ class ADMM:
         for key in ("sparsity", "scope"):
             if state[key] != getattr(self.config, key):
                 raise ValueError(f"ADMM state has {key}={state[key]!r}, this run has {getattr(self.config, key)!r}")
+        ramp = [self.config.ramp_from, self.config.ramp_updates]
+        if list(state.get("ramp", [None, 0])) != ramp:
+            raise ValueError(f"ADMM state has ramp (ramp_from, ramp_updates)={state.get('ramp')!r}, this run has {ramp!r}")
         for key, views in (("Z", self.Z), ("U", self.U), ("support", self.support)):
             saved = state[key]
             if set(saved) != set(self.names):

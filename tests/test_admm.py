@@ -171,6 +171,60 @@ def test_admm_converges_to_the_projection_of_the_unconstrained_optimum():
         torch.testing.assert_close(param.detach(), target * want, atol=0.02, rtol=0)
 
 
+def test_ramp_raises_the_target_along_a_cubic_then_holds_it():
+    torch.manual_seed(0)
+    model = small_convnet()
+    admm = ADMM(model, ADMMConfig(sparsity=0.9, ramp_from=0.5, ramp_updates=3))
+    total = sum(p.numel() for p in admm.params)
+    kept = [sum(int(m.sum()) for m in admm.support)]
+    for _ in range(5):
+        with torch.no_grad():
+            for param in admm.params:
+                param.add_(0.1 * torch.randn_like(param))
+        kept.append(admm.update()["kept"])
+    fractions = [0.0, 1 - (2 / 3) ** 3, 1 - (1 / 3) ** 3, 1.0, 1.0, 1.0]
+    assert kept == [kept_count(total, 0.5 + 0.4 * f) for f in fractions]
+    assert kept[0] > kept[1] > kept[2] > kept[3] == admm.k
+
+
+def test_hard_prune_before_the_ramp_ends_cuts_at_the_target():
+    torch.manual_seed(0)
+    model = small_convnet()
+    admm = ADMM(model, ADMMConfig(sparsity=0.8, ramp_from=0.2, ramp_updates=4))
+    admm.update()
+    targets = [p.detach() + u for p, u in zip(admm.params, admm.U)]
+    masks = admm.hard_prune()
+    assert sum(int(masks[name].sum()) for name in masks) == admm.k
+    for want, name in zip(global_topk_masks(targets, admm.k), masks):
+        assert torch.equal(masks[name], want)
+
+
+def test_layerwise_ramp_moves_every_layer_toward_its_own_ratio():
+    model = small_convnet()
+    admm = ADMM(model, ADMMConfig(sparsity=0.5, scope="layerwise", layer_sparsity={"7.*": 0.9},
+                                  ramp_from=0.3, ramp_updates=2))
+    start = [int(m.sum()) for m in admm.support]
+    assert start == [kept_count(p.numel(), 0.3) for p in admm.params]
+    admm.update()
+    admm.update()
+    final = [0.9 if name.startswith("7.") else 0.5 for name in admm.names]
+    assert [int(m.sum()) for m in admm.support] == [kept_count(p.numel(), s) for p, s in zip(admm.params, final)]
+
+
+@pytest.mark.parametrize("kwargs", [dict(ramp_from=0.9), dict(ramp_from=0.95), dict(ramp_from=0.5, ramp_updates=0),
+                                    dict(ramp_from=-0.1, ramp_updates=2)])
+def test_bad_ramp_settings_are_refused(kwargs):
+    with pytest.raises(ValueError, match="ramp"):
+        ADMMConfig(sparsity=0.9, **kwargs)
+
+
+def test_state_from_another_ramp_is_refused():
+    model = small_convnet()
+    state = ADMM(model, ADMMConfig(sparsity=0.8, ramp_from=0.5, ramp_updates=2)).state_dict()
+    with pytest.raises(ValueError, match="ramp"):
+        ADMM(model, ADMMConfig(sparsity=0.8)).load_state_dict(state)
+
+
 def test_layerwise_scope_uses_per_layer_ratios_and_floors_protect_layers():
     model = small_convnet()
     config = ADMMConfig(sparsity=0.5, scope="layerwise", layer_sparsity={"3.*": 0.9, "re:^7": 0.25})

@@ -221,6 +221,28 @@ def test_tiny_magnitude_uniform_prunes_every_layer_alike(tmp_path):
     assert result["epochs"] == {"admm": 0, "retrain": 1} and result["mask_violations"] == 0
 
 
+def test_progressive_admm_ramps_the_kept_count_down_to_the_target(tmp_path, capsys):
+    data = tmp_path / "mnist"
+    write_mnist_like(data, n_train=64, n_test=20)
+    model, _ = prepare("lenet5", data)
+    torch.save(model.state_dict(), tmp_path / "dense.pt")
+    common = ["classify", "prune", "--model", "lenet5", "--data", str(data), "--weights", str(tmp_path / "dense.pt"),
+              "--sparsity", "0.9", "--admm-iters", "3", "--retrain-epochs", "0", "--no-progress"]
+    out = tmp_path / "ramp.json"
+    assert yolo_admm_main([*common, "--ramp-from", "0.5", "--json-out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    kept = [update["kept"] for update in result["admm_updates"]]
+    assert kept[0] > kept[1] == kept[2] == result["kept"] == round(0.1 * LENET5_PRUNABLE_WEIGHTS)  # ramp: 2 of 3
+    assert result["mask_violations"] == 0 and result["settings"]["prune"]["ramp_from"] == 0.5
+    capsys.readouterr()
+    assert yolo_admm_main([*common, "--ramp-from", "0.95"]) == 2
+    assert "ramp_from must be below sparsity (0.9), got 0.95" in capsys.readouterr().err
+    assert yolo_admm_main([*common, "--ramp-from", "0.5", "--ramp-iters", "4"]) == 2
+    assert "ramp_iters must be an int in [1, admm_iters=3], got 4" in capsys.readouterr().err
+    assert yolo_admm_main([*common, "--ramp-from", "0.5", "--method", "magnitude-global"]) == 2
+    assert "ramp_from is for the ADMM methods" in capsys.readouterr().err
+
+
 def test_classify_prune_runs_under_torchrun_with_two_processes(tmp_path):
     """2 gloo processes on CPU: one result, written once, at the exact sparsity."""
     import os

@@ -125,6 +125,10 @@ def test_bad_settings_name_what_is_wrong(shapes_yaml, tmp_path):
         tiny_job(shapes_yaml, tmp_path, img_size=100)
     with pytest.raises(ValueError, match="unknown pruning method 'magic'"):
         tiny_job(shapes_yaml, tmp_path, method="magic")
+    with pytest.raises(ValueError, match=r"ramp_from must be below sparsity \(0.6\), got 0.7"):
+        tiny_job(shapes_yaml, tmp_path, ramp_from=0.7)
+    with pytest.raises(ValueError, match="ramp_from is for the ADMM methods"):
+        tiny_job(shapes_yaml, tmp_path, ramp_from=0.2, method="magnitude-global")
     config = tmp_path / "job.yaml"
     config.write_text("sparsity: 0.5\nrhoo: 3\n")
     with pytest.raises(ValueError, match=r"job.yaml: unknown setting\(s\) \['rhoo'\]"):
