@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=network_size, help="network input side (default: the cfg's width)")
     parser.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--bn-images", type=int, help="training images whose statistics replace the BatchNorm running "
+                        "statistics after hard pruning and after retraining (default 256; 0: off)")
     parser.add_argument("--export", type=_comma_list, help=f"formats, comma-separated (default {','.join(EXPORT_FORMATS)})")
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
     parser.add_argument("--no-progress", dest="progress", action="store_const", const=False,

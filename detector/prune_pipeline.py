@@ -10,6 +10,12 @@ killed run resumes; mid-stage, training resumes from the trainer's newest checkp
 3. ``hard_prune``: weights outside Z's support (or the magnitude baseline's masks) set to zero.
 4. ``retrained``: ``retrain_epochs`` of masked retraining (magnitude baselines get the ADMM epochs
    too, so every method has the same training budget).
+
+After stages 3 and 4 the BatchNorm running statistics are recomputed from ``bn_images`` training
+images (plain resize, no augmentation; ``torch.optim.swa_utils.update_bn``): zeroing weights shifts
+every layer's output statistics, and Darknet's BN momentum of 0.01 leaves the old running
+statistics mostly in place through a short retraining, so the evaluated model would otherwise
+normalise with the dense model's statistics.
 5. export of the retrained model: Darknet ``.weights``, ONNX and the compact sparse archive.
 
 Every stage gets a record: mAP50-95, mAP50, nonzero prunable weights, sparsity, compact-archive
@@ -34,12 +40,15 @@ from typing import Any
 
 import torch
 import yaml
+from torch.optim.swa_utils import update_bn
+from torch.utils.data import Subset
 
 import detector
 import pruning
+from data.eval_dataset import InferenceDataset
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from detector.export import FORMATS as EXPORT_FORMATS
-from detector.predict import inference_copy
+from detector.predict import inference_copy, make_loader
 from detector.export import export_model
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, distributed, find_latest_checkpoint,
@@ -91,6 +100,7 @@ class PruneJob:
     workers: int = 0
     device: str | None = None
     amp: bool = True
+    bn_images: int = 256
     export: list[str] = field(default_factory=lambda: list(EXPORT_FORMATS))
     latency_runs: int = 10
     seed: int = 0
@@ -108,6 +118,8 @@ class PruneJob:
         unknown = sorted(set(self.export) - set(EXPORT_FORMATS))
         if unknown:
             raise ValueError(f"unknown export format(s) {unknown}; expected some of {', '.join(EXPORT_FORMATS)}")
+        if isinstance(self.bn_images, bool) or not isinstance(self.bn_images, int) or self.bn_images < 0:
+            raise ValueError(f"bn_images must be an int >= 0 (0: keep the running statistics), found {self.bn_images!r}")
         if self.img_size is not None and (self.img_size <= 0 or self.img_size % 32):
             raise ValueError(f"img_size must be a positive multiple of 32, found {self.img_size}")
         if self.admm_iters < 1 or self.epochs_per_iter < 1 or self.retrain_epochs < 0:
@@ -203,6 +215,7 @@ class RunContext:
     val: DetectionSource
     evaluator: ValidationMap
     size: int
+    letterbox: bool
 
     def load_model(self) -> torch.nn.Module:
         return detector.load_darknet(self.job.cfg, self.job.weights)
@@ -214,6 +227,20 @@ class RunContext:
             augment=job.augment, mosaic=job.mosaic, ema=False, eval_every=0, workers=job.workers,
             device=job.device, amp=job.amp, out_dir=checkpoint_dir, progress=job.progress,
             resume=checkpoint_dir if find_latest_checkpoint(checkpoint_dir) else None)
+
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, model: torch.nn.Module) -> None:
+        """Replace the BN running statistics of ``model`` by their average over ``job.bn_images``
+        training images drawn with the job's seed (every rank draws the same ones)."""
+        count = min(self.job.bn_images, len(self.train.records))
+        if count == 0:
+            return
+        dataset = InferenceDataset.from_source(self.train, self.size, self.size, self.letterbox)
+        generator = torch.Generator().manual_seed(self.job.seed)
+        chosen = torch.randperm(len(dataset), generator=generator)[:count].sort().values.tolist()
+        device = next(model.parameters()).device
+        loader = make_loader(Subset(dataset, chosen), self.job.batch_size or 8, self.job.workers, device)
+        update_bn(loader, model, device)
 
     def record(self, stage: str, model: torch.nn.Module, folder: Path) -> dict[str, Any]:
         """Evaluate ``model`` and write its stage record to ``folder/<stage>.json`` (under torchrun:
@@ -287,6 +314,7 @@ def prune_stage(ctx: RunContext, sparsity: float, folder: Path) -> tuple[torch.n
         masks = pruning.magnitude_prune(model, sparsity, scope=ctx.job.method.split("-", 1)[1],
                                         include=ctx.job.include, exclude=ctx.job.exclude,
                                         min_density=ctx.job.min_density)
+    ctx.recalibrate_batchnorm(model)
     save_state(state_path, model.cpu(), masks.to("cpu"))
     return model, masks
 
@@ -304,6 +332,7 @@ def retrain_stage(ctx: RunContext, model: torch.nn.Module, masks: pruning.Masks,
         masks.to(trainer.device)
         trainer.callbacks.append(pruning.MaskCallback(masks))
         trainer.fit()
+        ctx.recalibrate_batchnorm(model)
     save_state(state_path, model.cpu(), masks.to("cpu"))
     return model
 
@@ -383,7 +412,7 @@ def make_context(job: PruneJob) -> RunContext:
     letterbox = bool(net.letter_box)
     evaluator = ValidationMap(val, size, letterbox, batch_size=8, workers=job.workers,
                               device=resolve_device(job.device))
-    return RunContext(job, root, train, val, evaluator, size)
+    return RunContext(job, root, train, val, evaluator, size, letterbox)
 
 
 RESUMABLE_CHANGES = {"out", "workers", "device", "progress", "latency_runs"}

@@ -133,3 +133,20 @@ def test_bad_settings_name_what_is_wrong(shapes_yaml, tmp_path):
     config.write_text("sparsity: 0.5\nrhoo: 3\n")
     with pytest.raises(ValueError, match=r"job.yaml: unknown setting\(s\) \['rhoo'\]"):
         read_job_yaml(config)
+
+
+def test_batchnorm_statistics_are_recomputed_after_hard_pruning(shapes_yaml, tmp_path):
+    from data.eval_dataset import InferenceDataset
+    from data.sources import load_yolo_dataset
+
+    settings = dict(method="magnitude-global", admm_iters=1, retrain_epochs=0)
+    run_job(tiny_job(shapes_yaml, tmp_path / "off", bn_images=0, **settings))
+    kept_stats = torch.load(tmp_path / "off" / "sparsity_0.6" / "hard_prune.pt", weights_only=True)["model"]
+    assert torch.equal(kept_stats["layers.0.bn.running_mean"], torch.zeros(16))  # a fresh model's statistics
+
+    run_job(tiny_job(shapes_yaml, tmp_path / "on", bn_images=12, **settings))   # all 12 images, 3 batches of 4
+    state = torch.load(tmp_path / "on" / "sparsity_0.6" / "hard_prune.pt", weights_only=True)["model"]
+    dataset = InferenceDataset.from_source(load_yolo_dataset(shapes_yaml, "train"), 96, 96, False)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    conv_out = torch.nn.functional.conv2d(images, state["layers.0.conv.weight"], stride=2, padding=1)
+    torch.testing.assert_close(state["layers.0.bn.running_mean"], conv_out.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
