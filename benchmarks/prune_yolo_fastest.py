@@ -110,7 +110,8 @@ def make_job(args: argparse.Namespace, cfg: Path, method: str) -> PruneJob:
         rho_max=max(args.rho_max, args.rho), retrain_epochs=args.retrain_epochs, lr=args.lr, burn_in=0,
         batch_size=args.batch_size, augment=True, mosaic=0.0, workers=0, device="cpu", amp=False, export=[],
         latency_runs=args.latency_runs, seed=args.seed, progress=False,
-        exclude=list(args.exclude) or None, min_density=args.min_density)
+        exclude=list(args.exclude) or None, min_density=args.min_density, bn_images=args.bn_images,
+        ramp_from=args.ramp_from if method.startswith("admm") else None)
 
 
 def share_dense_record(out_root: Path, methods: list[str]) -> None:
@@ -216,7 +217,8 @@ def write_report(args: argparse.Namespace, results: dict[str, dict[str, Any]], d
                      "retrain_epochs": args.retrain_epochs,
                      "total_epochs_per_run": args.admm_iters * args.epochs_per_iter + args.retrain_epochs,
                      "sparsities": list(args.sparsities), "seed": args.seed,
-                     "exclude": list(args.exclude), "min_density": args.min_density},
+                     "exclude": list(args.exclude), "min_density": args.min_density,
+                     "bn_images": args.bn_images, "ramp_from": args.ramp_from},
         "dense": {key: dense[key] for key in METRIC_KEYS + ("dense_fp32_bytes",)},
         "methods": results, "admm_residuals": residuals, "goal": goal_check(dense, results),
         "total_wall_time_s": round(wall_s, 1),
@@ -246,6 +248,10 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated parameter-name globs never pruned (default: none)")
     parser.add_argument("--min-density", type=float, default=0.0,
                         help="keep at least this fraction of every pruned layer (default: 0, no floor)")
+    parser.add_argument("--bn-images", type=int, default=256,
+                        help="BatchNorm statistics recomputed on this many train images after pruning (0: off)")
+    parser.add_argument("--ramp-from", type=float, default=None,
+                        help="progressive ADMM for the admm-* methods: first Z-step's sparsity (default: none)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out-root", type=Path, default=REPO / "runs" / "bench_prune_yolo_fastest")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "prune_yolo_fastest.json", help="result JSON")
