@@ -19,27 +19,29 @@ Settings (picked by one probe of 2 ADMM iterations at 50%: with rho 0.1 or 1 the
 ||W - Z|| did not fall at lr 1e-4, with rho 10 -> 30 it halved): lr 1e-4 (3e-4 and 1e-3 lowered the
 pruned model's mAP within 2 epochs), rho 10 x3 per iteration (10, 30, 90), batch 8, no mosaic.
 
-Reproduce (16.5 min on a 2-core CPU, no GPU, shared with other jobs at load ~7-9, torch 2.14.1,
-2026-11-25)::
+After the hard prune and after retraining the pipeline recomputes the BatchNorm running statistics
+on ``--bn-images`` train images (all 128 here; ``--bn-images 0`` reproduces the earlier runs).
+
+Reproduce (16.2 min on a 2-core CPU, no GPU, shared with other benchmarks at load ~2.5, torch
+2.14.1, 2026-11-25)::
 
     nohup .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 > /tmp/prune_yolo_fastest.log 2>&1 &
 
-A twice longer budget at 50% (admm 3 x 2 + retrain 6 epochs; 9.2 min; not in the JSON above)::
+A twice longer budget (admm 3 x 2 + retrain 6 epochs; 15.8 min)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
-        --sparsities 0.5 --epochs-per-iter 2 --retrain-epochs 6 --out-root runs/bench_prune_yolo_fastest_long \
-        --json /tmp/prune_yolo_fastest_long.json
+        --epochs-per-iter 2 --retrain-epochs 6 --out-root runs/bench_prune_yolo_fastest_long \
+        --json benchmarks/results/prune_yolo_fastest_long.json
 
 Protected variant: the two 1x1 convs feeding the YOLO heads (``layers.120``, ``layers.129``) never
 pruned and every other layer kept at >= 20% density; sparsity then counts the remaining prunable
 weights, so 50% / 70% of them is 41.4% / 57.9% of all conv weights. Reproduce
-benchmarks/results/prune_yolo_fastest_protected.json (5.6 min on the same 2-core CPU at load ~2.5-4,
-2026-11-25; run as 0.5 first, then 0.7 with the 0.5 stages resumed)::
+benchmarks/results/prune_yolo_fastest_protected.json (8.7 min on the same 2-core CPU at load ~3,
+2026-11-25)::
 
-    nohup .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
-        --sparsities 0.5,0.7 --exclude 'layers.120.*,layers.129.*' --min-density 0.2 \
-        --out-root runs/bench_prune_yolo_fastest_protected_both \
-        --json benchmarks/results/prune_yolo_fastest_protected.json > /tmp/prune_protected.log 2>&1 &
+    .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
+        --exclude 'layers.120.*,layers.129.*' --min-density 0.2 --out-root runs/bench_prune_yolo_fastest_protected \
+        --json benchmarks/results/prune_yolo_fastest_protected.json
 
 Writes benchmarks/results/prune_yolo_fastest.json and prune_yolo_fastest.png beside it, and prints
 the README table.
