@@ -11,10 +11,11 @@
     Darknet's yolov4.cfg), 80% sparsity. Goal: < 1 s. For reference, the same threshold found by
     ``torch.kthvalue`` over one flat concatenation of the magnitudes.
 
-Reproduce: ``.venv/bin/python benchmarks/admm_cost.py --threads 1 2`` (writes
+Reproduce: ``.venv/bin/python benchmarks/admm_cost.py --threads 1`` (writes
 benchmarks/results/admm_cost.json). Measured on a 2-core CPU, no GPU, torch 2.14.1, 2026-11-25,
-while other jobs shared the two cores (load average ~8-10, recorded per run in the JSON): wall
-times are inflated by that load, so process CPU times are recorded beside them.
+with one other 1-thread job on the machine (load average ~1.5, recorded in the JSON); process CPU
+times are recorded beside wall times, since a loaded machine inflates the latter (an earlier run
+at load 8-10 took 1.35 s wall for the Z-step, 0.57 s CPU).
 """
 from __future__ import annotations
 
