@@ -33,6 +33,11 @@ A twice longer budget (admm 3 x 2 + retrain 6 epochs; 15.8 min)::
         --epochs-per-iter 2 --retrain-epochs 6 --out-root runs/bench_prune_yolo_fastest_long \
         --json benchmarks/results/prune_yolo_fastest_long.json
 
+Progressive ADMM (the Z-step's sparsity rising from 30% over 2 of the 3 iterations; 2.7 min)::
+
+    .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global --ramp-from 0.3 \
+        --out-root runs/bench_prune_yolo_fastest_ramp --json benchmarks/results/prune_yolo_fastest_ramp.json
+
 Protected variant: the two 1x1 convs feeding the YOLO heads (``layers.120``, ``layers.129``) never
 pruned and every other layer kept at >= 20% density; sparsity then counts the remaining prunable
 weights, so 50% / 70% of them is 41.4% / 57.9% of all conv weights. Reproduce
