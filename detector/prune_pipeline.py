@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from torch.utils.data import Subset
 
 import detector
 import pruning
-from data.eval_dataset import InferenceDataset
+from data.eval_dataset import InferenceDataset, read_rgb
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from detector.export import FORMATS as EXPORT_FORMATS
 from detector.predict import inference_copy, make_loader
@@ -232,12 +233,14 @@ class RunContext:
     def recalibrate_batchnorm(self, model: torch.nn.Module) -> None:
         """Replace the BN running statistics of ``model`` by their average over ``job.bn_images``
         training images drawn with the job's seed (every rank draws the same ones)."""
-        count = min(self.job.bn_images, len(self.train.records))
-        if count == 0:
+        if self.job.bn_images == 0:
             return
         dataset = InferenceDataset.from_source(self.train, self.size, self.size, self.letterbox)
         generator = torch.Generator().manual_seed(self.job.seed)
-        chosen = torch.randperm(len(dataset), generator=generator)[:count].sort().values.tolist()
+        chosen = sorted(readable_images(self.train, torch.randperm(len(dataset), generator=generator).tolist(),
+                                        self.job.bn_images))
+        if not chosen:
+            return
         device = next(model.parameters()).device
         loader = make_loader(Subset(dataset, chosen), self.job.batch_size or 8, self.job.workers, device)
         update_bn(loader, model, device)
@@ -261,6 +264,23 @@ class RunContext:
         LOG.info("%s: mAP50-95 %.4f  mAP50 %.4f  sparsity %.2f%%", stage, record["map50_95"], record["map50"],
                  100 * record["sparsity"])
         return record
+
+
+def readable_images(source: DetectionSource, order: list[int], count: int) -> list[int]:
+    """The first ``count`` indices in ``order`` whose images decode; unreadable ones are skipped
+    with a warning naming them, as training skips them."""
+    chosen = []
+    for index in order:
+        if len(chosen) == count:
+            break
+        path = source.records[index].path
+        try:
+            read_rgb(path)
+        except (OSError, ValueError) as err:
+            warnings.warn(f"BatchNorm recalibration skips unreadable training image {path}: {err}", stacklevel=2)
+            continue
+        chosen.append(index)
+    return chosen
 
 
 def stage_done(path: Path) -> dict[str, Any] | None:

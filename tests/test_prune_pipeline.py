@@ -150,3 +150,22 @@ def test_batchnorm_statistics_are_recomputed_after_hard_pruning(shapes_yaml, tmp
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     conv_out = torch.nn.functional.conv2d(images, state["layers.0.conv.weight"], stride=2, padding=1)
     torch.testing.assert_close(state["layers.0.bn.running_mean"], conv_out.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
+
+
+def test_batchnorm_recalibration_skips_an_unreadable_training_image(tmp_path):
+    from data.sources import load_yolo_dataset
+
+    root = tmp_path / "shapes"
+    make_shapes_dataset(root, n_train=6, n_val=3, img_size=96, seed=5)
+    coco = {}
+    for split in ("train", "val"):  # COCO json takes image sizes from the json, so a broken file loads
+        coco[split] = tmp_path / f"{split}.json"
+        coco[split].write_text(json.dumps(load_yolo_dataset(root / "data.yaml", split).to_coco()))
+    broken = sorted((root / "images" / "train").iterdir())[2]
+    broken.write_bytes(b"not an image")
+    job = tiny_job(None, tmp_path / "run", method="magnitude-global", admm_iters=1, retrain_epochs=0, bn_images=6,
+                   train_images=str(root / "images" / "train"), train_annotations=str(coco["train"]),
+                   val_images=str(root / "images" / "val"), val_annotations=str(coco["val"]))
+    with pytest.warns(UserWarning, match=f"BatchNorm recalibration skips unreadable training image .*{broken.name}"):
+        results = run_job(job)
+    assert [record["stage"] for record in results["sweep"][0]["stages"]] == ["dense", "hard_prune", "retrained"]
