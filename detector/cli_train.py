@@ -12,7 +12,9 @@ the EMA weights when EMA is on).
 
 Running the same command again (after Ctrl-C, say) resumes from the newest checkpoint in --out;
 --out holding the checkpoints of a run with other settings is an error, never overwritten.
-Settings that may change on a resume: those in `RESUMABLE_FLAGS`.
+Settings that may change on such a resume: those in `RESUMABLE_FLAGS`. An explicit --resume
+continues from that checkpoint with the flags given now: --lr, --momentum and --weight-decay, when
+given, replace the checkpoint's (the LR schedule's position carries on).
 """
 from __future__ import annotations
 

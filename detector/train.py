@@ -187,8 +187,31 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
     evaluator = None
     if val_source is not None and config.eval_every > 0:
         evaluator = ValidationMap(val_source, size, augment.letterbox, config.eval_batch_size, config.workers, device)
+    callbacks = [*(callbacks or []), GivenHyperparameters(config.lr, config.momentum, config.weight_decay)]
     return Trainer(model, optimizer, DetectionLoss(model.heads), loader, train_config, callbacks=callbacks,
                    scheduler=darknet_scheduler(optimizer, net, burn_in), evaluate=evaluator)
+
+
+class GivenHyperparameters:
+    """Trainer callback: the learning rate, momentum and weight decay given in the config (not None)
+    hold after a resume too. A checkpoint's optimizer and scheduler state would otherwise bring back
+    the old ones; the schedule's position (burn-in, steps) carries on. On a fresh run a no-op."""
+
+    def __init__(self, lr: float | None, momentum: float | None, weight_decay: float | None):
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        groups, scheduler = trainer.optimizer.param_groups, trainer.scheduler
+        if self.lr is not None:
+            scheduler.base_lrs = [self.lr] * len(groups)
+            for group, factor in zip(groups, scheduler.lr_lambdas):
+                group["initial_lr"] = self.lr
+                group["lr"] = self.lr * factor(scheduler.last_epoch)
+        for group in groups:
+            if self.momentum is not None:
+                group["momentum"] = self.momentum
+            if self.weight_decay is not None and group["weight_decay"] > 0:  # conv weights only
+                group["weight_decay"] = self.weight_decay
 
 
 def fit_detector(model: nn.Module, train_source: DetectionSource, val_source: DetectionSource | None,

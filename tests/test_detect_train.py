@@ -142,6 +142,21 @@ def test_resumed_training_continues_identically(tmp_path, shapes):
     assert straight.history[-1]["train/loss"] == resumed.history[-1]["train/loss"]
 
 
+def test_resume_takes_a_newly_given_lr_momentum_and_weight_decay(tmp_path, shapes):
+    _, source = shapes
+    config = DetectTrainConfig(epochs=1, batch_size=4, eval_every=0, device="cpu", progress=False, lr=0.01,
+                               out_dir=tmp_path / "run")
+    fit_detector(tiny_model(tmp_path), source, None, config)
+    resumed = fit_detector(tiny_model(tmp_path), source, None,
+                           replace(config, epochs=2, resume=tmp_path / "run", lr=0.002, momentum=0.8,
+                                   weight_decay=0.001))
+    factor = darknet_lr_factor(resumed.step + 1, resumed.model.net, burn_in=15)  # the cfg's burn_in
+    assert resumed.scheduler.base_lrs == [0.002, 0.002]
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx([0.002 * factor] * 2)
+    assert [g["momentum"] for g in resumed.optimizer.param_groups] == [0.8, 0.8]
+    assert [g["weight_decay"] for g in resumed.optimizer.param_groups] == [0.001, 0.0]
+
+
 def test_cli_writes_checkpoint_and_weights_that_load_back(tmp_path, shapes):
     yaml, _ = shapes
     cfg = tmp_path / "tiny.cfg"
