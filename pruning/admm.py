@@ -154,8 +154,10 @@ class ADMM:
         return 1.0 - (1.0 - min(update, self.config.ramp_updates) / self.config.ramp_updates) ** 3
 
     def target(self, sparsity: float, fraction: float) -> float:
-        """Sparsity on the way to ``sparsity`` after ``fraction`` of the ramp."""
-        start = min(self.config.ramp_from if self.config.ramp_from is not None else sparsity, sparsity)
+        """Sparsity on the way to ``sparsity`` after ``fraction`` of the ramp (exactly ``sparsity`` at 1)."""
+        if fraction >= 1.0 or self.config.ramp_from is None:
+            return sparsity
+        start = min(self.config.ramp_from, sparsity)
         return start + (sparsity - start) * fraction
 
     @property
