@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from pruning import ADMM, ADMMConfig, global_topk_masks, kept_count
+from engine import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "admm_cost.json"
 
@@ -203,10 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         run["zstep"] = zstep_cost(args.zstep_repeats)
         run["load_average_at_end"] = list(os.getloadavg())
         result["runs"].append(run)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temp = args.out.with_suffix(".json.tmp")
-    temp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(temp, args.out)
+    atomic_write_json(args.out, result)
     print(json.dumps(result, indent=2))
     return result
 

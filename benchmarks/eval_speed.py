@@ -161,10 +161,8 @@ def main() -> None:
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "model": "yolo-fastest-1.1 @320", "data": "coco128 val (128 images)", "batch_size": args.batch_size,
               "repeats": args.repeats, "ratio_ours_over_opencv_same_threads": ratios, "pipelines": summary}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, RESULTS)
+    from engine import atomic_write_json  # here, so this parent process stays torch-free
+    atomic_write_json(RESULTS, report)
     for name, s in summary.items():
         print(f"{name:<40} {s['images_per_s_median']:7.1f} images/s  peak RSS {s['peak_rss_mb_median']:.0f} MB "
               f"({s['rss_before_eval_mb_median']:.0f} MB before eval)  mAP50 {s['map50']:.4f}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from data.train_dataset import DetectionTrainDataset, collate_detection
 from detector import load_darknet
 from detector.loss import YoloLoss
 from detector.train import DetectTrainConfig, ValidationMap, fit_detector
+from engine import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -104,10 +104,7 @@ def main() -> None:
         "optimizer_steps": trainer.step, "relative_weight_change": round(weight_change, 5),
         "train_seconds": round(seconds, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, report)
     print(f"wrote {args.out}")
 
 

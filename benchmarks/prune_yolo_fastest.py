@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import json
 import math
 import os
@@ -70,6 +71,7 @@ import torch
 from data.sources import load_yolo_dataset
 from detector import parse_cfg
 from detector.prune_pipeline import METHODS, PruneJob, run_job
+from engine import atomic_write_bytes, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -98,10 +100,7 @@ def cfg_with_batch(source: Path, target: Path, batch: int) -> Path:
         lines.append(line)
     if "batch" not in replaced:
         raise ValueError(f"{source}: expected a `batch=` line in the [net] section, found none")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, target)
+    atomic_write_bytes(target, ("\n".join(lines) + "\n").encode("utf-8"))
     net = parse_cfg(target).net
     if net.batch != batch or net.subdivisions != 1:
         raise ValueError(f"{target}: expected batch={batch}, subdivisions=1, parsed {net.batch}, {net.subdivisions}")
@@ -199,11 +198,9 @@ def save_plot(dense: dict[str, Any], methods: dict[str, dict[str, Any]], path: P
     axes.set_title("yolo-fastest-1.1, same training budget")
     axes.legend(fontsize=8)
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        figure.savefig(handle, format="png")
-    os.replace(tmp, path)
-    return path
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    return atomic_write_bytes(path, png.getvalue())
 
 
 def write_report(args: argparse.Namespace, results: dict[str, dict[str, Any]], dense: dict[str, Any],
@@ -230,10 +227,7 @@ def write_report(args: argparse.Namespace, results: dict[str, dict[str, Any]], d
         "methods": results, "admm_residuals": residuals, "goal": goal_check(dense, results),
         "total_wall_time_s": round(wall_s, 1),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_name(f".{args.json.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, args.json)
+    atomic_write_json(args.json, report)
 
 
 def parse_args() -> argparse.Namespace:

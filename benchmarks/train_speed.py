@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from engine import atomic_write_json
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "train_speed.json"
 SHARED = Path(os.environ.get("YOLO_ADMM_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -118,10 +120,7 @@ def main() -> None:
               + (f"GPU {torch.cuda.get_device_name()}" if device == "cuda" else "no GPU"),
               "torch": torch.__version__, "torch_threads": args.threads or torch.get_num_threads(),
               "load_average_before_after": [list(load_before), list(os.getloadavg())], "results": results}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_name(f".{RESULTS.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, RESULTS)
+    atomic_write_json(RESULTS, report)
     print(f"wrote {RESULTS}")
 
 

@@ -15,7 +15,6 @@ retraining. Retraining always uses a fresh optimizer with a cosine LR decay to z
 from __future__ import annotations
 
 import io
-import math
 import os
 import random
 import time
@@ -191,7 +190,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     state = saved.get("model", saved.get("state_dict", saved)) if isinstance(saved, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a dict of tensors (optionally under 'model' or 'state_dict')")
-    state = {key.removeprefix("module."): value for key, value in state.items()}
+    state = {pruning.canonical_name(key): value for key, value in state.items()}  # DDP / torch.compile prefixes
     expected = {key for key in model.state_dict() if not key.endswith("num_batches_tracked")}
     found = {key for key in state if not key.endswith("num_batches_tracked")}
     if expected != found:
@@ -346,7 +345,7 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
     if kind == "admm":
         admm = pruning.ADMM(model, pruning.ADMMConfig(
             sparsity=prune.sparsity, scope=scope, layer_sparsity=prune.layer_sparsity, rho=prune.rho,
-            rho_multiplier=prune.rho_mult, rho_max=math.inf if prune.rho_max is None else prune.rho_max,
+            rho_multiplier=prune.rho_mult, rho_max=prune.rho_max,
             ramp_from=prune.ramp_from, ramp_updates=prune.ramp_updates))
         callback = pruning.ADMMCallback(admm, prune.epochs_per_iter * len(loaders[0]))
         histories["admm"] = run_phase(model, spec, loaders, settings, prune.admm_epochs, "admm",

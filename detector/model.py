@@ -80,14 +80,14 @@ def _release_schedule(modules: list[nn.Module], keep: set[int]) -> list[tuple[in
     return [tuple(sorted(done)) for done in schedule]
 
 
-def fused_for_inference(model: DarknetModel) -> DarknetModel:
+def fused_for_inference(model: nn.Module) -> nn.Module:
     """An eval-mode copy of `model` with every batch norm folded into its conv.
 
     Same outputs up to float rounding, fewer passes over memory: for inference and benchmarks.
     The copy cannot be trained nor written as `.weights` (its layout no longer matches the cfg).
     """
     fused = copy.deepcopy(model).eval()
-    for module in fused.layers:
+    for module in fused.modules():
         if isinstance(module, ConvBlock):
             module.fuse_batchnorm()
     return fused

@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -42,15 +41,16 @@ from typing import Any
 import torch
 import yaml
 from torch.optim.swa_utils import update_bn
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 
 import detector
 import pruning
-from data.eval_dataset import InferenceDataset, read_rgb
+from data.augment import AugmentConfig
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
+from data.train_dataset import DetectionTrainDataset, collate_detection
 from detector.export import FORMATS as EXPORT_FORMATS
-from detector.predict import inference_copy, make_loader
-from detector.export import export_model
+from detector.predict import inference_copy
+from detector.export import dense_fp32_bytes, export_model
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, distributed, find_latest_checkpoint,
                     resolve_device)
@@ -232,18 +232,18 @@ class RunContext:
     @torch.no_grad()
     def recalibrate_batchnorm(self, model: torch.nn.Module) -> None:
         """Replace the BN running statistics of ``model`` by their average over ``job.bn_images``
-        training images drawn with the job's seed (every rank draws the same ones)."""
+        training images drawn with the job's seed (every rank draws the same ones), fitted to the
+        network input without augmentation; unreadable images are skipped as in training."""
         if self.job.bn_images == 0:
             return
-        dataset = InferenceDataset.from_source(self.train, self.size, self.size, self.letterbox)
+        dataset = DetectionTrainDataset(self.train, AugmentConfig(self.size, self.letterbox), augment=False)
         generator = torch.Generator().manual_seed(self.job.seed)
-        chosen = sorted(readable_images(self.train, torch.randperm(len(dataset), generator=generator).tolist(),
-                                        self.job.bn_images))
-        if not chosen:
-            return
+        chosen = torch.randperm(len(dataset), generator=generator)[:self.job.bn_images].sort().values.tolist()
         device = next(model.parameters()).device
-        loader = make_loader(Subset(dataset, chosen), self.job.batch_size or 8, self.job.workers, device)
-        update_bn(loader, model, device)
+        loader = DataLoader(Subset(dataset, chosen), batch_size=self.job.batch_size or 8,
+                            num_workers=self.job.workers, collate_fn=collate_detection)
+        with torch.random.fork_rng(devices=[]):  # the dataset draws a seed per image: keep training's RNG as is
+            update_bn(loader, model, device)
 
     def record(self, stage: str, model: torch.nn.Module, folder: Path) -> dict[str, Any]:
         """Evaluate ``model`` and write its stage record to ``folder/<stage>.json`` (under torchrun:
@@ -257,30 +257,13 @@ class RunContext:
         pruning.save_sparse_archive(model.state_dict(), archive, sparse_names=list(pruning.prunable_parameters(model)))
         record = {"stage": stage, "map50_95": metrics["map50_95"], "map50": metrics["map50"],
                   **nonzero_stats(model), "compact_bytes": archive.stat().st_size,
-                  "dense_fp32_bytes": 4 * sum(t.numel() for t in model.state_dict().values() if t.is_floating_point()),
+                  "dense_fp32_bytes": dense_fp32_bytes(model),
                   "cpu_latency_ms": cpu_latency_ms(model, self.size, self.job.latency_runs)}
         archive.unlink()
         write_json(folder / f"{stage}.json", record)
         LOG.info("%s: mAP50-95 %.4f  mAP50 %.4f  sparsity %.2f%%", stage, record["map50_95"], record["map50"],
                  100 * record["sparsity"])
         return record
-
-
-def readable_images(source: DetectionSource, order: list[int], count: int) -> list[int]:
-    """The first ``count`` indices in ``order`` whose images decode; unreadable ones are skipped
-    with a warning naming them, as training skips them."""
-    chosen = []
-    for index in order:
-        if len(chosen) == count:
-            break
-        path = source.records[index].path
-        try:
-            read_rgb(path)
-        except (OSError, ValueError) as err:
-            warnings.warn(f"BatchNorm recalibration skips unreadable training image {path}: {err}", stacklevel=2)
-            continue
-        chosen.append(index)
-    return chosen
 
 
 def stage_done(path: Path) -> dict[str, Any] | None:

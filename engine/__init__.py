@@ -3,7 +3,8 @@ from engine import distributed
 from engine.checkpoint import (atomic_torch_save, atomic_write_bytes, atomic_write_json, find_latest_checkpoint,
                                load_checkpoint, save_checkpoint)
 from engine.ema import ModelEMA
-from engine.trainer import NonFiniteLossError, Trainer, TrainConfig, move_to_device, resolve_device
+from engine.distributed import resolve_device
+from engine.trainer import NonFiniteLossError, Trainer, TrainConfig, move_to_device
 
 __all__ = [
     "ModelEMA",

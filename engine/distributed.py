@@ -54,7 +54,7 @@ def init_from_env(device: str | torch.device | None = None,
         ValueError: malformed RANK / WORLD_SIZE / LOCAL_RANK, an explicit `cuda:K` while several
             processes share the node, or fewer GPUs than processes on the node.
     """
-    resolved = _resolve(device)
+    resolved = parse_device(device)
     if not launched_by_torchrun():
         return resolved
     rank_, size = _env_int("RANK"), _env_int("WORLD_SIZE")
@@ -71,13 +71,26 @@ def init_from_env(device: str | torch.device | None = None,
     return resolved
 
 
-def _resolve(device: str | torch.device | None) -> torch.device:
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """`None`/"auto" -> CUDA when available, else CPU; otherwise the named device (not checked
+    against this machine: under torchrun the local rank decides which GPU, see `init_from_env`).
+
+    Raises ValueError for a malformed name.
+    """
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         return torch.device(device)
     except RuntimeError as err:
         raise ValueError(f"device: expected e.g. cpu, cuda or cuda:1, found {device!r} ({err})") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`parse_device`, and a CUDA device only where CUDA is available (ValueError otherwise)."""
+    resolved = parse_device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+    return resolved
 
 
 def _local_cuda_device(device: torch.device, local_rank: int) -> torch.device:

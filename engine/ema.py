@@ -51,13 +51,14 @@ class ModelEMA:
         decay = self.current_decay()
         self.updates += 1
         source = unwrap(model)
-        for ema_param, param in zip(self.module.parameters(), source.parameters()):
-            if ema_param.dtype.is_floating_point:
-                ema_param.lerp_(param.detach().to(ema_param.dtype), 1.0 - decay)
-            else:
-                ema_param.copy_(param)
-        for ema_buffer, buffer in zip(self.module.buffers(), source.buffers()):
-            ema_buffer.copy_(buffer)
+        pairs = list(zip(self.module.parameters(), source.parameters()))
+        averaged = [(ema, param.detach().to(ema.dtype)) for ema, param in pairs if ema.dtype.is_floating_point]
+        if averaged:
+            torch._foreach_lerp_([ema for ema, _ in averaged], [param for _, param in averaged], 1.0 - decay)
+        copied = [(ema, param.detach()) for ema, param in pairs if not ema.dtype.is_floating_point]
+        copied += list(zip(self.module.buffers(), source.buffers()))
+        if copied:
+            torch._foreach_copy_([ema for ema, _ in copied], [value for _, value in copied])
 
     def state_dict(self) -> dict[str, Any]:
         """The averaged weights and the schedule position, for checkpoints."""

@@ -129,7 +129,7 @@ class Trainer:
                  train_loader: Iterable, config: TrainConfig, callbacks: list | None = None,
                  scheduler: Any = None, evaluate: EvaluateFn | None = None):
         self.config = config
-        self.device = distributed.local_device(resolve_device(config.device))
+        self.device = distributed.local_device(distributed.resolve_device(config.device))
         self.model = model.to(self.device)
         self.ddp_model = distributed.wrap_model(self.model, self.device) if distributed.is_distributed() else None
         self.optimizer = optimizer
@@ -342,22 +342,6 @@ class Trainer:
     def _stateful_callbacks(self) -> dict[str, Any]:
         return {f"{index}.{type(cb).__name__}": cb for index, cb in enumerate(self.callbacks)
                 if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`None`/"auto" -> CUDA when available, else CPU; otherwise the named device, checked.
-
-    Raises ValueError for a malformed name or a CUDA device on a machine without CUDA.
-    """
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device: expected e.g. cpu, cuda or cuda:1, found {device!r} ({err})") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
-    return resolved
 
 
 def _length(loader: Iterable) -> int | None:

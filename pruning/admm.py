@@ -225,7 +225,7 @@ class ADMM:
             "dual_residual": rho * float(torch.linalg.vector_norm(torch.stack(dual).double())),
             "rho": rho,
             "next_rho": self.rho,
-            "kept": int(sum(int(mask.sum()) for mask in self.support)),
+            "kept": int(torch.stack([mask.sum() for mask in self.support]).sum()),   # one host sync
         }
 
     @torch.no_grad()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-import torch
 from torch import nn
 
 from pruning.masks import Masks
@@ -50,6 +49,5 @@ def magnitude_prune(
     else:
         masks = layerwise_topk_masks(weights, [sparsity] * len(weights), floors)
     result = Masks(dict(zip(named, masks)))
-    with torch.no_grad():
-        result.apply(model)
+    result.apply(model)
     return result

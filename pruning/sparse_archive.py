@@ -50,6 +50,8 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(temp_name, 0o666 & ~mask)  # mkstemp makes 0600

@@ -136,8 +136,9 @@ def test_bad_settings_name_what_is_wrong(shapes_yaml, tmp_path):
 
 
 def test_batchnorm_statistics_are_recomputed_after_hard_pruning(shapes_yaml, tmp_path):
-    from data.eval_dataset import InferenceDataset
+    from data.augment import AugmentConfig
     from data.sources import load_yolo_dataset
+    from data.train_dataset import DetectionTrainDataset, collate_detection
 
     settings = dict(method="magnitude-global", admm_iters=1, retrain_epochs=0)
     run_job(tiny_job(shapes_yaml, tmp_path / "off", bn_images=0, **settings))
@@ -146,8 +147,8 @@ def test_batchnorm_statistics_are_recomputed_after_hard_pruning(shapes_yaml, tmp
 
     run_job(tiny_job(shapes_yaml, tmp_path / "on", bn_images=12, **settings))   # all 12 images, 3 batches of 4
     state = torch.load(tmp_path / "on" / "sparsity_0.6" / "hard_prune.pt", weights_only=True)["model"]
-    dataset = InferenceDataset.from_source(load_yolo_dataset(shapes_yaml, "train"), 96, 96, False)
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    dataset = DetectionTrainDataset(load_yolo_dataset(shapes_yaml, "train"), AugmentConfig(96), augment=False)
+    images, _ = collate_detection([dataset[i] for i in range(len(dataset))])
     conv_out = torch.nn.functional.conv2d(images, state["layers.0.conv.weight"], stride=2, padding=1)
     torch.testing.assert_close(state["layers.0.bn.running_mean"], conv_out.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
 
@@ -166,6 +167,6 @@ def test_batchnorm_recalibration_skips_an_unreadable_training_image(tmp_path):
     job = tiny_job(None, tmp_path / "run", method="magnitude-global", admm_iters=1, retrain_epochs=0, bn_images=6,
                    train_images=str(root / "images" / "train"), train_annotations=str(coco["train"]),
                    val_images=str(root / "images" / "val"), val_annotations=str(coco["val"]))
-    with pytest.warns(UserWarning, match=f"BatchNorm recalibration skips unreadable training image .*{broken.name}"):
-        results = run_job(job)
+    with pytest.warns(UserWarning, match=f"skipping unreadable training image .*{broken.name}"):
+        results = run_job(job)  # recalibration runs over all 6 images, the broken one among them
     assert [record["stage"] for record in results["sweep"][0]["stages"]] == ["dense", "hard_prune", "retrained"]
