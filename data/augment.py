@@ -15,10 +15,14 @@ boxes leaving the image are clipped, and dropped when narrower or lower than `mi
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields, replace
 
-import albumentations as A
-import cv2
+# albumentations asks PyPI for a newer version at import unless told not to: no network at run time.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
 
 from data.geometry import LETTERBOX_FILL
 

@@ -2,7 +2,11 @@
 data.train_dataset)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -178,3 +182,20 @@ def test_augment_config_from_net_and_validation():
         AugmentConfig(100)
     with pytest.raises(ValueError, match="unknown settings"):
         AugmentConfig.from_net(Net(), colour=1)
+
+
+def test_importing_data_opens_no_url():
+    """albumentations asks PyPI for updates at import unless told not to; nothing may go online."""
+    probe = ("import urllib.request\n"
+             "opened = []\n"
+             "def refuse(self, url, *args, **kwargs):\n"
+             "    opened.append(str(getattr(url, 'full_url', url)))\n"
+             "    raise OSError('no network in this test')\n"
+             "urllib.request.OpenerDirector.open = refuse\n"
+             "import data\n"
+             "print(opened)\n")
+    env = {key: value for key, value in os.environ.items() if key != "NO_ALBUMENTATIONS_UPDATE"}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout
