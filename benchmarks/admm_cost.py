@@ -16,6 +16,10 @@ benchmarks/results/admm_cost.json). Measured on a 2-core CPU, no GPU, torch 2.14
 with one other 1-thread job on the machine (load average ~1.5, recorded in the JSON); process CPU
 times are recorded beside wall times, since a loaded machine inflates the latter (an earlier run
 at load 8-10 took 1.35 s wall for the Z-step, 0.57 s CPU).
+
+On a GPU (timers wait for the queued kernels): ``python3 benchmarks/admm_cost.py --device cuda
+--threads 1 --out benchmarks/results/admm_cost_cuda.json``; recorded 2026-11-26 on an NVIDIA H200
+(16 CPU cores, torch 2.11.0+cu130).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import torch
 from torch import nn
 
 from pruning import ADMM, ADMMConfig, global_topk_masks, kept_count
-from engine import atomic_write_json
+from engine import atomic_write_json, resolve_device
 
 RESULTS = Path(__file__).resolve().parent / "results" / "admm_cost.json"
 
@@ -79,17 +83,25 @@ def small_resnet(num_classes: int = 10) -> nn.Module:
 
 
 class Clock:
-    """Wall (``perf_counter``) and process CPU (``process_time``) seconds of timed blocks."""
+    """Wall (``perf_counter``) and process CPU (``process_time``) seconds of timed blocks; on a GPU
+    the block's queued kernels are waited for at both ends."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.device = device
         self.wall: list[float] = []
         self.cpu: list[float] = []
 
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def __enter__(self):
+        self._sync()
         self._wall, self._cpu = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc):
+        self._sync()
         self.wall.append(time.perf_counter() - self._wall)
         self.cpu.append(time.process_time() - self._cpu)
 
@@ -98,14 +110,15 @@ class Clock:
                 f"{prefix}_cpu_median_s": statistics.median(self.cpu)}
 
 
-def step_cost(repeats: int, batch_size: int) -> dict:
+def step_cost(repeats: int, batch_size: int, device: torch.device) -> dict:
     """Median seconds of a plain and an ADMM training step, interleaved on one model."""
     torch.manual_seed(0)
-    model = small_resnet()
+    model = small_resnet().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     admm = ADMM(model, ADMMConfig(sparsity=0.8, rho=1e-3))
-    images, labels = torch.randn(batch_size, 3, 64, 64), torch.randint(0, 10, (batch_size,))
-    plain, with_admm, penalty_only, warmup = Clock(), Clock(), Clock(), Clock()
+    images = torch.randn(batch_size, 3, 64, 64).to(device)
+    labels = torch.randint(0, 10, (batch_size,)).to(device)
+    plain, with_admm, penalty_only, warmup = (Clock(device) for _ in range(4))
 
     def one_step(use_admm: bool, clock: Clock) -> None:
         with clock:
@@ -137,7 +150,7 @@ def step_cost(repeats: int, batch_size: int) -> dict:
     }
 
 
-def yolov4_sized_model() -> nn.Module:
+def yolov4_sized_model(device: torch.device) -> nn.Module:
     """110 bias-free convolutions with YOLOv4's shapes and N(0, 0.05) weights (64.3M weights)."""
     generator = torch.Generator().manual_seed(0)
     convs = nn.ModuleList(nn.Conv2d(c_in, c_out, k, bias=False, device="meta") for c_out, c_in, k in YOLOV4_CONV_SHAPES)
@@ -145,19 +158,19 @@ def yolov4_sized_model() -> nn.Module:
     with torch.no_grad():
         for conv in convs:
             conv.weight.normal_(0.0, 0.05, generator=generator)
-    return convs
+    return convs.to(device)
 
 
-def zstep_cost(repeats: int) -> dict:
+def zstep_cost(repeats: int, device: torch.device) -> dict:
     """Median seconds of ``ADMM.update()`` and of the bare projection at YOLOv4 scale."""
-    model = yolov4_sized_model()
+    model = yolov4_sized_model(device)
     admm = ADMM(model, ADMMConfig(sparsity=0.8, rho=1e-3, rho_multiplier=1.1, rho_max=1.0))
     generator = torch.Generator().manual_seed(1)
-    update, projection, flat_kthvalue = Clock(), Clock(), Clock()
+    update, projection, flat_kthvalue = Clock(device), Clock(device), Clock(device)
     for _ in range(repeats):
         with torch.no_grad():                                  # a W-step's worth of change
             for param in admm.params:
-                param.add_(torch.randn(param.shape, generator=generator), alpha=1e-3)
+                param.add_(torch.randn(param.shape, generator=generator).to(device), alpha=1e-3)
         with update:
             admm.update()
         with projection:
@@ -189,10 +202,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--zstep-repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
                         help="torch.set_num_threads values to measure with, one run each")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (then also write --out elsewhere)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    gpu = f"GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "no GPU"
     result = {
-        "machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU",
+        "machine": f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), {gpu}",
+        "device": str(device),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "runs": [],
@@ -200,8 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     for threads in args.threads:
         torch.set_num_threads(threads)
         run = {"threads": threads, "load_average_at_start": list(os.getloadavg())}
-        run["step"] = step_cost(args.step_repeats, args.batch_size)
-        run["zstep"] = zstep_cost(args.zstep_repeats)
+        run["step"] = step_cost(args.step_repeats, args.batch_size, device)
+        run["zstep"] = zstep_cost(args.zstep_repeats, device)
         run["load_average_at_end"] = list(os.getloadavg())
         result["runs"].append(run)
     atomic_write_json(args.out, result)

@@ -35,6 +35,13 @@ side (2026-11-25, 1 thread each, load ~3):
         --rho-mult 1.15 --ramp-from 0.9 --configs magnitude-global:0.99,magnitude-uniform:0.99 \
         --out benchmarks/results/lenet5_mnist_progressive_baselines.json
 
+GPU (2026-11-26, one NVIDIA H200 shared with the ResNet-56 sweep, torch 2.11.0+cu130, AMP; the
+dense weights copied from runs/benchmarks/), 1.5x the progressive budget, 54 passes, 6.6 min:
+
+    python3 benchmarks/lenet5_mnist.py --data /tmp/data/mnist --admm-iters 36 --retrain-epochs 72 \
+        --rho 1e-2 --rho-mult 1.1 --ramp-from 0.9 --configs admm-global:0.99 \
+        --out benchmarks/results/lenet5_mnist_cuda.json
+
 Accuracies are on the full 10k MNIST test set; each configuration ran once (seed 0). Torch runs
 with 1 thread: on this shared machine (load average ~10 on 2 cores) 2 threads were ~4x slower
 (measured on ResNet-56 training: 5.8 img/s with 2 threads, 21 img/s with 1).
@@ -112,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     _, datasets = prepare("lenet5", args.data)
-    record = {"benchmark": "lenet5_mnist", "date": datetime.date.today().isoformat(),
-              "machine": f"2-core CPU, no GPU, shared ({platform.processor() or platform.machine()})",
+    machine = (f"GPU {torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores" if torch.cuda.is_available()
+               else f"2-core CPU, no GPU, shared ({platform.processor() or platform.machine()})")
+    record = {"benchmark": "lenet5_mnist", "date": datetime.date.today().isoformat(), "machine": machine,
               "torch": torch.__version__, "torch_threads": args.threads,
+              "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "args": {key: str(value) for key, value in vars(args).items()},
               "runs": []}
     dense_model(args, datasets, record)

@@ -8,13 +8,19 @@ backward + `optimizer.step()`; batches are prepared beforehand, and the data pip
 subprocess so that its peak memory is its own: peak RSS of the process on CPU (this includes
 the prepared batches, about 15 MB per batch at 320 and 25 MB at 416), and
 `torch.cuda.max_memory_allocated` on CUDA (where yolov4 at 608 with AMP is measured too).
-Medians over the timed steps (after warm-up steps).
+Medians over the timed steps (after warm-up steps). Then, on the same model, ADMM (sparsity 0.8)
+is set up and plain steps alternate with ADMM steps (penalty gradient added after unscaling):
+`admm_step_over_plain_step` is the ratio of their medians, `admm_peak_memory_mib` the peak with
+ADMM's state.
 
 Reproduce: ``.venv/bin/python benchmarks/train_speed.py --threads 1`` (writes
 benchmarks/results/train_speed.json). Measured on a 2-core CPU, no GPU, shared with other jobs
 (load average ~8, see ``load_average_before_after`` in the JSON; under that load torch's default
 2 threads ran yolo-fastest steps 3-15x slower than 1 thread, hence --threads 1), torch 2.14.1,
-2026-11-25.
+2026-11-25 (that JSON predates the ADMM fields).
+
+GPU: ``python3 benchmarks/train_speed.py --threads 4 --out benchmarks/results/train_speed_cuda.json``
+(2026-11-26, NVIDIA H200, 16 CPU cores, torch 2.11.0+cu130; the first 64 coco128 train images).
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "train_speed.json"
 SHARED = Path(os.environ.get("YOLO_ADMM_SHARED_DATA", REPO.parent / "shared" / "data"))
 CPU_CASES = [("yolo-fastest-1.1", 320, False), ("yolov4-tiny", 416, False)]
-CUDA_CASES = CPU_CASES + [("yolov4", 608, True)]
+CUDA_CASES = CPU_CASES + [("yolov4", 608, False), ("yolov4", 608, True)]
 
 
 def measure_one(name: str, size: int, amp: bool, batch: int, steps: int, warmup: int, device: str) -> dict:
@@ -49,6 +55,7 @@ def measure_one(name: str, size: int, amp: bool, batch: int, steps: int, warmup:
     from detector import load_darknet
     from detector.loss import YoloLoss
     from detector.train import build_optimizer
+    from pruning import ADMM, ADMMConfig
 
     torch.manual_seed(0)
     model = load_darknet(SHARED / "darknet" / f"{name}.cfg").to(device).train()
@@ -61,28 +68,50 @@ def measure_one(name: str, size: int, amp: bool, batch: int, steps: int, warmup:
     loss_fn = YoloLoss(model.heads)
     optimizer = build_optimizer(model, 1e-4, model.net.momentum, model.net.decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    times = []
-    for images, targets in batches:
+
+    def step(images: torch.Tensor, targets: torch.Tensor, admm: ADMM | None) -> float:
         images, targets = images.to(device), targets.to(device)
         _sync(device)
         start = time.perf_counter()
         with torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.float16, enabled=amp):
             loss, _ = loss_fn(model(images), targets, (size, size))
         scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if admm is not None:
+            admm.add_penalty_grad()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
-        times.append(time.perf_counter() - start)
-    step = statistics.median(times[warmup:])
-    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return time.perf_counter() - start
+
+    times = [step(images, targets, None) for images, targets in batches]
+    plain_step = statistics.median(times[warmup:])
+    peak = _peak_memory(device)
+    # ADMM: its state (Z, U, U - Z: three copies of the prunable weights) and, interleaved with
+    # plain steps on the same model, the step with the penalty gradient added.
+    admm = ADMM(model, ADMMConfig(sparsity=0.8, rho=1e-3))
+    plain_again, with_admm = [], []
+    for index, (images, targets) in enumerate(batches):
+        order = (None, admm) if index % 2 == 0 else (admm, None)
+        for which in order:
+            (plain_again if which is None else with_admm).append(step(images, targets, which))
+    admm_ratio = statistics.median(with_admm[warmup:]) / statistics.median(plain_again[warmup:])
     return {"model": name, "img_size": size, "batch": batch, "amp": amp, "device": device,
-            "median_step_s": round(step, 4), "images_per_s": round(batch / step, 2),
+            "median_step_s": round(plain_step, 4), "images_per_s": round(batch / plain_step, 2),
             "step_s_min_max": [round(min(times[warmup:]), 4), round(max(times[warmup:]), 4)],
             "peak_memory_mib": round(peak / 2**20, 1),
             "peak_memory_kind": "cuda max_memory_allocated" if device.startswith("cuda") else "process peak RSS",
+            "admm_step_over_plain_step": round(admm_ratio, 4),
+            "admm_median_step_s": round(statistics.median(with_admm[warmup:]), 4),
+            "admm_peak_memory_mib": round(_peak_memory(device) / 2**20, 1),
             "data_pipeline_images_per_s": round(data_rate, 2), "timed_steps": steps, "warmup_steps": warmup}
+
+
+def _peak_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _sync(device: str) -> None:
@@ -96,6 +125,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--one", nargs=3, metavar=("NAME", "SIZE", "AMP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -120,8 +150,8 @@ def main() -> None:
               + (f"GPU {torch.cuda.get_device_name()}" if device == "cuda" else "no GPU"),
               "torch": torch.__version__, "torch_threads": args.threads or torch.get_num_threads(),
               "load_average_before_after": [list(load_before), list(os.getloadavg())], "results": results}
-    atomic_write_json(RESULTS, report)
-    print(f"wrote {RESULTS}")
+    atomic_write_json(args.out, report)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
