@@ -177,12 +177,22 @@ class ADMM:
             return global_topk_masks(tensors, k, self.floors if any(self.floors) else None)
         return layerwise_topk_masks(tensors, [self.target(r, fraction) for r in self.ratios], self.floors)
 
+    def _follow_params(self) -> None:
+        """Keep Z, U, U - Z and the support where the weights are: a model moved after the ADMM was
+        built (``model.to("cuda")`` inside a training loop) takes its ADMM state along, as an
+        optimizer's state follows its parameters."""
+        if all(z.device == param.device for z, param in zip(self.Z, self.params)):
+            return
+        for state in (self.Z, self.U, self._offset, self.support):
+            state[:] = [tensor.to(param.device) for tensor, param in zip(state, self.params)]
+
     @torch.no_grad()
     def add_penalty_grad(self) -> None:
         """W-step term: ``grad += rho * (W - Z + U)`` for every prunable weight (grad created if None).
 
         Call after backward (and after AMP unscaling), before ``optimizer.step()``.
         """
+        self._follow_params()
         grads = []
         for param in self.params:
             if param.grad is None:
@@ -200,6 +210,7 @@ class ADMM:
             ``dual_residual`` rho * ||Z - Z_prev||, ``rho`` (used in this update) and
             ``next_rho``.
         """
+        self._follow_params()
         rho = self.rho
         self.rho = rho * self.config.rho_multiplier
         if self.config.rho_max is not None:
@@ -245,6 +256,7 @@ class ADMM:
         If the ramp has not reached ``sparsity`` yet, the support is first recomputed as the
         final projection of W + U (what the next Z-step would keep at the target).
         """
+        self._follow_params()
         if self.ramp_fraction(self.iteration) < 1.0:
             self.support = self.project(torch._foreach_add([param.detach() for param in self.params], self.U))
         for param, mask in zip(self.params, self.support):

@@ -147,3 +147,18 @@ def test_detect_prune_pipeline_on_cuda_with_amp(tmp_path):
     assert kept == round(0.4 * sum(mask.numel() for mask in state["masks"].values()))
     for name, mask in state["masks"].items():
         assert torch.count_nonzero(state["model"][name][~mask]) == 0, f"{name}: pruned weight came back"
+
+
+def test_admm_built_on_the_cpu_follows_the_model_to_the_gpu():
+    """A loop may move the model after the ADMM callback was made (the trainer does, in __init__)."""
+    torch.manual_seed(0)
+    model = small_convnet()
+    admm = ADMM(model, ADMMConfig(sparsity=0.8, rho=1e-2))
+    callback = ADMMCallback(admm, steps_per_update=2)
+    config = TrainConfig(epochs=1, device="cuda", amp=True, progress=False, eval_every=0)
+    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), cross_entropy, random_loader(), config,
+            callbacks=[callback]).fit()
+    assert len(callback.history) == 2
+    assert all(tensor.is_cuda for state in (admm.Z, admm.U, admm.support) for tensor in state)
+    masks = admm.hard_prune()
+    assert sum(int(mask.sum()) for _, mask in masks.items()) == admm.k
