@@ -6,7 +6,6 @@ channels_last) under `torch.inference_mode`, `postprocess`, then boxes mapped ba
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -19,8 +18,8 @@ from tqdm import tqdm
 from data.eval_dataset import ImageMeta, InferenceDataset, collate_inference
 from detector.layers import ConvBlock
 from detector.model import fused_for_inference
-from engine import atomic_write_json
 from detector.postprocess import postprocess, to_original_image
+from engine import atomic_write_bytes, atomic_write_json
 
 _PALETTE_SEED = 12345
 
@@ -93,11 +92,14 @@ def draw_detections(image_bgr: np.ndarray, detections: torch.Tensor, class_names
 
 
 def write_image_atomic(path: Path, image_bgr: np.ndarray) -> None:
-    """cv2.imwrite through a temp file (same suffix, so the same format) and os.replace."""
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    if not cv2.imwrite(str(tmp), image_bgr):
-        raise ValueError(f"{path}: could not write the image (unsupported suffix {path.suffix!r}?)")
-    os.replace(tmp, path)
+    """Encode `image_bgr` in the format its suffix names and write it atomically."""
+    try:
+        encoded, data = cv2.imencode(path.suffix, image_bgr)
+    except cv2.error:
+        encoded = False
+    if not encoded:
+        raise ValueError(f"{path}: could not encode the image (unsupported suffix {path.suffix!r}?)")
+    atomic_write_bytes(path, data.tobytes())
 
 
 def predict(model: torch.nn.Module, dataset: InferenceDataset, out_dir: Path, class_names: Sequence[str],

@@ -12,17 +12,16 @@ needs is an error naming the layer that runs out (or what is left over) and both
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import torch
 
 from detector.cfg import DarknetError
 from detector.layers import ConvBlock
+from engine.checkpoint import atomic_write
 
 if TYPE_CHECKING:
     from detector.model import DarknetModel
@@ -140,7 +139,7 @@ def read_weights(path: str | Path, model: DarknetModel) -> WeightsHeader:
 
 def write_weights(path: str | Path, model: DarknetModel,
                   header: WeightsHeader | None = None) -> None:
-    """Write `model` as a Darknet `.weights` file, atomically (temp file + os.replace).
+    """Write `model` as a Darknet `.weights` file, atomically (`engine.atomic_write`).
 
     Args:
         path: the file to write.
@@ -148,19 +147,13 @@ def write_weights(path: str | Path, model: DarknetModel,
         header: version and `seen` to write; default `WeightsHeader()` (0.2.5, seen 0). Pass the
             header `read_weights` returned to reproduce a file bit for bit.
     """
-    path = Path(path)
     header = header or WeightsHeader()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.to_bytes())
-            for span in _layout(model, header.nbytes):
-                for tensor in span.block.darknet_tensors():
-                    values = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
-                    f.write(values.astype("<f4", copy=False).tobytes())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+
+    def write_body(handle: BinaryIO) -> None:
+        handle.write(header.to_bytes())
+        for span in _layout(model, header.nbytes):
+            for tensor in span.block.darknet_tensors():
+                values = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+                handle.write(values.astype("<f4", copy=False).tobytes())
+
+    atomic_write(path, write_body)

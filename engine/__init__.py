@@ -1,7 +1,7 @@
 """The shared training engine: one loop with hooks, AMP, EMA, accumulation, checkpoints, resume and DDP."""
 from engine import distributed
-from engine.checkpoint import (atomic_torch_save, atomic_write_bytes, atomic_write_json, find_latest_checkpoint,
-                               load_checkpoint, save_checkpoint)
+from engine.checkpoint import (atomic_torch_save, atomic_write, atomic_write_bytes, atomic_write_json,
+                               find_latest_checkpoint, load_checkpoint, save_checkpoint)
 from engine.ema import ModelEMA
 from engine.distributed import resolve_device
 from engine.trainer import NonFiniteLossError, Trainer, TrainConfig, move_to_device
@@ -12,6 +12,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "atomic_torch_save",
+    "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
     "distributed",

@@ -28,7 +28,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically: a temporary file beside it (same filesystem), fsync,
     then `os.replace`, so readers see the old file or the new one, never a partial one. The
     temporary file is removed if writing fails; the result gets the usual (umask) permissions."""
-    return _atomic_write(path, lambda handle: handle.write(data))
+    return atomic_write(path, lambda handle: handle.write(data))
 
 
 def atomic_write_json(path: str | os.PathLike, payload: Any) -> Path:
@@ -38,10 +38,12 @@ def atomic_write_json(path: str | os.PathLike, payload: Any) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """Write `obj` with `torch.save` to `path` atomically (see `atomic_write_bytes`)."""
-    return _atomic_write(path, lambda handle: torch.save(obj, handle))
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """Call `write(handle)` on a binary temporary file beside `path`, then fsync and `os.replace`
+    it into place (see `atomic_write_bytes`); for files too large to build in memory first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
