@@ -24,3 +24,16 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture
 def shared_data():
     return shared_path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test, restored after. Tiny models run fastest so, and on a loaded
+    2-core machine multi-threaded regions wait on busy cores. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

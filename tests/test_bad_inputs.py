@@ -33,6 +33,8 @@ from detector.train import DetectionLoss
 from engine import load_checkpoint
 from yolo_admm.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # A 64x64 detector with one stride-16 head for the 4 classes of data.synthetic.
 TINY_CFG = """[net]
 batch=8
@@ -84,15 +86,6 @@ def line_of(text: str, needle: str) -> int:
 
 MAXPOOL_LINE = line_of(TINY_CFG, "[maxpool]")
 FILTERS_LINE = line_of(TINY_CFG, "filters=16")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than they save (and the CI box has 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

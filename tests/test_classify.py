@@ -18,14 +18,7 @@ from data.cifar import CIFARDataset, decode_rgb32, list_class_images, load_cifar
 from data.mnist import IMAGES_MAGIC, LABELS_MAGIC, load_mnist, read_idx
 from yolo_admm.cli import main as yolo_admm_main
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and a shared CPU makes multi-thread regions stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_idx(path, array: np.ndarray, magic: int) -> None:

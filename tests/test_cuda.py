@@ -21,18 +21,12 @@ from detector.prune_pipeline import PruneJob, run_job
 from engine import TrainConfig, Trainer
 from pruning import ADMM, ADMMCallback, ADMMConfig, MaskCallback, global_topk_masks, kept_count, layerwise_topk_masks
 
+from helpers import small_convnet
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CUDA = torch.device("cuda")
 DEMO_CFG = str(Path(prune_pipeline.__file__).parent / "cfgs" / "demo-tiny.cfg")
-
-
-def small_convnet() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Linear(64, 5),
-    )
 
 
 def random_loader(samples: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:

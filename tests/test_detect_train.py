@@ -14,6 +14,8 @@ from detector import load_darknet
 from detector.cli_train import add_arguments, run
 from detector.train import DetectTrainConfig, build_optimizer, darknet_lr_factor, fit_detector
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # A 64x64 detector with one stride-16 head for the 4 classes of data.synthetic. iou_normalizer is
 # raised from yolov4's 0.07 so that boxes converge within a few dozen steps.
 TINY_CFG = """[net]
@@ -62,15 +64,6 @@ iou_thresh=0.213
 iou_normalizer=0.5
 iou_loss=ciou
 """
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than they save (and the CI box has 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,7 @@ import engine
 from engine import checkpoint as checkpoint_module
 from engine import ModelEMA, NonFiniteLossError, Trainer, TrainConfig
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and a shared CPU makes multi-thread regions stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model() -> nn.Module:

@@ -12,13 +12,7 @@ from torch import nn
 
 from pruning import Masks, MaskCallback, magnitude_prune, pack_mask, unpack_mask
 
-
-def small_convnet() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Linear(32, 5),
-    )
+from helpers import small_convnet
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
