@@ -19,7 +19,8 @@ at load 8-10 took 1.35 s wall for the Z-step, 0.57 s CPU).
 
 On a GPU (timers wait for the queued kernels): ``python3 benchmarks/admm_cost.py --device cuda
 --threads 1 --out benchmarks/results/admm_cost_cuda.json``; recorded 2026-11-26 on an NVIDIA H200
-(16 CPU cores, torch 2.11.0+cu130).
+(16 CPU cores, torch 2.11.0+cu130). There the ``*_cpu_*`` fields include the host's wait for the GPU
+and mean little; read the wall times.
 """
 from __future__ import annotations
 

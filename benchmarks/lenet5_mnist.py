@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     _, datasets = prepare("lenet5", args.data)
     machine = (f"GPU {torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores" if torch.cuda.is_available()
-               else f"2-core CPU, no GPU, shared ({platform.processor() or platform.machine()})")
+               else f"{os.cpu_count()}-core CPU, no GPU, shared ({platform.processor() or platform.machine()})")
     record = {"benchmark": "lenet5_mnist", "date": datetime.date.today().isoformat(), "machine": machine,
               "torch": torch.__version__, "torch_threads": args.threads,
               "command": " ".join([Path(sys.executable).name, *sys.argv]),

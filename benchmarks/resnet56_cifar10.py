@@ -37,7 +37,8 @@ and 70 / 90 % with 5 passes per run (10 epochs of 25k images), 4 runs at once (3
         --admm-iters 5 --epochs-per-iter 1 --retrain-epochs 5 --rho 0.3 --rho-mult 1.778 \
         --out benchmarks/results/resnet56_cifar10_cuda_long.json
 
-With --parallel N each run is a process of its own (results do not depend on N; wall times do).
+With --parallel N each run is a process of its own (results do not depend on N, up to the GPU's
+nondeterminism; wall times do).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     _, datasets = prepare("resnet56", args.data)
     device = resolve_device(args.device)
     machine = (f"GPU {torch.cuda.get_device_name(device)}, {os.cpu_count()} CPU cores" if device.type == "cuda"
-               else "2-core CPU, no GPU, shared")
+               else f"{os.cpu_count()}-core CPU, no GPU, shared")
     record = {"benchmark": "resnet56_cifar10", "date": datetime.date.today().isoformat(), "machine": machine,
               "torch": torch.__version__, "torch_threads": args.threads,
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -149,23 +150,33 @@ def main(argv: list[str] | None = None) -> int:
     configs = [] if args.no_control else [("magnitude-global", 0.0)]
     configs += [(method, sparsity) for sparsity in args.sparsities for method in METHODS]
 
+    order = {config: index for index, config in enumerate(configs)}
+
     def finished(result: dict) -> None:
         record["runs"].append(result)
+        record["runs"].sort(key=lambda run: order[(run["method"], run["target_sparsity"])])
         record["markdown"] = markdown_table(record["runs"])
         record["total_wall_time_s"] = time.perf_counter() - started
         write_json(record, args.out)
-        print(markdown_table(record["runs"][-1:]).splitlines()[-1], flush=True)
+        print(markdown_table([result]).splitlines()[-1], flush=True)
 
     if args.parallel <= 1:
         for method, sparsity in configs:
             finished(one_run(args, method, sparsity, datasets))
-    else:  # each process loads the data itself
+    else:  # each process loads the data itself; a failed run is recorded and the others go on
+        record["failed"] = []
         with ProcessPoolExecutor(args.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(one_run, args, method, sparsity) for method, sparsity in configs]
-            for future in futures:
-                finished(future.result())
-    print(record["markdown"])
-    return 0
+            futures = {pool.submit(one_run, args, method, sparsity): (method, sparsity) for method, sparsity in configs}
+            for future in as_completed(futures):
+                try:
+                    finished(future.result())
+                except Exception as err:  # noqa: BLE001 - any failure of one run: report it, keep the rest
+                    method, sparsity = futures[future]
+                    record["failed"].append({"method": method, "target_sparsity": sparsity, "error": repr(err)})
+                    write_json(record, args.out)
+                    print(f"{method} at {sparsity:.0%} failed: {err!r}", file=sys.stderr, flush=True)
+    print(markdown_table(record["runs"]))
+    return 1 if record.get("failed") else 0
 
 
 if __name__ == "__main__":

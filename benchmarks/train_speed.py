@@ -10,8 +10,10 @@ the prepared batches, about 15 MB per batch at 320 and 25 MB at 416), and
 `torch.cuda.max_memory_allocated` on CUDA (where yolov4 at 608 with AMP is measured too).
 Medians over the timed steps (after warm-up steps). Then, on the same model, ADMM (sparsity 0.8)
 is set up and plain steps alternate with ADMM steps (penalty gradient added after unscaling):
-`admm_step_over_plain_step` is the ratio of their medians, `admm_peak_memory_mib` the peak with
-ADMM's state.
+`admm_step_over_plain_step` is the ratio of their medians (`admm_median_step_s`,
+`plain_interleaved_median_step_s`), `admm_state_mib` the GPU memory ADMM's state takes and
+`admm_peak_memory_mib` the peak from its construction on. The GPU JSON of 2026-11-26 predates the
+last three fields and the peak reset (its ADMM peak is the whole run's).
 
 Reproduce: ``.venv/bin/python benchmarks/train_speed.py --threads 1`` (writes
 benchmarks/results/train_speed.json). Measured on a 2-core CPU, no GPU, shared with other jobs
@@ -90,7 +92,11 @@ def measure_one(name: str, size: int, amp: bool, batch: int, steps: int, warmup:
     peak = _peak_memory(device)
     # ADMM: its state (Z, U, U - Z: three copies of the prunable weights) and, interleaved with
     # plain steps on the same model, the step with the penalty gradient added.
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    before_admm = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
     admm = ADMM(model, ADMMConfig(sparsity=0.8, rho=1e-3))
+    admm_state = torch.cuda.memory_allocated() - before_admm if device.startswith("cuda") else None
     plain_again, with_admm = [], []
     for index, (images, targets) in enumerate(batches):
         order = (None, admm) if index % 2 == 0 else (admm, None)
@@ -104,7 +110,9 @@ def measure_one(name: str, size: int, amp: bool, batch: int, steps: int, warmup:
             "peak_memory_kind": "cuda max_memory_allocated" if device.startswith("cuda") else "process peak RSS",
             "admm_step_over_plain_step": round(admm_ratio, 4),
             "admm_median_step_s": round(statistics.median(with_admm[warmup:]), 4),
+            "plain_interleaved_median_step_s": round(statistics.median(plain_again[warmup:]), 4),
             "admm_peak_memory_mib": round(_peak_memory(device) / 2**20, 1),
+            "admm_state_mib": None if admm_state is None else round(admm_state / 2**20, 1),
             "data_pipeline_images_per_s": round(data_rate, 2), "timed_steps": steps, "warmup_steps": warmup}
 
 

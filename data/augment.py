@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 
-# albumentations asks PyPI for a newer version at import unless told not to: no network at run time.
+# Deliberately a side effect at import, before albumentations is imported: unless told not to, it
+# asks PyPI for a newer version at import, and nothing here may go online at run time.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A  # noqa: E402

@@ -21,7 +21,7 @@ import torch
 
 from detector.cfg import DarknetError
 from detector.layers import ConvBlock
-from engine.checkpoint import atomic_write
+from engine import atomic_write
 
 if TYPE_CHECKING:
     from detector.model import DarknetModel

@@ -123,7 +123,8 @@ class ADMM:
 
     Z starts as the projection of W and U at zero. ``Z``, ``U`` and ``support`` are lists of
     per-layer tensors on the device and in the dtype of each weight, updated in place (so
-    ``state_dict`` references stay current). ``U - Z`` is kept too, so the W-step is two fused
+    ``state_dict`` references stay current, unless the model is moved to another device or dtype:
+    then the state follows it as new tensors). ``U - Z`` is kept too, so the W-step is two fused
     ``torch._foreach`` ops with no allocation. Memory: three float copies of the prunable weights
     and one bool mask; ``update`` adds about two more float copies transiently, layer by layer.
     """
@@ -178,13 +179,14 @@ class ADMM:
         return layerwise_topk_masks(tensors, [self.target(r, fraction) for r in self.ratios], self.floors)
 
     def _follow_params(self) -> None:
-        """Keep Z, U, U - Z and the support where the weights are: a model moved after the ADMM was
-        built (``model.to("cuda")`` inside a training loop) takes its ADMM state along, as an
-        optimizer's state follows its parameters."""
-        if all(z.device == param.device for z, param in zip(self.Z, self.params)):
+        """Keep Z, U, U - Z (and the support) on the weights' device and dtype: a model moved after
+        the ADMM was built (``model.to("cuda")`` inside a training loop) takes its ADMM state
+        along, as an optimizer's state follows its parameters. The moved state is new tensors."""
+        if all(z.device == param.device and z.dtype == param.dtype for z, param in zip(self.Z, self.params)):
             return
-        for state in (self.Z, self.U, self._offset, self.support):
-            state[:] = [tensor.to(param.device) for tensor, param in zip(state, self.params)]
+        for state in (self.Z, self.U, self._offset):
+            state[:] = [tensor.to(param.device, param.dtype) for tensor, param in zip(state, self.params)]
+        self.support[:] = [mask.to(param.device) for mask, param in zip(self.support, self.params)]
 
     @torch.no_grad()
     def add_penalty_grad(self) -> None:

@@ -114,6 +114,23 @@ def test_add_penalty_grad_creates_missing_grads():
         torch.testing.assert_close(param.grad, 2.0 * (param.detach() - z + u))
 
 
+def test_state_follows_the_weights_when_the_model_is_converted_after_the_admm_was_built():
+    """`model.double()` (like `model.to("cuda")`, see tests/test_cuda.py) keeps the Parameter objects:
+    the ADMM state must follow them, and the penalty stay rho (W - Z + U)."""
+    model = small_convnet()
+    admm = ADMM(model, ADMMConfig(sparsity=0.5, rho=2.0))
+    admm.update()
+    z_before, u_before = [z.clone() for z in admm.Z], [u.clone() for u in admm.U]
+    model.double()
+    admm.add_penalty_grad()
+    for param, z, u, support in zip(admm.params, z_before, u_before, admm.support):
+        assert param.dtype == torch.float64 and param.grad.dtype == torch.float64
+        torch.testing.assert_close(param.grad, 2.0 * (param.detach() - z.double() + u.double()))
+        assert support.dtype == torch.bool
+    assert all(state.dtype == torch.float64 for state in (*admm.Z, *admm.U))
+    assert sum(int(mask.sum()) for _, mask in admm.hard_prune().items()) == admm.k
+
+
 # ---- Z-step, U-step, rho -----------------------------------------------------------------------
 
 def test_update_is_projection_then_dual_step_with_rescaled_u():

@@ -19,7 +19,7 @@ import detector
 from data.eval_dataset import InferenceDataset
 from data.sources import load_coco_json, load_yolo_dataset
 from detector.evaluate import coco_metrics, evaluate
-from detector.predict import inference_copy, make_loader
+from detector.predict import inference_copy, make_loader, write_image_atomic
 from yolo_admm.cli import main as yolo_admm_main
 
 
@@ -254,3 +254,13 @@ def test_inference_copy_folds_batchnorm_without_changing_outputs_or_the_original
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_predicted_images_are_written_whole_or_refused(tmp_path):
+    image = np.zeros((6, 8, 3), np.uint8)
+    image[2:4, 3:5] = 255
+    write_image_atomic(tmp_path / "a.PNG", image)
+    assert np.array_equal(cv2.imread(str(tmp_path / "a.PNG")), image)
+    with pytest.raises(ValueError, match=r"b\.xyz: could not encode the image \(unsupported suffix '\.xyz'"):
+        write_image_atomic(tmp_path / "b.xyz", image)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.PNG"]  # no temporary file left behind
