@@ -1,7 +1,8 @@
 """Export of a pruned detector (detector.export), each format checked by an independent runtime.
 
 The model is the demo cfg (detector/cfgs/demo-tiny.cfg, 160x160, 2 heads) with seeded random
-weights and batch-norm statistics, pruned to 80% global sparsity by magnitude. Inputs are images
+weights and batch-norm statistics, pruned to 80% global sparsity by magnitude (the mAP comparison
+uses the shipped trained weights instead, so that there is an mAP to compare). Inputs are images
 of the generated shapes dataset.
 """
 from __future__ import annotations
@@ -193,25 +194,42 @@ def test_onnxruntime_equals_pytorch_on_a_batch(pruned, onnx_export, images):
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
 
 
-def test_onnxruntime_gives_the_same_detections_and_map(pruned, onnx_export, shapes):
-    model = pruned[0]
+def test_onnxruntime_gives_the_same_detections_and_map(tmp_path, shapes):
+    """The shipped, trained demo weights pruned to 80% (so that mAP is far from 0) through both
+    runtimes. Detections at a deployment threshold are the same boxes; at the evaluation threshold
+    (0.005, capped at 100 per image) outputs that differ by 1e-5 may reorder near-tied low scores,
+    so mAP is compared within 1e-3."""
+    model = detector.load_darknet(DEMO_CFG, cfg_path("demo-tiny.weights"))
+    magnitude_prune(model, SPARSITY, scope="global")
+    model.eval()
+    onnx_path = tmp_path / "trained.onnx"
+    export_onnx(model, onnx_path, opset=17, verify=True)
     source = load_yolo_dataset(shapes, "val")
     loader = make_loader(InferenceDataset.from_source(source, 160, 160, False), 4, 0, torch.device("cpu"))
-    results = {"torch": [], "onnx": []}
+    outputs = {"torch": [], "onnx": []}
     for batch, metas in loader:
         with torch.no_grad():
-            torch_out = model(batch)
-        onnx_out = [torch.from_numpy(onnxruntime_outputs(onnx_export[0], batch))]
-        for key, outputs in (("torch", torch_out), ("onnx", onnx_out)):
-            per_image = postprocess(outputs, conf_thresh=0.005, iou_thresh=0.45, max_det=100)
-            results[key] += [(meta, to_original_image(d, meta.transform)) for d, meta in zip(per_image, metas)]
-    for (_, mine), (_, theirs) in zip(results["torch"], results["onnx"]):
-        assert len(mine) == len(theirs) > 0
-        torch.testing.assert_close(theirs, mine, atol=1e-3, rtol=0)
-    maps = {key: coco_metrics(source.to_coco(), to_coco_results(dets, source.category_ids)).metrics()
-            for key, dets in results.items()}
-    assert maps["onnx"]["map50"] == pytest.approx(maps["torch"]["map50"], abs=1e-9)
-    assert maps["onnx"]["map50_95"] == pytest.approx(maps["torch"]["map50_95"], abs=1e-9)
+            outputs["torch"].append((model(batch), metas))
+        outputs["onnx"].append(([torch.from_numpy(onnxruntime_outputs(onnx_path, batch))], metas))
+
+    def detections(key: str, conf_thresh: float) -> list:
+        return [(meta, to_original_image(found, meta.transform))
+                for raw, metas in outputs[key]
+                for found, meta in zip(postprocess(raw, conf_thresh=conf_thresh, iou_thresh=0.45, max_det=100), metas)]
+
+    def by_position(found: torch.Tensor) -> torch.Tensor:
+        return found[torch.argsort(found[:, 0] * 1e4 + found[:, 1])]
+
+    deployed = {key: detections(key, 0.25) for key in outputs}
+    assert sum(len(found) for _, found in deployed["torch"]) > 0
+    for (_, mine), (_, theirs) in zip(deployed["torch"], deployed["onnx"]):
+        assert len(mine) == len(theirs)
+        torch.testing.assert_close(by_position(theirs), by_position(mine), atol=1e-3, rtol=0)
+    maps = {key: coco_metrics(source.to_coco(), to_coco_results(detections(key, 0.005), source.category_ids)).metrics()
+            for key in outputs}
+    assert maps["torch"]["map50"] > 0.3
+    assert maps["onnx"]["map50"] == pytest.approx(maps["torch"]["map50"], abs=1e-3)
+    assert maps["onnx"]["map50_95"] == pytest.approx(maps["torch"]["map50_95"], abs=1e-3)
 
 
 # ---- (3) the compact sparse archive -----------------------------------------------------------
