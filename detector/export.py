@@ -57,6 +57,14 @@ def dense_fp32_bytes(model: nn.Module) -> int:
     return sum(4 * t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
 
+def require_opencv_darknet_importer() -> None:
+    """ValueError unless this OpenCV can read Darknet files (OpenCV 5 has no Darknet importer)."""
+    if not hasattr(getattr(cv2, "dnn", None), "readNetFromDarknet"):
+        raise ValueError(f"checking a Darknet export needs OpenCV 4.x's Darknet importer (cv2.dnn.readNetFromDarknet); "
+                         f"found OpenCV {cv2.__version__} without it: install opencv-python<5 (as pyproject.toml "
+                         f"asks), or leave 'darknet' out of the export formats")
+
+
 def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = True) -> dict:
     """Write `path` (.weights) and the model's cfg beside it (same stem, `.cfg`), atomically.
 
@@ -70,6 +78,8 @@ def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = 
         dict `weights`, `cfg` (paths), `bytes` (the .weights size), `dense_fp32_bytes`, and with
         verify `opencv_max_rel_diff`.
     """
+    if verify:
+        require_opencv_darknet_importer()
     weights_path = Path(path)
     cfg_path = weights_path.with_suffix(".cfg")
     atomic_write_bytes(cfg_path, model_cfg_text(model).encode("utf-8"))
@@ -108,6 +118,7 @@ def opencv_outputs(cfg_path: str | os.PathLike, weights_path: str | os.PathLike,
         `[yolo]` section's `thresh` (default 0.2) and, only where the section sets `nms_threshold`,
         where OpenCV's per-class NMS within that layer drops it.
     """
+    require_opencv_darknet_importer()
     net = cv2.dnn.readNetFromDarknet(str(cfg_path), str(weights_path))
     net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
     net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)

@@ -50,7 +50,7 @@ from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from data.train_dataset import DetectionTrainDataset, collate_detection
 from detector.export import FORMATS as EXPORT_FORMATS
 from detector.predict import inference_copy
-from detector.export import dense_fp32_bytes, export_model
+from detector.export import dense_fp32_bytes, export_model, require_opencv_darknet_importer
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, distributed, find_latest_checkpoint,
                     resolve_device)
@@ -404,6 +404,8 @@ def save_sweep_plot(sweep: list[dict[str, Any]], path: Path, method: str) -> Pat
 
 
 def make_context(job: PruneJob) -> RunContext:
+    if "darknet" in job.export:  # fail before the training, not after it
+        require_opencv_darknet_importer()
     root = Path(job.out)
     train, val = load_sources(job)
     cfg = detector.parse_cfg(job.cfg)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import cv2
 import pytest
 import torch
 
@@ -236,6 +237,10 @@ def epoch_1_checkpoint_kept(ws: Workspace, argv: list[str], capsys) -> None:
     assert not (ws.out / "epoch_0002.pt").exists()
 
 
+def refused_before_any_stage(ws: Workspace, argv: list[str], capsys) -> None:
+    assert not (ws.out / "prune" / "dense.json").exists(), "the dense model was evaluated before the refusal"
+
+
 def train_resumes_with_the_same_command(ws: Workspace, argv: list[str], capsys) -> None:
     epoch_1_checkpoint_kept(ws, argv, capsys)
     assert main(argv) == 0
@@ -401,6 +406,10 @@ CASES = [
          ("--out {out}: expected a new folder or one of a run with the same settings",
           "the checkpoints (epoch_0001.pt) of a run with other settings (--lr 0.01 -> 0.02)",
           "--resume {out}")),
+    Case("opencv-without-darknet-importer", lambda ws: detect_prune(ws, "--export", "darknet,onnx"),
+         ("checking a Darknet export needs OpenCV 4.x's Darknet importer (cv2.dnn.readNetFromDarknet)",
+          "install opencv-python<5", "leave 'darknet' out of the export formats"),
+         patch=lambda patch: patch.delattr(cv2.dnn, "readNetFromDarknet"), then=refused_before_any_stage),
     Case("ctrl-c-in-detect-train", lambda ws: detect_train(ws, epochs=2),
          ("interrupted: the checkpoints so far are kept in {out} (newest: epoch_0001.pt)",
           "run the same command again to resume"), code=130,
