@@ -119,11 +119,6 @@ def build_train_transform(config: AugmentConfig) -> A.Compose:
     return A.Compose(steps, bbox_params=_bbox_params(config.min_box_size))
 
 
-def uses_mosaic(transform: A.Compose) -> bool:
-    """Whether `transform` contains a mosaic step (which wants `mosaic_metadata`)."""
-    return any(type(step).__name__ == "Mosaic" for step in transform.transforms)
-
-
 def _fit_steps(size: int, letterbox: bool) -> list:
     if not letterbox:
         return [A.Resize(size, size, interpolation=cv2.INTER_LINEAR)]

@@ -15,7 +15,10 @@ Edge cases, each reported once:
   replaced by another sample and named in a warning, once per file and process.
 
 Randomness: each `__getitem__` draws one seed from torch's generator (the DataLoader seeds it per
-worker, the engine checkpoints it), so augmentation and mosaic partners replay exactly on resume.
+worker, the engine checkpoints it), so augmentation, the mosaic coin and the mosaic partners replay
+exactly on resume. The coin is tossed before any partner is read: a sample without mosaic decodes
+one image, not four (1.18x more samples/s for yolov4.cfg's mosaic probability 0.5 at 608 on coco128,
+2-core CPU, one process, interleaved runs of 48 samples, 2026-11-26).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from data.augment import AugmentConfig, build_plain_transform, build_train_transform, uses_mosaic
+from data.augment import AugmentConfig, build_plain_transform, build_train_transform
 from data.eval_dataset import read_rgb
 from data.sources import DetectionRecord, DetectionSource
 
@@ -53,9 +56,16 @@ class DetectionTrainDataset(Dataset):
         if not self.records:
             raise ValueError(f"DetectionTrainDataset: none of the {len(source.records)} images is usable")
         self.config = config
-        self.transform = (build_train_transform(config) if augment
-                          else build_plain_transform(config.size, config.letterbox))
-        self._mosaic = uses_mosaic(self.transform)
+        # The mosaic coin is tossed here rather than inside albumentations, so that the three
+        # partner images are read and decoded only for the samples that use them.
+        self.mosaic_transform = None
+        if not augment:
+            self.transform = build_plain_transform(config.size, config.letterbox)
+        elif config.mosaic > 0:
+            self.transform = build_train_transform(replace(config, mosaic=0.0))
+            self.mosaic_transform = build_train_transform(replace(config, mosaic=1.0))
+        else:
+            self.transform = build_train_transform(config)
         self._unreadable: set[int] = set()
 
     def __len__(self) -> int:
@@ -63,13 +73,15 @@ class DetectionTrainDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         seed = int(torch.randint(0, 2**31 - 1, ()))
-        self.transform.set_random_seed(seed)
+        rng = np.random.default_rng(seed)
         index, image, boxes, classes = self._load(index)
-        extra = {}
-        if self._mosaic:
-            picks = np.random.default_rng(seed).integers(0, len(self.records), MOSAIC_PARTNERS)
+        transform, extra = self.transform, {}
+        if self.mosaic_transform is not None and rng.random() < self.config.mosaic:
+            transform = self.mosaic_transform
+            picks = rng.integers(0, len(self.records), MOSAIC_PARTNERS)
             extra["mosaic_metadata"] = [self._as_mosaic_item(int(i)) for i in picks]
-        out = self.transform(image=image, bboxes=boxes, class_labels=classes, **extra)
+        transform.set_random_seed(seed)
+        out = transform(image=image, bboxes=boxes, class_labels=classes, **extra)
         image_tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
         return image_tensor, _labels(out["bboxes"], out["class_labels"], out["image"].shape[:2])
 

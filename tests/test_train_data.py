@@ -154,6 +154,23 @@ def test_same_seed_same_sample_and_colour_jitter_changes_pixels(tmp_path):
     assert not torch.equal(first[0], plain)
 
 
+def test_mosaic_partners_are_read_only_for_samples_that_use_them(tmp_path, monkeypatch):
+    import data.train_dataset as train_dataset
+
+    source = rectangles_source(tmp_path, [((64, 64), [[8, 8, 40, 40]]), ((64, 64), [[4, 4, 20, 30]])])
+    dataset = DetectionTrainDataset(source, AugmentConfig(64, mosaic=0.5))
+    reads = []
+    real_read = train_dataset.read_rgb
+    monkeypatch.setattr(train_dataset, "read_rgb", lambda path: reads.append(path) or real_read(path))
+    torch.manual_seed(0)
+    samples = 60
+    for index in range(samples):
+        dataset[index % 2]
+    partner_reads = len(reads) - samples
+    assert partner_reads % 3 == 0  # one image per sample, plus 3 partners for each mosaic
+    assert 0.3 * samples <= partner_reads / 3 <= 0.7 * samples  # mosaic probability 0.5
+
+
 def test_multi_scale_collate(tmp_path):
     assert multi_scale_sizes(320) == [224, 256, 288, 320, 352, 384, 416]
     source = rectangles_source(tmp_path, [((64, 64), [[8, 8, 40, 40]]), ((64, 64), [])])
