@@ -181,8 +181,10 @@ class ADMM:
     def _follow_params(self) -> None:
         """Keep Z, U, U - Z (and the support) on the weights' device and dtype: a model moved after
         the ADMM was built (``model.to("cuda")`` inside a training loop) takes its ADMM state
-        along, as an optimizer's state follows its parameters. The moved state is new tensors."""
-        if all(z.device == param.device and z.dtype == param.dtype for z, param in zip(self.Z, self.params)):
+        along, as an optimizer's state follows its parameters. The moved state is new tensors.
+        Called every step, so it looks at the first weight only: the model moves as a whole."""
+        first = self.params[0]
+        if self.Z[0].device == first.device and self.Z[0].dtype == first.dtype:
             return
         for state in (self.Z, self.U, self._offset):
             state[:] = [tensor.to(param.device, param.dtype) for tensor, param in zip(state, self.params)]
