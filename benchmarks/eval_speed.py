@@ -44,7 +44,9 @@ RESULTS = REPO / "benchmarks" / "results" / "eval_speed.json"
 
 
 def load_reference_module():
-    """tests/test_map_reference.py, where the OpenCV reference pipeline lives."""
+    """tests/test_map_reference.py, where the OpenCV reference pipeline lives (it imports tests/helpers.py)."""
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))
     spec = importlib.util.spec_from_file_location("test_map_reference", REPO / "tests" / "test_map_reference.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,7 +1,14 @@
 """Small models shared by the test modules (import as `from helpers import ...`)."""
 from __future__ import annotations
 
+import cv2
+import pytest
 from torch import nn
+
+needs_darknet_importer = pytest.mark.skipif(
+    not hasattr(getattr(cv2, "dnn", None), "readNetFromDarknet"),
+    reason=f"OpenCV {cv2.__version__} has no Darknet importer (pyproject.toml asks for opencv-python<5)")
+"""For tests that read Darknet files with OpenCV, our independent reference (OpenCV 5 dropped it)."""
 
 
 def small_convnet() -> nn.Module:

@@ -35,6 +35,8 @@ from pruning.magnitude import magnitude_prune
 from pruning.masks import Masks
 from pruning.sparse_archive import save_sparse_archive
 
+from helpers import needs_darknet_importer
+
 DEMO_CFG = cfg_path("demo-tiny.cfg")
 SPARSITY = 0.8
 
@@ -98,6 +100,7 @@ def test_darknet_export_round_trips_and_keeps_the_cfg(pruned, tmp_path):
     assert Masks.from_model(reloaded).stats()["kept"] == masks.stats()["kept"]
 
 
+@needs_darknet_importer
 def test_opencv_reads_the_exported_files_and_computes_the_same_outputs(pruned, tmp_path, images):
     model, _ = pruned
     report = export_darknet(model, tmp_path / "pruned.weights", verify=True)
@@ -114,6 +117,7 @@ def test_opencv_reads_the_exported_files_and_computes_the_same_outputs(pruned, t
         np.testing.assert_allclose(cv_out[..., 4], mine[..., 4].numpy(), atol=1e-4)
 
 
+@needs_darknet_importer
 def test_opencv_keeps_the_scores_we_keep(pruned, tmp_path, images):
     """The exported cfg as is: OpenCV zeroes every score (objectness x class) not above 0.2."""
     model = _confident_copy(pruned[0])
@@ -128,6 +132,7 @@ def test_opencv_keeps_the_scores_we_keep(pruned, tmp_path, images):
     assert sum(int((cv_out[..., 5:] > 0).sum()) for cv_out in theirs) >= 100  # the check saw real scores
 
 
+@needs_darknet_importer
 def test_opencv_nms_keeps_the_detections_we_keep(pruned, tmp_path, images):
     """With `nms_threshold=0.4` in each [yolo] section OpenCV also runs per-class NMS per layer:
     it keeps the same (class, score) pairs as our post-processing with those settings, head by head."""
@@ -306,6 +311,7 @@ def test_load_compact_rejects_an_archive_without_a_cfg(pruned, tmp_path):
 
 # ---- the CLI ----------------------------------------------------------------------------------
 
+@needs_darknet_importer
 def test_cli_exports_every_format_and_writes_the_report(pruned, tmp_path, capsys):
     model, masks = pruned
     export_darknet(model, tmp_path / "in.weights", verify=False)
@@ -334,6 +340,7 @@ def test_cli_needs_weights_or_a_checkpoint(tmp_path):
 
 # ---- real weights -------------------------------------------------------------------------------
 
+@needs_darknet_importer
 def test_pruned_yolo_fastest_exports_to_every_format(shared_data, tmp_path):
     """A real pretrained detector (grouped convs, route groups, dropout, 320x320), pruned to 50%."""
     cfg = shared_data("darknet", "yolo-fastest-1.1.cfg")

@@ -27,6 +27,10 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from helpers import needs_darknet_importer
+
+pytestmark = needs_darknet_importer
+
 CONF, NMS_IOU, MAX_DET, SIZE = 0.005, 0.45, 100, 320
 TOLERANCE = 0.005
 

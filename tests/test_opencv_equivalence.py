@@ -27,6 +27,9 @@ from torch import nn
 
 import detector
 from detector.layers import ConvBlock
+from helpers import needs_darknet_importer
+
+pytestmark = needs_darknet_importer
 
 DARKNET_BN_EPS = 1e-5    # blas.c normalize_cpu: sqrt(variance + .00001f)
 OPENCV_BN_EPS = 1e-6     # darknet_io.cpp setBatchNorm
