@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--retrain-epochs", type=int, default=6)
     parser.add_argument("--ramp-from", type=float, default=None,
                         help="progressive ADMM for the admm-* configs: first Z-step's sparsity (default: none)")
+    parser.add_argument("--distill", type=float, default=0.0,
+                        help="weight of distillation from the dense model, for every method (default: 0, off)")
+    parser.add_argument("--distill-temperature", type=float, default=4.0)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated METHOD:SPARSITY runs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULT)
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         prune = PruneSettings(sparsity=sparsity, method=method, admm_iters=args.admm_iters,
                               epochs_per_iter=args.epochs_per_iter, rho=args.rho, rho_mult=args.rho_mult,
                               retrain_epochs=args.retrain_epochs,
-                              ramp_from=args.ramp_from if method.startswith("admm") else None)
+                              ramp_from=args.ramp_from if method.startswith("admm") else None,
+                              distill=args.distill, distill_temperature=args.distill_temperature)
         settings = TrainSettings(train_samples=args.train_samples, eval_each_epoch=False, progress=False)
         result = prune_model("lenet5", model, datasets, prune, settings)
         result["load_average"] = os.getloadavg()

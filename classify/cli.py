@@ -79,6 +79,11 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                              "--sparsity along a cubic (default: none, every Z-step at --sparsity)")
     parser.add_argument("--ramp-iters", type=int, default=None,
                         help="ADMM iterations the ramp takes (default: two thirds of --admm-iters)")
+    parser.add_argument("--distill", type=float, default=0.0, metavar="WEIGHT",
+                        help="also learn from the dense model's outputs (knowledge distillation) with this weight "
+                             "in [0, 1] against the labels' 1 - WEIGHT, in ADMM and retraining (default: 0, off)")
+    parser.add_argument("--distill-temperature", type=float, default=4.0, metavar="T",
+                        help="softmax temperature of the distillation term (default: 4)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,7 +152,8 @@ def run_prune(args: argparse.Namespace) -> int:
     prune = PruneSettings(sparsity=args.sparsity, method=args.method, admm_iters=args.admm_iters,
                           epochs_per_iter=args.epochs_per_iter, rho=args.rho, rho_mult=args.rho_mult,
                           rho_max=args.rho_max, retrain_epochs=args.retrain_epochs, ramp_from=args.ramp_from,
-                          ramp_iters=args.ramp_iters)
+                          ramp_iters=args.ramp_iters, distill=args.distill,
+                          distill_temperature=args.distill_temperature)
     model, datasets = prepare(args.model, args.data, args.weights)
     result = prune_model(args.model, model, datasets, prune, settings)
     if not distributed.is_main():

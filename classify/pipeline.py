@@ -11,6 +11,9 @@ Pruning methods (`METHODS`): "admm-global" (Lee et al. 2023: one budget over all
 epochs: ADMM spends `admm_iters * epochs_per_iter` of them on the ADMM phase (constant LR) and
 `retrain_epochs` on masked retraining; the magnitude baselines spend all of them on masked
 retraining. Retraining always uses a fresh optimizer with a cosine LR decay to zero.
+
+With `PruneSettings.distill` > 0, every method trains its pruned model against a frozen copy of the
+dense model as well as the labels (`classify.distill`), in the ADMM phase and in retraining.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 import pruning
+from classify.distill import DistillationLoss, frozen_copy, top1_percent
 from classify.lenet5 import LeNet5
 from classify.resnet56 import RESNET56_MEAN, RESNET56_STD, resnet56
 from data.cifar import CIFARDataset, load_cifar_folder
@@ -126,6 +130,8 @@ class PruneSettings:
     layer_sparsity: Mapping[str, float] | None = field(default=None)
     ramp_from: float | None = None  # progressive sparsity: the first Z-step's target (None: none)
     ramp_iters: int | None = None   # ADMM iterations to reach `sparsity` (None: two thirds of them)
+    distill: float = 0.0            # weight of distillation from the dense model (0: labels only)
+    distill_temperature: float = 4.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -138,6 +144,9 @@ class PruneSettings:
         if self.ramp_from is not None and not self.method.startswith("admm"):
             raise ValueError(f"ramp_from is for the ADMM methods; method {self.method!r} prunes at once")
         pruning.ramp_updates(self.sparsity, self.ramp_from, self.ramp_iters, self.admm_iters)  # validates
+        if not 0.0 <= self.distill <= 1.0 or not self.distill_temperature > 0.0:
+            raise ValueError(f"need distill in [0, 1] and distill_temperature > 0; found {self.distill}, "
+                             f"{self.distill_temperature}")
 
     @property
     def admm_epochs(self) -> int:
@@ -258,8 +267,7 @@ def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tenso
     """Cross-entropy on a batch (images Tensor[B, C, H, W], labels Tensor[B]); logs accuracy in %."""
     images, labels = batch
     logits = model(images)
-    accuracy = 100.0 * float((logits.detach().argmax(1) == labels).float().mean())
-    return F.cross_entropy(logits, labels), {"acc": accuracy}
+    return F.cross_entropy(logits, labels), {"acc": top1_percent(logits, labels)}
 
 
 @torch.no_grad()
@@ -289,8 +297,9 @@ def make_optimizer(model: nn.Module, spec: ModelSpec, lr: float | None) -> torch
 
 def run_phase(model: nn.Module, spec: ModelSpec, loaders: tuple[DataLoader, DataLoader],
               settings: TrainSettings, epochs: int, phase: str, callbacks: list | None = None,
-              cosine: bool = True) -> list[dict[str, float]]:
-    """Train `model` for `epochs` with a fresh optimizer through `engine.Trainer`; returns its history."""
+              cosine: bool = True, loss_fn: Callable = classification_loss) -> list[dict[str, float]]:
+    """Train `model` for `epochs` on `loss_fn` with a fresh optimizer through `engine.Trainer`; returns
+    its history."""
     train_loader, eval_loader = loaders
     device = resolve_device(settings.device)
     optimizer = make_optimizer(model, spec, settings.lr)
@@ -302,7 +311,7 @@ def run_phase(model: nn.Module, spec: ModelSpec, loaders: tuple[DataLoader, Data
                          log_csv=phase_dir / "history.csv" if phase_dir is not None else None,
                          eval_every=1 if settings.eval_each_epoch else 0, scheduler_interval="step",
                          progress=settings.progress, desc=phase)
-    trainer = Trainer(model, optimizer, classification_loss, train_loader, config, callbacks=callbacks,
+    trainer = Trainer(model, optimizer, loss_fn, train_loader, config, callbacks=callbacks,
                       scheduler=scheduler, evaluate=lambda m: {"acc": evaluate_accuracy(m, eval_loader, device)})
     return trainer.fit()
 
@@ -339,6 +348,8 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
     model.to(device)
     loaders = make_loaders(spec, datasets, settings)
     dense_accuracy = evaluate_accuracy(model, loaders[1], device)
+    loss_fn = (DistillationLoss(frozen_copy(model), prune.distill, prune.distill_temperature) if prune.distill
+               else classification_loss)
     kind, scope = METHODS[prune.method]
     histories: dict[str, list] = {}
     admm_updates: list[dict] = []
@@ -349,7 +360,7 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
             ramp_from=prune.ramp_from, ramp_updates=prune.ramp_updates))
         callback = pruning.ADMMCallback(admm, prune.epochs_per_iter * len(loaders[0]))
         histories["admm"] = run_phase(model, spec, loaders, settings, prune.admm_epochs, "admm",
-                                      [callback], cosine=False)
+                                      [callback], cosine=False, loss_fn=loss_fn)
         admm_updates = callback.history
         masks = admm.hard_prune()
         retrain_epochs = prune.retrain_epochs
@@ -359,7 +370,7 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
     masks.to(device)
     hard_accuracy = evaluate_accuracy(model, loaders[1], device)
     histories["retrain"] = run_phase(model, spec, loaders, settings, retrain_epochs, "retrain",
-                                     [pruning.MaskCallback(masks)])
+                                     [pruning.MaskCallback(masks)], loss_fn=loss_fn)
     pruned_accuracy = evaluate_accuracy(model, loaders[1], device)
     rows = pruning.layer_table(model)
     totals = pruning.table_totals(rows)

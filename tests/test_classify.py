@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+import classify.pipeline
 from classify import LENET5_PRUNABLE_WEIGHTS, LeNet5, resnet56
 from classify.cli import main as classify_main
-from classify.pipeline import load_weights, prepare
+from classify.distill import DistillationLoss, frozen_copy
+from classify.pipeline import PruneSettings, TrainSettings, load_weights, prepare, prune_model
 from classify.resnet56 import RESNET56_MEAN, RESNET56_STD
 from data.cifar import CIFARDataset, decode_rgb32, list_class_images, load_cifar_folder, random_crop_flip
 from data.mnist import IMAGES_MAGIC, LABELS_MAGIC, load_mnist, read_idx
@@ -148,6 +150,51 @@ def test_cifar_augmentation_crops_with_black_padding_and_flips():
     assert torch.allclose(dataset[0][0], (image.to(torch.uint8).float() / 255 - 0.5) / 0.25)
 
 
+# ------------------------------------------------------------------------------------ distillation
+def test_distillation_loss_blends_labels_and_softened_teacher_outputs():
+    torch.manual_seed(0)
+    student, images, labels = LeNet5(), torch.randn(6, 1, 28, 28), torch.arange(6) % 10
+    teacher = frozen_copy(LeNet5())
+    logits, teacher_logits = student(images), teacher(images)
+    labels_only, _ = DistillationLoss(teacher, weight=0.0, temperature=4.0)(student, (images, labels))
+    torch.testing.assert_close(labels_only, torch.nn.functional.cross_entropy(logits, labels))
+    blended, logs = DistillationLoss(teacher, weight=0.25, temperature=2.0)(student, (images, labels))
+    p_teacher = torch.softmax(teacher_logits / 2.0, 1)
+    kl = (p_teacher * (p_teacher.log() - torch.log_softmax(logits / 2.0, 1))).sum(1).mean()
+    torch.testing.assert_close(blended, 0.75 * labels_only + 0.25 * 4.0 * kl)
+    assert 0.0 <= logs["acc"] <= 100.0
+    blended.backward()
+    assert all(p.grad is None for p in teacher.parameters()) and not teacher.training
+    assert all(p.grad is not None for p in student.parameters())
+    # a student that equals its teacher has nothing to learn from it
+    same, _ = DistillationLoss(frozen_copy(student), weight=1.0, temperature=4.0)(student, (images, labels))
+    assert float(same.detach()) == pytest.approx(0.0, abs=1e-6)
+    for weight, temperature in ((1.5, 4.0), (0.5, 0.0)):
+        with pytest.raises(ValueError, match="distillation"):
+            DistillationLoss(teacher, weight, temperature)
+
+
+def test_distilled_pruning_learns_from_a_frozen_copy_of_the_dense_model(tmp_path, monkeypatch):
+    write_mnist_like(tmp_path / "mnist", n_train=64, n_test=20)
+    model, datasets = prepare("lenet5", tmp_path / "mnist")
+    dense = {name: value.clone() for name, value in model.state_dict().items()}
+    losses = []
+    monkeypatch.setattr(classify.pipeline, "DistillationLoss",
+                        lambda *args: losses.append(DistillationLoss(*args)) or losses[-1])
+    prune = PruneSettings(sparsity=0.9, method="admm-global", admm_iters=1, retrain_epochs=1, distill=0.7,
+                          distill_temperature=3.0)
+    result = prune_model("lenet5", model, datasets, prune, TrainSettings(batch_size=32, progress=False))
+    assert result["settings"]["prune"]["distill"] == 0.7 and result["sparsity"] == pytest.approx(0.9)
+    assert result["mask_violations"] == 0
+    (loss,) = losses  # one teacher for both phases
+    assert (loss.weight, loss.temperature) == (0.7, 3.0) and not loss.teacher.training
+    teacher = loss.teacher.state_dict()
+    assert all(torch.equal(teacher[name], value) for name, value in dense.items())  # the dense model, unchanged
+    assert not torch.equal(teacher["fc1.weight"], model.fc1.weight)  # not the model being pruned
+    with pytest.raises(ValueError, match="distill in \\[0, 1\\]"):
+        PruneSettings(sparsity=0.5, distill=2.0)
+
+
 # ------------------------------------------------------------------------------------ CLI
 def test_cli_rejects_bad_arguments(tmp_path, capsys):
     write_mnist_like(tmp_path / "mnist", n_train=10, n_test=10)
@@ -208,9 +255,11 @@ def test_tiny_magnitude_uniform_prunes_every_layer_alike(tmp_path):
     out = tmp_path / "uniform.json"
     assert classify_main(["prune", "--model", "lenet5", "--data", str(data), "--weights", str(tmp_path / "dense.pt"),
                           "--sparsity", "0.8", "--method", "magnitude-uniform", "--admm-iters", "1",
-                          "--retrain-epochs", "0", "--json-out", str(out), "--no-progress"]) == 0
+                          "--retrain-epochs", "0", "--distill", "0.5", "--distill-temperature", "2",
+                          "--json-out", str(out), "--no-progress"]) == 0
     result = json.loads(out.read_text())
     assert [row["kept"] for row in result["layers"]] == [100, 5000, 80000, 1000]
+    assert (result["settings"]["prune"]["distill"], result["settings"]["prune"]["distill_temperature"]) == (0.5, 2.0)
     assert result["epochs"] == {"admm": 0, "retrain": 1} and result["mask_violations"] == 0
 
 
