@@ -42,9 +42,23 @@ dense weights copied from runs/benchmarks/), 1.5x the progressive budget, 54 pas
         --rho 1e-2 --rho-mult 1.1 --ramp-from 0.9 --configs admm-global:0.99 \
         --out benchmarks/results/lenet5_mnist_cuda.json
 
-Accuracies are on the full 10k MNIST test set; each configuration ran once (seed 0). Torch runs
-with 1 thread: on this shared machine (load average ~10 on 2 cores) 2 threads were ~4x slower
-(measured on ResNet-56 training: 5.8 img/s with 2 threads, 21 img/s with 1).
+Knowledge distillation (``--distill 0.5``: every method's pruned model also learns from the dense
+model's outputs at temperature 4, in the ADMM phase and in retraining), on the progressive budget
+(2026-11-26, two runs side by side, 1 thread each, load ~2):
+
+    .venv/bin/python benchmarks/lenet5_mnist.py --admm-iters 24 --retrain-epochs 48 --rho 1e-2 \
+        --rho-mult 1.15 --ramp-from 0.9 --distill 0.5 --configs admm-global:0.99 \
+        --out benchmarks/results/lenet5_mnist_distill.json
+
+and the same command with ``--configs magnitude-global:0.99 --out .../lenet5_mnist_distill_baselines.json``,
+``--configs admm-global:0.993,admm-global:0.988 --out .../lenet5_mnist_distill_ratios.json``,
+``--distill 0.3 --out .../lenet5_mnist_distill_a03.json`` and ``--seed 1 --out .../lenet5_mnist_distill_seed1.json``
+(plus ``--distill 0 --seed 1 --out .../lenet5_mnist_seed1.json`` without distillation).
+
+Accuracies are on the full 10k MNIST test set; each configuration ran once (seed 0 unless the
+file name says otherwise). Torch runs with 1 thread: on this shared machine (load average ~10 on 2
+cores) 2 threads were ~4x slower (measured on ResNet-56 training: 5.8 img/s with 2 threads, 21 img/s
+with 1).
 """
 from __future__ import annotations
 
@@ -87,6 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="weight of distillation from the dense model, for every method (default: 0, off)")
     parser.add_argument("--distill-temperature", type=float, default=4.0)
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated METHOD:SPARSITY runs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pruning runs (the dense model is seed 0)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULT)
     return parser.parse_args(argv)
@@ -139,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                               retrain_epochs=args.retrain_epochs,
                               ramp_from=args.ramp_from if method.startswith("admm") else None,
                               distill=args.distill, distill_temperature=args.distill_temperature)
-        settings = TrainSettings(train_samples=args.train_samples, eval_each_epoch=False, progress=False)
+        settings = TrainSettings(train_samples=args.train_samples, eval_each_epoch=False, progress=False,
+                                 seed=args.seed)
         result = prune_model("lenet5", model, datasets, prune, settings)
         result["load_average"] = os.getloadavg()
         record["runs"].append(result)
