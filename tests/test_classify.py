@@ -286,7 +286,8 @@ def test_progressive_admm_ramps_the_kept_count_down_to_the_target(tmp_path, caps
 
 
 def test_classify_prune_runs_under_torchrun_with_two_processes(tmp_path):
-    """2 gloo processes on CPU: one result, written once, at the exact sparsity."""
+    """2 gloo processes on CPU (with distillation: each rank has its own frozen teacher): one result,
+    written once, at the exact sparsity."""
     import os
     import socket
     import subprocess
@@ -308,8 +309,9 @@ def test_classify_prune_runs_under_torchrun_with_two_processes(tmp_path):
         [str(torchrun), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "yolo_admm",
          "classify", "prune", "--model", "lenet5", "--data", str(tmp_path / "mnist"), "--weights", str(dense),
          "--sparsity", "0.9", "--admm-iters", "2", "--retrain-epochs", "1", "--batch-size", "32",
-         "--device", "cpu", "--json-out", str(result), "--no-progress"],
+         "--distill", "0.5", "--device", "cpu", "--json-out", str(result), "--no-progress"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("weights removed") == 1  # only rank 0 reports and writes
-    assert json.loads(result.read_text())["sparsity"] == pytest.approx(0.9, abs=1e-5)
+    record = json.loads(result.read_text())
+    assert record["sparsity"] == pytest.approx(0.9, abs=1e-5) and record["settings"]["prune"]["distill"] == 0.5
