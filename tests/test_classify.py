@@ -289,7 +289,6 @@ def test_classify_prune_runs_under_torchrun_with_two_processes(tmp_path):
     """2 gloo processes on CPU (with distillation: each rank has its own frozen teacher): one result,
     written once, at the exact sparsity."""
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -302,11 +301,8 @@ def test_classify_prune_runs_under_torchrun_with_two_processes(tmp_path):
     assert classify_main(["train", "--model", "lenet5", "--data", str(tmp_path / "mnist"), "--epochs", "1",
                           "--batch-size", "32", "--out", str(dense), "--no-progress"]) == 0
     result = tmp_path / "prune.json"
-    with socket.socket() as probe:  # a free local port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    run = subprocess.run(
-        [str(torchrun), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "yolo_admm",
+    run = subprocess.run(  # --standalone: torchrun hosts the rendezvous on a free port it binds itself
+        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "yolo_admm",
          "classify", "prune", "--model", "lenet5", "--data", str(tmp_path / "mnist"), "--weights", str(dense),
          "--sparsity", "0.9", "--admm-iters", "2", "--retrain-epochs", "1", "--batch-size", "32",
          "--distill", "0.5", "--device", "cpu", "--json-out", str(result), "--no-progress"],

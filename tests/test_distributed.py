@@ -3,7 +3,6 @@ with the same global batch, through ADMM, hard pruning, masked retraining and a 
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -108,9 +107,11 @@ def admm_from_rank_seeded_weights() -> dict:
 
 
 def worker(local_rank: int, port: int, root: str) -> None:
-    """One of the WORLD processes, set up exactly as torchrun would (environment variables)."""
+    """One of the WORLD processes, set up as torchrun sets up its workers (environment variables; the
+    rendezvous store is the launcher's, which every rank joins as a client)."""
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="0")
     torch.set_num_threads(1)
     device = distributed.init_from_env("cpu", timeout_s=60)
     result = prune_and_retrain(Path(root))
@@ -120,20 +121,18 @@ def worker(local_rank: int, port: int, root: str) -> None:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_two_processes(root: Path) -> list[dict]:
-    context = mp.spawn(worker, args=(free_port(), str(root)), nprocs=WORLD, join=False)
+    # As torchrun's agent does, this process hosts the rendezvous store, on a port the OS picks and that
+    # stays bound: a port merely found free could be taken before rank 0 binds it.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    context = mp.spawn(worker, args=(store.port, str(root)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + SPAWN_DEADLINE_S
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.terminate()
             pytest.fail(f"the {WORLD} training processes did not finish within {SPAWN_DEADLINE_S:.0f} s")
+    del store
     return [torch.load(root / f"result_rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
