@@ -57,7 +57,11 @@ def _ema_module(ema: object) -> nn.Module:
 
 
 class Masks:
-    """Bool masks (True = kept) per canonical parameter name."""
+    """Bool masks (True = kept) per canonical parameter name.
+
+    Treat the mask tensors as read-only: to change them, ``load_state_dict`` new ones (the 0/1
+    factors that ``apply`` multiplies by are cached per parameter device and dtype).
+    """
 
     def __init__(self, masks: Mapping[str, Tensor]):
         """Args: masks: dict name -> bool Tensor shaped like the parameter (names canonicalised)."""
@@ -85,12 +89,26 @@ class Masks:
     def to(self, device: torch.device | str) -> "Masks":
         """Move the masks in place to ``device``; returns self."""
         self._masks = {name: mask.to(device) for name, mask in self._masks.items()}
+        self._factors = {}
         return self
 
-    def _bound(self, model: nn.Module) -> list[tuple[nn.Parameter, Tensor]]:
-        """(parameter, mask on its device) pairs; raises ValueError naming a missing or misshaped layer."""
+    def _factor(self, name: str, param: Tensor) -> Tensor:
+        """The mask of ``name`` as 0/1 in ``param``'s dtype and device, made once and cached."""
+        key = (name, param.device, param.dtype)
+        factor = self._factors.get(key)
+        if factor is None:
+            factor = self._factors[key] = self._masks[name].to(device=param.device, dtype=param.dtype)
+        return factor
+
+    def _bound(self, model: nn.Module) -> tuple[list[nn.Parameter], list[Tensor]]:
+        """The masked parameters of ``model`` and their masks as 0/1 factors in the parameter's dtype
+        and device; raises ValueError naming a missing or misshaped layer.
+
+        Looked up by name on every call, so a parameter the model replaced (e.g. by
+        ``load_state_dict(assign=True)``) is the one masked.
+        """
         params = canonical_parameters(model)
-        pairs = []
+        bound, factors = [], []
         for name, mask in self._masks.items():
             param = params.get(name)
             if param is None:
@@ -99,8 +117,9 @@ class Masks:
                 raise ValueError(
                     f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}"
                 )
-            pairs.append((param, mask if mask.device == param.device else mask.to(param.device)))
-        return pairs
+            bound.append(param)
+            factors.append(self._factor(name, param))
+        return bound, factors
 
     @torch.no_grad()
     def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, ema: object = None) -> None:
@@ -108,24 +127,26 @@ class Masks:
 
         Optimizer state: every tensor in ``optimizer.state[param]`` with the parameter's shape
         (SGD ``momentum_buffer``, Adam/AdamW ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ...).
+        One multi-tensor multiply per group (``torch._foreach_mul_``), not one per tensor.
         """
-        pairs = self._bound(model)
-        for param, mask in pairs:
-            param.mul_(mask)
-            if optimizer is not None:
-                for value in optimizer.state.get(param, {}).values():
-                    if isinstance(value, Tensor) and value.shape == param.shape and value.is_floating_point():
-                        value.mul_(mask)
+        params, factors = self._bound(model)
+        torch._foreach_mul_(params, factors)
+        if optimizer is not None:
+            states = [(value, factor) for param, factor in zip(params, factors)
+                      for value in optimizer.state.get(param, {}).values()
+                      if isinstance(value, Tensor) and value.shape == param.shape and value.is_floating_point()]
+            if states:
+                torch._foreach_mul_([value for value, _ in states],
+                                    [factor.to(value.dtype) for value, factor in states])
         if ema is not None:
-            for param, mask in self._bound(_ema_module(ema)):
-                param.mul_(mask)
+            torch._foreach_mul_(*self._bound(_ema_module(ema)))
 
     @torch.no_grad()
     def mask_grads(self, model: nn.Module) -> None:
         """Zero ``.grad`` at pruned positions (call after backward, before ``optimizer.step()``)."""
-        for param, mask in self._bound(model):
-            if param.grad is not None:
-                param.grad.mul_(mask)
+        pairs = [(param.grad, factor) for param, factor in zip(*self._bound(model)) if param.grad is not None]
+        if pairs:
+            torch._foreach_mul_([grad for grad, _ in pairs], [factor.to(grad.dtype) for grad, factor in pairs])
 
     def stats(self) -> dict[str, float]:
         """Totals over all masks: ``params``, ``kept``, ``sparsity`` (fraction pruned)."""
@@ -148,3 +169,4 @@ class Masks:
                 raise ValueError(f"mask for {name!r} must be a bool Tensor, got {found}")
             masks[canonical_name(name)] = mask
         self._masks = masks
+        self._factors: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}

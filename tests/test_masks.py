@@ -165,6 +165,28 @@ def test_mask_grads_zeroes_only_pruned_gradients():
     assert torch.equal(model[0].weight.grad, dense * masks["0.weight"])
 
 
+def test_apply_follows_new_masks_new_dtype_and_replaced_parameters():
+    """apply caches its 0/1 factors per device and dtype: they must follow load_state_dict, a
+    model cast to another dtype, and a parameter object the model replaced."""
+    model = small_convnet()
+    masks = magnitude_prune(model, 0.5)
+    nn.init.normal_(model[0].weight)
+    other = {name: ~mask for name, mask in masks.items()}                  # the complement
+    masks.load_state_dict(other)
+    masks.apply(model)
+    assert_pruned_positions_zero(masks, model)
+    assert torch.count_nonzero(model[0].weight.detach()[other["0.weight"]]) > 0
+    model.double()
+    nn.init.normal_(model[0].weight)
+    masks.apply(model)
+    assert model[0].weight.dtype == torch.float64
+    assert_pruned_positions_zero(masks, model)
+    replaced = nn.Parameter(torch.randn_like(model[0].weight))
+    model.load_state_dict({**model.state_dict(), "0.weight": replaced}, assign=True)
+    masks.apply(model)
+    assert model[0].weight is replaced and torch.count_nonzero(replaced.detach()[~other["0.weight"]]) == 0
+
+
 def test_stats_from_model_and_state_dict_round_trip():
     model = small_convnet()
     masks = magnitude_prune(model, 0.5)
