@@ -95,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rho", type=float, default=1e-2)
     parser.add_argument("--rho-mult", type=float, default=1.5)
     parser.add_argument("--retrain-epochs", type=int, default=6)
+    parser.add_argument("--admm-lr", choices=("constant", "cosine"), default="constant",
+                        help="the ADMM phase's LR schedule (see classify prune --admm-lr)")
     parser.add_argument("--ramp-from", type=float, default=None,
                         help="progressive ADMM for the admm-* configs: first Z-step's sparsity (default: none)")
     parser.add_argument("--distill", type=float, default=0.0,
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                               epochs_per_iter=args.epochs_per_iter, rho=args.rho, rho_mult=args.rho_mult,
                               retrain_epochs=args.retrain_epochs,
                               ramp_from=args.ramp_from if method.startswith("admm") else None,
-                              distill=args.distill, distill_temperature=args.distill_temperature)
+                              distill=args.distill, distill_temperature=args.distill_temperature,
+                              admm_lr=args.admm_lr)
         settings = TrainSettings(train_samples=args.train_samples, eval_each_epoch=False, progress=False,
                                  seed=args.seed)
         result = prune_model("lenet5", model, datasets, prune, settings)

@@ -56,6 +56,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from classify.pipeline import METHODS as PRUNE_METHODS  # noqa: E402
 from classify.pipeline import (PruneSettings, TrainSettings, evaluate_accuracy, load_weights,  # noqa: E402
                                make_eval_loader, model_spec, prepare, prune_model, write_json)
 from classify.resnet56 import resnet56  # noqa: E402
@@ -79,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rho", type=float, default=0.5)
     parser.add_argument("--rho-mult", type=float, default=2.0)
     parser.add_argument("--retrain-epochs", type=int, default=2)
+    parser.add_argument("--admm-lr", choices=("constant", "cosine"), default="constant",
+                        help="the ADMM phase's LR schedule (see classify prune --admm-lr)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default=None)
     parser.add_argument("--workers", type=int, default=0, help="data-loader processes per run")
@@ -86,9 +89,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="runs at once, each in its own process (one GPU is mostly idle with one ResNet-56)")
     parser.add_argument("--sparsities", type=lambda text: [float(v) for v in text.split(",")], default=SPARSITIES,
                         help="comma-separated removal ratios (default: 0.1,0.3,0.5,0.7,0.9)")
+    parser.add_argument("--methods", type=lambda text: text.split(","), default=list(METHODS),
+                        help="comma-separated pruning methods (default: admm-global,magnitude-global)")
     parser.add_argument("--no-control", action="store_true", help="skip the sparsity-0 fine-tuning control")
     parser.add_argument("--out", type=Path, default=RESULT)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods) - set(PRUNE_METHODS))
+    if unknown:
+        parser.error(f"unknown --methods {', '.join(unknown)}; expected some of {', '.join(PRUNE_METHODS)}")
+    return args
 
 
 def markdown_table(runs: list[dict]) -> str:
@@ -126,7 +135,7 @@ def one_run(args: argparse.Namespace, method: str, sparsity: float, datasets: di
         _, datasets = prepare("resnet56", args.data)
     prune = PruneSettings(sparsity=sparsity, method=method, admm_iters=args.admm_iters,
                           epochs_per_iter=args.epochs_per_iter, rho=args.rho, rho_mult=args.rho_mult,
-                          retrain_epochs=args.retrain_epochs)
+                          retrain_epochs=args.retrain_epochs, admm_lr=args.admm_lr)
     result = prune_model("resnet56", load_weights(resnet56(), args.weights), datasets, prune, train_settings(args))
     result["load_average"] = os.getloadavg()
     return result
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pretrained ResNet-56 on the 10k JPEG test images: {record['dense_full_test']['accuracy']:.2f}%", flush=True)
     write_json(record, args.out)
     configs = [] if args.no_control else [("magnitude-global", 0.0)]
-    configs += [(method, sparsity) for sparsity in args.sparsities for method in METHODS]
+    configs += [(method, sparsity) for sparsity in args.sparsities for method in args.methods]
 
     order = {config: index for index, config in enumerate(configs)}
 

@@ -15,9 +15,9 @@ import argparse
 from pathlib import Path
 
 import pruning
-from classify.pipeline import (METHODS, MODELS, PruneSettings, TrainSettings, evaluate_accuracy, make_eval_loader,
-                               model_spec, prepare, prune_model, save_prune_plots, save_weights, train_model,
-                               write_json)
+from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, MODELS, PruneSettings, TrainSettings, evaluate_accuracy,
+                               make_eval_loader, model_spec, prepare, prune_model, save_prune_plots, save_weights,
+                               train_model, write_json)
 from engine import distributed, resolve_device
 
 DEFAULT_RUN_DIR = Path("runs/classify")
@@ -72,6 +72,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rho", type=float, default=1e-3, help="initial ADMM penalty")
     parser.add_argument("--rho-mult", type=float, default=1.0, help="rho multiplier after each ADMM iteration")
     parser.add_argument("--rho-max", type=float, default=None, help="cap on rho (default: none)")
+    parser.add_argument("--admm-lr", choices=ADMM_LR_SCHEDULES, default="constant",
+                        help="the ADMM phase's learning rate: constant, or a cosine decay to zero over the phase "
+                             "(retraining always decays it; default: constant)")
     parser.add_argument("--retrain-epochs", type=int, default=3,
                         help="masked retraining epochs after ADMM (magnitude methods retrain for the ADMM epochs too)")
     parser.add_argument("--ramp-from", type=sparsity_fraction, default=None,
@@ -153,7 +156,7 @@ def run_prune(args: argparse.Namespace) -> int:
                           epochs_per_iter=args.epochs_per_iter, rho=args.rho, rho_mult=args.rho_mult,
                           rho_max=args.rho_max, retrain_epochs=args.retrain_epochs, ramp_from=args.ramp_from,
                           ramp_iters=args.ramp_iters, distill=args.distill,
-                          distill_temperature=args.distill_temperature)
+                          distill_temperature=args.distill_temperature, admm_lr=args.admm_lr)
     model, datasets = prepare(args.model, args.data, args.weights)
     result = prune_model(args.model, model, datasets, prune, settings)
     if not distributed.is_main():

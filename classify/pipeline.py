@@ -8,9 +8,10 @@
 Pruning methods (`METHODS`): "admm-global" (Lee et al. 2023: one budget over all layers),
 "admm-layerwise" (Zhang et al. 2018: a ratio per layer), "magnitude-global" and
 "magnitude-uniform" (one-shot baselines). Every method gets the same total number of training
-epochs: ADMM spends `admm_iters * epochs_per_iter` of them on the ADMM phase (constant LR) and
-`retrain_epochs` on masked retraining; the magnitude baselines spend all of them on masked
-retraining. Retraining always uses a fresh optimizer with a cosine LR decay to zero.
+epochs: ADMM spends `admm_iters * epochs_per_iter` of them on the ADMM phase and `retrain_epochs` on
+masked retraining; the magnitude baselines spend all of them on masked retraining. Retraining always
+uses a fresh optimizer with a cosine LR decay to zero; the ADMM phase trains at a constant LR or,
+with `PruneSettings.admm_lr = "cosine"`, decays it to zero over the phase too.
 
 With `PruneSettings.distill` > 0, every method trains its pruned model against a frozen copy of the
 dense model as well as the labels (`classify.distill`), in the ADMM phase and in retraining.
@@ -40,6 +41,7 @@ from data.mnist import MNISTDataset, load_mnist
 from engine import (Trainer, TrainConfig, atomic_torch_save, atomic_write_bytes, atomic_write_json, distributed,
                     find_latest_checkpoint, resolve_device)
 
+ADMM_LR_SCHEDULES = ("constant", "cosine")
 METHODS = {
     "admm-global": ("admm", "global"),
     "admm-layerwise": ("admm", "layerwise"),
@@ -132,6 +134,7 @@ class PruneSettings:
     ramp_iters: int | None = None   # ADMM iterations to reach `sparsity` (None: two thirds of them)
     distill: float = 0.0            # weight of distillation from the dense model (0: labels only)
     distill_temperature: float = 4.0
+    admm_lr: str = "constant"       # the ADMM phase's LR: "constant", or "cosine" decay to zero
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -144,6 +147,8 @@ class PruneSettings:
         if self.ramp_from is not None and not self.method.startswith("admm"):
             raise ValueError(f"ramp_from is for the ADMM methods; method {self.method!r} prunes at once")
         pruning.ramp_updates(self.sparsity, self.ramp_from, self.ramp_iters, self.admm_iters)  # validates
+        if self.admm_lr not in ADMM_LR_SCHEDULES:
+            raise ValueError(f"unknown admm_lr {self.admm_lr!r}; expected one of {', '.join(ADMM_LR_SCHEDULES)}")
         if not 0.0 <= self.distill <= 1.0 or not self.distill_temperature > 0.0:
             raise ValueError(f"need distill in [0, 1] and distill_temperature > 0; found {self.distill}, "
                              f"{self.distill_temperature}")
@@ -360,7 +365,7 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
             ramp_from=prune.ramp_from, ramp_updates=prune.ramp_updates))
         callback = pruning.ADMMCallback(admm, prune.epochs_per_iter * len(loaders[0]))
         histories["admm"] = run_phase(model, spec, loaders, settings, prune.admm_epochs, "admm",
-                                      [callback], cosine=False, loss_fn=loss_fn)
+                                      [callback], cosine=prune.admm_lr == "cosine", loss_fn=loss_fn)
         admm_updates = callback.history
         masks = admm.hard_prune()
         retrain_epochs = prune.retrain_epochs

@@ -285,6 +285,30 @@ def test_progressive_admm_ramps_the_kept_count_down_to_the_target(tmp_path, caps
     assert "ramp_from is for the ADMM methods" in capsys.readouterr().err
 
 
+def test_admm_phase_learning_rate_is_constant_or_a_cosine_to_zero(tmp_path, capsys):
+    data = tmp_path / "mnist"
+    write_mnist_like(data, n_train=64, n_test=20)
+    model, _ = prepare("lenet5", data)
+    torch.save(model.state_dict(), tmp_path / "dense.pt")
+    common = ["classify", "prune", "--model", "lenet5", "--data", str(data), "--weights", str(tmp_path / "dense.pt"),
+              "--sparsity", "0.9", "--admm-iters", "2", "--retrain-epochs", "1", "--lr", "0.002", "--no-progress"]
+    admm_lrs = {}
+    for schedule in ("constant", "cosine"):
+        out = tmp_path / f"{schedule}.json"
+        assert yolo_admm_main([*common, "--admm-lr", schedule, "--json-out", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["settings"]["prune"]["admm_lr"] == schedule and result["mask_violations"] == 0
+        assert result["history"]["retrain"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # retraining always decays
+        admm_lrs[schedule] = [epoch["lr"] for epoch in result["history"]["admm"]]
+    assert admm_lrs["constant"] == [0.002, 0.002]
+    assert admm_lrs["cosine"] == pytest.approx([0.001, 0.0], abs=1e-12)  # after epoch 1 of 2: half; then zero
+    capsys.readouterr()
+    assert yolo_admm_main([*common, "--admm-lr", "linear"]) == 2
+    assert "invalid choice: 'linear'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown admm_lr 'linear'; expected one of constant, cosine"):
+        PruneSettings(sparsity=0.5, admm_lr="linear")
+
+
 def test_classify_prune_runs_under_torchrun_with_two_processes(tmp_path):
     """2 gloo processes on CPU (with distillation: each rank has its own frozen teacher): one result,
     written once, at the exact sparsity."""
