@@ -53,7 +53,9 @@ model's outputs at temperature 4, in the ADMM phase and in retraining), on the p
 and the same command with ``--configs magnitude-global:0.99 --out .../lenet5_mnist_distill_baselines.json``,
 ``--configs admm-global:0.993,admm-global:0.988 --out .../lenet5_mnist_distill_ratios.json``,
 ``--distill 0.3 --out .../lenet5_mnist_distill_a03.json`` and ``--seed 1 --out .../lenet5_mnist_distill_seed1.json``
-(plus ``--distill 0 --seed 1 --out .../lenet5_mnist_seed1.json`` without distillation).
+(plus ``--distill 0 --seed 1 --out .../lenet5_mnist_seed1.json`` without distillation); and with a
+cosine LR over the ADMM phase, ``--admm-lr cosine --seed 0|1 --out .../lenet5_mnist_distill_cosine[_seed1].json``
+(recorded under /tmp and copied; the JSON's command says so).
 
 Accuracies are on the full 10k MNIST test set; each configuration ran once (seed 0 unless the
 file name says otherwise). Torch runs with 1 thread: on this shared machine (load average ~10 on 2

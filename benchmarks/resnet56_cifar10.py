@@ -37,6 +37,22 @@ and 70 / 90 % with 5 passes per run (10 epochs of 25k images), 4 runs at once (3
         --admm-iters 5 --epochs-per-iter 1 --retrain-epochs 5 --rho 0.3 --rho-mult 1.778 \
         --out benchmarks/results/resnet56_cifar10_cuda_long.json
 
+Second lease (2026-11-26, one NVIDIA H100 80GB HBM3, same software; the two sweeps at once, data
+in /tmp/data): 3.2 passes per run (10 epochs of 16k images), a cosine LR over the ADMM phase, all
+ratios (4.4 min), beside the constant LR at 70 / 90 %:
+
+    COMMON="--data /tmp/data/cifar10 --weights /tmp/data/resnet56/resnet56-4bfd9763.th --device cuda
+        --workers 1 --batch-size 128 --no-control --train-samples 16000 --eval-samples 0 --admm-iters 5
+        --epochs-per-iter 1 --retrain-epochs 5 --rho 0.3 --rho-mult 1.778"
+    python3 benchmarks/resnet56_cifar10.py $COMMON --parallel 10 --admm-lr cosine \
+        --out benchmarks/results/resnet56_cifar10_cuda_cosine.json
+    python3 benchmarks/resnet56_cifar10.py $COMMON --parallel 2 --methods admm-global --sparsities 0.7,0.9 \
+        --admm-lr constant --out benchmarks/results/resnet56_cifar10_cuda_constant.json
+
+then 6.4 passes (10 epochs of 32k images, --workers 2, --parallel 4, --sparsities 0.7,0.9) with the
+constant LR (resnet56_cifar10_cuda_6pass.json), and ADMM alone with --admm-iters 3 --retrain-epochs 7
+--rho-mult 3.162 (_6pass_admm3.json) or --rho 1.0 (_6pass_rho1.json). Each JSON holds its command.
+
 With --parallel N each run is a process of its own (results do not depend on N, up to the GPU's
 nondeterminism; wall times do).
 """

@@ -263,13 +263,18 @@ def test_tiny_magnitude_uniform_prunes_every_layer_alike(tmp_path):
     assert result["epochs"] == {"admm": 0, "retrain": 1} and result["mask_violations"] == 0
 
 
-def test_progressive_admm_ramps_the_kept_count_down_to_the_target(tmp_path, capsys):
+def lenet5_prune_command(tmp_path) -> list[str]:
+    """`yolo-admm classify prune` of an untrained LeNet-5 (saved as dense.pt) on 64 MNIST-like images."""
     data = tmp_path / "mnist"
     write_mnist_like(data, n_train=64, n_test=20)
     model, _ = prepare("lenet5", data)
     torch.save(model.state_dict(), tmp_path / "dense.pt")
-    common = ["classify", "prune", "--model", "lenet5", "--data", str(data), "--weights", str(tmp_path / "dense.pt"),
-              "--sparsity", "0.9", "--admm-iters", "3", "--retrain-epochs", "0", "--no-progress"]
+    return ["classify", "prune", "--model", "lenet5", "--data", str(data), "--weights", str(tmp_path / "dense.pt"),
+            "--sparsity", "0.9", "--no-progress"]
+
+
+def test_progressive_admm_ramps_the_kept_count_down_to_the_target(tmp_path, capsys):
+    common = [*lenet5_prune_command(tmp_path), "--admm-iters", "3", "--retrain-epochs", "0"]
     out = tmp_path / "ramp.json"
     assert yolo_admm_main([*common, "--ramp-from", "0.5", "--json-out", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -286,12 +291,7 @@ def test_progressive_admm_ramps_the_kept_count_down_to_the_target(tmp_path, caps
 
 
 def test_admm_phase_learning_rate_is_constant_or_a_cosine_to_zero(tmp_path, capsys):
-    data = tmp_path / "mnist"
-    write_mnist_like(data, n_train=64, n_test=20)
-    model, _ = prepare("lenet5", data)
-    torch.save(model.state_dict(), tmp_path / "dense.pt")
-    common = ["classify", "prune", "--model", "lenet5", "--data", str(data), "--weights", str(tmp_path / "dense.pt"),
-              "--sparsity", "0.9", "--admm-iters", "2", "--retrain-epochs", "1", "--lr", "0.002", "--no-progress"]
+    common = [*lenet5_prune_command(tmp_path), "--admm-iters", "2", "--retrain-epochs", "1", "--lr", "0.002"]
     admm_lrs = {}
     for schedule in ("constant", "cosine"):
         out = tmp_path / f"{schedule}.json"
