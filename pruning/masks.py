@@ -56,16 +56,25 @@ def _ema_module(ema: object) -> nn.Module:
     return module
 
 
+def _multiply(pairs: list[tuple[Tensor, Tensor]]) -> None:
+    """``tensor *= factor`` in place for every (tensor, factor) pair, in one multi-tensor operation
+    (each factor cast to its tensor's dtype)."""
+    if pairs:
+        torch._foreach_mul_([tensor for tensor, _ in pairs], [factor.to(tensor.dtype) for tensor, factor in pairs])
+
+
 class Masks:
     """Bool masks (True = kept) per canonical parameter name.
 
-    Treat the mask tensors as read-only: to change them, ``load_state_dict`` new ones (the 0/1
-    factors that ``apply`` multiplies by are cached per parameter device and dtype).
+    ``apply`` and ``mask_grads`` multiply by the masks as 0/1 factors in the parameters' dtype,
+    cached per device and dtype (one float copy of the masked weights for each) and made again when
+    a mask tensor is changed in place.
     """
 
     def __init__(self, masks: Mapping[str, Tensor]):
         """Args: masks: dict name -> bool Tensor shaped like the parameter (names canonicalised)."""
         self._masks: dict[str, Tensor] = {}
+        self._factors: dict[tuple[str, torch.device, torch.dtype], tuple[int, Tensor]] = {}
         self.load_state_dict(masks)
 
     @classmethod
@@ -93,12 +102,14 @@ class Masks:
         return self
 
     def _factor(self, name: str, param: Tensor) -> Tensor:
-        """The mask of ``name`` as 0/1 in ``param``'s dtype and device, made once and cached."""
+        """The mask of ``name`` as 0/1 in ``param``'s dtype and device; cached until the mask tensor
+        changes (its version counter, which every in-place write moves)."""
+        mask = self._masks[name]
         key = (name, param.device, param.dtype)
-        factor = self._factors.get(key)
-        if factor is None:
-            factor = self._factors[key] = self._masks[name].to(device=param.device, dtype=param.dtype)
-        return factor
+        cached = self._factors.get(key)
+        if cached is None or cached[0] != mask._version:
+            cached = self._factors[key] = (mask._version, mask.to(device=param.device, dtype=param.dtype))
+        return cached[1]
 
     def _bound(self, model: nn.Module) -> tuple[list[nn.Parameter], list[Tensor]]:
         """The masked parameters of ``model`` and their masks as 0/1 factors in the parameter's dtype
@@ -130,23 +141,18 @@ class Masks:
         One multi-tensor multiply per group (``torch._foreach_mul_``), not one per tensor.
         """
         params, factors = self._bound(model)
-        torch._foreach_mul_(params, factors)
+        _multiply(list(zip(params, factors)))
         if optimizer is not None:
-            states = [(value, factor) for param, factor in zip(params, factors)
-                      for value in optimizer.state.get(param, {}).values()
-                      if isinstance(value, Tensor) and value.shape == param.shape and value.is_floating_point()]
-            if states:
-                torch._foreach_mul_([value for value, _ in states],
-                                    [factor.to(value.dtype) for value, factor in states])
+            _multiply([(value, factor) for param, factor in zip(params, factors)
+                       for value in optimizer.state.get(param, {}).values()
+                       if isinstance(value, Tensor) and value.shape == param.shape and value.is_floating_point()])
         if ema is not None:
-            torch._foreach_mul_(*self._bound(_ema_module(ema)))
+            _multiply(list(zip(*self._bound(_ema_module(ema)))))
 
     @torch.no_grad()
     def mask_grads(self, model: nn.Module) -> None:
         """Zero ``.grad`` at pruned positions (call after backward, before ``optimizer.step()``)."""
-        pairs = [(param.grad, factor) for param, factor in zip(*self._bound(model)) if param.grad is not None]
-        if pairs:
-            torch._foreach_mul_([grad for grad, _ in pairs], [factor.to(grad.dtype) for grad, factor in pairs])
+        _multiply([(param.grad, factor) for param, factor in zip(*self._bound(model)) if param.grad is not None])
 
     def stats(self) -> dict[str, float]:
         """Totals over all masks: ``params``, ``kept``, ``sparsity`` (fraction pruned)."""
@@ -169,4 +175,4 @@ class Masks:
                 raise ValueError(f"mask for {name!r} must be a bool Tensor, got {found}")
             masks[canonical_name(name)] = mask
         self._masks = masks
-        self._factors: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
+        self._factors = {}

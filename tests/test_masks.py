@@ -166,8 +166,8 @@ def test_mask_grads_zeroes_only_pruned_gradients():
 
 
 def test_apply_follows_new_masks_new_dtype_and_replaced_parameters():
-    """apply caches its 0/1 factors per device and dtype: they must follow load_state_dict, a
-    model cast to another dtype, and a parameter object the model replaced."""
+    """apply caches its 0/1 factors per device and dtype: they must follow load_state_dict, a mask
+    changed in place, a model cast to another dtype, and a parameter object the model replaced."""
     model = small_convnet()
     masks = magnitude_prune(model, 0.5)
     nn.init.normal_(model[0].weight)
@@ -176,6 +176,11 @@ def test_apply_follows_new_masks_new_dtype_and_replaced_parameters():
     masks.apply(model)
     assert_pruned_positions_zero(masks, model)
     assert torch.count_nonzero(model[0].weight.detach()[other["0.weight"]]) > 0
+    masks["0.weight"][0] = False                                           # in place: filter 0 pruned
+    nn.init.normal_(model[0].weight)
+    masks.apply(model)
+    assert torch.count_nonzero(model[0].weight.detach()[0]) == 0
+    assert_pruned_positions_zero(masks, model)
     model.double()
     nn.init.normal_(model[0].weight)
     masks.apply(model)
