@@ -78,8 +78,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from classify.lenet5 import LeNet5  # noqa: E402
-from classify.pipeline import (PruneSettings, TrainSettings, load_weights, prepare, prune_model,  # noqa: E402
-                               save_weights, train_model, write_json)
+from classify.pipeline import (ADMM_LR_SCHEDULES, PruneSettings, TrainSettings, load_weights,  # noqa: E402
+                               prepare, prune_model, save_weights, train_model, write_json)
 
 RESULT = REPO / "benchmarks" / "results" / "lenet5_mnist.json"
 DENSE_WEIGHTS = REPO / "runs" / "benchmarks" / "lenet5_dense.pt"
@@ -97,8 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rho", type=float, default=1e-2)
     parser.add_argument("--rho-mult", type=float, default=1.5)
     parser.add_argument("--retrain-epochs", type=int, default=6)
-    parser.add_argument("--admm-lr", choices=("constant", "cosine"), default="constant",
-                        help="the ADMM phase's LR schedule (see classify prune --admm-lr)")
+    parser.add_argument("--admm-lr", choices=ADMM_LR_SCHEDULES, default="constant",
+                        help="ADMM's LR schedule (see classify prune --admm-lr)")
     parser.add_argument("--ramp-from", type=float, default=None,
                         help="progressive ADMM for the admm-* configs: first Z-step's sparsity (default: none)")
     parser.add_argument("--distill", type=float, default=0.0,

@@ -13,8 +13,8 @@
     shaped like YOLOv4's 110 convolutions (`admm_cost.yolov4_sized_model`).
 
 Reproduce: ``.venv/bin/python benchmarks/mask_cost.py --threads 1`` (CPU, writes
-benchmarks/results/mask_cost.json) or ``python3 benchmarks/mask_cost.py --device cuda --out
-benchmarks/results/mask_cost_cuda.json``. The machine, date, torch version and load average are in
+benchmarks/results/mask_cost.json) or ``python3 benchmarks/mask_cost.py --device cuda --threads 1
+--out benchmarks/results/mask_cost_cuda.json``. The machine, date, torch version and load average are in
 the JSON. On a GPU every timed block waits for its queued kernels at both ends. Recorded 2026-11-26:
 the CPU run on this project's 2-core machine (load ~3, two other jobs beside it), the CUDA run on a
 lent NVIDIA H100 80GB HBM3 (16 CPU cores, torch 2.11.0+cu130).

@@ -39,7 +39,7 @@ and 70 / 90 % with 5 passes per run (10 epochs of 25k images), 4 runs at once (3
 
 Second lease (2026-11-26, one NVIDIA H100 80GB HBM3, same software; the two sweeps at once, data
 in /tmp/data): 3.2 passes per run (10 epochs of 16k images), a cosine LR over the ADMM phase, all
-ratios (4.4 min), beside the constant LR at 70 / 90 %:
+ratios (4.8 min), beside the constant LR at 70 / 90 %:
 
     COMMON="--data /tmp/data/cifar10 --weights /tmp/data/resnet56/resnet56-4bfd9763.th --device cuda
         --workers 1 --batch-size 128 --no-control --train-samples 16000 --eval-samples 0 --admm-iters 5
@@ -72,16 +72,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from classify.pipeline import METHODS as PRUNE_METHODS  # noqa: E402
-from classify.pipeline import (PruneSettings, TrainSettings, evaluate_accuracy, load_weights,  # noqa: E402
-                               make_eval_loader, model_spec, prepare, prune_model, write_json)
+from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, PruneSettings, TrainSettings,  # noqa: E402
+                               evaluate_accuracy, load_weights, make_eval_loader, model_spec, prepare,
+                               prune_model, write_json)
 from classify.resnet56 import resnet56  # noqa: E402
 from engine import resolve_device  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "resnet56_cifar10.json"
 SHARED = REPO.parent / "shared" / "data"
 SPARSITIES = (0.1, 0.3, 0.5, 0.7, 0.9)
-METHODS = ("admm-global", "magnitude-global")
+DEFAULT_METHODS = ("admm-global", "magnitude-global")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -96,8 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rho", type=float, default=0.5)
     parser.add_argument("--rho-mult", type=float, default=2.0)
     parser.add_argument("--retrain-epochs", type=int, default=2)
-    parser.add_argument("--admm-lr", choices=("constant", "cosine"), default="constant",
-                        help="the ADMM phase's LR schedule (see classify prune --admm-lr)")
+    parser.add_argument("--admm-lr", choices=ADMM_LR_SCHEDULES, default="constant",
+                        help="ADMM's LR schedule (see classify prune --admm-lr)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default=None)
     parser.add_argument("--workers", type=int, default=0, help="data-loader processes per run")
@@ -105,14 +105,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="runs at once, each in its own process (one GPU is mostly idle with one ResNet-56)")
     parser.add_argument("--sparsities", type=lambda text: [float(v) for v in text.split(",")], default=SPARSITIES,
                         help="comma-separated removal ratios (default: 0.1,0.3,0.5,0.7,0.9)")
-    parser.add_argument("--methods", type=lambda text: text.split(","), default=list(METHODS),
+    parser.add_argument("--methods", type=lambda text: text.split(","), default=list(DEFAULT_METHODS),
                         help="comma-separated pruning methods (default: admm-global,magnitude-global)")
     parser.add_argument("--no-control", action="store_true", help="skip the sparsity-0 fine-tuning control")
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.methods) - set(PRUNE_METHODS))
+    unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
-        parser.error(f"unknown --methods {', '.join(unknown)}; expected some of {', '.join(PRUNE_METHODS)}")
+        parser.error(f"unknown --methods {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
     return args
 
 

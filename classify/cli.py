@@ -73,8 +73,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rho-mult", type=float, default=1.0, help="rho multiplier after each ADMM iteration")
     parser.add_argument("--rho-max", type=float, default=None, help="cap on rho (default: none)")
     parser.add_argument("--admm-lr", choices=ADMM_LR_SCHEDULES, default="constant",
-                        help="the ADMM phase's learning rate: constant, or a cosine decay to zero over the phase "
-                             "(retraining always decays it; default: constant)")
+                        help="ADMM's learning rate: constant in the ADMM phase then a cosine decay over retraining "
+                             "(default); cosine: a decay to zero over each phase; shared: one cosine decay over both "
+                             "phases, as the magnitude methods have")
     parser.add_argument("--retrain-epochs", type=int, default=3,
                         help="masked retraining epochs after ADMM (magnitude methods retrain for the ADMM epochs too)")
     parser.add_argument("--ramp-from", type=sparsity_fraction, default=None,

@@ -9,9 +9,11 @@ Pruning methods (`METHODS`): "admm-global" (Lee et al. 2023: one budget over all
 "admm-layerwise" (Zhang et al. 2018: a ratio per layer), "magnitude-global" and
 "magnitude-uniform" (one-shot baselines). Every method gets the same total number of training
 epochs: ADMM spends `admm_iters * epochs_per_iter` of them on the ADMM phase and `retrain_epochs` on
-masked retraining; the magnitude baselines spend all of them on masked retraining. Retraining always
-uses a fresh optimizer with a cosine LR decay to zero; the ADMM phase trains at a constant LR or,
-with `PruneSettings.admm_lr = "cosine"`, decays it to zero over the phase too.
+masked retraining; the magnitude baselines spend all of them on masked retraining, under one cosine
+LR decay to zero. Each phase has a fresh optimizer. `PruneSettings.admm_lr` sets ADMM's LR:
+"constant" in the ADMM phase, then a cosine decay over retraining (the default); "cosine", a decay
+to zero over each phase; "shared", one cosine over both phases, retraining continuing it from the
+cut (the magnitude baselines' LR trajectory).
 
 With `PruneSettings.distill` > 0, every method trains its pruned model against a frozen copy of the
 dense model as well as the labels (`classify.distill`), in the ADMM phase and in retraining.
@@ -19,6 +21,7 @@ dense model as well as the labels (`classify.distill`), in the ADMM phase and in
 from __future__ import annotations
 
 import io
+import math
 import os
 import random
 import time
@@ -41,7 +44,7 @@ from data.mnist import MNISTDataset, load_mnist
 from engine import (Trainer, TrainConfig, atomic_torch_save, atomic_write_bytes, atomic_write_json, distributed,
                     find_latest_checkpoint, resolve_device)
 
-ADMM_LR_SCHEDULES = ("constant", "cosine")
+ADMM_LR_SCHEDULES = ("constant", "cosine", "shared")
 METHODS = {
     "admm-global": ("admm", "global"),
     "admm-layerwise": ("admm", "layerwise"),
@@ -134,7 +137,7 @@ class PruneSettings:
     ramp_iters: int | None = None   # ADMM iterations to reach `sparsity` (None: two thirds of them)
     distill: float = 0.0            # weight of distillation from the dense model (0: labels only)
     distill_temperature: float = 4.0
-    admm_lr: str = "constant"       # the ADMM phase's LR: "constant", or "cosine" decay to zero
+    admm_lr: str = "constant"       # "constant", "cosine" or "shared" (see the module docstring)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -300,16 +303,29 @@ def make_optimizer(model: nn.Module, spec: ModelSpec, lr: float | None) -> torch
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=spec.weight_decay)
 
 
+def cosine_scheduler(optimizer: torch.optim.Optimizer, steps: int,
+                     span: tuple[float, float] = (0.0, 1.0)) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-step cosine LR decay over `steps` steps covering the part `span` of one cosine from the
+    base LR (at 0) to zero (at 1): (0, 1) is a whole decay; (0.5, 1) continues one from its middle."""
+    if span == (0.0, 1.0):  # the whole decay: torch's own scheduler (earlier results reproduce bit for bit)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    start, end = span
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * (start + (end - start) * min(step, steps) / steps))))
+
+
 def run_phase(model: nn.Module, spec: ModelSpec, loaders: tuple[DataLoader, DataLoader],
               settings: TrainSettings, epochs: int, phase: str, callbacks: list | None = None,
-              cosine: bool = True, loss_fn: Callable = classification_loss) -> list[dict[str, float]]:
+              lr_span: tuple[float, float] | None = (0.0, 1.0),
+              loss_fn: Callable = classification_loss) -> list[dict[str, float]]:
     """Train `model` for `epochs` on `loss_fn` with a fresh optimizer through `engine.Trainer`; returns
-    its history."""
+    its history. The LR follows `lr_span` of a cosine decay (`cosine_scheduler`), or stays constant
+    when `lr_span` is None."""
     train_loader, eval_loader = loaders
     device = resolve_device(settings.device)
     optimizer = make_optimizer(model, spec, settings.lr)
     total_steps = max(1, epochs * len(train_loader))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps) if cosine else None
+    scheduler = cosine_scheduler(optimizer, total_steps, lr_span) if lr_span is not None else None
     phase_dir = Path(settings.checkpoint_dir) / phase if settings.checkpoint_dir is not None else None
     resume = phase_dir if settings.resume and phase_dir and find_latest_checkpoint(phase_dir) else None
     config = TrainConfig(epochs=epochs, device=str(device), checkpoint_dir=phase_dir, resume=resume,
@@ -364,18 +380,19 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
             rho_multiplier=prune.rho_mult, rho_max=prune.rho_max,
             ramp_from=prune.ramp_from, ramp_updates=prune.ramp_updates))
         callback = pruning.ADMMCallback(admm, prune.epochs_per_iter * len(loaders[0]))
+        admm_span, retrain_span = admm_lr_spans(prune)
         histories["admm"] = run_phase(model, spec, loaders, settings, prune.admm_epochs, "admm",
-                                      [callback], cosine=prune.admm_lr == "cosine", loss_fn=loss_fn)
+                                      [callback], lr_span=admm_span, loss_fn=loss_fn)
         admm_updates = callback.history
         masks = admm.hard_prune()
         retrain_epochs = prune.retrain_epochs
     else:
         masks = pruning.magnitude_prune(model, prune.sparsity, scope=scope)
-        retrain_epochs = prune.total_epochs
+        retrain_epochs, retrain_span = prune.total_epochs, (0.0, 1.0)
     masks.to(device)
     hard_accuracy = evaluate_accuracy(model, loaders[1], device)
     histories["retrain"] = run_phase(model, spec, loaders, settings, retrain_epochs, "retrain",
-                                     [pruning.MaskCallback(masks)], loss_fn=loss_fn)
+                                     [pruning.MaskCallback(masks)], lr_span=retrain_span, loss_fn=loss_fn)
     pruned_accuracy = evaluate_accuracy(model, loaders[1], device)
     rows = pruning.layer_table(model)
     totals = pruning.table_totals(rows)
@@ -390,6 +407,14 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
         "wall_time_s": time.perf_counter() - started,
         "settings": {"prune": asdict(prune), "train": settings_dict(settings)},
     }
+
+
+def admm_lr_spans(prune: PruneSettings) -> tuple[tuple[float, float] | None, tuple[float, float]]:
+    """The parts of a cosine decay that ADMM's phase and its retraining cover (None: constant LR)."""
+    if prune.admm_lr == "shared":
+        cut = prune.admm_epochs / prune.total_epochs
+        return (0.0, cut), (cut, 1.0)
+    return (None if prune.admm_lr == "constant" else (0.0, 1.0)), (0.0, 1.0)
 
 
 def count_mask_violations(model: nn.Module, masks: Any) -> int:

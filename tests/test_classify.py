@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import shutil
 
 import cv2
@@ -290,22 +291,24 @@ def test_progressive_admm_ramps_the_kept_count_down_to_the_target(tmp_path, caps
     assert "ramp_from is for the ADMM methods" in capsys.readouterr().err
 
 
-def test_admm_phase_learning_rate_is_constant_or_a_cosine_to_zero(tmp_path, capsys):
-    common = [*lenet5_prune_command(tmp_path), "--admm-iters", "2", "--retrain-epochs", "1", "--lr", "0.002"]
-    admm_lrs = {}
-    for schedule in ("constant", "cosine"):
+def test_admm_learning_rate_schedules(tmp_path, capsys):
+    """The LR at the end of each epoch: 2 ADMM epochs, then 2 retraining epochs, base LR 0.002."""
+    common = [*lenet5_prune_command(tmp_path), "--admm-iters", "2", "--retrain-epochs", "2", "--lr", "0.002"]
+    lrs = {}
+    for schedule in ("constant", "cosine", "shared"):
         out = tmp_path / f"{schedule}.json"
         assert yolo_admm_main([*common, "--admm-lr", schedule, "--json-out", str(out)]) == 0
         result = json.loads(out.read_text())
         assert result["settings"]["prune"]["admm_lr"] == schedule and result["mask_violations"] == 0
-        assert result["history"]["retrain"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # retraining always decays
-        admm_lrs[schedule] = [epoch["lr"] for epoch in result["history"]["admm"]]
-    assert admm_lrs["constant"] == [0.002, 0.002]
-    assert admm_lrs["cosine"] == pytest.approx([0.001, 0.0], abs=1e-12)  # after epoch 1 of 2: half; then zero
+        lrs[schedule] = [epoch["lr"] for phase in ("admm", "retrain") for epoch in result["history"][phase]]
+    quarter, half, three_quarters = (0.001 * (1 + math.cos(math.pi * t)) for t in (0.25, 0.5, 0.75))
+    assert lrs["constant"] == pytest.approx([0.002, 0.002, 0.001, 0.0], abs=1e-12)
+    assert lrs["cosine"] == pytest.approx([0.001, 0.0, 0.001, 0.0], abs=1e-12)  # a decay per phase
+    assert lrs["shared"] == pytest.approx([quarter, half, three_quarters, 0.0], abs=1e-12)  # one through the cut
     capsys.readouterr()
     assert yolo_admm_main([*common, "--admm-lr", "linear"]) == 2
     assert "invalid choice: 'linear'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="unknown admm_lr 'linear'; expected one of constant, cosine"):
+    with pytest.raises(ValueError, match="unknown admm_lr 'linear'; expected one of constant, cosine, shared"):
         PruneSettings(sparsity=0.5, admm_lr="linear")
 
 
