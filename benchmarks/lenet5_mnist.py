@@ -55,7 +55,8 @@ and the same command with ``--configs magnitude-global:0.99 --out .../lenet5_mni
 ``--distill 0.3 --out .../lenet5_mnist_distill_a03.json`` and ``--seed 1 --out .../lenet5_mnist_distill_seed1.json``
 (plus ``--distill 0 --seed 1 --out .../lenet5_mnist_seed1.json`` without distillation); and with a
 cosine LR over the ADMM phase, ``--admm-lr cosine --seed 0|1 --out .../lenet5_mnist_distill_cosine[_seed1].json``
-(recorded under /tmp and copied; the JSON's command says so).
+(recorded under /tmp and copied; the JSON's command says so), and ``--distill-temperature 2|8 --out
+.../lenet5_mnist_distill_T2.json|_T8.json``.
 
 Accuracies are on the full 10k MNIST test set; each configuration ran once (seed 0 unless the
 file name says otherwise). Torch runs with 1 thread: on this shared machine (load average ~10 on 2
@@ -99,6 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--retrain-epochs", type=int, default=6)
     parser.add_argument("--admm-lr", choices=ADMM_LR_SCHEDULES, default="constant",
                         help="ADMM's LR schedule (see classify prune --admm-lr)")
+    parser.add_argument("--batch-size", type=int, default=128, help="batch size of the pruning runs")
+    parser.add_argument("--ramp-iters", type=int, default=None,
+                        help="ADMM iterations the ramp takes (default: two thirds of --admm-iters)")
     parser.add_argument("--ramp-from", type=float, default=None,
                         help="progressive ADMM for the admm-* configs: first Z-step's sparsity (default: none)")
     parser.add_argument("--distill", type=float, default=0.0,
@@ -157,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
                               epochs_per_iter=args.epochs_per_iter, rho=args.rho, rho_mult=args.rho_mult,
                               retrain_epochs=args.retrain_epochs,
                               ramp_from=args.ramp_from if method.startswith("admm") else None,
+                              ramp_iters=args.ramp_iters if method.startswith("admm") else None,
                               distill=args.distill, distill_temperature=args.distill_temperature,
                               admm_lr=args.admm_lr)
-        settings = TrainSettings(train_samples=args.train_samples, eval_each_epoch=False, progress=False,
-                                 seed=args.seed)
+        settings = TrainSettings(batch_size=args.batch_size, train_samples=args.train_samples,
+                                 eval_each_epoch=False, progress=False, seed=args.seed)
         result = prune_model("lenet5", model, datasets, prune, settings)
         result["load_average"] = os.getloadavg()
         record["runs"].append(result)
