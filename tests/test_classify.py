@@ -224,7 +224,7 @@ def test_tiny_end_to_end_train_and_prune(tmp_path):
     out = tmp_path / "admm.json"
     prune = ["prune", *common, "--weights", str(tmp_path / "dense.pt"), "--sparsity", "0.9", "--method", "admm-global",
              "--admm-iters", "2", "--rho", "1e-2", "--rho-mult", "2", "--retrain-epochs", "1",
-             "--checkpoint-dir", str(tmp_path / "ckpt")]
+             "--admm-lr", "shared", "--checkpoint-dir", str(tmp_path / "ckpt")]  # shared: resumes mid-decay
     assert classify_main([*prune, "--json-out", str(out), "--out", str(tmp_path / "pruned.pt")]) == 0
     result = json.loads(out.read_text())
     assert result["kept"] == round(0.1 * LENET5_PRUNABLE_WEIGHTS) and result["sparsity"] == pytest.approx(0.9)
