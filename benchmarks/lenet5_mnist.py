@@ -56,8 +56,9 @@ and the same command with ``--configs magnitude-global:0.99 --out .../lenet5_mni
 (plus ``--distill 0 --seed 1 --out .../lenet5_mnist_seed1.json`` without distillation); and with a
 cosine LR over the ADMM phase, ``--admm-lr cosine --seed 0|1 --out .../lenet5_mnist_distill_cosine[_seed1].json``
 (recorded under /tmp and copied; the JSON's command says so), and ``--distill-temperature 2|8 --out
-.../lenet5_mnist_distill_T2.json|_T8.json``, and ``--admm-lr shared --seed 0|1 --out
-.../lenet5_mnist_distill_shared[_seed1].json`` (also recorded under /tmp).
+.../lenet5_mnist_distill_T2.json|_T8.json``, and ``--admm-lr shared --seed 0|1|2 --out
+.../lenet5_mnist_distill_shared[_seed1|_seed2].json`` (also recorded under /tmp), the last also with
+``--seed 0 --batch-size 64 --out .../lenet5_mnist_distill_shared_b64.json``.
 
 Accuracies are on the full 10k MNIST test set; each configuration ran once (seed 0 unless the
 file name says otherwise). Torch runs with 1 thread: on this shared machine (load average ~10 on 2
