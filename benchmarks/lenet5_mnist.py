@@ -103,8 +103,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--admm-lr", choices=ADMM_LR_SCHEDULES, default="constant",
                         help="ADMM's LR schedule (see classify prune --admm-lr)")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size of the pruning runs")
-    parser.add_argument("--ramp-iters", type=int, default=None,
-                        help="ADMM iterations the ramp takes (default: two thirds of --admm-iters)")
     parser.add_argument("--ramp-from", type=float, default=None,
                         help="progressive ADMM for the admm-* configs: first Z-step's sparsity (default: none)")
     parser.add_argument("--distill", type=float, default=0.0,
@@ -163,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
                               epochs_per_iter=args.epochs_per_iter, rho=args.rho, rho_mult=args.rho_mult,
                               retrain_epochs=args.retrain_epochs,
                               ramp_from=args.ramp_from if method.startswith("admm") else None,
-                              ramp_iters=args.ramp_iters if method.startswith("admm") else None,
                               distill=args.distill, distill_temperature=args.distill_temperature,
                               admm_lr=args.admm_lr)
         settings = TrainSettings(batch_size=args.batch_size, train_samples=args.train_samples,
