@@ -6,8 +6,9 @@
         --sparsity 0.99 --method admm-global --admm-iters 4 --epochs-per-iter 1 --rho 1e-3 --rho-mult 2 \\
         --retrain-epochs 6 --json-out runs/lenet5-admm.json
 
-Bad input (unknown model, sparsity outside [0, 1), missing data or weights) raises ValueError /
-FileNotFoundError with a message naming what was wrong; `yolo-admm` prints it without traceback.
+Bad input gets a message naming what was wrong, without a traceback: an unknown model or a
+sparsity outside [0, 1) is an argument error (argparse's usage line, then the error; exit 2);
+missing data or weights raise FileNotFoundError / ValueError, which `yolo-admm` prints in one line.
 """
 from __future__ import annotations
 
@@ -35,17 +36,14 @@ def sparsity_fraction(text: str) -> float:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options every mode takes: model, data, weights, batching, device, subsets, seed."""
+    """Options every mode takes: model, data, weights, batching, device, test subset, seed."""
     parser.add_argument("--model", required=True, choices=list(MODELS), help="classifier to use")
     parser.add_argument("--data", required=True, type=Path,
                         help="dataset directory: MNIST IDX .gz files (lenet5), "
                              "or CIFAR-10 train/ and test/ class folders (resnet56)")
     parser.add_argument("--weights", type=Path, default=None, help="weights to start from (state dict or checkpoint)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 128")
-    parser.add_argument("--lr", type=float, default=None, help="default: Adam 1e-3 (lenet5), SGD 0.01 (resnet56)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--train-samples", type=int, default=None, metavar="N",
-                        help="images drawn per training epoch (default: the whole train set)")
     parser.add_argument("--eval-samples", type=int, default=None, metavar="N",
                         help="evaluate on a fixed seeded subset of N test images (default: all)")
     parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
@@ -54,7 +52,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the modes that train: checkpoints, resume, outputs."""
+    """Options of the modes that train: learning rate, epoch size, checkpoints, resume, outputs."""
+    parser.add_argument("--lr", type=float, default=None, help="default: Adam 1e-3 (lenet5), SGD 0.01 (resnet56)")
+    parser.add_argument("--train-samples", type=int, default=None, metavar="N",
+                        help="images drawn per training epoch (default: the whole train set)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="trainer checkpoints (one sub-folder per phase)")
     parser.add_argument("--resume", action="store_true", help="continue each phase from its newest checkpoint")
@@ -67,17 +68,18 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sparsity", type=sparsity_fraction, required=True,
                         help="fraction of prunable weights removed, in [0, 1)")
     parser.add_argument("--method", choices=list(METHODS), default="admm-global")
-    parser.add_argument("--admm-iters", type=int, default=3, help="ADMM iterations (Z/U updates)")
-    parser.add_argument("--epochs-per-iter", type=int, default=1, help="training epochs between ADMM updates")
-    parser.add_argument("--rho", type=float, default=1e-3, help="initial ADMM penalty")
-    parser.add_argument("--rho-mult", type=float, default=1.0, help="rho multiplier after each ADMM iteration")
+    parser.add_argument("--admm-iters", type=int, default=3, help="ADMM iterations (Z/U updates; default: 3)")
+    parser.add_argument("--epochs-per-iter", type=int, default=1, help="training epochs between ADMM updates (default: 1)")
+    parser.add_argument("--rho", type=float, default=1e-3, help="initial ADMM penalty (default: 1e-3)")
+    parser.add_argument("--rho-mult", type=float, default=1.0, help="rho multiplier after each ADMM iteration (default: 1)")
     parser.add_argument("--rho-max", type=float, default=None, help="cap on rho (default: none)")
     parser.add_argument("--admm-lr", choices=ADMM_LR_SCHEDULES, default="constant",
                         help="ADMM's learning rate: constant in the ADMM phase then a cosine decay over retraining "
                              "(default); cosine: a decay to zero over each phase; shared: one cosine decay over both "
                              "phases, as the magnitude methods have")
     parser.add_argument("--retrain-epochs", type=int, default=3,
-                        help="masked retraining epochs after ADMM (magnitude methods retrain for the ADMM epochs too)")
+                        help="masked retraining epochs after ADMM (default: 3; magnitude methods retrain for the ADMM "
+                             "epochs too)")
     parser.add_argument("--ramp-from", type=sparsity_fraction, default=None,
                         help="progressive ADMM: the first Z-step keeps this sparsity and the target rises to "
                              "--sparsity along a cubic (default: none, every Z-step at --sparsity)")
@@ -110,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 def train_settings(args: argparse.Namespace) -> TrainSettings:
     """TrainSettings from the parsed options (ValueError for out-of-range values)."""
     return TrainSettings(
-        epochs=getattr(args, "epochs", 0), batch_size=args.batch_size, lr=args.lr, device=args.device,
-        train_samples=args.train_samples, eval_samples=args.eval_samples, workers=args.workers, seed=args.seed,
+        epochs=getattr(args, "epochs", 0), batch_size=args.batch_size, lr=getattr(args, "lr", None),
+        device=args.device, train_samples=getattr(args, "train_samples", None), eval_samples=args.eval_samples, workers=args.workers, seed=args.seed,
         progress=not args.no_progress, checkpoint_dir=getattr(args, "checkpoint_dir", None),
         resume=getattr(args, "resume", False))
 

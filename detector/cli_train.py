@@ -6,7 +6,7 @@
     yolo-admm detect train --cfg C --data data.yaml --epochs 20 --out runs/train --resume runs/train
 
 Optimiser, schedule and augmentation default to the cfg's [net] (see `detector.train`); the flags
-override them. Writes to --out: a checkpoint per epoch (`epoch_NNNN.pt`, what --resume takes),
+override them. Writes to --out: a checkpoint per epoch (`epoch_NNNN.pt`, what --resume takes; the two newest are kept),
 `history.csv`, `args.json`, and the trained model as Darknet `.weights` (`<cfg name>.weights`;
 the EMA weights when EMA is on).
 
