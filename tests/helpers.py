@@ -19,3 +19,38 @@ def small_convnet() -> nn.Module:
         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
         nn.Linear(32, 5),
     )
+
+
+def tiny_yolo_cfg(net_options: str, widths: tuple[int, ...], yolo_options: str = "") -> str:
+    """Darknet cfg text of a small detector for the 4 classes of `data.synthetic`: `[net]` with
+    `net_options` (one `key=value` per line), then per width a 3x3 conv (BatchNorm, leaky) and a
+    2x2 max-pool, then a 1x1 conv and one `[yolo]` head (stride 2 ** len(widths)) with 3 anchors
+    and `yolo_options` appended."""
+    body = "".join(f"""
+[convolutional]
+batch_normalize=1
+filters={filters}
+size=3
+stride=1
+pad=1
+activation=leaky
+
+[maxpool]
+size=2
+stride=2
+""" for filters in widths)
+    head = """
+[convolutional]
+size=1
+stride=1
+pad=1
+filters=27
+activation=linear
+
+[yolo]
+mask=0,1,2
+anchors=16,16, 24,24, 32,32
+classes=4
+num=3
+"""
+    return f"[net]\n{net_options}{body}{head}{yolo_options}"

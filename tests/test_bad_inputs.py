@@ -34,10 +34,12 @@ from detector.train import DetectionLoss
 from engine import load_checkpoint
 from yolo_admm.cli import main
 
+from helpers import tiny_yolo_cfg
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # A 64x64 detector with one stride-16 head for the 4 classes of data.synthetic.
-TINY_CFG = """[net]
+TINY_CFG = tiny_yolo_cfg("""\
 batch=8
 subdivisions=1
 width=64
@@ -50,32 +52,7 @@ burn_in=0
 policy=steps
 steps=1000
 scales=0.1
-""" + "".join(f"""
-[convolutional]
-batch_normalize=1
-filters={filters}
-size=3
-stride=1
-pad=1
-activation=leaky
-
-[maxpool]
-size=2
-stride=2
-""" for filters in (8, 16, 16, 32)) + """
-[convolutional]
-size=1
-stride=1
-pad=1
-filters=27
-activation=linear
-
-[yolo]
-mask=0,1,2
-anchors=16,16, 24,24, 32,32
-classes=4
-num=3
-"""
+""", (8, 16, 16, 32))
 EARLIER_METRICS = '{"map50": 0.5, "map50_95": 0.3}\n'
 CORRUPT_JPEG = b"\xff\xd8\xff\xe0 a JPEG header, then nothing an image decoder can use"
 

@@ -14,11 +14,13 @@ from detector import load_darknet
 from detector.cli_train import add_arguments, run
 from detector.train import DetectTrainConfig, build_optimizer, darknet_lr_factor, fit_detector
 
+from helpers import tiny_yolo_cfg
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # A 64x64 detector with one stride-16 head for the 4 classes of data.synthetic. iou_normalizer is
 # raised from yolov4's 0.07 so that boxes converge within a few dozen steps.
-TINY_CFG = """[net]
+TINY_CFG = tiny_yolo_cfg("""\
 batch=8
 subdivisions=1
 width=64
@@ -34,36 +36,12 @@ scales=0.1
 hue=.1
 saturation=1.5
 exposure=1.5
-""" + "".join(f"""
-[convolutional]
-batch_normalize=1
-filters={filters}
-size=3
-stride=1
-pad=1
-activation=leaky
-
-[maxpool]
-size=2
-stride=2
-""" for filters in (16, 32, 32, 64)) + """
-[convolutional]
-size=1
-stride=1
-pad=1
-filters=27
-activation=linear
-
-[yolo]
-mask=0,1,2
-anchors=16,16, 24,24, 32,32
-classes=4
-num=3
+""", (16, 32, 32, 64), """\
 ignore_thresh=.7
 iou_thresh=0.213
 iou_normalizer=0.5
 iou_loss=ciou
-"""
+""")
 
 
 @pytest.fixture(scope="module")
