@@ -55,10 +55,13 @@ and the same command with ``--configs magnitude-global:0.99 --out .../lenet5_mni
 ``--distill 0.3 --out .../lenet5_mnist_distill_a03.json`` and ``--seed 1 --out .../lenet5_mnist_distill_seed1.json``
 (plus ``--distill 0 --seed 1 --out .../lenet5_mnist_seed1.json`` without distillation); and with a
 cosine LR over the ADMM phase, ``--admm-lr cosine --seed 0|1 --out .../lenet5_mnist_distill_cosine[_seed1].json``
-(recorded under /tmp and copied; the JSON's command says so), and ``--distill-temperature 2|8 --out
-.../lenet5_mnist_distill_T2.json|_T8.json``, and ``--admm-lr shared --seed 0|1|2 --out
-.../lenet5_mnist_distill_shared[_seed1|_seed2].json`` (also recorded under /tmp), the last also with
-``--seed 0 --batch-size 64 --out .../lenet5_mnist_distill_shared_b64.json``.
+, ``--distill-temperature 2|8 --out .../lenet5_mnist_distill_T2.json|_T8.json``, and ``--admm-lr
+shared --seed 0|1|2 --out .../lenet5_mnist_distill_shared[_seed1|_seed2].json``, the last also with
+``--seed 0 --batch-size 64 --out .../lenet5_mnist_distill_shared_b64.json`` and with ``--shift 1|2
+--out .../lenet5_mnist_distill_shared_shift1.json|_shift2.json`` (``--shift N``: the dense model and
+every pruning run train on images translated by up to N px; the dense model trained that way is
+cached beside the plain one). The cosine, temperature and later runs were recorded under /tmp and
+copied (the JSON's command says so).
 
 Accuracies are on the full 10k MNIST test set; each configuration ran once (seed 0 unless the
 file name says otherwise). Torch runs with 1 thread: on this shared machine (load average ~10 on 2
@@ -108,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--distill", type=float, default=0.0,
                         help="weight of distillation from the dense model, for every method (default: 0, off)")
     parser.add_argument("--distill-temperature", type=float, default=4.0)
+    parser.add_argument("--shift", type=int, default=0,
+                        help="train (dense and pruned) on images shifted by up to this many px (default: 0, none)")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated METHOD:SPARSITY runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pruning runs (the dense model is seed 0)")
     parser.add_argument("--threads", type=int, default=1)
@@ -115,17 +120,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def dense_model(args: argparse.Namespace, datasets: dict, record: dict) -> None:
-    """Train the dense LeNet-5 once (cached in runs/benchmarks/) and record its accuracy."""
-    if DENSE_WEIGHTS.is_file():
-        record["dense"] = {"weights": str(DENSE_WEIGHTS.relative_to(REPO)), "trained_here": False}
-        return
+def dense_weights_path(shift: int) -> Path:
+    """Where the dense model trained with `--shift shift` is cached."""
+    return DENSE_WEIGHTS.with_stem(f"{DENSE_WEIGHTS.stem}_shift{shift}") if shift else DENSE_WEIGHTS
+
+
+def dense_model(args: argparse.Namespace, datasets: dict, record: dict) -> Path:
+    """Train the dense LeNet-5 once (cached in runs/benchmarks/), record its accuracy, return its path."""
+    path = dense_weights_path(args.shift)
+    if path.is_file():
+        record["dense"] = {"weights": str(path.relative_to(REPO)), "trained_here": False}
+        return path
     model = LeNet5()
     result = train_model("lenet5", model, datasets, TrainSettings(epochs=args.dense_epochs, progress=False))
-    save_weights(model, DENSE_WEIGHTS)
+    save_weights(model, path)
     record["dense"] = {"accuracy": result["accuracy"], "epochs": args.dense_epochs,
                        "wall_time_s": result["wall_time_s"], "history": result["history"],
-                       "trained_here": True, "weights": str(DENSE_WEIGHTS.relative_to(REPO))}
+                       "trained_here": True, "weights": str(path.relative_to(REPO))}
+    return path
 
 
 def markdown_table(runs: list[dict]) -> str:
@@ -145,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     _, datasets = prepare("lenet5", args.data)
+    datasets["train"].max_shift = args.shift
     machine = (f"GPU {torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores" if torch.cuda.is_available()
                else f"{os.cpu_count()}-core CPU, no GPU, shared ({platform.processor() or platform.machine()})")
     record = {"benchmark": "lenet5_mnist", "date": datetime.date.today().isoformat(), "machine": machine,
@@ -152,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "args": {key: str(value) for key, value in vars(args).items()},
               "runs": []}
-    dense_model(args, datasets, record)
+    dense_weights = dense_model(args, datasets, record)
     write_json(record, args.out)
     configs = [(item.split(":")[0], float(item.split(":")[1])) for item in args.configs.split(",")]
     for method, sparsity in configs:
-        model = load_weights(LeNet5(), DENSE_WEIGHTS)
+        model = load_weights(LeNet5(), dense_weights)
         prune = PruneSettings(sparsity=sparsity, method=method, admm_iters=args.admm_iters,
                               epochs_per_iter=args.epochs_per_iter, rho=args.rho, rho_mult=args.rho_mult,
                               retrain_epochs=args.retrain_epochs,

@@ -13,8 +13,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from data.translate import random_translate
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 IMAGE_SIZE = 32
@@ -68,10 +69,7 @@ def random_crop_flip(image: torch.Tensor, padding: int = 4) -> torch.Tensor:
 
     Draws from torch's global generator, so a seeded (or checkpoint-restored) run repeats exactly.
     """
-    height, width = image.shape[-2:]
-    padded = F.pad(image, (padding, padding, padding, padding))
-    top, left = (int(v) for v in torch.randint(0, 2 * padding + 1, (2,)))
-    crop = padded[:, top:top + height, left:left + width]
+    crop = random_translate(image, padding)
     return crop.flip(-1) if bool(torch.rand(()) < 0.5) else crop
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data.translate import random_translate
+
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
@@ -87,21 +89,33 @@ def load_mnist(root: str | os.PathLike, split: str = "train") -> tuple[torch.Ten
 
 
 class MNISTDataset(Dataset):
-    """In-memory MNIST: item i is (float Tensor[1, 28, 28] normalised by mean/std, int label)."""
+    """In-memory MNIST: item i is (float Tensor[1, 28, 28] normalised by mean/std, int label).
+
+    Args:
+        images: uint8 Tensor[N, H, W]; labels: int64 Tensor[N].
+        mean, std: statistics on the [0, 1] scale.
+        max_shift: translate each image by a random -max_shift..max_shift px in x and y (black
+            fill), for training; 0 (the default) leaves the images as they are.
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor,
-                 mean: float = MNIST_MEAN, std: float = MNIST_STD):
+                 mean: float = MNIST_MEAN, std: float = MNIST_STD, max_shift: int = 0):
         if images.ndim != 3 or images.dtype != torch.uint8 or len(images) != len(labels):
             raise ValueError(f"expected uint8 images [N, H, W] and N labels, found {images.dtype} "
                              f"{tuple(images.shape)} and {len(labels)} labels")
+        if max_shift < 0:
+            raise ValueError(f"max_shift must be >= 0 pixels, found {max_shift}")
         self.images = images
         self.labels = labels
         self.mean = mean
         self.std = std
+        self.max_shift = max_shift
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = (self.images[index].float().div_(255.0).sub_(self.mean).div_(self.std)).unsqueeze_(0)
-        return image, int(self.labels[index])
+        image = self.images[index].float().div_(255.0).unsqueeze_(0)
+        if self.max_shift:
+            image = random_translate(image, self.max_shift)
+        return image.sub_(self.mean).div_(self.std), int(self.labels[index])

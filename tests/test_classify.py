@@ -18,7 +18,7 @@ from classify.distill import DistillationLoss, frozen_copy
 from classify.pipeline import PruneSettings, TrainSettings, load_weights, prepare, prune_model
 from classify.resnet56 import RESNET56_MEAN, RESNET56_STD
 from data.cifar import CIFARDataset, decode_rgb32, list_class_images, load_cifar_folder, random_crop_flip
-from data.mnist import IMAGES_MAGIC, LABELS_MAGIC, load_mnist, read_idx
+from data.mnist import IMAGES_MAGIC, LABELS_MAGIC, MNISTDataset, load_mnist, read_idx
 from yolo_admm.cli import main as yolo_admm_main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -149,6 +149,25 @@ def test_cifar_augmentation_crops_with_black_padding_and_flips():
     assert any((crop == 0).any() for crop in crops)  # padding is zero before normalisation
     dataset = CIFARDataset(image.to(torch.uint8)[None], torch.tensor([0]), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert torch.allclose(dataset[0][0], (image.to(torch.uint8).float() / 255 - 0.5) / 0.25)
+
+
+def test_mnist_shift_translates_the_digit_with_black_fill():
+    image = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    image[0, 10:18, 12:15] = 200  # a stroke well inside the frame
+    plain = MNISTDataset(image, torch.tensor([3]), mean=0.0, std=1.0)
+    assert torch.equal(plain[0][0], image.float() / 255) and plain[0][1] == 3
+    shifted = MNISTDataset(image, torch.tensor([3]), mean=0.0, std=1.0, max_shift=2)
+    torch.manual_seed(0)
+    offsets = set()
+    for _ in range(300):
+        out = shifted[0][0]
+        assert out.shape == (1, 28, 28) and out.sum() == pytest.approx(plain[0][0].sum())  # nothing cropped
+        (row, col), = {(int(r), int(c)) for r, c in out[0].nonzero()[:1]}
+        offsets.add((row - 10, col - 12))
+        assert torch.equal(out, torch.roll(plain[0][0], (row - 10, col - 12), (1, 2)))
+    assert offsets == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}  # every shift, no more
+    with pytest.raises(ValueError, match="max_shift must be >= 0"):
+        MNISTDataset(image, torch.tensor([3]), max_shift=-1)
 
 
 # ------------------------------------------------------------------------------------ distillation

@@ -1,0 +1,17 @@
+"""Random translation of one image, the pad-and-crop augmentation of the classifier datasets."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def random_translate(image: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Shift `image` [C, H, W] by a random -max_shift..max_shift pixels in y and in x, filling with 0.
+
+    Zero-pads by `max_shift` on every side and crops H x W back at a uniform random offset. Draws
+    from torch's global generator, so a seeded (or checkpoint-restored) run repeats exactly.
+    """
+    height, width = image.shape[-2:]
+    padded = F.pad(image, (max_shift, max_shift, max_shift, max_shift))
+    top, left = (int(v) for v in torch.randint(0, 2 * max_shift + 1, (2,)))
+    return padded[..., top:top + height, left:left + width]
