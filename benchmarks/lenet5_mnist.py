@@ -54,14 +54,17 @@ and the same command with ``--configs magnitude-global:0.99 --out .../lenet5_mni
 ``--configs admm-global:0.993,admm-global:0.988 --out .../lenet5_mnist_distill_ratios.json``,
 ``--distill 0.3 --out .../lenet5_mnist_distill_a03.json`` and ``--seed 1 --out .../lenet5_mnist_distill_seed1.json``
 (plus ``--distill 0 --seed 1 --out .../lenet5_mnist_seed1.json`` without distillation); and with a
-cosine LR over the ADMM phase, ``--admm-lr cosine --seed 0|1 --out .../lenet5_mnist_distill_cosine[_seed1].json``
-, ``--distill-temperature 2|8 --out .../lenet5_mnist_distill_T2.json|_T8.json``, and ``--admm-lr
+cosine LR over the ADMM phase, ``--admm-lr cosine --seed 0|1 --out .../lenet5_mnist_distill_cosine[_seed1].json``,
+``--distill-temperature 2|8 --out .../lenet5_mnist_distill_T2.json|_T8.json``, and ``--admm-lr
 shared --seed 0|1|2 --out .../lenet5_mnist_distill_shared[_seed1|_seed2].json``, the last also with
 ``--seed 0 --batch-size 64 --out .../lenet5_mnist_distill_shared_b64.json`` and with ``--shift 1|2
 --out .../lenet5_mnist_distill_shared_shift1.json|_shift2.json`` (``--shift N``: the dense model and
 every pruning run train on images translated by up to N px; the dense model trained that way is
-cached beside the plain one). The cosine, temperature and later runs were recorded under /tmp and
-copied (the JSON's command says so).
+cached beside the plain one). With the shared schedule, the removal curve: ``--configs
+magnitude-global:0.0 --out .../lenet5_mnist_distill_shared_finetune.json`` (the recipe alone, nothing
+removed), ``--configs admm-global:0.95|0.97|0.98 --out .../lenet5_mnist_distill_shared_95.json|_97|_98``
+and ``--configs magnitude-global:0.95|0.98 --out .../lenet5_mnist_distill_shared_mag95.json|_mag98``.
+The cosine, temperature and later runs were recorded under /tmp and copied (the JSON's command says so).
 
 Accuracies are on the full 10k MNIST test set; each configuration ran once (seed 0 unless the
 file name says otherwise). Torch runs with 1 thread: on this shared machine (load average ~10 on 2
