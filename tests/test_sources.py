@@ -95,7 +95,8 @@ def write_yolo_dataset(root: Path, names_yaml: str) -> Path:
 
 @pytest.mark.parametrize("names_yaml", ["names: [dog, person]\n", "names:\n  0: dog\n  1: person\n"])
 def test_yolo_dataset_reads_labels_relative_to_yaml_path(tmp_path, names_yaml):
-    src = load_yolo_dataset(write_yolo_dataset(tmp_path / "ds", names_yaml), split="val")
+    with pytest.warns(UserWarning, match=r"1 of 4 label lines have coordinates outside \[0, 1\].*042.txt:3"):
+        src = load_yolo_dataset(write_yolo_dataset(tmp_path / "ds", names_yaml), split="val")
     assert src.class_names == ["dog", "person"] and src.category_ids == [1, 2]
     empty, labelled = src.records  # sorted by path: ...007.png before ...042.jpg
     assert (empty.image_id, empty.width, empty.height, len(empty.boxes)) == (7, 40, 40, 0)
@@ -106,7 +107,8 @@ def test_yolo_dataset_reads_labels_relative_to_yaml_path(tmp_path, names_yaml):
 
 
 def test_yolo_dataset_to_coco_uses_box_areas(tmp_path):
-    src = load_yolo_dataset(write_yolo_dataset(tmp_path / "ds", "names: [dog, person]\n"))
+    with pytest.warns(UserWarning, match="coordinates outside"):
+        src = load_yolo_dataset(write_yolo_dataset(tmp_path / "ds", "names: [dog, person]\n"))
     anns = src.to_coco()["annotations"]
     assert [a["category_id"] for a in anns] == [2, 1, 2]
     assert [round(a["area"], 3) for a in anns] == [400.0, 225.0, 400.0]
@@ -117,7 +119,8 @@ def test_yolo_dataset_txt_image_list(tmp_path):
     yaml_path = write_yolo_dataset(root, "names: [dog, person]\n")
     (root / "val.txt").write_text("./images/val/000000000042.jpg\n")
     yaml_path.write_text("path: ..\nval: val.txt\nnames: [dog, person]\n")
-    src = load_yolo_dataset(yaml_path)
+    with pytest.warns(UserWarning, match="coordinates outside"):
+        src = load_yolo_dataset(yaml_path)
     assert [r.image_id for r in src.records] == [42] and len(src.records[0].boxes) == 3
 
 
@@ -125,7 +128,9 @@ def test_yolo_dataset_non_numeric_stems_get_sequential_ids(tmp_path):
     write_image(tmp_path / "images" / "cat.jpg", 20, 20)
     write_image(tmp_path / "images" / "dog.jpg", 20, 20)
     (tmp_path / "data.yaml").write_text("val: images\nnames: [x]\n")
-    assert [r.image_id for r in load_yolo_dataset(tmp_path / "data.yaml").records] == [1, 2]
+    with pytest.warns(UserWarning, match="none of its 2 images has a label file"):
+        records = load_yolo_dataset(tmp_path / "data.yaml").records
+    assert [r.image_id for r in records] == [1, 2]
 
 
 @pytest.mark.parametrize("line, message", [
