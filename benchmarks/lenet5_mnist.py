@@ -120,7 +120,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the pruning runs (the dense model is seed 0)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULT)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.shift < 0:
+        parser.error(f"--shift must be >= 0 pixels, found {args.shift}")
+    return args
 
 
 def dense_weights_path(shift: int) -> Path:

@@ -113,7 +113,8 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
     """TrainSettings from the parsed options (ValueError for out-of-range values)."""
     return TrainSettings(
         epochs=getattr(args, "epochs", 0), batch_size=args.batch_size, lr=getattr(args, "lr", None),
-        device=args.device, train_samples=getattr(args, "train_samples", None), eval_samples=args.eval_samples, workers=args.workers, seed=args.seed,
+        device=args.device, train_samples=getattr(args, "train_samples", None), eval_samples=args.eval_samples,
+        workers=args.workers, seed=args.seed,
         progress=not args.no_progress, checkpoint_dir=getattr(args, "checkpoint_dir", None),
         resume=getattr(args, "resume", False))
 

@@ -1,4 +1,4 @@
-"""Small models shared by the test modules (import as `from helpers import ...`)."""
+"""Small models and Darknet cfgs shared by the test modules (import as `from helpers import ...`)."""
 from __future__ import annotations
 
 import cv2
