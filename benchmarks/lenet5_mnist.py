@@ -63,7 +63,8 @@ every pruning run train on images translated by up to N px; the dense model trai
 cached beside the plain one). With the shared schedule, the removal curve: ``--configs
 magnitude-global:0.0 --out .../lenet5_mnist_distill_shared_finetune.json`` (the recipe alone, nothing
 removed), ``--configs admm-global:0.95|0.97|0.98 --out .../lenet5_mnist_distill_shared_95.json|_97|_98``
-and ``--configs magnitude-global:0.95|0.98 --out .../lenet5_mnist_distill_shared_mag95.json|_mag98``.
+(also with ``--seed 1`` for 0.95 and 0.98: ``_95_seed1.json``, ``_98_seed1.json``) and ``--configs
+magnitude-global:0.95|0.98 --out .../lenet5_mnist_distill_shared_mag95.json|_mag98``.
 The cosine, temperature and later runs were recorded under /tmp and copied (the JSON's command says so).
 
 Accuracies are on the full 10k MNIST test set; each configuration ran once (seed 0 unless the
