@@ -69,9 +69,11 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of prunable weights removed, in [0, 1)")
     parser.add_argument("--method", choices=list(METHODS), default="admm-global")
     parser.add_argument("--admm-iters", type=int, default=3, help="ADMM iterations (Z/U updates; default: 3)")
-    parser.add_argument("--epochs-per-iter", type=int, default=1, help="training epochs between ADMM updates (default: 1)")
+    parser.add_argument("--epochs-per-iter", type=int, default=1,
+                        help="training epochs between ADMM updates (default: 1)")
     parser.add_argument("--rho", type=float, default=1e-3, help="initial ADMM penalty (default: 1e-3)")
-    parser.add_argument("--rho-mult", type=float, default=1.0, help="rho multiplier after each ADMM iteration (default: 1)")
+    parser.add_argument("--rho-mult", type=float, default=1.0,
+                        help="rho multiplier after each ADMM iteration (default: 1)")
     parser.add_argument("--rho-max", type=float, default=None, help="cap on rho (default: none)")
     parser.add_argument("--admm-lr", choices=ADMM_LR_SCHEDULES, default="constant",
                         help="ADMM's learning rate: constant in the ADMM phase then a cosine decay over retraining "

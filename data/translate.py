@@ -10,6 +10,8 @@ def random_translate(image: torch.Tensor, max_shift: int) -> torch.Tensor:
 
     Zero-pads by `max_shift` on every side and crops H x W back at a uniform random offset. Draws
     from torch's global generator, so a seeded (or checkpoint-restored) run repeats exactly.
+    (torchvision's `v2.RandomCrop(size, padding=max_shift)` crops alike but draws the two offsets
+    in two calls; this keeps the one draw that the recorded CIFAR runs made.)
     """
     height, width = image.shape[-2:]
     padded = F.pad(image, (max_shift, max_shift, max_shift, max_shift))
