@@ -88,7 +88,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from classify.lenet5 import LeNet5  # noqa: E402
-from classify.pipeline import (ADMM_LR_SCHEDULES, PruneSettings, TrainSettings, load_weights,  # noqa: E402
+from classify.pipeline import (ADMM_LR_SCHEDULES, OPTIMIZERS, PruneSettings, TrainSettings, load_weights,  # noqa: E402
                                prepare, prune_model, save_weights, train_model, write_json)
 
 RESULT = REPO / "benchmarks" / "results" / "lenet5_mnist.json"
@@ -110,6 +110,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--admm-lr", choices=ADMM_LR_SCHEDULES, default="constant",
                         help="ADMM's LR schedule (see classify prune --admm-lr)")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size of the pruning runs")
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adam", help="of the pruning runs")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="of the pruning runs (default: the optimizer's, see classify prune --lr)")
     parser.add_argument("--ramp-from", type=float, default=None,
                         help="progressive ADMM for the admm-* configs: first Z-step's sparsity (default: none)")
     parser.add_argument("--distill", type=float, default=0.0,
@@ -183,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                               ramp_from=args.ramp_from if method.startswith("admm") else None,
                               distill=args.distill, distill_temperature=args.distill_temperature,
                               admm_lr=args.admm_lr)
-        settings = TrainSettings(batch_size=args.batch_size, train_samples=args.train_samples,
+        settings = TrainSettings(batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                                 train_samples=args.train_samples,
                                  eval_each_epoch=False, progress=False, seed=args.seed)
         result = prune_model("lenet5", model, datasets, prune, settings)
         result["load_average"] = os.getloadavg()

@@ -16,9 +16,9 @@ import argparse
 from pathlib import Path
 
 import pruning
-from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, MODELS, PruneSettings, TrainSettings, evaluate_accuracy,
-                               make_eval_loader, model_spec, prepare, prune_model, save_prune_plots, save_weights,
-                               train_model, write_json)
+from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, PruneSettings, TrainSettings,
+                               evaluate_accuracy, make_eval_loader, model_spec, prepare, prune_model, save_prune_plots,
+                               save_weights, train_model, write_json)
 from engine import distributed, resolve_device
 
 DEFAULT_RUN_DIR = Path("runs/classify")
@@ -53,7 +53,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the modes that train: learning rate, epoch size, checkpoints, resume, outputs."""
-    parser.add_argument("--lr", type=float, default=None, help="default: Adam 1e-3 (lenet5), SGD 0.01 (resnet56)")
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
+                        help="adam, or sgd (Nesterov momentum 0.9) (default: adam for lenet5, sgd for resnet56)")
+    parser.add_argument("--lr", type=float, default=None, help="default: 1e-3 with adam, 0.01 with sgd")
     parser.add_argument("--train-samples", type=int, default=None, metavar="N",
                         help="images drawn per training epoch (default: the whole train set)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
@@ -114,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 def train_settings(args: argparse.Namespace) -> TrainSettings:
     """TrainSettings from the parsed options (ValueError for out-of-range values)."""
     return TrainSettings(
-        epochs=getattr(args, "epochs", 0), batch_size=args.batch_size, lr=getattr(args, "lr", None),
+        epochs=getattr(args, "epochs", 0), batch_size=args.batch_size, optimizer=getattr(args, "optimizer", None),
+        lr=getattr(args, "lr", None),
         device=args.device, train_samples=getattr(args, "train_samples", None), eval_samples=args.eval_samples,
         workers=args.workers, seed=args.seed,
         progress=not args.no_progress, checkpoint_dir=getattr(args, "checkpoint_dir", None),

@@ -52,6 +52,7 @@ METHODS = {
     "magnitude-uniform": ("magnitude", "uniform"),
 }
 SPLITS = ("train", "test")
+OPTIMIZERS = {"adam": 1e-3, "sgd": 0.01}  # name -> default LR; "sgd" is SGD with Nesterov momentum 0.9
 
 
 def mnist_split(root: Path, split: str) -> Dataset:
@@ -71,15 +72,14 @@ class ModelSpec:
 
     build: Callable[[], nn.Module]
     load_split: Callable[[Path, str], Dataset]
-    optimizer: str  # "adam" or "sgd" (momentum 0.9, Nesterov)
-    lr: float
+    optimizer: str  # a key of OPTIMIZERS
     weight_decay: float
     batch_size: int
 
 
 MODELS = {
-    "lenet5": ModelSpec(LeNet5, mnist_split, "adam", 1e-3, 0.0, 128),
-    "resnet56": ModelSpec(resnet56, cifar_split, "sgd", 0.01, 1e-4, 128),
+    "lenet5": ModelSpec(LeNet5, mnist_split, "adam", 0.0, 128),
+    "resnet56": ModelSpec(resnet56, cifar_split, "sgd", 1e-4, 128),
 }
 
 
@@ -98,7 +98,8 @@ class TrainSettings:
 
     epochs: int = 10
     batch_size: int | None = None
-    lr: float | None = None
+    optimizer: str | None = None  # a key of OPTIMIZERS
+    lr: float | None = None       # None: the optimizer's default in OPTIMIZERS
     device: str | None = None
     train_samples: int | None = None
     eval_samples: int | None = None
@@ -118,6 +119,8 @@ class TrainSettings:
             raise ValueError(f"epochs and workers must be >= 0, found {self.epochs} and {self.workers}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, found {self.lr}")
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, found {self.optimizer!r}")
 
 
 @dataclass
@@ -295,10 +298,12 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: str | torch.
     return 100.0 * correct / total
 
 
-def make_optimizer(model: nn.Module, spec: ModelSpec, lr: float | None) -> torch.optim.Optimizer:
-    """The model's default optimizer (Adam, or SGD with Nesterov momentum 0.9) at `lr`."""
-    lr = lr or spec.lr
-    if spec.optimizer == "adam":
+def make_optimizer(model: nn.Module, spec: ModelSpec, name: str | None, lr: float | None) -> torch.optim.Optimizer:
+    """Optimizer `name` (None: the model's default), Adam or SGD with Nesterov momentum 0.9, at `lr`
+    (None: that optimizer's default LR), with the model's weight decay."""
+    name = name or spec.optimizer
+    lr = lr or OPTIMIZERS[name]
+    if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=spec.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=spec.weight_decay)
 
@@ -323,7 +328,7 @@ def run_phase(model: nn.Module, spec: ModelSpec, loaders: tuple[DataLoader, Data
     when `lr_span` is None."""
     train_loader, eval_loader = loaders
     device = resolve_device(settings.device)
-    optimizer = make_optimizer(model, spec, settings.lr)
+    optimizer = make_optimizer(model, spec, settings.optimizer, settings.lr)
     total_steps = max(1, epochs * len(train_loader))
     scheduler = cosine_scheduler(optimizer, total_steps, lr_span) if lr_span is not None else None
     phase_dir = Path(settings.checkpoint_dir) / phase if settings.checkpoint_dir is not None else None

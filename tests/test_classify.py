@@ -331,6 +331,28 @@ def test_admm_learning_rate_schedules(tmp_path, capsys):
         PruneSettings(sparsity=0.5, admm_lr="linear")
 
 
+def test_optimizer_choice_and_its_default_learning_rate(tmp_path, capsys):
+    spec, model = classify.pipeline.MODELS["lenet5"], LeNet5()
+    adam = classify.pipeline.make_optimizer(model, spec, None, None)  # the model's default
+    assert type(adam) is torch.optim.Adam and adam.defaults["lr"] == 1e-3
+    sgd = classify.pipeline.make_optimizer(model, spec, "sgd", None)
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["lr"] == 0.01
+    assert (sgd.defaults["momentum"], sgd.defaults["nesterov"]) == (0.9, True)
+    resnet_sgd = classify.pipeline.make_optimizer(resnet56(), classify.pipeline.MODELS["resnet56"], None, 0.05)
+    assert type(resnet_sgd) is torch.optim.SGD and resnet_sgd.defaults["lr"] == 0.05
+
+    out = tmp_path / "sgd.json"
+    assert yolo_admm_main([*lenet5_prune_command(tmp_path), "--admm-iters", "1", "--retrain-epochs", "0",
+                           "--optimizer", "sgd", "--json-out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["train"]["optimizer"] == "sgd" and result["history"]["admm"][0]["lr"] == 0.01
+    capsys.readouterr()
+    assert yolo_admm_main([*lenet5_prune_command(tmp_path), "--optimizer", "rmsprop"]) == 2
+    assert "invalid choice: 'rmsprop'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="optimizer must be one of adam, sgd, found 'rmsprop'"):
+        TrainSettings(optimizer="rmsprop")
+
+
 def test_classify_prune_runs_under_torchrun_with_two_processes(tmp_path):
     """2 gloo processes on CPU (with distillation: each rank has its own frozen teacher): one result,
     written once, at the exact sparsity."""
