@@ -65,6 +65,13 @@ magnitude-global:0.0 --out .../lenet5_mnist_distill_shared_finetune.json`` (the 
 removed), ``--configs admm-global:0.95|0.97|0.98 --out .../lenet5_mnist_distill_shared_95.json|_97|_98``
 (also with ``--seed 1`` for 0.95 and 0.98: ``_95_seed1.json``, ``_98_seed1.json``) and ``--configs
 magnitude-global:0.95|0.98 --out .../lenet5_mnist_distill_shared_mag95.json|_mag98``.
+With SGD (Nesterov momentum 0.9) instead of Adam in the pruning runs, the shared-schedule command
+plus ``--optimizer sgd --lr 0.01`` and ``--configs admm-global:0.99 --seed 0|1|2|3 --out
+.../lenet5_mnist_distill_shared_sgd0.01[_seed1|_seed2|_seed3].json``; ``--configs
+admm-global:0.988|0.993|magnitude-global:0.99|magnitude-global:0.0`` with ``--out
+.../lenet5_mnist_distill_shared_sgd0.01_988|_993|_mag99|_finetune.json``; and ``--lr 0.02|0.005
+--configs admm-global:0.99 --out .../lenet5_mnist_distill_shared_sgd0.02|_sgd0.005.json`` (``--lr
+0.05`` diverged: a NaN loss in the second ADMM epoch).
 The cosine, temperature and later runs were recorded under /tmp and copied (the JSON's command says so).
 
 Accuracies are on the full 10k MNIST test set; each configuration ran once (seed 0 unless the
