@@ -53,9 +53,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the modes that train: learning rate, epoch size, checkpoints, resume, outputs."""
+    model_defaults = ", ".join(f"{spec.optimizer} for {name}" for name, spec in MODELS.items())
     parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
-                        help="adam, or sgd (Nesterov momentum 0.9) (default: adam for lenet5, sgd for resnet56)")
-    parser.add_argument("--lr", type=float, default=None, help="default: 1e-3 with adam, 0.01 with sgd")
+                        help=f"adam, or sgd with Nesterov momentum 0.9; default: {model_defaults}")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="default: " + ", ".join(f"{lr:g} with {name}" for name, lr in OPTIMIZERS.items()))
     parser.add_argument("--train-samples", type=int, default=None, metavar="N",
                         help="images drawn per training epoch (default: the whole train set)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,

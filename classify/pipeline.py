@@ -301,8 +301,8 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: str | torch.
 def make_optimizer(model: nn.Module, spec: ModelSpec, name: str | None, lr: float | None) -> torch.optim.Optimizer:
     """Optimizer `name` (None: the model's default), Adam or SGD with Nesterov momentum 0.9, at `lr`
     (None: that optimizer's default LR), with the model's weight decay."""
-    name = name or spec.optimizer
-    lr = lr or OPTIMIZERS[name]
+    name = spec.optimizer if name is None else name
+    lr = OPTIMIZERS[name] if lr is None else lr
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=spec.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=spec.weight_decay)
