@@ -353,6 +353,29 @@ def test_optimizer_choice_and_its_default_learning_rate(tmp_path, capsys):
         TrainSettings(optimizer="rmsprop")
 
 
+def test_no_epoch_eval_makes_the_cli_run_the_benchmarks_pruning_exactly(tmp_path):
+    """benchmarks/lenet5_mnist.py calls prune_model with eval_each_epoch=False; the CLI with
+    --no-epoch-eval is the same run. Evaluating after every epoch draws from torch's random stream,
+    so it trains on other shuffles."""
+    command = [*lenet5_prune_command(tmp_path), "--admm-iters", "2", "--retrain-epochs", "1", "--batch-size", "16",
+               "--train-samples", "32"]
+    weights = {}
+    for name, extra in (("quiet", ["--no-epoch-eval"]), ("noisy", [])):
+        assert yolo_admm_main([*command, *extra, "--out", str(tmp_path / f"{name}.pt"),
+                               "--json-out", str(tmp_path / f"{name}.json")]) == 0
+        weights[name] = load_weights(LeNet5(), tmp_path / f"{name}.pt").state_dict()
+    histories = {name: json.loads((tmp_path / f"{name}.json").read_text())["history"] for name in weights}
+    assert not any("eval/acc" in epoch for phase in histories["quiet"].values() for epoch in phase)
+    assert all("eval/acc" in epoch for phase in histories["noisy"].values() for epoch in phase)
+
+    model, datasets = prepare("lenet5", tmp_path / "mnist", tmp_path / "dense.pt")
+    prune_model("lenet5", model, datasets, PruneSettings(sparsity=0.9, admm_iters=2, retrain_epochs=1),
+                TrainSettings(batch_size=16, train_samples=32, eval_each_epoch=False, progress=False))
+    direct = model.state_dict()
+    assert all(torch.equal(direct[key], weights["quiet"][key]) for key in direct)
+    assert not all(torch.equal(direct[key], weights["noisy"][key]) for key in direct)
+
+
 def test_classify_prune_runs_under_torchrun_with_two_processes(tmp_path):
     """2 gloo processes on CPU (with distillation: each rank has its own frozen teacher): one result,
     written once, at the exact sparsity."""
