@@ -66,8 +66,8 @@ removed), ``--configs admm-global:0.95|0.97|0.98 --out .../lenet5_mnist_distill_
 (also with ``--seed 1`` for 0.95 and 0.98: ``_95_seed1.json``, ``_98_seed1.json``) and ``--configs
 magnitude-global:0.95|0.98 --out .../lenet5_mnist_distill_shared_mag95.json|_mag98``.
 With SGD (Nesterov momentum 0.9) instead of Adam in the pruning runs, the shared-schedule command
-plus ``--optimizer sgd --lr 0.01`` and ``--configs admm-global:0.99 --seed 0|1|2|3 --out
-.../lenet5_mnist_distill_shared_sgd0.01[_seed1|_seed2|_seed3].json``; ``--configs
+plus ``--optimizer sgd --lr 0.01`` and ``--configs admm-global:0.99 --seed 0|1|2|3|4|5 --out
+.../lenet5_mnist_distill_shared_sgd0.01[_seed1|_seed2|_seed3|_seed4|_seed5].json``; ``--configs
 admm-global:0.988|0.993|magnitude-global:0.99|magnitude-global:0.0`` with ``--out
 .../lenet5_mnist_distill_shared_sgd0.01_988|_993|_mag99|_finetune.json``; and ``--lr 0.02|0.005
 --configs admm-global:0.99 --out .../lenet5_mnist_distill_shared_sgd0.02|_sgd0.005.json`` (``--lr
