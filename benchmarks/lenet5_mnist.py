@@ -72,7 +72,8 @@ admm-global:0.988|0.993|magnitude-global:0.99|magnitude-global:0.0`` with ``--ou
 .../lenet5_mnist_distill_shared_sgd0.01_988|_993|_mag99|_finetune.json``; and ``--lr 0.02|0.005
 --configs admm-global:0.99 --out .../lenet5_mnist_distill_shared_sgd0.02|_sgd0.005.json`` (``--lr
 0.05`` diverged: a NaN loss in the second ADMM epoch); with ``--shift 1 --seed 0|1 --out
-.../lenet5_mnist_distill_shared_sgd0.01_shift1[_seed1].json``.
+.../lenet5_mnist_distill_shared_sgd0.01_shift1[_seed1].json``; and twice the budget, ``--admm-iters 48
+--retrain-epochs 96 --rho-mult 1.07 --seed 0|1 --out .../lenet5_mnist_distill_shared_sgd0.01_2x[_seed1].json``.
 The cosine, temperature and later runs were recorded under /tmp and copied (the JSON's command says so).
 
 Accuracies are on the full 10k MNIST test set; each configuration ran once (seed 0 unless the
