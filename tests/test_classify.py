@@ -360,20 +360,20 @@ def test_no_epoch_eval_makes_the_cli_run_the_benchmarks_pruning_exactly(tmp_path
     command = [*lenet5_prune_command(tmp_path), "--admm-iters", "2", "--retrain-epochs", "1", "--batch-size", "16",
                "--train-samples", "32"]
     weights = {}
-    for name, extra in (("quiet", ["--no-epoch-eval"]), ("noisy", [])):
+    for name, extra in (("final_eval_only", ["--no-epoch-eval"]), ("eval_each_epoch", [])):
         assert yolo_admm_main([*command, *extra, "--out", str(tmp_path / f"{name}.pt"),
                                "--json-out", str(tmp_path / f"{name}.json")]) == 0
         weights[name] = load_weights(LeNet5(), tmp_path / f"{name}.pt").state_dict()
     histories = {name: json.loads((tmp_path / f"{name}.json").read_text())["history"] for name in weights}
-    assert not any("eval/acc" in epoch for phase in histories["quiet"].values() for epoch in phase)
-    assert all("eval/acc" in epoch for phase in histories["noisy"].values() for epoch in phase)
+    assert not any("eval/acc" in epoch for phase in histories["final_eval_only"].values() for epoch in phase)
+    assert all("eval/acc" in epoch for phase in histories["eval_each_epoch"].values() for epoch in phase)
 
     model, datasets = prepare("lenet5", tmp_path / "mnist", tmp_path / "dense.pt")
     prune_model("lenet5", model, datasets, PruneSettings(sparsity=0.9, admm_iters=2, retrain_epochs=1),
                 TrainSettings(batch_size=16, train_samples=32, eval_each_epoch=False, progress=False))
     direct = model.state_dict()
-    assert all(torch.equal(direct[key], weights["quiet"][key]) for key in direct)
-    assert not all(torch.equal(direct[key], weights["noisy"][key]) for key in direct)
+    assert all(torch.equal(direct[key], weights["final_eval_only"][key]) for key in direct)
+    assert not all(torch.equal(direct[key], weights["eval_each_epoch"][key]) for key in direct)
 
 
 def test_classify_prune_runs_under_torchrun_with_two_processes(tmp_path):
