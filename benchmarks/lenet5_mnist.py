@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                               admm_lr=args.admm_lr)
         settings = TrainSettings(batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                                  train_samples=args.train_samples,
-                                 eval_each_epoch=False, progress=False, seed=args.seed)
+                                 eval_every=0, progress=False, seed=args.seed)
         result = prune_model("lenet5", model, datasets, prune, settings)
         result["load_average"] = os.getloadavg()
         record["runs"].append(result)

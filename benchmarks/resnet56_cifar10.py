@@ -140,7 +140,7 @@ def full_test_accuracy(args: argparse.Namespace, datasets: dict) -> dict:
 
 def train_settings(args: argparse.Namespace) -> TrainSettings:
     return TrainSettings(batch_size=args.batch_size, train_samples=args.train_samples or None,
-                         eval_samples=args.eval_samples or None, eval_each_epoch=False, progress=False,
+                         eval_samples=args.eval_samples or None, eval_every=0, progress=False,
                          device=args.device, workers=args.workers)
 
 

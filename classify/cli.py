@@ -63,10 +63,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="trainer checkpoints (one sub-folder per phase)")
     parser.add_argument("--resume", action="store_true", help="continue each phase from its newest checkpoint")
-    parser.add_argument("--no-epoch-eval", action="store_true",
-                        help="no test-set evaluation after every epoch, only the final accuracies (faster; "
-                             "each evaluation draws from torch's random stream, so this also changes the "
-                             "shuffles: it is how benchmarks/lenet5_mnist.py runs)")
+    parser.add_argument("--eval-every", type=int, default=1, metavar="N",
+                        help="test-set accuracy every N epochs (default 1; 0: only the final accuracies, which "
+                             "is faster and is how the benchmarks run: each evaluation draws from torch's random "
+                             "stream, so N also changes the training shuffles)")
     parser.add_argument("--out", type=Path, default=None, help="write the final weights here")
     parser.add_argument("--json-out", type=Path, default=None, help="write the result JSON (plots go beside it)")
 
@@ -125,7 +125,7 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
         epochs=getattr(args, "epochs", 0), batch_size=args.batch_size, optimizer=getattr(args, "optimizer", None),
         lr=getattr(args, "lr", None),
         device=args.device, train_samples=getattr(args, "train_samples", None), eval_samples=args.eval_samples,
-        eval_each_epoch=not getattr(args, "no_epoch_eval", False), workers=args.workers, seed=args.seed,
+        eval_every=getattr(args, "eval_every", 1), workers=args.workers, seed=args.seed,
         progress=not args.no_progress, checkpoint_dir=getattr(args, "checkpoint_dir", None),
         resume=getattr(args, "resume", False))
 

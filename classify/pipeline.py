@@ -91,7 +91,8 @@ class TrainSettings:
         epochs: dense training epochs (`train_model`; `prune_model` uses `PruneSettings`).
         train_samples: images drawn (without replacement) per epoch; None for the whole train set.
         eval_samples: size of a fixed, seeded subset of the test set; None for all of it.
-        eval_each_epoch: also evaluate after every epoch (logged in the history).
+        eval_every: also evaluate every this many epochs and after the last (logged in the history);
+            0: never (the final accuracies are still measured).
         checkpoint_dir: trainer checkpoints go to `checkpoint_dir/<phase>/`; with `resume`, each
             phase continues from its newest checkpoint there.
     """
@@ -103,7 +104,7 @@ class TrainSettings:
     device: str | None = None
     train_samples: int | None = None
     eval_samples: int | None = None
-    eval_each_epoch: bool = True
+    eval_every: int = 1
     workers: int = 0
     seed: int = 0
     progress: bool = True
@@ -115,8 +116,9 @@ class TrainSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, found {value}")
-        if self.epochs < 0 or self.workers < 0:
-            raise ValueError(f"epochs and workers must be >= 0, found {self.epochs} and {self.workers}")
+        if self.epochs < 0 or self.workers < 0 or self.eval_every < 0:
+            raise ValueError(f"epochs, workers and eval_every must be >= 0, found {self.epochs}, {self.workers} "
+                             f"and {self.eval_every}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, found {self.lr}")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
@@ -335,7 +337,7 @@ def run_phase(model: nn.Module, spec: ModelSpec, loaders: tuple[DataLoader, Data
     resume = phase_dir if settings.resume and phase_dir and find_latest_checkpoint(phase_dir) else None
     config = TrainConfig(epochs=epochs, device=str(device), checkpoint_dir=phase_dir, resume=resume,
                          log_csv=phase_dir / "history.csv" if phase_dir is not None else None,
-                         eval_every=1 if settings.eval_each_epoch else 0, scheduler_interval="step",
+                         eval_every=settings.eval_every, scheduler_interval="step",
                          progress=settings.progress, desc=phase)
     trainer = Trainer(model, optimizer, loss_fn, train_loader, config, callbacks=callbacks,
                       scheduler=scheduler, evaluate=lambda m: {"acc": evaluate_accuracy(m, eval_loader, device)})

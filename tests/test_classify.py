@@ -353,14 +353,14 @@ def test_optimizer_choice_and_its_default_learning_rate(tmp_path, capsys):
         TrainSettings(optimizer="rmsprop")
 
 
-def test_no_epoch_eval_makes_the_cli_run_the_benchmarks_pruning_exactly(tmp_path):
-    """benchmarks/lenet5_mnist.py calls prune_model with eval_each_epoch=False; the CLI with
-    --no-epoch-eval is the same run. Evaluating after every epoch draws from torch's random stream,
-    so it trains on other shuffles."""
+def test_eval_every_0_makes_the_cli_run_the_benchmarks_pruning_exactly(tmp_path, capsys):
+    """benchmarks/lenet5_mnist.py calls prune_model with eval_every=0; the CLI with --eval-every 0
+    is the same run. Evaluating after every epoch draws from torch's random stream, so it trains on
+    other shuffles."""
     command = [*lenet5_prune_command(tmp_path), "--admm-iters", "2", "--retrain-epochs", "1", "--batch-size", "16",
                "--train-samples", "32"]
     weights = {}
-    for name, extra in (("final_eval_only", ["--no-epoch-eval"]), ("eval_each_epoch", [])):
+    for name, extra in (("final_eval_only", ["--eval-every", "0"]), ("eval_each_epoch", [])):
         assert yolo_admm_main([*command, *extra, "--out", str(tmp_path / f"{name}.pt"),
                                "--json-out", str(tmp_path / f"{name}.json")]) == 0
         weights[name] = load_weights(LeNet5(), tmp_path / f"{name}.pt").state_dict()
@@ -370,10 +370,13 @@ def test_no_epoch_eval_makes_the_cli_run_the_benchmarks_pruning_exactly(tmp_path
 
     model, datasets = prepare("lenet5", tmp_path / "mnist", tmp_path / "dense.pt")
     prune_model("lenet5", model, datasets, PruneSettings(sparsity=0.9, admm_iters=2, retrain_epochs=1),
-                TrainSettings(batch_size=16, train_samples=32, eval_each_epoch=False, progress=False))
+                TrainSettings(batch_size=16, train_samples=32, eval_every=0, progress=False))
     direct = model.state_dict()
     assert all(torch.equal(direct[key], weights["final_eval_only"][key]) for key in direct)
     assert not all(torch.equal(direct[key], weights["eval_each_epoch"][key]) for key in direct)
+    capsys.readouterr()
+    assert yolo_admm_main([*command, "--eval-every", "-1"]) == 2
+    assert "epochs, workers and eval_every must be >= 0, found 0, 0 and -1" in capsys.readouterr().err
 
 
 def test_classify_prune_runs_under_torchrun_with_two_processes(tmp_path):
