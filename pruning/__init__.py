@@ -6,6 +6,7 @@ from pruning.admm import ADMM, SCOPES, ADMMConfig, ramp_updates
 from pruning.callbacks import ADMMCallback, MaskCallback
 from pruning.magnitude import MAGNITUDE_SCOPES, magnitude_prune
 from pruning.masks import Masks, pack_mask, unpack_mask
+from pruning.optimizer_hooks import StepHooks, attach_admm, attach_masks
 from pruning.projection import (
     check_sparsity,
     floor_counts,
@@ -17,10 +18,12 @@ from pruning.projection import (
 from pruning.report import format_table, layer_table, save_kept_fraction_plot, table_totals
 from pruning.selection import canonical_name, layer_floors, name_matches, prunable_parameters
 from pruning.sparse_archive import entropy_bound, load_sparse_archive, save_sparse_archive
+from pruning.ultralytics_callbacks import UltralyticsADMM
 
 __all__ = [
     "ADMM", "ADMMConfig", "SCOPES", "ramp_updates", "ADMMCallback", "MaskCallback", "MAGNITUDE_SCOPES", "magnitude_prune",
-    "Masks", "pack_mask", "unpack_mask", "check_sparsity", "floor_counts", "global_topk_masks", "kept_count",
+    "Masks", "pack_mask", "unpack_mask", "StepHooks", "attach_admm", "attach_masks", "UltralyticsADMM",
+    "check_sparsity", "floor_counts", "global_topk_masks", "kept_count",
     "layerwise_topk_masks", "magnitude_keys", "format_table", "layer_table", "save_kept_fraction_plot",
     "table_totals", "canonical_name", "layer_floors", "name_matches", "prunable_parameters",
     "entropy_bound", "load_sparse_archive", "save_sparse_archive",

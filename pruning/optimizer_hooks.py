@@ -1,0 +1,55 @@
+"""ADMM and fixed masks bound to an optimizer's ``step()``, for training loops that offer no hook
+between backward and the step (Ultralytics' trainer, hand-written loops, other frameworks).
+
+``torch.optim.Optimizer`` runs step pre-hooks right before the update and post-hooks right after it.
+Under AMP, ``GradScaler.step`` unscales the gradients before calling ``step()`` and skips the call
+when they hold inf/NaN, so a pre-hook always sees true gradients and never acts on a skipped step.
+
+    hooks = pruning.attach_admm(optimizer, admm)      # grad += rho * (W - Z + U) before every step
+    ...                                               # train; admm.update() every few epochs
+    hooks.remove()
+    masks = admm.hard_prune()
+    hooks = pruning.attach_masks(optimizer, model, masks, ema=ema_model)
+"""
+from __future__ import annotations
+
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from pruning.admm import ADMM
+from pruning.masks import Masks
+
+
+class StepHooks:
+    """The hooks registered on one optimizer; ``remove()`` detaches them all."""
+
+    def __init__(self, handles: list[RemovableHandle]):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def attach_admm(optimizer: Optimizer, admm: ADMM) -> StepHooks:
+    """Add the W-step penalty ``rho * (W - Z + U)`` to the gradients before every ``optimizer.step()``.
+
+    The penalty is added once per step, after gradient accumulation and clipping, which is where
+    ``ADMM.add_penalty_grad`` belongs in any loop.
+    """
+    return StepHooks([optimizer.register_step_pre_hook(lambda _optimizer, _args, _kwargs: admm.add_penalty_grad())])
+
+
+def attach_masks(optimizer: Optimizer, model: nn.Module, masks: Masks, ema: object = None) -> StepHooks:
+    """Keep ``model``'s pruned weights at zero through every ``optimizer.step()``.
+
+    Before the step the pruned gradients are zeroed; after it the pruned weights, their optimizer
+    state (momentum, Adam moments) and, if given, the same weights of ``ema`` (an ``nn.Module`` or
+    an object whose ``.module`` is one) are zeroed, so weight decay and momentum cannot revive them.
+    """
+    return StepHooks([
+        optimizer.register_step_pre_hook(lambda _optimizer, _args, _kwargs: masks.mask_grads(model)),
+        optimizer.register_step_post_hook(lambda _optimizer, _args, _kwargs: masks.apply(model, optimizer, ema)),
+    ])

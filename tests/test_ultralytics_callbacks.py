@@ -1,0 +1,150 @@
+"""UltralyticsADMM inside Ultralytics' own trainer (a YOLOv8n built from its yaml, CPU, generated
+shapes): the global budget is met exactly, masks hold through retraining into best.pt and last.pt,
+frozen weights are left alone, and a killed run resumes in either phase."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from data.synthetic import make_shapes_dataset
+from pruning import ADMMConfig, UltralyticsADMM, kept_count
+from pruning.ultralytics_callbacks import PLOT_FILE, REPORT_FILE, STATE_FILE
+
+
+@pytest.fixture(scope="module")
+def yolo_class(tmp_path_factory):
+    """``ultralytics.YOLO``, imported offline with its settings in a temporary folder."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("YOLO_OFFLINE", "1")
+    patch.setenv("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("ultralytics_config")))
+    ultralytics = pytest.importorskip("ultralytics")
+    yield ultralytics.YOLO
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def data_yaml(tmp_path_factory):
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes") / "data", n_train=32, n_val=16, img_size=96)
+
+
+class Interrupt(Exception):
+    """Stands for a kill after the checkpoint of one epoch was written."""
+
+
+def train(yolo_class, data_yaml, project, pruner, epochs, interrupt_after_epoch=None, weights="yolov8n.yaml", **extra):
+    model = weights if isinstance(weights, yolo_class) else yolo_class(str(weights))
+    pruner.register(model)
+    if interrupt_after_epoch is not None:
+        def interrupt(trainer):
+            if trainer.epoch == interrupt_after_epoch:
+                raise Interrupt
+        model.add_callback("on_fit_epoch_end", interrupt)
+    # nbs=8 with batch=8 and no warmup: every batch is an optimizer step at the full learning rate
+    model.train(data=str(data_yaml), epochs=epochs, imgsz=96, batch=8, nbs=8, warmup_epochs=0, workers=0,
+                device="cpu", amp=False, plots=False, verbose=False, seed=0, project=str(project), name="run",
+                exist_ok=True, **extra)
+    return model
+
+
+def make_pruner(admm_iters=2):
+    return UltralyticsADMM(ADMMConfig(sparsity=0.8, rho=1e-2, rho_multiplier=2.0), admm_iters=admm_iters)
+
+
+def ema_weights(checkpoint_path):
+    """The weights a checkpoint holds: its EMA (during training) or, once Ultralytics stripped it at the
+    end, the model it made of that EMA."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    return dict((checkpoint["ema"] or checkpoint["model"]).float().named_parameters())
+
+
+def assert_zero_outside(masks, named_params):
+    for name, mask in masks.items():
+        assert torch.count_nonzero(named_params[name].detach()[~mask]) == 0, name
+
+
+def test_global_admm_then_masked_retraining_in_ultralytics_trainer(yolo_class, data_yaml, tmp_path):
+    pruner = make_pruner()
+    model = yolo_class("yolov8n.yaml")
+
+    def dense_epoch_scored_high(trainer):    # so best.pt stays dense unless the cut restarts the best fitness
+        if trainer.epoch == 0:
+            trainer.best_fitness = 1.0
+    model.add_callback("on_fit_epoch_end", dense_epoch_scored_high)
+    model = train(yolo_class, data_yaml, tmp_path, pruner, epochs=3, weights=model)
+    trainer = model.trainer
+    params = dict(trainer.model.named_parameters())
+    prunable = {name: p for name, p in params.items() if name.endswith(".weight") and p.dim() == 4 and p.requires_grad}
+    k = kept_count(sum(p.numel() for p in prunable.values()), 0.8)
+
+    # Z-steps after epochs 1 and 2 with rho doubling, then one cut to exactly k weights over all layers
+    assert [(h["epoch"], h["rho"], h["kept"]) for h in pruner.history] == [(1, 0.01, k), (2, 0.02, k)]
+    assert set(pruner.masks) == set(prunable)
+    assert sum(int(mask.sum()) for mask in pruner.masks.state_dict().values()) == k
+    kept_fractions = [pruner.masks[name].float().mean().item() for name in prunable]
+    assert max(kept_fractions) > 2 * min(kept_fractions)            # one global budget, not one ratio per layer
+
+    # the frozen DFL convolution is not pruned and still holds its fixed 0..15 weights
+    assert "model.22.dfl.conv.weight" not in pruner.masks
+    assert torch.equal(params["model.22.dfl.conv.weight"].flatten(), torch.arange(16, dtype=torch.float32))
+
+    # the model, its optimizer state and the saved EMA weights (last.pt and best.pt) are zero where pruned
+    assert_zero_outside(pruner.masks, params)
+    for name, mask in pruner.masks.items():
+        for value in trainer.optimizer.state[params[name]].values():
+            if torch.is_tensor(value) and value.shape == mask.shape:
+                assert torch.count_nonzero(value[~mask]) == 0, name
+    for checkpoint in ("last.pt", "best.pt"):
+        assert_zero_outside(pruner.masks, ema_weights(trainer.wdir / checkpoint))
+
+    import json
+    report = json.loads((trainer.save_dir / REPORT_FILE).read_text())
+    assert report["mask"]["kept"] == k and report["mask"]["params"] == sum(p.numel() for p in prunable.values())
+    assert 0.9 * k < report["nonzero_after_training"]["kept"] <= k
+    assert len(report["layers"]) == len(prunable) and len(report["admm_history"]) == 2
+    assert (trainer.save_dir / PLOT_FILE).stat().st_size > 0
+
+
+@pytest.mark.parametrize("interrupt_after_epoch, epochs", [(0, 3), (2, 4)], ids=["in-admm", "in-retraining"])
+def test_killed_run_resumes_where_it_stopped(yolo_class, data_yaml, tmp_path, interrupt_after_epoch, epochs):
+    first = make_pruner()
+    with pytest.raises(Interrupt):
+        train(yolo_class, data_yaml, tmp_path, first, epochs=epochs, interrupt_after_epoch=interrupt_after_epoch)
+    weights = tmp_path / "run" / "weights"
+    saved = torch.load(weights / STATE_FILE, map_location="cpu", weights_only=True)
+    assert saved["epoch"] == interrupt_after_epoch
+
+    resumed = make_pruner()
+    model = train(yolo_class, data_yaml, tmp_path, resumed, epochs=epochs, weights=weights / "last.pt", resume=True)
+    if saved["masks"] is None:                     # killed during ADMM: the Z-steps go on where they were
+        assert saved["admm"]["iteration"] == 1 and resumed.history[0] == saved["history"][0]
+        assert [(h["iteration"], h["rho"]) for h in resumed.history] == [(1, 0.01), (2, 0.02)]
+    else:                                          # killed during retraining: the same masks, kept
+        assert saved["admm"] is None
+        assert all(torch.equal(resumed.masks[name], mask) for name, mask in saved["masks"].items())
+    assert_zero_outside(resumed.masks, dict(model.trainer.model.named_parameters()))
+    assert_zero_outside(resumed.masks, ema_weights(weights / "best.pt"))
+
+
+def test_resume_without_the_admm_state_names_the_missing_file(yolo_class, data_yaml, tmp_path):
+    with pytest.raises(Interrupt):
+        train(yolo_class, data_yaml, tmp_path, make_pruner(), epochs=3, interrupt_after_epoch=0)
+    weights = tmp_path / "run" / "weights"
+    os.remove(weights / STATE_FILE)
+    with pytest.raises(FileNotFoundError, match=STATE_FILE):
+        train(yolo_class, data_yaml, tmp_path, make_pruner(), epochs=3, weights=weights / "last.pt", resume=True)
+
+
+def test_too_few_epochs_for_the_admm_phase_is_a_clear_error(yolo_class, data_yaml, tmp_path):
+    with pytest.raises(ValueError, match=r"needs epochs >= 4 .*got epochs=3"):
+        train(yolo_class, data_yaml, tmp_path, make_pruner(admm_iters=4), epochs=3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"admm_iters": 0}, "admm_iters must be an int >= 1"),
+    ({"admm_iters": 2, "epochs_per_iter": 1.5}, "epochs_per_iter must be an int >= 1"),
+])
+def test_bad_schedule_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        UltralyticsADMM(ADMMConfig(sparsity=0.5), **kwargs)
