@@ -191,10 +191,12 @@ class ADMM:
         self.support[:] = [mask.to(param.device) for mask, param in zip(self.support, self.params)]
 
     @torch.no_grad()
-    def add_penalty_grad(self) -> None:
+    def add_penalty_grad(self, grad_scale: Tensor | None = None) -> None:
         """W-step term: ``grad += rho * (W - Z + U)`` for every prunable weight (grad created if None).
 
-        Call after backward (and after AMP unscaling), before ``optimizer.step()``.
+        Call after backward (and after AMP unscaling), before ``optimizer.step()``. Gradients still
+        multiplied by an AMP loss scale take the penalty times ``grad_scale`` (a scalar tensor), so
+        that unscaling them later leaves exactly ``rho * (W - Z + U)``.
         """
         self._follow_params()
         grads = []
@@ -202,8 +204,13 @@ class ADMM:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             grads.append(param.grad)
-        torch._foreach_add_(grads, self.params, alpha=self.rho)
-        torch._foreach_add_(grads, self._offset, alpha=self.rho)
+        if grad_scale is None:
+            torch._foreach_add_(grads, self.params, alpha=self.rho)
+            torch._foreach_add_(grads, self._offset, alpha=self.rho)
+            return
+        penalty = torch._foreach_add(self.params, self._offset)            # W - Z + U
+        torch._foreach_mul_(penalty, grad_scale.to(self.params[0].device) * self.rho)
+        torch._foreach_add_(grads, penalty)
 
     @torch.no_grad()
     def update(self) -> dict[str, float]:

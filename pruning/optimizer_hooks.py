@@ -3,7 +3,11 @@ between backward and the step (Ultralytics' trainer, hand-written loops, other f
 
 ``torch.optim.Optimizer`` runs step pre-hooks right before the update and post-hooks right after it.
 Under AMP, ``GradScaler.step`` unscales the gradients before calling ``step()`` and skips the call
-when they hold inf/NaN, so a pre-hook always sees true gradients and never acts on a skipped step.
+when they hold inf/NaN. Fused optimizers (``fused=True``) are the exception: their ``step()`` is
+always called, with gradients that are still scaled unless ``scaler.unscale_`` ran first, and
+``optimizer.grad_scale`` / ``found_inf`` set for the kernel to unscale and skip. The ADMM hook then
+scales its penalty by ``grad_scale``; on a step the kernel skips, the hooks' work is discarded
+with the gradients (the masks' post-hook only zeroes what is already zero).
 
     hooks = pruning.attach_admm(optimizer, admm)      # grad += rho * (W - Z + U) before every step
     ...                                               # train; admm.update() every few epochs
@@ -39,7 +43,10 @@ def attach_admm(optimizer: Optimizer, admm: ADMM) -> StepHooks:
     The penalty is added once per step, after gradient accumulation and clipping, which is where
     ``ADMM.add_penalty_grad`` belongs in any loop.
     """
-    return StepHooks([optimizer.register_step_pre_hook(lambda _optimizer, _args, _kwargs: admm.add_penalty_grad())])
+    def add_penalty(_optimizer, _args, _kwargs) -> None:
+        admm.add_penalty_grad(getattr(optimizer, "grad_scale", None))   # set by GradScaler for fused optimizers
+
+    return StepHooks([optimizer.register_step_pre_hook(add_penalty)])
 
 
 def attach_masks(optimizer: Optimizer, model: nn.Module, masks: Masks, ema: object = None) -> StepHooks:

@@ -9,34 +9,39 @@ here imports ultralytics: the callbacks read ``trainer.model``, ``trainer.optimi
 ``trainer.best_fitness`` and ``trainer.stopper.best_fitness`` (tested with ultralytics 8.4).
 
     from ultralytics import YOLO
-    pruner = UltralyticsADMM(ADMMConfig(sparsity=0.8, rho=1e-3, rho_multiplier=2.0), admm_iters=4, epochs_per_iter=2)
+    pruner = UltralyticsADMM(ADMMConfig(sparsity=0.8, rho=0.1, rho_multiplier=2.0), admm_iters=4, epochs_per_iter=2)
     model = YOLO("yolov8n.pt")
     pruner.register(model)
-    model.train(data="coco.yaml", epochs=pruner.admm_epochs + 10)   # 8 ADMM epochs, then 10 retraining
+    model.train(data="coco.yaml", epochs=pruner.admm_epochs + 8)    # 8 ADMM epochs, then 8 retraining
 
 Epochs ``0 .. admm_epochs - 1`` train with the ADMM penalty; after every ``epochs_per_iter`` of
 them the Z- and U-steps run. At the end of the last ADMM epoch the weights are cut to Z's support
-(model, optimizer state and EMA), and that epoch's validation scores the hard-pruned model. The
-trainer's best fitness and early stopping restart there, so ``best.pt`` always comes from a pruned
-epoch. The remaining epochs retrain with the masks fixed.
+(model, optimizer state and EMA), and that epoch's validation scores the hard-pruned model. Early
+stopping is held off during the ADMM phase; it and the trainer's best fitness restart at the cut,
+so ``best.pt`` always comes from a pruned epoch. The remaining epochs retrain with the masks
+fixed. A run that ends before the cut (a ``time=`` limit, a stop) raises at its end rather than
+leave unpruned weights unremarked.
 
 Frozen weights (``requires_grad=False``, such as the DFL convolution Ultralytics freezes) are
-never pruned: training could not adapt to their removal. Ultralytics multiplies its detection loss
-by the batch size and accumulates gradients up to a nominal batch of 64 images (``nbs``) per step,
-so its gradients are about 64 times those of a per-image mean loss: for the same balance between
-loss and penalty, rho must be about 64 times what a mean-loss loop would use.
+never pruned: training could not adapt to their removal. Ultralytics clips the loss gradient to a
+total norm of 10 before each step; the penalty is added after that, unclipped, so rho weighs
+against a loss gradient of norm at most 10.
 
-The ADMM or mask state is written atomically to ``weights/admm_state.pt`` after every checkpoint,
-and ``model.train(resume=True)`` with a pruner registered again continues from it. Ultralytics
-resumes from the fp16 EMA weights of ``last.pt``, so a resumed run is close to, not bit-identical
-with, an uninterrupted one. Multi-GPU runs are not supported: Ultralytics starts DDP workers in
-fresh processes that do not carry callbacks.
+The ADMM or mask state is written atomically to ``weights/admm_state.pt`` at the end of every
+epoch, the one before kept as ``admm_state.previous.pt``, so one of them always matches
+``last.pt``: ``model.train(resume=True)`` with a pruner registered again continues from it, and so
+does Ultralytics' NaN recovery, which reloads ``last.pt`` and repeats the epoch. Ultralytics resumes
+from the fp16 EMA weights of ``last.pt``, so a resumed run is close to, not bit-identical with, an
+uninterrupted one. Under DDP (``device=0,1``) Ultralytics 8.4 pickles the callbacks into each
+worker process: the pruning then runs there (untested) and this object stays empty; the run
+folder has the results.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +56,7 @@ from pruning.selection import canonical_parameters
 from pruning.sparse_archive import write_bytes_atomically
 
 STATE_FILE = "admm_state.pt"   # in trainer.wdir, beside last.pt
+PREVIOUS_STATE_FILE = "admm_state.previous.pt"
 REPORT_FILE = "pruning.json"   # in trainer.save_dir
 PLOT_FILE = "pruning_layers.png"
 
@@ -78,6 +84,7 @@ class UltralyticsADMM:
         self.masks: Masks | None = None
         self.history: list[dict] = []
         self._hooks: StepHooks | None = None
+        self._epochs_ended = 0          # epochs whose end this object has handled, to notice a repeated one
 
     @property
     def admm_epochs(self) -> int:
@@ -87,8 +94,8 @@ class UltralyticsADMM:
     def callbacks(self) -> dict[str, Callable]:
         return {
             "on_train_start": self.on_train_start,
+            "on_train_epoch_start": self.on_train_epoch_start,
             "on_train_epoch_end": self.on_train_epoch_end,
-            "on_model_save": self.on_model_save,
             "on_train_end": self.on_train_end,
         }
 
@@ -105,52 +112,50 @@ class UltralyticsADMM:
             )
         self._detach()
         self.admm, self.masks, self.history = None, None, []
+        self._epochs_ended = trainer.start_epoch
         if trainer.args.resume and trainer.start_epoch > 0:
-            self._load_state(trainer)
+            self._restore(trainer, trainer.start_epoch - 1)
         else:
             self.admm = ADMM(trainer.model, self._config_for(trainer.model))
-        if self.masks is None:
-            self._hooks = attach_admm(trainer.optimizer, self.admm)
-        else:
-            self._attach_masks(trainer)
+            self._attach(trainer)
+
+    def on_train_epoch_start(self, trainer) -> None:
+        if trainer.epoch < self._epochs_ended:          # NaN recovery reloaded last.pt and repeats this epoch
+            self._restore(trainer, trainer.epoch - 1)
+            self._epochs_ended = trainer.epoch
 
     def on_train_epoch_end(self, trainer) -> None:
-        if self.admm is None:
-            return
         done = trainer.epoch + 1
-        if done % self.epochs_per_iter == 0:
-            self.history.append({"epoch": done, **self.admm.update()})
-        if done == self.admm_epochs:
-            self._detach()
-            self.masks = self.admm.hard_prune()
-            self.admm = None
-            self._attach_masks(trainer)
-            trainer.best_fitness = None             # best.pt from pruned epochs only; this one is the first
-            trainer.stopper.best_fitness = 0.0      # early stopping restarts too
-
-    def on_model_save(self, trainer) -> None:
-        state = {
-            "epoch": trainer.epoch,
-            "admm": None if self.admm is None else self.admm.state_dict(),
-            "masks": None if self.masks is None else self.masks.state_dict(),
-            "history": self.history,
-        }
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        write_bytes_atomically(Path(trainer.wdir) / STATE_FILE, buffer.getvalue())
+        if self.admm is not None:
+            trainer.stopper.best_fitness = 0.0          # no early stop before the cut
+            if done % self.epochs_per_iter == 0:
+                self.history.append({"epoch": done, **self.admm.update()})
+            if done == self.admm_epochs:
+                self._detach()
+                self.masks = self.admm.hard_prune()
+                self.admm = None
+                self._attach(trainer)
+                trainer.best_fitness = None             # best.pt from pruned epochs only; this one is the first
+        self._epochs_ended = done
+        self._save_state(trainer)
 
     def on_train_end(self, trainer) -> None:
         self._detach()
         if self.masks is None:
-            return
+            raise RuntimeError(
+                f"training ended after {self._epochs_ended} epochs, before the cut at the end of epoch"
+                f" {self.admm_epochs} (a time limit or a stop?): {trainer.save_dir} holds unpruned weights"
+            )
         rows = layer_table(trainer.model, self.masks)
-        measured = layer_table(trainer.model, include=list(self.masks))   # nonzero weights, same layers
+        ema = getattr(trainer, "ema", None)
+        saved = ema.ema if ema is not None else trainer.model           # what last.pt and best.pt are made of
+        measured = layer_table(saved, include=list(self.masks))          # its nonzero weights, same layers
         report = {
             "config": dataclasses.asdict(self.config),
             "admm_iters": self.admm_iters,
             "epochs_per_iter": self.epochs_per_iter,
             "mask": table_totals(rows),
-            "nonzero_after_training": table_totals(measured),
+            "nonzero_in_saved_weights": table_totals(measured),
             "admm_history": self.history,
             "layers": rows,
         }
@@ -169,7 +174,13 @@ class UltralyticsADMM:
     def _frozen_names(model: nn.Module) -> list[str]:
         return [name for name, param in canonical_parameters(model).items() if not param.requires_grad]
 
-    def _attach_masks(self, trainer) -> None:
+    def _attach(self, trainer) -> None:
+        """Bind the current phase to the trainer's optimizer (and its current EMA, which Ultralytics
+        replaces when it reloads a checkpoint)."""
+        self._detach()
+        if self.masks is None:
+            self._hooks = attach_admm(trainer.optimizer, self.admm)
+            return
         ema = trainer.ema.ema if getattr(trainer, "ema", None) is not None else None
         self.masks.apply(trainer.model, trainer.optimizer, ema)
         self._hooks = attach_masks(trainer.optimizer, trainer.model, self.masks, ema)
@@ -179,21 +190,42 @@ class UltralyticsADMM:
             self._hooks.remove()
             self._hooks = None
 
-    def _load_state(self, trainer) -> None:
-        path = Path(trainer.wdir) / STATE_FILE
-        if not path.is_file():
+    def _save_state(self, trainer) -> None:
+        """The state after this epoch, atomically; the one before moves to PREVIOUS_STATE_FILE."""
+        state = {
+            "epoch": trainer.epoch,
+            "admm": None if self.admm is None else self.admm.state_dict(),
+            "masks": None if self.masks is None else self.masks.state_dict(),
+            "history": self.history,
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        wdir = Path(trainer.wdir)
+        if (wdir / STATE_FILE).is_file():
+            os.replace(wdir / STATE_FILE, wdir / PREVIOUS_STATE_FILE)
+        write_bytes_atomically(wdir / STATE_FILE, buffer.getvalue())
+
+    def _restore(self, trainer, epoch: int) -> None:
+        """Take the state saved after ``epoch`` (0-based; the epoch of the checkpoint the trainer loaded)."""
+        wdir = Path(trainer.wdir)
+        found = {}
+        for name in (STATE_FILE, PREVIOUS_STATE_FILE):
+            if (wdir / name).is_file():
+                state = torch.load(wdir / name, map_location="cpu", weights_only=True)
+                if state["epoch"] == epoch:
+                    break
+                found[name] = state["epoch"] + 1
+        else:
+            saved = ", ".join(f"{name} after epoch {done}" for name, done in found.items()) or "neither file exists"
             raise FileNotFoundError(
-                f"{path}: resuming a pruning run needs the ADMM state written beside last.pt; not found"
-            )
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["epoch"] != trainer.start_epoch - 1:
-            raise ValueError(
-                f"{path}: ADMM state is from epoch {state['epoch'] + 1}, the checkpoint resumes after epoch"
-                f" {trainer.start_epoch}; expected the same epoch"
+                f"{wdir}: the checkpoint continues after epoch {epoch + 1}, so the pruning state saved after that"
+                f" epoch ({STATE_FILE} or {PREVIOUS_STATE_FILE}) is needed; found {saved}"
             )
         self.history = list(state["history"])
+        self.admm, self.masks = None, None
         if state["masks"] is not None:
             self.masks = Masks(state["masks"]).to(next(trainer.model.parameters()).device)
         else:
             self.admm = ADMM(trainer.model, self._config_for(trainer.model))
             self.admm.load_state_dict(state["admm"])
+        self._attach(trainer)

@@ -147,3 +147,33 @@ def test_mask_hooks_keep_pruned_weights_state_and_ema_at_zero(make_optimizer):
     optimizer.step()                           # unbound: weight decay and momentum move pruned weights again
     params = dict(model.named_parameters())
     assert any(torch.count_nonzero(params[name].detach()[~mask]) > 0 for name, mask in masks.items())
+
+
+def test_admm_pre_hook_scales_its_penalty_for_a_fused_optimizer_stepping_scaled_gradients():
+    """GradScaler hands a fused optimizer still-scaled gradients (and ``grad_scale``); the penalty
+    must reach the update as if the gradients had been unscaled first."""
+    torch.manual_seed(0)
+    model = small_convnet()
+    reference = copy.deepcopy(model)
+    config = ADMMConfig(sparsity=0.7, rho=0.5)
+    admm, reference_admm = ADMM(model, config), ADMM(reference, config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
+    reference_opt = torch.optim.Adam(reference.parameters(), lr=0.01, fused=True)
+    attach_admm(optimizer, admm)
+    scaler, reference_scaler = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in range(2))
+    for step in range(3):
+        images, labels = batch(step)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(nn.functional.cross_entropy(model(images), labels)).backward()
+        scaler.step(optimizer)                  # no unscale_ first: the fused kernel unscales
+        scaler.update()
+        reference_opt.zero_grad(set_to_none=True)
+        reference_scaler.scale(nn.functional.cross_entropy(reference(images), labels)).backward()
+        reference_scaler.unscale_(reference_opt)
+        reference_admm.add_penalty_grad()
+        reference_scaler.step(reference_opt)
+        reference_scaler.update()
+    # the penalised weights; the conv bias before BatchNorm has a zero gradient up to rounding, which
+    # Adam turns into full-size steps of either sign, so it is no measure of the penalty
+    for hooked, explicit in zip(admm.params, reference_admm.params):
+        torch.testing.assert_close(hooked, explicit, rtol=1e-5, atol=1e-6)

@@ -10,7 +10,7 @@ import torch
 
 from data.synthetic import make_shapes_dataset
 from pruning import ADMMConfig, UltralyticsADMM, kept_count
-from pruning.ultralytics_callbacks import PLOT_FILE, REPORT_FILE, STATE_FILE
+from pruning.ultralytics_callbacks import PLOT_FILE, PREVIOUS_STATE_FILE, REPORT_FILE, STATE_FILE
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_global_admm_then_masked_retraining_in_ultralytics_trainer(yolo_class, d
     import json
     report = json.loads((trainer.save_dir / REPORT_FILE).read_text())
     assert report["mask"]["kept"] == k and report["mask"]["params"] == sum(p.numel() for p in prunable.values())
-    assert 0.9 * k < report["nonzero_after_training"]["kept"] <= k
+    assert 0.9 * k < report["nonzero_in_saved_weights"]["kept"] <= k
     assert len(report["layers"]) == len(prunable) and len(report["admm_history"]) == 2
     assert (trainer.save_dir / PLOT_FILE).stat().st_size > 0
 
@@ -132,8 +132,53 @@ def test_resume_without_the_admm_state_names_the_missing_file(yolo_class, data_y
         train(yolo_class, data_yaml, tmp_path, make_pruner(), epochs=3, interrupt_after_epoch=0)
     weights = tmp_path / "run" / "weights"
     os.remove(weights / STATE_FILE)
-    with pytest.raises(FileNotFoundError, match=STATE_FILE):
+    assert not (weights / PREVIOUS_STATE_FILE).exists()      # nothing before epoch 1 to keep
+    with pytest.raises(FileNotFoundError, match="state saved after that epoch.*neither file exists"):
         train(yolo_class, data_yaml, tmp_path, make_pruner(), epochs=3, weights=weights / "last.pt", resume=True)
+
+
+def add_callback_at_epoch(model, event, epoch, action):
+    """Run ``action(trainer)`` at ``event`` of ``epoch`` (0-based), once."""
+    done = []
+
+    def callback(trainer):
+        if trainer.epoch == epoch and not done:
+            done.append(True)
+            action(trainer)
+    model.add_callback(event, callback)
+
+
+@pytest.mark.parametrize("admm_iters", [2, 3], ids=["at-the-cut", "mid-admm"])
+def test_nan_recovery_repeats_the_epoch_without_repeating_its_admm_step(yolo_class, data_yaml, tmp_path, admm_iters):
+    """Ultralytics reloads last.pt and repeats an epoch whose loss is NaN; the Z/U-step (and the cut)
+    taken at that epoch's end must be undone with it."""
+    pruner = make_pruner(admm_iters)
+    model = yolo_class("yolov8n.yaml")
+    add_callback_at_epoch(model, "on_train_epoch_end", 1, lambda trainer: setattr(trainer, "loss", torch.tensor(float("nan"))))
+    model = train(yolo_class, data_yaml, tmp_path, pruner, epochs=admm_iters + 1, weights=model)
+    assert [(h["epoch"], h["iteration"]) for h in pruner.history] == [(i, i) for i in range(1, admm_iters + 1)]
+    assert [h["rho"] for h in pruner.history] == [0.01 * 2 ** i for i in range(admm_iters)]
+    weights = model.trainer.wdir
+    for checkpoint in ("last.pt", "best.pt"):
+        assert_zero_outside(pruner.masks, ema_weights(weights / checkpoint))
+
+
+def test_early_stopping_waits_for_the_cut(yolo_class, data_yaml, tmp_path):
+    pruner = make_pruner(admm_iters=3)
+    model = yolo_class("yolov8n.yaml")
+
+    def dense_epoch_scored_high(trainer):        # with patience 1, epoch 2 would stop the run before the cut
+        trainer.stopper.best_fitness, trainer.stopper.best_epoch = 1.0, 1
+    add_callback_at_epoch(model, "on_fit_epoch_end", 0, dense_epoch_scored_high)
+    model = train(yolo_class, data_yaml, tmp_path, pruner, epochs=4, weights=model, patience=1)
+    assert len(pruner.history) == 3 and pruner.masks is not None
+
+
+def test_a_run_that_stops_before_the_cut_says_so(yolo_class, data_yaml, tmp_path):
+    model = yolo_class("yolov8n.yaml")
+    add_callback_at_epoch(model, "on_fit_epoch_end", 0, lambda trainer: setattr(trainer, "stop", True))
+    with pytest.raises(RuntimeError, match="ended after 1 epochs, before the cut at the end of epoch 2"):
+        train(yolo_class, data_yaml, tmp_path, make_pruner(), epochs=3, weights=model)
 
 
 def test_too_few_epochs_for_the_admm_phase_is_a_clear_error(yolo_class, data_yaml, tmp_path):
