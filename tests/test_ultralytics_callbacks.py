@@ -42,9 +42,9 @@ def train(yolo_class, data_yaml, project, pruner, epochs, interrupt_after_epoch=
                 raise Interrupt
         model.add_callback("on_fit_epoch_end", interrupt)
     # nbs=8 with batch=8 and no warmup: every batch is an optimizer step at the full learning rate
-    model.train(data=str(data_yaml), epochs=epochs, imgsz=96, batch=8, nbs=8, warmup_epochs=0, workers=0,
-                device="cpu", amp=False, plots=False, verbose=False, seed=0, project=str(project), name="run",
-                exist_ok=True, **extra)
+    settings = dict(imgsz=96, batch=8, nbs=8, warmup_epochs=0, workers=0, device="cpu", amp=False, plots=False,
+                    verbose=False, seed=0, project=str(project), name="run", exist_ok=True)
+    model.train(data=str(data_yaml), epochs=epochs, **{**settings, **extra})
     return model
 
 
@@ -135,6 +135,16 @@ def test_resume_without_the_admm_state_names_the_missing_file(yolo_class, data_y
     assert not (weights / PREVIOUS_STATE_FILE).exists()      # nothing before epoch 1 to keep
     with pytest.raises(FileNotFoundError, match="state saved after that epoch.*neither file exists"):
         train(yolo_class, data_yaml, tmp_path, make_pruner(), epochs=3, weights=weights / "last.pt", resume=True)
+
+
+def test_masks_hold_with_gradient_accumulation_and_warmup(yolo_class, data_yaml, tmp_path):
+    """batch 4 of a nominal 8: two backward passes per step, and a warmup that ramps lr and accumulation."""
+    pruner = make_pruner()
+    model = train(yolo_class, data_yaml, tmp_path, pruner, epochs=4, batch=4, warmup_epochs=1)
+    assert model.trainer.accumulate == 2
+    assert_zero_outside(pruner.masks, dict(model.trainer.model.named_parameters()))
+    assert_zero_outside(pruner.masks, ema_weights(model.trainer.wdir / "last.pt"))
+    assert sum(int(mask.sum()) for mask in pruner.masks.state_dict().values()) == pruner.history[-1]["kept"]
 
 
 def add_callback_at_epoch(model, event, epoch, action):
