@@ -138,6 +138,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    args.out_root = args.out_root.resolve()     # Ultralytics puts a relative project under its own runs_dir
     os.environ.setdefault("YOLO_CONFIG_DIR", str(args.out_root / "ultralytics_config"))
     from ultralytics import YOLO
 
