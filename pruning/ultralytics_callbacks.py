@@ -29,12 +29,13 @@ against a loss gradient of norm at most 10.
 
 The ADMM or mask state is written atomically to ``weights/admm_state.pt`` at the end of every
 epoch, the one before kept as ``admm_state.previous.pt``, so one of them always matches
-``last.pt``: ``model.train(resume=True)`` with a pruner registered again continues from it, and so
-does Ultralytics' NaN recovery, which reloads ``last.pt`` and repeats the epoch. Ultralytics resumes
+``last.pt`` (a repeated epoch overwrites its own file and keeps the one before):
+``model.train(resume=True)`` with a pruner registered again continues from it, and so does
+Ultralytics' NaN recovery, which reloads ``last.pt`` and repeats the epoch, up to three times. Ultralytics resumes
 from the fp16 EMA weights of ``last.pt``, so a resumed run is close to, not bit-identical with, an
 uninterrupted one. Under DDP (``device=0,1``) Ultralytics 8.4 pickles the callbacks into each
-worker process: the pruning then runs there (untested) and this object stays empty; the run
-folder has the results.
+worker process: the pruning then runs there (untested; rank 0 alone writes the state) and this
+object stays empty; the run folder has the results.
 """
 from __future__ import annotations
 
@@ -85,6 +86,7 @@ class UltralyticsADMM:
         self.history: list[dict] = []
         self._hooks: StepHooks | None = None
         self._epochs_ended = 0          # epochs whose end this object has handled, to notice a repeated one
+        self._state_file_epoch: int | None = None     # the epoch STATE_FILE holds, when this object knows it
 
     @property
     def admm_epochs(self) -> int:
@@ -112,7 +114,7 @@ class UltralyticsADMM:
             )
         self._detach()
         self.admm, self.masks, self.history = None, None, []
-        self._epochs_ended = trainer.start_epoch
+        self._epochs_ended, self._state_file_epoch = trainer.start_epoch, None
         if trainer.args.resume and trainer.start_epoch > 0:
             self._restore(trainer, trainer.start_epoch - 1)
         else:
@@ -144,11 +146,12 @@ class UltralyticsADMM:
         if self.masks is None:
             raise RuntimeError(
                 f"training ended after {self._epochs_ended} epochs, before the cut at the end of epoch"
-                f" {self.admm_epochs} (a time limit or a stop?): {trainer.save_dir} holds unpruned weights"
+                f" {self.admm_epochs} (a time limit or a stop?): {trainer.save_dir} holds unpruned weights, and"
+                f" Ultralytics has stripped last.pt for good; train again with epochs >= {self.admm_epochs}"
             )
         rows = layer_table(trainer.model, self.masks)
         ema = getattr(trainer, "ema", None)
-        saved = ema.ema if ema is not None else trainer.model           # what last.pt and best.pt are made of
+        saved = ema.ema if ema is not None else trainer.model           # what last.pt holds (best.pt: a pruned epoch's EMA)
         measured = layer_table(saved, include=list(self.masks))          # its nonzero weights, same layers
         report = {
             "config": dataclasses.asdict(self.config),
@@ -191,7 +194,11 @@ class UltralyticsADMM:
             self._hooks = None
 
     def _save_state(self, trainer) -> None:
-        """The state after this epoch, atomically; the one before moves to PREVIOUS_STATE_FILE."""
+        """The state after this epoch, atomically (rank 0 only). The file it replaces moves to
+        PREVIOUS_STATE_FILE, unless it is from this same epoch (a repeated one): then the state
+        after the epoch before, which the repeat started from, stays there."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return
         state = {
             "epoch": trainer.epoch,
             "admm": None if self.admm is None else self.admm.state_dict(),
@@ -201,26 +208,28 @@ class UltralyticsADMM:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         wdir = Path(trainer.wdir)
-        if (wdir / STATE_FILE).is_file():
+        if (wdir / STATE_FILE).is_file() and self._state_file_epoch != trainer.epoch:
             os.replace(wdir / STATE_FILE, wdir / PREVIOUS_STATE_FILE)
         write_bytes_atomically(wdir / STATE_FILE, buffer.getvalue())
+        self._state_file_epoch = trainer.epoch
 
     def _restore(self, trainer, epoch: int) -> None:
         """Take the state saved after ``epoch`` (0-based; the epoch of the checkpoint the trainer loaded)."""
         wdir = Path(trainer.wdir)
-        found = {}
+        saved_epochs, state = {}, None
         for name in (STATE_FILE, PREVIOUS_STATE_FILE):
             if (wdir / name).is_file():
-                state = torch.load(wdir / name, map_location="cpu", weights_only=True)
-                if state["epoch"] == epoch:
-                    break
-                found[name] = state["epoch"] + 1
-        else:
-            saved = ", ".join(f"{name} after epoch {done}" for name, done in found.items()) or "neither file exists"
+                loaded = torch.load(wdir / name, map_location="cpu", weights_only=True)
+                saved_epochs[name] = loaded["epoch"]
+                if loaded["epoch"] == epoch and state is None:
+                    state = loaded
+        if state is None:
+            found = ", ".join(f"{name} after epoch {done + 1}" for name, done in saved_epochs.items())
             raise FileNotFoundError(
                 f"{wdir}: the checkpoint continues after epoch {epoch + 1}, so the pruning state saved after that"
-                f" epoch ({STATE_FILE} or {PREVIOUS_STATE_FILE}) is needed; found {saved}"
+                f" epoch ({STATE_FILE} or {PREVIOUS_STATE_FILE}) is needed; found {found or 'neither file'}"
             )
+        self._state_file_epoch = saved_epochs.get(STATE_FILE)
         self.history = list(state["history"])
         self.admm, self.masks = None, None
         if state["masks"] is not None:

@@ -149,20 +149,22 @@ def test_mask_hooks_keep_pruned_weights_state_and_ema_at_zero(make_optimizer):
     assert any(torch.count_nonzero(params[name].detach()[~mask]) > 0 for name, mask in masks.items())
 
 
-def test_admm_pre_hook_scales_its_penalty_for_a_fused_optimizer_stepping_scaled_gradients():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_admm_pre_hook_scales_its_penalty_for_a_fused_optimizer_stepping_scaled_gradients(device):
     """GradScaler hands a fused optimizer still-scaled gradients (and ``grad_scale``); the penalty
     must reach the update as if the gradients had been unscaled first."""
     torch.manual_seed(0)
-    model = small_convnet()
+    model = small_convnet().to(device)
     reference = copy.deepcopy(model)
     config = ADMMConfig(sparsity=0.7, rho=0.5)
     admm, reference_admm = ADMM(model, config), ADMM(reference, config)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
     reference_opt = torch.optim.Adam(reference.parameters(), lr=0.01, fused=True)
     attach_admm(optimizer, admm)
-    scaler, reference_scaler = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in range(2))
+    scaler, reference_scaler = (torch.amp.GradScaler(device, init_scale=2.0 ** 10) for _ in range(2))
     for step in range(3):
-        images, labels = batch(step)
+        images, labels = (tensor.to(device) for tensor in batch(step))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(nn.functional.cross_entropy(model(images), labels)).backward()
         scaler.step(optimizer)                  # no unscale_ first: the fused kernel unscales
