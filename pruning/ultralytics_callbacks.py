@@ -221,8 +221,9 @@ class UltralyticsADMM:
             if (wdir / name).is_file():
                 loaded = torch.load(wdir / name, map_location="cpu", weights_only=True)
                 saved_epochs[name] = loaded["epoch"]
-                if loaded["epoch"] == epoch and state is None:
+                if loaded["epoch"] == epoch:
                     state = loaded
+                    break
         if state is None:
             found = ", ".join(f"{name} after epoch {done + 1}" for name, done in saved_epochs.items())
             raise FileNotFoundError(
