@@ -17,6 +17,13 @@ Reproduce (2-core CPU, no GPU, torch 2.14.1, ultralytics 8.4.190, 2026-11-26)::
 
     nohup .venv/bin/python benchmarks/prune_ultralytics.py > /tmp/prune_ultralytics.log 2>&1 &
 
+Seed 1 of the pruning runs from the same dense model (copy ``data`` and ``dense`` into the new root
+first; 21 min)::
+
+    mkdir -p runs/bench_ultralytics_seed1 && cp -r runs/bench_ultralytics/{data,dense} runs/bench_ultralytics_seed1/
+    .venv/bin/python benchmarks/prune_ultralytics.py --out-root runs/bench_ultralytics_seed1 --seed 1 \
+        --json benchmarks/results/prune_ultralytics_seed1.json
+
 Run folders: ``runs/bench_ultralytics/{data,dense,finetune,<method>_<sparsity>}``; the dense model is
 trained once and reused, and a run whose ``results.csv`` has all its epochs is read, not trained
 again. Writes benchmarks/results/prune_ultralytics.json (rewritten after every run) with each run's
