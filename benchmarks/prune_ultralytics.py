@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from data.synthetic import make_shapes_dataset  # noqa: E402
 from engine import atomic_write_json  # noqa: E402
 from pruning import ADMMConfig, UltralyticsADMM, attach_masks, magnitude_prune  # noqa: E402
+from pruning.ultralytics_callbacks import frozen_parameter_names  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "prune_ultralytics.json"
 
@@ -63,8 +64,8 @@ class MagnitudeThenMasks:
         self.masks = None
 
     def on_train_start(self, trainer) -> None:
-        frozen = [name for name, param in trainer.model.named_parameters() if not param.requires_grad]
-        self.masks = magnitude_prune(trainer.model, self.sparsity, scope="global", exclude=frozen)
+        self.masks = magnitude_prune(trainer.model, self.sparsity, scope="global",
+                                     exclude=frozen_parameter_names(trainer.model))
         self.masks.apply(trainer.model, trainer.optimizer, trainer.ema.ema)
         attach_masks(trainer.optimizer, trainer.model, self.masks, trainer.ema.ema)
 
@@ -83,6 +84,7 @@ def evaluate(yolo_class, weights: Path, args: argparse.Namespace) -> dict:
     model = yolo_class(str(weights))
     metrics = model.val(data=str(args.data_yaml), imgsz=args.img_size, batch=args.batch, device=args.device,
                         plots=False, verbose=False, project=str(args.out_root), name="val", exist_ok=True)
+    # a loaded model trains nothing (requires_grad is off everywhere), so the frozen DFL conv goes by name
     convs = [param for name, param in model.model.named_parameters() if param.dim() == 4 and ".dfl." not in name]
     total = sum(param.numel() for param in convs)
     zeros = sum(int((param == 0).sum()) for param in convs)

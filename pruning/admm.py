@@ -196,7 +196,8 @@ class ADMM:
 
         Call after backward (and after AMP unscaling), before ``optimizer.step()``. Gradients still
         multiplied by an AMP loss scale take the penalty times ``grad_scale`` (a scalar tensor), so
-        that unscaling them later leaves exactly ``rho * (W - Z + U)``.
+        that unscaling them later leaves exactly ``rho * (W - Z + U)``; that path builds the penalty
+        in one transient float copy of the prunable weights (the scale stays on the device: no sync).
         """
         self._follow_params()
         grads = []

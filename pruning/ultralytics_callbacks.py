@@ -62,6 +62,11 @@ REPORT_FILE = "pruning.json"   # in trainer.save_dir
 PLOT_FILE = "pruning_layers.png"
 
 
+def frozen_parameter_names(model: nn.Module) -> list[str]:
+    """Canonical names of the parameters that do not train (``requires_grad=False``): never prune them."""
+    return [name for name, param in canonical_parameters(model).items() if not param.requires_grad]
+
+
 class UltralyticsADMM:
     """Callbacks for ``ultralytics.YOLO.add_callback``: global (or layer-wise) ADMM for
     ``admm_iters * epochs_per_iter`` epochs, then hard pruning and masked retraining.
@@ -168,14 +173,10 @@ class UltralyticsADMM:
 
     def _config_for(self, model: nn.Module) -> ADMMConfig:
         """The run's config with frozen weights added to the exclusions."""
-        frozen = self._frozen_names(model)
+        frozen = frozen_parameter_names(model)
         if not frozen:
             return self.config
         return dataclasses.replace(self.config, exclude=[*(self.config.exclude or []), *frozen])
-
-    @staticmethod
-    def _frozen_names(model: nn.Module) -> list[str]:
-        return [name for name, param in canonical_parameters(model).items() if not param.requires_grad]
 
     def _attach(self, trainer) -> None:
         """Bind the current phase to the trainer's optimizer (and its current EMA, which Ultralytics

@@ -3,6 +3,7 @@ shapes): the global budget is met exactly, masks hold through retraining into be
 frozen weights are left alone, and a killed run resumes in either phase."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -30,15 +31,15 @@ def data_yaml(tmp_path_factory):
 
 
 class Interrupt(Exception):
-    """Stands for a kill after the checkpoint of one epoch was written."""
+    """Stands for a kill of the training process."""
 
 
-def train(yolo_class, data_yaml, project, pruner, epochs, interrupt_after_epoch=None, weights="yolov8n.yaml",
+def train(yolo_class, data_yaml, project, pruner, epochs, interrupt_after_epoch=None, model="yolov8n.yaml",
           interrupt_event="on_fit_epoch_end", **extra):
-    """Train with ``pruner`` registered; ``interrupt_after_epoch``: raise Interrupt at ``interrupt_event``
-    of that epoch (on_fit_epoch_end: after last.pt is written; on_train_epoch_end: before it, just
-    after the pruner's own epoch end)."""
-    model = weights if isinstance(weights, yolo_class) else yolo_class(str(weights))
+    """Train ``model`` (a YOLO, or the yaml / checkpoint to build one from) with ``pruner`` registered;
+    ``interrupt_after_epoch``: raise Interrupt at ``interrupt_event`` of that epoch (on_fit_epoch_end:
+    after last.pt is written; on_train_epoch_end: before it, just after the pruner's own epoch end)."""
+    model = model if isinstance(model, yolo_class) else yolo_class(str(model))
     pruner.register(model)
     if interrupt_after_epoch is not None:
         def interrupt(trainer):
@@ -76,7 +77,7 @@ def test_global_admm_then_masked_retraining_in_ultralytics_trainer(yolo_class, d
         if trainer.epoch == 0:
             trainer.best_fitness = 1.0
     model.add_callback("on_fit_epoch_end", dense_epoch_scored_high)
-    model = train(yolo_class, data_yaml, tmp_path, pruner, epochs=3, weights=model)
+    model = train(yolo_class, data_yaml, tmp_path, pruner, epochs=3, model=model)
     trainer = model.trainer
     params = dict(trainer.model.named_parameters())
     prunable = {name: p for name, p in params.items() if name.endswith(".weight") and p.dim() == 4 and p.requires_grad}
@@ -102,7 +103,6 @@ def test_global_admm_then_masked_retraining_in_ultralytics_trainer(yolo_class, d
     for checkpoint in ("last.pt", "best.pt"):
         assert_zero_outside(pruner.masks, ema_weights(trainer.wdir / checkpoint))
 
-    import json
     report = json.loads((trainer.save_dir / REPORT_FILE).read_text())
     assert report["mask"]["kept"] == k and report["mask"]["params"] == sum(p.numel() for p in prunable.values())
     assert 0.9 * k < report["nonzero_in_saved_weights"]["kept"] <= k
@@ -126,7 +126,7 @@ def test_killed_run_resumes_where_it_stopped(yolo_class, data_yaml, tmp_path, in
     assert saved["epoch"] == interrupt_after_epoch
 
     resumed = make_pruner()
-    model = train(yolo_class, data_yaml, tmp_path, resumed, epochs=epochs, weights=weights / "last.pt", resume=True)
+    model = train(yolo_class, data_yaml, tmp_path, resumed, epochs=epochs, model=weights / "last.pt", resume=True)
     if interrupt_event == "on_train_epoch_end":    # killed after the cut, before last.pt: the cut is redone
         assert saved["masks"] is not None and previous["admm"]["iteration"] == 1
         assert resumed.history[0] == previous["history"][0]
@@ -148,7 +148,7 @@ def test_resume_without_the_admm_state_names_the_missing_file(yolo_class, data_y
     os.remove(weights / STATE_FILE)
     assert not (weights / PREVIOUS_STATE_FILE).exists()      # nothing before epoch 1 to keep
     with pytest.raises(FileNotFoundError, match="state saved after that epoch.*neither file"):
-        train(yolo_class, data_yaml, tmp_path, make_pruner(), epochs=3, weights=weights / "last.pt", resume=True)
+        train(yolo_class, data_yaml, tmp_path, make_pruner(), epochs=3, model=weights / "last.pt", resume=True)
 
 
 def test_masks_hold_with_gradient_accumulation_and_warmup(yolo_class, data_yaml, tmp_path):
@@ -189,7 +189,7 @@ def test_nan_recovery_repeats_the_epoch_without_repeating_its_admm_step(yolo_cla
     model.add_callback("on_train_start", slow_ema)
     add_callback_at_epoch(model, "on_train_epoch_end", 1, lambda trainer: setattr(trainer, "loss", torch.tensor(float("nan"))),
                           times=nan_times)
-    model = train(yolo_class, data_yaml, tmp_path, pruner, epochs=admm_iters + 1, weights=model)
+    model = train(yolo_class, data_yaml, tmp_path, pruner, epochs=admm_iters + 1, model=model)
     assert [(h["epoch"], h["iteration"]) for h in pruner.history] == [(i, i) for i in range(1, admm_iters + 1)]
     assert [h["rho"] for h in pruner.history] == [0.01 * 2 ** i for i in range(admm_iters)]
     assert_zero_outside(pruner.masks, dict(model.trainer.model.named_parameters()))
@@ -204,7 +204,7 @@ def test_early_stopping_waits_for_the_cut(yolo_class, data_yaml, tmp_path):
     def dense_epoch_scored_high(trainer):        # with patience 1, epoch 2 would stop the run before the cut
         trainer.stopper.best_fitness, trainer.stopper.best_epoch = 1.0, 1
     add_callback_at_epoch(model, "on_fit_epoch_end", 0, dense_epoch_scored_high)
-    model = train(yolo_class, data_yaml, tmp_path, pruner, epochs=4, weights=model, patience=1)
+    model = train(yolo_class, data_yaml, tmp_path, pruner, epochs=4, model=model, patience=1)
     assert len(pruner.history) == 3 and pruner.masks is not None
 
 
@@ -212,7 +212,7 @@ def test_a_run_that_stops_before_the_cut_says_so(yolo_class, data_yaml, tmp_path
     model = yolo_class("yolov8n.yaml")
     add_callback_at_epoch(model, "on_fit_epoch_end", 0, lambda trainer: setattr(trainer, "stop", True))
     with pytest.raises(RuntimeError, match="ended after 1 epochs, before the cut at the end of epoch 2"):
-        train(yolo_class, data_yaml, tmp_path, make_pruner(), epochs=3, weights=model)
+        train(yolo_class, data_yaml, tmp_path, make_pruner(), epochs=3, model=model)
 
 
 def test_too_few_epochs_for_the_admm_phase_is_a_clear_error(yolo_class, data_yaml, tmp_path):
