@@ -53,6 +53,12 @@ then 6.4 passes (10 epochs of 32k images, --workers 2, --parallel 4, --sparsitie
 constant LR (resnet56_cifar10_cuda_6pass.json), and ADMM alone with --admm-iters 3 --retrain-epochs 7
 --rho-mult 3.162 (_6pass_admm3.json) or --rho 1.0 (_6pass_rho1.json). Each JSON holds its command.
 
+Third lease (2026-11-26, one NVIDIA H100 80GB HBM3, same software), ADMM's LR one cosine over all
+its epochs (--admm-lr shared): $COMMON with --admm-lr shared, all ratios of both methods at
+--parallel 10 (resnet56_cifar10_cuda_shared.json) beside ADMM alone at 70 / 90 % with
+--train-samples 32000 --parallel 2 (_cuda_6pass_shared.json), 5.8 min; then --rho 0.03
+--sparsities 0.1,0.5,0.9 --methods admm-global --parallel 3 (_cuda_shared_rho0.03.json), 2.1 min.
+
 With --parallel N each run is a process of its own (results do not depend on N, up to the GPU's
 nondeterminism; wall times do).
 """

@@ -161,6 +161,30 @@ def test_masks_hold_with_gradient_accumulation_and_warmup(yolo_class, data_yaml,
     assert sum(int(mask.sum()) for mask in pruner.masks.state_dict().values()) == pruner.history[-1]["kept"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_masks_hold_on_cuda_with_amp(yolo_class, data_yaml, tmp_path, monkeypatch):
+    """Ultralytics' AMP path on the GPU: float16 autocast and a GradScaler that unscales the gradients
+    before clipping them, so the penalty is added to unscaled gradients."""
+    import ultralytics.engine.trainer
+    # Ultralytics checks AMP against a reference model it downloads; offline there is none to fetch
+    monkeypatch.setattr(ultralytics.engine.trainer, "check_amp", lambda model: True)
+    pruner = make_pruner()
+    model = train(yolo_class, data_yaml, tmp_path, pruner, epochs=3, device=0, amp=True)
+    trainer = model.trainer
+    assert trainer.device.type == "cuda" and trainer.amp and trainer.scaler.is_enabled()
+    params = dict(trainer.model.named_parameters())
+    prunable = sum(params[name].numel() for name in pruner.masks)
+    assert sum(int(mask.sum()) for mask in pruner.masks.state_dict().values()) == kept_count(prunable, 0.8)
+    assert_zero_outside(pruner.masks, params)
+    for name, mask in pruner.masks.items():
+        for value in trainer.optimizer.state[params[name]].values():
+            if torch.is_tensor(value) and value.shape == mask.shape:
+                assert torch.count_nonzero(value[~mask]) == 0, name
+    for checkpoint in ("last.pt", "best.pt"):
+        assert_zero_outside({name: mask.cpu() for name, mask in pruner.masks.items()},
+                            ema_weights(trainer.wdir / checkpoint))
+
+
 def add_callback_at_epoch(model, event, epoch, action, times=1):
     """Run ``action(trainer)`` at ``event`` of ``epoch`` (0-based), the first ``times`` times it comes."""
     done = []
