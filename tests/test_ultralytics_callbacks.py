@@ -69,6 +69,14 @@ def assert_zero_outside(masks, named_params):
         assert torch.count_nonzero(named_params[name].detach()[~mask]) == 0, name
 
 
+def assert_optimizer_state_zero_outside(masks, optimizer, named_params):
+    """Momentum buffers and Adam moments hold nothing at pruned positions."""
+    for name, mask in masks.items():
+        for value in optimizer.state[named_params[name]].values():
+            if torch.is_tensor(value) and value.shape == mask.shape:
+                assert torch.count_nonzero(value[~mask]) == 0, name
+
+
 def test_global_admm_then_masked_retraining_in_ultralytics_trainer(yolo_class, data_yaml, tmp_path):
     pruner = make_pruner()
     model = yolo_class("yolov8n.yaml")
@@ -96,10 +104,7 @@ def test_global_admm_then_masked_retraining_in_ultralytics_trainer(yolo_class, d
 
     # the model, its optimizer state and the saved EMA weights (last.pt and best.pt) are zero where pruned
     assert_zero_outside(pruner.masks, params)
-    for name, mask in pruner.masks.items():
-        for value in trainer.optimizer.state[params[name]].values():
-            if torch.is_tensor(value) and value.shape == mask.shape:
-                assert torch.count_nonzero(value[~mask]) == 0, name
+    assert_optimizer_state_zero_outside(pruner.masks, trainer.optimizer, params)
     for checkpoint in ("last.pt", "best.pt"):
         assert_zero_outside(pruner.masks, ema_weights(trainer.wdir / checkpoint))
 
@@ -176,10 +181,7 @@ def test_masks_hold_on_cuda_with_amp(yolo_class, data_yaml, tmp_path, monkeypatc
     prunable = sum(params[name].numel() for name in pruner.masks)
     assert sum(int(mask.sum()) for mask in pruner.masks.state_dict().values()) == kept_count(prunable, 0.8)
     assert_zero_outside(pruner.masks, params)
-    for name, mask in pruner.masks.items():
-        for value in trainer.optimizer.state[params[name]].values():
-            if torch.is_tensor(value) and value.shape == mask.shape:
-                assert torch.count_nonzero(value[~mask]) == 0, name
+    assert_optimizer_state_zero_outside(pruner.masks, trainer.optimizer, params)
     for checkpoint in ("last.pt", "best.pt"):
         assert_zero_outside({name: mask.cpu() for name, mask in pruner.masks.items()},
                             ema_weights(trainer.wdir / checkpoint))
