@@ -178,8 +178,8 @@ def test_masks_hold_on_cuda_with_amp(yolo_class, data_yaml, tmp_path, monkeypatc
     trainer = model.trainer
     assert trainer.device.type == "cuda" and trainer.amp and trainer.scaler.is_enabled()
     params = dict(trainer.model.named_parameters())
-    prunable = sum(params[name].numel() for name in pruner.masks)
-    assert sum(int(mask.sum()) for mask in pruner.masks.state_dict().values()) == kept_count(prunable, 0.8)
+    prunable_count = sum(params[name].numel() for name in pruner.masks)
+    assert sum(int(mask.sum()) for mask in pruner.masks.state_dict().values()) == kept_count(prunable_count, 0.8)
     assert_zero_outside(pruner.masks, params)
     assert_optimizer_state_zero_outside(pruner.masks, trainer.optimizer, params)
     for checkpoint in ("last.pt", "best.pt"):
