@@ -65,8 +65,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue each phase from its newest checkpoint")
     parser.add_argument("--eval-every", type=int, default=1, metavar="N",
                         help="test-set accuracy every N epochs (default 1; 0: only the final accuracies, which "
-                             "is faster and is how the benchmarks run: each evaluation draws from torch's random "
-                             "stream, so N also changes the training shuffles)")
+                             "is faster; N does not change the training)")
     parser.add_argument("--out", type=Path, default=None, help="write the final weights here")
     parser.add_argument("--json-out", type=Path, default=None, help="write the result JSON (plots go beside it)")
 

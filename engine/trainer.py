@@ -250,7 +250,11 @@ class Trainer:
             self.last_checkpoint)
 
     def _maybe_evaluate(self, is_last: bool) -> dict[str, float]:
-        """`evaluate` on the EMA copy (or the model) when due; under DDP on rank 0, sent to every rank."""
+        """`evaluate` on the EMA copy (or the model) when due; under DDP on rank 0, sent to every rank.
+
+        It runs on a fork of torch's random streams: iterating a DataLoader draws a seed from them, and
+        training's shuffles must not depend on how often (or on which rank) the model is evaluated.
+        """
         every = self.config.eval_every
         if self.evaluate is None or every == 0 or not (is_last or (self.epoch + 1) % every == 0):
             return {}
@@ -259,7 +263,8 @@ class Trainer:
             model = self.ema.module if self.ema is not None else self.model
             was_training = model.training
             model.eval()
-            with torch.no_grad():
+            cuda_devices = [self.device] if self.device.type == "cuda" else []
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices):
                 metrics = {key: float(value) for key, value in self.evaluate(model).items()}
             model.train(was_training)
         return distributed.broadcast_object(metrics)
