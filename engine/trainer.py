@@ -26,6 +26,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -165,8 +166,8 @@ class Trainer:
             started = time.perf_counter()
             train_logs = self._train_one_epoch()
             self._call("end_epoch")
-            if self.scheduler is not None and self.config.scheduler_interval == "epoch":
-                self.scheduler.step()
+            if self.config.scheduler_interval == "epoch":
+                self._step_scheduler()
             metrics = self._maybe_evaluate(is_last=self.epoch + 1 == total)
             self.epoch += 1
             self._record_epoch(train_logs, metrics, time.perf_counter() - started)
@@ -238,9 +239,20 @@ class Trainer:
         self._call("after_step")
         if self.ema is not None:
             self.ema.update(self.model)
-        if self.scheduler is not None and self.config.scheduler_interval == "step":
-            self.scheduler.step()
+        if self.config.scheduler_interval == "step":
+            self._step_scheduler()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _step_scheduler(self) -> None:
+        """Advance the LR schedule, which follows the batches even when GradScaler skipped the optimizer
+        step (gradients that overflowed; often the first step). torch warns about that case as if the
+        calls were out of order; they are not, so that one warning is silenced."""
+        if self.scheduler is None:
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before",
+                                    category=UserWarning)
+            self.scheduler.step()
 
     def _stop_on_non_finite(self, loss_value: float, batch_index: int) -> None:
         where = self.last_checkpoint if self.last_checkpoint is not None else "none was written"

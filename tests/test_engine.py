@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 
 import pytest
 import torch
@@ -240,6 +241,31 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
         return model.weight.detach()
 
     assert torch.allclose(run(8, 1), run(4, 2), atol=1e-6)
+
+
+def test_a_step_gradscaler_skips_still_advances_the_schedule_without_a_warning(tmp_path):
+    """The first batch's loss is so large that its scaled gradients overflow: GradScaler skips that
+    optimizer step (the case AMP meets on CUDA; torch's GradScaler does the same on CPU). The LR
+    schedule still follows the batches, and torch's "scheduler before optimizer" warning, which is
+    about calls out of order, does not appear."""
+    def overflow_first_batch(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        loss, logs = cross_entropy(model, batch)
+        return (loss * 1e35 if trainer.step == 0 else loss), logs
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    trainer = Trainer(model, optimizer, overflow_first_batch, tiny_loader(), scheduler=scheduler,
+                      config=TrainConfig(epochs=1, device="cpu", scheduler_interval="step", progress=False))
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit()
+    assert trainer.scaler.get_scale() == 2.0 ** 15  # one step skipped, then none
+    assert trainer.step == scheduler.last_epoch == 6
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 / 7)
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
 
 
 def test_train_config_rejects_bad_values():
