@@ -5,7 +5,8 @@ penalty and the masks ride on the optimizer's step hooks (``pruning.optimizer_ho
 callbacks below only build the state, run the Z/U-steps at epoch ends and switch phases. Nothing
 here imports ultralytics: the callbacks read ``trainer.model``, ``trainer.optimizer``,
 ``trainer.ema.ema``, ``trainer.epoch``, ``trainer.epochs``, ``trainer.start_epoch``,
-``trainer.args.resume``, ``trainer.wdir`` and ``trainer.save_dir``, and reset
+``trainer.args.resume``, ``trainer.args.save``, ``trainer.args.save_period``, ``trainer.wdir`` and
+``trainer.save_dir``, and reset
 ``trainer.best_fitness`` and ``trainer.stopper.best_fitness`` (tested with ultralytics 8.4).
 
     from ultralytics import YOLO
@@ -31,7 +32,10 @@ The ADMM or mask state is written atomically to ``weights/admm_state.pt`` at the
 epoch, the one before kept as ``admm_state.previous.pt``, so one of them always matches
 ``last.pt`` (a repeated epoch overwrites its own file and keeps the one before):
 ``model.train(resume=True)`` with a pruner registered again continues from it, and so does
-Ultralytics' NaN recovery, which reloads ``last.pt`` and repeats the epoch, up to three times. Ultralytics resumes
+Ultralytics' NaN recovery, which reloads ``last.pt`` and repeats the epoch, up to three times. With
+``save_period=N`` the state after each epoch that gets an ``epoch{E}.pt`` is also kept, as
+``admm_state.epoch{E}.pt``, so a run resumes from any of those checkpoints too; with ``save=False``
+no checkpoint is written to resume from, and no state either. Ultralytics resumes
 from the fp16 EMA weights of ``last.pt``, so a resumed run is close to, not bit-identical with, an
 uninterrupted one. Under DDP (``device=0,1``) Ultralytics 8.4 pickles the callbacks into each
 worker process: the pruning then runs there (untested; rank 0 alone writes the state) and this
@@ -58,6 +62,7 @@ from pruning.sparse_archive import write_bytes_atomically
 
 STATE_FILE = "admm_state.pt"   # in trainer.wdir, beside last.pt
 PREVIOUS_STATE_FILE = "admm_state.previous.pt"
+PERIODIC_STATE_FILE = "admm_state.epoch{}.pt"   # beside Ultralytics' epoch{E}.pt (save_period)
 REPORT_FILE = "pruning.json"   # in trainer.save_dir
 PLOT_FILE = "pruning_layers.png"
 
@@ -195,10 +200,13 @@ class UltralyticsADMM:
             self._hooks = None
 
     def _save_state(self, trainer) -> None:
-        """The state after this epoch, atomically (rank 0 only). The file it replaces moves to
-        PREVIOUS_STATE_FILE, unless it is from this same epoch (a repeated one): then the state
-        after the epoch before, which the repeat started from, stays there."""
+        """The state after this epoch, atomically (rank 0 only, and only when Ultralytics saves
+        checkpoints). The file it replaces moves to PREVIOUS_STATE_FILE, unless it is from this same
+        epoch (a repeated one): then the state after the epoch before, which the repeat started from,
+        stays there. An epoch that gets a periodic ``epoch{E}.pt`` also gets its PERIODIC_STATE_FILE."""
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return
+        if not trainer.args.save:
             return
         state = {
             "epoch": trainer.epoch,
@@ -213,12 +221,15 @@ class UltralyticsADMM:
             os.replace(wdir / STATE_FILE, wdir / PREVIOUS_STATE_FILE)
         write_bytes_atomically(wdir / STATE_FILE, buffer.getvalue())
         self._state_file_epoch = trainer.epoch
+        period = trainer.args.save_period
+        if period > 0 and trainer.epoch % period == 0:       # Ultralytics' own test for epoch{E}.pt
+            write_bytes_atomically(wdir / PERIODIC_STATE_FILE.format(trainer.epoch), buffer.getvalue())
 
     def _restore(self, trainer, epoch: int) -> None:
         """Take the state saved after ``epoch`` (0-based; the epoch of the checkpoint the trainer loaded)."""
         wdir = Path(trainer.wdir)
         saved_epochs, state = {}, None
-        for name in (STATE_FILE, PREVIOUS_STATE_FILE):
+        for name in (STATE_FILE, PREVIOUS_STATE_FILE, PERIODIC_STATE_FILE.format(epoch)):
             if (wdir / name).is_file():
                 loaded = torch.load(wdir / name, map_location="cpu", weights_only=True)
                 saved_epochs[name] = loaded["epoch"]
@@ -229,7 +240,8 @@ class UltralyticsADMM:
             found = ", ".join(f"{name} after epoch {done + 1}" for name, done in saved_epochs.items())
             raise FileNotFoundError(
                 f"{wdir}: the checkpoint continues after epoch {epoch + 1}, so the pruning state saved after that"
-                f" epoch ({STATE_FILE} or {PREVIOUS_STATE_FILE}) is needed; found {found or 'neither file'}"
+                f" epoch ({STATE_FILE}, {PREVIOUS_STATE_FILE} or {PERIODIC_STATE_FILE.format(epoch)}) is needed;"
+                f" found {found or 'none of them'}"
             )
         self._state_file_epoch = saved_epochs.get(STATE_FILE)
         self.history = list(state["history"])

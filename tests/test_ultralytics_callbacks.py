@@ -11,7 +11,7 @@ import torch
 
 from data.synthetic import make_shapes_dataset
 from pruning import ADMMConfig, UltralyticsADMM, kept_count
-from pruning.ultralytics_callbacks import PLOT_FILE, PREVIOUS_STATE_FILE, REPORT_FILE, STATE_FILE
+from pruning.ultralytics_callbacks import PERIODIC_STATE_FILE, PLOT_FILE, PREVIOUS_STATE_FILE, REPORT_FILE, STATE_FILE
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +152,32 @@ def test_resume_without_the_admm_state_names_the_missing_file(yolo_class, data_y
     weights = tmp_path / "run" / "weights"
     os.remove(weights / STATE_FILE)
     assert not (weights / PREVIOUS_STATE_FILE).exists()      # nothing before epoch 1 to keep
-    with pytest.raises(FileNotFoundError, match="state saved after that epoch.*neither file"):
+    with pytest.raises(FileNotFoundError, match="state saved after that epoch.*found none of them"):
         train(yolo_class, data_yaml, tmp_path, make_pruner(), epochs=3, model=weights / "last.pt", resume=True)
+
+
+def test_a_run_resumes_from_a_periodic_checkpoint(yolo_class, data_yaml, tmp_path):
+    """save_period=1 keeps epoch0.pt, epoch1.pt, ...; the state after epoch 0 is gone from the two
+    rolling files by the end, so resuming from epoch0.pt needs its own periodic state file."""
+    first = make_pruner()
+    train(yolo_class, data_yaml, tmp_path, first, epochs=3, save_period=1)
+    weights = tmp_path / "run" / "weights"
+    assert {path.name for path in weights.glob("admm_state.epoch*.pt")} == {PERIODIC_STATE_FILE.format(e) for e in range(3)}
+    assert torch.load(weights / PREVIOUS_STATE_FILE, weights_only=True)["epoch"] == 1
+
+    resumed = make_pruner()
+    model = train(yolo_class, data_yaml, tmp_path, resumed, epochs=3, model=weights / "epoch0.pt", resume=True)
+    assert resumed.history[0] == first.history[0]                 # restored, not redone
+    assert [(h["iteration"], h["rho"]) for h in resumed.history] == [(1, 0.01), (2, 0.02)]
+    assert_zero_outside(resumed.masks, dict(model.trainer.model.named_parameters()))
+
+
+def test_no_state_is_written_when_ultralytics_saves_no_checkpoints(yolo_class, data_yaml, tmp_path):
+    pruner = make_pruner(admm_iters=1)
+    model = train(yolo_class, data_yaml, tmp_path, pruner, epochs=2, save=False)
+    assert not list(model.trainer.wdir.glob("admm_state*.pt"))
+    assert json.loads((model.trainer.save_dir / REPORT_FILE).read_text())["mask"]["kept"] == kept_count(
+        sum(mask.numel() for mask in pruner.masks.state_dict().values()), 0.8)
 
 
 def test_masks_hold_with_gradient_accumulation_and_warmup(yolo_class, data_yaml, tmp_path):
