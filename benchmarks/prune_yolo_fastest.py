@@ -69,7 +69,7 @@ import torch
 
 from data.sources import load_yolo_dataset
 from detector import parse_cfg
-from detector.prune_pipeline import METHODS, PruneJob, run_job
+from detector.prune_pipeline import METHODS, PruneJob, run_job, sparsity_folder_name
 from engine import atomic_write_bytes, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +142,7 @@ def summarise_sparsity(result: dict[str, Any]) -> dict[str, Any]:
 
 def admm_residuals(out_root: Path, method: str, sparsity: float) -> list[dict] | None:
     """The ADMM residual history the pipeline wrote for one run, or None (magnitude methods)."""
-    path = out_root / method / f"sparsity_{sparsity:.3f}".rstrip("0").rstrip(".") / "admm_residuals.json"
+    path = out_root / method / sparsity_folder_name(sparsity) / "admm_residuals.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 

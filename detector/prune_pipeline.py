@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,10 @@ class PruneJob:
             self.sparsity = [float(self.sparsity)]
         for value in self.sparsity:
             pruning.check_sparsity(float(value))
+        values = [float(value) for value in self.sparsity]
+        repeated = sorted({value for value in values if values.count(value) > 1})
+        if repeated:
+            raise ValueError(f"sparsity lists {', '.join(map(repr, repeated))} more than once; each value is one run")
         if self.method not in METHODS:
             raise ValueError(f"unknown pruning method {self.method!r}; expected one of {', '.join(METHODS)}")
         unknown = sorted(set(self.export) - set(EXPORT_FORMATS))
@@ -219,7 +224,11 @@ class RunContext:
     letterbox: bool
 
     def load_model(self) -> torch.nn.Module:
-        return detector.load_darknet(self.job.cfg, self.job.weights)
+        """The job's model; without weights, the same random initialisation (from the job's seed) at
+        every call. Building it leaves torch's random stream as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.job.seed)
+            return detector.load_darknet(self.job.cfg, self.job.weights)
 
     def train_config(self, epochs: int, checkpoint_dir: Path) -> DetectTrainConfig:
         job = self.job
@@ -286,9 +295,17 @@ def load_state(path: Path, ctx: RunContext) -> tuple[torch.nn.Module, pruning.Ma
     return model, masks
 
 
+def seed_phase(seed: int, sparsity: float, phase: str) -> None:
+    """Seed torch for one training phase from (seed, sparsity, phase) alone. The phase then trains
+    alike whether the stages before it ran in this process or were skipped on resume: their
+    evaluations, and the other sparsities of a sweep, draw from torch's random stream."""
+    torch.manual_seed(zlib.crc32(f"{seed}/{sparsity!r}/{phase}".encode()))
+
+
 def run_admm(ctx: RunContext, model: torch.nn.Module, sparsity: float, folder: Path) -> pruning.Masks:
     """ADMM with the full detection loss; returns the hard-pruning masks (the support of Z)."""
     job = ctx.job
+    seed_phase(job.seed, sparsity, "admm")
     scope = "global" if job.method == "admm-global" else "layerwise"
     config = ctx.train_config(job.admm_epochs, folder / "admm")
     trainer = build_detector_trainer(model, ctx.train, None, config)  # moves the model to its device
@@ -322,7 +339,7 @@ def prune_stage(ctx: RunContext, sparsity: float, folder: Path) -> tuple[torch.n
     return model, masks
 
 
-def retrain_stage(ctx: RunContext, model: torch.nn.Module, masks: pruning.Masks,
+def retrain_stage(ctx: RunContext, model: torch.nn.Module, masks: pruning.Masks, sparsity: float,
                   folder: Path) -> torch.nn.Module:
     """Stage 4: masked retraining (saved to ``retrained.pt``)."""
     state_path = folder / "retrained.pt"
@@ -330,6 +347,7 @@ def retrain_stage(ctx: RunContext, model: torch.nn.Module, masks: pruning.Masks,
         return load_state(state_path, ctx)[0]
     epochs = ctx.job.retrain_epochs + (0 if ctx.job.method.startswith("admm") else ctx.job.admm_epochs)
     if epochs > 0:
+        seed_phase(ctx.job.seed, sparsity, "retrain")
         config = ctx.train_config(epochs, folder / "retrain")
         trainer = build_detector_trainer(model, ctx.train, None, config)
         masks.to(trainer.device)
@@ -340,9 +358,15 @@ def retrain_stage(ctx: RunContext, model: torch.nn.Module, masks: pruning.Masks,
     return model
 
 
+def sparsity_folder_name(sparsity: float) -> str:
+    """``sparsity_<s>`` with Python's shortest exact repr of ``s`` (0.8 -> ``sparsity_0.8``): one
+    folder per distinct value, so no two runs of a sweep can share one."""
+    return f"sparsity_{float(sparsity)!r}"
+
+
 def run_sparsity(ctx: RunContext, sparsity: float, dense: dict[str, Any]) -> dict[str, Any]:
     """Stages 2-5 for one target sparsity, in ``<out>/sparsity_<s>/``; returns its results."""
-    folder = ctx.root / f"sparsity_{sparsity:.3f}".rstrip("0").rstrip(".")
+    folder = ctx.root / sparsity_folder_name(sparsity)
     folder.mkdir(parents=True, exist_ok=True)
     finished = stage_done(folder / "results.json")
     if finished is not None:
@@ -350,7 +374,7 @@ def run_sparsity(ctx: RunContext, sparsity: float, dense: dict[str, Any]) -> dic
     started = time.perf_counter()
     model, masks = prune_stage(ctx, sparsity, folder)
     hard = stage_done(folder / "hard_prune.json") or ctx.record("hard_prune", model, folder)
-    model = retrain_stage(ctx, model, masks, folder)
+    model = retrain_stage(ctx, model, masks, sparsity, folder)
     retrained = stage_done(folder / "retrained.json") or ctx.record("retrained", model, folder)
     rows = pruning.layer_table(model, masks)
     write_json(folder / "layers.json", rows)

@@ -85,6 +85,18 @@ def _kill_after_checkpoint(monkeypatch, phase: str, epoch: int) -> None:
     monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
 
 
+def _kill_in_first_epoch(monkeypatch, phase: str) -> None:
+    """A kill after the phase's first optimizer step: no checkpoint of it exists yet."""
+    original = Trainer._optimizer_step
+
+    def step_then_die(self):
+        original(self)
+        if Path(self.config.checkpoint_dir).name == phase and self.step == 1:
+            raise SimulatedKill(f"killed in the first {phase} epoch")
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_die)
+
+
 def _kill_at_hard_prune(monkeypatch) -> None:
     def die(self):
         raise SimulatedKill("killed between ADMM and the hard prune")
@@ -92,10 +104,15 @@ def _kill_at_hard_prune(monkeypatch) -> None:
     monkeypatch.setattr(pruning.ADMM, "hard_prune", die)
 
 
-@pytest.mark.parametrize("kill_point", ["mid-admm", "before-hard-prune", "mid-retrain"])
+@pytest.mark.parametrize("kill_point", ["first-admm-epoch", "mid-admm", "before-hard-prune", "first-retrain-epoch",
+                                        "mid-retrain"])
 def test_killed_run_resumes_to_the_same_result(kill_point, shapes_yaml, uninterrupted, tmp_path):
+    """Killed before a phase's first checkpoint, the resumed run skips the evaluations before it
+    (dense, hard prune), which drew from torch's random stream; the phase still trains alike."""
     with pytest.MonkeyPatch.context() as patch:
-        if kill_point == "mid-admm":
+        if kill_point.startswith("first-"):
+            _kill_in_first_epoch(patch, kill_point.split("-")[1])
+        elif kill_point == "mid-admm":
             _kill_after_checkpoint(patch, "admm", epoch=1)
         elif kill_point == "before-hard-prune":
             _kill_at_hard_prune(patch)
@@ -113,6 +130,12 @@ def test_killed_run_resumes_to_the_same_result(kill_point, shapes_yaml, uninterr
         torch.testing.assert_close(resumed["model"][name], weight, rtol=0, atol=1e-6, msg=name)
 
 
+def test_every_sparsity_of_a_sweep_gets_its_own_folder():
+    names = [prune_pipeline.sparsity_folder_name(s) for s in (0.6, 0.6004, 0.999, 0.9991, 0.9995, 0.5)]
+    assert names[0] == "sparsity_0.6" and names[-1] == "sparsity_0.5"
+    assert len(set(names)) == len(names)
+
+
 def test_resume_with_other_settings_is_refused(shapes_yaml, uninterrupted):
     with pytest.raises(ValueError, match=r"other settings \(admm_iters: 2 -> 3\)"):
         run_job(tiny_job(shapes_yaml, uninterrupted["out"], admm_iters=3))
@@ -121,6 +144,8 @@ def test_resume_with_other_settings_is_refused(shapes_yaml, uninterrupted):
 def test_bad_settings_name_what_is_wrong(shapes_yaml, tmp_path):
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\).*1\.2"):
         tiny_job(shapes_yaml, tmp_path, sparsity=[1.2])
+    with pytest.raises(ValueError, match=r"sparsity lists 0\.5 more than once"):
+        tiny_job(shapes_yaml, tmp_path, sparsity=[0.5, 0.7, 0.5])
     with pytest.raises(ValueError, match="multiple of 32, found 100"):
         tiny_job(shapes_yaml, tmp_path, img_size=100)
     with pytest.raises(ValueError, match="unknown pruning method 'magic'"):
