@@ -121,6 +121,8 @@ class TrainSettings:
                              f"and {self.eval_every}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, found {self.lr}")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume needs a checkpoint_dir (--checkpoint-dir) to continue from")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, found {self.optimizer!r}")
 
@@ -236,13 +238,16 @@ def make_train_loader(spec: ModelSpec, train_set: Dataset, settings: TrainSettin
     """Shuffled batches; an epoch is `train_samples` images drawn without replacement (or all).
 
     Under torchrun each of the N processes gets 1/N of every global batch (DistributedSampler).
+    Worker processes start afresh every epoch, seeded from torch's random stream at that point,
+    which a checkpoint holds: so a resumed run draws the same augmentation. (Persistent workers
+    would carry their random state from epoch to epoch, and no checkpoint could hold it.)
     """
     batch_size = settings.batch_size or spec.batch_size
     if distributed.world_size() > 1:
         return _distributed_train_loader(train_set, batch_size, settings)
     sampler = RandomSampler(train_set, num_samples=settings.train_samples)
     return DataLoader(train_set, batch_size, sampler=sampler,
-                      num_workers=settings.workers, persistent_workers=settings.workers > 0,
+                      num_workers=settings.workers,
                       pin_memory=resolve_device(settings.device).type == "cuda")
 
 
@@ -255,7 +260,6 @@ def _distributed_train_loader(train_set: Dataset, batch_size: int, settings: Tra
         raise ValueError(f"--batch-size {batch_size} (the global batch) must divide by the {processes} processes")
     sampler = distributed.distributed_sampler(train_set, shuffle=True, seed=settings.seed)
     return DataLoader(train_set, batch_size // processes, sampler=sampler, num_workers=settings.workers,
-                      persistent_workers=settings.workers > 0,
                       pin_memory=resolve_device(settings.device).type == "cuda")
 
 

@@ -15,7 +15,7 @@ import classify.pipeline
 from classify import LENET5_PRUNABLE_WEIGHTS, LeNet5, resnet56
 from classify.cli import main as classify_main
 from classify.distill import DistillationLoss, frozen_copy
-from classify.pipeline import PruneSettings, TrainSettings, load_weights, prepare, prune_model
+from classify.pipeline import PruneSettings, TrainSettings, classification_loss, load_weights, prepare, prune_model
 from classify.resnet56 import RESNET56_MEAN, RESNET56_STD
 from data.cifar import CIFARDataset, decode_rgb32, list_class_images, load_cifar_folder, random_crop_flip
 from data.mnist import IMAGES_MAGIC, LABELS_MAGIC, MNISTDataset, load_mnist, read_idx
@@ -230,6 +230,8 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "nowhere: data directory not found" in capsys.readouterr().err
     assert yolo_admm_main(["classify", "eval", "--model", "lenet5", *base]) == 2
     assert "w.pt: weights file not found" in capsys.readouterr().err
+    assert yolo_admm_main(["classify", "train", "--model", "lenet5", "--data", str(tmp_path / "mnist"), "--resume"]) == 2
+    assert "resume needs a checkpoint_dir (--checkpoint-dir)" in capsys.readouterr().err
 
 
 def test_tiny_end_to_end_train_and_prune(tmp_path):
@@ -265,6 +267,34 @@ def test_tiny_end_to_end_train_and_prune(tmp_path):
     resumed = load_weights(LeNet5(), tmp_path / "resumed.pt")
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), pruned.state_dict().values()))
     assert json.loads((tmp_path / "resumed.json").read_text())["admm_updates"] == result["admm_updates"]
+
+
+class RandomlyAugmented(torch.utils.data.Dataset):
+    """Every item draws from torch's random stream, as the augmentations do, in a worker process."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, index: int):
+        return torch.randn(4) + 0.01 * index, index % 2
+
+
+def test_resume_with_worker_processes_equals_an_uninterrupted_run(tmp_path):
+    from engine import TrainConfig, Trainer
+
+    def train(epochs: int, folder, resume: bool) -> torch.Tensor:
+        classify.pipeline.seed_everything(0)
+        model = torch.nn.Linear(4, 2)
+        loader = classify.pipeline.make_train_loader(classify.pipeline.MODELS["lenet5"], RandomlyAugmented(),
+                                                     TrainSettings(batch_size=8, workers=1, device="cpu"))
+        config = TrainConfig(epochs=epochs, device="cpu", checkpoint_dir=folder, resume=folder if resume else None,
+                             progress=False)
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss, loader, config).fit()
+        return model.weight.detach()
+
+    uninterrupted = train(3, tmp_path / "a", resume=False)
+    train(1, tmp_path / "b", resume=False)                  # killed after its first epoch
+    assert torch.equal(train(3, tmp_path / "b", resume=True), uninterrupted)
 
 
 def test_tiny_magnitude_uniform_prunes_every_layer_alike(tmp_path):
