@@ -2,12 +2,14 @@
 
 Task code passes in `loss_fn(model, batch) -> (loss, logs)` and optionally
 `evaluate(model) -> dict[str, float]`; everything task-specific stays outside. Callbacks are
-duck-typed: any of `on_train_start(trainer)`, `after_backward(trainer)`, `after_step(trainer)`,
-`end_epoch(trainer)`, `state_dict()`, `load_state_dict(d)` (see docs/contracts.md "engine").
+duck-typed: any of `on_train_start(trainer)`, `after_backward(trainer)`, `before_step(trainer)`,
+`after_step(trainer)`, `end_epoch(trainer)`, `state_dict()`, `load_state_dict(d)` (see
+docs/contracts.md "engine").
 
 Order of one optimizer step (after `accumulate` batches were back-propagated):
-unscale (AMP) -> `after_backward` -> clip -> `optimizer.step()` -> `after_step` -> EMA update
--> scheduler (when stepping per step). Order of one epoch: batches -> `end_epoch` -> scheduler
+unscale (AMP) -> `after_backward` -> clip -> `before_step` -> `optimizer.step()` -> `after_step`
+-> EMA update -> scheduler (when stepping per step). What `before_step` adds to the gradients
+(the ADMM penalty) is not clipped. Order of one epoch: batches -> `end_epoch` -> scheduler
 (per epoch) -> evaluate -> history/CSV -> checkpoint.
 
 Under torchrun (a process group of several processes, see `engine.distributed`) the model trains
@@ -43,7 +45,7 @@ from engine.ema import ModelEMA, unwrap
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
 EvaluateFn = Callable[[nn.Module], "dict[str, float]"]
-HOOKS = ("on_train_start", "after_backward", "after_step", "end_epoch")
+HOOKS = ("on_train_start", "after_backward", "before_step", "after_step", "end_epoch")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -228,11 +230,12 @@ class Trainer:
         return {key: total / max(batches, 1) for key, total in zip(keys, totals)}
 
     def _optimizer_step(self) -> None:
-        """Unscale, hooks, clip, step, EMA, per-step scheduler; then clear the gradients."""
+        """Unscale, hooks, clip, hooks, step, EMA, per-step scheduler; then clear the gradients."""
         self.scaler.unscale_(self.optimizer)
         self._call("after_backward")
         if self.config.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad_norm)
+        self._call("before_step")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1

@@ -13,7 +13,8 @@ from pruning.masks import Masks
 
 
 class ADMMCallback:
-    """W-step penalty after every backward; Z/U update every ``steps_per_update`` optimizer steps.
+    """W-step penalty before every optimizer step (after any clipping); Z/U update every
+    ``steps_per_update`` optimizer steps.
 
     ``history`` holds one dict per update: ``step`` plus what ``ADMM.update()`` returns.
     """
@@ -26,8 +27,8 @@ class ADMMCallback:
         self.steps = 0
         self.history: list[dict] = []
 
-    def after_backward(self, trainer) -> None:
-        self.admm.add_penalty_grad()
+    def before_step(self, trainer) -> None:
+        self.admm.add_penalty_grad()   # after any gradient clipping: rho weighs unclipped
 
     def after_step(self, trainer) -> None:
         self.steps += 1

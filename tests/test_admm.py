@@ -32,7 +32,7 @@ def train_steps(trainer, callback, first_step: int, count: int) -> None:
         images, labels = batch(step)
         trainer.optimizer.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(trainer.model(images), labels).backward()
-        callback.after_backward(trainer)
+        callback.before_step(trainer)
         trainer.optimizer.step()
         callback.after_step(trainer)
 

@@ -204,6 +204,7 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.grad_norms: list[float] = []
+        self.grad_norms_before_step: list[float] = []
 
     def on_train_start(self, trainer) -> None:
         self.calls.append("on_train_start")
@@ -211,6 +212,10 @@ class Recorder:
     def after_backward(self, trainer) -> None:
         self.calls.append("after_backward")
         self.grad_norms.append(float(torch.cat([p.grad.flatten() for p in trainer.model.parameters()]).norm()))
+
+    def before_step(self, trainer) -> None:
+        self.calls.append("before_step")
+        self.grad_norms_before_step.append(float(torch.cat([p.grad.flatten() for p in trainer.model.parameters()]).norm()))
 
     def after_step(self, trainer) -> None:
         self.calls.append("after_step")
@@ -224,10 +229,30 @@ def test_hooks_are_called_in_order_once_per_optimizer_step(tmp_path):
     trainer = make_trainer(tmp_path, [recorder], epochs=2, accumulate=2, clip_grad_norm=1e-6, ema=False,
                            checkpoint_dir=None)
     trainer.fit()
-    step = ["after_backward", "after_step"]
+    step = ["after_backward", "before_step", "after_step"]
     assert recorder.calls == ["on_train_start", *step * 3, "end_epoch 0", *step * 3, "end_epoch 1"]
     assert trainer.step == 6
-    assert min(recorder.grad_norms) > 1e-6  # hooks see the gradients before clipping
+    assert min(recorder.grad_norms) > 1e-6  # after_backward sees the gradients before clipping
+    assert max(recorder.grad_norms_before_step) == pytest.approx(1e-6, rel=1e-3)   # before_step after it
+
+
+def test_the_admm_penalty_is_not_clipped(tmp_path):
+    """With clipping on, the step still moves each weight by lr * rho * (W - Z + U) on top of the
+    clipped loss gradient: here the loss gradient is zero, so the step is exactly the penalty's."""
+    import pruning
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3, bias=False)
+    admm = pruning.ADMM(model, pruning.ADMMConfig(sparsity=0.5, rho=1.0))
+    penalty = model.weight.detach() - admm.Z[0] + admm.U[0]
+    assert penalty.norm() > 0.1
+    before = model.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    zero_loss = lambda module, batch: ((module(batch[0]) * 0.0).sum(), {})
+    config = TrainConfig(epochs=1, device="cpu", clip_grad_norm=1e-3, progress=False)
+    loader = DataLoader(TensorDataset(torch.randn(4, 6)), batch_size=4)
+    Trainer(model, optimizer, zero_loss, loader, config, callbacks=[pruning.ADMMCallback(admm, 1000)]).fit()
+    torch.testing.assert_close(before - model.weight.detach(), 0.1 * penalty)
 
 
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
