@@ -76,18 +76,19 @@ def prunable_parameters(
         exclude: patterns; candidates matching one of them are dropped.
     Returns:
         dict canonical name -> Parameter, non-empty; a weight tied into several modules appears
-        once, under its first name.
+        once, under its name in ``canonical_parameters`` (its first name in ``named_parameters``,
+        which may be a module that is not Conv/Linear, such as a tied embedding).
     Raises:
         ValueError: no prunable parameter is left, or an include pattern matches nothing.
     """
     include_patterns = _as_patterns(include, "include")
     exclude_patterns = _as_patterns(exclude, "exclude")
-    candidates, seen = {}, set()
-    for module_name, module in model.named_modules():           # shared modules are listed once
+    name_of = {id(param): name for name, param in canonical_parameters(model).items()}
+    candidates = {}
+    for module in model.modules():                                # shared modules are listed once
         weight = getattr(module, "weight", None)
-        if isinstance(module, PRUNABLE_MODULE_TYPES) and isinstance(weight, nn.Parameter) and id(weight) not in seen:
-            seen.add(id(weight))                                  # a tied weight keeps its first name
-            candidates[canonical_name(f"{module_name}.weight" if module_name else "weight")] = weight
+        if isinstance(module, PRUNABLE_MODULE_TYPES) and isinstance(weight, nn.Parameter):
+            candidates[name_of[id(weight)]] = weight              # a tied weight: one entry, one name
     for pattern in include_patterns:
         if not any(name_matches(name, pattern) for name in candidates):
             raise ValueError(

@@ -85,6 +85,20 @@ def test_selection_takes_conv_and_linear_weights_only_with_patterns():
     assert list(prunable_parameters(tied)) == ["0.weight", "2.weight"]
 
 
+def test_a_linear_weight_tied_to_an_embedding_is_pruned_under_its_parameter_name():
+    """Weight tying as in language models: the output Linear shares the Embedding's weight, which
+    named_parameters (and so masks, optimizers and state dicts) lists as "embed.weight"."""
+    from pruning import magnitude_prune
+
+    model = nn.Module()
+    model.embed, model.hidden, model.out = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 10, bias=False)
+    model.out.weight = model.embed.weight
+    assert list(prunable_parameters(model)) == ["hidden.weight", "embed.weight"]
+    masks = magnitude_prune(model, 0.5)
+    masks.apply(model)
+    assert sum(int(torch.count_nonzero(p)) for p in (model.hidden.weight, model.embed.weight)) == kept_count(56, 0.5)
+
+
 # ---- W-step ----------------------------------------------------------------------------------
 
 def test_add_penalty_grad_equals_autograd_of_the_augmented_term():
