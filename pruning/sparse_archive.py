@@ -256,20 +256,28 @@ def load_sparse_archive(path: str | os.PathLike) -> dict[str, Tensor]:
     data = path.read_bytes()
     header, payload_start = _read_header(path, data)
     decompress = _COMPRESSORS[header["compression"]][1]
+    entries = header.get("tensors")
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: corrupt header: expected a 'tensors' list, found {entries!r:.80}")
     state_dict = {}
-    for entry in header["tensors"]:
-        name = entry["name"]
-        blobs = {}
-        for blob_name, (offset, length) in entry["blobs"].items():
-            begin = payload_start + offset
-            if begin + length > len(data):
-                raise ValueError(f"{path}: truncated: blob {blob_name!r} of {name!r} ends past the file")
-            try:
-                blobs[blob_name] = decompress(data[begin: begin + length])
-            except (lzma.LZMAError, zlib.error) as error:
-                raise ValueError(f"{path}: corrupt blob {blob_name!r} of {name!r}: {error}") from error
-        if entry["kind"] == "sparse":
-            state_dict[name] = _decode_sparse(entry, blobs, name)
-        else:
-            state_dict[name] = _tensor_from_bytes(blobs["data"], getattr(torch, entry["dtype"]), entry["shape"])
+    for index, entry in enumerate(entries):
+        name = entry.get("name", f"#{index}") if isinstance(entry, dict) else f"#{index}"
+        try:
+            state_dict[name] = _decode_entry(entry, data, payload_start, decompress)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError,
+                lzma.LZMAError, zlib.error) as error:
+            raise ValueError(f"{path}: tensor {name!r} cannot be rebuilt: {type(error).__name__}: {error}") from error
     return state_dict
+
+
+def _decode_entry(entry: dict, data: bytes, payload_start: int, decompress) -> Tensor:
+    """One tensor of the archive from its header entry and the file's bytes."""
+    blobs = {}
+    for blob_name, (offset, length) in entry["blobs"].items():
+        begin = payload_start + offset
+        if begin + length > len(data):
+            raise ValueError(f"truncated: blob {blob_name!r} ends past the file")
+        blobs[blob_name] = decompress(data[begin: begin + length])
+    if entry["kind"] == "sparse":
+        return _decode_sparse(entry, blobs, entry["name"])
+    return _tensor_from_bytes(blobs["data"], getattr(torch, entry["dtype"]), entry["shape"])

@@ -1,6 +1,7 @@
 """Sparse archive: exact round trip, int8 error bound, size against the entropy bound, bad files."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -91,7 +92,19 @@ def test_bad_input_and_bad_files_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"bad_magic.yasp: not a sparse archive: expected magic b'YASPARS1'"):
         load_sparse_archive(tmp_path / "bad_magic.yasp")
     (tmp_path / "truncated.yasp").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"truncated.yasp: truncated: blob"):
+    with pytest.raises(ValueError, match=r"truncated.yasp: tensor '\w+' cannot be rebuilt: ValueError: truncated: blob"):
         load_sparse_archive(tmp_path / "truncated.yasp")
+    header_length = int.from_bytes(data[8:16], "little")
+    header = json.loads(data[16:16 + header_length])
+
+    def write_with_header(name: str, changed: dict):
+        raw = json.dumps(changed).encode()
+        (tmp_path / name).write_bytes(data[:8] + len(raw).to_bytes(8, "little") + raw + data[16 + header_length:])
+        return tmp_path / name
+    with pytest.raises(ValueError, match=r"no_list.yasp: corrupt header: expected a 'tensors' list, found None"):
+        load_sparse_archive(write_with_header("no_list.yasp", {"compression": header["compression"]}))
+    reshaped = [{**entry, "shape": [5]} if entry["name"] == "b" else entry for entry in header["tensors"]]
+    with pytest.raises(ValueError, match=r"reshaped.yasp: tensor 'b' cannot be rebuilt: RuntimeError: shape '\[5\]'"):
+        load_sparse_archive(write_with_header("reshaped.yasp", {**header, "tensors": reshaped}))
     with pytest.raises(FileNotFoundError):
         load_sparse_archive(tmp_path / "absent.yasp")
