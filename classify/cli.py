@@ -42,7 +42,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset directory: MNIST IDX .gz files (lenet5), "
                              "or CIFAR-10 train/ and test/ class folders (resnet56)")
     parser.add_argument("--weights", type=Path, default=None, help="weights to start from (state dict or checkpoint)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 128")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="training batch (default: 128); evaluation takes batches of at least 256")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--eval-samples", type=int, default=None, metavar="N",
                         help="evaluate on a fixed seeded subset of N test images (default: all)")
@@ -62,12 +63,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images drawn per training epoch (default: the whole train set)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="trainer checkpoints (one sub-folder per phase)")
-    parser.add_argument("--resume", action="store_true", help="continue each phase from its newest checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each phase from its newest checkpoint in --checkpoint-dir")
     parser.add_argument("--eval-every", type=int, default=1, metavar="N",
                         help="test-set accuracy every N epochs (default 1; 0: only the final accuracies, which "
                              "is faster; N does not change the training)")
-    parser.add_argument("--out", type=Path, default=None, help="write the final weights here")
-    parser.add_argument("--json-out", type=Path, default=None, help="write the result JSON (plots go beside it)")
+    parser.add_argument("--json-out", type=Path, default=None,
+                        help="write the result JSON (prune also writes its plots beside it)")
 
 
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,8 +92,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="masked retraining epochs after ADMM (default: 3; magnitude methods retrain for the ADMM "
                              "epochs too)")
     parser.add_argument("--ramp-from", type=sparsity_fraction, default=None,
-                        help="progressive ADMM: the first Z-step keeps this sparsity and the target rises to "
-                             "--sparsity along a cubic (default: none, every Z-step at --sparsity)")
+                        help="progressive ADMM: the initial Z has this sparsity, and each Z-step's target rises "
+                             "from it to --sparsity along a cubic over --ramp-iters iterations (default: none, every "
+                             "Z-step at --sparsity)")
     parser.add_argument("--ramp-iters", type=int, default=None,
                         help="ADMM iterations the ramp takes (default: two thirds of --admm-iters)")
     parser.add_argument("--distill", type=float, default=0.0, metavar="WEIGHT",
@@ -109,12 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(train)
     train.add_argument("--epochs", type=int, default=10)
     add_training_arguments(train)
+    train.add_argument("--out", type=Path, default=None,
+                       help=f"write the weights here (default: {DEFAULT_RUN_DIR}/MODEL-dense.pt)")
     evaluate = modes.add_parser("eval", help="top-1 accuracy on the test set")
     add_common_arguments(evaluate)
     prune = modes.add_parser("prune", help="dense eval -> prune -> masked retrain -> eval")
     add_common_arguments(prune)
     add_prune_arguments(prune)
     add_training_arguments(prune)
+    prune.add_argument("--out", type=Path, default=None, help="write the pruned weights here (default: not saved)")
     return parser
 
 

@@ -43,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs-per-iter", type=int, help="training epochs per ADMM iteration (default 2)")
     parser.add_argument("--rho", type=float, help="initial ADMM penalty (default 1e-3)")
     parser.add_argument("--rho-mult", type=float, help="rho multiplier per ADMM iteration (default 2)")
-    parser.add_argument("--rho-max", type=float, help="cap on rho (default 0.1)")
-    parser.add_argument("--ramp-from", type=float, help="progressive ADMM: the first Z-step's sparsity, rising to "
-                        "--sparsity along a cubic (default: none)")
+    parser.add_argument("--rho-max", type=float, help="cap on rho (default 0.1; a cap below --rho is raised to --rho)")
+    parser.add_argument("--ramp-from", type=float, help="progressive ADMM: the initial Z's sparsity; each Z-step's "
+                        "target rises from it to --sparsity along a cubic over --ramp-iters (default: none)")
     parser.add_argument("--ramp-iters", type=int, help="ADMM iterations the ramp takes (default: two thirds of them)")
     parser.add_argument("--retrain-epochs", type=int, help="masked retraining epochs (default 4)")
     parser.add_argument("--lr", type=float, help="learning rate (default: the cfg's [net] learning_rate)")

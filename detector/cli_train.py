@@ -57,13 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--momentum", type=float, help="SGD momentum (default: [net] momentum)")
     run.add_argument("--weight-decay", type=float, help="weight decay on conv weights (default: [net] decay)")
     run.add_argument("--burn-in", type=int, help="warm-up optimizer steps (default: [net] burn_in)")
-    run.add_argument("--no-augment", action="store_true", help="no colour/flip/scale augmentation")
+    run.add_argument("--no-augment", action="store_true", help="no augmentation: no colour, flip, scale nor mosaic")
     run.add_argument("--mosaic", type=float, help="mosaic probability (default: 0.5 if [net] mosaic=1, else 0)")
     run.add_argument("--multi-scale", action="store_true", help="random input size per batch, 0.7x..1.3x")
     run.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                      help="EMA of the weights (default: on when [net] ema_alpha > 0)")
     run.add_argument("--eval-every", type=int, default=1, help="validation mAP every N epochs (0: never; default 1)")
-    run.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="DataLoader workers")
+    run.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                     help="DataLoader workers (default: 2, or the CPU count when smaller)")
     run.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     run.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     run.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

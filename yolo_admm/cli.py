@@ -6,7 +6,8 @@ dispatches, so `yolo-admm detect --help` and `yolo-admm classify prune --help` a
 Failures end with one line `yolo-admm TASK: error: MESSAGE` on stderr and no traceback (set
 YOLO_ADMM_DEBUG=1 to see it): bad input (ValueError, OSError such as a missing file or an
 unwritable folder) and a loss that stopped being finite exit with 2, as does running out of memory
-(the message suggests a smaller --batch-size); Ctrl-C exits with 130 and says how to resume.
+(the message suggests a smaller --batch-size); Ctrl-C exits with 130 (`detect train` and `detect
+prune` also say how to resume).
 Warnings print as `yolo-admm TASK: warning: MESSAGE`.
 """
 from __future__ import annotations
