@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pruning.masks import Masks
-from pruning.projection import check_sparsity, global_topk_masks, kept_count, layerwise_topk_masks
+from pruning.projection import check_one_device, check_sparsity, global_topk_masks, kept_count, layerwise_topk_masks
 from pruning.selection import layer_floors, per_name_values, prunable_parameters
 
 SCOPES = ("global", "layerwise")
@@ -124,7 +124,8 @@ class ADMM:
     Z starts as the projection of W and U at zero. ``Z``, ``U`` and ``support`` are lists of
     per-layer tensors on the device and in the dtype of each weight, updated in place (so
     ``state_dict`` references stay current, unless the model is moved to another device or dtype:
-    then the state follows it as new tensors). ``U - Z`` is kept too, so the W-step is two fused
+    then the state follows it as new tensors; the prunable weights must be on one device, as the
+    global ranking compares them all). ``U - Z`` is kept too, so the W-step is two fused
     ``torch._foreach`` ops with no allocation. Memory: three float copies of the prunable weights
     and one bool mask; ``update`` adds about two more float copies transiently, layer by layer.
     """
@@ -134,6 +135,7 @@ class ADMM:
         named = prunable_parameters(model, config.include, config.exclude)
         self.names: list[str] = list(named)
         self.params: list[nn.Parameter] = list(named.values())
+        check_one_device(self.params, "ADMM: the prunable weights")
         self.floors = layer_floors(named, config.min_density)
         self.numel = sum(param.numel() for param in self.params)
         if config.scope == "layerwise":

@@ -110,6 +110,15 @@ def _select_top_keys(keys: Sequence[Tensor], k: int) -> list[Tensor]:
     return masks
 
 
+def check_one_device(tensors: Sequence[Tensor], what: str) -> None:
+    """ValueError naming the devices when ``tensors`` are not all on one device (a model split
+    across devices): a global ranking compares them all, so they must be together."""
+    devices = sorted({str(tensor.device) for tensor in tensors})
+    if len(devices) > 1:
+        raise ValueError(f"{what} must all be on one device, found them on {', '.join(devices)} "
+                         f"(a model split across devices cannot be pruned globally; move it whole with .to())")
+
+
 def global_topk_masks(tensors: Sequence[Tensor], k: int, floors: Sequence[int] | None = None) -> list[Tensor]:
     """Keep exactly ``k`` entries of largest magnitude over all tensors together.
 
@@ -127,6 +136,7 @@ def global_topk_masks(tensors: Sequence[Tensor], k: int, floors: Sequence[int] |
     total = sum(tensor.numel() for tensor in tensors)
     if not 0 <= k <= total:
         raise ValueError(f"global_topk_masks: k must be in [0, {total}] (total entries), got {k}")
+    check_one_device(tensors, "global_topk_masks: the tensors")
     dtype = _common_dtype(tensors)
     keys = [magnitude_keys(tensor.to(dtype)) for tensor in tensors]
     if floors is not None:

@@ -85,6 +85,16 @@ def test_selection_takes_conv_and_linear_weights_only_with_patterns():
     assert list(prunable_parameters(tied)) == ["0.weight", "2.weight"]
 
 
+def test_weights_on_several_devices_are_refused_by_name():
+    """A model split across devices cannot be ranked globally (here: CPU and "meta", where a second
+    GPU would be): a clear error before any work, not a device mismatch deep in the projection."""
+    split = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3, device="meta"))
+    with pytest.raises(ValueError, match="ADMM: the prunable weights must all be on one device, found them on cpu, meta"):
+        ADMM(split, ADMMConfig(sparsity=0.5))
+    with pytest.raises(ValueError, match="the tensors must all be on one device, found them on cpu, meta"):
+        global_topk_masks([split[0].weight, split[1].weight], 9)
+
+
 def test_a_linear_weight_tied_to_an_embedding_is_pruned_under_its_parameter_name():
     """Weight tying as in language models: the output Linear shares the Embedding's weight, which
     named_parameters (and so masks, optimizers and state dicts) lists as "embed.weight"."""
