@@ -248,9 +248,13 @@ class Trainer:
 
     def _step_scheduler(self) -> None:
         """Advance the LR schedule, which follows the batches even when GradScaler skipped the optimizer
-        step (gradients that overflowed; often the first step). torch warns about that case as if the
-        calls were out of order; they are not, so that one warning is silenced."""
+        step (gradients that overflowed; often the first). On a schedule's first step torch reports
+        that case as calls out of order; they are not, so under AMP that one warning is silenced there.
+        (Only there: entering `catch_warnings` resets Python's record of warnings already shown.)"""
         if self.scheduler is None:
+            return
+        if not (self.scaler.is_enabled() and self.scheduler.last_epoch == 0):
+            self.scheduler.step()
             return
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before",

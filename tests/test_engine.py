@@ -284,13 +284,31 @@ def test_a_step_gradscaler_skips_still_advances_the_schedule_without_a_warning(t
     trainer = Trainer(model, optimizer, overflow_first_batch, tiny_loader(), scheduler=scheduler,
                       config=TrainConfig(epochs=1, device="cpu", scheduler_interval="step", progress=False))
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:     # the filters in force, every warning recorded
         trainer.fit()
     assert trainer.scaler.get_scale() == 2.0 ** 15  # one step skipped, then none
     assert trainer.step == scheduler.last_epoch == 6
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 / 7)
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+
+
+def test_a_warning_repeated_at_every_step_is_shown_once(tmp_path):
+    """Python shows a repeated warning once per place (the "default" action); stepping the scheduler
+    must not reset that record at every step."""
+    def warns(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        warnings.warn("the same warning at every batch", UserWarning)
+        return cross_entropy(model, batch)
+
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer = Trainer(model, optimizer, warns, tiny_loader(), scheduler=scheduler,
+                      config=TrainConfig(epochs=1, device="cpu", scheduler_interval="step", progress=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        trainer.fit()
+    assert trainer.step == 6
+    assert [str(w.message) for w in caught] == ["the same warning at every batch"]
 
 
 def test_train_config_rejects_bad_values():
