@@ -26,11 +26,17 @@ class ADMMCallback:
         self.steps_per_update = steps_per_update
         self.steps = 0
         self.history: list[dict] = []
+        self._penalty_added = False
 
     def before_step(self, trainer) -> None:
         self.admm.add_penalty_grad()   # after any gradient clipping: rho weighs unclipped
+        self._penalty_added = True
 
     def after_step(self, trainer) -> None:
+        if not self._penalty_added:
+            raise RuntimeError("ADMMCallback: an optimizer step without the ADMM penalty; the training loop must "
+                               "call before_step(trainer) before each optimizer step (engine.Trainer does)")
+        self._penalty_added = False
         self.steps += 1
         if self.steps % self.steps_per_update == 0:
             self.history.append({"step": self.steps, **self.admm.update()})

@@ -329,3 +329,15 @@ def test_admm_callback_rejects_bad_interval():
     trainer, callback = make_run()
     with pytest.raises(ValueError, match="steps_per_update must be an int >= 1, got 0"):
         ADMMCallback(callback.admm, 0)
+
+
+def test_admm_callback_refuses_a_step_without_its_penalty():
+    """A loop that calls after_step but not before_step (the hook that adds rho * (W - Z + U)) would
+    run Z/U-steps with nothing pulling W towards Z: it stops at the first such step."""
+    trainer, callback = make_run()
+    train_steps(trainer, callback, 0, 2)                  # the engine's order: fine
+    images, labels = batch(2)
+    nn.functional.cross_entropy(trainer.model(images), labels).backward()
+    trainer.optimizer.step()
+    with pytest.raises(RuntimeError, match=r"without the ADMM penalty; the training loop must call before_step"):
+        callback.after_step(trainer)
