@@ -225,9 +225,9 @@ class RunContext:
 
     def load_model(self) -> torch.nn.Module:
         """The job's model; without weights, the same random initialisation (from the job's seed) at
-        every call. Building it leaves torch's random stream as it was."""
+        every call. Building it (on the CPU) leaves torch's random streams as they were."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.job.seed)
+            torch.default_generator.manual_seed(self.job.seed)      # the CPU stream only
             return detector.load_darknet(self.job.cfg, self.job.weights)
 
     def train_config(self, epochs: int, checkpoint_dir: Path) -> DetectTrainConfig:

@@ -266,6 +266,8 @@ def load_sparse_archive(path: str | os.PathLike) -> dict[str, Tensor]:
             state_dict[name] = _decode_entry(entry, data, payload_start, decompress)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError,
                 lzma.LZMAError, zlib.error) as error:
+            if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
+                raise                                   # not the archive's fault
             raise ValueError(f"{path}: tensor {name!r} cannot be rebuilt: {type(error).__name__}: {error}") from error
     return state_dict
 
