@@ -108,3 +108,16 @@ def test_bad_input_and_bad_files_raise_clear_errors(tmp_path):
         load_sparse_archive(write_with_header("reshaped.yasp", {**header, "tensors": reshaped}))
     with pytest.raises(FileNotFoundError):
         load_sparse_archive(tmp_path / "absent.yasp")
+
+
+def test_running_out_of_memory_while_loading_is_not_called_a_broken_archive(tmp_path, monkeypatch):
+    import pruning.sparse_archive as sparse_archive
+
+    path = tmp_path / "model.yasp"
+    save_sparse_archive({"w": torch.randn(8, 8)}, path)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(sparse_archive, "_decode_entry", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        load_sparse_archive(path)
