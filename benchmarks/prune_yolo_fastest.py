@@ -22,18 +22,18 @@ pruned model's mAP within 2 epochs), rho 10 x3 per iteration (10, 30, 90), batch
 After the hard prune and after retraining the pipeline recomputes the BatchNorm running statistics
 on ``--bn-images`` train images (all 128 here; ``--bn-images 0`` reproduces the earlier runs).
 
-Reproduce (11.4 min on a 2-core CPU, no GPU, load ~1.3, torch 2.14.1, 2026-11-26; the four
-commands here were re-run that day, two at a time)::
+Reproduce (13.5 min on a 2-core CPU, no GPU, load 0.8-3.8, torch 2.14.1, 2026-11-26; the four
+commands here were re-run that day, two at a time, after each training phase got its own seed)::
 
     nohup .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 > /tmp/prune_yolo_fastest.log 2>&1 &
 
-A twice longer budget (admm 3 x 2 + retrain 6 epochs; 11.2 min)::
+A twice longer budget (admm 3 x 2 + retrain 6 epochs; 10.7 min)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
         --epochs-per-iter 2 --retrain-epochs 6 --out-root runs/bench_prune_yolo_fastest_long \
         --json benchmarks/results/prune_yolo_fastest_long.json
 
-Progressive ADMM (the Z-step's sparsity rising from 30% over 2 of the 3 iterations; 3.2 min)::
+Progressive ADMM (the Z-step's sparsity rising from 30% over 2 of the 3 iterations; 2.7 min)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global --ramp-from 0.3 \
         --out-root runs/bench_prune_yolo_fastest_ramp --json benchmarks/results/prune_yolo_fastest_ramp.json
@@ -41,7 +41,7 @@ Progressive ADMM (the Z-step's sparsity rising from 30% over 2 of the 3 iteratio
 Protected variant: the two 1x1 convs feeding the YOLO heads (``layers.120``, ``layers.129``) never
 pruned and every other layer kept at >= 20% density; sparsity then counts the remaining prunable
 weights, so 50% / 70% of them is 41.4% / 57.9% of all conv weights. Reproduce
-benchmarks/results/prune_yolo_fastest_protected.json (6.1 min on the same 2-core CPU, 2026-11-26)::
+benchmarks/results/prune_yolo_fastest_protected.json (6.4 min on the same 2-core CPU, 2026-11-26)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
         --exclude 'layers.120.*,layers.129.*' --min-density 0.2 --out-root runs/bench_prune_yolo_fastest_protected \
