@@ -54,7 +54,23 @@ class DarknetModel(nn.Module):
             values[index + 1] = layer(*[values[source + 1] for source in layer.sources])
             for done in self._release_after[index]:
                 values[done + 1] = None
-        return [values[index + 1] for index in self._head_indices]
+        outputs = [values[index + 1] for index in self._head_indices]
+        if not torch.jit.is_tracing():
+            self._check_grids(x, outputs)
+        return outputs
+
+    def _check_grids(self, x: torch.Tensor, outputs: list[torch.Tensor]) -> None:
+        """ValueError when a head's grid times its stride misses the input size: a cfg whose size the
+        downsampling does not divide exactly (width=100 with five stride-2 layers) decodes boxes with
+        the cfg's stride, which is right at the cfg's own size only."""
+        for index, head, output in zip(self._head_indices, self.heads, outputs):
+            grid_h, grid_w = output.shape[2], output.shape[3]
+            if grid_h * head.stride != x.shape[2] or grid_w * head.stride != x.shape[3]:
+                raise ValueError(
+                    f"{self.cfg.path}: at input {x.shape[2]}x{x.shape[3]} layer {index} ([yolo]) has a "
+                    f"{grid_h}x{grid_w} grid, which does not tile the input with its stride {head.stride:g} (fixed "
+                    f"at the cfg's {self.net.width}x{self.net.height}); use the cfg's size, or a cfg size that "
+                    f"every downsampling divides exactly (multiples of 32 for the YOLO cfgs)")
 
     def _check_input(self, x: torch.Tensor) -> None:
         channels, multiple = self.net.channels, self.input_multiple

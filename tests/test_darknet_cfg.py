@@ -140,6 +140,18 @@ def test_train_mode_returns_raw_and_decode_gives_the_eval_output(tmp_path):
     assert torch.equal(detector.decode(raw, model.heads[0]), evaluated)
 
 
+def test_an_input_size_the_downsampling_does_not_divide_is_refused(tmp_path):
+    """width=100 with five stride-2 convs (100 -> 50 -> 25 -> 13 -> 7 -> 4): the 4x4 grid tiles the
+    cfg's own 100x100 with stride 25, but at 125x125 (a multiple of 25) the grid is 4x4 again, whose
+    true stride 31.25 the boxes would not be decoded with."""
+    conv = "[convolutional]\nbatch_normalize=1\nfilters=6\nsize=3\nstride=2\npad=1\nactivation=leaky\n\n"
+    body = conv * 5 + "[yolo]\nmask=0\nanchors=10,20\nclasses=1\nnum=1\n"
+    model = detector.load_darknet(write_cfg(tmp_path, body, size=100)).eval()
+    assert model.input_multiple == 25 and model(torch.zeros(1, 3, 100, 100))[0].shape[2:4] == (4, 4)
+    with pytest.raises(ValueError, match=r"at input 125x125 layer 5 \(\[yolo\]\) has a 4x4 grid, which does not tile"):
+        model(torch.zeros(1, 3, 125, 125))
+
+
 def test_input_size_must_be_a_multiple_of_the_network_stride(tmp_path):
     model = constant_head_cfg(tmp_path, [0.0] * 6)
     with pytest.raises(ValueError, match="multiples of 32, found 48x64"):
