@@ -119,14 +119,20 @@ def opencv_outputs(cfg_path: str | os.PathLike, weights_path: str | os.PathLike,
         where OpenCV's per-class NMS within that layer drops it.
     """
     require_opencv_darknet_importer()
-    net = cv2.dnn.readNetFromDarknet(str(cfg_path), str(weights_path))
-    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
-    names = net.getUnconnectedOutLayersNames()
-    per_image = []
-    for image in images.detach().cpu().float().numpy():
-        net.setInput(np.ascontiguousarray(image[None]))
-        per_image.append(net.forward(names))
+    try:
+        net = cv2.dnn.readNetFromDarknet(str(cfg_path), str(weights_path))
+        net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+        net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+        names = net.getUnconnectedOutLayersNames()
+        per_image = []
+        for image in images.detach().cpu().float().numpy():
+            net.setInput(np.ascontiguousarray(image[None]))
+            per_image.append(net.forward(names))
+    except cv2.error as error:
+        first_line = next((line for line in str(error).splitlines() if line.strip()), str(error))
+        raise ValueError(f"{cfg_path}: OpenCV's Darknet importer cannot run these files, so they cannot be "
+                         f"checked against it (it does not support every layer option Darknet has, e.g. a "
+                         f"[route] with groups over several layers): {first_line.strip()}") from error
     return [np.stack([outputs[head] for outputs in per_image]) for head in range(len(names))]
 
 

@@ -118,6 +118,21 @@ def test_opencv_reads_the_exported_files_and_computes_the_same_outputs(pruned, t
 
 
 @needs_darknet_importer
+def test_a_cfg_opencv_cannot_run_is_a_clear_error(tmp_path):
+    """A [route] with groups over two layers is Darknet's (each input split, then joined); OpenCV's
+    importer fails on it with an assertion deep in its convolution layer."""
+    conv = "[convolutional]\nbatch_normalize=1\nfilters=8\nsize=3\nstride={}\npad=1\nactivation=leaky\n\n"
+    (tmp_path / "groups.cfg").write_text(
+        "[net]\nwidth=64\nheight=64\nchannels=3\n\n" + conv.format(2) + conv.format(1)
+        + "[route]\nlayers=-1,-2\ngroups=2\ngroup_id=1\n\n[maxpool]\nsize=2\nstride=2\n\n"
+        + "[convolutional]\nsize=1\nstride=1\npad=1\nfilters=27\nactivation=linear\n\n"
+        + "[yolo]\nmask=0,1,2\nanchors=10,14, 23,27, 37,58\nclasses=4\nnum=3\n")
+    model = detector.load_darknet(tmp_path / "groups.cfg")
+    with pytest.raises(ValueError, match=r"model.cfg: OpenCV's Darknet importer cannot run these files"):
+        export_darknet(model, tmp_path / "out" / "model.weights", verify=True)
+
+
+@needs_darknet_importer
 def test_opencv_keeps_the_scores_we_keep(pruned, tmp_path, images):
     """The exported cfg as is: OpenCV zeroes every score (objectness x class) not above 0.2."""
     model = _confident_copy(pruned[0])
