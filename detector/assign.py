@@ -5,8 +5,9 @@ best matches it (IoU of the two boxes centred on the same point, so only width a
 The head whose `mask` holds that anchor predicts the box from the grid cell containing its centre.
 Every *other* anchor of the head whose shape IoU with the box exceeds `iou_thresh` predicts it too
 (yolov4 uses 0.213; `iou_thresh >= 1` turns this off). Where several boxes claim the same
-(image, anchor, cell) slot, the last one wins, as Darknet's deltas overwrite each other in truth
-order.
+(image, anchor, cell) slot, the last one wins. Darknet's class deltas do the same (each new class
+rewrites the slot's class targets one-hot, in truth order); its box deltas instead add up over
+the boxes (`delta_yolo_box` with accumulate), where we keep the last box's.
 
 Reference: AlexeyAB/darknet, src/yolo_layer.c (`process_batch`, the truth loop).
 """
