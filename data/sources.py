@@ -29,6 +29,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -118,11 +119,18 @@ def load_coco_json(images_dir: str | Path, annotations_json: str | Path) -> Dete
         if not isinstance(coco.get(key) if isinstance(coco, dict) else None, list):
             raise ValueError(f"{annotations_json}: expected a COCO instances json with a "
                              f"'{key}' list, found none")
+    for category in coco["categories"]:
+        _check_entry(category, {"id": int, "name": str}, "category", annotations_json)
     categories = sorted(coco["categories"], key=lambda c: c["id"])
     class_of_category = {c["id"]: i for i, c in enumerate(categories)}
     objects = _group_coco_annotations(coco["annotations"], class_of_category, annotations_json)
-    records = []
+    records, seen_ids = [], set()
     for image in coco["images"]:
+        _check_entry(image, {"id": int, "file_name": str, "width": int, "height": int}, "image", annotations_json)
+        if image["id"] in seen_ids:
+            raise ValueError(f"{annotations_json}: image id {image['id']} is listed twice in 'images'; "
+                             f"expected unique ids")
+        seen_ids.add(image["id"])
         path = images_dir / image["file_name"]
         if not path.is_file():
             raise FileNotFoundError(f"{annotations_json}: image id {image['id']} -> {path}: not found")
@@ -137,15 +145,30 @@ def load_coco_json(images_dir: str | Path, annotations_json: str | Path) -> Dete
     return DetectionSource(records, [str(c["name"]) for c in categories], [int(c["id"]) for c in categories])
 
 
+def _check_entry(entry: Any, fields: dict[str, type], kind: str, json_path: Path) -> None:
+    """ValueError naming the json and the entry when `entry` is not a dict with `fields` of those
+    types (an int field takes no bool; a str field no other type)."""
+    where = f"{json_path}: {kind} {entry.get('id', '(no id)') if isinstance(entry, dict) else entry!r:.60}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected an object, found {type(entry).__name__}")
+    for name, kind_type in fields.items():
+        value = entry.get(name)
+        if not isinstance(value, kind_type) or isinstance(value, bool):
+            raise ValueError(f"{where}: expected '{name}' ({kind_type.__name__}), found {value!r:.60}")
+
+
 def _group_coco_annotations(annotations: list[dict], class_of_category: dict[int, int],
                             json_path: Path) -> dict[int, tuple[list, list, list, list]]:
     """image id -> (xyxy boxes, class indices, iscrowd flags, areas), in json order."""
     grouped: dict[int, tuple[list, list, list, list]] = {}
     for ann in annotations:
+        _check_entry(ann, {"image_id": int}, "annotation", json_path)
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4):
-            raise ValueError(f"{json_path}: annotation id {ann.get('id')}: expected 'bbox' [x, y, w, h], "
-                             f"found {bbox!r}")
+        if not (isinstance(bbox, list) and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+                and bbox[2] >= 0 and bbox[3] >= 0):
+            raise ValueError(f"{json_path}: annotation id {ann.get('id')}: expected 'bbox' [x, y, w, h] of "
+                             f"numbers with w, h >= 0, found {bbox!r}")
         if ann.get("category_id") not in class_of_category:
             raise ValueError(f"{json_path}: annotation id {ann.get('id')}: category_id "
                              f"{ann.get('category_id')!r} is not in 'categories'")
@@ -176,7 +199,7 @@ def load_yolo_dataset(data_yaml: str | Path, split: str = "val") -> DetectionSou
         try:
             spec = yaml.safe_load(f)
         except yaml.YAMLError as err:
-            raise ValueError(f"{data_yaml}: not valid yaml ({err})") from None
+            raise ValueError(f"{data_yaml}: not valid yaml ({' '.join(str(err).split())})") from None
     if not isinstance(spec, dict):
         raise ValueError(f"{data_yaml}: expected a mapping with 'names' and '{split}', found {type(spec).__name__}")
     names = parse_class_names(spec, data_yaml)

@@ -69,6 +69,41 @@ def test_coco_json_unknown_category_names_file_and_annotation(tmp_path):
         load_coco_json(tmp_path / "images", path)
 
 
+def _break(coco: dict, defect: str) -> None:
+    if defect == "image without file_name":
+        del coco["images"][0]["file_name"]
+    elif defect == "image width as text":
+        coco["images"][1]["width"] = "32"
+    elif defect == "annotation without image_id":
+        del coco["annotations"][0]["image_id"]
+    elif defect == "category id as text":
+        coco["categories"][0]["id"] = "x"
+    elif defect == "bbox with text":
+        coco["annotations"][0]["bbox"] = [1, 2, "x", 4]
+    elif defect == "bbox with negative size":
+        coco["annotations"][0]["bbox"] = [10, 10, -5, -5]
+    elif defect == "image id twice":
+        coco["images"][1]["id"] = 11
+
+
+@pytest.mark.parametrize("defect, message", [
+    ("image without file_name", r"image 11: expected 'file_name' \(str\), found None"),
+    ("image width as text", r"image 12: expected 'width' \(int\), found '32'"),
+    ("annotation without image_id", r"annotation 1: expected 'image_id' \(int\), found None"),
+    ("category id as text", r"category 'x': expected 'id' \(int\), found 'x'"),
+    ("bbox with text", r"annotation id 1: expected 'bbox' \[x, y, w, h\] of numbers with w, h >= 0, found \[1, 2, 'x', 4\]"),
+    ("bbox with negative size", r"annotation id 1: expected 'bbox' .* found \[10, 10, -5, -5\]"),
+    ("image id twice", r"image id 11 is listed twice in 'images'"),
+])
+def test_coco_json_bad_entries_name_the_file_and_the_entry(tmp_path, defect, message):
+    path = write_coco(tmp_path)
+    coco = json.loads(path.read_text())
+    _break(coco, defect)
+    path.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=r"instances\.json: " + message):
+        load_coco_json(tmp_path / "images", path)
+
+
 def test_coco_json_missing_image_is_file_not_found(tmp_path):
     path = write_coco(tmp_path)
     (tmp_path / "images" / "b.jpg").unlink()
@@ -155,6 +190,10 @@ def test_yolo_dataset_bad_yaml_errors(tmp_path):
     yaml_path.write_text("path: ..\nval: images/nowhere\nnames: [dog]\n")
     with pytest.raises(FileNotFoundError, match="images/nowhere"):
         load_yolo_dataset(yaml_path)
+    yaml_path.write_text("path: ..\nval: [images/val\nnames: [dog]\n")
+    with pytest.raises(ValueError, match=r"data.yaml: not valid yaml \(while parsing a flow sequence") as error:
+        load_yolo_dataset(yaml_path)
+    assert "\n" not in str(error.value)             # one line, as every error of the command line
 
 
 def test_label_path_replaces_the_last_images_folder():
