@@ -111,8 +111,9 @@ class PruneJob:
     def __post_init__(self) -> None:
         if not self.cfg:
             raise ValueError("prune: a Darknet cfg is required (--cfg or `cfg:` in the YAML config)")
-        if isinstance(self.sparsity, (int, float)):
-            self.sparsity = [float(self.sparsity)]
+        self.sparsity = [_number("sparsity", value, float) for value in _as_list(self.sparsity)]
+        self.export = [str(value) for value in _as_list(self.export)]
+        _check_settings(self)
         for value in self.sparsity:
             pruning.check_sparsity(float(value))
         values = [float(value) for value in self.sparsity]
@@ -124,13 +125,8 @@ class PruneJob:
         unknown = sorted(set(self.export) - set(EXPORT_FORMATS))
         if unknown:
             raise ValueError(f"unknown export format(s) {unknown}; expected some of {', '.join(EXPORT_FORMATS)}")
-        if isinstance(self.bn_images, bool) or not isinstance(self.bn_images, int) or self.bn_images < 0:
-            raise ValueError(f"bn_images must be an int >= 0 (0: keep the running statistics), found {self.bn_images!r}")
-        if self.img_size is not None and (self.img_size <= 0 or self.img_size % 32):
+        if self.img_size is not None and self.img_size % 32:
             raise ValueError(f"img_size must be a positive multiple of 32, found {self.img_size}")
-        if self.admm_iters < 1 or self.epochs_per_iter < 1 or self.retrain_epochs < 0:
-            raise ValueError(f"need admm_iters >= 1, epochs_per_iter >= 1, retrain_epochs >= 0; found "
-                             f"{self.admm_iters}, {self.epochs_per_iter}, {self.retrain_epochs}")
         if self.ramp_from is not None and not self.method.startswith("admm"):
             raise ValueError(f"ramp_from is for the ADMM methods; method {self.method!r} prunes at once")
         for value in self.sparsity:
@@ -151,7 +147,68 @@ class PruneJob:
         if yaml_path is not None:
             values.update(read_job_yaml(yaml_path))
         values.update({key: value for key, value in overrides.items() if value is not None})
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as error:
+            if yaml_path is None:
+                raise
+            raise ValueError(f"{yaml_path} (or a flag over it): {error}") from None
+
+
+# setting -> (type, lowest value, whether the lowest is allowed, highest value or None, None allowed)
+NUMBER_SETTINGS: dict[str, tuple[type, float, bool, float | None, bool]] = {
+    "min_density": (float, 0.0, True, 1.0, False), "admm_iters": (int, 1, True, None, False),
+    "epochs_per_iter": (int, 1, True, None, False), "rho": (float, 0.0, False, None, False),
+    "rho_mult": (float, 0.0, False, None, False), "rho_max": (float, 0.0, False, None, False),
+    "ramp_from": (float, 0.0, True, 1.0, True), "ramp_iters": (int, 1, True, None, True),
+    "retrain_epochs": (int, 0, True, None, False), "lr": (float, 0.0, False, None, True),
+    "burn_in": (int, 0, True, None, True), "batch_size": (int, 1, True, None, True),
+    "img_size": (int, 32, True, None, True), "mosaic": (float, 0.0, True, 1.0, True),
+    "workers": (int, 0, True, None, False), "latency_runs": (int, 1, True, None, False),
+    "bn_images": (int, 0, True, None, False),
+    "seed": (int, -2**63, True, None, False),
+}
+BOOL_SETTINGS = ("augment", "amp", "progress")
+
+
+def _as_list(value: Any) -> list:
+    """A list setting given as one value or a comma-separated string ("0.5,0.7") becomes a list."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _number(name: str, value: Any, kind: type) -> int | float:
+    """``value`` (a number, or its text from YAML) as ``kind``; ValueError naming the setting otherwise."""
+    what = "an integer" if kind is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name} must be {what}, found {value!r}")
+    if kind is int and isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be {what}, found {value!r}") from None
+    if not math.isfinite(number) or (kind is int and not number.is_integer()):
+        raise ValueError(f"{name} must be {'a whole number' if kind is int else 'a finite number'}, found {value!r}")
+    return int(number) if kind is int else number
+
+
+def _check_settings(job: "PruneJob") -> None:
+    """Types and ranges of the numeric and boolean settings, so that a bad one stops the job before
+    any work (and before the run folder records it)."""
+    for name, (kind, low, low_ok, high, none_ok) in NUMBER_SETTINGS.items():
+        value = getattr(job, name)
+        if value is None and none_ok:
+            continue
+        number = _number(name, value, kind)
+        if number < low or (number == low and not low_ok) or (high is not None and number > high):
+            bound = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+            raise ValueError(f"{name} must be {bound}, found {value!r}")
+        setattr(job, name, number)
+    for name in BOOL_SETTINGS:
+        if not isinstance(getattr(job, name), bool):
+            raise ValueError(f"{name} must be true or false, found {getattr(job, name)!r}")
 
 
 def read_job_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -162,7 +219,7 @@ def read_job_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from None
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of settings, found {type(values).__name__}")
     known = {f.name for f in fields(PruneJob)}
@@ -278,8 +335,16 @@ class RunContext:
 def stage_done(path: Path) -> dict[str, Any] | None:
     """The stage record at ``path`` when that stage already finished, else None (rank 0's answer
     on every rank under torchrun)."""
-    record = json.loads(path.read_text()) if distributed.is_main() and path.is_file() else None
-    return distributed.broadcast_object(record)
+    record, damaged = None, None
+    if distributed.is_main() and path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            damaged = f"{path}: damaged stage record ({error}); delete it to run that stage again"
+    record, damaged = distributed.broadcast_object((record, damaged))
+    if damaged is not None:                     # on every rank, so none waits for the others
+        raise ValueError(damaged)
+    return record
 
 
 def save_state(path: Path, model: torch.nn.Module, masks: pruning.Masks) -> None:
@@ -288,7 +353,11 @@ def save_state(path: Path, model: torch.nn.Module, masks: pruning.Masks) -> None
 
 
 def load_state(path: Path, ctx: RunContext) -> tuple[torch.nn.Module, pruning.Masks]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several unrelated types for a damaged file
+        raise ValueError(f"{path}: damaged stage state ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                         f"delete it to run that stage again") from error
     model = detector.load_darknet(ctx.job.cfg)
     model.load_state_dict(state["model"])
     masks = pruning.Masks({name: mask for name, mask in state["masks"].items()})
