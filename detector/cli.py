@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-from pathlib import Path
 
 import torch
 
@@ -49,24 +47,6 @@ def main(argv: list[str]) -> int:
         if args.interrupted_hint is None:
             raise
         raise KeyboardInterrupt(args.interrupted_hint(args)) from None
-
-
-def output_folder(path: str | os.PathLike, flag: str) -> Path:
-    """Create the output folder `path` of option `flag` now, before any long work, and return it.
-
-    Raises:
-        ValueError: it cannot be created or written (names the flag, the path and why).
-    """
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-        why = f"expected a folder at {blocker}, found a file" if blocker is not None else err.strerror or str(err)
-        raise ValueError(f"{flag} {path}: cannot create this output folder: {why}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: expected a writable folder, found one without write permission")
-    return path
 
 
 def network_size(text: str) -> int:

@@ -14,11 +14,11 @@ import argparse
 from pathlib import Path
 
 from detector.cli import network_size
+from engine import atomic_write_json, output_folder
 from detector.export import FORMATS, export_model
 from detector.model import DarknetModel, load_darknet
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint, load_error_summary
 from pruning.masks import Masks
-from engine import atomic_write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    output_folder(args.out, "--out")
     model = load_export_model(args.cfg, args.weights, args.checkpoint)
     masks = Masks.from_model(model)
     report = export_model(model, args.out, args.formats, masks, "int8" if args.int8 else "fp16", args.img_size)
@@ -58,7 +59,7 @@ def load_export_model(cfg: str, weights: str | None, checkpoint: str | None) -> 
         try:
             model.load_state_dict(weights_state)
         except RuntimeError as err:
-            raise ValueError(f"{checkpoint}: its model does not fit {cfg}: {err}") from None
+            raise ValueError(f"{checkpoint}: its model does not fit {cfg}: {load_error_summary(err)}") from None
     return model.float().eval()
 
 

@@ -15,7 +15,8 @@ import yaml
 
 from data.eval_dataset import InferenceDataset
 from data.sources import IMAGE_SUFFIXES, parse_class_names
-from detector.cli import add_model_arguments, load_model, model_num_classes, output_folder
+from detector.cli import add_model_arguments, load_model, model_num_classes
+from engine import output_folder
 from detector.predict import predict
 
 

@@ -9,7 +9,8 @@ import argparse
 import logging
 import sys
 
-from detector.cli import network_size, output_folder
+from detector.cli import network_size
+from engine import output_folder
 from detector.prune_pipeline import EXPORT_FORMATS, METHODS, PruneJob, format_stage_table, run_job
 
 

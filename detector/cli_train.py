@@ -30,10 +30,9 @@ import yaml
 
 import detector
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
-from detector.cli import network_size, output_folder
-from engine import atomic_write_json
+from detector.cli import network_size
+from engine import atomic_write_json, distributed, find_latest_checkpoint, output_folder
 from detector.train import DetectTrainConfig, fit_detector
-from engine import distributed, find_latest_checkpoint
 
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume"}
 

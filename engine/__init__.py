@@ -1,7 +1,8 @@
 """The shared training engine: one loop with hooks, AMP, EMA, accumulation, checkpoints, resume and DDP."""
 from engine import distributed
 from engine.checkpoint import (atomic_torch_save, atomic_write, atomic_write_bytes, atomic_write_json,
-                               find_latest_checkpoint, load_checkpoint, save_checkpoint)
+                               find_latest_checkpoint, load_checkpoint, load_error_summary, output_folder,
+                               save_checkpoint)
 from engine.ema import ModelEMA
 from engine.distributed import resolve_device
 from engine.trainer import NonFiniteLossError, Trainer, TrainConfig, move_to_device
@@ -18,6 +19,8 @@ __all__ = [
     "distributed",
     "find_latest_checkpoint",
     "load_checkpoint",
+    "load_error_summary",
+    "output_folder",
     "move_to_device",
     "resolve_device",
     "save_checkpoint",

@@ -98,6 +98,34 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
+def output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """Create the output folder `path` of option `flag` now, before any long work, and return it.
+
+    Raises:
+        ValueError: it cannot be created or written (names the flag, the path and why).
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        why = f"expected a folder at {blocker}, found a file" if blocker is not None else err.strerror or str(err)
+        raise ValueError(f"{flag} {path}: cannot create this output folder: {why}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: expected a writable folder, found one without write permission")
+    return path
+
+
+def load_error_summary(error: RuntimeError, shown: int = 2) -> str:
+    """One line from a `load_state_dict` error: its first `shown` details (size mismatches, missing
+    or unexpected keys; each cut to 200 characters) and how many more there are."""
+    details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    if not details:
+        return str(error).strip()
+    more = f" (and {len(details) - shown} more)" if len(details) > shown else ""
+    return "; ".join(detail if len(detail) <= 200 else detail[:197] + "..." for detail in details[:shown]) + more
+
+
 def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The `epoch_NNNN.pt` in `directory` with the highest epoch, or None. Temp files are ignored."""
     directory = Path(directory)

@@ -40,7 +40,8 @@ from torch import nn
 from tqdm import tqdm
 
 from engine import distributed
-from engine.checkpoint import atomic_write_bytes, checkpoint_name, load_checkpoint, remove_older_checkpoints, save_checkpoint
+from engine.checkpoint import (atomic_write_bytes, checkpoint_name, load_checkpoint, load_error_summary,
+                               remove_older_checkpoints, save_checkpoint)
 from engine.ema import ModelEMA, unwrap
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
@@ -341,7 +342,11 @@ class Trainer:
         self._resume_pending = False
         path = Path(self.config.resume)
         state = load_checkpoint(path, map_location=self.device)
-        unwrap(self.model).load_state_dict(state["model"])
+        try:
+            unwrap(self.model).load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise ValueError(f"{path}: the checkpoint's weights do not fit the model being trained: "
+                             f"{load_error_summary(error)}") from error
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
