@@ -19,7 +19,7 @@ import pruning
 from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, PruneSettings, TrainSettings,
                                evaluate_accuracy, make_eval_loader, model_spec, prepare, prune_model, save_prune_plots,
                                save_weights, train_model, write_json)
-from engine import distributed, resolve_device
+from engine import distributed, output_folder, resolve_device
 
 DEFAULT_RUN_DIR = Path("runs/classify")
 
@@ -135,19 +135,31 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
         resume=getattr(args, "resume", False))
 
 
+def check_output_file(path: Path | None, flag: str) -> None:
+    """Before any work: `path` (when given) is not a folder, and its folder exists or is created now."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: expected a file to write, found a folder")
+    output_folder(path.parent, f"{flag} {path}: its folder")
+
+
 def join_torchrun(args: argparse.Namespace) -> None:
     """Under torchrun, join the process group; --device becomes this process's device."""
     args.device = str(distributed.init_from_env(resolve_device(args.device)))
 
 
 def run_train(args: argparse.Namespace) -> int:
+    args.out = args.out or DEFAULT_RUN_DIR / f"{args.model}-dense.pt"
+    check_output_file(args.out, "--out")
+    check_output_file(args.json_out, "--json-out")
     join_torchrun(args)
     settings = train_settings(args)
     model, datasets = prepare(args.model, args.data, args.weights)
     result = train_model(args.model, model, datasets, settings)
     if not distributed.is_main():
         return 0
-    out = save_weights(model, args.out or DEFAULT_RUN_DIR / f"{args.model}-dense.pt")
+    out = save_weights(model, args.out)
     print(f"{args.model}: top-1 {result['accuracy']:.2f}% after {settings.epochs} epochs "
           f"({result['wall_time_s']:.0f} s); weights: {out}")
     if args.json_out is not None:
@@ -170,6 +182,8 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_prune(args: argparse.Namespace) -> int:
     if args.weights is None:
         raise ValueError("prune needs --weights (the dense model to prune)")
+    check_output_file(args.out, "--out")
+    check_output_file(args.json_out, "--json-out")
     join_torchrun(args)
     settings = train_settings(args)
     prune = PruneSettings(sparsity=args.sparsity, method=args.method, admm_iters=args.admm_iters,

@@ -139,6 +139,17 @@ def test_cifar_folder_reader_rgb_order_and_errors(tmp_path):
         load_cifar_folder(tmp_path, "train")
 
 
+def test_resnet56_needs_the_ten_cifar10_class_folders(tmp_path):
+    """A missing or an extra class folder would shift every label after it: refused, naming both."""
+    for split in ("train", "test"):
+        for name in [*classify.pipeline.CIFAR10_CLASSES[:-1], "zebra"]:
+            (tmp_path / split / name).mkdir(parents=True)
+            cv2.imwrite(str(tmp_path / split / name / "0000.png"), np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"train: expected the class folders of CIFAR-10 \(airplane, .*, truck\), "
+                                         r"found 10: missing \['truck'\], unexpected \['zebra'\]"):
+        prepare("resnet56", tmp_path)
+
+
 def test_cifar_augmentation_crops_with_black_padding_and_flips():
     image = torch.arange(1, 3 * 32 * 32 + 1, dtype=torch.float32).view(3, 32, 32)
     torch.manual_seed(0)
@@ -232,6 +243,15 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "w.pt: weights file not found" in capsys.readouterr().err
     assert yolo_admm_main(["classify", "train", "--model", "lenet5", "--data", str(tmp_path / "mnist"), "--resume"]) == 2
     assert "resume needs a checkpoint_dir (--checkpoint-dir)" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    train = ["classify", "train", "--model", "lenet5", "--data", str(tmp_path / "mnist"), "--epochs", "50"]
+    assert yolo_admm_main([*train, "--out", str(tmp_path / "a_file" / "w.pt")]) == 2      # at once, not after 50 epochs
+    assert "--out {0}/a_file/w.pt: its folder {0}/a_file: cannot create".format(tmp_path) in capsys.readouterr().err
+    assert yolo_admm_main([*train, "--json-out", str(tmp_path)]) == 2
+    assert f"--json-out {tmp_path}: expected a file to write, found a folder" in capsys.readouterr().err
+    assert yolo_admm_main(["classify", "prune", "--model", "lenet5", *base, "--sparsity", "0.5",
+                           "--out", str(tmp_path / "a_file" / "p.pt")]) == 2
+    assert "its folder {0}/a_file: cannot create".format(tmp_path) in capsys.readouterr().err
 
 
 def test_tiny_end_to_end_train_and_prune(tmp_path):
