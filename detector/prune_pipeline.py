@@ -127,6 +127,8 @@ class PruneJob:
             raise ValueError(f"unknown export format(s) {unknown}; expected some of {', '.join(EXPORT_FORMATS)}")
         if self.img_size is not None and self.img_size % 32:
             raise ValueError(f"img_size must be a positive multiple of 32, found {self.img_size}")
+        if self.layer_sparsity and self.method != "admm-layerwise":
+            raise ValueError(f"layer_sparsity is for method admm-layerwise; method {self.method!r} would ignore it")
         if self.ramp_from is not None and not self.method.startswith("admm"):
             raise ValueError(f"ramp_from is for the ADMM methods; method {self.method!r} prunes at once")
         for value in self.sparsity:
