@@ -127,6 +127,9 @@ def load_coco_json(images_dir: str | Path, annotations_json: str | Path) -> Dete
     records, seen_ids = [], set()
     for image in coco["images"]:
         _check_entry(image, {"id": int, "file_name": str, "width": int, "height": int}, "image", annotations_json)
+        if image["width"] <= 0 or image["height"] <= 0:
+            raise ValueError(f"{annotations_json}: image {image['id']}: expected a positive width and height, "
+                             f"found {image['width']}x{image['height']}")
         if image["id"] in seen_ids:
             raise ValueError(f"{annotations_json}: image id {image['id']} is listed twice in 'images'; "
                              f"expected unique ids")
@@ -146,15 +149,32 @@ def load_coco_json(images_dir: str | Path, annotations_json: str | Path) -> Dete
 
 
 def _check_entry(entry: Any, fields: dict[str, type], kind: str, json_path: Path) -> None:
-    """ValueError naming the json and the entry when `entry` is not a dict with `fields` of those
-    types (an int field takes no bool; a str field no other type)."""
+    """Check, in place, that `entry` is a dict with `fields` of those types; ValueError naming the
+    json and the entry otherwise. An int field takes a whole number (640, 640.0 or "640", stored
+    back as 640) but no bool; a str field only text."""
     where = f"{json_path}: {kind} {entry.get('id', '(no id)') if isinstance(entry, dict) else entry!r:.60}"
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: expected an object, found {type(entry).__name__}")
     for name, kind_type in fields.items():
         value = entry.get(name)
-        if not isinstance(value, kind_type) or isinstance(value, bool):
-            raise ValueError(f"{where}: expected '{name}' ({kind_type.__name__}), found {value!r:.60}")
+        checked = _whole_number(value) if kind_type is int else (value if isinstance(value, str) else None)
+        if checked is None:
+            raise ValueError(f"{where}: expected '{name}' ({'a whole number' if kind_type is int else 'text'}), "
+                             f"found {value!r:.60}")
+        entry[name] = checked
+
+
+def _whole_number(value: Any) -> int | None:
+    """`value` as an int when it is one (640, 640.0, "640"), else None (bools, fractions, other text)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
 
 
 def _group_coco_annotations(annotations: list[dict], class_of_category: dict[int, int],

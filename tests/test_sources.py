@@ -72,8 +72,10 @@ def test_coco_json_unknown_category_names_file_and_annotation(tmp_path):
 def _break(coco: dict, defect: str) -> None:
     if defect == "image without file_name":
         del coco["images"][0]["file_name"]
-    elif defect == "image width as text":
-        coco["images"][1]["width"] = "32"
+    elif defect == "image width as a fraction":
+        coco["images"][1]["width"] = 32.5
+    elif defect == "image height zero":
+        coco["images"][1]["height"] = 0
     elif defect == "annotation without image_id":
         del coco["annotations"][0]["image_id"]
     elif defect == "category id as text":
@@ -87,10 +89,11 @@ def _break(coco: dict, defect: str) -> None:
 
 
 @pytest.mark.parametrize("defect, message", [
-    ("image without file_name", r"image 11: expected 'file_name' \(str\), found None"),
-    ("image width as text", r"image 12: expected 'width' \(int\), found '32'"),
-    ("annotation without image_id", r"annotation 1: expected 'image_id' \(int\), found None"),
-    ("category id as text", r"category 'x': expected 'id' \(int\), found 'x'"),
+    ("image without file_name", r"image 11: expected 'file_name' \(text\), found None"),
+    ("image width as a fraction", r"image 12: expected 'width' \(a whole number\), found 32.5"),
+    ("image height zero", r"image 12: expected a positive width and height, found 32x0"),
+    ("annotation without image_id", r"annotation 1: expected 'image_id' \(a whole number\), found None"),
+    ("category id as text", r"category 'x': expected 'id' \(a whole number\), found 'x'"),
     ("bbox with text", r"annotation id 1: expected 'bbox' \[x, y, w, h\] of numbers with w, h >= 0, found \[1, 2, 'x', 4\]"),
     ("bbox with negative size", r"annotation id 1: expected 'bbox' .* found \[10, 10, -5, -5\]"),
     ("image id twice", r"image id 11 is listed twice in 'images'"),
@@ -102,6 +105,16 @@ def test_coco_json_bad_entries_name_the_file_and_the_entry(tmp_path, defect, mes
     path.write_text(json.dumps(coco))
     with pytest.raises(ValueError, match=r"instances\.json: " + message):
         load_coco_json(tmp_path / "images", path)
+
+
+def test_coco_json_whole_numbers_may_be_written_as_floats_or_text(tmp_path):
+    path = write_coco(tmp_path)
+    coco = json.loads(path.read_text())
+    coco["images"][0].update(width=64.0, height="48", id="11")
+    coco["annotations"][0]["image_id"] = 11.0
+    path.write_text(json.dumps(coco))
+    first = load_coco_json(tmp_path / "images", path).records[0]
+    assert (first.image_id, first.width, first.height, len(first.boxes)) == (11, 64, 48, 2)
 
 
 def test_coco_json_missing_image_is_file_not_found(tmp_path):
