@@ -132,7 +132,8 @@ def opencv_outputs(cfg_path: str | os.PathLike, weights_path: str | os.PathLike,
         first_line = next((line for line in str(error).splitlines() if line.strip()), str(error))
         raise ValueError(f"{cfg_path}: OpenCV's Darknet importer cannot run these files, so they cannot be "
                          f"checked against it (it does not support every layer option Darknet has, e.g. a "
-                         f"[route] with groups over several layers): {first_line.strip()}") from error
+                         f"[route] with groups over several layers; leave 'darknet' out of the export formats): "
+                         f"{first_line.strip()}") from error
     return [np.stack([outputs[head] for outputs in per_image]) for head in range(len(names))]
 
 
@@ -224,6 +225,8 @@ def export_onnx(model: DarknetModel, path: str | os.PathLike, img_size: int | No
     _check_input_size(model, height, width)
     wrapper = DecodedDetections(copy.deepcopy(model).float().cpu()).eval()
     example = torch.zeros(1, model.net.channels, height, width)
+    with torch.no_grad():
+        output_shape = list(wrapper(example).shape)    # untraced, so the model's input checks run first
     path = Path(path)
     with tempfile.TemporaryDirectory(dir=path.parent) as staging:
         staged = Path(staging) / path.name
@@ -233,8 +236,6 @@ def export_onnx(model: DarknetModel, path: str | os.PathLike, img_size: int | No
         onnx.checker.check_model(proto)
         onnx.save(proto, str(staged))
         os.replace(staged, path)
-    with torch.no_grad():
-        output_shape = list(wrapper(example).shape)
     report = {"path": str(path), "bytes": path.stat().st_size, "opset": opset,
               "input_shape": list(example.shape), "output_shape": output_shape,
               "dense_fp32_bytes": dense_fp32_bytes(model)}

@@ -69,7 +69,7 @@ class DarknetModel(nn.Module):
                 raise ValueError(
                     f"{self.cfg.path}: at input {x.shape[2]}x{x.shape[3]} layer {index} ([yolo]) has a "
                     f"{grid_h}x{grid_w} grid, which does not tile the input with its stride {head.stride:g} (fixed "
-                    f"at the cfg's {self.net.width}x{self.net.height}); use the cfg's size, or a cfg size that "
+                    f"at the cfg's {self.net.height}x{self.net.width}); use the cfg's size, or a cfg size that "
                     f"every downsampling divides exactly (multiples of 32 for the YOLO cfgs)")
 
     def _check_input(self, x: torch.Tensor) -> None:

@@ -33,7 +33,9 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
+import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -65,7 +67,8 @@ class PruneJob:
     """Everything one `detect prune` run needs; YAML keys and CLI flags use these names.
 
     Which weights: ``include``/``exclude`` are parameter-name patterns (globs, or ``re:`` regexes;
-    default every conv weight), ``min_density`` keeps at least that fraction of every layer.
+    default every conv weight), ``min_density`` keeps at least that fraction of every layer (a
+    number, or a mapping of parameter-name patterns to numbers).
 
     Data: ``data`` (an Ultralytics data.yaml with train and val splits), or the COCO json pairs
     ``train_images``/``train_annotations`` and ``val_images``/``val_annotations``.
@@ -84,7 +87,7 @@ class PruneJob:
     layer_sparsity: dict[str, float] | None = None
     include: list[str] | None = None
     exclude: list[str] | None = None
-    min_density: float = 0.0
+    min_density: float | dict[str, float] = 0.0
     admm_iters: int = 4
     epochs_per_iter: int = 2
     rho: float = 1e-3
@@ -112,7 +115,7 @@ class PruneJob:
         if not self.cfg:
             raise ValueError("prune: a Darknet cfg is required (--cfg or `cfg:` in the YAML config)")
         self.sparsity = [_number("sparsity", value, float) for value in _as_list(self.sparsity)]
-        self.export = [str(value) for value in _as_list(self.export)]
+        self.export = [str(value) for value in _as_list(self.export if self.export is not None else [])]
         _check_settings(self)
         for value in self.sparsity:
             pruning.check_sparsity(float(value))
@@ -159,7 +162,7 @@ class PruneJob:
 
 # setting -> (type, lowest value, whether the lowest is allowed, highest value or None, None allowed)
 NUMBER_SETTINGS: dict[str, tuple[type, float, bool, float | None, bool]] = {
-    "min_density": (float, 0.0, True, 1.0, False), "admm_iters": (int, 1, True, None, False),
+    "admm_iters": (int, 1, True, None, False),
     "epochs_per_iter": (int, 1, True, None, False), "rho": (float, 0.0, False, None, False),
     "rho_mult": (float, 0.0, False, None, False), "rho_max": (float, 0.0, False, None, False),
     "ramp_from": (float, 0.0, True, 1.0, True), "ramp_iters": (int, 1, True, None, True),
@@ -208,6 +211,11 @@ def _check_settings(job: "PruneJob") -> None:
             bound = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high is not None else "")
             raise ValueError(f"{name} must be {bound}, found {value!r}")
         setattr(job, name, number)
+    densities = job.min_density.values() if isinstance(job.min_density, dict) else [job.min_density]
+    for density in densities:                            # a number, or pattern -> number
+        if not 0.0 <= _number("min_density", density, float) <= 1.0:
+            raise ValueError(f"min_density must be in [0, 1] (or a mapping of patterns to such numbers), found "
+                             f"{job.min_density!r}")
     for name in BOOL_SETTINGS:
         if not isinstance(getattr(job, name), bool):
             raise ValueError(f"{name} must be true or false, found {getattr(job, name)!r}")
@@ -343,6 +351,8 @@ def stage_done(path: Path) -> dict[str, Any] | None:
             record = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             damaged = f"{path}: damaged stage record ({error}); delete it to run that stage again"
+        except OSError as error:
+            damaged = f"{path}: cannot read this stage record ({error.strerror or error})"
     record, damaged = distributed.broadcast_object((record, damaged))
     if damaged is not None:                     # on every rank, so none waits for the others
         raise ValueError(damaged)
@@ -357,8 +367,11 @@ def save_state(path: Path, model: torch.nn.Module, masks: pruning.Masks) -> None
 def load_state(path: Path, ctx: RunContext) -> tuple[torch.nn.Module, pruning.Masks]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several unrelated types for a damaged file
-        raise ValueError(f"{path}: damaged stage state ({type(error).__name__}: {str(error).splitlines()[0]}); "
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:  # a damaged file
+        if isinstance(error, torch.OutOfMemoryError):
+            raise
+        detail = next(iter(str(error).splitlines()), "") or "empty or cut short"
+        raise ValueError(f"{path}: damaged stage state ({type(error).__name__}: {detail}); "
                          f"delete it to run that stage again") from error
     model = detector.load_darknet(ctx.job.cfg)
     model.load_state_dict(state["model"])
@@ -515,7 +528,7 @@ def make_context(job: PruneJob) -> RunContext:
     return RunContext(job, root, train, val, evaluator, size, letterbox)
 
 
-RESUMABLE_CHANGES = {"out", "workers", "device", "progress", "latency_runs"}
+RESUMABLE_CHANGES = {"out", "workers", "device", "progress", "latency_runs", "export"}  # export: of what follows
 
 
 def write_or_check_config(job: PruneJob, path: Path) -> None:

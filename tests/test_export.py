@@ -128,8 +128,22 @@ def test_a_cfg_opencv_cannot_run_is_a_clear_error(tmp_path):
         + "[convolutional]\nsize=1\nstride=1\npad=1\nfilters=27\nactivation=linear\n\n"
         + "[yolo]\nmask=0,1,2\nanchors=10,14, 23,27, 37,58\nclasses=4\nnum=3\n")
     model = detector.load_darknet(tmp_path / "groups.cfg")
-    with pytest.raises(ValueError, match=r"model.cfg: OpenCV's Darknet importer cannot run these files"):
+    with pytest.raises(ValueError, match=r"model.cfg: OpenCV's Darknet importer cannot run these files, .*"
+                                         r"leave 'darknet' out of the export formats"):
         export_darknet(model, tmp_path / "out" / "model.weights", verify=True)
+
+
+def test_an_onnx_size_the_model_cannot_decode_leaves_no_file(tmp_path):
+    """width=100 with five stride-2 convs decodes with stride 25 only at 100x100; at 800 (a multiple
+    of 32 and of 25) the 25x25 grid's true stride is 32: refused before anything is written."""
+    conv = "[convolutional]\nbatch_normalize=1\nfilters=8\nsize=3\nstride=2\npad=1\nactivation=leaky\n\n"
+    (tmp_path / "w100.cfg").write_text("[net]\nwidth=100\nheight=100\nchannels=3\n\n" + conv * 5
+                                       + "[convolutional]\nsize=1\nstride=1\npad=1\nfilters=27\nactivation=linear\n\n"
+                                       + "[yolo]\nmask=0,1,2\nanchors=10,14, 23,27, 37,58\nclasses=4\nnum=3\n")
+    model = detector.load_darknet(tmp_path / "w100.cfg")
+    with pytest.raises(ValueError, match="at input 800x800 layer 6 .*does not tile the input with its stride 25"):
+        export_onnx(model, tmp_path / "model.onnx", img_size=800)
+    assert not list(tmp_path.glob("*.onnx"))
 
 
 @needs_darknet_importer
