@@ -39,7 +39,7 @@ import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import yaml
@@ -160,18 +160,27 @@ class PruneJob:
             raise ValueError(f"{yaml_path} (or a flag over it): {error}") from None
 
 
-# setting -> (type, lowest value, whether the lowest is allowed, highest value or None, None allowed)
-NUMBER_SETTINGS: dict[str, tuple[type, float, bool, float | None, bool]] = {
-    "admm_iters": (int, 1, True, None, False),
-    "epochs_per_iter": (int, 1, True, None, False), "rho": (float, 0.0, False, None, False),
-    "rho_mult": (float, 0.0, False, None, False), "rho_max": (float, 0.0, False, None, False),
-    "ramp_from": (float, 0.0, True, 1.0, True), "ramp_iters": (int, 1, True, None, True),
-    "retrain_epochs": (int, 0, True, None, False), "lr": (float, 0.0, False, None, True),
-    "burn_in": (int, 0, True, None, True), "batch_size": (int, 1, True, None, True),
-    "img_size": (int, 32, True, None, True), "mosaic": (float, 0.0, True, 1.0, True),
-    "workers": (int, 0, True, None, False), "latency_runs": (int, 1, True, None, False),
-    "bn_images": (int, 0, True, None, False),
-    "seed": (int, -2**63, True, None, False),
+class NumberSetting(NamedTuple):
+    """What a numeric setting of `PruneJob` may hold."""
+
+    kind: type                   # int or float
+    low: float | None = None     # smallest value (None: no bound)
+    low_inclusive: bool = True   # False: values must be above `low`
+    high: float | None = None    # largest value (None: no bound)
+    optional: bool = False       # None allowed (a default from the cfg, or "off")
+
+
+NUMBER_SETTINGS: dict[str, NumberSetting] = {
+    "admm_iters": NumberSetting(int, 1), "epochs_per_iter": NumberSetting(int, 1),
+    "retrain_epochs": NumberSetting(int, 0), "ramp_iters": NumberSetting(int, 1, optional=True),
+    "rho": NumberSetting(float, 0.0, low_inclusive=False), "rho_mult": NumberSetting(float, 0.0, low_inclusive=False),
+    "rho_max": NumberSetting(float, 0.0, low_inclusive=False),
+    "ramp_from": NumberSetting(float, 0.0, high=1.0, optional=True),
+    "lr": NumberSetting(float, 0.0, low_inclusive=False, optional=True),
+    "burn_in": NumberSetting(int, 0, optional=True), "batch_size": NumberSetting(int, 1, optional=True),
+    "img_size": NumberSetting(int, 32, optional=True), "mosaic": NumberSetting(float, 0.0, high=1.0, optional=True),
+    "workers": NumberSetting(int, 0), "latency_runs": NumberSetting(int, 1), "bn_images": NumberSetting(int, 0),
+    "seed": NumberSetting(int),
 }
 BOOL_SETTINGS = ("augment", "amp", "progress")
 
@@ -199,17 +208,23 @@ def _number(name: str, value: Any, kind: type) -> int | float:
     return int(number) if kind is int else number
 
 
+def _bounds(setting: NumberSetting) -> str:
+    """The allowed range in words, e.g. "> 0.0" or ">= 0.0 and <= 1.0"."""
+    low = [f"{'>=' if setting.low_inclusive else '>'} {setting.low}"] if setting.low is not None else []
+    return " and ".join(low + ([f"<= {setting.high}"] if setting.high is not None else []))
+
+
 def _check_settings(job: "PruneJob") -> None:
     """Types and ranges of the numeric and boolean settings, so that a bad one stops the job before
     any work (and before the run folder records it)."""
-    for name, (kind, low, low_ok, high, none_ok) in NUMBER_SETTINGS.items():
+    for name, setting in NUMBER_SETTINGS.items():
         value = getattr(job, name)
-        if value is None and none_ok:
+        if value is None and setting.optional:
             continue
-        number = _number(name, value, kind)
-        if number < low or (number == low and not low_ok) or (high is not None and number > high):
-            bound = f"{'>=' if low_ok else '>'} {low}" + (f" and <= {high}" if high is not None else "")
-            raise ValueError(f"{name} must be {bound}, found {value!r}")
+        number = _number(name, value, setting.kind)
+        above_low = setting.low is None or (number >= setting.low if setting.low_inclusive else number > setting.low)
+        if not above_low or (setting.high is not None and number > setting.high):
+            raise ValueError(f"{name} must be {_bounds(setting)}, found {value!r}")
         setattr(job, name, number)
     densities = job.min_density.values() if isinstance(job.min_density, dict) else [job.min_density]
     for density in densities:                            # a number, or pattern -> number
