@@ -6,7 +6,7 @@ callbacks below only build the state, run the Z/U-steps at epoch ends and switch
 here imports ultralytics: the callbacks read ``trainer.model``, ``trainer.optimizer``,
 ``trainer.ema.ema``, ``trainer.epoch``, ``trainer.epochs``, ``trainer.start_epoch``,
 ``trainer.args.resume``, ``trainer.args.save``, ``trainer.args.save_period``, ``trainer.wdir`` and
-``trainer.save_dir``, and reset
+``trainer.save_dir``, move their own entry to the end of ``trainer.callbacks["on_train_end"]``, and reset
 ``trainer.best_fitness`` and ``trainer.stopper.best_fitness`` (tested with ultralytics 8.4).
 
     from ultralytics import YOLO
@@ -21,7 +21,8 @@ them the Z- and U-steps run. At the end of the last ADMM epoch the weights are c
 stopping is held off during the ADMM phase; it and the trainer's best fitness restart at the cut,
 so ``best.pt`` always comes from a pruned epoch. The remaining epochs retrain with the masks
 fixed. A run that ends before the cut (a ``time=`` limit, a stop) raises at its end rather than
-leave unpruned weights unremarked.
+leave unpruned weights unremarked; its on_train_end runs after every other one, so the loggers'
+still run.
 
 Frozen weights (``requires_grad=False``, such as the DFL convolution Ultralytics freezes) are
 never pruned: training could not adapt to their removal. Ultralytics clips the loss gradient to a
@@ -122,6 +123,7 @@ class UltralyticsADMM:
                 f"UltralyticsADMM needs epochs >= {self.admm_epochs} ({self.admm_iters} ADMM iterations of"
                 f" {self.epochs_per_iter} epochs, then retraining), got epochs={trainer.epochs}"
             )
+        self._end_last(trainer)
         self._detach()
         self.admm, self.masks, self.history = None, None, []
         self._epochs_ended, self._state_file_epoch = trainer.start_epoch, None
@@ -175,6 +177,14 @@ class UltralyticsADMM:
         save_dir = Path(trainer.save_dir)
         write_bytes_atomically(save_dir / REPORT_FILE, (json.dumps(report, indent=2, default=str) + "\n").encode())
         save_kept_fraction_plot(rows, save_dir / PLOT_FILE, title=f"kept per layer at {self.config.sparsity:.0%} removed")
+
+    def _end_last(self, trainer) -> None:
+        """Move this object's on_train_end behind every other one (Ultralytics adds its loggers'
+        after ours), so that raising there for a run cut short skips none of them."""
+        ends = getattr(trainer, "callbacks", {}).get("on_train_end")
+        if isinstance(ends, list) and self.on_train_end in ends:
+            ends.remove(self.on_train_end)
+            ends.append(self.on_train_end)
 
     def _config_for(self, model: nn.Module) -> ADMMConfig:
         """The run's config with frozen weights added to the exclusions."""

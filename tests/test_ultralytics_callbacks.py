@@ -35,12 +35,14 @@ class Interrupt(Exception):
 
 
 def train(yolo_class, data_yaml, project, pruner, epochs, interrupt_after_epoch=None, model="yolov8n.yaml",
-          interrupt_event="on_fit_epoch_end", **extra):
+          interrupt_event="on_fit_epoch_end", after_pruner=None, **extra):
     """Train ``model`` (a YOLO, or the yaml / checkpoint to build one from) with ``pruner`` registered;
     ``interrupt_after_epoch``: raise Interrupt at ``interrupt_event`` of that epoch (on_fit_epoch_end:
     after last.pt is written; on_train_epoch_end: before it, just after the pruner's own epoch end)."""
     model = model if isinstance(model, yolo_class) else yolo_class(str(model))
     pruner.register(model)
+    for event, callback in (after_pruner or {}).items():     # registered after the pruner's, as loggers are
+        model.add_callback(event, callback)
     if interrupt_after_epoch is not None:
         def interrupt(trainer):
             if trainer.epoch == interrupt_after_epoch:
@@ -261,8 +263,11 @@ def test_early_stopping_waits_for_the_cut(yolo_class, data_yaml, tmp_path):
 def test_a_run_that_stops_before_the_cut_says_so(yolo_class, data_yaml, tmp_path):
     model = yolo_class("yolov8n.yaml")
     add_callback_at_epoch(model, "on_fit_epoch_end", 0, lambda trainer: setattr(trainer, "stop", True))
+    ended = []
     with pytest.raises(RuntimeError, match="ended after 1 epochs, before the cut at the end of epoch 2"):
-        train(yolo_class, data_yaml, tmp_path, make_pruner(), epochs=3, model=model)
+        train(yolo_class, data_yaml, tmp_path, make_pruner(), epochs=3, model=model,
+              after_pruner={"on_train_end": lambda trainer: ended.append(trainer.epoch)})
+    assert ended == [0]                     # a callback registered after the pruner still ran
 
 
 def test_too_few_epochs_for_the_admm_phase_is_a_clear_error(yolo_class, data_yaml, tmp_path):
