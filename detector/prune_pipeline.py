@@ -57,6 +57,7 @@ from detector.export import dense_fp32_bytes, export_model, require_opencv_darkn
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, distributed, find_latest_checkpoint,
                     resolve_device)
+from pruning.selection import per_name_values
 
 LOG = logging.getLogger("yolo_admm.prune")
 METHODS = ("admm-global", "admm-layerwise", "magnitude-global", "magnitude-uniform")
@@ -526,9 +527,22 @@ def save_sweep_plot(sweep: list[dict[str, Any]], path: Path, method: str) -> Pat
     return atomic_write_bytes(path, png.getvalue())
 
 
+def check_weight_patterns(job: PruneJob) -> None:
+    """The job's parameter-name patterns (include, exclude, min_density, layer_sparsity) against the
+    cfg's model, before any work: a pattern that matches nothing fails now, not after the dense stage
+    (whose record would then lock the run folder to the mistyped pattern)."""
+    with torch.random.fork_rng(devices=[]):
+        model = detector.load_darknet(job.cfg)          # no weights: only the names count
+    named = pruning.prunable_parameters(model, job.include, job.exclude)
+    pruning.layer_floors(named, job.min_density)
+    if job.method == "admm-layerwise" and job.layer_sparsity:
+        per_name_values(list(named), job.layer_sparsity, 0.0, "layer_sparsity")
+
+
 def make_context(job: PruneJob) -> RunContext:
     if "darknet" in job.export:  # fail before the training, not after it
         require_opencv_darknet_importer()
+    check_weight_patterns(job)
     root = Path(job.out)
     train, val = load_sources(job)
     cfg = detector.parse_cfg(job.cfg)

@@ -154,6 +154,16 @@ def test_a_damaged_stage_file_is_named_with_what_to_do(shapes_yaml, uninterrupte
         run_job(tiny_job(shapes_yaml, out))
 
 
+def test_a_weight_pattern_that_matches_nothing_fails_before_the_dense_stage(shapes_yaml, tmp_path):
+    """Found by a fuzz: it failed after dense.json was written, and the folder then refused the fix."""
+    for setting in (dict(method="admm-layerwise", layer_sparsity={"nope.weight": 0.5}), dict(include=["nope.*"])):
+        with pytest.raises(ValueError, match="'nope"):
+            run_job(tiny_job(shapes_yaml, tmp_path, **setting))
+        assert not (tmp_path / "dense.json").exists()
+    run_job(tiny_job(shapes_yaml, tmp_path, method="admm-layerwise", layer_sparsity={"layers.0.*": 0.3},
+                     admm_iters=1, retrain_epochs=0))                    # the corrected run, same folder
+
+
 def test_resume_with_other_settings_is_refused(shapes_yaml, uninterrupted, tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(admm_iters: 2 -> 3\)"):
         run_job(tiny_job(shapes_yaml, uninterrupted["out"], admm_iters=3))
