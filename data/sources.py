@@ -110,6 +110,8 @@ def load_coco_json(images_dir: str | Path, annotations_json: str | Path) -> Dete
     images_dir, annotations_json = Path(images_dir), Path(annotations_json)
     if not images_dir.is_dir():
         raise FileNotFoundError(f"{images_dir}: images folder not found")
+    if not annotations_json.is_file():
+        raise FileNotFoundError(f"{annotations_json}: COCO annotations json not found")
     with open(annotations_json, encoding="utf-8") as f:
         try:
             coco = json.load(f)

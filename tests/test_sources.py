@@ -119,6 +119,8 @@ def test_coco_json_whole_numbers_may_be_written_as_floats_or_text(tmp_path):
 
 def test_coco_json_missing_image_is_file_not_found(tmp_path):
     path = write_coco(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"nothere.json: COCO annotations json not found"):
+        load_coco_json(tmp_path / "images", tmp_path / "nothere.json")
     (tmp_path / "images" / "b.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="b.jpg"):
         load_coco_json(tmp_path / "images", path)
