@@ -39,7 +39,7 @@ import pruning
 from classify.distill import DistillationLoss, frozen_copy, top1_percent
 from classify.lenet5 import LeNet5
 from classify.resnet56 import RESNET56_MEAN, RESNET56_STD, resnet56
-from data.cifar import CIFARDataset, list_class_images, load_cifar_folder
+from data.cifar import CIFAR10_CLASSES, CIFARDataset, load_cifar_folder
 from data.mnist import MNISTDataset, load_mnist
 from engine import (Trainer, TrainConfig, atomic_torch_save, atomic_write_bytes, atomic_write_json, distributed,
                     find_latest_checkpoint, resolve_device)
@@ -60,23 +60,13 @@ def mnist_split(root: Path, split: str) -> Dataset:
     return MNISTDataset(*load_mnist(root, split))
 
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
 def cifar_split(root: Path, split: str) -> Dataset:
     """CIFAR-10 split from `root/<split>/<class>/*.jpg`, augmented for training.
 
     Raises:
         ValueError: the class folders are not CIFAR-10's ten (the labels would shift silently).
     """
-    classes = list_class_images(Path(root) / split)[2]
-    if classes != CIFAR10_CLASSES:
-        missing = sorted(set(CIFAR10_CLASSES) - set(classes))
-        unexpected = sorted(set(classes) - set(CIFAR10_CLASSES))
-        raise ValueError(f"{Path(root) / split}: expected the class folders of CIFAR-10 "
-                         f"({', '.join(CIFAR10_CLASSES)}), found {len(classes)}: missing {missing}, "
-                         f"unexpected {unexpected}")
-    images, labels, _ = load_cifar_folder(root, split)
+    images, labels, _ = load_cifar_folder(root, split, classes=CIFAR10_CLASSES)
     return CIFARDataset(images, labels, RESNET56_MEAN, RESNET56_STD, augment=split == "train")
 
 

@@ -19,6 +19,7 @@ from data.translate import random_translate
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 IMAGE_SIZE = 32
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def list_class_images(split_dir: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -49,14 +50,24 @@ def decode_rgb32(path: Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def load_cifar_folder(root: str | os.PathLike, split: str = "train",
-                      workers: int = 4) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_cifar_folder(root: str | os.PathLike, split: str = "train", workers: int = 4,
+                      classes: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Decode every image of `root/split` once.
 
+    Args:
+        classes: the class folders expected (e.g. `CIFAR10_CLASSES`), checked before any decoding;
+            None takes whatever folders are there.
     Returns:
         images: uint8 Tensor[N, 3, 32, 32] (RGB); labels: int64 Tensor[N]; class_names: list[str].
+    Raises:
+        ValueError: `classes` given and the folders differ (the labels would shift silently).
     """
     paths, labels, class_names = list_class_images(Path(root) / split)
+    if classes is not None and class_names != list(classes):
+        missing = sorted(set(classes) - set(class_names))
+        unexpected = sorted(set(class_names) - set(classes))
+        raise ValueError(f"{Path(root) / split}: expected the class folders {', '.join(classes)}, found "
+                         f"{len(class_names)}: missing {missing}, unexpected {unexpected}")
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         decoded = list(pool.map(decode_rgb32, paths, chunksize=256))
     images = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()

@@ -37,6 +37,7 @@ import pickle
 import time
 import zipfile
 import zlib
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -119,9 +120,8 @@ class PruneJob:
         self.export = [str(value) for value in _as_list(self.export if self.export is not None else [])]
         _check_settings(self)
         for value in self.sparsity:
-            pruning.check_sparsity(float(value))
-        values = [float(value) for value in self.sparsity]
-        repeated = sorted({value for value in values if values.count(value) > 1})
+            pruning.check_sparsity(value)
+        repeated = sorted(value for value, count in Counter(self.sparsity).items() if count > 1)
         if repeated:
             raise ValueError(f"sparsity lists {', '.join(map(repr, repeated))} more than once; each value is one run")
         if self.method not in METHODS:
@@ -136,7 +136,7 @@ class PruneJob:
         if self.ramp_from is not None and not self.method.startswith("admm"):
             raise ValueError(f"ramp_from is for the ADMM methods; method {self.method!r} prunes at once")
         for value in self.sparsity:
-            pruning.ramp_updates(float(value), self.ramp_from, self.ramp_iters, self.admm_iters)  # validates
+            pruning.ramp_updates(value, self.ramp_from, self.ramp_iters, self.admm_iters)  # validates
         if self.data is None and not (self.train_images and self.train_annotations
                                       and self.val_images and self.val_annotations):
             raise ValueError("prune: give --data data.yaml, or all of --train-images/--train-annotations/"
@@ -531,8 +531,8 @@ def check_weight_patterns(job: PruneJob) -> None:
     """The job's parameter-name patterns (include, exclude, min_density, layer_sparsity) against the
     cfg's model, before any work: a pattern that matches nothing fails now, not after the dense stage
     (whose record would then lock the run folder to the mistyped pattern)."""
-    with torch.random.fork_rng(devices=[]):
-        model = detector.load_darknet(job.cfg)          # no weights: only the names count
+    with torch.device("meta"):                           # names and shapes only: no memory, no random draws
+        model = detector.load_darknet(job.cfg)
     named = pruning.prunable_parameters(model, job.include, job.exclude)
     pruning.layer_floors(named, job.min_density)
     if job.method == "admm-layerwise" and job.layer_sparsity:

@@ -17,7 +17,7 @@ from classify.cli import main as classify_main
 from classify.distill import DistillationLoss, frozen_copy
 from classify.pipeline import PruneSettings, TrainSettings, classification_loss, load_weights, prepare, prune_model
 from classify.resnet56 import RESNET56_MEAN, RESNET56_STD
-from data.cifar import CIFARDataset, decode_rgb32, list_class_images, load_cifar_folder, random_crop_flip
+from data.cifar import CIFAR10_CLASSES, CIFARDataset, decode_rgb32, list_class_images, load_cifar_folder, random_crop_flip
 from data.mnist import IMAGES_MAGIC, LABELS_MAGIC, MNISTDataset, load_mnist, read_idx
 from yolo_admm.cli import main as yolo_admm_main
 
@@ -142,10 +142,10 @@ def test_cifar_folder_reader_rgb_order_and_errors(tmp_path):
 def test_resnet56_needs_the_ten_cifar10_class_folders(tmp_path):
     """A missing or an extra class folder would shift every label after it: refused, naming both."""
     for split in ("train", "test"):
-        for name in [*classify.pipeline.CIFAR10_CLASSES[:-1], "zebra"]:
+        for name in [*CIFAR10_CLASSES[:-1], "zebra"]:
             (tmp_path / split / name).mkdir(parents=True)
             cv2.imwrite(str(tmp_path / split / name / "0000.png"), np.zeros((32, 32, 3), np.uint8))
-    with pytest.raises(ValueError, match=r"train: expected the class folders of CIFAR-10 \(airplane, .*, truck\), "
+    with pytest.raises(ValueError, match=r"train: expected the class folders airplane, .*, truck, "
                                          r"found 10: missing \['truck'\], unexpected \['zebra'\]"):
         prepare("resnet56", tmp_path)
 
