@@ -19,7 +19,7 @@ epoch with rho 1e-2 multiplied by 1.5 per iteration (constant LR), hard-prunes, 
 epochs with the masks fixed and a cosine LR; the magnitude baselines prune once and retrain all 10.
 A longer schedule at 99.0 % (ADMM 8 iterations, retraining 16; 12 passes over MNIST per run):
 
-    .venv/bin/python benchmarks/lenet5_mnist.py --admm-iters 8 --retrain-epochs 16 \
+    .venv/bin/python benchmarks/lenet5_mnist.py --admm-iters 8 --retrain-epochs 16 \\
         --configs admm-global:0.99,magnitude-global:0.99 --out benchmarks/results/lenet5_mnist_long.json
 
 Progressive ADMM (the headline result; ``--ramp-from 0.9``: the Z-step's target rises from 90%
@@ -28,26 +28,26 @@ MNIST per run (24 ADMM iterations of one 30k-image epoch, rho 1e-2 x1.15 per ite
 retraining epochs); the baselines get all 72 epochs as retraining. The two commands ran side by
 side (2026-11-25, 1 thread each, load ~3):
 
-    .venv/bin/python benchmarks/lenet5_mnist.py --admm-iters 24 --retrain-epochs 48 --rho 1e-2 \
-        --rho-mult 1.15 --ramp-from 0.9 --configs admm-global:0.99,admm-global:0.988,admm-global:0.993 \
+    .venv/bin/python benchmarks/lenet5_mnist.py --admm-iters 24 --retrain-epochs 48 --rho 1e-2 \\
+        --rho-mult 1.15 --ramp-from 0.9 --configs admm-global:0.99,admm-global:0.988,admm-global:0.993 \\
         --out benchmarks/results/lenet5_mnist_progressive.json
-    .venv/bin/python benchmarks/lenet5_mnist.py --admm-iters 24 --retrain-epochs 48 --rho 1e-2 \
-        --rho-mult 1.15 --ramp-from 0.9 --configs magnitude-global:0.99,magnitude-uniform:0.99 \
+    .venv/bin/python benchmarks/lenet5_mnist.py --admm-iters 24 --retrain-epochs 48 --rho 1e-2 \\
+        --rho-mult 1.15 --ramp-from 0.9 --configs magnitude-global:0.99,magnitude-uniform:0.99 \\
         --out benchmarks/results/lenet5_mnist_progressive_baselines.json
 
 GPU (2026-11-26, one NVIDIA H200 shared with the ResNet-56 sweep, torch 2.11.0+cu130, AMP; the
 dense weights copied from runs/benchmarks/), 1.5x the progressive budget, 54 passes, 6.6 min:
 
-    python3 benchmarks/lenet5_mnist.py --data /tmp/data/mnist --admm-iters 36 --retrain-epochs 72 \
-        --rho 1e-2 --rho-mult 1.1 --ramp-from 0.9 --configs admm-global:0.99 \
+    python3 benchmarks/lenet5_mnist.py --data /tmp/data/mnist --admm-iters 36 --retrain-epochs 72 \\
+        --rho 1e-2 --rho-mult 1.1 --ramp-from 0.9 --configs admm-global:0.99 \\
         --out benchmarks/results/lenet5_mnist_cuda.json
 
 Knowledge distillation (``--distill 0.5``: every method's pruned model also learns from the dense
 model's outputs at temperature 4, in the ADMM phase and in retraining), on the progressive budget
 (2026-11-26, two runs side by side, 1 thread each, load ~2):
 
-    .venv/bin/python benchmarks/lenet5_mnist.py --admm-iters 24 --retrain-epochs 48 --rho 1e-2 \
-        --rho-mult 1.15 --ramp-from 0.9 --distill 0.5 --configs admm-global:0.99 \
+    .venv/bin/python benchmarks/lenet5_mnist.py --admm-iters 24 --retrain-epochs 48 --rho 1e-2 \\
+        --rho-mult 1.15 --ramp-from 0.9 --distill 0.5 --configs admm-global:0.99 \\
         --out benchmarks/results/lenet5_mnist_distill.json
 
 and the same command with ``--configs magnitude-global:0.99 --out .../lenet5_mnist_distill_baselines.json``,
