@@ -24,17 +24,17 @@ GPU runs (2026-11-26, one NVIDIA H200, 16 CPU cores, torch 2.11.0+cu130, AMP), t
 to /tmp/data; all 10k test images. The full sweep, 3 passes over the 50k training images per run,
 all 11 runs sharing the GPU (4.6 min; the schedule was sized by a 1-epoch probe to fit the lease):
 
-    python3 benchmarks/resnet56_cifar10.py --data /tmp/data/cifar10 \
-        --weights /tmp/data/resnet56/resnet56-4bfd9763.th --device cuda --parallel 11 --workers 2 \
-        --batch-size 128 --train-samples 0 --eval-samples 0 --admm-iters 2 --epochs-per-iter 1 \
+    python3 benchmarks/resnet56_cifar10.py --data /tmp/data/cifar10 \\
+        --weights /tmp/data/resnet56/resnet56-4bfd9763.th --device cuda --parallel 11 --workers 2 \\
+        --batch-size 128 --train-samples 0 --eval-samples 0 --admm-iters 2 --epochs-per-iter 1 \\
         --retrain-epochs 1 --rho 0.3 --rho-mult 10 --out benchmarks/results/resnet56_cifar10_cuda.json
 
 and 70 / 90 % with 5 passes per run (10 epochs of 25k images), 4 runs at once (3.1 min):
 
-    python3 benchmarks/resnet56_cifar10.py --data /tmp/data/cifar10 \
-        --weights /tmp/data/resnet56/resnet56-4bfd9763.th --device cuda --parallel 4 --workers 3 \
-        --batch-size 128 --sparsities 0.7,0.9 --no-control --train-samples 25000 --eval-samples 0 \
-        --admm-iters 5 --epochs-per-iter 1 --retrain-epochs 5 --rho 0.3 --rho-mult 1.778 \
+    python3 benchmarks/resnet56_cifar10.py --data /tmp/data/cifar10 \\
+        --weights /tmp/data/resnet56/resnet56-4bfd9763.th --device cuda --parallel 4 --workers 3 \\
+        --batch-size 128 --sparsities 0.7,0.9 --no-control --train-samples 25000 --eval-samples 0 \\
+        --admm-iters 5 --epochs-per-iter 1 --retrain-epochs 5 --rho 0.3 --rho-mult 1.778 \\
         --out benchmarks/results/resnet56_cifar10_cuda_long.json
 
 Second lease (2026-11-26, one NVIDIA H100 80GB HBM3, same software; the two sweeps at once, data
@@ -44,9 +44,9 @@ ratios (4.8 min), beside the constant LR at 70 / 90 %:
     COMMON="--data /tmp/data/cifar10 --weights /tmp/data/resnet56/resnet56-4bfd9763.th --device cuda
         --workers 1 --batch-size 128 --no-control --train-samples 16000 --eval-samples 0 --admm-iters 5
         --epochs-per-iter 1 --retrain-epochs 5 --rho 0.3 --rho-mult 1.778"
-    python3 benchmarks/resnet56_cifar10.py $COMMON --parallel 10 --admm-lr cosine \
+    python3 benchmarks/resnet56_cifar10.py $COMMON --parallel 10 --admm-lr cosine \\
         --out benchmarks/results/resnet56_cifar10_cuda_cosine.json
-    python3 benchmarks/resnet56_cifar10.py $COMMON --parallel 2 --methods admm-global --sparsities 0.7,0.9 \
+    python3 benchmarks/resnet56_cifar10.py $COMMON --parallel 2 --methods admm-global --sparsities 0.7,0.9 \\
         --admm-lr constant --out benchmarks/results/resnet56_cifar10_cuda_constant.json
 
 then 6.4 passes (10 epochs of 32k images, --workers 2, --parallel 4, --sparsities 0.7,0.9) with the
@@ -58,6 +58,18 @@ its epochs (--admm-lr shared): $COMMON with --admm-lr shared, all ratios of both
 --parallel 10 (resnet56_cifar10_cuda_shared.json) beside ADMM alone at 70 / 90 % with
 --train-samples 32000 --parallel 2 (_cuda_6pass_shared.json), 5.8 min; then --rho 0.03
 --sparsities 0.1,0.5,0.9 --methods admm-global --parallel 3 (_cuda_shared_rho0.03.json), 2.1 min.
+
+Fourth lease (2026-11-26, one NVIDIA H100 80GB HBM3, same software; workers now restart every
+epoch), 6.4 passes at 70 / 90 % with the constant ADMM LR, four invocations at once (7.4 min, beside
+the CUDA tests): global magnitude again, and ADMM with --rho 0.01, 0.03 and 0.1 (x1.778):
+
+    COMMON="--data /tmp/data/cifar10 --weights /tmp/data/resnet56/resnet56-4bfd9763.th --device cuda
+        --workers 1 --batch-size 128 --no-control --train-samples 32000 --eval-samples 0 --admm-iters 5
+        --epochs-per-iter 1 --retrain-epochs 5 --rho-mult 1.778 --parallel 2 --sparsities 0.7,0.9"
+    python3 benchmarks/resnet56_cifar10.py $COMMON --methods magnitude-global \\
+        --out benchmarks/results/resnet56_cifar10_cuda_6pass_magnitude.json
+    python3 benchmarks/resnet56_cifar10.py $COMMON --methods admm-global --rho 0.01 \\
+        --out benchmarks/results/resnet56_cifar10_cuda_6pass_rho0.01.json    # likewise 0.03, 0.1
 
 With --parallel N each run is a process of its own (results do not depend on N, up to the GPU's
 nondeterminism; wall times do).
