@@ -71,6 +71,10 @@ the CUDA tests): global magnitude again, and ADMM with --rho 0.01, 0.03 and 0.1 
     python3 benchmarks/resnet56_cifar10.py $COMMON --methods admm-global --rho 0.01 \\
         --out benchmarks/results/resnet56_cifar10_cuda_6pass_rho0.01.json    # likewise 0.03, 0.1
 
+and in a second call, with --workers 2 --sparsities 0.9 --rho 0.03 --methods admm-global,magnitude-global,
+--seed 1 and --seed 2 at once under `timeout 270`: only magnitude with seed 2 finished
+(resnet56_cifar10_cuda_6pass_seed2.json).
+
 With --parallel N each run is a process of its own (results do not depend on N, up to the GPU's
 nondeterminism; wall times do).
 """
@@ -116,6 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--retrain-epochs", type=int, default=2)
     parser.add_argument("--admm-lr", choices=ADMM_LR_SCHEDULES, default="constant",
                         help="ADMM's LR schedule (see classify prune --admm-lr)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds each run's shuffles, crops and flips, and the --eval-samples subset (default: 0)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default=None)
     parser.add_argument("--workers", type=int, default=0, help="data-loader processes per run")
@@ -159,7 +164,7 @@ def full_test_accuracy(args: argparse.Namespace, datasets: dict) -> dict:
 def train_settings(args: argparse.Namespace) -> TrainSettings:
     return TrainSettings(batch_size=args.batch_size, train_samples=args.train_samples or None,
                          eval_samples=args.eval_samples or None, eval_every=0, progress=False,
-                         device=args.device, workers=args.workers)
+                         device=args.device, workers=args.workers, seed=args.seed)
 
 
 def one_run(args: argparse.Namespace, method: str, sparsity: float, datasets: dict | None = None) -> dict:
