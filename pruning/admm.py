@@ -221,8 +221,8 @@ class ADMM:
 
         Returns:
             dict with ``iteration`` (1-based count of updates), ``primal_residual`` ||W - Z||,
-            ``dual_residual`` rho * ||Z - Z_prev||, ``rho`` (used in this update) and
-            ``next_rho``.
+            ``dual_residual`` rho * ||Z - Z_prev||, ``rho`` (used in this update), ``next_rho``
+            and ``kept`` (the number of weights in Z's support).
         """
         self._follow_params()
         rho = self.rho
@@ -230,7 +230,7 @@ class ADMM:
         if self.config.rho_max is not None:
             self.rho = min(self.rho, self.config.rho_max)
         scratch = torch._foreach_add([param.detach() for param in self.params], self.U)   # W + U
-        self.support = self.project(scratch, self.ramp_fraction(self.iteration + 1))
+        torch._foreach_copy_(self.support, self.project(scratch, self.ramp_fraction(self.iteration + 1)))
         primal, dual = [], []
         for param, z, u, offset, buffer, mask in zip(self.params, self.Z, self.U, self._offset, scratch, self.support):
             new_z = buffer.mul_(mask)                                    # projection of W + U
@@ -272,7 +272,8 @@ class ADMM:
         """
         self._follow_params()
         if self.ramp_fraction(self.iteration) < 1.0:
-            self.support = self.project(torch._foreach_add([param.detach() for param in self.params], self.U))
+            torch._foreach_copy_(self.support,
+                                 self.project(torch._foreach_add([param.detach() for param in self.params], self.U)))
         for param, mask in zip(self.params, self.support):
             param.mul_(mask)
         return Masks({name: mask.clone() for name, mask in zip(self.names, self.support)})

@@ -183,6 +183,22 @@ def test_update_is_projection_then_dual_step_with_rescaled_u():
     assert [admm.update()["next_rho"] for _ in range(2)] == [3.0, 3.0]   # capped at rho_max
 
 
+def test_a_state_dict_taken_earlier_stays_current_through_updates_and_the_hard_prune():
+    torch.manual_seed(0)
+    admm = ADMM(small_convnet(), ADMMConfig(sparsity=0.8, ramp_from=0.2, ramp_updates=4))
+    state = admm.state_dict()
+    with torch.no_grad():
+        for param in admm.params:
+            param.add_(torch.randn_like(param))
+    kept_on_the_ramp = admm.update()["kept"]
+    masks = admm.hard_prune()
+    assert kept_on_the_ramp > sum(int(masks[name].sum()) for name in masks) == admm.k   # the cut recomputed the support
+    for name in admm.names:
+        assert torch.equal(state["support"][name], masks[name])
+        assert torch.equal(state["Z"][name], admm.Z[admm.names.index(name)])
+        assert torch.equal(state["U"][name], admm.U[admm.names.index(name)])
+
+
 def test_admm_converges_to_the_projection_of_the_unconstrained_optimum():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 10, bias=False), nn.Linear(10, 5, bias=False))
