@@ -98,7 +98,8 @@ sys.path.insert(0, str(REPO))
 
 from classify.lenet5 import LeNet5  # noqa: E402
 from classify.pipeline import (ADMM_LR_SCHEDULES, OPTIMIZERS, PruneSettings, TrainSettings, load_weights,  # noqa: E402
-                               prepare, prune_model, save_weights, train_model, write_json)
+                               prepare, prune_model, save_weights, train_model)
+from engine import atomic_write_json  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "lenet5_mnist.json"
 DENSE_WEIGHTS = REPO / "runs" / "benchmarks" / "lenet5_dense.pt"
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
               "args": {key: str(value) for key, value in vars(args).items()},
               "runs": []}
     dense_weights = dense_model(args, datasets, record)
-    write_json(record, args.out)
+    atomic_write_json(args.out, record)
     configs = [(item.split(":")[0], float(item.split(":")[1])) for item in args.configs.split(",")]
     for method, sparsity in configs:
         model = load_weights(LeNet5(), dense_weights)
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         record["runs"].append(result)
         record["markdown"] = markdown_table(record["runs"])
         record["total_wall_time_s"] = time.perf_counter() - started
-        write_json(record, args.out)
+        atomic_write_json(args.out, record)
         print(markdown_table(record["runs"][-1:]).splitlines()[-1], flush=True)
     print(record["markdown"])
     return 0

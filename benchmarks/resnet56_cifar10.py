@@ -96,9 +96,9 @@ sys.path.insert(0, str(REPO))
 
 from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, PruneSettings, TrainSettings,  # noqa: E402
                                evaluate_accuracy, load_weights, make_eval_loader, model_spec, prepare,
-                               prune_model, write_json)
+                               prune_model)
 from classify.resnet56 import resnet56  # noqa: E402
-from engine import resolve_device  # noqa: E402
+from engine import atomic_write_json, resolve_device  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "resnet56_cifar10.json"
 SHARED = REPO.parent / "shared" / "data"
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
               "args": {key: str(value) for key, value in vars(args).items()}, "runs": []}
     record["dense_full_test"] = full_test_accuracy(args, datasets)
     print(f"pretrained ResNet-56 on the 10k JPEG test images: {record['dense_full_test']['accuracy']:.2f}%", flush=True)
-    write_json(record, args.out)
+    atomic_write_json(args.out, record)
     configs = [] if args.no_control else [("magnitude-global", 0.0)]
     configs += [(method, sparsity) for sparsity in args.sparsities for method in args.methods]
 
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         record["runs"].sort(key=lambda run: order[(run["method"], run["target_sparsity"])])
         record["markdown"] = markdown_table(record["runs"])
         record["total_wall_time_s"] = time.perf_counter() - started
-        write_json(record, args.out)
+        atomic_write_json(args.out, record)
         print(markdown_table([result]).splitlines()[-1], flush=True)
 
     if args.parallel <= 1:
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as err:  # noqa: BLE001 - any failure of one run: report it, keep the rest
                     method, sparsity = futures[future]
                     record["failed"].append({"method": method, "target_sparsity": sparsity, "error": repr(err)})
-                    write_json(record, args.out)
+                    atomic_write_json(args.out, record)
                     print(f"{method} at {sparsity:.0%} failed: {err!r}", file=sys.stderr, flush=True)
     print(markdown_table(record["runs"]))
     return 1 if record.get("failed") else 0

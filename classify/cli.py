@@ -18,8 +18,8 @@ from pathlib import Path
 import pruning
 from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, PruneSettings, TrainSettings,
                                evaluate_accuracy, make_eval_loader, model_spec, prepare, prune_model, save_prune_plots,
-                               save_weights, train_model, write_json)
-from engine import distributed, output_folder, resolve_device
+                               save_weights, train_model)
+from engine import atomic_write_json, distributed, output_folder, resolve_device
 
 DEFAULT_RUN_DIR = Path("runs/classify")
 
@@ -163,7 +163,7 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"{args.model}: top-1 {result['accuracy']:.2f}% after {settings.epochs} epochs "
           f"({result['wall_time_s']:.0f} s); weights: {out}")
     if args.json_out is not None:
-        write_json({**result, "weights": str(out)}, args.json_out)
+        atomic_write_json(args.json_out, {**result, "weights": str(out)})
     return 0
 
 
@@ -202,7 +202,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.out is not None:
         print(f"pruned weights: {save_weights(model, args.out)}")
     if args.json_out is not None:
-        write_json(result, args.json_out)
+        atomic_write_json(args.json_out, result)
         plots = save_prune_plots(result, args.json_out)
         print(f"result: {args.json_out}; plots: {', '.join(str(p) for p in plots)}")
     return 0

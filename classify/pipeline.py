@@ -41,7 +41,7 @@ from classify.lenet5 import LeNet5
 from classify.resnet56 import RESNET56_MEAN, RESNET56_STD, resnet56
 from data.cifar import CIFAR10_CLASSES, CIFARDataset, load_cifar_folder
 from data.mnist import MNISTDataset, load_mnist
-from engine import (Trainer, TrainConfig, atomic_torch_save, atomic_write_bytes, atomic_write_json, distributed,
+from engine import (Trainer, TrainConfig, atomic_torch_save, atomic_write_bytes, distributed,
                     find_latest_checkpoint, resolve_device)
 
 ADMM_LR_SCHEDULES = ("constant", "cosine", "shared")
@@ -448,11 +448,6 @@ def settings_dict(settings: TrainSettings) -> dict[str, Any]:
 def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
     """Atomically save `model.state_dict()` (CPU tensors) to `path`."""
     return atomic_torch_save({key: value.cpu() for key, value in model.state_dict().items()}, path)
-
-
-def write_json(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write `result` as indented JSON, atomically."""
-    return atomic_write_json(path, result)
 
 
 def save_prune_plots(result: Mapping[str, Any], json_path: str | os.PathLike) -> list[Path]:

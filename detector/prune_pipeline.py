@@ -256,7 +256,7 @@ def read_job_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- helpers
-def write_json(path: Path, payload: Any) -> Path:
+def write_json_on_main(path: Path, payload: Any) -> Path:
     """Write ``payload`` as indented JSON, atomically (under torchrun: on rank 0 only)."""
     return atomic_write_json(path, payload) if distributed.is_main() else path
 
@@ -352,7 +352,7 @@ class RunContext:
                   "dense_fp32_bytes": dense_fp32_bytes(model),
                   "cpu_latency_ms": cpu_latency_ms(model, self.size, self.job.latency_runs)}
         archive.unlink()
-        write_json(folder / f"{stage}.json", record)
+        write_json_on_main(folder / f"{stage}.json", record)
         LOG.info("%s: mAP50-95 %.4f  mAP50 %.4f  sparsity %.2f%%", stage, record["map50_95"], record["map50"],
                  100 * record["sparsity"])
         return record
@@ -418,7 +418,7 @@ def run_admm(ctx: RunContext, model: torch.nn.Module, sparsity: float, folder: P
     callback = pruning.ADMMCallback(admm, job.epochs_per_iter * steps_per_epoch)
     trainer.callbacks.append(callback)
     trainer.fit()
-    write_json(folder / "admm_residuals.json", callback.history)
+    write_json_on_main(folder / "admm_residuals.json", callback.history)
     return admm.hard_prune()
 
 
@@ -477,7 +477,7 @@ def run_sparsity(ctx: RunContext, sparsity: float, dense: dict[str, Any]) -> dic
     model = retrain_stage(ctx, model, masks, sparsity, folder)
     retrained = stage_done(folder / "retrained.json") or ctx.record("retrained", model, folder)
     rows = pruning.layer_table(model, masks)
-    write_json(folder / "layers.json", rows)
+    write_json_on_main(folder / "layers.json", rows)
     exports = {}
     if distributed.is_main():
         pruning.save_kept_fraction_plot(rows, folder / "layers.png",
@@ -486,7 +486,7 @@ def run_sparsity(ctx: RunContext, sparsity: float, dense: dict[str, Any]) -> dic
                                img_size=ctx.size, stem="pruned") if ctx.job.export else {}
     results = {"target_sparsity": sparsity, "method": ctx.job.method, "stages": [dense, hard, retrained],
                "exports": exports, "wall_time_s": time.perf_counter() - started}
-    write_json(folder / "results.json", results)
+    write_json_on_main(folder / "results.json", results)
     return results
 
 
@@ -611,5 +611,5 @@ def _run_stages(job: PruneJob) -> dict[str, Any]:
         save_sweep_plot(sweep, ctx.root / "map_vs_sparsity.png", job.method)
     results = {"cfg": job.cfg, "weights": job.weights, "method": job.method, "dense": dense, "sweep": sweep,
                "wall_time_s": time.perf_counter() - started}
-    write_json(ctx.root / "results.json", results)
+    write_json_on_main(ctx.root / "results.json", results)
     return results
