@@ -406,5 +406,5 @@ def _import_optional(name: str):
     try:
         return __import__(name)
     except ImportError as err:
-        raise ImportError(f"ONNX export needs the {name!r} package: pip install -e '.[dev]' "
-                          f"(or pip install onnx onnxruntime)") from err
+        raise ImportError(f"ONNX export needs the {name!r} package, a dependency of yolo-admm: "
+                          f"pip install onnx onnxruntime") from err

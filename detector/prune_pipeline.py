@@ -66,7 +66,9 @@ METHODS = ("admm-global", "admm-layerwise", "magnitude-global", "magnitude-unifo
 
 @dataclass
 class PruneJob:
-    """Everything one `detect prune` run needs; YAML keys and CLI flags use these names.
+    """Everything one `detect prune` run needs. A YAML config's keys are these names, and each
+    command-line flag is one of them with '-' for '_'; ``layer_sparsity``, ``augment``, ``mosaic``,
+    ``amp`` and ``latency_runs`` are set in the YAML only.
 
     Which weights: ``include``/``exclude`` are parameter-name patterns (globs, or ``re:`` regexes;
     default every conv weight), ``min_density`` keeps at least that fraction of every layer (a

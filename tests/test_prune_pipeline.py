@@ -2,6 +2,7 @@
 killed at several points resumes to the same masks and metrics as an uninterrupted run."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 import pruning
 from data.synthetic import make_shapes_dataset
-from detector import prune_pipeline
+from detector import cli_prune, prune_pipeline
 from detector.prune_pipeline import PruneJob, read_job_yaml, run_job
 from engine import Trainer
 
@@ -162,6 +163,16 @@ def test_a_weight_pattern_that_matches_nothing_fails_before_the_dense_stage(shap
         assert not (tmp_path / "dense.json").exists()
     run_job(tiny_job(shapes_yaml, tmp_path, method="admm-layerwise", layer_sparsity={"layers.0.*": 0.3},
                      admm_iters=1, retrain_epochs=0))                    # the corrected run, same folder
+
+
+def test_include_and_exclude_flags_reach_the_job():
+    parser = argparse.ArgumentParser()
+    cli_prune.add_arguments(parser)
+    job = cli_prune.job_of(parser.parse_args(["--cfg", DEMO_CFG, "--data", "data.yaml",
+                                              "--include", "layers.0.*,layers.2.*", "--exclude", "layers.2.*"]))
+    assert job.include == ["layers.0.*", "layers.2.*"] and job.exclude == ["layers.2.*"]
+    assert list(pruning.prunable_parameters(prune_pipeline.detector.load_darknet(job.cfg), job.include,
+                                            job.exclude)) == ["layers.0.conv.weight"]
 
 
 def test_resume_with_other_settings_is_refused(shapes_yaml, uninterrupted, tmp_path):
