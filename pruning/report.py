@@ -15,7 +15,7 @@ from torch import nn
 
 from pruning.masks import Masks
 from pruning.selection import prunable_parameters
-from pruning.sparse_archive import write_bytes_atomically
+from pruning.atomic_file import write_bytes_atomically
 
 
 def layer_table(

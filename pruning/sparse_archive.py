@@ -19,7 +19,6 @@ import json
 import lzma
 import math
 import os
-import tempfile
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pruning.atomic_file import write_bytes_atomically
 from pruning.masks import pack_mask, unpack_mask
 
 MAGIC = b"YASPARS1"
@@ -38,28 +38,6 @@ _COMPRESSORS = {
     ),
     "zlib": (lambda data: zlib.compress(data, 9), zlib.decompress),
 }
-
-
-def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, then ``os.replace`` it into place.
-
-    ``pruning`` imports only torch, so it keeps this writer rather than using ``engine``'s."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(temp_name, 0o666 & ~mask)  # mkstemp makes 0600
-        os.replace(temp_name, path)
-    except BaseException:
-        os.unlink(temp_name)
-        raise
-    return path
 
 
 def _sparse_names(state_dict: Mapping[str, Tensor], sparse_names: Iterable[str] | None) -> list[str]:

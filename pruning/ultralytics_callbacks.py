@@ -59,7 +59,7 @@ from pruning.masks import Masks
 from pruning.optimizer_hooks import StepHooks, attach_admm, attach_masks
 from pruning.report import layer_table, save_kept_fraction_plot, table_totals
 from pruning.selection import canonical_parameters
-from pruning.sparse_archive import write_bytes_atomically
+from pruning.atomic_file import write_bytes_atomically
 
 STATE_FILE = "admm_state.pt"   # in trainer.wdir, beside last.pt
 PREVIOUS_STATE_FILE = "admm_state.previous.pt"
