@@ -40,8 +40,8 @@ from torch import nn
 from tqdm import tqdm
 
 from engine import distributed
-from engine.checkpoint import (atomic_write_bytes, checkpoint_name, load_checkpoint, load_error_summary,
-                               remove_older_checkpoints, save_checkpoint)
+from engine.checkpoint import (atomic_write_bytes, checkpoint_name, find_latest_checkpoint, load_checkpoint,
+                               load_error_summary, remove_older_checkpoints, save_checkpoint)
 from engine.ema import ModelEMA, unwrap
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
@@ -65,11 +65,13 @@ class TrainConfig:
         epochs: total epochs `fit()` trains to (counting epochs done before a resume).
         device: "cpu", "cuda", "cuda:1", ...; None picks CUDA when available.
         amp: mixed precision (float16 autocast + GradScaler); only ever active on CUDA.
-        accumulate: batches whose gradients are summed into one optimizer step.
+        accumulate: batches whose mean gradient makes one optimizer step (an epoch's last step
+            may have fewer, when the batches do not divide; their mean all the same).
         clip_grad_norm: max total L2 norm of the gradients, None for no clipping.
         ema: keep an exponential moving average of the weights (`trainer.ema`).
         ema_decay, ema_tau: its asymptotic decay and ramp length in optimizer steps.
-        checkpoint_dir: where `epoch_NNNN.pt` files go; None writes none.
+        checkpoint_dir: where `epoch_NNNN.pt` files go; None writes none. A run that does not
+            resume refuses a folder that already holds checkpoints.
         save_every: write a checkpoint every this many epochs (the last epoch is always written).
         keep_last: keep only this many newest checkpoints in `checkpoint_dir` (None keeps all).
         resume: a checkpoint file, or a directory meaning its newest checkpoint.
@@ -161,7 +163,12 @@ class Trainer:
         """
         total = self.config.epochs if epochs is None else epochs
         self.target_epochs = total
-        callback_states = self._load_resume_state() if self._resume_pending else None
+        if self._resume_pending:
+            callback_states = self._load_resume_state()
+        else:
+            callback_states = None
+            if self.epoch == 0 and self.step == 0:
+                self._refuse_earlier_checkpoints()
         self._call("on_train_start")
         if callback_states is not None:
             self._load_callback_states(callback_states)
@@ -201,7 +208,7 @@ class Trainer:
                 loss_value = float(distributed.mean_across_ranks(loss.detach()))
                 if not math.isfinite(loss_value):
                     self._stop_on_non_finite(loss_value, batches)
-                self.scaler.scale(loss / self.config.accumulate).backward()
+                self.scaler.scale(loss / self._accumulation_group(batches, length)).backward()
             pending += 1
             if pending == self.config.accumulate:
                 self._optimizer_step()
@@ -214,6 +221,14 @@ class Trainer:
         if pending:
             self._optimizer_step()
         return self._mean_logs(sums, batches)
+
+    def _accumulation_group(self, batch_index: int, length: int | None) -> int:
+        """How many batches the optimizer step of batch `batch_index` averages: `accumulate`, or
+        fewer for an epoch's last step when `accumulate` does not divide the batches."""
+        accumulate = self.config.accumulate
+        if length is None:
+            return accumulate
+        return min(accumulate, length - batch_index // accumulate * accumulate)
 
     def _gradient_sync(self, ends_step: bool) -> contextlib.AbstractContextManager:
         """Under DDP, skip the gradient all-reduce of batches that only accumulate (`no_sync`)."""
@@ -336,6 +351,17 @@ class Trainer:
             self.last_checkpoint = Path(self.config.checkpoint_dir) / checkpoint_name(self.epoch)
         distributed.barrier()
         return self.last_checkpoint
+
+    def _refuse_earlier_checkpoints(self) -> None:
+        """A new run must not write into a folder of another run's checkpoints: keeping the newest
+        by epoch would delete its own, and a later resume would continue the other run. Rank 0
+        looks; every rank raises."""
+        folder = self.config.checkpoint_dir
+        latest = find_latest_checkpoint(folder) if folder is not None and distributed.is_main() else None
+        latest = distributed.broadcast_object(latest)
+        if latest is not None:
+            raise ValueError(f"{folder}: holds the checkpoints of an earlier run (newest: {Path(latest).name}); "
+                             f"resume that run, or train into a folder without checkpoints")
 
     def _load_resume_state(self) -> dict[str, Any]:
         """Restore everything but the callbacks from `config.resume`; returns the callbacks' states."""

@@ -255,12 +255,14 @@ def test_the_admm_penalty_is_not_clipped(tmp_path):
     torch.testing.assert_close(before - model.weight.detach(), 0.1 * penalty)
 
 
-def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
+@pytest.mark.parametrize("samples", [32, 36])   # 36: the epoch's last step averages one batch of 4, not two
+def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, samples):
     def run(batch_size: int, accumulate: int) -> torch.Tensor:
         torch.manual_seed(0)
         model = nn.Linear(6, 3)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        loader = DataLoader(TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,))), batch_size=batch_size)
+        data = TensorDataset(torch.randn(samples, 6), torch.randint(0, 3, (samples,)))
+        loader = DataLoader(data, batch_size=batch_size)
         config = TrainConfig(epochs=2, device="cpu", accumulate=accumulate, progress=False)
         Trainer(model, optimizer, cross_entropy, loader, config).fit()
         return model.weight.detach()
@@ -320,6 +322,18 @@ def test_train_config_rejects_bad_values():
         TrainConfig(save_every=0)
     with pytest.raises(ValueError, match="'gpu0'"):
         engine.resolve_device("gpu0")
+
+
+def test_a_new_run_refuses_a_folder_of_earlier_checkpoints_and_resumes_from_it(tmp_path):
+    """Found by a review: a new 2-epoch run beside an old run's epoch_0003/0004 deleted its own
+    checkpoints (the newest by epoch are kept), and a resume then continued the old run."""
+    make_trainer(tmp_path, [], epochs=4, keep_last=2).fit()
+    with pytest.raises(ValueError, match=r"ckpt: holds the checkpoints of an earlier run \(newest: epoch_0004.pt\)"):
+        make_trainer(tmp_path, [], epochs=2, keep_last=2).fit()
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pt")) == ["epoch_0003.pt", "epoch_0004.pt"]
+    resumed = make_trainer(tmp_path, [], epochs=5, resume=tmp_path / "ckpt")
+    resumed.fit()
+    assert resumed.epoch == 5
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
