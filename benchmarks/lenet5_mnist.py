@@ -97,8 +97,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from classify.lenet5 import LeNet5  # noqa: E402
-from classify.pipeline import (ADMM_LR_SCHEDULES, OPTIMIZERS, PruneSettings, TrainSettings, load_weights,  # noqa: E402
-                               prepare, prune_model, save_weights, train_model)
+from classify.pipeline import (ADMM_LR_SCHEDULES, OPTIMIZERS, PruneSettings, TrainSettings,  # noqa: E402
+                               build_model, load_weights, prepare, prune_model, save_weights, train_model)
 from engine import atomic_write_json  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "lenet5_mnist.json"
@@ -151,7 +151,7 @@ def dense_model(args: argparse.Namespace, datasets: dict, record: dict) -> Path:
     if path.is_file():
         record["dense"] = {"weights": str(path.relative_to(REPO)), "trained_here": False}
         return path
-    model = LeNet5()
+    model = build_model("lenet5")   # seed 0, as classify train
     result = train_model("lenet5", model, datasets, TrainSettings(epochs=args.dense_epochs, progress=False))
     save_weights(model, path)
     record["dense"] = {"accuracy": result["accuracy"], "epochs": args.dense_epochs,

@@ -19,6 +19,7 @@ import pruning
 from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, PruneSettings, TrainSettings,
                                evaluate_accuracy, make_eval_loader, model_spec, prepare, prune_model, save_prune_plots,
                                save_weights, train_model)
+from classify.run_record import claim_checkpoint_dir, run_identity
 from engine import atomic_write_json, distributed, output_folder, resolve_device
 
 DEFAULT_RUN_DIR = Path("runs/classify")
@@ -62,9 +63,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-samples", type=int, default=None, metavar="N",
                         help="images drawn per training epoch (default: the whole train set)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
-                        help="trainer checkpoints (one sub-folder per phase)")
+                        help="trainer checkpoints (one sub-folder per phase) and run.json; a folder holds one "
+                             "run, so a new run refuses one with checkpoints")
     parser.add_argument("--resume", action="store_true",
-                        help="continue each phase from its newest checkpoint in --checkpoint-dir")
+                        help="continue each phase from its newest checkpoint in --checkpoint-dir (the same "
+                             "settings only; --device, --workers, --eval-every and --no-progress may change)")
     parser.add_argument("--eval-every", type=int, default=1, metavar="N",
                         help="test-set accuracy every N epochs (default 1; 0: only the final accuracies, which "
                              "is faster; N does not change the training)")
@@ -144,6 +147,12 @@ def check_output_file(path: Path | None, flag: str) -> None:
     output_folder(path.parent, f"{flag} {path}: its folder")
 
 
+def check_checkpoint_dir(args: argparse.Namespace) -> None:
+    """Before any work: --checkpoint-dir (when given) is a folder, or is created now."""
+    if args.checkpoint_dir is not None:
+        output_folder(args.checkpoint_dir, "--checkpoint-dir")
+
+
 def join_torchrun(args: argparse.Namespace) -> None:
     """Under torchrun, join the process group; --device becomes this process's device."""
     args.device = str(distributed.init_from_env(resolve_device(args.device)))
@@ -153,9 +162,11 @@ def run_train(args: argparse.Namespace) -> int:
     args.out = args.out or DEFAULT_RUN_DIR / f"{args.model}-dense.pt"
     check_output_file(args.out, "--out")
     check_output_file(args.json_out, "--json-out")
+    check_checkpoint_dir(args)
     join_torchrun(args)
     settings = train_settings(args)
-    model, datasets = prepare(args.model, args.data, args.weights)
+    claim_checkpoint_dir(settings, run_identity("train", args.model, args.data, args.weights, settings))
+    model, datasets = prepare(args.model, args.data, args.weights, seed=args.seed)
     result = train_model(args.model, model, datasets, settings)
     if not distributed.is_main():
         return 0
@@ -184,6 +195,7 @@ def run_prune(args: argparse.Namespace) -> int:
         raise ValueError("prune needs --weights (the dense model to prune)")
     check_output_file(args.out, "--out")
     check_output_file(args.json_out, "--json-out")
+    check_checkpoint_dir(args)
     join_torchrun(args)
     settings = train_settings(args)
     prune = PruneSettings(sparsity=args.sparsity, method=args.method, admm_iters=args.admm_iters,
@@ -191,7 +203,8 @@ def run_prune(args: argparse.Namespace) -> int:
                           rho_max=args.rho_max, retrain_epochs=args.retrain_epochs, ramp_from=args.ramp_from,
                           ramp_iters=args.ramp_iters, distill=args.distill,
                           distill_temperature=args.distill_temperature, admm_lr=args.admm_lr)
-    model, datasets = prepare(args.model, args.data, args.weights)
+    claim_checkpoint_dir(settings, run_identity("prune", args.model, args.data, args.weights, settings, prune))
+    model, datasets = prepare(args.model, args.data, args.weights, seed=args.seed)
     result = prune_model(args.model, model, datasets, prune, settings)
     if not distributed.is_main():
         return 0

@@ -1,6 +1,7 @@
 """Classifier workflows as plain functions, shared by the `classify` CLI and the benchmarks.
 
-- `prepare(model_name, data_dir, weights)`: the model (optionally with weights) and its datasets;
+- `prepare(model_name, data_dir, weights, seed)`: the model (its initial weights drawn with `seed`,
+  or loaded) and its datasets;
 - `train_model`: dense training (cosine LR over all steps);
 - `evaluate_accuracy`: top-1 accuracy in percent;
 - `prune_model`: dense eval -> pruning method -> hard prune -> masked retraining -> eval.
@@ -98,7 +99,7 @@ class TrainSettings:
         eval_every: also evaluate every this many epochs and after the last (logged in the history);
             0: never (the final accuracies are still measured).
         checkpoint_dir: trainer checkpoints go to `checkpoint_dir/<phase>/`; with `resume`, each
-            phase continues from its newest checkpoint there.
+            phase continues from its newest checkpoint there (see `classify.run_record`).
     """
 
     epochs: int = 10
@@ -189,16 +190,25 @@ def model_spec(model_name: str) -> ModelSpec:
 
 
 def prepare(model_name: str, data_dir: str | os.PathLike, weights: str | os.PathLike | None = None,
-            splits: tuple[str, ...] = SPLITS) -> tuple[nn.Module, dict[str, Dataset]]:
-    """Build `model_name` (loading `weights` when given) and read the requested data splits."""
+            splits: tuple[str, ...] = SPLITS, seed: int = 0) -> tuple[nn.Module, dict[str, Dataset]]:
+    """Build `model_name` (`build_model`, then loading `weights` when given) and read the
+    requested data splits."""
     spec = model_spec(model_name)
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir}: data directory not found")
-    model = spec.build()
+    model = build_model(model_name, seed)
     if weights is not None:
         load_weights(model, weights)
     return model, {split: spec.load_split(data_dir, split) for split in splits}
+
+
+def build_model(model_name: str, seed: int = 0) -> nn.Module:
+    """`model_name` with its initial weights drawn from `seed` (torch's global stream is left as it was)."""
+    spec = model_spec(model_name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return spec.build()
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -418,7 +428,8 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
         "kept": totals["kept"], "mask_violations": count_mask_violations(model, masks), "layers": rows,
         "admm_updates": admm_updates, "history": histories,
         "epochs": {"admm": prune.admm_epochs if kind == "admm" else 0, "retrain": retrain_epochs},
-        "train_images_per_epoch": len(loaders[0].sampler), "eval_images": len(loaders[1].dataset),
+        "train_images_per_epoch": len(loaders[0].sampler) * distributed.world_size(),  # all ranks' shares
+        "eval_images": len(loaders[1].dataset),
         "wall_time_s": time.perf_counter() - started,
         "settings": {"prune": asdict(prune), "train": settings_dict(settings)},
     }

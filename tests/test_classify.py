@@ -15,7 +15,8 @@ import classify.pipeline
 from classify import LENET5_PRUNABLE_WEIGHTS, LeNet5, resnet56
 from classify.cli import main as classify_main
 from classify.distill import DistillationLoss, frozen_copy
-from classify.pipeline import PruneSettings, TrainSettings, classification_loss, load_weights, prepare, prune_model
+from classify.pipeline import (PruneSettings, TrainSettings, build_model, classification_loss, load_weights, prepare,
+                               prune_model)
 from classify.resnet56 import RESNET56_MEAN, RESNET56_STD
 from data.cifar import CIFAR10_CLASSES, CIFARDataset, decode_rgb32, list_class_images, load_cifar_folder, random_crop_flip
 from data.mnist import IMAGES_MAGIC, LABELS_MAGIC, MNISTDataset, load_mnist, read_idx
@@ -252,6 +253,8 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert yolo_admm_main(["classify", "prune", "--model", "lenet5", *base, "--sparsity", "0.5",
                            "--out", str(tmp_path / "a_file" / "p.pt")]) == 2
     assert "its folder {0}/a_file: cannot create".format(tmp_path) in capsys.readouterr().err
+    assert yolo_admm_main([*train, "--checkpoint-dir", str(tmp_path / "a_file")]) == 2   # at once, too
+    assert "--checkpoint-dir {0}/a_file: cannot create this output folder".format(tmp_path) in capsys.readouterr().err
 
 
 def test_tiny_end_to_end_train_and_prune(tmp_path):
@@ -287,6 +290,33 @@ def test_tiny_end_to_end_train_and_prune(tmp_path):
     resumed = load_weights(LeNet5(), tmp_path / "resumed.pt")
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), pruned.state_dict().values()))
     assert json.loads((tmp_path / "resumed.json").read_text())["admm_updates"] == result["admm_updates"]
+
+    # the folder holds this run: a new run there is refused, and so is a resume with other settings
+    with pytest.raises(ValueError, match=r"ckpt: holds the checkpoints of an earlier run \(retrain/epoch_0001.pt\)"):
+        classify_main(prune)
+    with pytest.raises(ValueError, match=r"other settings \(prune.sparsity: 0.9 -> 0.8\)"):
+        classify_main([*prune, "--resume", "--sparsity", "0.8"])
+
+
+def test_the_seed_fixes_the_initial_weights_of_classify_train(tmp_path):
+    """Found by a review: the model was built before seeding, so equal commands trained apart."""
+    data = tmp_path / "mnist"
+    write_mnist_like(data, n_train=32, n_test=10)
+    before = torch.random.get_rng_state()
+    first, second, other = (build_model("lenet5", seed) for seed in (1, 1, 2))
+    assert torch.equal(torch.random.get_rng_state(), before)           # the global stream is left alone
+    assert torch.equal(first.conv1.weight, second.conv1.weight) and not torch.equal(first.conv1.weight,
+                                                                                     other.conv1.weight)
+    train = ["train", "--model", "lenet5", "--data", str(data), "--epochs", "1", "--batch-size", "16", "--seed", "1",
+             "--eval-every", "0", "--no-progress"]
+    for name in ("a.pt", "b.pt"):
+        torch.manual_seed(len(name) + ord(name[0]))                     # whatever came before
+        assert classify_main([*train, "--out", str(tmp_path / name)]) == 0
+    a, b = (torch.load(tmp_path / name, weights_only=True) for name in ("a.pt", "b.pt"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    train[train.index("--epochs") + 1] = "0"                            # the initial weights themselves
+    assert classify_main([*train, "--out", str(tmp_path / "init.pt")]) == 0
+    assert torch.equal(torch.load(tmp_path / "init.pt", weights_only=True)["conv1.weight"], first.conv1.weight)
 
 
 class RandomlyAugmented(torch.utils.data.Dataset):
@@ -449,9 +479,12 @@ def test_classify_prune_runs_under_torchrun_with_two_processes(tmp_path):
         [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "yolo_admm",
          "classify", "prune", "--model", "lenet5", "--data", str(tmp_path / "mnist"), "--weights", str(dense),
          "--sparsity", "0.9", "--admm-iters", "2", "--retrain-epochs", "1", "--batch-size", "32",
-         "--distill", "0.5", "--device", "cpu", "--json-out", str(result), "--no-progress"],
+         "--distill", "0.5", "--device", "cpu", "--json-out", str(result), "--no-progress",
+         "--checkpoint-dir", str(tmp_path / "ckpt")],
         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("weights removed") == 1  # only rank 0 reports and writes
     record = json.loads(result.read_text())
     assert record["sparsity"] == pytest.approx(0.9, abs=1e-5) and record["settings"]["prune"]["distill"] == 0.5
+    assert record["train_images_per_epoch"] == 128                   # both ranks' shares, not one
+    assert json.loads((tmp_path / "ckpt" / "run.json").read_text())["prune"]["sparsity"] == 0.9

@@ -1,0 +1,81 @@
+"""A `--checkpoint-dir` holds one run: `run.json` records its settings, and only the same run resumes.
+
+Without this a new run written into a used folder mixes with the old run's checkpoints (the trainer
+keeps the newest by epoch, so the old ones win), and `--resume` with other settings continues a run
+that is not the one asked for: another sparsity, method, optimizer or number of epochs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from classify.pipeline import PruneSettings, TrainSettings, settings_dict
+from engine import atomic_write_json, distributed
+
+RUN_RECORD = "run.json"
+# May differ on resume: where and how fast it runs, what it shows, and the resume flags themselves.
+RESUMABLE_SETTINGS = ("device", "workers", "progress", "eval_every", "resume", "checkpoint_dir")
+
+
+def run_identity(mode: str, model_name: str, data: str | Path, weights: str | Path | None,
+                 settings: TrainSettings, prune: PruneSettings | None = None) -> dict[str, Any]:
+    """What makes a run this run, as JSON values: mode, model, data, starting weights and settings."""
+    train = {key: value for key, value in settings_dict(settings).items() if key not in RESUMABLE_SETTINGS}
+    identity = {"mode": mode, "model": model_name, "data": str(data),
+                "weights": None if weights is None else str(weights), "train": train,
+                "prune": None if prune is None else asdict(prune)}
+    return json.loads(json.dumps(identity))     # tuples as lists, as they come back from run.json
+
+
+def claim_checkpoint_dir(settings: TrainSettings, identity: dict[str, Any]) -> None:
+    """Before any training, when `settings.checkpoint_dir` is set: a new run needs a folder without
+    checkpoints, and `settings.resume` needs one whose run.json records the same `identity` (up to
+    `RESUMABLE_SETTINGS`). Then writes run.json. Rank 0 looks; every rank raises.
+
+    Raises:
+        ValueError: naming the folder, and the settings that differ.
+    """
+    if settings.checkpoint_dir is None:
+        return
+    folder = Path(settings.checkpoint_dir)
+    problem = None
+    if distributed.is_main():
+        problem = _problem(folder, settings.resume, identity)
+        if problem is None:
+            atomic_write_json(folder / RUN_RECORD, identity)
+    problem = distributed.broadcast_object(problem)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def _problem(folder: Path, resume: bool, identity: dict[str, Any]) -> str | None:
+    checkpoints = sorted(folder.glob("*/epoch_*.pt"))
+    if not checkpoints:
+        return None
+    newest = checkpoints[-1].relative_to(folder)
+    if not resume:
+        return (f"--checkpoint-dir {folder}: holds the checkpoints of an earlier run ({newest}); "
+                f"continue it with --resume, or choose another folder")
+    record = folder / RUN_RECORD
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return (f"--checkpoint-dir {folder}: holds checkpoints ({newest}) but no {RUN_RECORD}, so they "
+                f"cannot be matched to this run; choose another folder")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{record}: unreadable ({error}); choose another --checkpoint-dir"
+    changed = _differences(saved, identity)
+    if changed:
+        return (f"--checkpoint-dir {folder}: holds a run with other settings ({'; '.join(changed)}); "
+                f"resume it with the same settings, or choose another folder")
+    return None
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    """'key: saved -> current' for every leaf that differs (nested keys joined with '.')."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [change for key in sorted(set(saved) | set(current))
+                for change in _differences(saved.get(key), current.get(key), f"{prefix}{key}.")]
+    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]
