@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from classify.pipeline import PruneSettings, TrainSettings, settings_dict
-from engine import atomic_write_json, distributed
+from engine import atomic_write_json, changed_settings, distributed
 
 RUN_RECORD = "run.json"
 # May differ on resume: where and how fast it runs, what it shows, and the resume flags themselves.
@@ -66,16 +66,10 @@ def _problem(folder: Path, resume: bool, identity: dict[str, Any]) -> str | None
                 f"cannot be matched to this run; choose another folder")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         return f"{record}: unreadable ({error}); choose another --checkpoint-dir"
-    changed = _differences(saved, identity)
+    changed = changed_settings(saved, identity)
     if changed:
-        return (f"--checkpoint-dir {folder}: holds a run with other settings ({'; '.join(changed)}); "
+        details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
+        return (f"--checkpoint-dir {folder}: holds a run with other settings ({details}); "
                 f"resume it with the same settings, or choose another folder")
     return None
 
-
-def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    """'key: saved -> current' for every leaf that differs (nested keys joined with '.')."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        return [change for key in sorted(set(saved) | set(current))
-                for change in _differences(saved.get(key), current.get(key), f"{prefix}{key}.")]
-    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} -> {current!r}"]

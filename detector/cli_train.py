@@ -31,7 +31,7 @@ import yaml
 import detector
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from detector.cli import network_size
-from engine import atomic_write_json, distributed, find_latest_checkpoint, output_folder
+from engine import atomic_write_json, changed_settings, distributed, find_latest_checkpoint, output_folder
 from detector.train import DetectTrainConfig, fit_detector
 
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume"}
@@ -152,9 +152,9 @@ def resume_point(args: argparse.Namespace) -> str | None:
     saved_path = args.out / "args.json"
     saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else {}
     current = recorded_args(args)
-    changed = sorted(key for key in current if key not in RESUMABLE_FLAGS and saved.get(key) != current[key])
+    changed = changed_settings(saved, current, ignore=RESUMABLE_FLAGS)
     if changed:
-        details = ", ".join(f"--{key.replace('_', '-')} {saved.get(key)!r} -> {current[key]!r}" for key in changed)
+        details = ", ".join(f"--{key.replace('_', '-')} {old!r} -> {new!r}" for key, old, new in changed)
         raise ValueError(f"--out {args.out}: expected a new folder or one of a run with the same settings, found "
                          f"the checkpoints ({latest.name}) of a run with other settings ({details}); choose "
                          f"another --out, or continue that run with --resume {args.out}")

@@ -56,8 +56,8 @@ from detector.export import FORMATS as EXPORT_FORMATS
 from detector.predict import inference_copy
 from detector.export import dense_fp32_bytes, export_model, require_opencv_darknet_importer
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
-from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, distributed, find_latest_checkpoint,
-                    resolve_device)
+from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, distributed,
+                    find_latest_checkpoint, resolve_device)
 from pruning.selection import per_name_values
 
 LOG = logging.getLogger("yolo_admm.prune")
@@ -569,10 +569,9 @@ def write_or_check_config(job: PruneJob, path: Path) -> None:
     settings = asdict(job)
     if path.is_file() and (path.parent / "dense.json").is_file():
         before = yaml.safe_load(path.read_text()) or {}
-        changed = sorted(key for key in settings if key not in RESUMABLE_CHANGES
-                         and before.get(key) != settings[key])
+        changed = changed_settings(before, settings, ignore=RESUMABLE_CHANGES)
         if changed:
-            details = ", ".join(f"{key}: {before.get(key)!r} -> {settings[key]!r}" for key in changed)
+            details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
             raise ValueError(f"{path}: this run folder holds a run with other settings ({details}); "
                              f"resume with the same settings or choose another --out")
     if distributed.is_main():

@@ -1,8 +1,8 @@
 """The shared training engine: one loop with hooks, AMP, EMA, accumulation, checkpoints, resume and DDP."""
 from engine import distributed
 from engine.checkpoint import (atomic_torch_save, atomic_write, atomic_write_bytes, atomic_write_json,
-                               find_latest_checkpoint, load_checkpoint, load_error_summary, output_folder,
-                               save_checkpoint)
+                               changed_settings, find_latest_checkpoint, load_checkpoint, load_error_summary,
+                               output_folder, save_checkpoint)
 from engine.ema import ModelEMA
 from engine.distributed import resolve_device
 from engine.trainer import NonFiniteLossError, Trainer, TrainConfig, move_to_device
@@ -16,6 +16,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
+    "changed_settings",
     "distributed",
     "find_latest_checkpoint",
     "load_checkpoint",

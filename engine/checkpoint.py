@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from collections.abc import Collection, Mapping
 from typing import Any, BinaryIO, Callable
 
 import torch
@@ -124,6 +125,23 @@ def load_error_summary(error: RuntimeError, shown: int = 2) -> str:
         return str(error).strip()
     more = f" (and {len(details) - shown} more)" if len(details) > shown else ""
     return "; ".join(detail if len(detail) <= 200 else detail[:197] + "..." for detail in details[:shown]) + more
+
+
+def changed_settings(before: Mapping[str, Any], now: Mapping[str, Any],
+                     ignore: Collection[str] = ()) -> list[tuple[str, Any, Any]]:
+    """(name, before, now) for each setting of `now` whose value in `before` differs, sorted by name,
+    those in `ignore` aside: what a resumed run would change. Nested mappings compare key by key
+    (name "outer.inner"); a setting `before` lacks counts as None there."""
+    changes = []
+    for key in sorted(now):
+        if key in ignore:
+            continue
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            changes += [(f"{key}.{name}", a, b) for name, a, b in changed_settings(old, new)]
+        elif old != new:
+            changes.append((key, old, new))
+    return changes
 
 
 def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:

@@ -362,3 +362,11 @@ def test_atomic_writes_replace_whole_files_with_normal_permissions(tmp_path):
     os.umask(mask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask
     assert [p.name for p in target.parent.iterdir()] == ["result.json"]  # no temporary file left
+
+
+def test_changed_settings_lists_what_a_resume_would_change():
+    before = {"lr": 0.01, "epochs": 5, "prune": {"sparsity": 0.9, "method": "admm-global"}, "gone": 1}
+    now = {"lr": 0.02, "epochs": 6, "prune": {"sparsity": 0.8, "method": "admm-global"}, "new": True}
+    assert engine.changed_settings(before, now, ignore={"epochs"}) == [
+        ("lr", 0.01, 0.02), ("new", None, True), ("prune.sparsity", 0.9, 0.8)]
+    assert engine.changed_settings(now, now) == []
