@@ -367,6 +367,8 @@ class Trainer:
         """Restore everything but the callbacks from `config.resume`; returns the callbacks' states."""
         self._resume_pending = False
         path = Path(self.config.resume)
+        if path.is_dir():                                # its newest checkpoint, named in messages
+            path = find_latest_checkpoint(path) or path
         state = load_checkpoint(path, map_location=self.device)
         try:
             unwrap(self.model).load_state_dict(state["model"])
@@ -392,7 +394,10 @@ class Trainer:
             raise ValueError(f"{saved['path']}: checkpoint holds callback states {sorted(saved['callbacks'])}, "
                              f"but this trainer has stateful callbacks {sorted(stateful)}")
         for key, callback in stateful.items():
-            callback.load_state_dict(saved["callbacks"][key])
+            try:
+                callback.load_state_dict(saved["callbacks"][key])
+            except ValueError as error:               # e.g. an ADMM state of another sparsity
+                raise ValueError(f"{saved['path']}: {error}") from error
 
     def _stateful_callbacks(self) -> dict[str, Any]:
         return {f"{index}.{type(cb).__name__}": cb for index, cb in enumerate(self.callbacks)

@@ -370,3 +370,14 @@ def test_changed_settings_lists_what_a_resume_would_change():
     assert engine.changed_settings(before, now, ignore={"epochs"}) == [
         ("lr", 0.01, 0.02), ("new", None, True), ("prune.sparsity", 0.9, 0.8)]
     assert engine.changed_settings(now, now) == []
+
+
+def test_a_callback_state_that_does_not_fit_names_the_checkpoint(tmp_path):
+    def refuse(state: dict) -> None:
+        raise ValueError("ADMM state has sparsity=0.9, this run has 0.8")
+
+    make_trainer(tmp_path, [StepCounter()], epochs=1).fit()
+    other_run = StepCounter()
+    other_run.load_state_dict = refuse
+    with pytest.raises(ValueError, match=r"ckpt/epoch_0001.pt: ADMM state has sparsity=0.9"):
+        make_trainer(tmp_path, [other_run], epochs=2, resume=tmp_path / "ckpt").fit()
