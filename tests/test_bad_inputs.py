@@ -387,7 +387,7 @@ CASES = [
          lambda ws: [main(detect_train(ws)), other_model_weights(ws),
                      [str(ws.root / "other.cfg") if arg == str(ws.cfg) else arg
                       for arg in detect_train(ws, "--resume", str(ws.out), out=ws.root / "other-run")]][2],
-         ("{out}: the checkpoint's weights do not fit the model being trained: size mismatch for", "(and 4 more)"),
+         ("{out}/epoch_0001.pt: the checkpoint's weights do not fit the model being trained: size mismatch for", "(and 4 more)"),
          absent=("Missing key(s)",)),
     Case("export-checkpoint-of-another-cfg",
          lambda ws: [main(detect_train(ws)), other_model_weights(ws),
