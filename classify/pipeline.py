@@ -204,10 +204,11 @@ def prepare(model_name: str, data_dir: str | os.PathLike, weights: str | os.Path
 
 
 def build_model(model_name: str, seed: int = 0) -> nn.Module:
-    """`model_name` with its initial weights drawn from `seed` (torch's global stream is left as it was)."""
+    """`model_name` with its initial weights drawn from `seed` on the CPU (torch's random streams,
+    CUDA's included, are left as they were)."""
     spec = model_spec(model_name)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         return spec.build()
 
 

@@ -7,32 +7,41 @@ that is not the one asked for: another sparsity, method, optimizer or number of 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from classify.pipeline import PruneSettings, TrainSettings, settings_dict
+from classify.pipeline import OPTIMIZERS, PruneSettings, TrainSettings, model_spec, settings_dict
 from engine import atomic_write_json, changed_settings, distributed
 
 RUN_RECORD = "run.json"
 # May differ on resume: where and how fast it runs, what it shows, and the resume flags themselves.
+# (The output files, --out and --json-out, are not part of a run's identity either.)
 RESUMABLE_SETTINGS = ("device", "workers", "progress", "eval_every", "resume", "checkpoint_dir")
 
 
 def run_identity(mode: str, model_name: str, data: str | Path, weights: str | Path | None,
                  settings: TrainSettings, prune: PruneSettings | None = None) -> dict[str, Any]:
-    """What makes a run this run, as JSON values: mode, model, data, starting weights and settings."""
+    """What makes a run this run, as JSON values: mode, model, data and starting weights (as
+    absolute paths), the settings as used (a default spelled out is the same run) and the number of
+    processes."""
+    spec = model_spec(model_name)
     train = {key: value for key, value in settings_dict(settings).items() if key not in RESUMABLE_SETTINGS}
-    identity = {"mode": mode, "model": model_name, "data": str(data),
-                "weights": None if weights is None else str(weights), "train": train,
-                "prune": None if prune is None else asdict(prune)}
+    train["optimizer"] = settings.optimizer or spec.optimizer
+    train["lr"] = settings.lr or OPTIMIZERS[train["optimizer"]]
+    train["batch_size"] = settings.batch_size or spec.batch_size
+    identity = {"mode": mode, "model": model_name, "data": str(Path(data).resolve()),
+                "weights": None if weights is None else str(Path(weights).resolve()), "train": train,
+                "prune": None if prune is None else asdict(prune), "processes": distributed.world_size()}
     return json.loads(json.dumps(identity))     # tuples as lists, as they come back from run.json
 
 
 def claim_checkpoint_dir(settings: TrainSettings, identity: dict[str, Any]) -> None:
     """Before any training, when `settings.checkpoint_dir` is set: a new run needs a folder without
     checkpoints, and `settings.resume` needs one whose run.json records the same `identity` (up to
-    `RESUMABLE_SETTINGS`). Then writes run.json. Rank 0 looks; every rank raises.
+    `RESUMABLE_SETTINGS`; a folder of checkpoints without run.json, from before it existed, is
+    resumed with a warning). Then writes run.json. Rank 0 looks; every rank raises.
 
     Raises:
         ValueError: naming the folder, and the settings that differ.
@@ -44,6 +53,9 @@ def claim_checkpoint_dir(settings: TrainSettings, identity: dict[str, Any]) -> N
     if distributed.is_main():
         problem = _problem(folder, settings.resume, identity)
         if problem is None:
+            if settings.resume and not (folder / RUN_RECORD).is_file() and any(folder.glob("*/epoch_*.pt")):
+                print(f"warning: {folder} has no {RUN_RECORD} (written since 2026-11-26): resuming its checkpoints "
+                      f"without checking that they are of a run with these settings", file=sys.stderr)
             atomic_write_json(folder / RUN_RECORD, identity)
     problem = distributed.broadcast_object(problem)
     if problem is not None:
@@ -59,11 +71,10 @@ def _problem(folder: Path, resume: bool, identity: dict[str, Any]) -> str | None
         return (f"--checkpoint-dir {folder}: holds the checkpoints of an earlier run ({newest}); "
                 f"continue it with --resume, or choose another folder")
     record = folder / RUN_RECORD
+    if not record.is_file():
+        return None                             # an older run's folder: resumed with a warning
     try:
         saved = json.loads(record.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return (f"--checkpoint-dir {folder}: holds checkpoints ({newest}) but no {RUN_RECORD}, so they "
-                f"cannot be matched to this run; choose another folder")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         return f"{record}: unreadable ({error}); choose another --checkpoint-dir"
     changed = changed_settings(saved, identity)

@@ -5,7 +5,7 @@
 - Learning rate per optimizer step n (Darknet's iteration, counted from 1): `learning_rate` x
   (n / burn_in)^power during burn-in (power from `[net] power`, default 4), then the `policy`:
   constant, steps (times `scales[i]` once n reaches `steps[i]`), step, exp or poly.
-- Batches: `batch_size` images per forward pass, gradients summed over `accumulate` passes (the
+- Batches: `batch_size` images per forward pass, gradients averaged over `accumulate` passes (the
   part of Darknet's subdivisions); by default the cfg's batch / subdivisions and subdivisions.
   The loss is per image (see `detector.loss`), so the cfg's learning rate means what it meant.
 - Several processes (`torchrun --nproc_per_node=N`, see `engine.distributed`): each rank reads its

@@ -296,14 +296,35 @@ def test_tiny_end_to_end_train_and_prune(tmp_path):
         classify_main(prune)
     with pytest.raises(ValueError, match=r"other settings \(prune.sparsity: 0.9 -> 0.8\)"):
         classify_main([*prune, "--resume", "--sparsity", "0.8"])
+    # the same run, told otherwise: its data by an absolute path, its default LR spelled out
+    same = [*prune, "--resume", "--data", str(data.resolve()), "--lr", "1e-3", "--json-out", str(tmp_path / "same.json")]
+    assert classify_main(same) == 0
+    assert json.loads((tmp_path / "same.json").read_text())["pruned_accuracy"] == result["pruned_accuracy"]
 
 
-def test_the_seed_fixes_the_initial_weights_of_classify_train(tmp_path):
+def test_a_checkpoint_folder_without_run_json_resumes_with_a_warning(tmp_path, capsys):
+    """Folders written before run.json existed."""
+    data = tmp_path / "mnist"
+    write_mnist_like(data, n_train=32, n_test=10)
+    train = ["train", "--model", "lenet5", "--data", str(data), "--epochs", "1", "--batch-size", "16",
+             "--eval-every", "0", "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    assert classify_main(train) == 0
+    (tmp_path / "ckpt" / "run.json").unlink()
+    capsys.readouterr()
+    assert classify_main([*train, "--resume", "--epochs", "2"]) == 0
+    assert "has no run.json (written since 2026-11-26): resuming its checkpoints" in capsys.readouterr().err
+    assert json.loads((tmp_path / "ckpt" / "run.json").read_text())["train"]["epochs"] == 2
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "train").glob("*.pt")) == ["epoch_0001.pt", "epoch_0002.pt"]
+
+
+def test_the_seed_fixes_the_initial_weights_of_classify_train(tmp_path, monkeypatch):
     """Found by a review: the model was built before seeding, so equal commands trained apart."""
     data = tmp_path / "mnist"
     write_mnist_like(data, n_train=32, n_test=10)
     before = torch.random.get_rng_state()
-    first, second, other = (build_model("lenet5", seed) for seed in (1, 1, 2))
+    with monkeypatch.context() as patch:                                # nor are CUDA's streams reseeded
+        patch.setattr(torch.cuda, "manual_seed_all", lambda seed: pytest.fail("CUDA streams reseeded"))
+        first, second, other = (build_model("lenet5", seed) for seed in (1, 1, 2))
     assert torch.equal(torch.random.get_rng_state(), before)           # the global stream is left alone
     assert torch.equal(first.conv1.weight, second.conv1.weight) and not torch.equal(first.conv1.weight,
                                                                                      other.conv1.weight)
