@@ -69,7 +69,8 @@ import torch
 
 from data.sources import load_yolo_dataset
 from detector import parse_cfg
-from detector.prune_pipeline import METHODS, PruneJob, run_job, sparsity_folder_name
+from detector.prune_job import METHODS, PruneJob
+from detector.prune_pipeline import run_job, sparsity_folder_name
 from engine import atomic_write_bytes, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]

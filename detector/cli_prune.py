@@ -11,7 +11,9 @@ import sys
 
 from detector.cli import network_size
 from engine import output_folder
-from detector.prune_pipeline import EXPORT_FORMATS, METHODS, PruneJob, format_stage_table, run_job
+from detector.export import FORMATS as EXPORT_FORMATS
+from detector.prune_job import METHODS, PruneJob
+from detector.prune_pipeline import format_stage_table, run_job
 
 
 def _floats(text: str) -> list[float]:

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import pruning
 from data.synthetic import make_shapes_dataset
 from detector import prune_pipeline
-from detector.prune_pipeline import PruneJob, run_job
+from detector.prune_job import PruneJob
+from detector.prune_pipeline import run_job
 from engine import TrainConfig, Trainer
 from pruning import ADMM, ADMMCallback, ADMMConfig, MaskCallback, global_topk_masks, kept_count, layerwise_topk_masks
 

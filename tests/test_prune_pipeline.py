@@ -12,7 +12,8 @@ import torch
 import pruning
 from data.synthetic import make_shapes_dataset
 from detector import cli_prune, prune_pipeline
-from detector.prune_pipeline import PruneJob, read_job_yaml, run_job
+from detector.prune_job import PruneJob, read_job_yaml
+from detector.prune_pipeline import run_job
 from engine import Trainer
 
 DEMO_CFG = str(Path(prune_pipeline.__file__).parent / "cfgs" / "demo-tiny.cfg")
