@@ -117,10 +117,16 @@ def output_folder(path: str | os.PathLike, flag: str) -> Path:
     return path
 
 
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)\.?")
+
+
 def load_error_summary(error: RuntimeError, shown: int = 2) -> str:
-    """One line from a `load_state_dict` error: its first `shown` details (size mismatches, missing
-    or unexpected keys; each cut to 200 characters) and how many more there are."""
-    details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    """One line from a `load_state_dict` error: its first `shown` details (a size mismatch as
+    "size mismatch for NAME: [checkpoint shape] in the checkpoint, [model shape] in the model";
+    missing or unexpected keys cut to 200 characters) and how many more there are."""
+    details = [_SIZE_MISMATCH.sub(r"size mismatch for \1: [\2] in the checkpoint, [\3] in the model", line.strip())
+               for line in str(error).splitlines()[1:] if line.strip()]
     if not details:
         return str(error).strip()
     more = f" (and {len(details) - shown} more)" if len(details) > shown else ""

@@ -387,7 +387,8 @@ CASES = [
          lambda ws: [main(detect_train(ws)), other_model_weights(ws),
                      [str(ws.root / "other.cfg") if arg == str(ws.cfg) else arg
                       for arg in detect_train(ws, "--resume", str(ws.out), out=ws.root / "other-run")]][2],
-         ("{out}/epoch_0001.pt: the checkpoint's weights do not fit the model being trained: size mismatch for", "(and 4 more)"),
+         ("{out}/epoch_0001.pt: the checkpoint's weights do not fit the model being trained: size mismatch for "
+          "layers.0.conv.weight: [8, 3, 3, 3] in the checkpoint, [12, 3, 3, 3] in the model; ", "(and 4 more)"),
          absent=("Missing key(s)",)),
     Case("export-checkpoint-of-another-cfg",
          lambda ws: [main(detect_train(ws)), other_model_weights(ws),
