@@ -46,12 +46,7 @@ from engine import (Trainer, TrainConfig, atomic_torch_save, atomic_write_bytes,
                     find_latest_checkpoint, resolve_device)
 
 ADMM_LR_SCHEDULES = ("constant", "cosine", "shared")
-METHODS = {
-    "admm-global": ("admm", "global"),
-    "admm-layerwise": ("admm", "layerwise"),
-    "magnitude-global": ("magnitude", "global"),
-    "magnitude-uniform": ("magnitude", "uniform"),
-}
+METHODS = pruning.METHODS
 SPLITS = ("train", "test")
 OPTIMIZERS = {"adam": 1e-3, "sgd": 0.01}  # name -> default LR; "sgd" is SGD with Nesterov momentum 0.9
 
@@ -154,12 +149,11 @@ class PruneSettings:
     def __post_init__(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1) (the fraction of weights removed), found {self.sparsity}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown pruning method {self.method!r}; expected one of {', '.join(METHODS)}")
+        pruning.pruning_method(self.method)  # validates
         if self.admm_iters < 1 or self.epochs_per_iter < 1 or self.retrain_epochs < 0:
             raise ValueError(f"need admm_iters >= 1, epochs_per_iter >= 1, retrain_epochs >= 0; found "
                              f"{self.admm_iters}, {self.epochs_per_iter}, {self.retrain_epochs}")
-        if self.ramp_from is not None and not self.method.startswith("admm"):
+        if self.ramp_from is not None and pruning.pruning_method(self.method).kind != "admm":
             raise ValueError(f"ramp_from is for the ADMM methods; method {self.method!r} prunes at once")
         pruning.ramp_updates(self.sparsity, self.ramp_from, self.ramp_iters, self.admm_iters)  # validates
         if self.admm_lr not in ADMM_LR_SCHEDULES:
@@ -397,7 +391,7 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
     dense_accuracy = evaluate_accuracy(model, loaders[1], device)
     loss_fn = (DistillationLoss(frozen_copy(model), prune.distill, prune.distill_temperature) if prune.distill
                else classification_loss)
-    kind, scope = METHODS[prune.method]
+    kind, scope = pruning.pruning_method(prune.method)
     histories: dict[str, list] = {}
     admm_updates: list[dict] = []
     if kind == "admm":

@@ -15,7 +15,7 @@ import yaml
 import pruning
 from detector.export import FORMATS as EXPORT_FORMATS
 
-METHODS = ("admm-global", "admm-layerwise", "magnitude-global", "magnitude-uniform")
+METHODS = tuple(pruning.METHODS)
 
 
 @dataclass
@@ -80,8 +80,7 @@ class PruneJob:
         repeated = sorted(value for value, count in Counter(self.sparsity).items() if count > 1)
         if repeated:
             raise ValueError(f"sparsity lists {', '.join(map(repr, repeated))} more than once; each value is one run")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown pruning method {self.method!r}; expected one of {', '.join(METHODS)}")
+        method = pruning.pruning_method(self.method)
         unknown = sorted(set(self.export) - set(EXPORT_FORMATS))
         if unknown:
             raise ValueError(f"unknown export format(s) {unknown}; expected some of {', '.join(EXPORT_FORMATS)}")
@@ -89,7 +88,7 @@ class PruneJob:
             raise ValueError(f"img_size must be a positive multiple of 32, found {self.img_size}")
         if self.layer_sparsity and self.method != "admm-layerwise":
             raise ValueError(f"layer_sparsity is for method admm-layerwise; method {self.method!r} would ignore it")
-        if self.ramp_from is not None and not self.method.startswith("admm"):
+        if self.ramp_from is not None and method.kind != "admm":
             raise ValueError(f"ramp_from is for the ADMM methods; method {self.method!r} prunes at once")
         for value in self.sparsity:
             pruning.ramp_updates(value, self.ramp_from, self.ramp_iters, self.admm_iters)  # validates

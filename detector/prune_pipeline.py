@@ -211,7 +211,7 @@ def run_admm(ctx: RunContext, model: torch.nn.Module, sparsity: float, folder: P
     """ADMM with the full detection loss; returns the hard-pruning masks (the support of Z)."""
     job = ctx.job
     seed_phase(job.seed, sparsity, "admm")
-    scope = "global" if job.method == "admm-global" else "layerwise"
+    scope = pruning.pruning_method(job.method).scope
     config = ctx.train_config(job.admm_epochs, folder / "admm")
     trainer = build_detector_trainer(model, ctx.train, None, config)  # moves the model to its device
     admm = pruning.ADMM(model, pruning.ADMMConfig(
@@ -233,10 +233,11 @@ def prune_stage(ctx: RunContext, sparsity: float, folder: Path) -> tuple[torch.n
     if state_path.is_file():
         return load_state(state_path, ctx)
     model = ctx.load_model()
-    if ctx.job.method.startswith("admm"):
+    method = pruning.pruning_method(ctx.job.method)
+    if method.kind == "admm":
         masks = run_admm(ctx, model, sparsity, folder)
     else:
-        masks = pruning.magnitude_prune(model, sparsity, scope=ctx.job.method.split("-", 1)[1],
+        masks = pruning.magnitude_prune(model, sparsity, scope=method.scope,
                                         include=ctx.job.include, exclude=ctx.job.exclude,
                                         min_density=ctx.job.min_density)
     ctx.recalibrate_batchnorm(model)
@@ -250,7 +251,8 @@ def retrain_stage(ctx: RunContext, model: torch.nn.Module, masks: pruning.Masks,
     state_path = folder / "retrained.pt"
     if state_path.is_file():
         return load_state(state_path, ctx)[0]
-    epochs = ctx.job.retrain_epochs + (0 if ctx.job.method.startswith("admm") else ctx.job.admm_epochs)
+    admm = pruning.pruning_method(ctx.job.method).kind == "admm"
+    epochs = ctx.job.retrain_epochs + (0 if admm else ctx.job.admm_epochs)   # the same budget for every method
     if epochs > 0:
         seed_phase(ctx.job.seed, sparsity, "retrain")
         config = ctx.train_config(epochs, folder / "retrain")

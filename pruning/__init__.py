@@ -6,6 +6,7 @@ from pruning.admm import ADMM, SCOPES, ADMMConfig, ramp_updates
 from pruning.callbacks import ADMMCallback, MaskCallback
 from pruning.magnitude import MAGNITUDE_SCOPES, magnitude_prune
 from pruning.masks import Masks, pack_mask, unpack_mask
+from pruning.methods import METHODS, Method, pruning_method
 from pruning.optimizer_hooks import StepHooks, attach_admm, attach_masks
 from pruning.projection import (
     check_sparsity,
@@ -22,7 +23,7 @@ from pruning.ultralytics_callbacks import UltralyticsADMM
 
 __all__ = [
     "ADMM", "ADMMConfig", "SCOPES", "ramp_updates", "ADMMCallback", "MaskCallback", "MAGNITUDE_SCOPES", "magnitude_prune",
-    "Masks", "pack_mask", "unpack_mask", "StepHooks", "attach_admm", "attach_masks", "UltralyticsADMM",
+    "Masks", "pack_mask", "unpack_mask", "METHODS", "Method", "pruning_method", "StepHooks", "attach_admm", "attach_masks", "UltralyticsADMM",
     "check_sparsity", "floor_counts", "global_topk_masks", "kept_count",
     "layerwise_topk_masks", "magnitude_keys", "format_table", "layer_table", "save_kept_fraction_plot",
     "table_totals", "canonical_name", "layer_floors", "name_matches", "prunable_parameters",
