@@ -36,6 +36,11 @@ def sparsity_fraction(text: str) -> float:
     return value
 
 
+def comma_list(text: str) -> list[str]:
+    """argparse type of --include / --exclude: comma-separated patterns."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every mode takes: model, data, weights, batching, device, test subset, seed."""
     parser.add_argument("--model", required=True, choices=list(MODELS), help="classifier to use")
@@ -80,6 +85,13 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sparsity", type=sparsity_fraction, required=True,
                         help="fraction of prunable weights removed, in [0, 1)")
     parser.add_argument("--method", choices=list(METHODS), default="admm-global")
+    parser.add_argument("--include", type=comma_list, metavar="PATTERNS", default=None,
+                        help="parameter-name patterns that may be pruned, comma-separated globs (default: every "
+                             "Conv and Linear weight)")
+    parser.add_argument("--exclude", type=comma_list, metavar="PATTERNS", default=None,
+                        help="parameter-name patterns never pruned, comma-separated globs (e.g. 'conv1.*,fc2.*')")
+    parser.add_argument("--min-density", type=float, default=0.0,
+                        help="keep at least this fraction of every layer (default 0)")
     parser.add_argument("--admm-iters", type=int, default=3, help="ADMM iterations (Z/U updates; default: 3)")
     parser.add_argument("--epochs-per-iter", type=int, default=1,
                         help="training epochs between ADMM updates (default: 1)")
@@ -201,6 +213,7 @@ def run_prune(args: argparse.Namespace) -> int:
     prune = PruneSettings(sparsity=args.sparsity, method=args.method, admm_iters=args.admm_iters,
                           epochs_per_iter=args.epochs_per_iter, rho=args.rho, rho_mult=args.rho_mult,
                           rho_max=args.rho_max, retrain_epochs=args.retrain_epochs, ramp_from=args.ramp_from,
+                          include=args.include, exclude=args.exclude, min_density=args.min_density,
                           ramp_iters=args.ramp_iters, distill=args.distill,
                           distill_temperature=args.distill_temperature, admm_lr=args.admm_lr)
     claim_checkpoint_dir(settings, run_identity("prune", args.model, args.data, args.weights, settings, prune))

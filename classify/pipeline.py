@@ -140,6 +140,9 @@ class PruneSettings:
     rho_max: float | None = None  # None: no cap
     retrain_epochs: int = 3
     layer_sparsity: Mapping[str, float] | None = field(default=None)
+    include: list[str] | None = None  # parameter-name patterns that may be pruned (None: every Conv/Linear weight)
+    exclude: list[str] | None = None  # parameter-name patterns never pruned
+    min_density: float | Mapping[str, float] = 0.0  # keep at least this fraction of every (or each matched) layer
     ramp_from: float | None = None  # progressive sparsity: the first Z-step's target (None: none)
     ramp_iters: int | None = None   # ADMM iterations to reach `sparsity` (None: two thirds of them)
     distill: float = 0.0            # weight of distillation from the dense model (0: labels only)
@@ -156,6 +159,10 @@ class PruneSettings:
         if self.ramp_from is not None and pruning.pruning_method(self.method).kind != "admm":
             raise ValueError(f"ramp_from is for the ADMM methods; method {self.method!r} prunes at once")
         pruning.ramp_updates(self.sparsity, self.ramp_from, self.ramp_iters, self.admm_iters)  # validates
+        densities = self.min_density.values() if isinstance(self.min_density, Mapping) else [self.min_density]
+        if not all(0.0 <= density <= 1.0 for density in densities):
+            raise ValueError(f"min_density must be in [0, 1] (or a mapping of patterns to such numbers), "
+                             f"found {self.min_density!r}")
         if self.admm_lr not in ADMM_LR_SCHEDULES:
             raise ValueError(f"unknown admm_lr {self.admm_lr!r}; expected one of {', '.join(ADMM_LR_SCHEDULES)}")
         if not 0.0 <= self.distill <= 1.0 or not self.distill_temperature > 0.0:
@@ -397,6 +404,7 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
     if kind == "admm":
         admm = pruning.ADMM(model, pruning.ADMMConfig(
             sparsity=prune.sparsity, scope=scope, layer_sparsity=prune.layer_sparsity, rho=prune.rho,
+            include=prune.include, exclude=prune.exclude, min_density=prune.min_density,
             rho_multiplier=prune.rho_mult, rho_max=prune.rho_max,
             ramp_from=prune.ramp_from, ramp_updates=prune.ramp_updates))
         callback = pruning.ADMMCallback(admm, prune.epochs_per_iter * len(loaders[0]))
@@ -407,7 +415,8 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
         masks = admm.hard_prune()
         retrain_epochs = prune.retrain_epochs
     else:
-        masks = pruning.magnitude_prune(model, prune.sparsity, scope=scope)
+        masks = pruning.magnitude_prune(model, prune.sparsity, scope=scope, include=prune.include,
+                                        exclude=prune.exclude, min_density=prune.min_density)
         retrain_epochs, retrain_span = prune.total_epochs, (0.0, 1.0)
     masks.to(device)
     hard_accuracy = evaluate_accuracy(model, loaders[1], device)

@@ -384,6 +384,25 @@ def test_tiny_magnitude_uniform_prunes_every_layer_alike(tmp_path):
     assert result["epochs"] == {"admm": 0, "retrain": 1} and result["mask_violations"] == 0
 
 
+@pytest.mark.parametrize("method", ["admm-global", "magnitude-global"])
+def test_classify_prune_takes_weight_patterns_and_a_floor(tmp_path, method):
+    data = tmp_path / "mnist"
+    write_mnist_like(data, n_train=32, n_test=10)
+    model, _ = prepare("lenet5", data)
+    torch.save(model.state_dict(), tmp_path / "dense.pt")
+    out = tmp_path / "floored.json"
+    assert classify_main(["prune", "--model", "lenet5", "--data", str(data), "--weights", str(tmp_path / "dense.pt"),
+                          "--sparsity", "0.95", "--method", method, "--admm-iters", "1", "--retrain-epochs", "0",
+                          "--exclude", "fc2.*", "--min-density", "0.045", "--batch-size", "16",
+                          "--json-out", str(out), "--no-progress"]) == 0
+    kept = {row["layer"]: row["kept"] for row in json.loads(out.read_text())["layers"]}
+    assert kept["fc2.weight"] == 5000                                 # excluded: all 500 x 10 kept
+    assert kept["fc1.weight"] >= 18000        # 4.5% of 400,000 at least (without the floor: about 15,000)
+    assert sum(kept.values()) - 5000 == round(0.05 * (LENET5_PRUNABLE_WEIGHTS - 5000))  # the budget over the rest
+    with pytest.raises(ValueError, match=r"min_density must be in \[0, 1\]"):
+        PruneSettings(sparsity=0.5, min_density=1.5)
+
+
 def lenet5_prune_command(tmp_path) -> list[str]:
     """`yolo-admm classify prune` of an untrained LeNet-5 (saved as dense.pt) on 64 MNIST-like images."""
     data = tmp_path / "mnist"
