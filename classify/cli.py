@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pruning
 from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, PruneSettings, TrainSettings,
-                               evaluate_accuracy, make_eval_loader, model_spec, prepare, prune_model, save_prune_plots,
-                               save_weights, train_model)
+                               check_weight_patterns, evaluate_accuracy, make_eval_loader, model_spec, prepare,
+                               prune_model, save_prune_plots, save_weights, train_model)
 from classify.run_record import claim_checkpoint_dir, run_identity
 from engine import atomic_write_json, distributed, output_folder, resolve_device
 
@@ -83,13 +83,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     """The pruning method and its schedule."""
     parser.add_argument("--sparsity", type=sparsity_fraction, required=True,
-                        help="fraction of prunable weights removed, in [0, 1)")
+                        help="fraction of the prunable weights (those --include/--exclude select) removed, in "
+                             "[0, 1); the result's measured sparsity counts every Conv/Linear weight")
     parser.add_argument("--method", choices=list(METHODS), default="admm-global")
     parser.add_argument("--include", type=comma_list, metavar="PATTERNS", default=None,
-                        help="parameter-name patterns that may be pruned, comma-separated globs (default: every "
+                        help="parameter-name patterns that may be pruned, comma-separated globs or re:REGEX (default: every "
                              "Conv and Linear weight)")
     parser.add_argument("--exclude", type=comma_list, metavar="PATTERNS", default=None,
-                        help="parameter-name patterns never pruned, comma-separated globs (e.g. 'conv1.*,fc2.*')")
+                        help="parameter-name patterns never pruned, comma-separated globs or re:REGEX (e.g. 'conv1.*,fc2.*')")
     parser.add_argument("--min-density", type=float, default=0.0,
                         help="keep at least this fraction of every layer (default 0)")
     parser.add_argument("--admm-iters", type=int, default=3, help="ADMM iterations (Z/U updates; default: 3)")
@@ -216,6 +217,7 @@ def run_prune(args: argparse.Namespace) -> int:
                           include=args.include, exclude=args.exclude, min_density=args.min_density,
                           ramp_iters=args.ramp_iters, distill=args.distill,
                           distill_temperature=args.distill_temperature, admm_lr=args.admm_lr)
+    check_weight_patterns(args.model, prune)
     claim_checkpoint_dir(settings, run_identity("prune", args.model, args.data, args.weights, settings, prune))
     model, datasets = prepare(args.model, args.data, args.weights, seed=args.seed)
     result = prune_model(args.model, model, datasets, prune, settings)

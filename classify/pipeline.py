@@ -384,8 +384,8 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
     """Dense eval -> `prune.method` -> hard prune -> masked retraining -> eval.
 
     Returns a JSON-able dict: accuracies in % (`dense_accuracy`, `accuracy_after_hard_prune`,
-    `pruned_accuracy`), the sparsity measured on the final weights over all prunable weights,
-    `mask_violations` (nonzero weights at pruned positions: 0 when the masks held), the per-layer
+    `pruned_accuracy`), the sparsity measured on the final weights over every Conv/Linear weight
+    (excluded ones too), `mask_violations` (nonzero weights at pruned positions: 0 when the masks held), the per-layer
     table, the ADMM residual history, per-phase training histories (seconds per epoch included)
     and the wall time.
     """
@@ -437,6 +437,16 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
         "wall_time_s": time.perf_counter() - started,
         "settings": {"prune": asdict(prune), "train": settings_dict(settings)},
     }
+
+
+def check_weight_patterns(model_name: str, prune: PruneSettings) -> None:
+    """`prune`'s weight patterns and floors against `model_name`'s layers, before any work
+    (`pruning.check_selection` on a model built on the meta device: names and shapes only)."""
+    with torch.device("meta"):
+        model = model_spec(model_name).build()
+    pruning.check_selection(model, [prune.sparsity], pruning.pruning_method(prune.method).scope == "global",
+                            prune.include, prune.exclude, prune.min_density,
+                            prune.layer_sparsity if prune.method == "admm-layerwise" else None)
 
 
 def admm_lr_spans(prune: PruneSettings) -> tuple[tuple[float, float] | None, tuple[float, float]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +77,20 @@ def _problem(folder: Path, resume: bool, identity: dict[str, Any]) -> str | None
         saved = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         return f"{record}: unreadable ({error}); choose another --checkpoint-dir"
-    changed = changed_settings(saved, identity)
+    changed = changed_settings(with_later_defaults(saved), identity)
     if changed:
         details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
         return (f"--checkpoint-dir {folder}: holds a run with other settings ({details}); "
                 f"resume it with the same settings, or choose another folder")
     return None
 
+
+def with_later_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """`saved` with the settings added since it was written at their defaults, so that a version
+    with a new option still resumes a run that did not have it."""
+    saved = {"processes": 1, **saved}
+    for section, settings in (("train", TrainSettings), ("prune", PruneSettings)):
+        if isinstance(saved.get(section), dict):
+            defaults = {f.name: f.default for f in fields(settings) if f.default is not MISSING}
+            saved[section] = json.loads(json.dumps({**defaults, **saved[section]}))
+    return saved

@@ -40,10 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sparsity", type=_floats, help="fraction of weights removed, e.g. 0.8, or a list 0.5,0.7,0.9")
     parser.add_argument("--method", choices=METHODS, help="pruning method (default admm-global)")
     parser.add_argument("--include", type=_comma_list, metavar="PATTERNS",
-                        help="parameter-name patterns that may be pruned, comma-separated globs "
+                        help="parameter-name patterns that may be pruned, comma-separated globs or re:REGEX "
                              "(default: every conv weight)")
     parser.add_argument("--exclude", type=_comma_list, metavar="PATTERNS",
-                        help="parameter-name patterns never pruned, comma-separated globs (e.g. 'layers.120.*')")
+                        help="parameter-name patterns never pruned, comma-separated globs or re:REGEX (e.g. 'layers.120.*')")
     parser.add_argument("--min-density", type=float, help="keep at least this fraction of every layer (default 0)")
     parser.add_argument("--admm-iters", type=int, help="ADMM iterations (default 4)")
     parser.add_argument("--epochs-per-iter", type=int, help="training epochs per ADMM iteration (default 2)")

@@ -56,7 +56,6 @@ from detector.prune_job import PruneJob
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, distributed,
                     find_latest_checkpoint, resolve_device)
-from pruning.selection import per_name_values
 
 LOG = logging.getLogger("yolo_admm.prune")
 
@@ -335,15 +334,14 @@ def save_sweep_plot(sweep: list[dict[str, Any]], path: Path, method: str) -> Pat
 
 
 def check_weight_patterns(job: PruneJob) -> None:
-    """The job's parameter-name patterns (include, exclude, min_density, layer_sparsity) against the
-    cfg's model, before any work: a pattern that matches nothing fails now, not after the dense stage
-    (whose record would then lock the run folder to the mistyped pattern)."""
+    """The job's parameter-name patterns (include, exclude, min_density, layer_sparsity) and floors
+    against the cfg's model, before any work: a pattern that matches nothing, or floors above the
+    budget, fail now, not after the dense stage (whose record would then lock the run folder)."""
     with torch.device("meta"):                           # names and shapes only: no memory, no random draws
         model = detector.load_darknet(job.cfg)
-    named = pruning.prunable_parameters(model, job.include, job.exclude)
-    pruning.layer_floors(named, job.min_density)
-    if job.method == "admm-layerwise" and job.layer_sparsity:
-        per_name_values(list(named), job.layer_sparsity, 0.0, "layer_sparsity")
+    pruning.check_selection(model, job.sparsity, pruning.pruning_method(job.method).scope == "global",
+                            job.include, job.exclude, job.min_density,
+                            job.layer_sparsity if job.method == "admm-layerwise" else None)
 
 
 def make_context(job: PruneJob) -> RunContext:

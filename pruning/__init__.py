@@ -17,7 +17,7 @@ from pruning.projection import (
     magnitude_keys,
 )
 from pruning.report import format_table, layer_table, save_kept_fraction_plot, table_totals
-from pruning.selection import canonical_name, layer_floors, name_matches, prunable_parameters
+from pruning.selection import canonical_name, check_selection, layer_floors, name_matches, prunable_parameters
 from pruning.sparse_archive import entropy_bound, load_sparse_archive, save_sparse_archive
 from pruning.ultralytics_callbacks import UltralyticsADMM
 
@@ -26,6 +26,6 @@ __all__ = [
     "Masks", "pack_mask", "unpack_mask", "METHODS", "Method", "pruning_method", "StepHooks", "attach_admm", "attach_masks", "UltralyticsADMM",
     "check_sparsity", "floor_counts", "global_topk_masks", "kept_count",
     "layerwise_topk_masks", "magnitude_keys", "format_table", "layer_table", "save_kept_fraction_plot",
-    "table_totals", "canonical_name", "layer_floors", "name_matches", "prunable_parameters",
+    "table_totals", "canonical_name", "check_selection", "layer_floors", "name_matches", "prunable_parameters",
     "entropy_bound", "load_sparse_archive", "save_sparse_archive",
 ]

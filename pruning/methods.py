@@ -26,6 +26,6 @@ METHODS: dict[str, Method] = {
 
 def pruning_method(name: str) -> Method:
     """The method called `name`; ValueError listing the names otherwise."""
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ValueError(f"unknown pruning method {name!r}; expected one of {', '.join(METHODS)}")
     return METHODS[name]

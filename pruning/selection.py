@@ -16,7 +16,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from pruning.projection import floor_counts
+from pruning.projection import floor_counts, kept_count
 
 PRUNABLE_MODULE_TYPES = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d,
@@ -155,3 +155,21 @@ def layer_floors(params: Mapping[str, nn.Parameter], min_density: float | Mappin
     """
     densities = per_name_values(list(params), min_density, 0.0, "min_density")
     return floor_counts([param.numel() for param in params.values()], densities)
+
+
+def check_selection(model: nn.Module, sparsities: Iterable[float], global_budget: bool, include=None, exclude=None,
+                    min_density: float | Mapping[str, float] = 0.0,
+                    layer_sparsity: Mapping[str, float] | None = None) -> None:
+    """What ``ADMM`` and ``magnitude_prune`` would refuse, from names and shapes alone (a model on
+    the meta device will do), so that a run fails before any work: include/exclude, min_density or
+    layer_sparsity patterns that match no prunable weight, and per-layer floors above a global
+    budget (``global_budget``: one top-k over all layers) at any of ``sparsities``."""
+    named = prunable_parameters(model, include, exclude)
+    floors = sum(layer_floors(named, min_density))
+    if layer_sparsity:
+        per_name_values(list(named), layer_sparsity, 0.0, "layer_sparsity")
+    total = sum(param.numel() for param in named.values())
+    for sparsity in sparsities if global_budget else ():
+        if floors > kept_count(total, sparsity):
+            raise ValueError(f"min_density keeps {floors} weights at least, more than the {kept_count(total, sparsity)} "
+                             f"of {total} that sparsity {sparsity} leaves")

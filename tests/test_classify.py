@@ -403,6 +403,33 @@ def test_classify_prune_takes_weight_patterns_and_a_floor(tmp_path, method):
         PruneSettings(sparsity=0.5, min_density=1.5)
 
 
+def test_weight_patterns_and_floors_are_checked_before_any_work(tmp_path):
+    command = lenet5_prune_command(tmp_path) + ["--checkpoint-dir", str(tmp_path / "ckpt")]
+    with pytest.raises(ValueError, match=r"include pattern 'fc9.\*' matches no Conv/Linear weight of LeNet5"):
+        classify_main(command[1:] + ["--include", "fc9.*"])
+    with pytest.raises(ValueError, match=r"min_density keeps 215250 weights at least, more than the 43050"):
+        classify_main(command[1:] + ["--min-density", "0.5"])
+    assert not (tmp_path / "ckpt" / "run.json").exists()               # refused before the folder was claimed
+
+
+def test_a_run_json_from_before_a_new_option_still_resumes(tmp_path):
+    from classify.run_record import claim_checkpoint_dir, run_identity
+
+    settings = TrainSettings(checkpoint_dir=tmp_path / "ckpt", resume=True)
+    prune = PruneSettings(sparsity=0.9)
+    identity = run_identity("prune", "lenet5", tmp_path, None, settings, prune)
+    older = json.loads(json.dumps(identity))
+    del older["processes"], older["prune"]["min_density"], older["train"]["seed"]   # not recorded then
+    (tmp_path / "ckpt" / "admm").mkdir(parents=True)
+    (tmp_path / "ckpt" / "admm" / "epoch_0001.pt").write_bytes(b"")
+    (tmp_path / "ckpt" / "run.json").write_text(json.dumps(older))
+    claim_checkpoint_dir(settings, identity)                            # accepted: the defaults are what ran
+    older["prune"]["sparsity"] = 0.8
+    (tmp_path / "ckpt" / "run.json").write_text(json.dumps(older))
+    with pytest.raises(ValueError, match=r"prune.sparsity: 0.8 -> 0.9"):
+        claim_checkpoint_dir(settings, identity)
+
+
 def lenet5_prune_command(tmp_path) -> list[str]:
     """`yolo-admm classify prune` of an untrained LeNet-5 (saved as dense.pt) on 64 MNIST-like images."""
     data = tmp_path / "mnist"

@@ -162,6 +162,9 @@ def test_a_weight_pattern_that_matches_nothing_fails_before_the_dense_stage(shap
         with pytest.raises(ValueError, match="'nope"):
             run_job(tiny_job(shapes_yaml, tmp_path, **setting))
         assert not (tmp_path / "dense.json").exists()
+    with pytest.raises(ValueError, match=r"min_density keeps \d+ weights at least, more than the \d+ .* sparsity 0.6"):
+        run_job(tiny_job(shapes_yaml, tmp_path, min_density=0.5))     # floors above the global budget
+    assert not (tmp_path / "dense.json").exists()
     run_job(tiny_job(shapes_yaml, tmp_path, method="admm-layerwise", layer_sparsity={"layers.0.*": 0.3},
                      admm_iters=1, retrain_epochs=0))                    # the corrected run, same folder
 
@@ -197,6 +200,8 @@ def test_bad_settings_name_what_is_wrong(shapes_yaml, tmp_path):
         tiny_job(shapes_yaml, tmp_path, img_size=100)
     with pytest.raises(ValueError, match="unknown pruning method 'magic'"):
         tiny_job(shapes_yaml, tmp_path, method="magic")
+    with pytest.raises(ValueError, match=r"unknown pruning method \['admm-global'\]"):   # a YAML list
+        tiny_job(shapes_yaml, tmp_path, method=["admm-global"])
     with pytest.raises(ValueError, match=r"ramp_from must be below sparsity \(0.6\), got 0.7"):
         tiny_job(shapes_yaml, tmp_path, ramp_from=0.7)
     with pytest.raises(ValueError, match="layer_sparsity is for method admm-layerwise; method 'admm-global' would"):
