@@ -386,15 +386,10 @@ def test_tiny_magnitude_uniform_prunes_every_layer_alike(tmp_path):
 
 @pytest.mark.parametrize("method", ["admm-global", "magnitude-global"])
 def test_classify_prune_takes_weight_patterns_and_a_floor(tmp_path, method):
-    data = tmp_path / "mnist"
-    write_mnist_like(data, n_train=32, n_test=10)
-    model, _ = prepare("lenet5", data)
-    torch.save(model.state_dict(), tmp_path / "dense.pt")
     out = tmp_path / "floored.json"
-    assert classify_main(["prune", "--model", "lenet5", "--data", str(data), "--weights", str(tmp_path / "dense.pt"),
-                          "--sparsity", "0.95", "--method", method, "--admm-iters", "1", "--retrain-epochs", "0",
-                          "--exclude", "fc2.*", "--min-density", "0.045", "--batch-size", "16",
-                          "--json-out", str(out), "--no-progress"]) == 0
+    assert classify_main([*lenet5_prune_command(tmp_path)[1:], "--sparsity", "0.95", "--method", method,
+                          "--admm-iters", "1", "--retrain-epochs", "0", "--exclude", "fc2.*", "--min-density", "0.045",
+                          "--batch-size", "16", "--json-out", str(out)]) == 0
     kept = {row["layer"]: row["kept"] for row in json.loads(out.read_text())["layers"]}
     assert kept["fc2.weight"] == 5000                                 # excluded: all 500 x 10 kept
     assert kept["fc1.weight"] >= 18000        # 4.5% of 400,000 at least (without the floor: about 15,000)
