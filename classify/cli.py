@@ -72,7 +72,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                              "run, so a new run refuses one with checkpoints")
     parser.add_argument("--resume", action="store_true",
                         help="continue each phase from its newest checkpoint in --checkpoint-dir (the same "
-                             "settings only; --device, --workers, --eval-every, --no-progress, --out and --json-out may change)")
+                             "settings only; --device, --workers, --eval-every, --no-progress, --out and "
+                             "--json-out may change)")
     parser.add_argument("--eval-every", type=int, default=1, metavar="N",
                         help="test-set accuracy every N epochs (default 1; 0: only the final accuracies, which "
                              "is faster; N does not change the training)")
@@ -87,10 +88,11 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                              "[0, 1); the result's measured sparsity counts every Conv/Linear weight")
     parser.add_argument("--method", choices=list(METHODS), default="admm-global")
     parser.add_argument("--include", type=comma_list, metavar="PATTERNS", default=None,
-                        help="parameter-name patterns that may be pruned, comma-separated globs or re:REGEX (default: every "
-                             "Conv and Linear weight)")
+                        help="parameter-name patterns that may be pruned, comma-separated globs or re:REGEX "
+                             "(default: every Conv and Linear weight)")
     parser.add_argument("--exclude", type=comma_list, metavar="PATTERNS", default=None,
-                        help="parameter-name patterns never pruned, comma-separated globs or re:REGEX (e.g. 'conv1.*,fc2.*')")
+                        help="parameter-name patterns never pruned, comma-separated globs or re:REGEX "
+                             "(e.g. 'conv1.*,fc2.*')")
     parser.add_argument("--min-density", type=float, default=0.0,
                         help="keep at least this fraction of every layer (default 0)")
     parser.add_argument("--admm-iters", type=int, default=3, help="ADMM iterations (Z/U updates; default: 3)")

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="parameter-name patterns that may be pruned, comma-separated globs or re:REGEX "
                              "(default: every conv weight)")
     parser.add_argument("--exclude", type=_comma_list, metavar="PATTERNS",
-                        help="parameter-name patterns never pruned, comma-separated globs or re:REGEX (e.g. 'layers.120.*')")
+                        help="parameter-name patterns never pruned, comma-separated globs or re:REGEX "
+                             "(e.g. 'layers.120.*')")
     parser.add_argument("--min-density", type=float, help="keep at least this fraction of every layer (default 0)")
     parser.add_argument("--admm-iters", type=int, help="ADMM iterations (default 4)")
     parser.add_argument("--epochs-per-iter", type=int, help="training epochs per ADMM iteration (default 2)")

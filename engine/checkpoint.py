@@ -10,8 +10,8 @@ import json
 import os
 import re
 import tempfile
-from pathlib import Path
 from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import torch

@@ -23,7 +23,8 @@ from pruning.ultralytics_callbacks import UltralyticsADMM
 
 __all__ = [
     "ADMM", "ADMMConfig", "SCOPES", "ramp_updates", "ADMMCallback", "MaskCallback", "MAGNITUDE_SCOPES", "magnitude_prune",
-    "Masks", "pack_mask", "unpack_mask", "METHODS", "Method", "pruning_method", "StepHooks", "attach_admm", "attach_masks", "UltralyticsADMM",
+    "Masks", "pack_mask", "unpack_mask", "METHODS", "Method", "pruning_method", "StepHooks", "attach_admm",
+    "attach_masks", "UltralyticsADMM",
     "check_sparsity", "floor_counts", "global_topk_masks", "kept_count",
     "layerwise_topk_masks", "magnitude_keys", "format_table", "layer_table", "save_kept_fraction_plot",
     "table_totals", "canonical_name", "check_selection", "layer_floors", "name_matches", "prunable_parameters",

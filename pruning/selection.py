@@ -157,7 +157,8 @@ def layer_floors(params: Mapping[str, nn.Parameter], min_density: float | Mappin
     return floor_counts([param.numel() for param in params.values()], densities)
 
 
-def check_selection(model: nn.Module, sparsities: Iterable[float], global_budget: bool, include=None, exclude=None,
+def check_selection(model: nn.Module, sparsities: Iterable[float], global_budget: bool,
+                    include: str | Iterable[str] | None = None, exclude: str | Iterable[str] | None = None,
                     min_density: float | Mapping[str, float] = 0.0,
                     layer_sparsity: Mapping[str, float] | None = None) -> None:
     """What ``ADMM`` and ``magnitude_prune`` would refuse, from names and shapes alone (a model on
@@ -170,6 +171,7 @@ def check_selection(model: nn.Module, sparsities: Iterable[float], global_budget
         per_name_values(list(named), layer_sparsity, 0.0, "layer_sparsity")
     total = sum(param.numel() for param in named.values())
     for sparsity in sparsities if global_budget else ():
-        if floors > kept_count(total, sparsity):
-            raise ValueError(f"min_density keeps {floors} weights at least, more than the {kept_count(total, sparsity)} "
-                             f"of {total} that sparsity {sparsity} leaves")
+        budget = kept_count(total, sparsity)
+        if floors > budget:
+            raise ValueError(f"min_density keeps {floors} weights at least, more than the {budget} of {total} "
+                             f"that sparsity {sparsity} leaves")
