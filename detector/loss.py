@@ -19,12 +19,19 @@ Gradients are Darknet's, so that the cfg's normalisers and `[net]` learning rate
   straight to the raw x, y outputs, and times exp(raw) to the raw w, h (new_coords: straight to
   w, h), skipping the logistic, scale_x_y and grid factors. We compute the loss on the decoded box
   and route its gradient the same way (a straight-through estimator: the value is the true box,
-  the gradient path is Darknet's). `max_delta` clips that box gradient per element.
+  the gradient path is Darknet's). `max_delta` clips that box gradient per element, as an
+  explicit delta that later loss scaling (AMP, accumulation) does not move (`clipped_delta_loss`).
 
 Reduction: Darknet sums every delta over the batch and divides the learning rate by the batch
 size. We return the sum over all heads, slots and images divided by the number of images, so SGD
 with the cfg's `learning_rate` takes Darknet's step (the engine averages over accumulated
 batches, which plays `subdivisions`).
+
+The IoU-family gradient is the exact one (torchvision's losses under autograd). Darknet's
+`dx_box_iou` differs: its IoU part of the w, h delta is twice the derivative ("we do not divide
+by 2" there), its CIoU aspect term drops the 1/(w^2 + h^2) factor, and the sign of its enclosing
+box part of the x, y distance term is flipped. So with the same `iou_normalizer` our size
+regression pulls about half as hard as Darknet's.
 
 Not supported (a warning says so when a cfg asks): `objectness_smooth`, `truth_thresh < 1`,
 `focal_loss`, `counters_per_class`, `iou_thresh_kind` other than iou. Darknet's newest versions
@@ -86,7 +93,7 @@ class YoloLoss:
         positives, iou_sum = 0, 0.0
         with torch.autocast(raw_outputs[0].device.type, enabled=False):
             for head, raw in zip(self.heads, raw_outputs):
-                head_parts, assigned, ious = head_loss(raw.float(), head, targets, input_hw, batch_size)
+                head_parts, assigned, ious = head_loss(raw.float(), head, targets, input_hw)
                 for key, value in head_parts.items():
                     parts[key] = parts[key] + value if key in parts else value
                 positives += len(assigned)
@@ -114,8 +121,8 @@ class YoloLoss:
             raise ValueError("YoloLoss: target widths and heights must be > 0")
 
 
-def head_loss(raw: Tensor, head, targets: Tensor, input_hw: tuple[int, int],
-              batch_size: int) -> tuple[dict[str, Tensor], Assignment, Tensor]:
+def head_loss(raw: Tensor, head, targets: Tensor,
+              input_hw: tuple[int, int]) -> tuple[dict[str, Tensor], Assignment, Tensor]:
     """Summed (not yet batch-normalised) box, objectness and class losses of one head.
 
     Args:
@@ -123,7 +130,6 @@ def head_loss(raw: Tensor, head, targets: Tensor, input_hw: tuple[int, int],
         head: its `YoloHead`.
         targets: Tensor[N, 6] as in `YoloLoss.__call__`.
         input_hw: network input (height, width) in pixels.
-        batch_size: B.
 
     Returns:
         ({"box", "obj", "cls"}: scalar Tensors, the assignment, Tensor[P] IoU of each assigned
@@ -139,8 +145,7 @@ def head_loss(raw: Tensor, head, targets: Tensor, input_hw: tuple[int, int],
     truth = targets[assigned.target]  # [P, 6]
     raw_at_slots = raw[slot]  # [P, 5 + C]
 
-    box = float(options["iou_normalizer"]) * _box_term(raw_at_slots[:, :4], pred_boxes[slot], truth, head,
-                                                       assigned, raw.shape[2:4], input_hw, batch_size).sum()
+    box = _box_term(raw_at_slots[:, :4], pred_boxes[slot], truth, head, assigned, raw.shape[2:4], input_hw).sum()
 
     obj_target = torch.zeros_like(raw[..., 4])
     obj_weight = (~ignored_predictions(pred_boxes.detach(), targets, float(options["ignore_thresh"]))).float()
@@ -165,8 +170,8 @@ def _probability_loss(raw: Tensor, target: Tensor, head) -> Tensor:
 
 
 def _box_term(raw_box: Tensor, pred_box: Tensor, truth: Tensor, head, assigned: Assignment,
-              grid_hw: tuple[int, int], input_hw: tuple[int, int], batch_size: int) -> Tensor:
-    """Per-slot box loss Tensor[P] (before `iou_normalizer`) of one head's assigned predictions.
+              grid_hw: tuple[int, int], input_hw: tuple[int, int]) -> Tensor:
+    """Per-slot box loss Tensor[P] (times `iou_normalizer`) of one head's assigned predictions.
 
     Args:
         raw_box: Tensor[P, 4], raw (x, y, w, h) outputs at the assigned slots.
@@ -174,17 +179,39 @@ def _box_term(raw_box: Tensor, pred_box: Tensor, truth: Tensor, head, assigned: 
         truth: Tensor[P, 6], the target row of each slot.
     """
     options = head.loss_options
-    max_delta = float(options.get("max_delta", float("inf")))
-    if max_delta != float("inf"):
-        raw_box = _ClipGrad.apply(raw_box, max_delta / batch_size)
     kind = str(options["iou_loss"]).lower()
-    if kind == "mse":
-        anchors = head.anchors.to(raw_box)[assigned.anchor] / raw_box.new_tensor(input_hw[::-1])
-        cells = torch.stack([assigned.grid_x, assigned.grid_y], dim=1).to(raw_box)
-        return darknet_mse_loss(raw_box, pred_box, truth[:, 2:6], anchors, cells,
-                                raw_box.new_tensor(grid_hw[::-1]), bool(head.new_coords))
-    surrogate = darknet_box_surrogate(raw_box, pred_box, bool(head.new_coords))
-    return iou_kind_loss(surrogate, truth[:, 2:6], kind)
+    normalizer = float(options["iou_normalizer"])
+
+    def loss_of(raw: Tensor) -> Tensor:
+        if kind == "mse":
+            anchors = head.anchors.to(raw)[assigned.anchor] / raw.new_tensor(input_hw[::-1])
+            cells = torch.stack([assigned.grid_x, assigned.grid_y], dim=1).to(raw)
+            loss = darknet_mse_loss(raw, pred_box, truth[:, 2:6], anchors, cells, raw.new_tensor(grid_hw[::-1]),
+                                    bool(head.new_coords))
+        else:
+            loss = iou_kind_loss(darknet_box_surrogate(raw, pred_box, bool(head.new_coords)), truth[:, 2:6], kind)
+        return normalizer * loss
+
+    max_delta = float(options.get("max_delta", float("inf")))
+    if max_delta == float("inf"):
+        return loss_of(raw_box)
+    return clipped_delta_loss(raw_box, loss_of, max_delta)
+
+
+def clipped_delta_loss(raw: Tensor, loss_of, bound: float) -> Tensor:
+    """`loss_of(raw)` (Tensor[P], row p depending on `raw[p]` alone) whose gradient on `raw` is
+    clipped elementwise to [-bound, bound], as Darknet clips each image's box delta to `max_delta`.
+
+    The delta is computed here, on the loss itself, and carried by a linear term: whatever later
+    scales the loss (the batch mean, gradient accumulation, an AMP GradScaler, DDP's average) scales
+    the clipped delta, not the clip. (Clipping the incoming gradient instead would clip at
+    `max_delta` x that scale: under AMP, 2^16 times too hard.)"""
+    leaf = raw.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = loss_of(leaf)
+        (delta,) = torch.autograd.grad(value.sum(), leaf, allow_unused=True)
+    delta = torch.zeros_like(leaf) if delta is None else delta.clamp(-bound, bound)
+    return value.detach() + (raw * delta).sum(dim=1) - (raw.detach() * delta).sum(dim=1)
 
 
 def darknet_box_surrogate(raw_box: Tensor, pred_box: Tensor, new_coords: bool) -> Tensor:
@@ -273,19 +300,6 @@ def _elementwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     area1 = (boxes1[:, 2:] - boxes1[:, :2]).prod(dim=1)
     area2 = (boxes2[:, 2:] - boxes2[:, :2]).prod(dim=1)
     return inter / (area1 + area2 - inter).clamp(min=1e-9)
-
-
-class _ClipGrad(torch.autograd.Function):
-    """Identity whose backward clips each gradient element to [-bound, bound]."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor, bound: float) -> Tensor:
-        ctx.bound = bound
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return grad.clamp(-ctx.bound, ctx.bound), None
 
 
 def _check_loss_options(index: int, options: dict) -> None:

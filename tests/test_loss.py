@@ -253,6 +253,25 @@ def test_max_delta_clips_box_gradient(make_model):
     torch.testing.assert_close(grads["max_delta=0.001"], grads[""].clamp(-0.001, 0.001))
 
 
+def test_max_delta_clips_each_images_delta_whatever_scales_the_loss_later(make_model):
+    """Found by a review: the clip acted on the incoming gradient, so an AMP GradScaler's 2^16 (or
+    gradient accumulation) moved it; under AMP yolov4's max_delta=5 all but froze box regression."""
+    targets = targets_of([(0, 1, 0.30, 0.60, 30, 30)])
+
+    def box_grad(extra: str, scale: float) -> torch.Tensor:
+        model = make_model(yolo_extra=extra)
+        raws = [torch.zeros(2, 2, 2, 2, 5 + CLASSES), torch.zeros(2, 2, 4, 4, 5 + CLASSES)]   # 2 images
+        raws[0][0, 0, 1, 0, 2:4] = 2.0
+        raws = [r.requires_grad_() for r in raws]
+        (scale * YoloLoss(model.heads)(raws, targets, (INPUT, INPUT))[0]).backward()
+        return raws[0].grad[0, 0, 1, 0, :4] / scale
+
+    image_delta = 2 * box_grad("", 1.0)                      # the loss is the batch mean
+    assert image_delta.abs().max() > 0.001
+    for scale in (1.0, 2.0 ** 16):
+        torch.testing.assert_close(box_grad("max_delta=0.001", scale), image_delta.clamp(-0.001, 0.001) / 2)
+
+
 def test_label_smoothing_moves_the_class_optimum(make_model):
     eps = 0.1
     model = make_model(yolo_extra=f"label_smooth_eps={eps}")
