@@ -29,9 +29,8 @@ batches, which plays `subdivisions`).
 
 The IoU-family gradient is the exact one (torchvision's losses under autograd). Darknet's
 `dx_box_iou` differs: its IoU part of the w, h delta is twice the derivative ("we do not divide
-by 2" there), its CIoU aspect term drops the 1/(w^2 + h^2) factor, and the sign of its enclosing
-box part of the x, y distance term is flipped. So with the same `iou_normalizer` our size
-regression pulls about half as hard as Darknet's.
+by 2" there), and its CIoU aspect term drops the 1/(w^2 + h^2) factor. So with the same
+`iou_normalizer` our size regression pulls about half as hard as Darknet's.
 
 Not supported (a warning says so when a cfg asks): `objectness_smooth`, `truth_thresh < 1`,
 `focal_loss`, `counters_per_class`, `iou_thresh_kind` other than iou. Darknet's newest versions
