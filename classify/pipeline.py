@@ -24,13 +24,11 @@ from __future__ import annotations
 import io
 import math
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,7 +41,7 @@ from classify.resnet56 import RESNET56_MEAN, RESNET56_STD, resnet56
 from data.cifar import CIFAR10_CLASSES, CIFARDataset, load_cifar_folder
 from data.mnist import MNISTDataset, load_mnist
 from engine import (Trainer, TrainConfig, atomic_torch_save, atomic_write_bytes, distributed,
-                    find_latest_checkpoint, resolve_device)
+                    find_latest_checkpoint, resolve_device, seed_everything, seeded_cpu_stream)
 
 ADMM_LR_SCHEDULES = ("constant", "cosine", "shared")
 METHODS = pruning.METHODS
@@ -208,8 +206,7 @@ def build_model(model_name: str, seed: int = 0) -> nn.Module:
     """`model_name` with its initial weights drawn from `seed` on the CPU (torch's random streams,
     CUDA's included, are left as they were)."""
     spec = model_spec(model_name)
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
+    with seeded_cpu_stream(seed):
         return spec.build()
 
 
@@ -241,13 +238,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     except RuntimeError as err:  # shape mismatch
         raise ValueError(f"{path}: {err}") from None
     return model
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def make_train_loader(spec: ModelSpec, train_set: Dataset, settings: TrainSettings) -> DataLoader:

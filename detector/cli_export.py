@@ -14,10 +14,9 @@ import argparse
 from pathlib import Path
 
 from detector.cli import network_size
-from engine import atomic_write_json, output_folder
 from detector.export import FORMATS, export_model
 from detector.model import DarknetModel, load_darknet
-from engine.checkpoint import load_checkpoint, load_error_summary
+from engine import atomic_write_json, load_checkpoint, load_error_summary, output_folder
 from pruning.masks import Masks
 
 

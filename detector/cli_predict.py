@@ -16,8 +16,8 @@ import yaml
 from data.eval_dataset import InferenceDataset
 from data.sources import IMAGE_SUFFIXES, parse_class_names
 from detector.cli import add_model_arguments, load_model, model_num_classes
-from engine import output_folder
 from detector.predict import predict
+from engine import output_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,10 +10,10 @@ import logging
 import sys
 
 from detector.cli import network_size
-from engine import output_folder
 from detector.export import FORMATS as EXPORT_FORMATS
 from detector.prune_job import METHODS, PruneJob
 from detector.prune_pipeline import format_stage_table, run_job
+from engine import output_folder
 
 
 def _floats(text: str) -> list[float]:

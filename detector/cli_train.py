@@ -21,18 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 from pathlib import Path
 
-import numpy as np
-import torch
 import yaml
 
 import detector
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from detector.cli import network_size
-from engine import atomic_write_json, changed_settings, distributed, find_latest_checkpoint, output_folder
 from detector.train import DetectTrainConfig, fit_detector
+from engine import (atomic_write_json, changed_settings, distributed, find_latest_checkpoint, output_folder,
+                    seed_everything)
 
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume"}
 
@@ -117,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     model = detector.load_darknet(args.cfg, args.weights)
     if distributed.is_main():
         atomic_write_json(args.out / "args.json", recorded_args(args))
-    _seed_everything(args.seed)
+    seed_everything(args.seed)
     print(f"train: {len(train_source.records)} images, validation: "
           f"{len(val_source.records) if val_source else 'none'}; out: {args.out}")
     trainer = fit_detector(model, train_source, val_source, config)
@@ -173,8 +171,4 @@ def interrupted_hint(args: argparse.Namespace) -> str:
     return f"the checkpoints so far are kept in {args.out} (newest: {latest.name}); {again}"
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 

@@ -50,12 +50,12 @@ import pruning
 from data.augment import AugmentConfig
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from data.train_dataset import DetectionTrainDataset, collate_detection
-from detector.predict import inference_copy
 from detector.export import dense_fp32_bytes, export_model, require_opencv_darknet_importer
+from detector.predict import inference_copy
 from detector.prune_job import PruneJob
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, distributed,
-                    find_latest_checkpoint, resolve_device)
+                    find_latest_checkpoint, resolve_device, seeded_cpu_stream)
 
 LOG = logging.getLogger("yolo_admm.prune")
 
@@ -113,8 +113,7 @@ class RunContext:
     def load_model(self) -> torch.nn.Module:
         """The job's model; without weights, the same random initialisation (from the job's seed) at
         every call. Building it (on the CPU) leaves torch's random streams as they were."""
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(self.job.seed)      # the CPU stream only
+        with seeded_cpu_stream(self.job.seed):
             return detector.load_darknet(self.job.cfg, self.job.weights)
 
     def train_config(self, epochs: int, checkpoint_dir: Path) -> DetectTrainConfig:

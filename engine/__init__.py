@@ -4,6 +4,7 @@ from engine.checkpoint import (atomic_torch_save, atomic_write, atomic_write_byt
                                changed_settings, find_latest_checkpoint, load_checkpoint, load_error_summary,
                                output_folder, save_checkpoint)
 from engine.ema import ModelEMA
+from engine.rng import seed_everything, seeded_cpu_stream
 from engine.distributed import resolve_device
 from engine.trainer import NonFiniteLossError, Trainer, TrainConfig, move_to_device
 
@@ -25,4 +26,6 @@ __all__ = [
     "move_to_device",
     "resolve_device",
     "save_checkpoint",
+    "seed_everything",
+    "seeded_cpu_stream",
 ]

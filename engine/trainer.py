@@ -26,7 +26,6 @@ import csv
 import io
 import math
 import os
-import random
 import time
 import warnings
 from collections import defaultdict
@@ -34,7 +33,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -43,6 +41,7 @@ from engine import distributed
 from engine.checkpoint import (atomic_write_bytes, checkpoint_name, find_latest_checkpoint, load_checkpoint,
                                load_error_summary, remove_older_checkpoints, save_checkpoint)
 from engine.ema import ModelEMA, unwrap
+from engine.rng import capture_rng_state, restore_rng_state
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
 EvaluateFn = Callable[[nn.Module], "dict[str, float]"]
@@ -422,29 +421,6 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
         moved = [move_to_device(value, device) for value in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """The Python, NumPy, torch CPU and (when present) CUDA random states, as tensors and plain
-    Python values only, so a checkpoint stays loadable with `torch.load(weights_only=True)`."""
-    bit_generator, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": {"bit_generator": bit_generator, "keys": torch.from_numpy(keys.astype(np.int64)),
-                      "position": int(position), "has_gauss": int(has_gauss),
-                      "cached_gaussian": float(cached_gaussian)},
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of `capture_rng_state`."""
-    random.setstate(state["python"])
-    saved = state["numpy"]
-    np.random.set_state((saved["bit_generator"], saved["keys"].cpu().numpy().astype(np.uint32), saved["position"],
-                         saved["has_gauss"], saved["cached_gaussian"]))
-    torch.set_rng_state(state["torch"].cpu())
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def write_history_csv(history: list[dict[str, float]], path: str | os.PathLike) -> None:

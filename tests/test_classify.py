@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import classify.pipeline
+import engine
 from classify import LENET5_PRUNABLE_WEIGHTS, LeNet5, resnet56
 from classify.cli import main as classify_main
 from classify.distill import DistillationLoss, frozen_copy
@@ -354,7 +355,7 @@ def test_resume_with_worker_processes_equals_an_uninterrupted_run(tmp_path):
     from engine import TrainConfig, Trainer
 
     def train(epochs: int, folder, resume: bool) -> torch.Tensor:
-        classify.pipeline.seed_everything(0)
+        engine.seed_everything(0)
         model = torch.nn.Linear(4, 2)
         loader = classify.pipeline.make_train_loader(classify.pipeline.MODELS["lenet5"], RandomlyAugmented(),
                                                      TrainSettings(batch_size=8, workers=1, device="cpu"))
