@@ -22,6 +22,10 @@ Gradients are Darknet's, so that the cfg's normalisers and `[net]` learning rate
   the gradient path is Darknet's). `max_delta` clips that box gradient per element, as an
   explicit delta that later loss scaling (AMP, accumulation) does not move (`clipped_delta_loss`).
 
+`delta_normalizer` multiplies the whole head's gradient (box, objectness and classes), as
+Darknet's GPU backward does; its CPU backward leaves it out. `max` (at most that many boxes per
+image, default 200) is not applied: every box of an image counts.
+
 Reduction: Darknet sums every delta over the batch and divides the learning rate by the batch
 size. We return the sum over all heads, slots and images divided by the number of images, so SGD
 with the cfg's `learning_rate` takes Darknet's step (the engine averages over accumulated
@@ -122,7 +126,8 @@ class YoloLoss:
 
 def head_loss(raw: Tensor, head, targets: Tensor,
               input_hw: tuple[int, int]) -> tuple[dict[str, Tensor], Assignment, Tensor]:
-    """Summed (not yet batch-normalised) box, objectness and class losses of one head.
+    """Summed (not yet batch-normalised) box, objectness and class losses of one head, each times
+    its `delta_normalizer`.
 
     Args:
         raw: Tensor[B, A, H, W, 5 + C], the head's raw output (float32).
@@ -158,7 +163,9 @@ def head_loss(raw: Tensor, head, targets: Tensor,
 
     with torch.no_grad():
         ious = _elementwise_iou(_xyxy(pred_boxes[slot]), _xyxy(truth[:, 2:6]))
-    return {"box": box, "obj": obj, "cls": cls}, assigned, ious
+    head_scale = float(options.get("delta_normalizer", 1.0))
+    parts = {"box": head_scale * box, "obj": head_scale * obj, "cls": head_scale * cls}
+    return parts, assigned, ious
 
 
 def _probability_loss(raw: Tensor, target: Tensor, head) -> Tensor:

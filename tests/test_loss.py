@@ -272,6 +272,20 @@ def test_max_delta_clips_each_images_delta_whatever_scales_the_loss_later(make_m
         torch.testing.assert_close(box_grad("max_delta=0.001", scale), image_delta.clamp(-0.001, 0.001) / 2)
 
 
+def test_delta_normalizer_scales_the_heads_whole_gradient(make_model):
+    """Darknet's GPU backward multiplies each [yolo] layer's delta by its delta_normalizer."""
+    targets = targets_of(TARGETS)
+    images = torch.rand(2, 3, INPUT, INPUT)
+    raws = {}
+    for extra in ("", "delta_normalizer=0.25"):
+        model = make_model(yolo_extra=extra)
+        raws[extra] = [r.detach().requires_grad_() for r in model(images)]
+        YoloLoss(model.heads)(raws[extra], targets, (INPUT, INPUT))[0].backward()
+    for plain, scaled in zip(raws[""], raws["delta_normalizer=0.25"]):
+        assert plain.grad.abs().sum() > 0
+        torch.testing.assert_close(scaled.grad, 0.25 * plain.grad)
+
+
 def test_label_smoothing_moves_the_class_optimum(make_model):
     eps = 0.1
     model = make_model(yolo_extra=f"label_smooth_eps={eps}")
