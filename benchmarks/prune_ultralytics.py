@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from data.synthetic import make_shapes_dataset  # noqa: E402
 from engine import atomic_write_json  # noqa: E402
 from pruning import ADMMConfig, UltralyticsADMM, attach_masks, magnitude_prune  # noqa: E402
-from pruning.ultralytics_callbacks import frozen_parameter_names  # noqa: E402
+from pruning.ultralytics_callbacks import frozen_parameter_names, mask_grads_before_clipping  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "prune_ultralytics.json"
 
@@ -68,6 +68,7 @@ class MagnitudeThenMasks:
                                      exclude=frozen_parameter_names(trainer.model))
         self.masks.apply(trainer.model, trainer.optimizer, trainer.ema.ema)
         attach_masks(trainer.optimizer, trainer.model, self.masks, trainer.ema.ema)
+        mask_grads_before_clipping(trainer, self.masks)
 
     def register(self, yolo) -> None:
         yolo.add_callback("on_train_start", self.on_train_start)

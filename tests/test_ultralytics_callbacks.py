@@ -158,6 +158,37 @@ def test_resume_without_the_admm_state_names_the_missing_file(yolo_class, data_y
         train(yolo_class, data_yaml, tmp_path, make_pruner(), epochs=3, model=weights / "last.pt", resume=True)
 
 
+def test_resume_with_another_schedule_is_refused(yolo_class, data_yaml, tmp_path):
+    """Found by a review: a resume with fewer ADMM iterations went on with Z-steps past the new cut
+    epoch, never cut, and failed at the end of the run."""
+    with pytest.raises(Interrupt):
+        train(yolo_class, data_yaml, tmp_path, make_pruner(admm_iters=2), epochs=3, interrupt_after_epoch=0)
+    weights = tmp_path / "run" / "weights"
+    with pytest.raises(ValueError, match=rf"{STATE_FILE}: saved by a pruner with other settings \(admm_iters: 2 -> 1\)"):
+        train(yolo_class, data_yaml, tmp_path, make_pruner(admm_iters=1), epochs=3, model=weights / "last.pt",
+              resume=True)
+
+
+def test_ultralytics_clips_the_kept_gradients_alone(yolo_class, data_yaml, tmp_path, monkeypatch):
+    """Found by a review: the pruned gradients were zeroed in the optimizer's pre-step hook, after
+    Ultralytics' clip to a total norm of 10 had counted them, which shrank the kept weights' steps."""
+    pruner, trainers, pruned_grads_at_clip = make_pruner(), [], []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        if pruner.masks is not None:
+            named = dict(trainers[0].model.named_parameters())
+            pruned_grads_at_clip.append(sum(int(torch.count_nonzero(named[name].grad[~mask]))
+                                            for name, mask in pruner.masks.items()))
+        return clip(parameters, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    train(yolo_class, data_yaml, tmp_path, pruner, epochs=3, after_pruner={"on_train_start": trainers.append})
+    assert len(pruned_grads_at_clip) == 4 and pruned_grads_at_clip == [0] * 4    # the retraining epoch's steps
+    assert "optimizer_step" not in vars(trainers[0])                               # unwrapped at the end
+
+
 def test_a_run_resumes_from_a_periodic_checkpoint(yolo_class, data_yaml, tmp_path):
     """save_period=1 keeps epoch0.pt, epoch1.pt, ...; the state after epoch 0 is gone from the two
     rolling files by the end, so resuming from epoch0.pt needs its own periodic state file."""
