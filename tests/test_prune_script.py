@@ -37,16 +37,19 @@ def write_coco_layout(data_yaml: Path, root: Path) -> Path:
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_the_script_prunes_a_given_model_on_a_coco_folder(tmp_path):
+    """Paths are given from the caller's folder, outside the repository, and the run folder lands
+    there too (a review found the script resolved them against the repository)."""
     data_yaml = make_shapes_dataset(tmp_path / "shapes", n_train=8, n_val=4, img_size=96, seed=5)
     coco = write_coco_layout(data_yaml, tmp_path / "coco")
-    out = tmp_path / "run"
+    shutil.copy(DEMO_CFG, tmp_path / "demo-tiny.cfg")
     flags = ["--sparsity", "0.5", "--admm-iters", "1", "--epochs-per-iter", "1", "--retrain-epochs", "1",
              "--batch-size", "4", "--img-size", "96", "--burn-in", "0", "--workers", "0", "--device", "cpu",
-             "--bn-images", "4", "--export", "compact", "--no-progress", "--out", str(out)]
-    completed = subprocess.run(["bash", str(SCRIPT), str(DEMO_CFG), str(DEMO_WEIGHTS), str(coco), *flags],
-                               env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
-                               timeout=600)
+             "--bn-images", "4", "--export", "compact", "--no-progress"]
+    completed = subprocess.run(["bash", str(SCRIPT), "demo-tiny.cfg", os.path.relpath(DEMO_WEIGHTS, tmp_path), "coco",
+                                *flags], cwd=tmp_path, env={**os.environ, "PYTHON": sys.executable},
+                               capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    out = tmp_path / "runs" / "demo-tiny-coco"
 
     results = json.loads((out / "results.json").read_text())
     stages = results["sweep"][0]["stages"]
@@ -54,7 +57,7 @@ def test_the_script_prunes_a_given_model_on_a_coco_folder(tmp_path):
     assert stages[-1]["sparsity"] == pytest.approx(0.5, abs=1e-5)
     config = (out / "config.yaml").read_text()
     assert "mosaic: 0.5" in config and "rho: 0.0015" in config       # configs/coco.yaml under the flags
-    assert str(coco / "annotations" / "instances_val2017.json") in config
+    assert "coco/annotations/instances_val2017.json" in config
     assert (out / "sparsity_0.5" / "export" / "pruned.yaspars").stat().st_size > 0   # the compact export
 
 
@@ -62,3 +65,10 @@ def test_the_script_with_too_few_arguments_says_how_to_call_it():
     completed = subprocess.run(["bash", str(SCRIPT), "yolov4.cfg"], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 2
     assert "usage:" in completed.stderr and "CFG WEIGHTS COCO_DIR" in completed.stderr
+
+
+def test_the_script_has_a_help():
+    completed = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0 and completed.stderr == ""
+    assert "offline demo" in completed.stdout and "paths are from the current folder" in completed.stdout
+    assert "#" not in completed.stdout and "set -" not in completed.stdout
