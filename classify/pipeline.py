@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -222,8 +223,12 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise FileNotFoundError(f"{path}: weights file not found")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several unrelated types for a corrupt or foreign file
-        raise ValueError(f"{path}: not a readable weights file ({type(err).__name__}: {err})") from err
+    except pickle.UnpicklingError as err:  # a foreign file, or a pickle of more than tensors (a whole model)
+        raise ValueError(f"{path}: not a readable weights file: expected a state dict or checkpoint of tensors "
+                         f"that torch.load(weights_only=True) reads, found a file it cannot unpickle") from err
+    except Exception as err:  # torch raises several unrelated types for a corrupt file
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: not a readable weights file ({type(err).__name__}: {first_line})") from err
     state = saved.get("model", saved.get("state_dict", saved)) if isinstance(saved, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a dict of tensors (optionally under 'model' or 'state_dict')")

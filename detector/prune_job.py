@@ -73,6 +73,8 @@ class PruneJob:
         if not self.cfg:
             raise ValueError("prune: a Darknet cfg is required (--cfg or `cfg:` in the YAML config)")
         self.sparsity = [_number("sparsity", value, float) for value in _as_list(self.sparsity)]
+        if not self.sparsity:
+            raise ValueError("sparsity: expected at least one value in [0, 1), found none")
         self.export = [str(value) for value in _as_list(self.export if self.export is not None else [])]
         _check_settings(self)
         for value in self.sparsity:

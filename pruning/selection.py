@@ -73,13 +73,14 @@ def prunable_parameters(
         model: any module, possibly wrapped by DDP/DataParallel/torch.compile.
         include: patterns; if given, only default candidates matching one of them are kept.
             A pattern that matches no candidate is an error (catches typos).
-        exclude: patterns; candidates matching one of them are dropped.
+        exclude: patterns; candidates matching one of them are dropped. A pattern that matches no
+            candidate is an error too: a typo there would prune what it meant to protect.
     Returns:
         dict canonical name -> Parameter, non-empty; a weight tied into several modules appears
         once, under its name in ``canonical_parameters`` (its first name in ``named_parameters``,
         which may be a module that is not Conv/Linear, such as a tied embedding).
     Raises:
-        ValueError: no prunable parameter is left, or an include pattern matches nothing.
+        ValueError: no prunable parameter is left, or an include or exclude pattern matches nothing.
     """
     include_patterns = _as_patterns(include, "include")
     exclude_patterns = _as_patterns(exclude, "exclude")
@@ -89,12 +90,13 @@ def prunable_parameters(
         weight = getattr(module, "weight", None)
         if isinstance(module, PRUNABLE_MODULE_TYPES) and isinstance(weight, nn.Parameter):
             candidates[name_of[id(weight)]] = weight              # a tied weight: one entry, one name
-    for pattern in include_patterns:
-        if not any(name_matches(name, pattern) for name in candidates):
-            raise ValueError(
-                f"include pattern {pattern!r} matches no Conv/Linear weight of {type(model).__name__}"
-                f" (candidates: {_preview(candidates)})"
-            )
+    for what, patterns in (("include", include_patterns), ("exclude", exclude_patterns)):
+        for pattern in patterns:
+            if not any(name_matches(name, pattern) for name in candidates):
+                raise ValueError(
+                    f"{what} pattern {pattern!r} matches no Conv/Linear weight of {type(model).__name__}"
+                    f" (candidates: {_preview(candidates)})"
+                )
     selected = {
         name: param for name, param in candidates.items()
         if (not include_patterns or any(name_matches(name, p) for p in include_patterns))

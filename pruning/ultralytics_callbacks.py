@@ -61,7 +61,7 @@ from pruning.admm import ADMM, ADMMConfig
 from pruning.masks import Masks
 from pruning.optimizer_hooks import StepHooks, attach_admm, attach_masks
 from pruning.report import layer_table, save_kept_fraction_plot, table_totals
-from pruning.selection import canonical_parameters
+from pruning.selection import prunable_parameters
 from pruning.atomic_file import write_bytes_atomically
 
 STATE_FILE = "admm_state.pt"   # in trainer.wdir, beside last.pt
@@ -72,8 +72,9 @@ PLOT_FILE = "pruning_layers.png"
 
 
 def frozen_parameter_names(model: nn.Module) -> list[str]:
-    """Canonical names of the parameters that do not train (``requires_grad=False``): never prune them."""
-    return [name for name, param in canonical_parameters(model).items() if not param.requires_grad]
+    """Canonical names of the Conv/Linear weights that do not train (``requires_grad=False``): never
+    prune them."""
+    return [name for name, param in prunable_parameters(model).items() if not param.requires_grad]
 
 
 def mask_grads_before_clipping(trainer, masks: Masks) -> Callable[[], None]:

@@ -69,6 +69,8 @@ def test_no_prunable_parameters_is_a_clear_error():
         ADMM(small_convnet(), ADMMConfig(sparsity=0.5, exclude=["*"]))
     with pytest.raises(ValueError, match="include pattern 'backbone.*' matches no Conv/Linear weight"):
         ADMM(small_convnet(), ADMMConfig(sparsity=0.5, include=["backbone.*"]))
+    with pytest.raises(ValueError, match=r"exclude pattern 'head\.\*' matches no Conv/Linear weight"):
+        ADMM(small_convnet(), ADMMConfig(sparsity=0.5, exclude=["7.*", "head.*"]))   # a typo would prune the head
 
 
 def test_selection_takes_conv_and_linear_weights_only_with_patterns():

@@ -89,6 +89,11 @@ def test_load_weights_names_the_file_and_the_mismatch(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.pt: not a readable weights file"):
         load_weights(LeNet5(), tmp_path / "junk.pt")
+    header = torch.tensor([0, 2, 0, 0, 0], dtype=torch.int32).numpy().tobytes()   # a Darknet .weights file
+    (tmp_path / "model.weights").write_bytes(header + torch.rand(64).numpy().tobytes())
+    with pytest.raises(ValueError, match="model.weights: not a readable weights file: expected a state dict") as error:
+        load_weights(LeNet5(), tmp_path / "model.weights")
+    assert "\n" not in str(error.value) and "weights_only=False" not in str(error.value)   # not torch's paragraph
 
 
 # ------------------------------------------------------------------------------------ data
@@ -403,6 +408,8 @@ def test_weight_patterns_and_floors_are_checked_before_any_work(tmp_path):
     command = lenet5_prune_command(tmp_path) + ["--checkpoint-dir", str(tmp_path / "ckpt")]
     with pytest.raises(ValueError, match=r"include pattern 'fc9.\*' matches no Conv/Linear weight of LeNet5"):
         classify_main(command[1:] + ["--include", "fc9.*"])
+    with pytest.raises(ValueError, match=r"exclude pattern 'fc3.\*' matches no Conv/Linear weight of LeNet5"):
+        classify_main(command[1:] + ["--exclude", "fc2.*,fc3.*"])
     with pytest.raises(ValueError, match=r"min_density keeps 215250 weights at least, more than the 43050"):
         classify_main(command[1:] + ["--min-density", "0.5"])
     assert not (tmp_path / "ckpt" / "run.json").exists()               # refused before the folder was claimed

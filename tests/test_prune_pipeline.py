@@ -196,6 +196,9 @@ def test_bad_settings_name_what_is_wrong(shapes_yaml, tmp_path):
         tiny_job(shapes_yaml, tmp_path, sparsity=[1.2])
     with pytest.raises(ValueError, match=r"sparsity lists 0\.5 more than once"):
         tiny_job(shapes_yaml, tmp_path, sparsity=[0.5, 0.7, 0.5])
+    for empty in ([], ""):                      # `sparsity: []` in the YAML, `--sparsity ""`
+        with pytest.raises(ValueError, match="sparsity: expected at least one value in \\[0, 1\\), found none"):
+            tiny_job(shapes_yaml, tmp_path, sparsity=empty)
     with pytest.raises(ValueError, match="multiple of 32, found 100"):
         tiny_job(shapes_yaml, tmp_path, img_size=100)
     with pytest.raises(ValueError, match="unknown pruning method 'magic'"):
