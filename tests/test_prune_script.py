@@ -40,7 +40,7 @@ def test_the_script_prunes_a_given_model_on_a_coco_folder(tmp_path):
     """Paths are given from the caller's folder, outside the repository, and the run folder lands
     there too (a review found the script resolved them against the repository)."""
     data_yaml = make_shapes_dataset(tmp_path / "shapes", n_train=8, n_val=4, img_size=96, seed=5)
-    coco = write_coco_layout(data_yaml, tmp_path / "coco")
+    write_coco_layout(data_yaml, tmp_path / "coco")
     shutil.copy(DEMO_CFG, tmp_path / "demo-tiny.cfg")
     flags = ["--sparsity", "0.5", "--admm-iters", "1", "--epochs-per-iter", "1", "--retrain-epochs", "1",
              "--batch-size", "4", "--img-size", "96", "--burn-in", "0", "--workers", "0", "--device", "cpu",
