@@ -2,6 +2,7 @@
 
     yolo-admm detect export --cfg C --weights W --out DIR [--formats darknet,onnx,compact] [--int8]
     yolo-admm detect export --cfg C --checkpoint RUN/epoch_0010.pt --out DIR
+    yolo-admm detect export --cfg C --checkpoint PRUNE_RUN/sparsity_0.8/retrained.pt --out DIR
 
 Writes DIR/model.weights + DIR/model.cfg (Darknet, checked in OpenCV DNN), DIR/model.onnx (decoding
 included, checked in onnxruntime) and DIR/model.yaspars (compact sparse archive, fp16 or --int8
@@ -13,18 +14,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from detector.cli import network_size
 from detector.export import FORMATS, export_model
 from detector.model import DarknetModel, load_darknet
 from engine import atomic_write_json, load_checkpoint, load_error_summary, output_folder
 from pruning.masks import Masks
 
+STAGE_FILE_KEYS = {"model", "masks"}     # detect prune's sparsity_S/hard_prune.pt and retrained.pt
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", required=True, help="Darknet .cfg file")
     parser.add_argument("--weights", help="Darknet .weights file (or give --checkpoint)")
     parser.add_argument("--checkpoint", help="training checkpoint (.pt, or a folder: its newest) whose weights "
-                                             "to export; its EMA weights when it has them, as training evaluated")
+                                             "to export, its EMA weights when it has them, as training evaluated; "
+                                             "or a prune run's stage file (sparsity_S/hard_prune.pt, retrained.pt)")
     parser.add_argument("--formats", type=_formats, default=list(FORMATS), metavar="LIST",
                         help=f"comma-separated, from {','.join(FORMATS)} (default: all)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -52,14 +58,27 @@ def load_export_model(cfg: str, weights: str | None, checkpoint: str | None) -> 
         raise ValueError("give the weights to export: --weights W.weights or --checkpoint CKPT")
     model = load_darknet(cfg, weights)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint)
-        ema = state.get("ema")
-        weights_state = ema["module"] if isinstance(ema, dict) and "module" in ema else state["model"]
         try:
-            model.load_state_dict(weights_state)
+            model.load_state_dict(checkpoint_weights(checkpoint))
         except RuntimeError as err:
             raise ValueError(f"{checkpoint}: its model does not fit {cfg}: {load_error_summary(err)}") from None
     return model.float().eval()
+
+
+def checkpoint_weights(checkpoint: str | Path) -> dict:
+    """The state dict to export from a prune run's stage file ({"model", "masks"}, as `detect prune`
+    writes hard_prune.pt and retrained.pt) or a trainer checkpoint (its EMA when it has one)."""
+    path = Path(checkpoint)
+    if path.is_file():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:       # a trainer checkpoint holds more than tensors; load_checkpoint reads it
+            saved = None
+        if isinstance(saved, dict) and set(saved) == STAGE_FILE_KEYS:
+            return saved["model"]
+    state = load_checkpoint(checkpoint)
+    ema = state.get("ema")
+    return ema["module"] if isinstance(ema, dict) and "module" in ema else state["model"]
 
 
 def format_report(report: dict) -> str:

@@ -359,6 +359,38 @@ def test_cli_exports_every_format_and_writes_the_report(pruned, tmp_path, capsys
         parser.parse_args(["--cfg", "c", "--out", "o", "--formats", "darknet,tflite"])
 
 
+def test_cli_exports_a_prune_runs_stage_file(pruned, tmp_path):
+    """Found by a review: `--checkpoint sparsity_S/retrained.pt` was refused as no trainer checkpoint."""
+    from detector.prune_pipeline import save_state
+
+    model, masks = pruned
+    save_state(tmp_path / "retrained.pt", model, masks)
+    parser = argparse.ArgumentParser()
+    cli_export.add_arguments(parser)
+    args = parser.parse_args(["--cfg", str(DEMO_CFG), "--checkpoint", str(tmp_path / "retrained.pt"),
+                              "--out", str(tmp_path / "out"), "--formats", "compact"])
+    assert cli_export.run(args) == 0
+    report = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert report["compact"]["nonzero"] == masks.stats()["kept"]
+
+
+def test_cli_exports_a_trainer_checkpoints_ema(pruned, tmp_path):
+    from engine import save_checkpoint
+
+    model, masks = pruned
+    ema = {name: value.clone() for name, value in model.state_dict().items()}
+    ema["layers.0.conv.weight"].zero_()                          # the EMA is what gets exported
+    path = save_checkpoint({"epoch": 3, "step": 30, "model": model.state_dict(), "ema": {"module": ema}}, tmp_path)
+    parser = argparse.ArgumentParser()
+    cli_export.add_arguments(parser)
+    args = parser.parse_args(["--cfg", str(DEMO_CFG), "--checkpoint", str(path), "--out", str(tmp_path / "out"),
+                              "--formats", "compact"])
+    assert cli_export.run(args) == 0
+    zeroed = int(masks["layers.0.conv.weight"].sum())
+    report = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert report["compact"]["nonzero"] == masks.stats()["kept"] - zeroed
+
+
 def test_cli_needs_weights_or_a_checkpoint(tmp_path):
     parser = argparse.ArgumentParser()
     cli_export.add_arguments(parser)
