@@ -28,16 +28,23 @@ def _comma_list(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file of settings (keys as the long flags, with _); flags override it")
+    parser.add_argument("--config", help="YAML file of settings: keys as the long flags, with _ (progress: false for "
+                        "--no-progress), and in the YAML only: augment (default true), mosaic (probability, "
+                        "default 0), amp (default true), latency_runs (default 10), layer_sparsity (pattern: "
+                        "sparsity, for admm-layerwise); its relative paths are from the current folder; the "
+                        "flags override it")
     parser.add_argument("--cfg", help="Darknet .cfg of the pretrained detector")
-    parser.add_argument("--weights", help="its Darknet .weights")
+    parser.add_argument("--weights", help="its Darknet .weights (without: the cfg's random initial weights, with a "
+                        "warning)")
     parser.add_argument("--data", help="Ultralytics data.yaml with train and val splits")
     parser.add_argument("--train-images", help="COCO json alternative: training image folder")
     parser.add_argument("--train-annotations", help="COCO json alternative: training instances json")
     parser.add_argument("--val-images", help="COCO json alternative: validation image folder")
     parser.add_argument("--val-annotations", help="COCO json alternative: validation instances json")
     parser.add_argument("--out", help="run folder (default runs/prune); an existing one is resumed")
-    parser.add_argument("--sparsity", type=_floats, help="fraction of weights removed, e.g. 0.8, or a list 0.5,0.7,0.9")
+    parser.add_argument("--sparsity", type=_floats, help="fraction of the prunable weights (those --include/--exclude "
+                        "select) removed, or a list 0.5,0.7,0.9 (default 0.8); the result's nonzero and sparsity "
+                        "columns count every conv weight")
     parser.add_argument("--method", choices=METHODS, help="pruning method (default admm-global)")
     parser.add_argument("--include", type=_comma_list, metavar="PATTERNS",
                         help="parameter-name patterns that may be pruned, comma-separated globs or re:REGEX "
@@ -80,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     job = job_of(args)
     output_folder(job.out, "--out")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    if job.weights is None:
+        logging.warning("warning: no --weights: pruning %s with its random initial weights", job.cfg)
     results = run_job(job)
     print(format_stage_table(results["sweep"]))
     print(f"\nresults: {job.out}/results.json")
