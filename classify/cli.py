@@ -47,14 +47,15 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path,
                         help="dataset directory: MNIST IDX .gz files (lenet5), "
                              "or CIFAR-10 train/ and test/ class folders (resnet56)")
-    parser.add_argument("--weights", type=Path, default=None, help="weights to start from (state dict or checkpoint)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="a state dict or checkpoint: what train starts from, eval evaluates, prune prunes")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="training batch (default: 128); evaluation takes batches of at least 256")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--eval-samples", type=int, default=None, metavar="N",
                         help="evaluate on a fixed seeded subset of N test images (default: all)")
-    parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
@@ -86,7 +87,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sparsity", type=sparsity_fraction, required=True,
                         help="fraction of the prunable weights (those --include/--exclude select) removed, in "
                              "[0, 1); the result's measured sparsity counts every Conv/Linear weight")
-    parser.add_argument("--method", choices=list(METHODS), default="admm-global")
+    parser.add_argument("--method", choices=list(METHODS), default="admm-global", help="(default admm-global)")
     parser.add_argument("--include", type=comma_list, metavar="PATTERNS", default=None,
                         help="parameter-name patterns that may be pruned, comma-separated globs or re:REGEX "
                              "(default: every Conv and Linear weight)")
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
     train = modes.add_parser("train", help="dense training")
     add_common_arguments(train)
-    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     add_training_arguments(train)
     train.add_argument("--out", type=Path, default=None,
                        help=f"write the weights here (default: {DEFAULT_RUN_DIR}/MODEL-dense.pt)")

@@ -30,9 +30,10 @@ from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from detector.cli import network_size
 from detector.train import DetectTrainConfig, fit_detector
 from engine import (atomic_write_json, changed_settings, distributed, find_latest_checkpoint, output_folder,
-                    seed_everything)
+                    resolved_paths, seed_everything)
 
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume"}
+PATH_FLAGS = {"cfg", "weights", "data", "images", "annotations", "val_images", "val_annotations", "out"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,8 +117,9 @@ def run(args: argparse.Namespace) -> int:
     if distributed.is_main():
         atomic_write_json(args.out / "args.json", recorded_args(args))
     seed_everything(args.seed)
-    print(f"train: {len(train_source.records)} images, validation: "
-          f"{len(val_source.records) if val_source else 'none'}; out: {args.out}")
+    if distributed.is_main():
+        print(f"train: {len(train_source.records)} images, validation: "
+              f"{len(val_source.records) if val_source else 'none'}; out: {args.out}")
     trainer = fit_detector(model, train_source, val_source, config)
     trained = trainer.ema.module if trainer.ema is not None else trainer.model
     weights_path = args.out / f"{Path(args.cfg).stem}.weights"
@@ -132,9 +134,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def recorded_args(args: argparse.Namespace) -> dict:
-    """The flags as written to args.json (paths as strings, the dispatcher's callables left out)."""
-    return {key: str(value) if isinstance(value, Path) else value
-            for key, value in vars(args).items() if not callable(value)}
+    """The flags as written to args.json (paths absolute, the dispatcher's callables left out)."""
+    return resolved_paths({key: str(value) if isinstance(value, Path) else value
+                           for key, value in vars(args).items() if not callable(value)}, PATH_FLAGS)
 
 
 def resume_point(args: argparse.Namespace) -> str | None:
@@ -149,6 +151,7 @@ def resume_point(args: argparse.Namespace) -> str | None:
         return args.resume
     saved_path = args.out / "args.json"
     saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else {}
+    saved = resolved_paths(saved, PATH_FLAGS)             # older runs wrote them as given
     current = recorded_args(args)
     changed = changed_settings(saved, current, ignore=RESUMABLE_FLAGS)
     if changed:

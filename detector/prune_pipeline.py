@@ -55,7 +55,7 @@ from detector.predict import inference_copy
 from detector.prune_job import PruneJob
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, distributed,
-                    find_latest_checkpoint, resolve_device, seeded_cpu_stream)
+                    find_latest_checkpoint, resolve_device, resolved_paths, seeded_cpu_stream)
 
 LOG = logging.getLogger("yolo_admm.prune")
 
@@ -362,15 +362,17 @@ def make_context(job: PruneJob) -> RunContext:
 
 
 RESUMABLE_CHANGES = {"out", "workers", "device", "progress", "latency_runs", "export"}  # export: of what follows
+PATH_SETTINGS = {"cfg", "weights", "data", "train_images", "train_annotations", "val_images", "val_annotations", "out"}
 
 
 def write_or_check_config(job: PruneJob, path: Path) -> None:
     """Write the job's settings to ``path``; when a run there already finished a stage (a resume),
     its settings must be the same, except those in RESUMABLE_CHANGES. (A run that failed before
-    finishing any stage, on bad input say, may be run again with corrected settings.)"""
-    settings = asdict(job)
+    finishing any stage, on bad input say, may be run again with corrected settings.) Paths are
+    written and compared absolute."""
+    settings = resolved_paths(asdict(job), PATH_SETTINGS)
     if path.is_file() and (path.parent / "dense.json").is_file():
-        before = yaml.safe_load(path.read_text()) or {}
+        before = resolved_paths(yaml.safe_load(path.read_text()) or {}, PATH_SETTINGS)    # older runs wrote them as given
         changed = changed_settings(before, settings, ignore=RESUMABLE_CHANGES)
         if changed:
             details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)

@@ -150,6 +150,13 @@ def changed_settings(before: Mapping[str, Any], now: Mapping[str, Any],
     return changes
 
 
+def resolved_paths(settings: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any]:
+    """`settings` with the values of `keys` that are set made absolute paths, so that a resumed run
+    given a file by another spelling (relative, absolute) compares equal to the run it continues."""
+    return {key: str(Path(value).resolve()) if key in keys and value not in (None, "") else value
+            for key, value in settings.items()}
+
+
 def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The `epoch_NNNN.pt` in `directory` with the highest epoch, or None. Temp files are ignored."""
     directory = Path(directory)

@@ -450,3 +450,19 @@ def test_bad_input_gives_a_clear_error_and_loses_nothing(case: Case, base: Path,
     assert not [p for p in ws.out.rglob("*.tmp")], "a temporary file was left behind"
     if case.then is not None:
         case.then(ws, argv, capsys)
+
+
+def test_a_resume_may_spell_its_paths_otherwise(base: Path, tmp_path: Path, capsys, monkeypatch):
+    """Found by a review: the same run given its cfg once as an absolute and once as a relative path
+    was refused as a run with other settings, in detect train and detect prune."""
+    ws = Workspace.create(tmp_path, base)
+    assert main(detect_train(ws, out=ws.out / "train")) == 0
+    assert main(detect_prune(ws)) == 0
+    monkeypatch.chdir(ws.root)
+    capsys.readouterr()
+    relative = [["tiny.cfg" if arg == str(ws.cfg) else arg for arg in argv]
+                for argv in (detect_train(ws, out=ws.out / "train"), detect_prune(ws))]
+    assert main(relative[0]) == 0 and "resuming from" in capsys.readouterr().out
+    assert main(relative[1]) == 0
+    assert main(detect_prune(ws, "--lr", "0.5")) == 2
+    assert "other settings (lr: None -> 0.5)" in capsys.readouterr().err        # and a real change is refused
