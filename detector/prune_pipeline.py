@@ -55,7 +55,8 @@ from detector.predict import inference_copy
 from detector.prune_job import PruneJob
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, distributed,
-                    find_latest_checkpoint, resolve_device, resolved_paths, seeded_cpu_stream, workers_change_warning)
+                    find_latest_checkpoint, remove_stale_temp_files, resolve_device, resolved_paths, seeded_cpu_stream,
+                    workers_change_warning)
 
 LOG = logging.getLogger("yolo_admm.prune")
 
@@ -186,7 +187,7 @@ def save_state(path: Path, model: torch.nn.Module, masks: pruning.Masks) -> None
 def load_state(path: Path, ctx: RunContext) -> tuple[torch.nn.Module, pruning.Masks]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:  # a damaged file
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:  # a damaged file
         if isinstance(error, torch.OutOfMemoryError):
             raise
         detail = next(iter(str(error).splitlines()), "") or "empty or cut short"
@@ -401,6 +402,8 @@ def run_job(job: PruneJob) -> dict[str, Any]:
     root = Path(job.out)
     root.mkdir(parents=True, exist_ok=True)
     write_or_check_config(job, root / "config.yaml")
+    if distributed.is_main():
+        remove_stale_temp_files(root, recursive=True)       # of writes a kill cut short
     handler = log_to_file(root / "log.txt") if distributed.is_main() else None
     try:
         return _run_stages(job)

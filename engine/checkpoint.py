@@ -17,6 +17,7 @@ from typing import Any, BinaryIO, Callable
 import torch
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)\.pt$")
+TEMP_FILE_PATTERN = re.compile(r"^\..+\.\w{8}\.tmp$")   # what atomic_write's mkstemp names: .NAME.XXXXXXXX.tmp
 REQUIRED_KEYS = ("epoch", "step", "model")
 
 
@@ -92,7 +93,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises several unrelated types for a corrupt file
-        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+        older = sorted((int(match.group(1)), entry.name) for entry in path.parent.iterdir()
+                       if (match := CHECKPOINT_PATTERN.match(entry.name)) and entry != path)
+        hint = f"; delete it to resume from {older[-1][1]}" if older else ""
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {detail}){hint}") from err
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: expected a trainer checkpoint with keys {list(REQUIRED_KEYS)}, found {found}")
@@ -181,10 +186,22 @@ def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 
 def remove_older_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the `keep` newest `epoch_NNNN.pt` in `directory`; returns the deleted paths."""
+    """Delete all but the `keep` newest `epoch_NNNN.pt` in `directory`, and the temporary files that
+    writes killed half-way left there; returns the deleted paths. (Call it after a save, with no
+    other write in flight in `directory`.)"""
     numbered = sorted((int(match.group(1)), entry) for entry in Path(directory).iterdir()
                       if (match := CHECKPOINT_PATTERN.match(entry.name)) and entry.is_file())
     doomed = [entry for _, entry in numbered[:-keep]] if keep > 0 else []
     for entry in doomed:
         entry.unlink(missing_ok=True)
-    return doomed
+    return doomed + remove_stale_temp_files(directory)
+
+
+def remove_stale_temp_files(directory: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Delete the temporary files of atomic writes that a kill interrupted (`.NAME.XXXXXXXX.tmp`) in
+    `directory` (and below it, if `recursive`); returns them. Only while nothing writes there."""
+    entries = Path(directory).rglob(".*.tmp") if recursive else Path(directory).glob(".*.tmp")
+    stale = [entry for entry in entries if TEMP_FILE_PATTERN.match(entry.name) and entry.is_file()]
+    for entry in stale:
+        entry.unlink(missing_ok=True)
+    return stale

@@ -342,9 +342,20 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     for epoch in (1, 2, 3, 10):
         (tmp_path / f"epoch_{epoch:04d}.pt").write_bytes(b"x")
     (tmp_path / "history.csv").write_text("keep me")
+    (tmp_path / ".epoch_0004.pt.x7_kq2mz.tmp").write_bytes(b"cut short")      # a save a kill interrupted
     removed = remove_older_checkpoints(tmp_path, keep=2)
-    assert sorted(p.name for p in removed) == ["epoch_0001.pt", "epoch_0002.pt"]
+    assert sorted(p.name for p in removed) == [".epoch_0004.pt.x7_kq2mz.tmp", "epoch_0001.pt", "epoch_0002.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0003.pt", "epoch_0010.pt", "history.csv"]
+
+
+def test_an_unreadable_newest_checkpoint_says_which_to_resume_from(tmp_path):
+    from engine import load_checkpoint
+
+    torch.save({"epoch": 2, "step": 4, "model": {}}, tmp_path / "epoch_0002.pt")
+    (tmp_path / "epoch_0003.pt").write_bytes(b"cut short")
+    with pytest.raises(ValueError, match=r"epoch_0003.pt: not a readable checkpoint .*delete it to resume from "
+                                         r"epoch_0002.pt"):
+        load_checkpoint(tmp_path)
 
 
 def test_atomic_writes_replace_whole_files_with_normal_permissions(tmp_path):

@@ -151,6 +151,13 @@ def test_a_damaged_stage_file_is_named_with_what_to_do(shapes_yaml, uninterrupte
     state.write_bytes(b"")
     with pytest.raises(ValueError, match=r"retrained.pt: damaged stage state \(EOFError: empty or cut short\)"):
         run_job(tiny_job(shapes_yaml, out))
+    state.write_bytes((out / "sparsity_0.6" / "hard_prune.pt").read_bytes()[:5000])   # torch: OSError (a fuzz)
+    stale = [out / "sparsity_0.6" / ".retrained.pt.k3j_x9q2.tmp", out / "sparsity_0.6" / "admm" / ".epoch_0002.pt.a1b2c3d4.tmp"]
+    for path in stale:                                          # what writes a kill cut short leave
+        path.write_bytes(b"partial")
+    with pytest.raises(ValueError, match=r"retrained.pt: damaged stage state \(OSError: .*delete it to run that stage"):
+        run_job(tiny_job(shapes_yaml, out))
+    assert not any(path.exists() for path in stale)
     (out / "dense.json").write_text('{"stage": "dense", "map50": ')
     with pytest.raises(ValueError, match=r"dense.json: damaged stage record .*delete it to run that stage again"):
         run_job(tiny_job(shapes_yaml, out))
