@@ -53,7 +53,10 @@ def claim_checkpoint_dir(settings: TrainSettings, identity: dict[str, Any]) -> N
     if distributed.is_main():
         problem = _problem(folder, settings.resume, identity)
         if problem is None:
-            if settings.resume and not (folder / RUN_RECORD).is_file() and any(folder.glob("*/epoch_*.pt")):
+            if settings.resume and not any(folder.glob("*/epoch_*.pt")):
+                print(f"warning: --resume, but {folder} holds no checkpoint yet: the run starts from its beginning",
+                      file=sys.stderr)
+            elif settings.resume and not (folder / RUN_RECORD).is_file():
                 print(f"warning: {folder} has no {RUN_RECORD} (written since 2026-11-26): resuming its checkpoints "
                       f"without checking that they are of a run with these settings", file=sys.stderr)
             atomic_write_json(folder / RUN_RECORD, identity)

@@ -558,3 +558,12 @@ def test_classify_prune_runs_under_torchrun_with_two_processes(tmp_path):
     assert record["sparsity"] == pytest.approx(0.9, abs=1e-5) and record["settings"]["prune"]["distill"] == 0.5
     assert record["train_images_per_epoch"] == 128                   # both ranks' shares, not one
     assert json.loads((tmp_path / "ckpt" / "run.json").read_text())["prune"]["sparsity"] == 0.9
+
+
+def test_a_resume_without_checkpoints_says_it_starts_over(tmp_path, capsys):
+    """Found by a fuzz: `--resume` into an empty (or mistyped) folder started a new run in silence."""
+    from classify.run_record import claim_checkpoint_dir, run_identity
+
+    settings = TrainSettings(checkpoint_dir=tmp_path / "typo", resume=True)
+    claim_checkpoint_dir(settings, run_identity("train", "lenet5", tmp_path, None, settings))
+    assert f"--resume, but {tmp_path / 'typo'} holds no checkpoint yet" in capsys.readouterr().err
