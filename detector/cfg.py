@@ -296,6 +296,8 @@ def _read_sections(path: Path) -> list[_RawSection]:
         text = path.read_text(encoding="utf-8", errors="replace")
     except IsADirectoryError:
         raise DarknetError(f"{path}: expected a Darknet cfg file, found a directory") from None
+    if "\x00" in text:
+        raise DarknetError(f"{path}: expected a Darknet cfg (text), found binary data (a .weights file?)")
     sections: list[_RawSection] = []
     for number, line in enumerate(text.splitlines(), start=1):
         line = "".join(line.split())

@@ -472,3 +472,10 @@ def test_a_resume_may_spell_its_paths_otherwise(base: Path, tmp_path: Path, caps
     assert "warning: --workers 0 -> 1: the augmentation draws depend on the worker processes" in capsys.readouterr().err
     assert main(detect_prune(ws, "--workers", "1")) == 0
     assert "warning: --workers 0 -> 1" in caplog.text
+
+
+def test_the_command_says_its_version(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"yolo-admm {version('yolo-admm')}\n"

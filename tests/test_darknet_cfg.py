@@ -212,3 +212,6 @@ def test_missing_files_and_bad_net_section(tmp_path):
     (tmp_path / "c.cfg").write_text("[convolutional]\nfilters=2\n")
     with pytest.raises(DarknetError, match=r"c.cfg:1 \[convolutional\]: expected the first "):
         detector.parse_cfg(tmp_path / "c.cfg")
+    (tmp_path / "model.weights").write_bytes(b"\x00\x00\x00\x00\x02\x00\x00\x00" + bytes(range(256)))
+    with pytest.raises(DarknetError, match=r"model.weights: expected a Darknet cfg \(text\), found binary data"):
+        detector.parse_cfg(tmp_path / "model.weights")     # a fuzz found the garbage quoted back

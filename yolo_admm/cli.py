@@ -24,7 +24,7 @@ TASKS = {
 
 USAGE = "usage: yolo-admm TASK MODE [options]\n\ntasks:\n" + "".join(
     f"  {name:<10}{summary}\n" for name, (_, summary) in TASKS.items()
-) + "\nRun `yolo-admm TASK --help` for the modes of a task."
+) + "\nRun `yolo-admm TASK --help` for the modes of a task, `yolo-admm --version` for the version."
 
 # torch.utils.data re-raises a worker's exception with the worker's traceback inside the message.
 _WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):"
@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
         print(USAGE)
+        return 0
+    if argv[0] == "--version":
+        from importlib.metadata import version
+        print(f"yolo-admm {version('yolo-admm')}")
         return 0
     task, rest = argv[0], argv[1:]
     if task not in TASKS:
