@@ -2,9 +2,10 @@
 
 `DetectionTrainDataset(source, AugmentConfig(size, ...), augment=True)[i]` returns
 `(image uint8 Tensor[3, S, S], labels float32 Tensor[n, 5])`, labels = (class, cx, cy, w, h)
-normalised to the image; `collate_detection` (or `MultiScaleCollate(sizes)`) turns a list of these
-into the batch of docs/contracts.md: `images` float Tensor[B, 3, S, S] in [0, 1] and `targets`
-Tensor[N, 6] = (batch_index, class, cx, cy, w, h).
+normalised to the image; `collate_detection` turns a list of these into the batch of
+docs/contracts.md: `images` float Tensor[B, 3, S, S] in [0, 1] and `targets` Tensor[N, 6] =
+(batch_index, class, cx, cy, w, h). Indexed by `(i, seed, side)`, as `data.SeededBatchSampler`
+does, it augments with that seed and returns the image at side x side (multi-scale training).
 
 Edge cases, each reported once:
 - images without boxes are ordinary samples;
@@ -14,9 +15,10 @@ Edge cases, each reported once:
 - a missing image file is skipped (one warning names them); an image that fails to decode is
   replaced by another sample and named in a warning, once per file and process.
 
-Randomness: each `__getitem__` draws one seed from torch's generator (the DataLoader seeds it per
-worker, the engine checkpoints it), so augmentation, the mosaic coin and the mosaic partners replay
-exactly on resume. The coin is tossed before any partner is read: a sample without mosaic decodes
+Randomness: each sample's augmentation, mosaic coin and mosaic partners come from one seed: the
+one `SeededBatchSampler` drew in the main process, so that they do not depend on the DataLoader's
+workers, or else one drawn here from torch's generator (the DataLoader seeds it per worker). The
+engine checkpoints the generator, so either way they replay exactly on resume. The coin is tossed before any partner is read: a sample without mosaic decodes
 one image, not four (1.18x more samples/s for yolov4.cfg's mosaic probability 0.5 at 608 on coco128,
 2-core CPU, one process, interleaved runs of 48 samples, 2026-11-26).
 """
@@ -34,6 +36,7 @@ from torch.utils.data import Dataset
 
 from data.augment import AugmentConfig, build_plain_transform, build_train_transform
 from data.eval_dataset import read_rgb
+from data.seeded_batches import draw_seed
 from data.sources import DetectionRecord, DetectionSource
 
 MIN_BOX_PIXELS = 1.0
@@ -71,8 +74,8 @@ class DetectionTrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        seed = int(torch.randint(0, 2**31 - 1, ()))
+    def __getitem__(self, item: int | tuple[int, int, int | None]) -> tuple[Tensor, Tensor]:
+        index, seed, side = item if isinstance(item, tuple) else (item, draw_seed(), None)
         rng = np.random.default_rng(seed)
         index, image, boxes, classes = self._load(index)
         transform, extra = self.transform, {}
@@ -82,8 +85,11 @@ class DetectionTrainDataset(Dataset):
             extra["mosaic_metadata"] = [self._as_mosaic_item(int(i)) for i in picks]
         transform.set_random_seed(seed)
         out = transform(image=image, bboxes=boxes, class_labels=classes, **extra)
+        labels = _labels(out["bboxes"], out["class_labels"], out["image"].shape[:2])   # normalised: any side
         image_tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
-        return image_tensor, _labels(out["bboxes"], out["class_labels"], out["image"].shape[:2])
+        if side is not None and side != image_tensor.shape[-1]:
+            image_tensor = _resized(image_tensor, side)
+        return image_tensor, labels
 
     def _load(self, index: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         """(index actually read, uint8 RGB image, xyxy boxes in its pixels, classes), skipping
@@ -146,30 +152,15 @@ def collate_detection(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tenso
     return images, torch.cat(targets)
 
 
-class MultiScaleCollate:
-    """`collate_detection`, then a bilinear resize of the whole batch to a side drawn from `sizes`.
-
-    Targets are normalised, so they stay valid. The side is drawn with torch's generator.
-
-    Args:
-        sizes: candidate sides, each a positive multiple of 32.
-    """
-
-    def __init__(self, sizes: Sequence[int]):
-        self.sizes = [int(s) for s in sizes]
-        if not self.sizes or any(s <= 0 or s % 32 for s in self.sizes):
-            raise ValueError(f"MultiScaleCollate: sizes must be positive multiples of 32, found {list(sizes)}")
-
-    def __call__(self, batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-        images, targets = collate_detection(batch)
-        side = self.sizes[int(torch.randint(len(self.sizes), ()))]
-        if images.shape[-1] != side or images.shape[-2] != side:
-            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
-        return images, targets
+def _resized(image: Tensor, side: int) -> Tensor:
+    """uint8 image Tensor[3, H, W] resized bilinearly to [3, side, side] (multi-scale training)."""
+    resized = F.interpolate(image[None].float(), size=(side, side), mode="bilinear", align_corners=False)
+    return resized[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
 def multi_scale_sizes(size: int, low: float = 0.7, high: float = 1.3) -> list[int]:
-    """Multiples of 32 within [low * size, high * size] (Darknet's `random=1` range), always incl. size."""
+    """Multiples of 32 within [low * size, high * size] (Darknet's `random=1` range), always incl.
+    size: the sides `SeededBatchSampler` draws from for multi-scale training."""
     first, last = int(np.ceil(low * size / 32)), int(high * size // 32)
     return sorted({32 * k for k in range(max(first, 1), last + 1)} | {size})
 

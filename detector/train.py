@@ -25,13 +25,13 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from data.augment import AugmentConfig
 from data.eval_dataset import InferenceDataset
 from data.sources import DetectionSource
-from data.train_dataset import (DetectionTrainDataset, MultiScaleCollate, collate_detection,
-                                multi_scale_sizes)
+from data.seeded_batches import SeededBatchSampler
+from data.train_dataset import DetectionTrainDataset, collate_detection, multi_scale_sizes
 from detector.evaluate import evaluate
 from detector.loss import YoloLoss
 from detector.predict import make_loader
@@ -169,11 +169,11 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
     accumulate = int(config.accumulate or max(round(net.batch / (batch_size * distributed.world_size())), 1))
     augment = AugmentConfig.from_net(net, size, **({} if config.mosaic is None else {"mosaic": config.mosaic}))
     dataset = DetectionTrainDataset(train_source, augment, augment=config.augment)
-    collate = MultiScaleCollate(multi_scale_sizes(size)) if config.multi_scale else collate_detection
-    sampler = distributed.distributed_sampler(dataset, shuffle=True) if distributed.is_distributed() else None
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=config.workers, collate_fn=collate, pin_memory=device.type == "cuda",
-                        drop_last=False)
+    order = distributed.distributed_sampler(dataset, shuffle=True) if distributed.is_distributed() \
+        else RandomSampler(dataset)
+    batches = SeededBatchSampler(order, batch_size, sides=multi_scale_sizes(size) if config.multi_scale else None)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=config.workers, collate_fn=collate_detection,
+                        pin_memory=device.type == "cuda")
     optimizer = build_optimizer(model, _pick(config.lr, net.learning_rate), _pick(config.momentum, net.momentum),
                                 _pick(config.weight_decay, net.decay))
     burn_in = int(_pick(config.burn_in, net.burn_in))

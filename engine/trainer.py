@@ -190,8 +190,8 @@ class Trainer:
         module = self.model if self.ddp_model is None else self.ddp_model
         module.train()
         self.optimizer.zero_grad(set_to_none=True)
-        set_epoch = getattr(getattr(self.train_loader, "sampler", None), "set_epoch", None)
-        if callable(set_epoch):
+        set_epoch = _set_epoch_of(self.train_loader)
+        if set_epoch is not None:
             set_epoch(self.epoch)  # a DistributedSampler's permutation for this epoch
         sums: dict[str, float] = defaultdict(float)
         batches = pending = 0
@@ -401,6 +401,15 @@ class Trainer:
     def _stateful_callbacks(self) -> dict[str, Any]:
         return {f"{index}.{type(cb).__name__}": cb for index, cb in enumerate(self.callbacks)
                 if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))}
+
+
+def _set_epoch_of(loader: Iterable) -> Callable[[int], None] | None:
+    """The loader's batch sampler's `set_epoch`, else its sampler's, else None."""
+    for holder in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        set_epoch = getattr(holder, "set_epoch", None)
+        if callable(set_epoch):
+            return set_epoch
+    return None
 
 
 def _length(loader: Iterable) -> int | None:

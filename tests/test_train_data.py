@@ -16,8 +16,8 @@ import torch
 from data.augment import AugmentConfig, build_plain_transform
 from data.geometry import boxes_to_network, fit_transform
 from data.sources import DetectionRecord, DetectionSource
-from data.train_dataset import (DetectionTrainDataset, MultiScaleCollate, clean_records, collate_detection,
-                                multi_scale_sizes)
+from data.seeded_batches import SeededBatchSampler
+from data.train_dataset import DetectionTrainDataset, clean_records, collate_detection, multi_scale_sizes
 
 NO_COLOUR = {"hue": 0.0, "saturation": 1.0, "exposure": 1.0}
 
@@ -171,22 +171,55 @@ def test_mosaic_partners_are_read_only_for_samples_that_use_them(tmp_path, monke
     assert 0.3 * samples <= partner_reads / 3 <= 0.7 * samples  # mosaic probability 0.5
 
 
-def test_multi_scale_collate(tmp_path):
+def test_multi_scale_batches_share_one_drawn_side(tmp_path):
     assert multi_scale_sizes(320) == [224, 256, 288, 320, 352, 384, 416]
     source = rectangles_source(tmp_path, [((64, 64), [[8, 8, 40, 40]]), ((64, 64), [])])
     dataset = DetectionTrainDataset(source, AugmentConfig(64), augment=False)
-    batch = [dataset[0], dataset[1]]
-    collate = MultiScaleCollate([32, 96])
     torch.manual_seed(0)
     sides = set()
-    for _ in range(12):
-        images, targets = collate(batch)
+    for batch in SeededBatchSampler(torch.utils.data.SequentialSampler(range(12)), 2, sides=[32, 96]):
+        assert len({side for _, _, side in batch}) == 1                      # one side per batch
+        images, targets = collate_detection([dataset[(index % 2, seed, side)] for index, seed, side in batch])
         sides.add(images.shape[-1])
-        assert images.shape[-2] == images.shape[-1]
-        torch.testing.assert_close(targets, collate_detection(batch)[1])
+        assert images.shape[-2:] == (batch[0][2], batch[0][2])
+        torch.testing.assert_close(targets, collate_detection([dataset[0], dataset[1]])[1])   # normalised
     assert sides == {32, 96}
-    with pytest.raises(ValueError, match="multiples of 32"):
-        MultiScaleCollate([100])
+
+
+def test_augmentation_does_not_depend_on_the_loaders_workers(tmp_path):
+    """Found by a kill-and-resume fuzz: each worker process drew augmentation from its own
+    generator, so a run resumed with another --workers trained on other samples."""
+    source = rectangles_source(tmp_path, [((64, 48), [[8, 8, 40, 40]]), ((48, 64), [[4, 10, 30, 50]]),
+                                          ((64, 64), [[20, 20, 60, 50]]), ((40, 64), [])] * 2)
+    dataset = DetectionTrainDataset(source, AugmentConfig(64, mosaic=0.5, translate=0.2))
+
+    def epoch(workers: int) -> list:
+        torch.manual_seed(3)
+        batches = SeededBatchSampler(torch.utils.data.RandomSampler(dataset), 3, sides=[32, 64])
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                             collate_fn=collate_detection)
+        return list(loader)
+
+    single, pooled = epoch(0), epoch(2)
+    assert [len(images) for images, _ in single] == [3, 3, 2]
+    for (images, targets), (images2, targets2) in zip(single, pooled, strict=True):
+        assert torch.equal(images, images2) and torch.equal(targets, targets2)
+
+
+def test_seeded_batch_sampler_counts_and_passes_the_epoch_on():
+    class EpochSampler(torch.utils.data.SequentialSampler):
+        epoch = None
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+    order = EpochSampler(range(7))
+    assert len(SeededBatchSampler(order, 3)) == 3 and len(SeededBatchSampler(order, 3, drop_last=True)) == 2
+    assert [len(batch) for batch in SeededBatchSampler(order, 3, drop_last=True)] == [3, 3]
+    SeededBatchSampler(order, 3).set_epoch(5)
+    assert order.epoch == 5
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        SeededBatchSampler(order, 0)
 
 
 def test_augment_config_from_net_and_validation():
