@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import yaml
@@ -31,7 +30,7 @@ from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from detector.cli import network_size
 from detector.train import DetectTrainConfig, fit_detector
 from engine import (atomic_write_json, changed_settings, distributed, find_latest_checkpoint, output_folder,
-                    resolved_paths, seed_everything, workers_change_warning)
+                    resolved_paths, seed_everything)
 
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume"}
 PATH_FLAGS = {"cfg", "weights", "data", "images", "annotations", "val_images", "val_annotations", "out"}
@@ -162,9 +161,6 @@ def resume_point(args: argparse.Namespace) -> str | None:
                          f"another --out, or continue that run with --resume {args.out}")
     if distributed.is_main():
         print(f"resuming from {latest} (this command already ran in --out {args.out})")
-        warning = workers_change_warning(saved, current)
-        if warning:
-            print(warning, file=sys.stderr)
     return str(args.out)
 
 

@@ -55,8 +55,7 @@ from detector.predict import inference_copy
 from detector.prune_job import PruneJob
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, distributed,
-                    find_latest_checkpoint, remove_stale_temp_files, resolve_device, resolved_paths, seeded_cpu_stream,
-                    workers_change_warning)
+                    find_latest_checkpoint, remove_stale_temp_files, resolve_device, resolved_paths, seeded_cpu_stream)
 
 LOG = logging.getLogger("yolo_admm.prune")
 
@@ -379,9 +378,6 @@ def write_or_check_config(job: PruneJob, path: Path) -> None:
             details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
             raise ValueError(f"{path}: this run folder holds a run with other settings ({details}); "
                              f"resume with the same settings or choose another --out")
-        warning = workers_change_warning(before, settings)
-        if warning and distributed.is_main():
-            LOG.warning(warning)
     if distributed.is_main():
         atomic_write_bytes(path, yaml.safe_dump(settings, sort_keys=False).encode("utf-8"))
 

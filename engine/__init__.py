@@ -2,8 +2,7 @@
 from engine import distributed
 from engine.checkpoint import (atomic_torch_save, atomic_write, atomic_write_bytes, atomic_write_json,
                                changed_settings, find_latest_checkpoint, load_checkpoint, load_error_summary,
-                               output_folder, remove_stale_temp_files, resolved_paths, save_checkpoint,
-                               workers_change_warning)
+                               output_folder, remove_stale_temp_files, resolved_paths, save_checkpoint)
 from engine.ema import ModelEMA
 from engine.rng import seed_everything, seeded_cpu_stream
 from engine.distributed import resolve_device
@@ -31,5 +30,4 @@ __all__ = [
     "save_checkpoint",
     "seed_everything",
     "seeded_cpu_stream",
-    "workers_change_warning",
 ]

@@ -162,16 +162,6 @@ def resolved_paths(settings: Mapping[str, Any], keys: Collection[str]) -> dict[s
             for key, value in settings.items()}
 
 
-def workers_change_warning(before: Mapping[str, Any], now: Mapping[str, Any], flag: str = "--workers") -> str | None:
-    """The warning for a resume that changes the number of data-loader workers (key "workers"), or
-    None. Each worker process draws its samples' augmentation from its own generator, so the
-    result then differs from an uninterrupted run's."""
-    if "workers" not in before or before["workers"] == now.get("workers"):
-        return None
-    return (f"warning: {flag} {before['workers']} -> {now.get('workers')}: the augmentation draws depend on the "
-            f"worker processes, so this resumed run will not equal an uninterrupted one")
-
-
 def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The `epoch_NNNN.pt` in `directory` with the highest epoch, or None. Temp files are ignored."""
     directory = Path(directory)

@@ -452,7 +452,7 @@ def test_bad_input_gives_a_clear_error_and_loses_nothing(case: Case, base: Path,
         case.then(ws, argv, capsys)
 
 
-def test_a_resume_may_spell_its_paths_otherwise(base: Path, tmp_path: Path, capsys, monkeypatch, caplog):
+def test_a_resume_may_spell_its_paths_otherwise(base: Path, tmp_path: Path, capsys, monkeypatch):
     """Found by a review: the same run given its cfg once as an absolute and once as a relative path
     was refused as a run with other settings, in detect train and detect prune."""
     ws = Workspace.create(tmp_path, base)
@@ -466,12 +466,6 @@ def test_a_resume_may_spell_its_paths_otherwise(base: Path, tmp_path: Path, caps
     assert main(relative[1]) == 0
     assert main(detect_prune(ws, "--lr", "0.5")) == 2
     assert "other settings (lr: None -> 0.5)" in capsys.readouterr().err        # and a real change is refused
-
-    # --workers may change, with a warning: each worker process draws its own augmentation
-    assert main(detect_train(ws, "--workers", "1", out=ws.out / "train")) == 0
-    assert "warning: --workers 0 -> 1: the augmentation draws depend on the worker processes" in capsys.readouterr().err
-    assert main(detect_prune(ws, "--workers", "1")) == 0
-    assert "warning: --workers 0 -> 1" in caplog.text
 
 
 def test_the_command_says_its_version(capsys):
