@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 from data.geometry import FitTransform, fit_transform, place_on_canvas, resize_content
 from data.sources import DetectionSource
 
-# Stored pixel order, as Darknet and the COCO annotations: EXIF orientation is not applied.
+# Stored pixel order; `read_rgb` turns the image by the EXIF orientation it is given, read by PIL
+# (`data.sources.displayed_size`), so that the size and the pixels come from one reading of the tag.
 _IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
 
@@ -30,16 +31,29 @@ class ImageMeta:
     image_id: int
     path: Path
     transform: FitTransform
+    orientation: int = 1
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as uint8 ndarray[H, W, 3] RGB (EXIF orientation ignored)."""
+def read_rgb(path: str | Path, orientation: int = 1) -> np.ndarray:
+    """Read an image file as uint8 ndarray[H, W, 3] RGB, its stored pixels turned by the EXIF
+    `orientation` given (1: as stored)."""
     image = cv2.imread(str(path), _IMREAD_FLAGS)
     if image is None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: image not found")
         raise ValueError(f"{path}: not a readable image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return np.ascontiguousarray(apply_orientation(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), orientation))
+
+
+def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """ndarray[H, W, ...] turned as EXIF `orientation` 1-8 says (what PIL's `ImageOps.exif_transpose`
+    does), as a view."""
+    turns = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+             5: lambda a: a.swapaxes(0, 1), 6: lambda a: a[::-1].swapaxes(0, 1),
+             7: lambda a: a[::-1, ::-1].swapaxes(0, 1), 8: lambda a: a[:, ::-1].swapaxes(0, 1)}
+    if orientation not in turns:
+        raise ValueError(f"EXIF orientation must be 1..8, found {orientation}")
+    return turns[orientation](image)
 
 
 def to_network_input(image: np.ndarray, net_w: int, net_h: int, letterbox: bool) -> tuple[torch.Tensor, FitTransform]:
@@ -59,23 +73,29 @@ class InferenceDataset(Dataset):
     """Image files fitted to a `net_w` x `net_h` network input (plain resize or letterbox)."""
 
     def __init__(self, paths: Sequence[str | Path], image_ids: Sequence[int] | None,
-                 net_w: int, net_h: int, letterbox: bool):
+                 net_w: int, net_h: int, letterbox: bool, orientations: Sequence[int] | None = None):
+        """orientations: the EXIF orientation to turn each image by (see `read_rgb`; None: all 1)."""
         self.paths = [Path(p) for p in paths]
         self.image_ids = list(range(1, len(self.paths) + 1)) if image_ids is None else list(image_ids)
-        if len(self.image_ids) != len(self.paths):
-            raise ValueError(f"got {len(self.paths)} paths but {len(self.image_ids)} image ids")
+        self.orientations = [1] * len(self.paths) if orientations is None else list(orientations)
+        if not len(self.image_ids) == len(self.orientations) == len(self.paths):
+            raise ValueError(f"got {len(self.paths)} paths but {len(self.image_ids)} image ids and "
+                             f"{len(self.orientations)} orientations")
         self.net_w, self.net_h, self.letterbox = net_w, net_h, letterbox
 
     @classmethod
     def from_source(cls, source: DetectionSource, net_w: int, net_h: int, letterbox: bool) -> "InferenceDataset":
-        return cls([r.path for r in source.records], [r.image_id for r in source.records], net_w, net_h, letterbox)
+        return cls([r.path for r in source.records], [r.image_id for r in source.records], net_w, net_h, letterbox,
+                   [r.orientation for r in source.records])
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ImageMeta]:
-        image, transform = to_network_input(read_rgb(self.paths[index]), self.net_w, self.net_h, self.letterbox)
-        return image, ImageMeta(self.image_ids[index], self.paths[index], transform)
+        orientation = self.orientations[index]
+        image, transform = to_network_input(read_rgb(self.paths[index], orientation), self.net_w, self.net_h,
+                                            self.letterbox)
+        return image, ImageMeta(self.image_ids[index], self.paths[index], transform, orientation)
 
 
 def collate_inference(batch: list[tuple[torch.Tensor, ImageMeta]]) -> tuple[torch.Tensor, list[ImageMeta]]:

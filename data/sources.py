@@ -19,8 +19,10 @@ error. A split where no image has a label file gets a warning (the labels folder
 
 Image ids: the COCO json's own ids; for YOLO txt, the integer file stem when every stem is a unique
 number (COCO's 000000000139.jpg -> 139, so results match the official ids), else 1, 2, ... in order.
-Image sizes come from the file header (PIL), in stored pixel order: EXIF orientation is ignored,
-as Darknet and the COCO annotations do.
+Image sizes come from the file header (PIL). EXIF orientation: YOLO txt labels are of the image
+as displayed, so those images are turned by their EXIF orientation tag when read, as Ultralytics and
+Darknet (built with OpenCV) do, and their sizes are the turned ones (`DetectionRecord.orientation`);
+COCO json boxes are taken in stored pixel order, as the COCO annotations are.
 """
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ class DetectionRecord:
         classes: int64 ndarray[n], model class indices.
         iscrowd: bool ndarray[n].
         areas: float32 ndarray[n], the COCO `area` of each object, or None to use the box area.
+        orientation: the EXIF orientation (1-8) to turn the stored pixels by when reading the image
+            (`data.read_rgb`); 1 leaves them as stored. width, height and boxes are of the turned image.
     """
 
     image_id: int
@@ -60,6 +64,7 @@ class DetectionRecord:
     classes: np.ndarray
     iscrowd: np.ndarray
     areas: np.ndarray | None = None
+    orientation: int = 1
 
 
 @dataclass
@@ -325,7 +330,7 @@ def _yolo_record(image_id: int, image_path: Path,
                  num_classes: int) -> tuple[DetectionRecord, int | None, list[str]]:
     """(the record, its label file's line count or None without a label file, its lines with
     coordinates outside [0, 1] as "file:line: 'text'")."""
-    width, height = _image_size(image_path)
+    width, height, orientation = displayed_size(image_path)
     labels = label_path(image_path)
     rows, texts = _read_label_file(labels, num_classes) if labels.is_file() else (np.zeros((0, 5), np.float32), [])
     outside = [texts[i] for i in np.flatnonzero(((rows[:, 1:] < 0) | (rows[:, 1:] > 1)).any(axis=1))]
@@ -335,17 +340,39 @@ def _yolo_record(image_id: int, image_path: Path,
     boxes = np.clip(boxes, 0, scale)
     valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     record = DetectionRecord(image_id, image_path, width, height, boxes[valid].astype(np.float32),
-                             rows[valid, 0].astype(np.int64), np.zeros(int(valid.sum()), bool))
+                             rows[valid, 0].astype(np.int64), np.zeros(int(valid.sum()), bool),
+                             orientation=orientation)
     return record, len(texts) if labels.is_file() else None, outside
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the image file's header."""
+EXIF_ORIENTATION_TAG = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)      # these swap width and height
+
+
+def displayed_size(path: Path) -> tuple[int, int, int]:
+    """(width, height, EXIF orientation) from the image file's header; width and height of the image
+    as displayed, that is turned by its orientation (1 when the file has none)."""
     try:
         with Image.open(path) as image:
-            return image.size
+            width, height = image.size
+            orientation = _orientation_of(image)
     except (OSError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
         raise ValueError(f"{path}: expected an image file, found one that cannot be read ({err})") from None
+    return (height, width, orientation) if orientation in TRANSPOSING_ORIENTATIONS else (width, height, orientation)
+
+
+def exif_orientation(path: Path) -> int:
+    """The image file's EXIF orientation (1-8); 1 when it has none or PIL cannot read the file."""
+    try:
+        with Image.open(path) as image:
+            return _orientation_of(image)
+    except (OSError, SyntaxError):
+        return 1
+
+
+def _orientation_of(image: Image.Image) -> int:
+    orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    return int(orientation) if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
 
 
 def _read_label_file(labels: Path, num_classes: int) -> tuple[np.ndarray, list[str]]:

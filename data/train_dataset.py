@@ -100,7 +100,7 @@ class DetectionTrainDataset(Dataset):
                 continue
             record = self.records[candidate]
             try:
-                image = read_rgb(record.path)
+                image = read_rgb(record.path, record.orientation)
             except (ValueError, FileNotFoundError) as err:
                 self._unreadable.add(candidate)
                 warnings.warn(f"skipping unreadable training image {record.path}: {err}", stacklevel=2)

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from data.eval_dataset import InferenceDataset
-from data.sources import IMAGE_SUFFIXES, parse_class_names
+from data.sources import IMAGE_SUFFIXES, exif_orientation, parse_class_names
 from detector.cli import add_model_arguments, load_model, model_num_classes
 from detector.predict import predict
 from engine import output_folder
@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     output_folder(args.out, "--out")
     model, net_w, net_h, letterbox = load_model(args)
     class_names = read_class_names(args.names, model_num_classes(model))
-    dataset = InferenceDataset(images, None, net_w, net_h, letterbox)
+    dataset = InferenceDataset(images, None, net_w, net_h, letterbox,
+                               [exif_orientation(Path(image)) for image in images])   # photos as displayed
     json_path = predict(model, dataset, args.out, class_names, args.conf, args.iou, args.max_det)
     print(f"predict: {len(images)} images -> {args.out}/ (detections in {json_path})")
     return 0

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.eval_dataset import ImageMeta, InferenceDataset, collate_inference
+from data.eval_dataset import ImageMeta, InferenceDataset, collate_inference, read_rgb
 from detector.layers import ConvBlock
 from detector.model import fused_for_inference
 from detector.postprocess import postprocess, to_original_image
@@ -112,7 +112,7 @@ def predict(model: torch.nn.Module, dataset: InferenceDataset, out_dir: Path, cl
     results, used_names = [], set()
     for meta, detections in detect_loader(model, loader, conf_thresh, iou_thresh, max_det, progress):
         name = _unique_name(meta.path, used_names)
-        annotated = draw_detections(cv2.imread(str(meta.path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION),
+        annotated = draw_detections(cv2.cvtColor(read_rgb(meta.path, meta.orientation), cv2.COLOR_RGB2BGR),
                                     detections, class_names)
         write_image_atomic(out_dir / name, annotated)
         results.append({**detections_to_json(meta, detections, class_names), "annotated": name})

@@ -236,3 +236,44 @@ def test_real_coco128_yaml_and_json_agree(shared_data):
         assert len(set(match)) == len(match) and distance.min(1).max() < 0.01
         np.testing.assert_array_equal(record.classes, reference.classes[keep][match])
     assert len(load_yolo_dataset(root / "coco128.yaml", split="val").records) == 128
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_apply_orientation_turns_as_pil_does(orientation):
+    from PIL import Image, ImageOps
+
+    from data.eval_dataset import apply_orientation
+
+    stored = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.info["exif"] = exif.tobytes()
+    expected = np.asarray(ImageOps.exif_transpose(image))
+    np.testing.assert_array_equal(apply_orientation(stored, orientation), expected)
+
+
+def test_yolo_labels_are_of_the_image_as_its_exif_orientation_shows_it(tmp_path):
+    """Found by a review: a phone photo stored sideways (orientation 6) was read as stored, while
+    its labels, like Ultralytics' and Darknet's, are of the image as displayed."""
+    from PIL import Image
+
+    from data.eval_dataset import InferenceDataset, read_rgb
+
+    displayed = np.zeros((200, 100, 3), np.uint8)
+    displayed[20:60, 10:50] = (255, 0, 0)                     # a red square at x 10..50, y 20..60
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(displayed)))   # 100 x 200, turned back
+    exif = stored.getexif()
+    exif[0x0112] = 6                                         # "rotate 90 degrees clockwise to display"
+    (tmp_path / "images").mkdir()
+    stored.save(tmp_path / "images" / "1.png", exif=exif)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "1.txt").write_text("0 0.3 0.2 0.4 0.2\n")   # cx cy w h of the displayed image
+    (tmp_path / "data.yaml").write_text("path: .\ntrain: images\nval: images\nnames: [square]\n")
+    record = load_yolo_dataset(tmp_path / "data.yaml", "val").records[0]
+    assert (record.width, record.height, record.orientation) == (100, 200, 6)
+    np.testing.assert_allclose(record.boxes, [[10, 20, 50, 60]])
+    image = read_rgb(record.path, record.orientation)
+    np.testing.assert_array_equal(image, displayed)
+    _, meta = InferenceDataset.from_source(load_yolo_dataset(tmp_path / "data.yaml", "val"), 64, 64, False)[0]
+    assert (meta.transform.orig_w, meta.transform.orig_h) == (100, 200)

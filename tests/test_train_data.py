@@ -161,7 +161,7 @@ def test_mosaic_partners_are_read_only_for_samples_that_use_them(tmp_path, monke
     dataset = DetectionTrainDataset(source, AugmentConfig(64, mosaic=0.5))
     reads = []
     real_read = train_dataset.read_rgb
-    monkeypatch.setattr(train_dataset, "read_rgb", lambda path: reads.append(path) or real_read(path))
+    monkeypatch.setattr(train_dataset, "read_rgb", lambda path, orientation=1: reads.append(path) or real_read(path, orientation))
     torch.manual_seed(0)
     samples = 60
     for index in range(samples):
