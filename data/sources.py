@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-IMAGE_SUFFIXES = (".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm")
+IMAGE_SUFFIXES = (".bmp", ".dng", ".jp2", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm")
 
 
 @dataclass
@@ -222,13 +223,7 @@ def load_yolo_dataset(data_yaml: str | Path, split: str = "val") -> DetectionSou
         ValueError: the yaml or a label line is malformed (the message names file and line).
     """
     data_yaml = Path(data_yaml)
-    with open(data_yaml, encoding="utf-8") as f:
-        try:
-            spec = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise ValueError(f"{data_yaml}: not valid yaml ({' '.join(str(err).split())})") from None
-    if not isinstance(spec, dict):
-        raise ValueError(f"{data_yaml}: expected a mapping with 'names' and '{split}', found {type(spec).__name__}")
+    spec = read_data_yaml(data_yaml)
     names = parse_class_names(spec, data_yaml)
     if spec.get(split) is None:
         raise ValueError(f"{data_yaml}: split {split!r} not found; the yaml has "
@@ -237,17 +232,22 @@ def load_yolo_dataset(data_yaml: str | Path, split: str = "val") -> DetectionSou
     image_paths = _split_images(spec[split], root.resolve(), data_yaml)
     if not image_paths:
         raise ValueError(f"{data_yaml}: split {split!r} has no images")
-    records, labelled, outside, lines = [], 0, [], 0
+    box_fields_only = spec.get("kpt_shape") is not None      # pose labels: class cx cy w h, then keypoints
+    records, labelled, outside, lines, repeated = [], 0, [], 0, []
     for image_id, path in zip(_image_ids(image_paths), image_paths):
-        record, label_lines, outside_lines = _yolo_record(image_id, path, len(names))
+        record, label_lines, outside_lines, repeats = _yolo_record(image_id, path, len(names), box_fields_only)
         records.append(record)
         labelled += label_lines is not None
         lines += label_lines or 0
         outside += outside_lines
+        repeated += repeats
     where = f"{data_yaml}: split {split!r}"
     if not labelled:
         warnings.warn(f"{where}: none of its {len(records)} images has a label file (expected e.g. "
                       f"{label_path(image_paths[0])}); all are used as images without objects", stacklevel=2)
+    if repeated:
+        warnings.warn(f"{where}: {len(repeated)} label lines repeat an earlier line of their file and were "
+                      f"dropped (one object each, as Ultralytics takes them); first: {repeated[0]}", stacklevel=2)
     _check_outside_lines(where, outside, lines)
     return DetectionSource(records, names, list(range(1, len(names) + 1)))
 
@@ -265,18 +265,35 @@ def _check_outside_lines(where: str, outside: list[str], lines: int) -> None:
                   stacklevel=3)
 
 
+def read_data_yaml(data_yaml: Path) -> dict:
+    """An Ultralytics data yaml as a dict (a UTF-8 byte order mark allowed; `validation:` read as `val:`)."""
+    with open(data_yaml, encoding="utf-8-sig") as f:
+        try:
+            spec = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{data_yaml}: not valid yaml ({' '.join(str(err).split())})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{data_yaml}: expected a mapping with 'names' and the splits, found {type(spec).__name__}")
+    if spec.get("val") is None and spec.get("validation") is not None:
+        spec["val"] = spec["validation"]
+    return spec
+
+
 def parse_class_names(spec: dict, data_yaml: Path) -> list[str]:
-    """The class names of a parsed data yaml: `names` as a list, or a dict {0: name, ...} with keys 0..n-1."""
+    """The class names of a parsed data yaml: `names` as a list, or a dict {0: name, ...} with keys
+    0..n-1 (numbers, or their text)."""
     names = spec.get("names") if isinstance(spec, dict) else None
     if isinstance(names, dict):
-        if set(names) != set(range(len(names))):
+        keys = {key if _whole_number(key) is None else _whole_number(key): value for key, value in names.items()}
+        if set(keys) != set(range(len(names))):
             raise ValueError(f"{data_yaml}: 'names' keys must be 0..{len(names) - 1}, found {list(names)}")
-        names = [names[i] for i in range(len(names))]
+        names = [keys[i] for i in range(len(names))]
     if not isinstance(names, list) or not names:
         raise ValueError(f"{data_yaml}: expected 'names' as a non-empty list or dict, found {names!r}")
-    if "nc" in spec and spec["nc"] != len(names):
-        raise ValueError(f"{data_yaml}: nc is {spec['nc']} but 'names' has {len(names)} entries")
+    if "nc" in spec and _whole_number(spec["nc"]) != len(names):
+        raise ValueError(f"{data_yaml}: nc is {spec['nc']!r} but 'names' has {len(names)} entries")
     return [str(n) for n in names]
+
 
 
 def _split_images(entry: str | list, root: Path, data_yaml: Path) -> list[Path]:
@@ -284,8 +301,10 @@ def _split_images(entry: str | list, root: Path, data_yaml: Path) -> list[Path]:
     paths: list[Path] = []
     for item in entry if isinstance(entry, list) else [entry]:
         location = Path(item) if Path(item).is_absolute() else root / item
+        if not location.exists() and str(item).startswith("../") and (root / str(item)[3:]).exists():
+            location = root / str(item)[3:]         # Roboflow's exports write ../train/images beside the yaml
         if location.is_dir():
-            paths += [p for p in location.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+            paths += _images_in(location)
         elif location.is_file() and location.suffix == ".txt":
             paths += _listed_images(location)
         else:
@@ -294,10 +313,26 @@ def _split_images(entry: str | list, root: Path, data_yaml: Path) -> list[Path]:
     return sorted(set(paths))
 
 
+def _images_in(folder: Path) -> list[Path]:
+    """The image files below `folder`, following symlinked folders (each real folder once), leaving
+    out hidden files and folders (such as macOS's ._x.jpg)."""
+    images, seen = [], set()
+    for current, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:                                  # a link loop, or a folder linked twice
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        images += [Path(current) / name for name in files
+                   if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return images
+
+
 def _listed_images(list_file: Path) -> list[Path]:
     """Image paths from a .txt list, one per line, relative ones taken from the list's folder."""
     paths = []
-    for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), 1):
         line = line.strip()
         if not line:
             continue
@@ -326,13 +361,20 @@ def label_path(image_path: Path) -> Path:
     return Path(*parts).with_suffix(".txt")
 
 
-def _yolo_record(image_id: int, image_path: Path,
-                 num_classes: int) -> tuple[DetectionRecord, int | None, list[str]]:
+def _yolo_record(image_id: int, image_path: Path, num_classes: int,
+                 box_fields_only: bool = False) -> tuple[DetectionRecord, int | None, list[str], list[str]]:
     """(the record, its label file's line count or None without a label file, its lines with
-    coordinates outside [0, 1] as "file:line: 'text'")."""
+    coordinates outside [0, 1] and its lines that repeat an earlier one, as "file:line: 'text'")."""
     width, height, orientation = displayed_size(image_path)
     labels = label_path(image_path)
-    rows, texts = _read_label_file(labels, num_classes) if labels.is_file() else (np.zeros((0, 5), np.float32), [])
+    rows, texts = _read_label_file(labels, num_classes, box_fields_only) if labels.is_file() \
+        else (np.zeros((0, 5), np.float32), [])
+    line_count = len(texts) if labels.is_file() else None
+    _, first = np.unique(rows, axis=0, return_index=True)
+    repeats = [texts[i] for i in sorted(set(range(len(rows))) - set(first.tolist()))]
+    if repeats:
+        keep = np.sort(first)
+        rows, texts = rows[keep], [texts[i] for i in keep]
     outside = [texts[i] for i in np.flatnonzero(((rows[:, 1:] < 0) | (rows[:, 1:] > 1)).any(axis=1))]
     scale = np.array([width, height, width, height], np.float32)
     cx, cy, w, h = rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4]
@@ -342,7 +384,7 @@ def _yolo_record(image_id: int, image_path: Path,
     record = DetectionRecord(image_id, image_path, width, height, boxes[valid].astype(np.float32),
                              rows[valid, 0].astype(np.int64), np.zeros(int(valid.sum()), bool),
                              orientation=orientation)
-    return record, len(texts) if labels.is_file() else None, outside
+    return record, line_count, outside, repeats
 
 
 EXIF_ORIENTATION_TAG = 0x0112
@@ -375,14 +417,17 @@ def _orientation_of(image: Image.Image) -> int:
     return int(orientation) if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
 
 
-def _read_label_file(labels: Path, num_classes: int) -> tuple[np.ndarray, list[str]]:
+def _read_label_file(labels: Path, num_classes: int, box_fields_only: bool = False) -> tuple[np.ndarray, list[str]]:
     """(float32 ndarray[n, 5] of (class, cx, cy, w, h) rows, the n lines as "file:line: 'text'");
-    polygons become their bounding box."""
+    polygons become their bounding box; with `box_fields_only` (pose labels) the fields after the
+    first five are left out."""
     rows, texts = [], []
-    for number, line in enumerate(labels.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(labels.read_text(encoding="utf-8-sig").splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
+        if box_fields_only:
+            fields = fields[:5]
         try:
             values = [float(v) for v in fields]
         except ValueError:

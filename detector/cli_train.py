@@ -23,10 +23,8 @@ import json
 import os
 from pathlib import Path
 
-import yaml
-
 import detector
-from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
+from data.sources import DetectionSource, load_coco_json, load_yolo_dataset, read_data_yaml
 from detector.cli import network_size
 from detector.train import DetectTrainConfig, fit_detector
 from engine import (atomic_write_json, changed_settings, distributed, find_latest_checkpoint, output_folder,
@@ -77,8 +75,7 @@ def load_sources(args: argparse.Namespace) -> tuple[DetectionSource, DetectionSo
         raise ValueError("give either --data, or --images with --annotations, not both")
     if args.data:
         train = load_yolo_dataset(args.data, "train")  # checks the yaml
-        with open(args.data, encoding="utf-8") as f:
-            has_val = bool(yaml.safe_load(f).get("val"))
+        has_val = bool(read_data_yaml(Path(args.data)).get("val"))
         return train, load_yolo_dataset(args.data, "val") if has_val else None
     if not (args.images and args.annotations):
         raise ValueError("a dataset is needed: --data data.yaml, or --images DIR --annotations train.json")

@@ -277,3 +277,28 @@ def test_yolo_labels_are_of_the_image_as_its_exif_orientation_shows_it(tmp_path)
     np.testing.assert_array_equal(image, displayed)
     _, meta = InferenceDataset.from_source(load_yolo_dataset(tmp_path / "data.yaml", "val"), 64, 64, False)[0]
     assert (meta.transform.orig_w, meta.transform.orig_h) == (100, 200)
+
+
+def test_yolo_datasets_as_exporters_and_editors_leave_them(tmp_path):
+    """Found by a review against Ultralytics' loader: each of these loaded wrongly, partly or not at
+    all. Roboflow writes `../train/images` beside the yaml, Windows editors a byte order mark, macOS
+    `._x.jpg` files; folders may be linked in; pose labels carry keypoints after the box; `names`
+    keys may be quoted; a label line may be repeated."""
+    root = tmp_path / "export"
+    for split in ("train", "valid"):
+        write_image(root / split / "images" / "a.jpg", 40, 40)
+        (root / split / "labels").mkdir(parents=True)
+        (root / split / "labels" / "a.txt").write_text("\ufeff0 0.5 0.5 0.5 0.5 0.45 0.45 0.55 0.55\n"
+                                                        "0 0.5 0.5 0.5 0.5 0.45 0.45 0.55 0.55\n")
+        (root / split / "images" / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    write_image(tmp_path / "more" / "images" / "b.jpg", 40, 40)
+    (root / "train" / "images" / "linked").symlink_to(tmp_path / "more" / "images")
+    (root / "data.yaml").write_text("\ufefftrain: ../train/images\nvalidation: ../valid/images\n"
+                                    "kpt_shape: [2, 2]\nnc: '1'\nnames: {'0': square}\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"1 label lines repeat an earlier line.*a.txt:2"):
+        val = load_yolo_dataset(root / "data.yaml", "val")
+    assert val.class_names == ["square"] and [r.path.name for r in val.records] == ["a.jpg"]
+    np.testing.assert_allclose(val.records[0].boxes, [[10, 10, 30, 30]])   # the box, not the keypoints'
+    with pytest.warns(UserWarning, match="repeat"):
+        train = load_yolo_dataset(root / "data.yaml", "train")
+    assert sorted(r.path.name for r in train.records) == ["a.jpg", "b.jpg"]   # b.jpg through the link
