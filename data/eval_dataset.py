@@ -7,7 +7,7 @@ the images of a `DetectionSource`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.geometry import FitTransform, fit_transform, place_on_canvas, resize_content
-from data.sources import DetectionSource
+from data.sources import DetectionSource, exif_orientation
 
 # Stored pixel order; `read_rgb` turns the image by the EXIF orientation it is given, read by PIL
 # (`data.sources.displayed_size`), so that the size and the pixels come from one reading of the tag.
@@ -43,6 +43,20 @@ def read_rgb(path: str | Path, orientation: int = 1) -> np.ndarray:
             raise FileNotFoundError(f"{path}: image not found")
         raise ValueError(f"{path}: not a readable image")
     return np.ascontiguousarray(apply_orientation(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), orientation))
+
+
+def read_annotated_image(path: str | Path, orientation: int, annotated_wh: tuple[int, int]) -> np.ndarray:
+    """`read_rgb(path, orientation)`, turned by the file's own EXIF orientation when the annotation's
+    `annotated_wh` is that of the displayed image rather than the stored one (a COCO json written by
+    a tool that applied the tag). Another size is left to the caller, who scales the annotation to
+    the image (training) or the detections to the annotation (evaluation), so both agree."""
+    image = read_rgb(path, orientation)
+    if orientation == 1 and (image.shape[1], image.shape[0]) != tuple(annotated_wh):
+        tag = exif_orientation(Path(path))
+        turned = apply_orientation(image, tag)
+        if tag != 1 and (turned.shape[1], turned.shape[0]) == tuple(annotated_wh):
+            return np.ascontiguousarray(turned)
+    return image
 
 
 def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
@@ -73,9 +87,13 @@ class InferenceDataset(Dataset):
     """Image files fitted to a `net_w` x `net_h` network input (plain resize or letterbox)."""
 
     def __init__(self, paths: Sequence[str | Path], image_ids: Sequence[int] | None,
-                 net_w: int, net_h: int, letterbox: bool, orientations: Sequence[int] | None = None):
-        """orientations: the EXIF orientation to turn each image by (see `read_rgb`; None: all 1)."""
+                 net_w: int, net_h: int, letterbox: bool, orientations: Sequence[int] | None = None,
+                 annotated_sizes: Sequence[tuple[int, int]] | None = None):
+        """orientations: the EXIF orientation to turn each image by (see `read_rgb`; None: all 1).
+        annotated_sizes: (width, height) of each image in its annotation; detections are then mapped
+        to those pixels when the file's size differs (see `read_annotated_image`)."""
         self.paths = [Path(p) for p in paths]
+        self.annotated_sizes = None if annotated_sizes is None else [tuple(size) for size in annotated_sizes]
         self.image_ids = list(range(1, len(self.paths) + 1)) if image_ids is None else list(image_ids)
         self.orientations = [1] * len(self.paths) if orientations is None else list(orientations)
         if not len(self.image_ids) == len(self.orientations) == len(self.paths):
@@ -86,16 +104,21 @@ class InferenceDataset(Dataset):
     @classmethod
     def from_source(cls, source: DetectionSource, net_w: int, net_h: int, letterbox: bool) -> "InferenceDataset":
         return cls([r.path for r in source.records], [r.image_id for r in source.records], net_w, net_h, letterbox,
-                   [r.orientation for r in source.records])
+                   [r.orientation for r in source.records], [(r.width, r.height) for r in source.records])
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ImageMeta]:
-        orientation = self.orientations[index]
-        image, transform = to_network_input(read_rgb(self.paths[index], orientation), self.net_w, self.net_h,
-                                            self.letterbox)
-        return image, ImageMeta(self.image_ids[index], self.paths[index], transform, orientation)
+        path, orientation = self.paths[index], self.orientations[index]
+        if self.annotated_sizes is None:
+            pixels = read_rgb(path, orientation)
+        else:
+            pixels = read_annotated_image(path, orientation, self.annotated_sizes[index])
+        image, transform = to_network_input(pixels, self.net_w, self.net_h, self.letterbox)
+        if self.annotated_sizes is not None:    # detections back in the annotation's pixels
+            transform = replace(transform, orig_w=self.annotated_sizes[index][0], orig_h=self.annotated_sizes[index][1])
+        return image, ImageMeta(self.image_ids[index], path, transform, orientation)
 
 
 def collate_inference(batch: list[tuple[torch.Tensor, ImageMeta]]) -> tuple[torch.Tensor, list[ImageMeta]]:

@@ -22,7 +22,10 @@ number (COCO's 000000000139.jpg -> 139, so results match the official ids), else
 Image sizes come from the file header (PIL). EXIF orientation: YOLO txt labels are of the image
 as displayed, so those images are turned by their EXIF orientation tag when read, as Ultralytics and
 Darknet (built with OpenCV) do, and their sizes are the turned ones (`DetectionRecord.orientation`);
-COCO json boxes are taken in stored pixel order, as the COCO annotations are.
+COCO json boxes are taken in stored pixel order, as the COCO annotations are, unless the json's
+width and height are those of the displayed image. A file of another size than its json entry says
+(resized after annotating) is scaled to the annotation in training and in evaluation alike
+(`data.read_annotated_image`).
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from data.augment import AugmentConfig, build_plain_transform, build_train_transform
-from data.eval_dataset import read_rgb
+from data.eval_dataset import read_annotated_image
 from data.seeded_batches import draw_seed
 from data.sources import DetectionRecord, DetectionSource
 
@@ -100,7 +100,7 @@ class DetectionTrainDataset(Dataset):
                 continue
             record = self.records[candidate]
             try:
-                image = read_rgb(record.path, record.orientation)
+                image = read_annotated_image(record.path, record.orientation, (record.width, record.height))
             except (ValueError, FileNotFoundError) as err:
                 self._unreadable.add(candidate)
                 warnings.warn(f"skipping unreadable training image {record.path}: {err}", stacklevel=2)

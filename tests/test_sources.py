@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from data.sources import label_path, load_coco_json, load_yolo_dataset
 
@@ -302,3 +303,40 @@ def test_yolo_datasets_as_exporters_and_editors_leave_them(tmp_path):
     with pytest.warns(UserWarning, match="repeat"):
         train = load_yolo_dataset(root / "data.yaml", "train")
     assert sorted(r.path.name for r in train.records) == ["a.jpg", "b.jpg"]   # b.jpg through the link
+
+
+def test_coco_images_whose_files_differ_from_the_json_agree_in_training_and_evaluation(tmp_path):
+    """Found by a review: training scaled the boxes to a file of another size than the json's, while
+    evaluation mapped detections to the file's pixels and compared them with the json's boxes."""
+    from PIL import Image
+
+    from data.eval_dataset import InferenceDataset
+    from data.geometry import boxes_to_original
+    from data.train_dataset import DetectionTrainDataset
+    from data.augment import AugmentConfig
+
+    images = tmp_path / "images"
+    write_image(images / "small.jpg", 32, 24)                # resized to half after annotating at 64 x 48
+    displayed = np.zeros((40, 20, 3), np.uint8)
+    displayed[5:15, 2:12] = 255
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(displayed)))
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(images / "turned.png", exif=exif)            # annotated as displayed: 20 x 40
+    coco = {"categories": [{"id": 1, "name": "box"}],
+            "images": [{"id": 1, "file_name": "small.jpg", "width": 64, "height": 48},
+                       {"id": 2, "file_name": "turned.png", "width": 20, "height": 40}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [16, 8, 32, 24]},
+                            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [2, 5, 10, 10]}]}
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    source = load_coco_json(images, tmp_path / "instances.json")
+    evaluation = InferenceDataset.from_source(source, 64, 64, letterbox=False)
+    for index, record in enumerate(source.records):
+        network_box = torch.tensor([[16.0, 16.0, 48.0, 48.0]])
+        _, meta = evaluation[index]
+        mapped = boxes_to_original(network_box, meta.transform)   # where a detection lands for pycocotools
+        torch.testing.assert_close(mapped, network_box * torch.tensor([record.width / 64, record.height / 64] * 2))
+    train = DetectionTrainDataset(source, AugmentConfig(64), augment=False)
+    image, labels = train[1]
+    assert image[:, 10:22, 8:36].float().mean() > 250              # the square where the json says (y 8..24, x 6..38)
+    np.testing.assert_allclose(labels[0, 1:].numpy(), [7 / 20, 10 / 40, 10 / 20, 10 / 40], atol=1e-6)

@@ -160,8 +160,9 @@ def test_mosaic_partners_are_read_only_for_samples_that_use_them(tmp_path, monke
     source = rectangles_source(tmp_path, [((64, 64), [[8, 8, 40, 40]]), ((64, 64), [[4, 4, 20, 30]])])
     dataset = DetectionTrainDataset(source, AugmentConfig(64, mosaic=0.5))
     reads = []
-    real_read = train_dataset.read_rgb
-    monkeypatch.setattr(train_dataset, "read_rgb", lambda path, orientation=1: reads.append(path) or real_read(path, orientation))
+    real_read = train_dataset.read_annotated_image
+    monkeypatch.setattr(train_dataset, "read_annotated_image",
+                        lambda path, *args: reads.append(path) or real_read(path, *args))
     torch.manual_seed(0)
     samples = 60
     for index in range(samples):
