@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    output_folder(args.out, "--out")
     model = load_export_model(args.cfg, args.weights, args.checkpoint)
+    output_folder(args.out, "--out")                # after the inputs are known good: no empty folder
     masks = Masks.from_model(model)
     report = export_model(model, args.out, args.formats, masks, "int8" if args.int8 else "fp16", args.img_size)
     print(format_report(report))

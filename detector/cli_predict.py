@@ -66,9 +66,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--conf and --iou must be in [0, 1] and --max-det >= 1, found "
                          f"{args.conf}, {args.iou}, {args.max_det}")
     images = collect_images(args.sources)
-    output_folder(args.out, "--out")
     model, net_w, net_h, letterbox = load_model(args)
     class_names = read_class_names(args.names, model_num_classes(model))
+    output_folder(args.out, "--out")                # after the inputs are known good: no empty folder
     dataset = InferenceDataset(images, None, net_w, net_h, letterbox,
                                [exif_orientation(Path(image)) for image in images])   # photos as displayed
     json_path = predict(model, dataset, args.out, class_names, args.conf, args.iou, args.max_det)
