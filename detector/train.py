@@ -171,7 +171,8 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
     dataset = DetectionTrainDataset(train_source, augment, augment=config.augment)
     order = distributed.distributed_sampler(dataset, shuffle=True) if distributed.is_distributed() \
         else RandomSampler(dataset)
-    batches = SeededBatchSampler(order, batch_size, sides=multi_scale_sizes(size) if config.multi_scale else None)
+    batches = SeededBatchSampler(order, batch_size, sides=multi_scale_sizes(size) if config.multi_scale else None,
+                                 stream=distributed.rank())
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=config.workers, collate_fn=collate_detection,
                         pin_memory=device.type == "cuda")
     optimizer = build_optimizer(model, _pick(config.lr, net.learning_rate), _pick(config.momentum, net.momentum),

@@ -199,12 +199,26 @@ def test_augmentation_does_not_depend_on_the_loaders_workers(tmp_path):
         batches = SeededBatchSampler(torch.utils.data.RandomSampler(dataset), 3, sides=[32, 64])
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                              collate_fn=collate_detection)
-        return list(loader)
+        seen = []
+        for images, targets in loader:      # workers fetch ahead; the step draws, as dropout on the CPU does
+            seen.append((images, targets, torch.rand(())))
+        return seen
 
     single, pooled = epoch(0), epoch(2)
-    assert [len(images) for images, _ in single] == [3, 3, 2]
-    for (images, targets), (images2, targets2) in zip(single, pooled, strict=True):
-        assert torch.equal(images, images2) and torch.equal(targets, targets2)
+    assert [len(images) for images, _, _ in single] == [3, 3, 2]
+    for (images, targets, step_draw), (images2, targets2, step_draw2) in zip(single, pooled, strict=True):
+        assert torch.equal(images, images2) and torch.equal(targets, targets2) and step_draw == step_draw2
+
+
+def test_ddp_ranks_draw_other_seeds_and_rank_0_those_of_one_process():
+    def seeds(stream: int) -> list[int]:
+        torch.manual_seed(5)
+        batches = SeededBatchSampler(torch.utils.data.SequentialSampler(range(6)), 2, stream=stream)
+        return [seed for batch in batches for _, seed, _ in batch]
+
+    torch.manual_seed(5)
+    drawn = [int(torch.randint(0, 2**31 - 1, ())) for _ in range(6)]     # what one process drew before
+    assert seeds(0) == drawn and seeds(1) != drawn
 
 
 def test_seeded_batch_sampler_counts_and_passes_the_epoch_on():
