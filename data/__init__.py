@@ -5,4 +5,5 @@ from data.geometry import FitTransform, boxes_to_network, boxes_to_original, fit
 from data.sources import DetectionRecord, DetectionSource, label_path, load_coco_json, load_yolo_dataset
 from data.seeded_batches import SeededBatchSampler, draw_seed
 from data.synthetic import SHAPE_CLASSES, make_shapes_dataset, render_image
-from data.train_dataset import DetectionTrainDataset, clean_records, collate_detection, multi_scale_sizes
+from data.train_dataset import (DetectionTrainDataset, MultiScaleCollate, clean_records, collate_detection,
+                                multi_scale_sizes)

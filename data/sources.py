@@ -23,7 +23,8 @@ Image sizes come from the file header (PIL). EXIF orientation: YOLO txt labels a
 as displayed, so those images are turned by their EXIF orientation tag when read, as Ultralytics and
 Darknet (built with OpenCV) do, and their sizes are the turned ones (`DetectionRecord.orientation`);
 COCO json boxes are taken in stored pixel order, as the COCO annotations are, unless the json's
-width and height are those of the displayed image. A file of another size than its json entry says
+width and height are those of the displayed image and not the stored one (orientations 5-8; with
+2-4 the sizes agree and the stored pixels are used). A file of another size than its json entry says
 (resized after annotating) is scaled to the annotation in training and in evaluation alike
 (`data.read_annotated_image`).
 """
@@ -298,7 +299,6 @@ def parse_class_names(spec: dict, data_yaml: Path) -> list[str]:
     return [str(n) for n in names]
 
 
-
 def _split_images(entry: str | list, root: Path, data_yaml: Path) -> list[Path]:
     """Image files of a split entry (folder, .txt list or list of these), in sorted order."""
     paths: list[Path] = []
@@ -392,6 +392,7 @@ def _yolo_record(image_id: int, image_path: Path, num_classes: int,
 
 EXIF_ORIENTATION_TAG = 0x0112
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)      # these swap width and height
+ORIENTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
 
 
 def displayed_size(path: Path) -> tuple[int, int, int]:
@@ -416,6 +417,11 @@ def exif_orientation(path: Path) -> int:
 
 
 def _orientation_of(image: Image.Image) -> int:
+    """The EXIF orientation `read_rgb` is to apply: for the formats whose stored pixels OpenCV hands
+    back (JPEG, MPO, WebP, and PNG with an eXIf chunk, which alone PIL reads without decoding the
+    image), else 1. OpenCV turns TIFFs itself, and PIL their sizes."""
+    if image.format not in ORIENTED_FORMATS or (image.format == "PNG" and "exif" not in image.info):
+        return 1
     orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
     return int(orientation) if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
 

@@ -5,7 +5,9 @@
 normalised to the image; `collate_detection` turns a list of these into the batch of
 docs/contracts.md: `images` float Tensor[B, 3, S, S] in [0, 1] and `targets` Tensor[N, 6] =
 (batch_index, class, cx, cy, w, h). Indexed by `(i, seed, side)`, as `data.SeededBatchSampler`
-does, it augments with that seed and returns the image at side x side (multi-scale training).
+does, it augments with that seed and returns the image at side x side (multi-scale training; the
+uint8 image is resized and rounded, where the `MultiScaleCollate` of before resized the batch in
+float, so multi-scale pixels differ from then by rounding).
 
 Edge cases, each reported once:
 - images without boxes are ordinary samples;
@@ -18,8 +20,8 @@ Edge cases, each reported once:
 Randomness: each sample's augmentation, mosaic coin and mosaic partners come from one seed: the
 one `SeededBatchSampler` drew in the main process, so that they do not depend on the DataLoader's
 workers, or else one drawn here from torch's generator (the DataLoader seeds it per worker). The
-engine checkpoints the generator, so either way they replay exactly on resume. The coin is tossed before any partner is read: a sample without mosaic decodes
-one image, not four (1.18x more samples/s for yolov4.cfg's mosaic probability 0.5 at 608 on coco128,
+engine checkpoints the generator, so either way they replay exactly on resume. The coin is tossed
+before any partner is read: a sample without mosaic decodes one image, not four (1.18x more samples/s for yolov4.cfg's mosaic probability 0.5 at 608 on coco128,
 2-core CPU, one process, interleaved runs of 48 samples, 2026-11-26).
 """
 from __future__ import annotations
@@ -150,6 +152,26 @@ def collate_detection(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tenso
     targets = [torch.cat([labels.new_full((len(labels), 1), index), labels], dim=1)
                for index, (_, labels) in enumerate(batch)]
     return images, torch.cat(targets)
+
+
+class MultiScaleCollate:
+    """Deprecated: `SeededBatchSampler(sides=...)` draws each batch's side in the main process, so
+    that it does not depend on the DataLoader's workers. `collate_detection`, then a bilinear resize
+    of the batch to a side drawn from `sizes` with torch's generator."""
+
+    def __init__(self, sizes: Sequence[int]):
+        warnings.warn("MultiScaleCollate is deprecated: use data.SeededBatchSampler(sides=...)", DeprecationWarning,
+                      stacklevel=2)
+        self.sizes = [int(s) for s in sizes]
+        if not self.sizes or any(s <= 0 or s % 32 for s in self.sizes):
+            raise ValueError(f"MultiScaleCollate: sizes must be positive multiples of 32, found {list(sizes)}")
+
+    def __call__(self, batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        images, targets = collate_detection(batch)
+        side = self.sizes[int(torch.randint(len(self.sizes), ()))]
+        if images.shape[-1] != side or images.shape[-2] != side:
+            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+        return images, targets
 
 
 def _resized(image: Tensor, side: int) -> Tensor:

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from detector.cli import network_size
 from detector.export import FORMATS, export_model
 from detector.model import DarknetModel, load_darknet
-from engine import atomic_write_json, load_checkpoint, load_error_summary, output_folder
+from engine import atomic_write_json, load_error_summary, output_folder
+from engine.checkpoint import checked_trainer_checkpoint, checkpoint_file, read_checkpoint_file
 from pruning.masks import Masks
 
 STAGE_FILE_KEYS = {"model", "masks"}     # detect prune's sparsity_S/hard_prune.pt and retrained.pt
@@ -68,15 +67,11 @@ def load_export_model(cfg: str, weights: str | None, checkpoint: str | None) -> 
 def checkpoint_weights(checkpoint: str | Path) -> dict:
     """The state dict to export from a prune run's stage file ({"model", "masks"}, as `detect prune`
     writes hard_prune.pt and retrained.pt) or a trainer checkpoint (its EMA when it has one)."""
-    path = Path(checkpoint)
-    if path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:       # a trainer checkpoint holds more than tensors; load_checkpoint reads it
-            saved = None
-        if isinstance(saved, dict) and set(saved) == STAGE_FILE_KEYS:
-            return saved["model"]
-    state = load_checkpoint(checkpoint)
+    path = checkpoint_file(checkpoint)
+    saved = read_checkpoint_file(path)
+    if isinstance(saved, dict) and set(saved) == STAGE_FILE_KEYS:
+        return saved["model"]
+    state = checked_trainer_checkpoint(saved, path)
     ema = state.get("ema")
     return ema["module"] if isinstance(ema, dict) and "module" in ema else state["model"]
 

@@ -32,11 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def collect_images(sources: list[str]) -> list[Path]:
-    """Image files named directly, plus the images inside named folders (sorted, not recursive)."""
+    """Image files named directly, plus the images inside named folders (sorted, not recursive;
+    hidden files such as macOS's ._x.jpg left out)."""
     images = []
     for source in map(Path, sources):
         if source.is_dir():
-            found = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in source.iterdir()
+                           if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
             if not found:
                 raise FileNotFoundError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             images += found

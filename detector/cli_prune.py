@@ -13,7 +13,7 @@ from detector.cli import network_size
 from detector.export import FORMATS as EXPORT_FORMATS
 from detector.prune_job import METHODS, PruneJob
 from detector.prune_pipeline import format_stage_table, run_job
-from engine import output_folder
+from engine import distributed, output_folder
 
 
 def _floats(text: str) -> list[float]:
@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     job = job_of(args)
     output_folder(job.out, "--out")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    if job.weights is None:
-        logging.warning("warning: no --weights: pruning %s with its random initial weights", job.cfg)
+    if job.weights is None and distributed.is_main():
+        print(f"warning: no --weights: pruning {job.cfg} with its random initial weights", file=sys.stderr)
     results = run_job(job)
     print(format_stage_table(results["sweep"]))
     print(f"\nresults: {job.out}/results.json")

@@ -372,7 +372,7 @@ def write_or_check_config(job: PruneJob, path: Path) -> None:
     written and compared absolute."""
     settings = resolved_paths(asdict(job), PATH_SETTINGS)
     if path.is_file() and (path.parent / "dense.json").is_file():
-        before = resolved_paths(yaml.safe_load(path.read_text()) or {}, PATH_SETTINGS)    # older runs wrote them as given
+        before = resolved_paths(yaml.safe_load(path.read_text()) or {}, PATH_SETTINGS)   # older runs: as given
         changed = changed_settings(before, settings, ignore=RESUMABLE_CHANGES)
         if changed:
             details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
@@ -398,8 +398,9 @@ def run_job(job: PruneJob) -> dict[str, Any]:
     root = Path(job.out)
     root.mkdir(parents=True, exist_ok=True)
     write_or_check_config(job, root / "config.yaml")
-    if distributed.is_main():
-        remove_stale_temp_files(root, recursive=True)       # of writes a kill cut short
+    if distributed.is_main():                                # temp files of writes a kill cut short
+        for folder in (root, *root.glob("sparsity_*/")):
+            remove_stale_temp_files(folder, recursive=folder != root)
     handler = log_to_file(root / "log.txt") if distributed.is_main() else None
     try:
         return _run_stages(job)

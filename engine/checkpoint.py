@@ -82,6 +82,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     A directory means "the newest checkpoint in it". Raises FileNotFoundError when nothing is
     there, ValueError when the file is not a readable trainer checkpoint.
     """
+    path = checkpoint_file(path)
+    return checked_trainer_checkpoint(read_checkpoint_file(path, map_location), path)
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """`path`, or the newest `epoch_NNNN.pt` when it is a directory (FileNotFoundError: none there)."""
     path = Path(path)
     if path.is_dir():
         latest = find_latest_checkpoint(path)
@@ -90,14 +96,26 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         path = latest
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found")
+    return path
+
+
+def read_checkpoint_file(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """What `torch.save` wrote to `path`; ValueError naming the file (and, for a damaged
+    `epoch_NNNN.pt`, the older one to resume from) when it cannot be read."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises several unrelated types for a corrupt file
-        older = sorted((int(match.group(1)), entry.name) for entry in path.parent.iterdir()
-                       if (match := CHECKPOINT_PATTERN.match(entry.name)) and entry != path)
+        damaged = CHECKPOINT_PATTERN.match(path.name)
+        older = [] if damaged is None else sorted(
+            (int(match.group(1)), entry.name) for entry in path.parent.iterdir()
+            if (match := CHECKPOINT_PATTERN.match(entry.name)) and int(match.group(1)) < int(damaged.group(1)))
         hint = f"; delete it to resume from {older[-1][1]}" if older else ""
         detail = (str(err).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {detail}){hint}") from err
+
+
+def checked_trainer_checkpoint(state: Any, path: Path) -> dict[str, Any]:
+    """`state` when it holds a trainer checkpoint's keys; ValueError naming `path` otherwise."""
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: expected a trainer checkpoint with keys {list(REQUIRED_KEYS)}, found {found}")

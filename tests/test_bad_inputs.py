@@ -482,3 +482,14 @@ def test_a_refused_export_or_predict_leaves_no_empty_folder(base: Path, tmp_path
     assert main(["detect", "predict", "--cfg", str(ws.cfg), "--weights", str(junk), str(ws.ds / "images" / "val"),
                  "--out", str(tmp_path / "p")]) == 2
     assert not (tmp_path / "e").exists() and not (tmp_path / "p").exists()
+
+
+def test_the_version_is_known_without_installing(monkeypatch, capsys):
+    from importlib import metadata
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)        # as scripts/prune_yolo.sh may run it
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("yolo-admm 0.")

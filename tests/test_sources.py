@@ -340,3 +340,30 @@ def test_coco_images_whose_files_differ_from_the_json_agree_in_training_and_eval
     image, labels = train[1]
     assert image[:, 10:22, 8:36].float().mean() > 250              # the square where the json says (y 8..24, x 6..38)
     np.testing.assert_allclose(labels[0, 1:].numpy(), [7 / 20, 10 / 40, 10 / 20, 10 / 40], atol=1e-6)
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_tiffs_are_read_as_opencv_turns_them_and_pngs_without_exif_are_not_decoded(tmp_path, orientation,
+                                                                                   monkeypatch):
+    """Found by a review: OpenCV turns a TIFF by its orientation tag itself (orientations 2-4;
+    5-8 it cannot read) and PIL reports its turned size, so turning it again undid the tag; and
+    PIL decodes a whole PNG to look for an EXIF block it does not have."""
+    from PIL import Image, PngImagePlugin
+
+    from data.eval_dataset import read_rgb
+    from data.sources import displayed_size
+
+    stored = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(tmp_path / "a.tif", exif=exif)
+    width, height, turn = displayed_size(tmp_path / "a.tif")
+    assert turn == 1
+    if orientation == 3:                                      # OpenCV gives the displayed pixels
+        with Image.open(tmp_path / "a.tif") as reopened:
+            np.testing.assert_array_equal(read_rgb(tmp_path / "a.tif", turn), np.asarray(reopened.convert("RGB")))
+        assert (width, height) == (30, 20)
+    Image.fromarray(stored).save(tmp_path / "b.png")
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: pytest.fail("decoded the PNG"))
+    assert displayed_size(tmp_path / "b.png") == (30, 20, 1)

@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     if argv[0] == "--version":
-        from importlib.metadata import version
-        print(f"yolo-admm {version('yolo-admm')}")
+        print(f"yolo-admm {_version()}")
         return 0
     task, rest = argv[0], argv[1:]
     if task not in TASKS:
@@ -51,6 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _warning_printer(task)
         return _run_task(task, module, rest)
+
+
+def _version() -> str:
+    """The installed package's version, else pyproject.toml's (run from a checkout without installing)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("yolo-admm")
+    except PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+        with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as handle:
+            return tomllib.load(handle)["project"]["version"]
 
 
 def _run_task(task: str, module, rest: list[str]) -> int:
