@@ -264,3 +264,14 @@ def test_importing_data_opens_no_url():
                          cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout
+
+
+def test_multi_scale_collate_still_works_and_says_it_is_deprecated(tmp_path):
+    from data import MultiScaleCollate
+
+    source = rectangles_source(tmp_path, [((64, 64), [[8, 8, 40, 40]])])
+    dataset = DetectionTrainDataset(source, AugmentConfig(64), augment=False)
+    with pytest.warns(DeprecationWarning, match="SeededBatchSampler"):
+        collate = MultiScaleCollate([32])
+    images, targets = collate([dataset[0]])
+    assert images.shape == (1, 3, 32, 32) and torch.equal(targets, collate_detection([dataset[0]])[1])
