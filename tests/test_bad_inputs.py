@@ -293,7 +293,7 @@ CASES = [
     # --- data
     Case("classes-disagree-train", lambda ws: detect_train(ws, data=yaml_with_names(ws, "a, b, c, d, e")),
          ("{cfg}: the model predicts 4 classes but the dataset has 5 (a, b, c, d, e)",
-          "1 of them label no object (e), such as the supercategory a Roboflow COCO export lists first")),
+          "2 of them label no object (a, e), such as the supercategory a Roboflow COCO export lists first")),
     Case("classes-disagree-prune-before-dense-eval",
          lambda ws: detect_prune(ws, data=yaml_with_names(ws, "a, b, c, d, e")),
          ("{cfg}: the model predicts 4 classes but the dataset has 5",), then=corrected_prune_runs_in_the_same_folder),
