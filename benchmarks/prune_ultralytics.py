@@ -13,8 +13,8 @@ convolution) are not pruned; sparsity counts the other convolution weights. The 
 short of converged, so the control ``finetune`` trains it for the same epochs with nothing removed:
 that, not the dense model, is what the pruned runs are to be measured against.
 
-Reproduce (2-core CPU, no GPU, torch 2.14.1, ultralytics 8.4.190; recorded 2026-11-27, about 20 min
-per seed plus 11 min for the dense model)::
+Reproduce (2-core CPU, no GPU, torch 2.14.1, ultralytics 8.4.190; recorded 2026-11-26/27, about 20
+min per seed plus 13 min for the dense model)::
 
     nohup .venv/bin/python benchmarks/prune_ultralytics.py > /tmp/prune_ultralytics.log 2>&1 &
 

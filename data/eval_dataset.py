@@ -94,6 +94,8 @@ class InferenceDataset(Dataset):
         to those pixels when the file's size differs (see `read_annotated_image`)."""
         self.paths = [Path(p) for p in paths]
         self.annotated_sizes = None if annotated_sizes is None else [tuple(size) for size in annotated_sizes]
+        if self.annotated_sizes is not None and len(self.annotated_sizes) != len(self.paths):
+            raise ValueError(f"got {len(self.paths)} paths but {len(self.annotated_sizes)} annotated sizes")
         self.image_ids = list(range(1, len(self.paths) + 1)) if image_ids is None else list(image_ids)
         self.orientations = [1] * len(self.paths) if orientations is None else list(orientations)
         if not len(self.image_ids) == len(self.orientations) == len(self.paths):

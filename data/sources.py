@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,7 +185,7 @@ def _whole_number(value: Any) -> int | None:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
         return int(value)
     return None
 
@@ -372,12 +373,12 @@ def _yolo_record(image_id: int, image_path: Path, num_classes: int,
     labels = label_path(image_path)
     rows, texts = _read_label_file(labels, num_classes, box_fields_only) if labels.is_file() \
         else (np.zeros((0, 5), np.float32), [])
-    line_count = len(texts) if labels.is_file() else None
     _, first = np.unique(rows, axis=0, return_index=True)
     repeats = [texts[i] for i in sorted(set(range(len(rows))) - set(first.tolist()))]
     if repeats:
         keep = np.sort(first)
         rows, texts = rows[keep], [texts[i] for i in keep]
+    line_count = len(texts) if labels.is_file() else None       # the lines kept: those `outside` is of
     outside = [texts[i] for i in np.flatnonzero(((rows[:, 1:] < 0) | (rows[:, 1:] > 1)).any(axis=1))]
     scale = np.array([width, height, width, height], np.float32)
     cx, cy, w, h = rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4]

@@ -21,8 +21,9 @@ Randomness: each sample's augmentation, mosaic coin and mosaic partners come fro
 one `SeededBatchSampler` drew in the main process, so that they do not depend on the DataLoader's
 workers, or else one drawn here from torch's generator (the DataLoader seeds it per worker). The
 engine checkpoints the generator, so either way they replay exactly on resume. The coin is tossed
-before any partner is read: a sample without mosaic decodes one image, not four (1.18x more samples/s for yolov4.cfg's mosaic probability 0.5 at 608 on coco128,
-2-core CPU, one process, interleaved runs of 48 samples, 2026-11-26).
+before any partner is read: a sample without mosaic decodes one image, not four (1.18x more
+samples/s for yolov4.cfg's mosaic probability 0.5 at 608 on coco128, 2-core CPU, one process,
+interleaved runs of 48 samples, 2026-11-26).
 """
 from __future__ import annotations
 

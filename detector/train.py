@@ -235,9 +235,11 @@ def check_classes(cfg_path: str | os.PathLike, num_classes: int, *sources: Detec
             names = ", ".join(source.class_names[:5]) + (", ..." if len(source.class_names) > 5 else "")
             used = {int(c) for record in source.records for c in record.classes}
             unused = [name for index, name in enumerate(source.class_names) if index not in used]
-            hint = (f"; {len(unused)} of them label no object ({', '.join(unused[:3])}"
-                    f"{', ...' if len(unused) > 3 else ''}), such as the supercategory a Roboflow COCO export "
-                    f"lists first" if unused else "")
+            hint = ""
+            if len(source.class_names) > num_classes and unused:
+                hint = (f"; {len(unused)} of them label no object ({', '.join(unused[:3])}"
+                        f"{', ...' if len(unused) > 3 else ''}), such as the supercategory a Roboflow COCO export "
+                        f"lists first")
             raise ValueError(f"{cfg_path}: the model predicts {num_classes} classes but the dataset has "
                              f"{len(source.class_names)} ({names}); expected the same classes as the [yolo] "
                              f"layers{hint}")

@@ -356,6 +356,10 @@ def test_an_unreadable_newest_checkpoint_says_which_to_resume_from(tmp_path):
     with pytest.raises(ValueError, match=r"epoch_0003.pt: not a readable checkpoint .*delete it to resume from "
                                          r"epoch_0002.pt"):
         load_checkpoint(tmp_path)
+    (tmp_path / "epoch_0004.pt").write_bytes(b"x")            # a newer one is no way back from epoch 3
+    (tmp_path / "epoch_0001.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"delete it to resume from epoch_0002.pt$"):
+        load_checkpoint(tmp_path / "epoch_0003.pt")
 
 
 def test_atomic_writes_replace_whole_files_with_normal_permissions(tmp_path):

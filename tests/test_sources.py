@@ -367,3 +367,17 @@ def test_tiffs_are_read_as_opencv_turns_them_and_pngs_without_exif_are_not_decod
     Image.fromarray(stored).save(tmp_path / "b.png")
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: pytest.fail("decoded the PNG"))
     assert displayed_size(tmp_path / "b.png") == (30, 20, 1)
+
+
+def test_a_repeated_line_does_not_hide_labels_in_pixel_coordinates(tmp_path):
+    """Found by a review: the line count was taken before repeats were dropped, so a repeat turned
+    the 'every line outside [0, 1]' error into a warning, and every box was clipped away."""
+    write_image(tmp_path / "images" / "a.jpg", 64, 48)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.txt").write_text("0 32 24 10 10\n0 32 24 10 10\n0 12 14 8 8\n")
+    (tmp_path / "data.yaml").write_text("train: images\nval: images\nnames: [a]\nnc: '1'\n")
+    with pytest.warns(UserWarning, match="repeat"), pytest.raises(ValueError, match="every one of its 2 label lines"):
+        load_yolo_dataset(tmp_path / "data.yaml", "val")
+    (tmp_path / "data.yaml").write_text("train: images\nval: images\nnames: {'--1': a}\n")
+    with pytest.raises(ValueError, match=r"data.yaml: 'names' keys must be 0..0, found \['--1'\]"):
+        load_yolo_dataset(tmp_path / "data.yaml", "val")

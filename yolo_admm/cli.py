@@ -58,10 +58,11 @@ def _version() -> str:
     try:
         return version("yolo-admm")
     except PackageNotFoundError:
-        import tomllib
+        import re
         from pathlib import Path
-        with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as handle:
-            return tomllib.load(handle)["project"]["version"]
+        text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+        match = re.search(r'^version\s*=\s*"([^"]+)"', text, re.MULTILINE)
+        return match.group(1) if match else "(unknown version)"
 
 
 def _run_task(task: str, module, rest: list[str]) -> int:
