@@ -38,8 +38,8 @@ epoch, the one before kept as ``admm_state.previous.pt``, so one of them always 
 Ultralytics' NaN recovery, which reloads ``last.pt`` and repeats the epoch, up to three times. With
 ``save_period=N`` the state after each epoch that gets an ``epoch{E}.pt`` is also kept, as
 ``admm_state.epoch{E}.pt``, so a run resumes from any of those checkpoints too. A resume whose pruner
-has another config, ``admm_iters`` or ``epochs_per_iter`` than the state's is refused. With ``save=False
-no checkpoint is written to resume from, and no state either. Ultralytics resumes
+has another config, ``admm_iters`` or ``epochs_per_iter`` than the state's is refused. With
+``save=False`` no checkpoint is written to resume from, and no state either. Ultralytics resumes
 from the fp16 EMA weights of ``last.pt``, so a resumed run is close to, not bit-identical with, an
 uninterrupted one. Under DDP (``device=0,1``) Ultralytics 8.4 pickles the callbacks into each
 worker process: the pruning then runs there (untested; rank 0 alone writes the state) and this
