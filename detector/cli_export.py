@@ -93,9 +93,10 @@ def format_report(report: dict) -> str:
         lines.append(f"{name:<9}{str(path):<40}{entry['bytes']:>12,}{entry['bytes'] / dense:>10.3f}  {check}")
     if "compact" in report:
         c = report["compact"]
+        bound = ("no entropy bound (constant tensors)" if c["ratio_to_bound"] is None else
+                 f"{c['ratio_to_bound']:.3f} x their entropy bound ({c['entropy_bound_bytes']:,.0f} bytes)")
         lines.append(f"compact: {c['nonzero']:,} of {c['params']:,} weights kept (sparsity {c['sparsity']:.3f}), "
-                     f"{c['value_format']} values; masks + values {c['sparse_bytes']:,} bytes = "
-                     f"{c['ratio_to_bound']:.3f} x their entropy bound ({c['entropy_bound_bytes']:,.0f} bytes)")
+                     f"{c['value_format']} values; masks + values {c['sparse_bytes']:,} bytes = {bound}")
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ compact archive is smaller than the dense model.
 from __future__ import annotations
 
 import copy
+import math
 import json
 import os
 import tempfile
@@ -166,6 +167,8 @@ def opencv_difference(model: DarknetModel, cfg_path: str | os.PathLike, weights_
         cv_out = cv_out.astype(np.float64) * np.array([width, height, width, height] + [1.0] * (ours.shape[-1] - 4))
         scores = ours[..., 5:] * ours[..., 4:5]
         kept = cv_out[..., 5:] > 0
+        if not (np.isfinite(ours).all() and np.isfinite(cv_out).all()):
+            return math.inf                             # NaN compares false: never let it pass as 0
         diffs = [np.abs(cv_out[..., :5] - ours[..., :5]) / np.maximum(1.0, np.abs(ours[..., :5])),
                  np.abs(cv_out[..., 5:] - scores)[kept]]
         worst = max([worst] + [float(d.max()) for d in diffs if d.size])
@@ -244,6 +247,7 @@ def export_onnx(model: DarknetModel, path: str | os.PathLike, img_size: int | No
         with torch.no_grad():
             expected = wrapper(images).numpy()
         difference = np.abs(onnxruntime_outputs(path, images).astype(np.float64) - expected)
+        difference[~np.isfinite(difference)] = math.inf        # a NaN on either side is no match
         report["onnxruntime_max_abs_diff"] = float(difference.max())
         report["onnxruntime_max_rel_diff"] = float((difference / np.maximum(1.0, np.abs(expected))).max())
         if not report["onnxruntime_max_rel_diff"] <= ONNX_TOLERANCE:
@@ -285,7 +289,7 @@ def export_compact(model: DarknetModel, masks: Masks | None, path: str | os.Path
     Returns:
         The archive's report (`bytes`, `sparse_bytes`, `entropy_bound_bytes`, `ratio_to_bound`, ...,
         see `pruning.save_sparse_archive`) plus `dense_fp32_bytes`, `ratio_to_dense` (bytes / dense),
-        `params` and `nonzero` (of the sparse tensors) and `sparsity`.
+        `params` and `nonzero` (of the sparse tensors, as stored) and `sparsity`.
     """
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     sparse_names = _check_masks(state, masks) if masks is not None else None
@@ -297,7 +301,7 @@ def export_compact(model: DarknetModel, masks: Masks | None, path: str | os.Path
     names = sparse_names if sparse_names is not None else [n for n, t in state.items()
                                                           if t.is_floating_point() and t.dim() >= 2]
     params = sum(state[name].numel() for name in names)
-    nonzero = sum(int(state[name].count_nonzero()) for name in names)
+    nonzero = report["nonzero"]                     # as stored: int8 rounds the smallest weights to 0
     dense = dense_fp32_bytes(model)
     report.update(dense_fp32_bytes=dense, ratio_to_dense=report["bytes"] / dense, params=params,
                   nonzero=nonzero, sparsity=1.0 - nonzero / params if params else 0.0,
@@ -364,6 +368,11 @@ def export_model(model: DarknetModel, out_dir: str | os.PathLike, formats: Itera
     unknown = [name for name in formats if name not in FORMATS]
     if unknown or not formats:
         raise ValueError(f"export formats: expected some of {', '.join(FORMATS)}, found {formats}")
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise ValueError(f"export: expected finite weights, found NaN or infinity in {len(broken)} tensor(s): "
+                         f"{', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict = {"dense_fp32_bytes": dense_fp32_bytes(model)}

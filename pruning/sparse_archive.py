@@ -8,6 +8,8 @@ then the compressed blobs it points to (``[offset, length]`` from the end of the
   values in flat order: float16 split into a low-byte and a high-byte plane, or int8 with one
   symmetric scale per tensor. Each blob is compressed on its own (lzma or zlib).
 - Every other tensor (biases, BN statistics, counters) is stored exactly, raw bytes, compressed.
+- Each blob's index entry is ``[offset, length, crc32 of the raw bytes]``: raw lzma carries no
+  checksum of its own, so a damaged file is caught here (archives without the CRC still load).
 
 Float16 values round-trip exactly when the weights are float16-representable; int8 is lossy
 (error <= scale / 2). ``entropy_bound`` gives the size an ideal order-0 coder of each layer's
@@ -130,6 +132,9 @@ def _encode_sparse(name: str, tensor: Tensor, value_format: str) -> tuple[dict, 
     flat = tensor.detach().cpu().reshape(-1)
     mask = flat != 0
     symbols, scale = quantise_nonzeros(flat[mask], value_format, name)
+    if value_format == "int8" and not bool((symbols != 0).all()):   # below scale / 2: stored as zeros
+        mask[mask.nonzero().squeeze(1)[symbols == 0]] = False
+        symbols = symbols[symbols != 0]
     blobs = {"mask": pack_mask(mask).numpy().tobytes()}
     if value_format == "fp16":
         planes = symbols.view(torch.uint8).view(-1, 2)       # [nnz, 2]: low byte, high byte
@@ -177,7 +182,8 @@ def save_sparse_archive(
     Returns:
         dict ``path``, ``bytes`` (file size), ``sparse_bytes`` (compressed masks + values),
         ``dense_bytes``, ``entropy_bound_bytes`` (see ``entropy_bound``), ``ratio_to_bound``
-        (sparse_bytes / bound).
+        (sparse_bytes / bound; None when the bound is 0), ``nonzero`` (the sparse tensors' stored
+        nonzeros: with int8, weights below scale / 2 are stored as pruned).
     """
     if value_format not in VALUE_FORMATS:
         raise ValueError(f"unknown value format {value_format!r}: expected one of {', '.join(VALUE_FORMATS)}")
@@ -185,16 +191,17 @@ def save_sparse_archive(
         raise ValueError(f"unknown compression {compression!r}: expected one of {', '.join(_COMPRESSORS)}")
     compress = _COMPRESSORS[compression][0]
     sparse = set(_sparse_names(state_dict, sparse_names))
-    entries, payload, sizes = [], bytearray(), {"sparse": 0, "dense": 0}
+    entries, payload, sizes, stored_nonzero = [], bytearray(), {"sparse": 0, "dense": 0}, 0
     for name, tensor in state_dict.items():
         if name in sparse:
             fields, raw_blobs = _encode_sparse(name, tensor, value_format)
+            stored_nonzero += fields["nnz"]
         else:
             fields, raw_blobs = {"kind": "dense"}, {"data": _tensor_bytes(tensor)}
         blob_index = {}
         for blob_name, raw in raw_blobs.items():
             packed = compress(raw)
-            blob_index[blob_name] = [len(payload), len(packed)]
+            blob_index[blob_name] = [len(payload), len(packed), zlib.crc32(raw)]
             payload += packed
             sizes[fields["kind"]] += len(packed)
         dtype = str(tensor.dtype).removeprefix("torch.")
@@ -208,7 +215,8 @@ def save_sparse_archive(
         "sparse_bytes": sizes["sparse"],
         "dense_bytes": sizes["dense"],
         "entropy_bound_bytes": bound,
-        "ratio_to_bound": sizes["sparse"] / bound if bound else math.nan,
+        "ratio_to_bound": sizes["sparse"] / bound if bound else None,      # None: nothing to bound
+        "nonzero": stored_nonzero,
     }
 
 
@@ -223,6 +231,8 @@ def _read_header(path: Path, data: bytes) -> tuple[dict, int]:
         header = json.loads(data[start: start + header_length].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: corrupt header: {error}") from error
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt header: expected a JSON object, found {type(header).__name__}")
     if header.get("compression") not in _COMPRESSORS:
         raise ValueError(f"{path}: unknown compression {header.get('compression')!r}")
     return header, start + header_length
@@ -253,11 +263,13 @@ def load_sparse_archive(path: str | os.PathLike) -> dict[str, Tensor]:
 def _decode_entry(entry: dict, data: bytes, payload_start: int, decompress) -> Tensor:
     """One tensor of the archive from its header entry and the file's bytes."""
     blobs = {}
-    for blob_name, (offset, length) in entry["blobs"].items():
+    for blob_name, (offset, length, *crc) in entry["blobs"].items():
         begin = payload_start + offset
         if begin + length > len(data):
             raise ValueError(f"truncated: blob {blob_name!r} ends past the file")
         blobs[blob_name] = decompress(data[begin: begin + length])
+        if crc and zlib.crc32(blobs[blob_name]) != crc[0]:
+            raise ValueError(f"blob {blob_name!r} fails its CRC-32 check: the file is damaged")
     if entry["kind"] == "sparse":
         return _decode_sparse(entry, blobs, entry["name"])
     return _tensor_from_bytes(blobs["data"], getattr(torch, entry["dtype"]), entry["shape"])

@@ -26,8 +26,8 @@ from detector import cli_export
 from detector.cfgs import cfg_path
 from detector.evaluate import coco_metrics, to_coco_results
 from detector.export import (COMPACT_CFG_KEY, ONNX_LAYOUT_KEY, darknet_rows, dense_fp32_bytes, export_compact,
-                             export_darknet, export_onnx, load_compact, onnxruntime_outputs, opencv_difference,
-                             opencv_outputs)
+                             export_darknet, export_model, export_onnx, load_compact, onnxruntime_outputs,
+                             opencv_difference, opencv_outputs)
 from detector.layers import ConvBlock
 from detector.postprocess import postprocess, select_detections, to_original_image
 from detector.predict import make_loader
@@ -416,3 +416,20 @@ def test_pruned_yolo_fastest_exports_to_every_format(shared_data, tmp_path):
     print(f"\nyolo-fastest-1.1 @ 50%: weights {report['bytes']}, compact {compact['bytes']} "
           f"({compact['ratio_to_dense']:.3f} x dense), masks + values {compact['ratio_to_bound']:.3f} x entropy bound")
     assert compact["bytes"] < 0.5 * report["bytes"]
+
+
+@needs_darknet_importer
+def test_non_finite_weights_are_refused_and_never_pass_a_check(pruned, tmp_path):
+    """Found by a review: NaN compares false, so a NaN output passed OpenCV's check as a
+    difference of 0."""
+    import copy
+
+    model, _ = pruned
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.layers[0].conv.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"export: expected finite weights, found NaN or infinity in 1 tensor\(s\): "
+                                         r"layers.0.conv.weight"):
+        export_model(broken, tmp_path / "refused", ["compact"])
+    with pytest.raises(RuntimeError, match="OpenCV's outputs differ from the model's by inf"):
+        export_darknet(broken, tmp_path / "nan.weights")
