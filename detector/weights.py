@@ -2,7 +2,8 @@
 
 Layout (AlexeyAB/darknet `src/parser.c`, `load_weights_upto` / `save_weights_upto`), little-endian:
 - header: int32 major, minor, revision; then `seen` (images trained on) as a 64-bit integer when
-  (major * 10 + minor) >= 2 and major < 1000 and minor < 1000, else as a 32-bit one;
+  (major * 10 + minor) >= 2, else as a 32-bit one (AlexeyAB's and OpenCV's rule; pjreddie's
+  parser.c also wants major and minor below 1000);
 - then, for every `[convolutional]` layer in cfg order, float32: bias (the batch-norm beta when
   `batch_normalize=1`), then with batch norm gamma, rolling mean and rolling variance, then the
   weights [filters, channels/groups, size, size]. No other supported layer holds weights.
@@ -40,7 +41,7 @@ class WeightsHeader:
 
     @property
     def seen_is_64bit(self) -> bool:
-        return (self.major * 10 + self.minor) >= 2 and self.major < 1000 and self.minor < 1000
+        return (self.major * 10 + self.minor) >= 2
 
     @property
     def nbytes(self) -> int:

@@ -89,7 +89,8 @@ def test_real_weights_round_trip_bit_identical(shared_data, tmp_path):
     (WeightsHeader(0, 1, 0, seen=123), 4),         # 0*10 + 1 < 2: 32-bit seen (old Darknet)
     (WeightsHeader(0, 2, 5, seen=2**40 + 3), 8),    # current Darknet: 64-bit
     (WeightsHeader(1, 0, 0, seen=9), 8),
-    (WeightsHeader(1000, 2, 0, seen=5), 4),         # major >= 1000: 32-bit
+    (WeightsHeader(1000, 2, 0, seen=5), 8),         # as AlexeyAB and OpenCV read it (a review: pjreddie's 4 bytes
+                                                    # put every weight 4 bytes out of step for them)
 ])
 def test_seen_is_int32_or_int64_by_version(small, tmp_path, header, seen_bytes):
     cfg, weights = small
