@@ -90,8 +90,9 @@ def run(args: argparse.Namespace) -> int:
     if job.weights is None and distributed.is_main():
         print(f"warning: no --weights: pruning {job.cfg} with its random initial weights", file=sys.stderr)
     results = run_job(job)
-    print(format_stage_table(results["sweep"]))
-    print(f"\nresults: {job.out}/results.json")
+    if distributed.is_main():
+        print(format_stage_table(results["sweep"]))
+        print(f"\nresults: {job.out}/results.json")
     return 0
 
 

@@ -106,8 +106,7 @@ def train_config(args: argparse.Namespace) -> DetectTrainConfig:
 def run(args: argparse.Namespace) -> int:
     config = train_config(args)
     config.device = str(distributed.init_from_env(config.device))  # joins torchrun's group, if any
-    if distributed.is_main():
-        output_folder(args.out, "--out")
+    output_folder(args.out, "--out")                # on every rank, so that every rank stops on a bad one
     config.resume = resume_point(args)
     train_source, val_source = load_sources(args)
     model = detector.load_darknet(args.cfg, args.weights)
@@ -131,9 +130,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def recorded_args(args: argparse.Namespace) -> dict:
-    """The flags as written to args.json (paths absolute, the dispatcher's callables left out)."""
-    return resolved_paths({key: str(value) if isinstance(value, Path) else value
-                           for key, value in vars(args).items() if not callable(value)}, PATH_FLAGS)
+    """The flags as written to args.json (paths absolute, the dispatcher's callables left out), and
+    the number of processes, which sets the optimizer steps per epoch."""
+    flags = {key: str(value) if isinstance(value, Path) else value
+             for key, value in vars(args).items() if not callable(value)}
+    return {**resolved_paths(flags, PATH_FLAGS), "processes": distributed.world_size()}
 
 
 def resume_point(args: argparse.Namespace) -> str | None:
@@ -148,7 +149,7 @@ def resume_point(args: argparse.Namespace) -> str | None:
         return args.resume
     saved_path = args.out / "args.json"
     saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else {}
-    saved = resolved_paths(saved, PATH_FLAGS)             # older runs wrote them as given
+    saved = {"processes": 1, **resolved_paths(saved, PATH_FLAGS)}      # older runs: paths as given, no count
     current = recorded_args(args)
     changed = changed_settings(saved, current, ignore=RESUMABLE_FLAGS)
     if changed:

@@ -16,6 +16,7 @@ import pruning
 from detector.export import FORMATS as EXPORT_FORMATS
 
 METHODS = tuple(pruning.METHODS)
+RECORDED_ONLY = "processes"     # what a run folder's config.yaml adds: the number of processes that ran
 
 
 @dataclass
@@ -205,6 +206,7 @@ def read_job_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of settings, found {type(values).__name__}")
+    values.pop(RECORDED_ONLY, None)         # a run folder's config.yaml records it; no setting
     known = {f.name for f in fields(PruneJob)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -52,7 +52,7 @@ from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from data.train_dataset import DetectionTrainDataset, collate_detection
 from detector.export import dense_fp32_bytes, export_model, require_opencv_darknet_importer
 from detector.predict import inference_copy
-from detector.prune_job import PruneJob
+from detector.prune_job import RECORDED_ONLY, PruneJob
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, distributed,
                     find_latest_checkpoint, remove_stale_temp_files, resolve_device, resolved_paths, seeded_cpu_stream)
@@ -369,10 +369,12 @@ def write_or_check_config(job: PruneJob, path: Path) -> None:
     """Write the job's settings to ``path``; when a run there already finished a stage (a resume),
     its settings must be the same, except those in RESUMABLE_CHANGES. (A run that failed before
     finishing any stage, on bad input say, may be run again with corrected settings.) Paths are
-    written and compared absolute."""
-    settings = resolved_paths(asdict(job), PATH_SETTINGS)
+    written and compared absolute; the number of processes is recorded too (it sets the optimizer
+    steps per epoch, and so when the ADMM updates come), a folder from before that as 1."""
+    settings = {**resolved_paths(asdict(job), PATH_SETTINGS), RECORDED_ONLY: distributed.world_size()}
     if path.is_file() and (path.parent / "dense.json").is_file():
         before = resolved_paths(yaml.safe_load(path.read_text()) or {}, PATH_SETTINGS)   # older runs: as given
+        before.setdefault(RECORDED_ONLY, 1)
         changed = changed_settings(before, settings, ignore=RESUMABLE_CHANGES)
         if changed:
             details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)

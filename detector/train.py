@@ -9,9 +9,10 @@
   part of Darknet's subdivisions); by default the cfg's batch / subdivisions and subdivisions.
   The loss is per image (see `detector.loss`), so the cfg's learning rate means what it meant.
 - Several processes (`torchrun --nproc_per_node=N`, see `engine.distributed`): each rank reads its
-  1/N share of the images through a `DistributedSampler`, `batch_size` stays per process, and the
-  default `accumulate` becomes batch / (batch_size x N), so one optimizer step still sees the
-  cfg's `batch` images in total.
+  1/N share of the images through a `DistributedSampler`, `batch_size` is per process (by default
+  batch / subdivisions, or batch / N when N of those would exceed batch), and the default
+  `accumulate` becomes batch / (batch_size x N), so one optimizer step still sees the cfg's `batch`
+  images in total (`default_batching`).
 
 `build_detector_trainer(model, train_source, val_source, config, callbacks)` returns an
 `engine.Trainer` (the prune pipeline adds its callbacks and calls `fit` itself);
@@ -165,8 +166,8 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
     check_classes(model.cfg.path, int(model.heads[0].num_classes), train_source, val_source)
     device = distributed.init_from_env(resolve_device(config.device))  # joins torchrun's group, if any
     size = int(config.img_size or net.width)
-    batch_size = int(config.batch_size or max(net.batch // net.subdivisions, 1))
-    accumulate = int(config.accumulate or max(round(net.batch / (batch_size * distributed.world_size())), 1))
+    batch_size, accumulate = default_batching(net.batch, net.subdivisions, distributed.world_size(),
+                                              config.batch_size, config.accumulate)
     augment = AugmentConfig.from_net(net, size, **({} if config.mosaic is None else {"mosaic": config.mosaic}))
     dataset = DetectionTrainDataset(train_source, augment, augment=config.augment)
     order = distributed.distributed_sampler(dataset, shuffle=True) if distributed.is_distributed() \
@@ -226,6 +227,19 @@ def fit_detector(model: nn.Module, train_source: DetectionSource, val_source: De
 
 def _pick(override, default):
     return default if override is None else override
+
+
+def default_batching(batch: int, subdivisions: int, processes: int, batch_size: int | None = None,
+                     accumulate: int | None = None) -> tuple[int, int]:
+    """(images per forward pass and process, forward passes per optimizer step) for a cfg's `batch`
+    and `subdivisions` over `processes`, the given ones kept: one step sees `batch` images in all."""
+    if batch_size is None:
+        batch_size = max(batch // subdivisions, 1)
+        if batch_size * processes > batch:
+            batch_size = max(batch // processes, 1)
+    if accumulate is None:
+        accumulate = max(round(batch / (batch_size * processes)), 1)
+    return int(batch_size), int(accumulate)
 
 
 def check_classes(cfg_path: str | os.PathLike, num_classes: int, *sources: DetectionSource | None) -> None:

@@ -494,3 +494,54 @@ def test_the_version_is_known_without_installing(monkeypatch, capsys):
     monkeypatch.setattr(metadata, "version", not_installed)        # as scripts/prune_yolo.sh may run it
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("yolo-admm 0.")
+
+
+def test_a_resume_with_another_number_of_processes_is_refused(base: Path, tmp_path: Path, capsys):
+    """Found by a torchrun review: a detect prune resumed by one process instead of two counted the
+    optimizer steps anew and made 2 ADMM updates of 3; detect train shifted its LR schedule."""
+    ws = Workspace.create(tmp_path, base)
+    assert main(detect_train(ws, out=ws.out / "train")) == 0
+    assert main(detect_prune(ws)) == 0
+    for record in (ws.out / "train" / "args.json", ws.out / "prune" / "config.yaml"):
+        assert '"processes": 1' in record.read_text() or "processes: 1" in record.read_text()
+        record.write_text(record.read_text().replace('"processes": 1', '"processes": 2')
+                          .replace("processes: 1", "processes: 2"))       # as a 2-process run writes it
+    capsys.readouterr()
+    assert main(detect_train(ws, out=ws.out / "train")) == 2
+    assert "other settings (--processes 2 -> 1)" in capsys.readouterr().err
+    assert main(detect_prune(ws)) == 2
+    assert "other settings (processes: 2 -> 1)" in capsys.readouterr().err
+    config = ws.out / "prune" / "config.yaml"                             # still usable as a --config
+    assert main(["detect", "prune", "--config", str(config), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+
+
+def test_torchrun_stops_are_one_line_each(monkeypatch, capsys):
+    """Found by a torchrun review: torchrun passes a Ctrl-C on and sends SIGTERM at once, which
+    killed the ranks without the resume hint; every rank printed 'interrupted'; and the rank whose
+    peer died printed the process group's 40-line traceback."""
+    import os
+    import signal
+    import sys
+    import types
+
+    import torch.distributed as dist
+
+    from yolo_admm import cli
+
+    fake = types.ModuleType("fake_task")
+    monkeypatch.setitem(sys.modules, "fake_task", fake)
+    monkeypatch.setitem(cli.TASKS, "fake", ("fake_task", "a task for this test"))
+    fake.main = lambda argv: os.kill(os.getpid(), signal.SIGTERM) or 0
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["fake"]) == 130
+    assert capsys.readouterr().err == "yolo-admm fake: interrupted\n"
+    assert signal.getsignal(signal.SIGTERM) == before                     # put back when the task ends
+    monkeypatch.setenv("RANK", "1")
+    assert main(["fake"]) == 130 and capsys.readouterr().err == ""          # rank 0 alone says so
+
+    def peer_gone(argv):
+        raise dist.DistBackendError("[../third_party/gloo/...] Connection closed by peer [127.0.0.1]:29500\nmore")
+    fake.main = peer_gone
+    assert main(["fake"]) == 2
+    assert capsys.readouterr().err == ("yolo-admm fake: error: another process of this run stopped ([../third_party/"
+                                       "gloo/...] Connection closed by peer [127.0.0.1]:29500); its own message says why\n")

@@ -147,3 +147,16 @@ def test_cli_writes_checkpoint_and_weights_that_load_back(tmp_path, shapes):
     bad = parser.parse_args(["--cfg", str(cfg), "--data", str(yaml), "--epochs", "0", "--out", str(out)])
     with pytest.raises(ValueError, match="--epochs must be >= 1"):
         run(bad)
+
+
+def test_default_batching_keeps_the_cfgs_batch_per_step_over_processes():
+    """Found by a torchrun review: demo-tiny (batch 16, subdivisions 1) on 2 processes took 16
+    images each per step, 32 in all."""
+    from detector.train import default_batching
+
+    assert default_batching(16, 1, 1) == (16, 1)
+    assert default_batching(16, 1, 2) == (8, 1)            # was (16, 1): 32 images a step
+    assert default_batching(64, 8, 2) == (8, 4)             # yolov4: 8 x 2 processes x 4 = 64
+    assert default_batching(64, 8, 1) == (8, 8)
+    assert default_batching(64, 8, 2, batch_size=16) == (16, 2)
+    assert default_batching(16, 1, 2, accumulate=3) == (8, 3)

@@ -6,15 +6,20 @@ dispatches, so `yolo-admm detect --help` and `yolo-admm classify prune --help` a
 Failures end with one line `yolo-admm TASK: error: MESSAGE` on stderr and no traceback (set
 YOLO_ADMM_DEBUG=1 to see it): bad input (ValueError, OSError such as a missing file or an
 unwritable folder) and a loss that stopped being finite exit with 2, as does running out of memory
-(the message suggests a smaller --batch-size); Ctrl-C exits with 130 (`detect train` and `detect
-prune` also say how to resume).
+(the message suggests a smaller --batch-size); Ctrl-C, or SIGTERM (which torchrun sends its
+processes right after passing on a Ctrl-C), exits with 130 (`detect train` and `detect prune` also
+say how to resume). Under torchrun only rank 0 says so, and a process whose peer stopped says that
+in one line instead of the process group's traceback.
 Warnings print as `yolo-admm TASK: warning: MESSAGE`.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
 import warnings
 
 TASKS = {
@@ -47,9 +52,26 @@ def main(argv: list[str] | None = None) -> int:
     # several times slower on a busy machine (measured in benchmarks/eval_speed.py).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     module = importlib.import_module(TASKS[task][0])
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _terminate_as_interrupt():
         warnings.showwarning = _warning_printer(task)
         return _run_task(task, module, rest)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While the task runs, SIGTERM raises KeyboardInterrupt, so it stops as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _version() -> str:
@@ -73,9 +95,15 @@ def _run_task(task: str, module, rest: list[str]) -> int:
         return module.main(rest)
     except KeyboardInterrupt as interrupt:
         hint = f": {interrupt}" if str(interrupt) else ""
-        print(f"yolo-admm {task}: interrupted{hint}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":       # under torchrun every rank is interrupted: one says so
+            print(f"yolo-admm {task}: interrupted{hint}", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        if _is_peer_failure(err) and not os.environ.get("YOLO_ADMM_DEBUG"):
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            print(f"yolo-admm {task}: error: another process of this run stopped ({first_line}); "
+                  f"its own message says why", file=sys.stderr)
+            return 2
         if not (_is_out_of_memory(err) or isinstance(err, NonFiniteLossError)):
             raise
         if os.environ.get("YOLO_ADMM_DEBUG"):
@@ -88,6 +116,16 @@ def _run_task(task: str, module, rest: list[str]) -> int:
             raise
         print(f"yolo-admm {task}: error: {_strip_worker_traceback(str(err))}", file=sys.stderr)
         return 2
+
+
+def _is_peer_failure(err: BaseException) -> bool:
+    """A collective that failed because another process of the torchrun group went away."""
+    import torch.distributed as dist
+
+    if isinstance(err, dist.DistError):
+        return True
+    lost = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    return dist.is_available() and dist.is_initialized() and any(text in str(err) for text in lost)
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
