@@ -17,11 +17,13 @@ import torch
 from torch.utils.data import Dataset
 
 from data.geometry import FitTransform, fit_transform, place_on_canvas, resize_content
-from data.sources import DetectionSource, exif_orientation
+from data.sources import TRANSPOSING_ORIENTATIONS, DetectionSource, exif_orientation
 
-# Stored pixel order; `read_rgb` turns the image by the EXIF orientation it is given, read by PIL
-# (`data.sources.displayed_size`), so that the size and the pixels come from one reading of the tag.
-_IMREAD_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+# OpenCV turns an image by its EXIF orientation tag unless told not to. `read_rgb` lets it only for
+# the images whose tag PIL read for their size (`data.sources.displayed_size`), so that size and
+# pixels agree; OpenCV's turns equal PIL's `ImageOps.exif_transpose` (tests/test_sources.py).
+_STORED = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+_TURNED = cv2.IMREAD_COLOR
 
 
 @dataclass(frozen=True)
@@ -35,14 +37,15 @@ class ImageMeta:
 
 
 def read_rgb(path: str | Path, orientation: int = 1) -> np.ndarray:
-    """Read an image file as uint8 ndarray[H, W, 3] RGB, its stored pixels turned by the EXIF
-    `orientation` given (1: as stored)."""
-    image = cv2.imread(str(path), _IMREAD_FLAGS)
+    """Read an image file as uint8 ndarray[H, W, 3] RGB: its stored pixels when `orientation` is 1,
+    else turned by its EXIF orientation tag (the `orientation` that `data.sources.displayed_size`
+    read from the same file)."""
+    image = cv2.imread(str(path), _STORED if orientation == 1 else _TURNED)
     if image is None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: image not found")
         raise ValueError(f"{path}: not a readable image")
-    return np.ascontiguousarray(apply_orientation(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), orientation))
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def read_annotated_image(path: str | Path, orientation: int, annotated_wh: tuple[int, int]) -> np.ndarray:
@@ -53,21 +56,9 @@ def read_annotated_image(path: str | Path, orientation: int, annotated_wh: tuple
     image = read_rgb(path, orientation)
     if orientation == 1 and (image.shape[1], image.shape[0]) != tuple(annotated_wh):
         tag = exif_orientation(Path(path))
-        turned = apply_orientation(image, tag)
-        if tag != 1 and (turned.shape[1], turned.shape[0]) == tuple(annotated_wh):
-            return np.ascontiguousarray(turned)
+        if tag in TRANSPOSING_ORIENTATIONS and (image.shape[0], image.shape[1]) == tuple(annotated_wh):
+            return read_rgb(path, tag)
     return image
-
-
-def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
-    """ndarray[H, W, ...] turned as EXIF `orientation` 1-8 says (what PIL's `ImageOps.exif_transpose`
-    does), as a view."""
-    turns = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-             5: lambda a: a.swapaxes(0, 1), 6: lambda a: a[::-1].swapaxes(0, 1),
-             7: lambda a: a[::-1, ::-1].swapaxes(0, 1), 8: lambda a: a[:, ::-1].swapaxes(0, 1)}
-    if orientation not in turns:
-        raise ValueError(f"EXIF orientation must be 1..8, found {orientation}")
-    return turns[orientation](image)
 
 
 def to_network_input(image: np.ndarray, net_w: int, net_h: int, letterbox: bool) -> tuple[torch.Tensor, FitTransform]:

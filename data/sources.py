@@ -373,11 +373,9 @@ def _yolo_record(image_id: int, image_path: Path, num_classes: int,
     labels = label_path(image_path)
     rows, texts = _read_label_file(labels, num_classes, box_fields_only) if labels.is_file() \
         else (np.zeros((0, 5), np.float32), [])
-    _, first = np.unique(rows, axis=0, return_index=True)
-    repeats = [texts[i] for i in sorted(set(range(len(rows))) - set(first.tolist()))]
-    if repeats:
-        keep = np.sort(first)
-        rows, texts = rows[keep], [texts[i] for i in keep]
+    keep = np.sort(np.unique(rows, axis=0, return_index=True)[1])         # each line's first occurrence
+    repeats = [texts[i] for i in np.setdiff1d(np.arange(len(rows)), keep)]
+    rows, texts = rows[keep], [texts[i] for i in keep]
     line_count = len(texts) if labels.is_file() else None       # the lines kept: those `outside` is of
     outside = [texts[i] for i in np.flatnonzero(((rows[:, 1:] < 0) | (rows[:, 1:] > 1)).any(axis=1))]
     scale = np.array([width, height, width, height], np.float32)

@@ -239,19 +239,28 @@ def test_real_coco128_yaml_and_json_agree(shared_data):
     assert len(load_yolo_dataset(root / "coco128.yaml", split="val").records) == 128
 
 
+@pytest.mark.parametrize("image_format", ["png", "webp"])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_apply_orientation_turns_as_pil_does(orientation):
+def test_images_are_turned_by_their_exif_orientation_as_pil_turns_them(tmp_path, orientation, image_format):
+    """Size (read by PIL) and pixels (decoded by OpenCV) of a file with each EXIF orientation equal
+    what PIL's exif_transpose shows; lossless formats, so the comparison is exact."""
     from PIL import Image, ImageOps
 
-    from data.eval_dataset import apply_orientation
+    from data.eval_dataset import read_rgb
+    from data.sources import displayed_size
 
     stored = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     image = Image.fromarray(stored)
     exif = image.getexif()
     exif[0x0112] = orientation
-    image.info["exif"] = exif.tobytes()
-    expected = np.asarray(ImageOps.exif_transpose(image))
-    np.testing.assert_array_equal(apply_orientation(stored, orientation), expected)
+    path = tmp_path / f"a.{image_format}"
+    image.save(path, exif=exif, **({"lossless": True} if image_format == "webp" else {}))
+    with Image.open(path) as reopened:
+        expected = np.asarray(ImageOps.exif_transpose(reopened).convert("RGB"))
+    width, height, tag = displayed_size(path)
+    assert (height, width, tag) == (*expected.shape[:2], orientation)
+    np.testing.assert_array_equal(read_rgb(path, tag), expected)
+    np.testing.assert_array_equal(read_rgb(path), stored)                       # 1: as stored
 
 
 def test_yolo_labels_are_of_the_image_as_its_exif_orientation_shows_it(tmp_path):
