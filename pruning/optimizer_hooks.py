@@ -55,6 +55,9 @@ def attach_masks(optimizer: Optimizer, model: nn.Module, masks: Masks, ema: obje
     Before the step the pruned gradients are zeroed; after it the pruned weights, their optimizer
     state (momentum, Adam moments) and, if given, the same weights of ``ema`` (an ``nn.Module`` or
     an object whose ``.module`` is one) are zeroed, so weight decay and momentum cannot revive them.
+    A loop that clips the gradients' norm before the step should call ``masks.mask_grads(model)``
+    before clipping, or the clip counts the pruned gradients too (``ultralytics_callbacks`` does so
+    for Ultralytics' trainer).
     """
     return StepHooks([
         optimizer.register_step_pre_hook(lambda _optimizer, _args, _kwargs: masks.mask_grads(model)),

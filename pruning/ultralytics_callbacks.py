@@ -306,12 +306,14 @@ class UltralyticsADMM:
         A state from before settings were saved (None) is taken as it is."""
         if saved is None:
             return
-        def flat(settings: dict) -> dict:
-            config = {f"config.{key}": value for key, value in settings["config"].items()}
-            return {**config, **{key: value for key, value in settings.items() if key != "config"}}
-
-        before, now = flat(saved), flat(self._settings())
+        before, now = _flat_settings(saved), _flat_settings(self._settings())
         changes = [f"{key}: {before.get(key)!r} -> {now[key]!r}" for key in sorted(now) if before.get(key) != now[key]]
         if changes:
             raise ValueError(f"{path}: saved by a pruner with other settings ({'; '.join(changes)}); resume with the"
                              f" settings the run started with, or start a new run")
+
+
+def _flat_settings(settings: dict) -> dict:
+    """``{"config": {...}, "admm_iters": ...}`` as one level: ``{"config.rho": ..., "admm_iters": ...}``."""
+    config = {f"config.{key}": value for key, value in settings["config"].items()}
+    return {**config, **{key: value for key, value in settings.items() if key != "config"}}
