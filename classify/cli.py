@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from torch import nn
+
 import pruning
 from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, PruneSettings, TrainSettings,
                                check_weight_patterns, evaluate_accuracy, make_eval_loader, model_spec, prepare,
                                prune_model, save_prune_plots, save_weights, train_model)
 from classify.run_record import claim_checkpoint_dir, run_identity
-from engine import atomic_write_json, distributed, output_folder, resolve_device
+from engine import atomic_write_json, distributed, output_folder, resolve_device, run_folder_lock
 
 DEFAULT_RUN_DIR = Path("runs/classify")
 
@@ -181,17 +183,18 @@ def run_train(args: argparse.Namespace) -> int:
     check_checkpoint_dir(args)
     join_torchrun(args)
     settings = train_settings(args)
-    claim_checkpoint_dir(settings, run_identity("train", args.model, args.data, args.weights, settings))
-    model, datasets = prepare(args.model, args.data, args.weights, seed=args.seed)
-    result = train_model(args.model, model, datasets, settings)
-    if not distributed.is_main():
+    with run_folder_lock(settings.checkpoint_dir, "--checkpoint-dir"):   # one job per folder
+        claim_checkpoint_dir(settings, run_identity("train", args.model, args.data, args.weights, settings))
+        model, datasets = prepare(args.model, args.data, args.weights, seed=args.seed)
+        result = train_model(args.model, model, datasets, settings)
+        if not distributed.is_main():
+            return 0
+        out = save_weights(model, args.out)
+        print(f"{args.model}: top-1 {result['accuracy']:.2f}% after {settings.epochs} epochs "
+              f"({result['wall_time_s']:.0f} s); weights: {out}")
+        if args.json_out is not None:
+            atomic_write_json(args.json_out, {**result, "weights": str(out)})
         return 0
-    out = save_weights(model, args.out)
-    print(f"{args.model}: top-1 {result['accuracy']:.2f}% after {settings.epochs} epochs "
-          f"({result['wall_time_s']:.0f} s); weights: {out}")
-    if args.json_out is not None:
-        atomic_write_json(args.json_out, {**result, "weights": str(out)})
-    return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -221,11 +224,17 @@ def run_prune(args: argparse.Namespace) -> int:
                           ramp_iters=args.ramp_iters, distill=args.distill,
                           distill_temperature=args.distill_temperature, admm_lr=args.admm_lr)
     check_weight_patterns(args.model, prune)
-    claim_checkpoint_dir(settings, run_identity("prune", args.model, args.data, args.weights, settings, prune))
-    model, datasets = prepare(args.model, args.data, args.weights, seed=args.seed)
-    result = prune_model(args.model, model, datasets, prune, settings)
-    if not distributed.is_main():
+    with run_folder_lock(settings.checkpoint_dir, "--checkpoint-dir"):   # one job per folder
+        claim_checkpoint_dir(settings, run_identity("prune", args.model, args.data, args.weights, settings, prune))
+        model, datasets = prepare(args.model, args.data, args.weights, seed=args.seed)
+        result = prune_model(args.model, model, datasets, prune, settings)
+        if distributed.is_main():
+            report_prune(args, model, result)
         return 0
+
+
+def report_prune(args: argparse.Namespace, model: nn.Module, result: dict) -> None:
+    """Print the prune's table and summary; write --out, --json-out and the plots beside it."""
     print(pruning.format_table(result["layers"]))
     print(f"{args.model} {args.method}: {100 * result['sparsity']:.2f}% of {result['params']} weights removed; "
           f"top-1 {result['dense_accuracy']:.2f}% dense -> {result['pruned_accuracy']:.2f}% pruned "
@@ -236,7 +245,6 @@ def run_prune(args: argparse.Namespace) -> int:
         atomic_write_json(args.json_out, result)
         plots = save_prune_plots(result, args.json_out)
         print(f"result: {args.json_out}; plots: {', '.join(str(p) for p in plots)}")
-    return 0
 
 
 RUNNERS = {"train": run_train, "eval": run_eval, "prune": run_prune}

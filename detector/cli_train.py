@@ -28,7 +28,7 @@ from data.sources import DetectionSource, load_coco_json, load_yolo_dataset, rea
 from detector.cli import network_size
 from detector.train import DetectTrainConfig, fit_detector
 from engine import (atomic_write_json, changed_settings, distributed, find_latest_checkpoint, output_folder,
-                    resolved_paths, seed_everything)
+                    resolved_paths, run_folder_lock, seed_everything)
 
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume"}
 PATH_FLAGS = {"cfg", "weights", "data", "images", "annotations", "val_images", "val_annotations", "out"}
@@ -107,6 +107,12 @@ def run(args: argparse.Namespace) -> int:
     config = train_config(args)
     config.device = str(distributed.init_from_env(config.device))  # joins torchrun's group, if any
     output_folder(args.out, "--out")                # on every rank, so that every rank stops on a bad one
+    with run_folder_lock(args.out, "--out"):        # one job per folder
+        return train_in_folder(args, config)
+
+
+def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
+    """Train (or resume) into --out, which this job holds; rank 0 writes the weights and prints."""
     config.resume = resume_point(args)
     train_source, val_source = load_sources(args)
     model = detector.load_darknet(args.cfg, args.weights)

@@ -55,7 +55,8 @@ from detector.predict import inference_copy
 from detector.prune_job import RECORDED_ONLY, PruneJob
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, distributed,
-                    find_latest_checkpoint, remove_stale_temp_files, resolve_device, resolved_paths, seeded_cpu_stream)
+                    find_latest_checkpoint, remove_stale_temp_files, resolve_device, resolved_paths, run_folder_lock,
+                    seeded_cpu_stream)
 
 LOG = logging.getLogger("yolo_admm.prune")
 
@@ -394,22 +395,24 @@ def log_to_file(path: Path) -> logging.Handler:
 
 def run_job(job: PruneJob) -> dict[str, Any]:
     """Run (or resume) the whole job; writes ``<out>/config.yaml``, ``log.txt``, ``results.json``
-    and the per-sparsity folders, and returns the results."""
+    and the per-sparsity folders, and returns the results. Holds ``<out>`` meanwhile
+    (`engine.run_folder_lock`): a second job on the same folder is refused."""
     distributed.init_from_env(resolve_device(job.device))  # joins torchrun's group, if any
     torch.manual_seed(job.seed)
     root = Path(job.out)
     root.mkdir(parents=True, exist_ok=True)
-    write_or_check_config(job, root / "config.yaml")
-    if distributed.is_main():                                # temp files of writes a kill cut short
-        for folder in (root, *root.glob("sparsity_*/")):
-            remove_stale_temp_files(folder, recursive=folder != root)
-    handler = log_to_file(root / "log.txt") if distributed.is_main() else None
-    try:
-        return _run_stages(job)
-    finally:
-        if handler is not None:
-            LOG.removeHandler(handler)
-            handler.close()
+    with run_folder_lock(root, "--out"):
+        write_or_check_config(job, root / "config.yaml")
+        if distributed.is_main():                            # temp files of writes a kill cut short
+            for folder in (root, *root.glob("sparsity_*/")):
+                remove_stale_temp_files(folder, recursive=folder != root)
+        handler = log_to_file(root / "log.txt") if distributed.is_main() else None
+        try:
+            return _run_stages(job)
+        finally:
+            if handler is not None:
+                LOG.removeHandler(handler)
+                handler.close()
 
 
 def _run_stages(job: PruneJob) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from engine.checkpoint import (atomic_torch_save, atomic_write, atomic_write_byt
                                output_folder, remove_stale_temp_files, resolved_paths, save_checkpoint)
 from engine.ema import ModelEMA
 from engine.rng import seed_everything, seeded_cpu_stream
+from engine.run_lock import run_folder_lock
 from engine.distributed import resolve_device
 from engine.trainer import NonFiniteLossError, Trainer, TrainConfig, move_to_device
 
@@ -27,6 +28,7 @@ __all__ = [
     "remove_stale_temp_files",
     "resolve_device",
     "resolved_paths",
+    "run_folder_lock",
     "save_checkpoint",
     "seed_everything",
     "seeded_cpu_stream",

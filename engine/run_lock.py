@@ -1,0 +1,90 @@
+"""One job per run folder.
+
+Two jobs writing one run folder would overwrite each other's checkpoints, and each would sweep
+the other's half-written temporary files away. `run_folder_lock` takes an exclusive `flock` on
+`FOLDER/.yolo-admm.lock` for as long as the job runs; a second job on the same folder stops at
+once with an error naming the holder. The operating system lets the lock go when the holder's
+process ends, however it ends (SIGKILL included), so a killed run never leaves a stale lock: the
+next job resumes it. The file itself stays, holding the last holder's description.
+
+Rank 0 alone takes the lock under torchrun (it alone writes the folder), and every rank raises
+when it cannot. Where `fcntl` or `flock` is unavailable (Windows; some network file systems) the
+job runs unlocked, with a warning.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from engine import distributed
+
+try:
+    import fcntl
+except ImportError:                     # Windows
+    fcntl = None
+
+LOCK_FILE = ".yolo-admm.lock"
+_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+@contextmanager
+def run_folder_lock(folder: str | os.PathLike | None, flag: str) -> Iterator[None]:
+    """Hold `folder` (an existing folder; None: nothing to hold) for this job while the block runs.
+
+    Args:
+        folder: the run folder the job writes.
+        flag: the option that named it, for the error message (e.g. "--out").
+    Raises:
+        ValueError: another process holds the folder (names the folder, the flag and the holder).
+    """
+    handle, holder = None, None
+    if folder is not None and distributed.is_main():
+        handle, holder = _take(Path(folder) / LOCK_FILE)
+    holder = distributed.broadcast_object(holder)
+    if holder is not None:
+        raise ValueError(f"{flag} {folder}: expected a run folder no other job is using, found it in use by "
+                         f"{holder}; wait for that job to end, or choose another {flag}")
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()                  # closing the file lets the lock go
+
+
+def _take(path: Path) -> tuple[IO[str] | None, str | None]:
+    """(the open, locked file, None), or (None, a description of the holder) when another holds it;
+    (None, None) when this file system cannot lock (a warning says so)."""
+    if fcntl is None:
+        _warn_unlocked(path, "this platform has no fcntl")
+        return None, None
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        return None, holder
+    except OSError as err:
+        handle.close()
+        if err.errno not in _UNSUPPORTED:
+            raise
+        _warn_unlocked(path, err.strerror or str(err))
+        return None, None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv)[:300]})\n")
+    handle.flush()
+    return handle, None
+
+
+def _warn_unlocked(path: Path, why: str) -> None:
+    print(f"warning: cannot lock {path} ({why}): nothing stops a second job from writing this run folder",
+          file=sys.stderr)

@@ -1,0 +1,96 @@
+"""One job per run folder (`engine.run_folder_lock`): a second job on a folder that another process
+holds stops before it writes anything, naming the holder; the lock goes with its holder, however
+the holder ends (SIGKILL included)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.run_lock import LOCK_FILE, run_folder_lock
+from yolo_admm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+HOLD = """
+import sys
+from engine.run_lock import run_folder_lock
+with run_folder_lock(sys.argv[1], "--out"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def held_folder(tmp_path: Path):
+    """A run folder that another process holds; yields (folder, that process)."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], cwd=REPO, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield folder, holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_job_is_refused_and_told_who_holds_the_folder(held_folder):
+    folder, holder = held_folder
+    with pytest.raises(ValueError) as refused:
+        with run_folder_lock(folder, "--out"):
+            pytest.fail("the block ran although another process holds the folder")
+    message = str(refused.value)
+    assert message.startswith(f"--out {folder}: expected a run folder no other job is using, found it in use by "
+                              f"pid {holder.pid} on ")
+    assert "choose another --out" in message
+
+
+def test_the_lock_goes_with_a_killed_holder(held_folder):
+    folder, holder = held_folder
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with run_folder_lock(folder, "--out"):
+        assert (folder / LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on ")
+
+
+def test_the_lock_is_held_only_inside_the_block(tmp_path: Path):
+    with run_folder_lock(tmp_path, "--out"):
+        with pytest.raises(ValueError, match="in use by pid"):   # flock: a second open file conflicts too
+            with run_folder_lock(tmp_path, "--out"):
+                pass
+    with run_folder_lock(tmp_path, "--out"):
+        pass
+
+
+def test_no_folder_holds_nothing():
+    with run_folder_lock(None, "--checkpoint-dir"):
+        pass
+
+
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("command", [
+    ["detect", "train", "--cfg", "{root}/none.cfg", "--data", "{root}/none.yaml", "--out", "{run}"],
+    ["detect", "prune", "--cfg", "{root}/none.cfg", "--data", "{root}/none.yaml", "--out", "{run}"],
+    ["classify", "train", "--model", "lenet5", "--data", "{root}/none", "--checkpoint-dir", "{run}",
+     "--out", "{root}/lenet5.pt"],
+    ["classify", "prune", "--model", "lenet5", "--data", "{root}/none", "--weights", "{root}/none.pt", "--sparsity", "0.9",
+     "--checkpoint-dir", "{run}"],
+], ids=["detect-train", "detect-prune", "classify-train", "classify-prune"])
+def test_every_command_that_writes_a_run_folder_refuses_one_in_use(command, held_folder, capsys):
+    folder, holder = held_folder
+    (folder / "epoch_0001.pt").write_bytes(b"a checkpoint of the running job")
+    before = snapshot(folder)
+    argv = [word.format(root=folder.parent, run=folder) for word in command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{folder}: expected a run folder no other job is using, found it in use by pid {holder.pid}" in err
+    assert "Traceback" not in err
+    assert snapshot(folder) == before
