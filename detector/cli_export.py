@@ -82,7 +82,8 @@ def format_report(report: dict) -> str:
     lines = [f"{'format':<9}{'file':<40}{'bytes':>12}{'vs dense':>10}  check",
              f"{'dense':<9}{'(fp32, all tensors)':<40}{dense:>12,}{1.0:>10.3f}"]
     checks = {"darknet": ("opencv_max_rel_diff", "OpenCV max rel diff"),
-              "onnx": ("onnxruntime_max_rel_diff", "onnxruntime max rel diff")}
+              "onnx": ("onnxruntime_max_rel_diff", "onnxruntime max rel diff"),
+              "compact": ("output_max_rel_diff", "decoded, max rel diff")}
     for name in FORMATS:
         if name not in report:
             continue
@@ -97,6 +98,10 @@ def format_report(report: dict) -> str:
                  f"{c['ratio_to_bound']:.3f} x their entropy bound ({c['entropy_bound_bytes']:,.0f} bytes)")
         lines.append(f"compact: {c['nonzero']:,} of {c['params']:,} weights kept (sparsity {c['sparsity']:.3f}), "
                      f"{c['value_format']} values; masks + values {c['sparse_bytes']:,} bytes = {bound}")
+        if "max_rel_error" in c:
+            lines.append(f"compact: stored weights within {c['max_rel_error']:.2g} of each tensor's max |w| "
+                         f"(largest error {c['max_abs_error']:.2g}); the outputs on a random input within "
+                         f"{c['output_max_rel_diff']:.2g} (relative)")
     return "\n".join(lines)
 
 

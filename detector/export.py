@@ -39,7 +39,7 @@ from detector.postprocess import flatten_heads
 from detector.weights import write_weights
 from pruning.masks import Masks
 from engine import atomic_write_bytes
-from pruning.sparse_archive import load_sparse_archive, save_sparse_archive
+from pruning.sparse_archive import check_decoded, load_sparse_archive, save_sparse_archive
 
 FORMATS = ("darknet", "onnx", "compact")
 ONNX_INPUT, ONNX_OUTPUT = "images", "detections"
@@ -275,7 +275,7 @@ def _torch_onnx_export(wrapper: nn.Module, example: torch.Tensor, path: Path, op
 
 
 def export_compact(model: DarknetModel, masks: Masks | None, path: str | os.PathLike,
-                   value_format: str = "fp16", compression: str = "lzma") -> dict:
+                   value_format: str = "fp16", compression: str = "lzma", verify: bool = True) -> dict:
     """Write the model's state_dict and cfg as one compact sparse archive (`pruning.sparse_archive`).
 
     Args:
@@ -285,11 +285,17 @@ def export_compact(model: DarknetModel, masks: Masks | None, path: str | os.Path
         path: the archive file.
         value_format: "fp16" (exact for fp16-representable weights) or "int8" (per-tensor scale).
         compression: "lzma" or "zlib".
+        verify: load the file back and check it against the model (`pruning.check_decoded`:
+            every tensor as stored, pruned weights zero, values within the format's rounding;
+            raises RuntimeError otherwise), then run the rebuilt model on one random input.
 
     Returns:
         The archive's report (`bytes`, `sparse_bytes`, `entropy_bound_bytes`, `ratio_to_bound`, ...,
         see `pruning.save_sparse_archive`) plus `dense_fp32_bytes`, `ratio_to_dense` (bytes / dense),
-        `params` and `nonzero` (of the sparse tensors, as stored) and `sparsity`.
+        `params` and `nonzero` (of the sparse tensors, as stored) and `sparsity`; with verify,
+        `max_abs_error` and `max_rel_error` of the stored weights (0 for fp16-representable
+        weights) and `output_max_rel_diff`, what that error does to the decoded detections on the
+        random input (|difference| / max(1, |value|), as for ONNX; reported, not bounded).
     """
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     sparse_names = _check_masks(state, masks) if masks is not None else None
@@ -306,7 +312,34 @@ def export_compact(model: DarknetModel, masks: Masks | None, path: str | os.Path
     report.update(dense_fp32_bytes=dense, ratio_to_dense=report["bytes"] / dense, params=params,
                   nonzero=nonzero, sparsity=1.0 - nonzero / params if params else 0.0,
                   value_format=value_format)
+    if verify:
+        report.update(compact_difference(model, state, Path(path), value_format, names))
     return report
+
+
+def compact_difference(model: DarknetModel, state: dict[str, torch.Tensor], path: Path, value_format: str,
+                       sparse_names: list[str]) -> dict:
+    """Load the archive `path` back, check its tensors against `state` (those written: the model's
+    CPU state_dict and the cfg entry), and compare the rebuilt model's decoded detections with the
+    model's on one random input. Returns `max_abs_error`, `max_rel_error`, `output_max_rel_diff`.
+
+    Raises:
+        RuntimeError: the archive does not decode to the model (names the file and the tensor).
+    """
+    decoded = load_sparse_archive(path)
+    try:
+        errors = check_decoded(state, decoded, value_format, sparse_names)
+    except ValueError as err:
+        raise RuntimeError(f"{path}: the archive does not decode to the model: {err}") from None
+    rebuilt = _model_from_archive(decoded, path)
+    images = _verify_input(model.net.channels, model.net.height, model.net.width)
+    with torch.no_grad():
+        expected = DecodedDetections(copy.deepcopy(model).float().cpu()).eval()(images)
+        found = DecodedDetections(rebuilt)(images)
+    difference = (found.double() - expected.double()).abs()
+    difference[~torch.isfinite(difference)] = math.inf
+    relative = difference / expected.double().abs().clamp(min=1.0)
+    return {**errors, "output_max_rel_diff": float(relative.max())}
 
 
 def _check_masks(state: dict[str, torch.Tensor], masks: Masks) -> list[str]:
@@ -334,7 +367,13 @@ def load_compact(path: str | os.PathLike, cfg_path: str | os.PathLike | None = N
             (the model's `cfg.path` then names a file that is gone: `export_darknet` needs a real one).
     """
     path = Path(path)
-    state = load_sparse_archive(path)
+    return _model_from_archive(load_sparse_archive(path), path, cfg_path)
+
+
+def _model_from_archive(state: dict[str, torch.Tensor], path: Path,
+                        cfg_path: str | os.PathLike | None = None) -> DarknetModel:
+    """The model of an archive's tensors (`state`, read from `path`): see `load_compact`."""
+    state = dict(state)
     cfg_tensor = state.pop(COMPACT_CFG_KEY, None)
     if cfg_tensor is None:
         raise ValueError(f"{path}: a sparse archive without an embedded Darknet cfg "

@@ -18,7 +18,7 @@ from pruning.projection import (
 )
 from pruning.report import format_table, layer_table, save_kept_fraction_plot, table_totals
 from pruning.selection import canonical_name, check_selection, layer_floors, name_matches, prunable_parameters
-from pruning.sparse_archive import entropy_bound, load_sparse_archive, save_sparse_archive
+from pruning.sparse_archive import check_decoded, entropy_bound, load_sparse_archive, save_sparse_archive
 from pruning.ultralytics_callbacks import UltralyticsADMM
 
 __all__ = [
@@ -28,5 +28,5 @@ __all__ = [
     "check_sparsity", "floor_counts", "global_topk_masks", "kept_count",
     "layerwise_topk_masks", "magnitude_keys", "format_table", "layer_table", "save_kept_fraction_plot",
     "table_totals", "canonical_name", "check_selection", "layer_floors", "name_matches", "prunable_parameters",
-    "entropy_bound", "load_sparse_archive", "save_sparse_archive",
+    "check_decoded", "entropy_bound", "load_sparse_archive", "save_sparse_archive",
 ]

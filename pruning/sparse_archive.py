@@ -12,7 +12,8 @@ then the compressed blobs it points to (``[offset, length]`` from the end of the
   checksum of its own, so a damaged file is caught here (archives without the CRC still load).
 
 Float16 values round-trip exactly when the weights are float16-representable; int8 is lossy
-(error <= scale / 2). ``entropy_bound`` gives the size an ideal order-0 coder of each layer's
+(error <= scale / 2). ``check_decoded`` checks an archive loaded back against its source tensors
+and measures that error. ``entropy_bound`` gives the size an ideal order-0 coder of each layer's
 mask bits and quantised values would need; ``save_sparse_archive`` reports both.
 """
 from __future__ import annotations
@@ -218,6 +219,57 @@ def save_sparse_archive(
         "ratio_to_bound": sizes["sparse"] / bound if bound else None,      # None: nothing to bound
         "nonzero": stored_nonzero,
     }
+
+
+def check_decoded(
+    original: Mapping[str, Tensor],
+    decoded: Mapping[str, Tensor],
+    value_format: str = "fp16",
+    sparse_names: Iterable[str] | None = None,
+) -> dict[str, float]:
+    """Check an archive's tensors, loaded back (``decoded``), against those it was written from
+    (``original``, as given to ``save_sparse_archive`` with the same ``value_format`` and
+    ``sparse_names``), and measure what the value format lost.
+
+    Returns:
+        dict ``max_abs_error`` (the largest |decoded - original| over the sparse tensors) and
+        ``max_rel_error`` (over the sparse tensors, the largest max |error| / max |original|).
+    Raises:
+        ValueError: naming the tensor: a name, dtype or shape that differs, a dense tensor not
+            bit-equal, a weight zero in ``original`` but not in ``decoded``, or an error beyond the
+            format's bound (fp16: none beyond rounding to float16; int8: scale / 2).
+    """
+    if list(original) != list(decoded):
+        missing, extra = sorted(set(original) - set(decoded)), sorted(set(decoded) - set(original))
+        raise ValueError(f"expected the tensors written, found {len(missing)} missing {missing[:3]} and "
+                         f"{len(extra)} others {extra[:3]}")
+    sparse = set(_sparse_names(original, sparse_names))
+    max_abs = max_rel = 0.0
+    for name, tensor in original.items():
+        want, got = tensor.detach().cpu(), decoded[name]
+        if got.dtype != want.dtype or got.shape != want.shape:
+            raise ValueError(f"{name}: expected {want.dtype} {tuple(want.shape)}, found {got.dtype} {tuple(got.shape)}")
+        if name not in sparse:
+            if not torch.equal(got, want):
+                raise ValueError(f"{name}: expected the tensor stored exactly, found other values")
+            continue
+        if bool(((got != 0) & (want == 0)).any()):
+            raise ValueError(f"{name}: expected zeros where the weights are pruned, found nonzeros")
+        error = (got.double() - want.double()).abs().max().item() if want.numel() else 0.0
+        peak = want.abs().max().item() if want.numel() else 0.0
+        if not _within_format(want, got, value_format, error, peak):
+            raise ValueError(f"{name}: expected an error within {value_format}'s rounding, found {error:.3g} "
+                             f"(max |w| {peak:.3g})")
+        max_abs, max_rel = max(max_abs, error), max(max_rel, error / peak if peak else 0.0)
+    return {"max_abs_error": max_abs, "max_rel_error": max_rel}
+
+
+def _within_format(want: Tensor, got: Tensor, value_format: str, error: float, peak: float) -> bool:
+    """Whether one sparse tensor decoded as its value format promises: fp16, each weight rounded to
+    float16; int8, within half a step of the symmetric scale (max |w| / 127), plus float slack."""
+    if value_format == "fp16":
+        return torch.equal(got, want.to(torch.float16).to(want.dtype))
+    return error <= peak / 127.0 / 2 * (1 + 1e-4)
 
 
 def _read_header(path: Path, data: bytes) -> tuple[dict, int]:

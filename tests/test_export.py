@@ -321,6 +321,31 @@ def test_int8_archive_is_smaller_and_close(pruned, tmp_path, images):
         assert (back - weight).abs().max() <= step / 2 + 1e-7, name
 
 
+def test_compact_export_checks_the_file_against_the_model_and_reports_the_error(pruned, tmp_path, monkeypatch):
+    model, masks = pruned
+    fp16 = export_compact(model, masks, tmp_path / "a.yaspars", "fp16")
+    int8 = export_compact(model, masks, tmp_path / "b.yaspars", "int8")
+    weights = [model.state_dict()[name] for name in masks]
+    rounding = max(float((w.half().float() - w).abs().max()) for w in weights)
+    assert fp16["max_abs_error"] == pytest.approx(rounding) and rounding > 0
+    assert int8["max_abs_error"] > 10 * fp16["max_abs_error"]
+    assert 1 / 508 < int8["max_rel_error"] <= 1 / 254 * (1 + 1e-4)
+    assert 0 < fp16["output_max_rel_diff"] < int8["output_max_rel_diff"] < 0.5
+    first = next(iter(masks))
+    decode = detector.export.load_sparse_archive
+
+    def misdecoded(path):                   # as a decoder that lost the int8 scale of one tensor would
+        state = decode(path)
+        state[first] = state[first] * 1.5
+        return state
+
+    monkeypatch.setattr(detector.export, "load_sparse_archive", misdecoded)
+    with pytest.raises(RuntimeError, match=f"c.yaspars: the archive does not decode to the model: {first}: "
+                                           f"expected an error within int8's rounding"):
+        export_compact(model, masks, tmp_path / "c.yaspars", "int8")
+    assert export_compact(model, masks, tmp_path / "d.yaspars", "int8", verify=False)["bytes"] == int8["bytes"]
+
+
 def test_compact_export_refuses_weights_outside_the_masks(pruned, tmp_path):
     model, masks = pruned
     unpruned = detector.load_darknet(DEMO_CFG)

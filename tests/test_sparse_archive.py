@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pruning import entropy_bound, load_sparse_archive, save_sparse_archive
+from pruning import check_decoded, entropy_bound, load_sparse_archive, save_sparse_archive
 
 
 def sparse_normal(shape, density: float, generator: torch.Generator, std: float = 0.05) -> torch.Tensor:
@@ -160,3 +160,57 @@ def test_running_out_of_memory_while_loading_is_not_called_a_broken_archive(tmp_
     monkeypatch.setattr(sparse_archive, "_decode_entry", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         load_sparse_archive(path)
+
+
+@pytest.mark.parametrize("value_format", ["fp16", "int8"])
+def test_check_decoded_measures_the_format_and_passes_a_true_archive(tmp_path, value_format):
+    state = realistic_state_dict()
+    state["conv1.weight"] = state["conv1.weight"].double() * 1.001       # not float16-representable
+    save_sparse_archive(state, tmp_path / "m.yasp", value_format=value_format)
+    errors = check_decoded(state, load_sparse_archive(tmp_path / "m.yasp"), value_format)
+    if value_format == "fp16":          # only conv1 is not float16-representable
+        weight = state["conv1.weight"]
+        rounding = float((weight.half().double() - weight).abs().max())
+        assert errors["max_abs_error"] == pytest.approx(rounding) and rounding > 0
+        assert errors["max_rel_error"] == pytest.approx(rounding / float(weight.abs().max()))
+    else:                               # half a step of max |w| / 127 at most, and a quarter reached
+        steps = [float(t.abs().max()) / 127 for name, t in state.items() if name.endswith(".weight")]
+        assert max(steps) / 4 < errors["max_abs_error"] <= max(steps) / 2 * (1 + 1e-4)
+        assert 1 / 508 < errors["max_rel_error"] <= 1 / 254 * (1 + 1e-4)
+
+
+def damage(tensors: dict[str, torch.Tensor], name: str, change) -> dict[str, torch.Tensor]:
+    changed = {key: value.clone() for key, value in tensors.items()}
+    change(changed[name])
+    return changed
+
+
+@pytest.mark.parametrize("name, change, expected", [
+    ("bn1.running_mean", lambda t: t.__setitem__(0, t[0] + 1e-6), "bn1.running_mean: expected the tensor stored exactly"),
+    ("conv2.weight", lambda t: t.view(-1).__setitem__((t.view(-1) == 0).nonzero()[0], 0.5),
+     "conv2.weight: expected zeros where the weights are pruned"),
+    ("conv0.weight", lambda t: t.view(-1).__setitem__(t.view(-1).nonzero()[0], 0.3),
+     "conv0.weight: expected an error within int8's rounding"),
+    ("fc.bias", lambda t: t.__imul__(1), None),
+], ids=["dense-tensor-changed", "pruned-weight-revived", "value-beyond-half-a-step", "unchanged"])
+def test_check_decoded_names_the_tensor_that_does_not_decode_as_written(tmp_path, name, change, expected):
+    state = realistic_state_dict()
+    save_sparse_archive(state, tmp_path / "m.yasp", value_format="int8")
+    decoded = damage(load_sparse_archive(tmp_path / "m.yasp"), name, change)
+    if expected is None:
+        check_decoded(state, decoded, "int8")
+        return
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(")):
+        check_decoded(state, decoded, "int8")
+
+
+def test_check_decoded_wants_every_tensor_with_its_dtype_and_shape(tmp_path):
+    state = realistic_state_dict()
+    save_sparse_archive(state, tmp_path / "m.yasp")
+    decoded = load_sparse_archive(tmp_path / "m.yasp")
+    with pytest.raises(ValueError, match=r"1 missing \['fc.bias'\] and 0 others"):
+        check_decoded(state, {k: v for k, v in decoded.items() if k != "fc.bias"})
+    with pytest.raises(ValueError, match=r"fc.bias: expected torch.float64 \(10,\), found torch.float32 \(10,\)"):
+        check_decoded(state, {**decoded, "fc.bias": decoded["fc.bias"].float()})
+    with pytest.raises(ValueError, match="fc.weight: expected an error within fp16's rounding"):
+        check_decoded(state, {**decoded, "fc.weight": decoded["fc.weight"] * 1.01})
