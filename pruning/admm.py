@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from pruning.masks import Masks
 from pruning.projection import check_one_device, check_sparsity, global_topk_masks, kept_count, layerwise_topk_masks
-from pruning.selection import layer_floors, per_name_values, prunable_parameters
+from pruning.selection import canonical_parameters, layer_floors, per_name_values, prunable_parameters
 
 SCOPES = ("global", "layerwise")
 
@@ -132,12 +132,22 @@ class ADMM:
 
     def __init__(self, model: nn.Module, config: ADMMConfig):
         self.config = config
+        self.model = model
         named = prunable_parameters(model, config.include, config.exclude)
+        frozen = [name for name, param in named.items() if not param.requires_grad]
+        if frozen:
+            raise ValueError(f"ADMM trains the weights it prunes, but {len(frozen)} are frozen (requires_grad=False): "
+                             f"{', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}; exclude them "
+                             f"(ADMMConfig.exclude) or unfreeze them")
         self.names: list[str] = list(named)
         self.params: list[nn.Parameter] = list(named.values())
+        self._owners = _owners(model, self.params)
         check_one_device(self.params, "ADMM: the prunable weights")
         self.floors = layer_floors(named, config.min_density)
         self.numel = sum(param.numel() for param in self.params)
+        if config.scope == "global" and sum(self.floors) > self.k:
+            raise ValueError(f"min_density keeps {sum(self.floors)} weights at least, more than the {self.k} of "
+                             f"{self.numel} that sparsity {config.sparsity} leaves")
         if config.scope == "layerwise":
             self.ratios = per_name_values(self.names, config.layer_sparsity or {}, config.sparsity, "layer_sparsity")
         self.rho = config.rho
@@ -180,17 +190,40 @@ class ADMM:
             return global_topk_masks(tensors, k, self.floors if any(self.floors) else None)
         return layerwise_topk_masks(tensors, [self.target(r, fraction) for r in self.ratios], self.floors)
 
-    def _follow_params(self) -> None:
-        """Keep Z, U, U - Z (and the support) on the weights' device and dtype: a model moved after
-        the ADMM was built (``model.to("cuda")`` inside a training loop) takes its ADMM state
-        along, as an optimizer's state follows its parameters. The moved state is new tensors.
-        Called every step, so it looks at the first weight only: the model moves as a whole."""
+    def _follow_params(self, by_name: bool = False) -> None:
+        """Follow the model's weights.
+
+        - Weights replaced by new Parameters of the same shape (``model.load_state_dict(sd,
+          assign=True)``) take over the ADMM state, found by their module (every step) or, with
+          ``by_name``, by canonical name (a replaced layer; every update).
+        - Z, U, U - Z (and the support) move to the weights' device and dtype: a model moved after
+          the ADMM was built (``model.to("cuda")`` inside a training loop) takes its ADMM state
+          along, as an optimizer's state follows its parameters. The moved state is new tensors.
+          The model moves as a whole, so this looks at the first weight only.
+
+        Raises:
+            ValueError: a weight is gone from the model, or has another shape now.
+        """
+        if by_name or any(owner._parameters.get(attr) is not param
+                          for (owner, attr), param in zip(self._owners, self.params)):
+            self._rebind(canonical_parameters(self.model))
         first = self.params[0]
         if self.Z[0].device == first.device and self.Z[0].dtype == first.dtype:
             return
         for state in (self.Z, self.U, self._offset):
             state[:] = [tensor.to(param.device, param.dtype) for tensor, param in zip(state, self.params)]
         self.support[:] = [mask.to(param.device) for mask, param in zip(self.support, self.params)]
+
+    def _rebind(self, current: Mapping[str, nn.Parameter]) -> None:
+        for index, name in enumerate(self.names):
+            param = current.get(name)
+            if param is None:
+                raise ValueError(f"ADMM: the model has no weight {name!r} any more; build a new ADMM for a changed model")
+            if param.shape != self.params[index].shape:
+                raise ValueError(f"ADMM: {name} has shape {tuple(param.shape)} now, its ADMM state "
+                                 f"{tuple(self.params[index].shape)}; build a new ADMM for a changed model")
+            self.params[index] = param
+        self._owners = _owners(self.model, self.params)
 
     @torch.no_grad()
     def add_penalty_grad(self, grad_scale: Tensor | None = None) -> None:
@@ -224,13 +257,13 @@ class ADMM:
             ``dual_residual`` rho * ||Z - Z_prev||, ``rho`` (used in this update), ``next_rho``
             and ``kept`` (the number of weights in Z's support).
         """
-        self._follow_params()
+        self._follow_params(by_name=True)
+        scratch = torch._foreach_add([param.detach() for param in self.params], self.U)   # W + U
+        torch._foreach_copy_(self.support, self.project(scratch, self.ramp_fraction(self.iteration + 1)))
         rho = self.rho
         self.rho = rho * self.config.rho_multiplier
         if self.config.rho_max is not None:
             self.rho = min(self.rho, self.config.rho_max)
-        scratch = torch._foreach_add([param.detach() for param in self.params], self.U)   # W + U
-        torch._foreach_copy_(self.support, self.project(scratch, self.ramp_fraction(self.iteration + 1)))
         primal, dual = [], []
         for param, z, u, offset, buffer, mask in zip(self.params, self.Z, self.U, self._offset, scratch, self.support):
             new_z = buffer.mul_(mask)                                    # projection of W + U
@@ -270,7 +303,7 @@ class ADMM:
         If the ramp has not reached ``sparsity`` yet, the support is first recomputed as the
         final projection of W + U (what the next Z-step would keep at the target).
         """
-        self._follow_params()
+        self._follow_params(by_name=True)
         if self.ramp_fraction(self.iteration) < 1.0:
             torch._foreach_copy_(self.support,
                                  self.project(torch._foreach_add([param.detach() for param in self.params], self.U)))
@@ -320,3 +353,13 @@ class ADMM:
         self.iteration = int(state["iteration"])
         for z, u, offset in zip(self.Z, self.U, self._offset):
             torch.sub(u, z, out=offset)
+
+
+def _owners(model: nn.Module, params: Sequence[nn.Parameter]) -> list[tuple[nn.Module, str]]:
+    """(module, attribute name) holding each of ``params`` in ``model`` (a tied weight: its first holder)."""
+    holder = {}
+    for module in model.modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                holder.setdefault(id(param), (module, attr))
+    return [holder[id(param)] for param in params]

@@ -68,7 +68,9 @@ class Masks:
 
     ``apply`` and ``mask_grads`` multiply by the masks as 0/1 factors in the parameters' dtype,
     cached per device and dtype (one float copy of the masked weights for each) and made again when
-    a mask tensor is changed in place.
+    a mask tensor is changed in place through torch (which moves its version counter; writes
+    through ``.data`` or a NumPy view do not, and go unseen). A pruned weight that is NaN or
+    infinite stays so (0 * NaN is NaN).
     """
 
     def __init__(self, masks: Mapping[str, Tensor]):

@@ -41,9 +41,11 @@ def attach_admm(optimizer: Optimizer, admm: ADMM) -> StepHooks:
     """Add the W-step penalty ``rho * (W - Z + U)`` to the gradients before every ``optimizer.step()``.
 
     The penalty is added once per step, after gradient accumulation and clipping, which is where
-    ``ADMM.add_penalty_grad`` belongs in any loop.
+    ``ADMM.add_penalty_grad`` belongs in any loop. Not for ``step(closure)`` (LBFGS): the closure
+    computes the gradients again after the hook (a ValueError says so).
     """
-    def add_penalty(_optimizer, _args, _kwargs) -> None:
+    def add_penalty(_optimizer, args, kwargs) -> None:
+        refuse_closure(args, kwargs, "add the penalty with admm.add_penalty_grad()")
         admm.add_penalty_grad(getattr(optimizer, "grad_scale", None))   # set by GradScaler for fused optimizers
 
     return StepHooks([optimizer.register_step_pre_hook(add_penalty)])
@@ -57,9 +59,22 @@ def attach_masks(optimizer: Optimizer, model: nn.Module, masks: Masks, ema: obje
     an object whose ``.module`` is one) are zeroed, so weight decay and momentum cannot revive them.
     A loop that clips the gradients' norm before the step should call ``masks.mask_grads(model)``
     before clipping, or the clip counts the pruned gradients too (``ultralytics_callbacks`` does so
-    for Ultralytics' trainer).
+    for Ultralytics' trainer). Not for ``step(closure)`` (LBFGS), whose closure computes the
+    gradients again after the pre-hook (a ValueError says so).
     """
+    def mask_grads(_optimizer, args, kwargs) -> None:
+        refuse_closure(args, kwargs, "zero the pruned gradients with masks.mask_grads(model)")
+        masks.mask_grads(model)
+
     return StepHooks([
-        optimizer.register_step_pre_hook(lambda _optimizer, _args, _kwargs: masks.mask_grads(model)),
+        optimizer.register_step_pre_hook(mask_grads),
         optimizer.register_step_post_hook(lambda _optimizer, _args, _kwargs: masks.apply(model, optimizer, ema)),
     ])
+
+
+def refuse_closure(args: tuple, kwargs: dict, instead: str) -> None:
+    """Raise for ``optimizer.step(closure)``: a hook before the step cannot reach the gradients the
+    closure computes. (A step hook's ``args`` are the step's, the optimizer first.)"""
+    if (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None:
+        raise ValueError(f"optimizer.step(closure) computes the gradients after this hook runs, so the hook "
+                         f"cannot change them; inside the closure, after backward, {instead} instead")

@@ -15,6 +15,7 @@ rather than fresh pages: one fresh 256 MB buffer per op made a flat variant twic
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -31,7 +32,7 @@ _BUCKET_BITS = 15  # bincount over the top 15 magnitude bits: 32768 buckets
 
 def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
     """Return ``sparsity`` as a float if it lies in [0, 1), else raise ValueError naming it."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise ValueError(f"{what} must be a number in [0, 1), got {sparsity!r}")
     if not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"{what} must be in [0, 1) (fraction of weights removed), got {sparsity!r}")

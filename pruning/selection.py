@@ -1,7 +1,9 @@
 """Which parameters are prunable, and per-name settings chosen by patterns.
 
 By default the ``weight`` of every convolution (1d/2d/3d, transposed too) and ``nn.Linear``;
-biases and normalisation parameters never. Names are canonical: wrapper prefixes added by
+biases and normalisation parameters never. A weight that is not a Parameter of such a module is
+not selected: a conv under ``parametrizations.weight_norm`` (its weight is computed), the input
+projection of ``nn.MultiheadAttention`` (``in_proj_weight``). Names are canonical: wrapper prefixes added by
 DistributedDataParallel / DataParallel (``module.``) and ``torch.compile`` (``_orig_mod.``) are
 stripped, so the same names address a bare model, a wrapped one and its EMA copy.
 
@@ -58,8 +60,21 @@ def _as_patterns(patterns: str | Iterable[str] | None, what: str) -> list[str]:
 
 
 def canonical_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """All parameters of ``model`` keyed by canonical name (shared parameters listed once)."""
-    return {canonical_name(name): param for name, param in model.named_parameters()}
+    """All parameters of ``model`` keyed by canonical name (shared parameters listed once).
+
+    Raises:
+        ValueError: two parameters share a canonical name (say ``module.fc.weight`` of a child
+            named ``module`` and the model's own ``fc.weight``).
+    """
+    named, raw_name = {}, {}
+    for name, param in model.named_parameters():
+        key = canonical_name(name)
+        if key in named:
+            raise ValueError(f"{type(model).__name__}: parameters {raw_name[key]!r} and {name!r} are both "
+                             f"{key!r} once the wrapper prefixes {', '.join(_WRAPPER_PREFIXES)} are left out; "
+                             f"rename the child module")
+        named[key], raw_name[key] = param, name
+    return named
 
 
 def prunable_parameters(

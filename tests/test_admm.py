@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -111,6 +112,37 @@ def test_a_linear_weight_tied_to_an_embedding_is_pruned_under_its_parameter_name
     assert sum(int(torch.count_nonzero(p)) for p in (model.hidden.weight, model.embed.weight)) == kept_count(56, 0.5)
 
 
+def test_frozen_weights_are_refused_by_name_until_excluded():
+    """Found by a review: a frozen weight got the penalty as its gradient, trained, and was cut."""
+    model = small_convnet()
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"ADMM trains the weights it prunes, but 1 are frozen \(requires_grad=False\): "
+                                         r"0.weight; exclude them"):
+        ADMM(model, ADMMConfig(sparsity=0.5))
+    assert ADMM(model, ADMMConfig(sparsity=0.5, exclude=["0.*"])).names == ["3.weight", "7.weight"]
+
+
+def test_floors_above_the_final_budget_are_refused_at_construction_with_a_ramp_too():
+    """Found by a review: with a ramp only the first target was checked, so the error came at an
+    update, an epoch or more into training."""
+    for ramp in ({}, {"ramp_from": 0.5, "ramp_updates": 3}):
+        with pytest.raises(ValueError, match="min_density keeps 286 weights at least, more than the 95 of 952 that "
+                                             "sparsity 0.9 leaves"):
+            ADMM(small_convnet(), ADMMConfig(sparsity=0.9, min_density=0.3, **ramp))
+
+
+def test_two_parameters_with_one_canonical_name_are_a_clear_error():
+    model = nn.Module()
+    model.module, model.fc = nn.Sequential(nn.Linear(3, 3)), nn.Linear(3, 3)
+    model.add_module("0", nn.Linear(3, 3))                # "module.0.weight" and "0.weight"
+    with pytest.raises(ValueError, match=r"parameters 'module.0.weight' and '0.weight' are both '0.weight'"):
+        prunable_parameters(model)
+
+
+def test_numpy_numbers_are_numbers():
+    assert ADMMConfig(sparsity=np.float32(0.5), ramp_from=np.float64(0.25), ramp_updates=2).sparsity == 0.5
+
+
 # ---- W-step ----------------------------------------------------------------------------------
 
 def test_add_penalty_grad_equals_autograd_of_the_augmented_term():
@@ -158,6 +190,37 @@ def test_state_follows_the_weights_when_the_model_is_converted_after_the_admm_wa
 
 
 # ---- Z-step, U-step, rho -----------------------------------------------------------------------
+
+def test_weights_replaced_after_the_admm_was_built_take_over_its_state():
+    """Found by a review: after load_state_dict(assign=True) the ADMM went on with the old
+    Parameters, so the penalty reached no weight and the hard prune cut none of the model's."""
+    torch.manual_seed(0)
+    model = small_convnet()
+    admm = ADMM(model, ADMMConfig(sparsity=0.75, rho=1.0))
+    model.load_state_dict({name: tensor.clone() for name, tensor in model.state_dict().items()}, assign=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model[3].weight.detach().clone()
+    admm.add_penalty_grad()                                   # no loss: the step is the penalty alone
+    optimizer.step()
+    assert not torch.equal(model[3].weight, before)
+    admm.update()
+    admm.hard_prune()
+    assert sum(int(torch.count_nonzero(model[i].weight)) for i in (0, 3, 7)) == admm.k
+    model[3] = nn.Conv2d(8, 8, 3, padding=1)                   # a new layer of the same shape: followed by name
+    admm.update()
+    assert admm.params[1] is model[3].weight
+    model[3] = nn.Conv2d(8, 8, 1)
+    with pytest.raises(ValueError, match=r"ADMM: 3.weight has shape \(8, 8, 1, 1\) now, its ADMM state \(8, 8, 3, 3\)"):
+        admm.update()
+
+
+def test_an_update_whose_projection_fails_leaves_rho_as_it_was(monkeypatch):
+    admm = ADMM(small_convnet(), ADMMConfig(sparsity=0.5, rho=1.0, rho_multiplier=2.0))
+    monkeypatch.setattr(admm, "project", lambda *args: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError):
+        admm.update()
+    assert (admm.rho, admm.iteration) == (1.0, 0)
+
 
 def test_update_is_projection_then_dual_step_with_rescaled_u():
     torch.manual_seed(0)

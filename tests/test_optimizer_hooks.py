@@ -97,6 +97,27 @@ def test_a_step_that_grad_scaler_skips_adds_no_penalty_and_changes_nothing():
     assert scaler.get_scale() == 512.0
 
 
+def test_a_step_with_a_closure_is_refused_by_both_hooks():
+    """Found by a review: step(closure) computes the gradients after the pre-hook, so the penalty
+    (or the masking) was silently lost."""
+    model = small_convnet()
+    optimizer = sgd(model)
+
+    def closure():
+        optimizer.zero_grad()
+        backward(model, 0)
+
+    hooks = attach_admm(optimizer, ADMM(model, ADMMConfig(sparsity=0.5)))
+    with pytest.raises(ValueError, match="inside the closure, after backward, add the penalty with admm.add_penalty_grad"):
+        optimizer.step(closure)
+    hooks.remove()
+    attach_masks(optimizer, model, magnitude_prune(model, 0.5))
+    with pytest.raises(ValueError, match="zero the pruned gradients with masks.mask_grads"):
+        optimizer.step(closure=closure)
+    backward(model, 1)
+    optimizer.step()                                          # without a closure: as before
+
+
 def test_admm_pre_hook_sees_unscaled_gradients_under_grad_scaler():
     (reference, reference_admm, reference_opt), (model, _, optimizer) = explicit_and_hooked_runs()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
