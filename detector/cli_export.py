@@ -8,10 +8,14 @@ Writes DIR/model.weights + DIR/model.cfg (Darknet, checked in OpenCV DNN), DIR/m
 included, checked in onnxruntime) and DIR/model.yaspars (compact sparse archive, fp16 or --int8
 nonzeros), prints their sizes against the dense fp32 model and the archive's entropy bound, and
 writes the numbers to DIR/export.json. The sparsity pattern is read from the weights' zeros.
+An export into DIR replaces the one before it: once the new files are written, the files the
+earlier DIR/export.json lists and this export did not write again are removed (this export's
+inputs excepted).
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from detector.cli import network_size
@@ -32,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                              "or a prune run's stage file (sparsity_S/hard_prune.pt, retrained.pt)")
     parser.add_argument("--formats", type=_formats, default=list(FORMATS), metavar="LIST",
                         help=f"comma-separated, from {','.join(FORMATS)} (default: all)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder; an export there replaces the files of the one before (by its export.json)")
     parser.add_argument("--int8", action="store_true",
                         help="compact archive: int8 nonzeros with per-tensor scales (lossy) instead of fp16")
     parser.add_argument("--img-size", type=network_size, default=None, metavar="N",
@@ -43,12 +48,32 @@ def run(args: argparse.Namespace) -> int:
     model = load_export_model(args.cfg, args.weights, args.checkpoint)
     output_folder(args.out, "--out")                # after the inputs are known good: no empty folder
     masks = Masks.from_model(model)
+    json_path = args.out / "export.json"
+    earlier = exported_files(json_path)
     report = export_model(model, args.out, args.formats, masks, "int8" if args.int8 else "fp16", args.img_size)
     print(format_report(report))
-    json_path = args.out / "export.json"
     atomic_write_json(json_path, report)
     print(f"report written to {json_path}")
+    inputs = {Path(path).resolve() for path in (args.cfg, args.weights, args.checkpoint) if path}
+    for stale in sorted(earlier - exported_files(json_path)):
+        if stale.resolve() in inputs:                 # exported again from the earlier export's files
+            continue
+        stale.unlink(missing_ok=True)
+        print(f"removed {stale}, which the earlier export in {args.out} wrote")
     return 0
+
+
+def exported_files(report_path: Path) -> set[Path]:
+    """The files an export report (`export.json`) lists, taken by name in the report's folder (so
+    a report that names them relative to another working folder finds them too); none when there is
+    no readable report."""
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    entries = [report.get(name) for name in FORMATS] if isinstance(report, dict) else []
+    return {report_path.parent / Path(entry[key]).name for entry in entries if isinstance(entry, dict)
+            for key in ("weights", "cfg", "path") if isinstance(entry.get(key), str)}
 
 
 def load_export_model(cfg: str, weights: str | None, checkpoint: str | None) -> DarknetModel:

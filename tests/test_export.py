@@ -384,6 +384,32 @@ def test_cli_exports_every_format_and_writes_the_report(pruned, tmp_path, capsys
         parser.parse_args(["--cfg", "c", "--out", "o", "--formats", "darknet,tflite"])
 
 
+@needs_darknet_importer
+def test_an_export_into_a_used_folder_replaces_the_earlier_one(pruned, tmp_path, monkeypatch):
+    """Left alone by an earlier session: an ONNX file of an earlier export stayed beside a new
+    report that did not list it. The earlier export's files that are this one's inputs stay."""
+    model, _ = pruned
+    export_darknet(model, tmp_path / "in.weights", verify=False)
+    out = tmp_path / "out"
+    parser = argparse.ArgumentParser()
+    cli_export.add_arguments(parser)
+
+    def export(cfg: Path, weights: Path, formats: str) -> None:
+        assert cli_export.run(parser.parse_args(["--cfg", str(cfg), "--weights", str(weights), "--out", "out",
+                                                 "--formats", formats])) == 0
+    monkeypatch.chdir(tmp_path)                            # the report names its files relative to here
+    export(tmp_path / "in.cfg", tmp_path / "in.weights", "darknet,onnx")
+    (out / "notes.txt").write_text("the user's own file")
+    export(out / "model.cfg", out / "model.weights", "compact")
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.cfg", "model.weights", "model.yaspars",
+                                                     "notes.txt"]
+    export(tmp_path / "in.cfg", tmp_path / "in.weights", "onnx")      # the last report listed only the archive
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.cfg", "model.onnx", "model.weights",
+                                                     "notes.txt"]
+    export(tmp_path / "in.cfg", tmp_path / "in.weights", "darknet")
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.cfg", "model.weights", "notes.txt"]
+
+
 def test_cli_exports_a_prune_runs_stage_file(pruned, tmp_path):
     """Found by a review: `--checkpoint sparsity_S/retrained.pt` was refused as no trainer checkpoint."""
     from detector.prune_pipeline import save_state
