@@ -12,6 +12,10 @@
 `build_plain_transform(size, letterbox)` is step 2 alone (no augmentation). Both take and return
 uint8 RGB images with `bboxes` in pixel xyxy (albumentations "pascal_voc") and `class_labels`;
 boxes leaving the image are clipped, and dropped when narrower or lower than `min_box_size` px.
+A mosaic shows about a quarter of each of its 4 images (a `size` x `size` crop of their 2 x 2
+grid of `size` x `size` cells), so most of their boxes fall outside it (about 2 in 3 on coco128).
+The training letterbox rounds its scaled size (albumentations) where the evaluation's floors it
+(Darknet): the two can place an image 1 px apart.
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ class AugmentConfig:
         saturation: saturation factor range [1/saturation, saturation] (Darknet `saturation`, >= 1).
         exposure: brightness factor range [1/exposure, exposure] (Darknet `exposure`, >= 1).
         flip: probability of a horizontal flip (Darknet `flip=1` flips half the images).
-        scale: range of the random zoom factor.
+        scale: range of the random zoom factor, drawn for x and y apart, so that it also changes the
+            aspect ratio (as Darknet's `jitter` does).
         translate: max shift as a fraction of `size`, in x and in y.
         mosaic: probability of a 2x2 mosaic (Darknet `mosaic=1` uses it on half the batches).
         min_box_size: boxes smaller than this (px, after augmentation) in width or height are dropped.
@@ -93,7 +98,10 @@ class AugmentConfig:
         return replace(cls(**from_cfg), **overrides)
 
 
-def build_plain_transform(size: int, letterbox: bool, min_box_size: float = 1.0) -> A.Compose:
+PLAIN_MIN_BOX_SIZE = 1.0         # px: without augmentation, only boxes a resize shrinks below a pixel go
+
+
+def build_plain_transform(size: int, letterbox: bool, min_box_size: float = PLAIN_MIN_BOX_SIZE) -> A.Compose:
     """Fit to `size` x `size` (resize or letterbox) without any augmentation."""
     return A.Compose(_fit_steps(size, letterbox), bbox_params=_bbox_params(min_box_size))
 

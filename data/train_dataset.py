@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from data.augment import AugmentConfig, build_plain_transform, build_train_transform
+from data.augment import PLAIN_MIN_BOX_SIZE, AugmentConfig, build_plain_transform, build_train_transform
 from data.eval_dataset import read_annotated_image
 from data.seeded_batches import draw_seed
 from data.sources import DetectionRecord, DetectionSource
@@ -65,6 +65,7 @@ class DetectionTrainDataset(Dataset):
         # The mosaic coin is tossed here rather than inside albumentations, so that the three
         # partner images are read and decoded only for the samples that use them.
         self.mosaic_transform = None
+        self.min_box_size = config.min_box_size if augment else PLAIN_MIN_BOX_SIZE
         if not augment:
             self.transform = build_plain_transform(config.size, config.letterbox)
         elif config.mosaic > 0:
@@ -92,6 +93,7 @@ class DetectionTrainDataset(Dataset):
         image_tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
         if side is not None and side != image_tensor.shape[-1]:
             image_tensor = _resized(image_tensor, side)
+            labels = _at_least(labels, self.min_box_size / side)      # as the transform's filter, at this side
         return image_tensor, labels
 
     def _load(self, index: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
@@ -173,6 +175,11 @@ class MultiScaleCollate:
         if images.shape[-1] != side or images.shape[-2] != side:
             images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
         return images, targets
+
+
+def _at_least(labels: Tensor, extent: float) -> Tensor:
+    """The rows of `labels` (Tensor[n, 5]: class, cx, cy, w, h normalised) with w and h >= `extent`."""
+    return labels[(labels[:, 3] >= extent) & (labels[:, 4] >= extent)]
 
 
 def _resized(image: Tensor, side: int) -> Tensor:

@@ -187,6 +187,21 @@ def test_multi_scale_batches_share_one_drawn_side(tmp_path):
     assert sides == {32, 96}
 
 
+def test_a_box_that_multi_scale_shrinks_below_the_size_limit_is_dropped(tmp_path):
+    """Found by a review: the 2 px limit was applied at the network size, before the batch's side
+    shrank the image (a 2.03 px box at 608 came out 1.54 px at 448)."""
+    source = rectangles_source(tmp_path, [((64, 64), [[8, 8, 11, 40], [20, 20, 50, 50]])])   # 3 px wide
+    dataset = DetectionTrainDataset(source, AugmentConfig(64, scale=(1.0, 1.0), translate=0.0, flip=0.0,
+                                                          min_box_size=2.0, **NO_COLOUR))
+    assert len(dataset[(0, 0, 64)][1]) == 2
+    assert len(dataset[(0, 0, 96)][1]) == 2
+    small = dataset[(0, 0, 32)][1]                             # 1.5 px at side 32
+    assert len(small) == 1 and small[0, 3] * 32 == pytest.approx(15, abs=0.5)
+    plain = DetectionTrainDataset(source, AugmentConfig(64), augment=False)
+    assert len(plain[(0, 0, 32)][1]) == 2                      # without augmentation the limit is 1 px
+    assert len(plain[(0, 0, 16)][1]) == 1
+
+
 def test_augmentation_does_not_depend_on_the_loaders_workers(tmp_path):
     """Found by a kill-and-resume fuzz: each worker process drew augmentation from its own
     generator, so a run resumed with another --workers trained on other samples."""
