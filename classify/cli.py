@@ -22,7 +22,7 @@ from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, P
                                check_weight_patterns, evaluate_accuracy, make_eval_loader, model_spec, prepare,
                                prune_model, save_prune_plots, save_weights, train_model)
 from classify.run_record import claim_checkpoint_dir, run_identity
-from engine import atomic_write_json, distributed, output_folder, resolve_device, run_folder_lock
+from engine import atomic_write_json, distributed, output_file, output_folder, resolve_device, run_folder_lock
 
 DEFAULT_RUN_DIR = Path("runs/classify")
 
@@ -157,12 +157,9 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
 
 
 def check_output_file(path: Path | None, flag: str) -> None:
-    """Before any work: `path` (when given) is not a folder, and its folder exists or is created now."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise ValueError(f"{flag} {path}: expected a file to write, found a folder")
-    output_folder(path.parent, f"{flag} {path}: its folder")
+    """Before any work: `path` (when given) can be written (`engine.output_file`)."""
+    if path is not None:
+        output_file(path, flag)
 
 
 def check_checkpoint_dir(args: argparse.Namespace) -> None:

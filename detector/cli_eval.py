@@ -20,7 +20,7 @@ from detector.cli import add_model_arguments, load_model, model_num_classes
 from detector.evaluate import CONF_THRESH, MAX_DET, NMS_IOU, EvalResult, evaluate
 from detector.predict import make_loader
 from detector.train import check_classes
-from engine import atomic_write_json, output_folder
+from engine import atomic_write_json, output_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-det and --batch-size must be >= 1 and --workers >= 0, found "
                          f"{args.max_det}, {args.batch_size}, {args.workers}")
     if args.json_out is not None:
-        output_folder(args.json_out.parent, f"--json-out {args.json_out}: its folder")
+        output_file(args.json_out, "--json-out")
     source = load_source(args)
     model, net_w, net_h, letterbox = load_model(args)
     check_classes(args.cfg, model_num_classes(model), source)

@@ -2,7 +2,7 @@
 from engine import distributed
 from engine.checkpoint import (atomic_torch_save, atomic_write, atomic_write_bytes, atomic_write_json,
                                changed_settings, find_latest_checkpoint, load_checkpoint, load_error_summary,
-                               output_folder, remove_stale_temp_files, resolved_paths, save_checkpoint)
+                               output_file, output_folder, remove_stale_temp_files, resolved_paths, save_checkpoint)
 from engine.ema import ModelEMA
 from engine.rng import seed_everything, seeded_cpu_stream
 from engine.run_lock import run_folder_lock
@@ -23,6 +23,7 @@ __all__ = [
     "find_latest_checkpoint",
     "load_checkpoint",
     "load_error_summary",
+    "output_file",
     "output_folder",
     "move_to_device",
     "remove_stale_temp_files",

@@ -16,6 +16,8 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
+from pruning.atomic_file import write_atomically, writable_target
+
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)\.pt$")
 TEMP_FILE_PATTERN = re.compile(r"^\..+\.\w{8}\.tmp$")   # what atomic_write's mkstemp names: .NAME.XXXXXXXX.tmp
 REQUIRED_KEYS = ("epoch", "step", "model")
@@ -45,27 +47,10 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
     """Call `write(handle)` on a binary temporary file beside `path`, then fsync and `os.replace`
-    it into place (see `atomic_write_bytes`); for files too large to build in memory first."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    it into place (see `atomic_write_bytes`); for files too large to build in memory first. A
+    symbolic link is written through; a device, pipe or socket at `path` is a ValueError
+    (`pruning.atomic_file.write_atomically`, the project's one writer)."""
+    return write_atomically(path, write)
 
 
 def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike) -> Path:
@@ -123,7 +108,8 @@ def checked_trainer_checkpoint(state: Any, path: Path) -> dict[str, Any]:
 
 
 def output_folder(path: str | os.PathLike, flag: str) -> Path:
-    """Create the output folder `path` of option `flag` now, before any long work, and return it.
+    """Create the output folder `path` of option `flag` now, before any long work, and return it
+    (a probe file created and removed in it shows that it takes files).
 
     Raises:
         ValueError: it cannot be created or written (names the flag, the path and why).
@@ -137,6 +123,29 @@ def output_folder(path: str | os.PathLike, flag: str) -> Path:
         raise ValueError(f"{flag} {path}: cannot create this output folder: {why}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path}: expected a writable folder, found one without write permission")
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".yolo-admm-probe."):
+            pass                                    # what access() cannot tell: /proc, a read-only mount
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: expected a folder that takes new files, found one that does not "
+                         f"({err.strerror or err})") from None
+    return path
+
+
+def output_file(path: str | os.PathLike, flag: str) -> Path:
+    """Check, before any long work, that the output file `path` of option `flag` can be written:
+    it is a file or nothing yet (a symbolic link: its target), and its folder exists or is created
+    now and takes new files. Returns `path`.
+
+    Raises:
+        ValueError: it is a folder, a device, a pipe or a socket, or its folder cannot take it.
+    """
+    path = Path(path)
+    try:
+        target = writable_target(path)
+    except ValueError as err:
+        raise ValueError(f"{flag} {err}") from None
+    output_folder(target.parent, f"{flag} {path}: its folder")
     return path
 
 

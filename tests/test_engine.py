@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import warnings
 
 import pytest
@@ -377,6 +378,37 @@ def test_atomic_writes_replace_whole_files_with_normal_permissions(tmp_path):
     os.umask(mask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask
     assert [p.name for p in target.parent.iterdir()] == ["result.json"]  # no temporary file left
+
+
+def test_atomic_writes_go_through_links_and_refuse_what_is_not_a_file(tmp_path):
+    """Found by a review: `--json-out /dev/null` replaced the device with a JSON file, and a
+    symbolic link was replaced by a file where its target was meant."""
+    from engine import atomic_write_bytes, output_file
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "7.json").write_bytes(b"old")
+    (tmp_path / "latest.json").symlink_to(tmp_path / "runs" / "7.json")
+    atomic_write_bytes(tmp_path / "latest.json", b"new")
+    assert (tmp_path / "latest.json").is_symlink() and (tmp_path / "runs" / "7.json").read_bytes() == b"new"
+    os.mkfifo(tmp_path / "pipe")
+    for write in (lambda path: atomic_write_bytes(path, b"x"), lambda path: output_file(path, "--json-out")):
+        with pytest.raises(ValueError, match="pipe: expected a file to write, found a pipe"):
+            write(tmp_path / "pipe")
+        with pytest.raises(ValueError, match="expected a file to write, found a folder"):
+            write(tmp_path / "runs")
+    assert (tmp_path / "pipe").exists() and not (tmp_path / "pipe").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "pipe", "runs"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_folder_that_takes_no_files_is_refused_before_any_work():
+    """Found by a review: `--json-out /proc/res.json` passed the write-permission check, and the
+    result, after all the training, could not be written."""
+    from engine import output_file
+
+    with pytest.raises(ValueError, match=r"--json-out /proc/res.json: its folder /proc: expected a folder that "
+                                         r"takes new files, found one that does not"):
+        output_file("/proc/res.json", "--json-out")
 
 
 def test_changed_settings_lists_what_a_resume_would_change():
