@@ -18,6 +18,7 @@ from pathlib import Path
 from torch import nn
 
 import pruning
+from yolo_admm.arguments import pattern_list
 from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, PruneSettings, TrainSettings,
                                check_weight_patterns, evaluate_accuracy, make_eval_loader, model_spec, prepare,
                                prune_model, save_prune_plots, save_weights, train_model)
@@ -36,11 +37,6 @@ def sparsity_fraction(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1) (the fraction of weights removed), found {value}")
     return value
-
-
-def comma_list(text: str) -> list[str]:
-    """argparse type of --include / --exclude: comma-separated patterns."""
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,10 +86,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of the prunable weights (those --include/--exclude select) removed, in "
                              "[0, 1); the result's measured sparsity counts every Conv/Linear weight")
     parser.add_argument("--method", choices=list(METHODS), default="admm-global", help="(default admm-global)")
-    parser.add_argument("--include", type=comma_list, metavar="PATTERNS", default=None,
+    parser.add_argument("--include", type=pattern_list, metavar="PATTERNS", default=None,
                         help="parameter-name patterns that may be pruned, comma-separated globs or re:REGEX "
                              "(default: every Conv and Linear weight)")
-    parser.add_argument("--exclude", type=comma_list, metavar="PATTERNS", default=None,
+    parser.add_argument("--exclude", type=pattern_list, metavar="PATTERNS", default=None,
                         help="parameter-name patterns never pruned, comma-separated globs or re:REGEX "
                              "(e.g. 'conv1.*,fc2.*')")
     parser.add_argument("--min-density", type=float, default=0.0,
@@ -162,6 +158,14 @@ def check_output_file(path: Path | None, flag: str) -> None:
         output_file(path, flag)
 
 
+def check_output_files(args: argparse.Namespace) -> None:
+    """Before any work: --out and --json-out can be written, and are not one file."""
+    check_output_file(args.out, "--out")
+    check_output_file(args.json_out, "--json-out")
+    if args.out is not None and args.json_out is not None and args.out.resolve() == args.json_out.resolve():
+        raise ValueError(f"--out and --json-out both name {args.out}: the JSON would overwrite the weights")
+
+
 def check_checkpoint_dir(args: argparse.Namespace) -> None:
     """Before any work: --checkpoint-dir (when given) is a folder, or is created now."""
     if args.checkpoint_dir is not None:
@@ -175,8 +179,7 @@ def join_torchrun(args: argparse.Namespace) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     args.out = args.out or DEFAULT_RUN_DIR / f"{args.model}-dense.pt"
-    check_output_file(args.out, "--out")
-    check_output_file(args.json_out, "--json-out")
+    check_output_files(args)
     check_checkpoint_dir(args)
     join_torchrun(args)
     settings = train_settings(args)
@@ -209,8 +212,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_prune(args: argparse.Namespace) -> int:
     if args.weights is None:
         raise ValueError("prune needs --weights (the dense model to prune)")
-    check_output_file(args.out, "--out")
-    check_output_file(args.json_out, "--json-out")
+    check_output_files(args)
     check_checkpoint_dir(args)
     join_torchrun(args)
     settings = train_settings(args)

@@ -118,8 +118,8 @@ class TrainSettings:
         if self.epochs < 0 or self.workers < 0 or self.eval_every < 0:
             raise ValueError(f"epochs, workers and eval_every must be >= 0, found {self.epochs}, {self.workers} "
                              f"and {self.eval_every}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, found {self.lr}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, found {self.lr}")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume needs a checkpoint_dir (--checkpoint-dir) to continue from")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
@@ -164,8 +164,8 @@ class PruneSettings:
                              f"found {self.min_density!r}")
         if self.admm_lr not in ADMM_LR_SCHEDULES:
             raise ValueError(f"unknown admm_lr {self.admm_lr!r}; expected one of {', '.join(ADMM_LR_SCHEDULES)}")
-        if not 0.0 <= self.distill <= 1.0 or not self.distill_temperature > 0.0:
-            raise ValueError(f"need distill in [0, 1] and distill_temperature > 0; found {self.distill}, "
+        if not 0.0 <= self.distill <= 1.0 or not 0.0 < self.distill_temperature < math.inf:
+            raise ValueError(f"need distill in [0, 1] and distill_temperature finite and > 0; found {self.distill}, "
                              f"{self.distill_temperature}")
 
     @property

@@ -14,6 +14,7 @@ from detector.export import FORMATS as EXPORT_FORMATS
 from detector.prune_job import METHODS, PruneJob
 from detector.prune_pipeline import format_stage_table, run_job
 from engine import distributed, output_folder
+from yolo_admm.arguments import pattern_list
 
 
 def _floats(text: str) -> list[float]:
@@ -46,10 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "select) removed, or a list 0.5,0.7,0.9 (default 0.8); the result's nonzero and sparsity "
                         "columns count every conv weight")
     parser.add_argument("--method", choices=METHODS, help="pruning method (default admm-global)")
-    parser.add_argument("--include", type=_comma_list, metavar="PATTERNS",
+    parser.add_argument("--include", type=pattern_list, metavar="PATTERNS",
                         help="parameter-name patterns that may be pruned, comma-separated globs or re:REGEX "
                              "(default: every conv weight)")
-    parser.add_argument("--exclude", type=_comma_list, metavar="PATTERNS",
+    parser.add_argument("--exclude", type=pattern_list, metavar="PATTERNS",
                         help="parameter-name patterns never pruned, comma-separated globs or re:REGEX "
                              "(e.g. 'layers.120.*')")
     parser.add_argument("--min-density", type=float, help="keep at least this fraction of every layer (default 0)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
@@ -91,8 +92,8 @@ def train_config(args: argparse.Namespace) -> DetectTrainConfig:
     for flag, value in positive.items():
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, found {value}")
-    if args.lr is not None and args.lr <= 0:
-        raise ValueError(f"--lr must be > 0, found {args.lr}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, found {args.lr}")
     if args.workers < 0 or args.eval_every < 0 or (args.burn_in is not None and args.burn_in < 0):
         raise ValueError("--workers, --eval-every and --burn-in must be >= 0")
     return DetectTrainConfig(

@@ -107,6 +107,9 @@ def ramp_updates(sparsity: float, ramp_from: float | None, ramp_iters: int | Non
         ValueError: ``ramp_from`` not below ``sparsity``, or ``ramp_iters`` not in [1, admm_iters].
     """
     if ramp_from is None:
+        if ramp_iters is not None:
+            raise ValueError(f"ramp_iters ({ramp_iters!r}) is the length of a ramp, and there is none: give "
+                             f"ramp_from too, or leave ramp_iters out")
         return 0
     check_sparsity(ramp_from, "ramp_from")
     if not ramp_from < sparsity:
@@ -145,11 +148,9 @@ class ADMM:
         check_one_device(self.params, "ADMM: the prunable weights")
         self.floors = layer_floors(named, config.min_density)
         self.numel = sum(param.numel() for param in self.params)
-        if config.scope == "global" and sum(self.floors) > self.k:
-            raise ValueError(f"min_density keeps {sum(self.floors)} weights at least, more than the {self.k} of "
-                             f"{self.numel} that sparsity {config.sparsity} leaves")
         if config.scope == "layerwise":
             self.ratios = per_name_values(self.names, config.layer_sparsity or {}, config.sparsity, "layer_sparsity")
+        self._check_budget()
         self.rho = config.rho
         self.iteration = 0
         with torch.no_grad():
@@ -158,6 +159,20 @@ class ADMM:
             self.U: list[Tensor] = [torch.zeros_like(z) for z in self.Z]
             self._offset: list[Tensor] = [u - z for u, z in zip(self.U, self.Z)]    # U - Z, for the W-step
         self.broadcast_from_rank0()
+
+    def _check_budget(self) -> None:
+        """The final projection keeps some weights, and (global scope) the floors fit its budget."""
+        if self.config.scope == "global":
+            kept = self.k
+            if sum(self.floors) > kept:
+                raise ValueError(f"min_density keeps {sum(self.floors)} weights at least, more than the {kept} of "
+                                 f"{self.numel} that sparsity {self.config.sparsity} leaves")
+        else:
+            kept = sum(max(kept_count(param.numel(), ratio), floor)
+                       for param, ratio, floor in zip(self.params, self.ratios, self.floors))
+        if kept == 0:
+            raise ValueError(f"sparsity {self.config.sparsity} keeps none of the {self.numel} prunable weights; "
+                             f"expected a sparsity that keeps at least one")
 
     def ramp_fraction(self, update: int) -> float:
         """How far the target has risen at Z-step number ``update`` (0: the initial projection):

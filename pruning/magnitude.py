@@ -48,6 +48,9 @@ def magnitude_prune(
         masks = global_topk_masks(weights, kept_count(total, sparsity), floors if any(floors) else None)
     else:
         masks = layerwise_topk_masks(weights, [sparsity] * len(weights), floors)
+    if not any(bool(mask.any()) for mask in masks):
+        raise ValueError(f"sparsity {sparsity} keeps none of the {sum(w.numel() for w in weights)} prunable "
+                         f"weights; expected a sparsity that keeps at least one")
     result = Masks(dict(zip(named, masks)))
     result.apply(model)
     return result

@@ -41,9 +41,17 @@ def canonical_name(name: str) -> str:
 
 
 def name_matches(name: str, pattern: str) -> bool:
-    """True if ``pattern`` (glob, or ``re:`` + regex searched in the name) matches ``name``."""
+    """True if ``pattern`` (glob, or ``re:`` + regex searched in the name) matches ``name``.
+
+    Raises:
+        ValueError: a ``re:`` pattern that is not a regular expression.
+    """
     if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
+        try:
+            return re.search(pattern[3:], name) is not None
+        except re.error as err:
+            raise ValueError(f"pattern {pattern!r}: expected a regular expression after 're:', found one that "
+                             f"does not compile ({err})") from None
     return fnmatchcase(name, pattern)
 
 
@@ -180,15 +188,19 @@ def check_selection(model: nn.Module, sparsities: Iterable[float], global_budget
                     layer_sparsity: Mapping[str, float] | None = None) -> None:
     """What ``ADMM`` and ``magnitude_prune`` would refuse, from names and shapes alone (a model on
     the meta device will do), so that a run fails before any work: include/exclude, min_density or
-    layer_sparsity patterns that match no prunable weight, and per-layer floors above a global
-    budget (``global_budget``: one top-k over all layers) at any of ``sparsities``."""
+    layer_sparsity patterns that match no prunable weight, a sparsity that keeps no weight, and
+    per-layer floors above a global budget (``global_budget``: one top-k over all layers) at any
+    of ``sparsities``."""
     named = prunable_parameters(model, include, exclude)
     floors = sum(layer_floors(named, min_density))
     if layer_sparsity:
         per_name_values(list(named), layer_sparsity, 0.0, "layer_sparsity")
     total = sum(param.numel() for param in named.values())
-    for sparsity in sparsities if global_budget else ():
+    for sparsity in sparsities:
         budget = kept_count(total, sparsity)
-        if floors > budget:
+        if budget == 0 and not floors:
+            raise ValueError(f"sparsity {sparsity} keeps none of the {total} prunable weights; expected a sparsity "
+                             f"that keeps at least one")
+        if global_budget and floors > budget:
             raise ValueError(f"min_density keeps {floors} weights at least, more than the {budget} of {total} "
                              f"that sparsity {sparsity} leaves")

@@ -139,6 +139,21 @@ def test_two_parameters_with_one_canonical_name_are_a_clear_error():
         prunable_parameters(model)
 
 
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_a_sparsity_that_keeps_no_weight_is_refused(scope):
+    """Found by a review: --sparsity 0.9999999 removed every weight and reported it as a result."""
+    from pruning import magnitude_prune
+
+    with pytest.raises(ValueError, match="sparsity 0.9999 keeps none of the 952 prunable weights"):
+        ADMM(small_convnet(), ADMMConfig(sparsity=0.9999, scope=scope))
+    model = small_convnet()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="sparsity 0.9999 keeps none of the 952 prunable weights"):
+        magnitude_prune(model, 0.9999, scope="global" if scope == "global" else "uniform")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))      # nothing pruned
+    ADMM(small_convnet(), ADMMConfig(sparsity=0.999, scope=scope))                   # keeps one
+
+
 def test_numpy_numbers_are_numbers():
     assert ADMMConfig(sparsity=np.float32(0.5), ramp_from=np.float64(0.25), ramp_updates=2).sparsity == 0.5
 

@@ -263,6 +263,30 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "--checkpoint-dir {0}/a_file: cannot create this output folder".format(tmp_path) in capsys.readouterr().err
 
 
+def test_cli_refuses_what_a_review_found_accepted(tmp_path, capsys):
+    """Each of these ran (or crashed with a traceback) before a review of the classify CLI."""
+    write_mnist_like(tmp_path / "mnist", n_train=10, n_test=10)
+    prune = ["classify", "prune", "--model", "lenet5", "--data", str(tmp_path / "mnist"), "--weights",
+             str(tmp_path / "w.pt"), "--sparsity", "0.5"]
+    train = ["classify", "train", "--model", "lenet5", "--data", str(tmp_path / "mnist")]
+    cases = [
+        ([*prune, "--include", "re:["], "pattern 're:[': expected a regular expression after 're:', found one "
+                                        "that does not compile (unterminated character set"),
+        ([*prune, "--exclude", ","], "argument --exclude: expected comma-separated patterns, found none in ','"),
+        ([*prune, "--distill", "0.5", "--distill-temperature", "inf"], "distill_temperature finite and > 0"),
+        ([*prune, "--ramp-iters", "2"], "ramp_iters (2) is the length of a ramp, and there is none"),
+        ([*prune[:-1], "0.9999999"], "sparsity 0.9999999 keeps none of the 430500 prunable weights"),
+        ([*train, "--lr", "inf"], "lr must be a finite number > 0, found inf"),
+        ([*train, "--out", str(tmp_path / "same"), "--json-out", str(tmp_path / "same")],
+         f"--out and --json-out both name {tmp_path}/same"),
+    ]
+    for argv, message in cases:
+        assert yolo_admm_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "same").exists()
+
+
 def test_tiny_end_to_end_train_and_prune(tmp_path):
     data = tmp_path / "mnist"
     write_mnist_like(data)
