@@ -7,6 +7,7 @@ CIFAR-10 is its canonical label order (airplane=0 ... truck=9).
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data.sources import images_below
 from data.translate import random_translate
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -23,15 +25,25 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 def list_class_images(split_dir: Path) -> tuple[list[Path], list[int], list[str]]:
-    """Image paths, their class indices and the sorted class names under `split_dir/<class>/`."""
+    """Image paths, their class indices and the sorted class names under `split_dir/<class>/`.
+
+    As torchvision's ImageFolder: a class's images may sit in sub-folders of its folder. Hidden
+    files and folders (a name starting with ".", such as macOS's `._x.jpg` or `.ipynb_checkpoints`)
+    are left out; images directly in `split_dir`, in no class folder, are left out with a warning.
+    """
     if not split_dir.is_dir():
         raise FileNotFoundError(f"{split_dir}: CIFAR split directory not found")
-    class_names = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir())
+    entries = [entry for entry in split_dir.iterdir() if not entry.name.startswith(".")]
+    class_names = sorted(entry.name for entry in entries if entry.is_dir())
     if not class_names:
         raise ValueError(f"{split_dir}: expected one sub-folder per class, found none")
+    stray = sorted(entry.name for entry in entries if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES)
+    if stray:
+        warnings.warn(f"{split_dir}: {len(stray)} image(s) in no class folder, left out (e.g. {stray[0]})",
+                      stacklevel=2)
     paths, labels = [], []
     for index, name in enumerate(class_names):
-        files = sorted(f for f in (split_dir / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(images_below(split_dir / name, IMAGE_SUFFIXES))
         if not files:
             raise ValueError(f"{split_dir / name}: expected images ({', '.join(IMAGE_SUFFIXES)}), found none")
         paths.extend(files)

@@ -308,7 +308,7 @@ def _split_images(entry: str | list, root: Path, data_yaml: Path) -> list[Path]:
         if not location.exists() and str(item).startswith("../") and (root / str(item)[3:]).exists():
             location = root / str(item)[3:]         # Roboflow's exports write ../train/images beside the yaml
         if location.is_dir():
-            paths += _images_in(location)
+            paths += images_below(location)
         elif location.is_file() and location.suffix == ".txt":
             paths += _listed_images(location)
         else:
@@ -317,9 +317,9 @@ def _split_images(entry: str | list, root: Path, data_yaml: Path) -> list[Path]:
     return sorted(set(paths))
 
 
-def _images_in(folder: Path) -> list[Path]:
-    """The image files below `folder`, following symlinked folders (each real folder once), leaving
-    out hidden files and folders (such as macOS's ._x.jpg)."""
+def images_below(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """The image files (by `suffixes`, lower case) below `folder`, following symlinked folders
+    (each real folder once), leaving out hidden files and folders (such as macOS's ._x.jpg)."""
     images, seen = [], set()
     for current, folders, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(current)
@@ -329,7 +329,7 @@ def _images_in(folder: Path) -> list[Path]:
         seen.add(real)
         folders[:] = sorted(name for name in folders if not name.startswith("."))
         images += [Path(current) / name for name in files
-                   if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES]
+                   if not name.startswith(".") and Path(name).suffix.lower() in suffixes]
     return images
 
 

@@ -146,6 +146,20 @@ def test_cifar_folder_reader_rgb_order_and_errors(tmp_path):
         load_cifar_folder(tmp_path, "train")
 
 
+def test_cifar_folders_as_imagefolder_reads_them(tmp_path):
+    """Found by a review: images in a class's sub-folder were skipped silently, and a hidden file
+    (macOS's ._x.jpg) or folder (.ipynb_checkpoints) stopped the load."""
+    image = np.zeros((32, 32, 3), np.uint8)
+    for relative in ("cat/0.png", "cat/more/1.png", "ship/2.png", "cat/._0.png", ".ipynb_checkpoints/3.png",
+                     "ship/.hidden/4.png", "stray.png"):
+        (tmp_path / "test" / relative).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / "test" / relative), image)
+    (tmp_path / "test" / "cat" / "._0.png").write_bytes(b"AppleDouble")
+    with pytest.warns(UserWarning, match=r"test: 1 image\(s\) in no class folder, left out \(e.g. stray.png\)"):
+        images, labels, classes = load_cifar_folder(tmp_path, "test")
+    assert classes == ["cat", "ship"] and labels.tolist() == [0, 0, 1] and len(images) == 3
+
+
 def test_resnet56_needs_the_ten_cifar10_class_folders(tmp_path):
     """A missing or an extra class folder would shift every label after it: refused, naming both."""
     for split in ("train", "test"):
