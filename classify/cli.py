@@ -255,4 +255,22 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_request:  # --help, or a usage error argparse already printed
         return int(exit_request.code or 0)
-    return RUNNERS[args.mode](args)  # yolo_admm.cli reports bad input and training failures
+    try:
+        return RUNNERS[args.mode](args)  # yolo_admm.cli reports bad input and training failures
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_hint(args)) from None
+
+
+def interrupted_hint(args: argparse.Namespace) -> str:
+    """What an interrupted `classify` kept, and how to go on."""
+    if args.mode == "eval":
+        return "nothing to keep"
+    folder = getattr(args, "checkpoint_dir", None)
+    if folder is None:
+        return "nothing was kept: without --checkpoint-dir a run cannot be resumed, only run again"
+    newest = max(Path(folder).glob("*/epoch_*.pt"), key=lambda path: path.stat().st_mtime, default=None)
+    if newest is None:
+        return f"no epoch had finished, so {folder} holds no checkpoint yet"
+    again = "run the same command again" if args.resume else "run the same command with --resume"
+    return (f"the checkpoints so far are kept in {folder} (newest: {newest.relative_to(folder)}); "
+            f"{again} to continue")

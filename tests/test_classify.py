@@ -301,6 +301,31 @@ def test_cli_refuses_what_a_review_found_accepted(tmp_path, capsys):
     assert not (tmp_path / "same").exists()
 
 
+def test_ctrl_c_says_what_was_kept_and_how_to_go_on(tmp_path, capsys, monkeypatch):
+    """Found by a review: classify printed only "interrupted", with no word on resuming."""
+    import classify.pipeline as pipeline
+
+    write_mnist_like(tmp_path / "mnist", n_train=64, n_test=16)
+    train = ["classify", "train", "--model", "lenet5", "--data", str(tmp_path / "mnist"), "--epochs", "3",
+             "--batch-size", "32", "--no-progress", "--out", str(tmp_path / "w.pt")]
+    real_evaluate, calls = pipeline.evaluate_accuracy, []
+
+    def interrupt_at_the_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "evaluate_accuracy", interrupt_at_the_second_epoch)
+    assert yolo_admm_main(train) == 130
+    assert "interrupted: nothing was kept: without --checkpoint-dir" in capsys.readouterr().err
+    calls.clear()
+    assert yolo_admm_main([*train, "--checkpoint-dir", str(tmp_path / "ck")]) == 130
+    err = capsys.readouterr().err
+    assert f"the checkpoints so far are kept in {tmp_path}/ck (newest: train/epoch_0001.pt); run the same " \
+           f"command with --resume to continue" in err, err
+
+
 def test_tiny_end_to_end_train_and_prune(tmp_path):
     data = tmp_path / "mnist"
     write_mnist_like(data)
