@@ -6,6 +6,7 @@ that is not the one asked for: another sparsity, method, optimizer or number of 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import MISSING, asdict, fields
@@ -16,6 +17,7 @@ from classify.pipeline import OPTIMIZERS, PruneSettings, TrainSettings, model_sp
 from engine import atomic_write_json, changed_settings, distributed
 
 RUN_RECORD = "run.json"
+UNRECORDED = "(not recorded)"
 # May differ on resume: where and how fast it runs, what it shows, and the resume flags themselves.
 # (The output files, --out and --json-out, are not part of a run's identity either.)
 RESUMABLE_SETTINGS = ("device", "workers", "progress", "eval_every", "resume", "checkpoint_dir")
@@ -24,17 +26,30 @@ RESUMABLE_SETTINGS = ("device", "workers", "progress", "eval_every", "resume", "
 def run_identity(mode: str, model_name: str, data: str | Path, weights: str | Path | None,
                  settings: TrainSettings, prune: PruneSettings | None = None) -> dict[str, Any]:
     """What makes a run this run, as JSON values: mode, model, data and starting weights (as
-    absolute paths), the settings as used (a default spelled out is the same run) and the number of
-    processes."""
+    absolute paths, and the weights' SHA-256: a file replaced at the same path is another run), the
+    settings as used (a default spelled out is the same run) and the number of processes."""
     spec = model_spec(model_name)
     train = {key: value for key, value in settings_dict(settings).items() if key not in RESUMABLE_SETTINGS}
     train["optimizer"] = settings.optimizer or spec.optimizer
     train["lr"] = settings.lr or OPTIMIZERS[train["optimizer"]]
     train["batch_size"] = settings.batch_size or spec.batch_size
     identity = {"mode": mode, "model": model_name, "data": str(Path(data).resolve()),
-                "weights": None if weights is None else str(Path(weights).resolve()), "train": train,
+                "weights": None if weights is None else str(Path(weights).resolve()),
+                "weights_sha256": None if weights is None else file_sha256(Path(weights)), "train": train,
                 "prune": None if prune is None else asdict(prune), "processes": distributed.world_size()}
     return json.loads(json.dumps(identity))     # tuples as lists, as they come back from run.json
+
+
+def file_sha256(path: Path) -> str | None:
+    """The SHA-256 of the file at `path` (None where there is none: loading it reports that)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def claim_checkpoint_dir(settings: TrainSettings, identity: dict[str, Any]) -> None:
@@ -80,7 +95,10 @@ def _problem(folder: Path, resume: bool, identity: dict[str, Any]) -> str | None
         saved = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         return f"{record}: unreadable ({error}); choose another --checkpoint-dir"
-    changed = changed_settings(with_later_defaults(saved), identity)
+    saved = with_later_defaults(saved)
+    if saved["weights_sha256"] == UNRECORDED:                  # run.json from before the hash: not compared
+        saved["weights_sha256"] = identity["weights_sha256"]
+    changed = changed_settings(saved, identity)
     if changed:
         details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
         return (f"--checkpoint-dir {folder}: holds a run with other settings ({details}); "
@@ -92,6 +110,7 @@ def with_later_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """`saved` with the settings added since it was written at their defaults, so that a version
     with a new option still resumes a run that did not have it."""
     saved = {"processes": 1, **saved}
+    saved.setdefault("weights_sha256", UNRECORDED)
     for section, settings in (("train", TrainSettings), ("prune", PruneSettings)):
         if isinstance(saved.get(section), dict):
             defaults = {f.name: f.default for f in fields(settings) if f.default is not MISSING}

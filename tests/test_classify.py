@@ -496,6 +496,29 @@ def test_a_run_json_from_before_a_new_option_still_resumes(tmp_path):
         claim_checkpoint_dir(settings, identity)
 
 
+def test_a_resume_from_weights_replaced_at_the_same_path_is_refused(tmp_path):
+    """Found by a review: the resumed run took the new file's dense accuracy into its JSON, while
+    its checkpoints came from the old file."""
+    from classify.run_record import claim_checkpoint_dir, run_identity
+
+    settings = TrainSettings(checkpoint_dir=tmp_path / "ckpt")
+    prune = PruneSettings(sparsity=0.9)
+    (tmp_path / "dense.pt").write_bytes(b"the dense weights")
+    claim_checkpoint_dir(settings, run_identity("prune", "lenet5", tmp_path, tmp_path / "dense.pt", settings, prune))
+    (tmp_path / "ckpt" / "admm").mkdir(parents=True)
+    (tmp_path / "ckpt" / "admm" / "epoch_0001.pt").write_bytes(b"")
+    resume = TrainSettings(checkpoint_dir=tmp_path / "ckpt", resume=True)
+    claim_checkpoint_dir(resume, run_identity("prune", "lenet5", tmp_path, tmp_path / "dense.pt", resume, prune))
+    (tmp_path / "dense.pt").write_bytes(b"other dense weights")
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(weights_sha256: '[0-9a-f]{64}' -> "
+                                         r"'[0-9a-f]{64}'\)"):
+        claim_checkpoint_dir(resume, run_identity("prune", "lenet5", tmp_path, tmp_path / "dense.pt", resume, prune))
+    record = json.loads((tmp_path / "ckpt" / "run.json").read_text())
+    del record["weights_sha256"]                                        # a run.json from before the hash
+    (tmp_path / "ckpt" / "run.json").write_text(json.dumps(record))
+    claim_checkpoint_dir(resume, run_identity("prune", "lenet5", tmp_path, tmp_path / "dense.pt", resume, prune))
+
+
 def lenet5_prune_command(tmp_path) -> list[str]:
     """`yolo-admm classify prune` of an untrained LeNet-5 (saved as dense.pt) on 64 MNIST-like images."""
     data = tmp_path / "mnist"
