@@ -88,7 +88,8 @@ class TrainSettings:
 
     Attributes:
         epochs: dense training epochs (`train_model`; `prune_model` uses `PruneSettings`).
-        train_samples: images drawn (without replacement) per epoch; None for the whole train set.
+        train_samples: images drawn per epoch, without replacement up to the train set's size
+            (beyond it, further shuffled passes); None for the whole train set.
         eval_samples: size of a fixed, seeded subset of the test set; None for all of it.
         eval_every: also evaluate every this many epochs and after the last (logged in the history);
             0: never (the final accuracies are still measured).
@@ -196,6 +197,8 @@ def prepare(model_name: str, data_dir: str | os.PathLike, weights: str | os.Path
     spec = model_spec(model_name)
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
+        if data_dir.exists():
+            raise ValueError(f"{data_dir}: expected a data directory, found a file (give the folder that holds it)")
         raise FileNotFoundError(f"{data_dir}: data directory not found")
     model = build_model(model_name, seed)
     if weights is not None:
@@ -220,6 +223,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise ValueError(f"{path}: expected a weights file, found a folder")
         raise FileNotFoundError(f"{path}: weights file not found")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -246,7 +251,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def make_train_loader(spec: ModelSpec, train_set: Dataset, settings: TrainSettings) -> DataLoader:
-    """Shuffled batches; an epoch is `train_samples` images drawn without replacement (or all).
+    """Shuffled batches; an epoch is `train_samples` images drawn without replacement up to the
+    train set's size, in further shuffled passes beyond it (or all).
 
     Under torchrun each of the N processes gets 1/N of every global batch (DistributedSampler).
     Worker processes start afresh every epoch, seeded from torch's random stream at that point,
@@ -472,12 +478,14 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
 
 def save_prune_plots(result: Mapping[str, Any], json_path: str | os.PathLike) -> list[Path]:
     """PNGs beside `json_path`: `<stem>.layers.png` (kept fraction per layer against depth) and,
-    for ADMM, `<stem>.admm.png` (primal and dual residuals per ADMM iteration)."""
+    for ADMM, `<stem>.admm.png` (primal and dual residuals per ADMM iteration); the stem is the
+    file name without `.json` (`lenet5-0.99` stays whole)."""
     json_path = Path(json_path)
+    stem = json_path.name.removesuffix(".json")
     title = f"{result['model']} {result['method']}: {100 * result['sparsity']:.2f}% removed"
-    paths = [pruning.save_kept_fraction_plot(result["layers"], json_path.with_suffix(".layers.png"), title)]
+    paths = [pruning.save_kept_fraction_plot(result["layers"], json_path.parent / f"{stem}.layers.png", title)]
     if result["admm_updates"]:
-        paths.append(save_residual_plot(result["admm_updates"], json_path.with_suffix(".admm.png")))
+        paths.append(save_residual_plot(result["admm_updates"], json_path.parent / f"{stem}.admm.png"))
     return paths
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import warnings
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
@@ -69,11 +69,11 @@ def claim_checkpoint_dir(settings: TrainSettings, identity: dict[str, Any]) -> N
         problem = _problem(folder, settings.resume, identity)
         if problem is None:
             if settings.resume and not any(folder.glob("*/epoch_*.pt")):
-                print(f"warning: --resume, but {folder} holds no checkpoint yet: the run starts from its beginning",
-                      file=sys.stderr)
+                warnings.warn(f"--resume, but {folder} holds no checkpoint yet: the run starts from its beginning",
+                              stacklevel=2)
             elif settings.resume and not (folder / RUN_RECORD).is_file():
-                print(f"warning: {folder} has no {RUN_RECORD} (written since 2026-11-26): resuming its checkpoints "
-                      f"without checking that they are of a run with these settings", file=sys.stderr)
+                warnings.warn(f"{folder} has no {RUN_RECORD} (written since 2026-11-26): resuming its checkpoints "
+                              f"without checking that they are of a run with these settings", stacklevel=2)
             atomic_write_json(folder / RUN_RECORD, identity)
     problem = distributed.broadcast_object(problem)
     if problem is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from detector.cli import network_size
 from detector.export import FORMATS as EXPORT_FORMATS
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     output_folder(job.out, "--out")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     if job.weights is None and distributed.is_main():
-        print(f"warning: no --weights: pruning {job.cfg} with its random initial weights", file=sys.stderr)
+        warnings.warn(f"no --weights: pruning {job.cfg} with its random initial weights", stacklevel=2)
     results = run_job(job)
     if distributed.is_main():
         print(format_stage_table(results["sweep"]))

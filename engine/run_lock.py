@@ -17,6 +17,7 @@ import errno
 import os
 import socket
 import sys
+import warnings
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,5 +87,5 @@ def _take(path: Path) -> tuple[IO[str] | None, str | None]:
 
 
 def _warn_unlocked(path: Path, why: str) -> None:
-    print(f"warning: cannot lock {path} ({why}): nothing stops a second job from writing this run folder",
-          file=sys.stderr)
+    warnings.warn(f"cannot lock {path} ({why}): nothing stops a second job from writing this run folder",
+                  stacklevel=3)

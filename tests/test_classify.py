@@ -334,7 +334,7 @@ def test_tiny_end_to_end_train_and_prune(tmp_path):
                           "--json-out", str(tmp_path / "dense.json")]) == 0
     assert json.loads((tmp_path / "dense.json").read_text())["accuracy"] > 50.0  # chance is 10%
 
-    out = tmp_path / "admm.json"
+    out = tmp_path / "admm-0.9.json"             # a dot in the stem: the plots are admm-0.9.*.png, not admm-0.*
     prune = ["prune", *common, "--weights", str(tmp_path / "dense.pt"), "--sparsity", "0.9", "--method", "admm-global",
              "--admm-iters", "2", "--rho", "1e-2", "--rho-mult", "2", "--retrain-epochs", "1",
              "--admm-lr", "shared", "--checkpoint-dir", str(tmp_path / "ckpt")]  # shared: resumes mid-decay
@@ -343,7 +343,8 @@ def test_tiny_end_to_end_train_and_prune(tmp_path):
     assert result["kept"] == round(0.1 * LENET5_PRUNABLE_WEIGHTS) and result["sparsity"] == pytest.approx(0.9)
     assert result["mask_violations"] == 0
     assert [u["iteration"] for u in result["admm_updates"]] == [1, 2] and result["epochs"] == {"admm": 2, "retrain": 1}
-    assert (tmp_path / "admm.layers.png").stat().st_size > 0 and (tmp_path / "admm.admm.png").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["admm-0.9.admm.png", "admm-0.9.layers.png"]
+    assert all(p.stat().st_size > 0 for p in tmp_path.glob("*.png"))
     pruned = load_weights(LeNet5(), tmp_path / "pruned.pt")
     nonzero = sum(int(torch.count_nonzero(p)) for n, p in pruned.named_parameters() if n.endswith("weight"))
     assert nonzero <= result["kept"]
@@ -380,8 +381,8 @@ def test_a_checkpoint_folder_without_run_json_resumes_with_a_warning(tmp_path, c
     assert classify_main(train) == 0
     (tmp_path / "ckpt" / "run.json").unlink()
     capsys.readouterr()
-    assert classify_main([*train, "--resume", "--epochs", "2"]) == 0
-    assert "has no run.json (written since 2026-11-26): resuming its checkpoints" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=r"has no run.json \(written since 2026-11-26\): resuming its checkpoints"):
+        assert classify_main([*train, "--resume", "--epochs", "2"]) == 0
     assert json.loads((tmp_path / "ckpt" / "run.json").read_text())["train"]["epochs"] == 2
     assert sorted(p.name for p in (tmp_path / "ckpt" / "train").glob("*.pt")) == ["epoch_0001.pt", "epoch_0002.pt"]
 
@@ -651,5 +652,5 @@ def test_a_resume_without_checkpoints_says_it_starts_over(tmp_path, capsys):
     from classify.run_record import claim_checkpoint_dir, run_identity
 
     settings = TrainSettings(checkpoint_dir=tmp_path / "typo", resume=True)
-    claim_checkpoint_dir(settings, run_identity("train", "lenet5", tmp_path, None, settings))
-    assert f"--resume, but {tmp_path / 'typo'} holds no checkpoint yet" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=f"--resume, but {tmp_path / 'typo'} holds no checkpoint yet"):
+        claim_checkpoint_dir(settings, run_identity("train", "lenet5", tmp_path, None, settings))
