@@ -13,6 +13,7 @@ missing data or weights raise FileNotFoundError / ValueError, which `yolo-admm` 
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -77,7 +78,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="test-set accuracy every N epochs (default 1; 0: only the final accuracies, which "
                              "is faster; N does not change the training)")
     parser.add_argument("--json-out", type=Path, default=None,
-                        help="write the result JSON (prune also writes its plots beside it)")
+                        help="write the result JSON, with the run's data, weights (and their SHA-256) and "
+                             "settings as used under 'run' (prune also writes its plots beside it)")
 
 
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -183,9 +185,14 @@ def run_train(args: argparse.Namespace) -> int:
     check_checkpoint_dir(args)
     join_torchrun(args)
     settings = train_settings(args)
+    identity = run_identity("train", args.model, args.data, args.weights, settings)
     with run_folder_lock(settings.checkpoint_dir, "--checkpoint-dir"):   # one job per folder
-        claim_checkpoint_dir(settings, run_identity("train", args.model, args.data, args.weights, settings))
+        claim_checkpoint_dir(settings, identity)
         model, datasets = prepare(args.model, args.data, args.weights, seed=args.seed)
+        if args.weights is not None and weight_sparsity(model) > 0.5:
+            warnings.warn(f"--weights {args.weights}: {100 * weight_sparsity(model):.1f}% of its Conv/Linear weights "
+                          f"are zero (a pruned model?); train does not keep them at zero: to retrain a pruned "
+                          f"model with its masks fixed, use classify prune", stacklevel=2)
         result = train_model(args.model, model, datasets, settings)
         if not distributed.is_main():
             return 0
@@ -193,7 +200,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"{args.model}: top-1 {result['accuracy']:.2f}% after {settings.epochs} epochs "
               f"({result['wall_time_s']:.0f} s); weights: {out}")
         if args.json_out is not None:
-            atomic_write_json(args.json_out, {**result, "weights": str(out)})
+            atomic_write_json(args.json_out, {**result, "weights": str(out), "run": identity})
         return 0
 
 
@@ -205,8 +212,15 @@ def run_eval(args: argparse.Namespace) -> int:
     model.to(resolve_device(settings.device))
     loader = make_eval_loader(model_spec(args.model), datasets["test"], settings)
     accuracy = evaluate_accuracy(model, loader, settings.device)
-    print(f"{args.model} {args.weights}: top-1 {accuracy:.2f}% on {len(loader.dataset)} test images")
+    zero = weight_sparsity(model)
+    pruned = f"; {100 * zero:.2f}% of its Conv/Linear weights are zero" if zero > 0 else ""
+    print(f"{args.model} {args.weights}: top-1 {accuracy:.2f}% on {len(loader.dataset)} test images{pruned}")
     return 0
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """The fraction of zeros among the model's Conv/Linear weights."""
+    return pruning.table_totals(pruning.layer_table(model))["sparsity"]
 
 
 def run_prune(args: argparse.Namespace) -> int:
@@ -223,12 +237,13 @@ def run_prune(args: argparse.Namespace) -> int:
                           ramp_iters=args.ramp_iters, distill=args.distill,
                           distill_temperature=args.distill_temperature, admm_lr=args.admm_lr)
     check_weight_patterns(args.model, prune)
+    identity = run_identity("prune", args.model, args.data, args.weights, settings, prune)
     with run_folder_lock(settings.checkpoint_dir, "--checkpoint-dir"):   # one job per folder
-        claim_checkpoint_dir(settings, run_identity("prune", args.model, args.data, args.weights, settings, prune))
+        claim_checkpoint_dir(settings, identity)
         model, datasets = prepare(args.model, args.data, args.weights, seed=args.seed)
         result = prune_model(args.model, model, datasets, prune, settings)
         if distributed.is_main():
-            report_prune(args, model, result)
+            report_prune(args, model, {**result, "run": identity})
         return 0
 
 

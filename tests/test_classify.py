@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import math
 import shutil
 
@@ -326,7 +327,7 @@ def test_ctrl_c_says_what_was_kept_and_how_to_go_on(tmp_path, capsys, monkeypatc
            f"command with --resume to continue" in err, err
 
 
-def test_tiny_end_to_end_train_and_prune(tmp_path):
+def test_tiny_end_to_end_train_and_prune(tmp_path, capsys):
     data = tmp_path / "mnist"
     write_mnist_like(data)
     common = ["--model", "lenet5", "--data", str(data), "--batch-size", "32", "--no-progress"]
@@ -341,6 +342,8 @@ def test_tiny_end_to_end_train_and_prune(tmp_path):
     assert classify_main([*prune, "--json-out", str(out), "--out", str(tmp_path / "pruned.pt")]) == 0
     result = json.loads(out.read_text())
     assert result["kept"] == round(0.1 * LENET5_PRUNABLE_WEIGHTS) and result["sparsity"] == pytest.approx(0.9)
+    assert result["run"]["data"] == str(data.resolve()) and len(result["run"]["weights_sha256"]) == 64
+    assert (result["run"]["train"]["optimizer"], result["run"]["train"]["batch_size"]) == ("adam", 32)
     assert result["mask_violations"] == 0
     assert [u["iteration"] for u in result["admm_updates"]] == [1, 2] and result["epochs"] == {"admm": 2, "retrain": 1}
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["admm-0.9.admm.png", "admm-0.9.layers.png"]
@@ -348,6 +351,12 @@ def test_tiny_end_to_end_train_and_prune(tmp_path):
     pruned = load_weights(LeNet5(), tmp_path / "pruned.pt")
     nonzero = sum(int(torch.count_nonzero(p)) for n, p in pruned.named_parameters() if n.endswith("weight"))
     assert nonzero <= result["kept"]
+    capsys.readouterr()
+    assert classify_main(["eval", *common, "--weights", str(tmp_path / "pruned.pt")]) == 0      # says it is pruned
+    assert re.search(r"test images; 9\d\.\d\d% of its Conv/Linear weights are zero", capsys.readouterr().out)
+    with pytest.warns(UserWarning, match=r"pruned.pt: 9\d\.\d% of its Conv/Linear weights are zero .a pruned model"):
+        assert classify_main(["train", *common, "--weights", str(tmp_path / "pruned.pt"), "--epochs", "1",
+                              "--out", str(tmp_path / "densified.pt")]) == 0
     assert sorted(p.name for p in (tmp_path / "ckpt" / "retrain").iterdir()) == ["epoch_0001.pt", "history.csv"]
     from_checkpoint = load_weights(LeNet5(), tmp_path / "ckpt" / "retrain" / "epoch_0001.pt")  # weights_only load
     assert all(torch.equal(a, b) for a, b in zip(from_checkpoint.state_dict().values(), pruned.state_dict().values()))
