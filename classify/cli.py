@@ -189,10 +189,11 @@ def run_train(args: argparse.Namespace) -> int:
     with run_folder_lock(settings.checkpoint_dir, "--checkpoint-dir"):   # one job per folder
         claim_checkpoint_dir(settings, identity)
         model, datasets = prepare(args.model, args.data, args.weights, seed=args.seed)
-        if args.weights is not None and weight_sparsity(model) > 0.5:
-            warnings.warn(f"--weights {args.weights}: {100 * weight_sparsity(model):.1f}% of its Conv/Linear weights "
-                          f"are zero (a pruned model?); train does not keep them at zero: to retrain a pruned "
-                          f"model with its masks fixed, use classify prune", stacklevel=2)
+        zero = weight_sparsity(model) if args.weights is not None else 0.0
+        if zero > 0.5:
+            warnings.warn(f"--weights {args.weights}: {100 * zero:.1f}% of its Conv/Linear weights are zero (a pruned "
+                          f"model?); train does not keep them at zero: to retrain a pruned model with its masks "
+                          f"fixed, use classify prune", stacklevel=2)
         result = train_model(args.model, model, datasets, settings)
         if not distributed.is_main():
             return 0

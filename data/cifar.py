@@ -27,9 +27,10 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 def list_class_images(split_dir: Path) -> tuple[list[Path], list[int], list[str]]:
     """Image paths, their class indices and the sorted class names under `split_dir/<class>/`.
 
-    As torchvision's ImageFolder: a class's images may sit in sub-folders of its folder. Hidden
-    files and folders (a name starting with ".", such as macOS's `._x.jpg` or `.ipynb_checkpoints`)
-    are left out; images directly in `split_dir`, in no class folder, are left out with a warning.
+    As in torchvision's ImageFolder, a class's images may sit in sub-folders of its folder. Unlike
+    ImageFolder, hidden files and folders (a name starting with ".", such as macOS's `._x.jpg` or
+    `.ipynb_checkpoints`) are left out; images directly in `split_dir`, in no class folder, are left
+    out with a warning.
     """
     if not split_dir.is_dir():
         raise FileNotFoundError(f"{split_dir}: CIFAR split directory not found")

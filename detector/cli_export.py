@@ -26,6 +26,8 @@ from engine.checkpoint import checked_trainer_checkpoint, checkpoint_file, read_
 from pruning.masks import Masks
 
 STAGE_FILE_KEYS = {"model", "masks"}     # detect prune's sparsity_S/hard_prune.pt and retrained.pt
+EXPORT_STEM = "model"
+EXPORT_NAMES = {f"{EXPORT_STEM}{suffix}" for suffix in (".weights", ".cfg", ".onnx", ".yaspars")}   # what run writes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     masks = Masks.from_model(model)
     json_path = args.out / "export.json"
     earlier = exported_files(json_path)
-    report = export_model(model, args.out, args.formats, masks, "int8" if args.int8 else "fp16", args.img_size)
+    report = export_model(model, args.out, args.formats, masks, "int8" if args.int8 else "fp16", args.img_size,
+                          stem=EXPORT_STEM)
     print(format_report(report))
     atomic_write_json(json_path, report)
     print(f"report written to {json_path}")
@@ -64,16 +67,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def exported_files(report_path: Path) -> set[Path]:
-    """The files an export report (`export.json`) lists, taken by name in the report's folder (so
-    a report that names them relative to another working folder finds them too); none when there is
-    no readable report."""
+    """The files an export report (`export.json`) lists that this command writes (`EXPORT_NAMES`),
+    taken by name in the report's folder (so a report that names them relative to another working
+    folder finds them too); none when there is no readable report."""
     try:
         report = json.loads(report_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return set()
     entries = [report.get(name) for name in FORMATS] if isinstance(report, dict) else []
-    return {report_path.parent / Path(entry[key]).name for entry in entries if isinstance(entry, dict)
-            for key in ("weights", "cfg", "path") if isinstance(entry.get(key), str)}
+    names = {Path(entry[key]).name for entry in entries if isinstance(entry, dict)
+             for key in ("weights", "cfg", "path") if isinstance(entry.get(key), str)}
+    return {report_path.parent / name for name in names & EXPORT_NAMES}
 
 
 def load_export_model(cfg: str, weights: str | None, checkpoint: str | None) -> DarknetModel:

@@ -330,7 +330,8 @@ def compact_difference(model: DarknetModel, state: dict[str, torch.Tensor], path
     try:
         errors = check_decoded(state, decoded, value_format, sparse_names)
     except ValueError as err:
-        raise RuntimeError(f"{path}: the archive does not decode to the model: {err}") from None
+        path.unlink()                                   # not to be shipped by mistake
+        raise RuntimeError(f"{path}: the archive does not decode to the model, removed: {err}") from None
     rebuilt = _model_from_archive(decoded, path)
     images = _verify_input(model.net.channels, model.net.height, model.net.width)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
-from pruning.atomic_file import write_atomically, writable_target
+from pruning.atomic_file import check_writable, write_atomically
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)\.pt$")
 TEMP_FILE_PATTERN = re.compile(r"^\..+\.\w{8}\.tmp$")   # what atomic_write's mkstemp names: .NAME.XXXXXXXX.tmp
@@ -48,7 +48,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
     """Call `write(handle)` on a binary temporary file beside `path`, then fsync and `os.replace`
     it into place (see `atomic_write_bytes`); for files too large to build in memory first. A
-    symbolic link is written through; a device, pipe or socket at `path` is a ValueError
+    symbolic link is replaced, its target left alone; a device, pipe or socket at `path` is a ValueError
     (`pruning.atomic_file.write_atomically`, the project's one writer)."""
     return write_atomically(path, write)
 
@@ -128,24 +128,24 @@ def output_folder(path: str | os.PathLike, flag: str) -> Path:
             pass                                    # what access() cannot tell: /proc, a read-only mount
     except OSError as err:
         raise ValueError(f"{flag} {path}: expected a folder that takes new files, found one that does not "
-                         f"({err.strerror or err})") from None
+                         f"(creating one failed: {err.strerror or err})") from None
     return path
 
 
 def output_file(path: str | os.PathLike, flag: str) -> Path:
     """Check, before any long work, that the output file `path` of option `flag` can be written:
-    it is a file or nothing yet (a symbolic link: its target), and its folder exists or is created
-    now and takes new files. Returns `path`.
+    it is a file or nothing yet (or a symbolic link to one, which the write replaces), and its folder
+    exists or is created now and takes new files. Returns `path`.
 
     Raises:
         ValueError: it is a folder, a device, a pipe or a socket, or its folder cannot take it.
     """
     path = Path(path)
     try:
-        target = writable_target(path)
+        check_writable(path)
     except ValueError as err:
         raise ValueError(f"{flag} {err}") from None
-    output_folder(target.parent, f"{flag} {path}: its folder")
+    output_folder(path.parent, f"{flag} {path}: its folder")
     return path
 
 

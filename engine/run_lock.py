@@ -5,7 +5,8 @@ the other's half-written temporary files away. `run_folder_lock` takes an exclus
 `FOLDER/.yolo-admm.lock` for as long as the job runs; a second job on the same folder stops at
 once with an error naming the holder. The operating system lets the lock go when the holder's
 process ends, however it ends (SIGKILL included), so a killed run never leaves a stale lock: the
-next job resumes it. The file itself stays, holding the last holder's description.
+next job resumes it (data-loader worker processes forked by the holder share its lock until they
+exit too, a second or so later). The file itself stays, holding the last holder's description.
 
 Rank 0 alone takes the lock under torchrun (it alone writes the folder), and every rank raises
 when it cannot. Where `fcntl` or `flock` is unavailable (Windows; some network file systems) the
@@ -50,6 +51,8 @@ def run_folder_lock(folder: str | os.PathLike | None, flag: str) -> Iterator[Non
         handle, holder = _take(Path(folder) / LOCK_FILE)
     holder = distributed.broadcast_object(holder)
     if holder is not None:
+        if holder.startswith(f"pid {os.getpid()} on {socket.gethostname()} "):
+            raise ValueError(f"{flag} {folder}: this process already holds this run folder")
         raise ValueError(f"{flag} {folder}: expected a run folder no other job is using, found it in use by "
                          f"{holder}; wait for that job to end, or choose another {flag}")
     try:

@@ -171,8 +171,11 @@ class ADMM:
             kept = sum(max(kept_count(param.numel(), ratio), floor)
                        for param, ratio, floor in zip(self.params, self.ratios, self.floors))
         if kept == 0:
-            raise ValueError(f"sparsity {self.config.sparsity} keeps none of the {self.numel} prunable weights; "
-                             f"expected a sparsity that keeps at least one")
+            which = (f"layer_sparsity {self.config.layer_sparsity} (else sparsity {self.config.sparsity})"
+                     if self.config.scope == "layerwise" and self.config.layer_sparsity else
+                     f"sparsity {self.config.sparsity}")
+            raise ValueError(f"{which} keeps none of the {self.numel} prunable weights; expected a sparsity that "
+                             f"keeps at least one")
 
     def ramp_fraction(self, update: int) -> float:
         """How far the target has risen at Z-step number ``update`` (0: the initial projection):

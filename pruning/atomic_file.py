@@ -22,8 +22,8 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
     """Call ``write(stream)`` on a binary temporary file beside ``path``, fsync it, then
     ``os.replace`` it into place; the temporary file is removed if anything fails, and the result
-    gets the usual (umask) permissions. A symbolic link at ``path`` is written through: its target
-    is replaced, the link kept.
+    gets the usual (umask) permissions. A symbolic link at ``path`` is replaced by the file (its
+    target is left as it was: a link into the user's files must not make them an output).
 
     Returns:
         ``path``.
@@ -32,9 +32,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) 
             its place), or a folder.
     """
     path = Path(path)
-    target = writable_target(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    check_writable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
@@ -43,26 +43,26 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) 
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(temp_name, 0o666 & ~mask)  # mkstemp makes 0600
-        os.replace(temp_name, target)
+        os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
     return path
 
 
-def writable_target(path: Path) -> Path:
-    """The file that writing ``path`` replaces: ``path``, or a symbolic link's target.
+def check_writable(path: Path) -> None:
+    """That writing ``path`` may replace what is there: nothing, a regular file, or a symbolic link
+    to one (or to nothing).
 
     Raises:
-        ValueError: it exists and is not a regular file (names it and what it is).
+        ValueError: it is, or links to, a folder, a device, a pipe or a socket (names it and what it
+            is: ``/dev/null``, or ``/dev/stdout``, a link to a pipe or terminal, would be replaced).
     """
-    target = Path(os.path.realpath(path)) if path.is_symlink() else path
     try:
-        mode = target.stat().st_mode
+        mode = path.stat().st_mode                   # through a link: what it points at
     except (FileNotFoundError, NotADirectoryError):   # nothing there yet (or a file in the folder's place)
-        return target
+        return
     if not stat.S_ISREG(mode):
         kind = ("a folder" if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
                 else "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
         raise ValueError(f"{path}: expected a file to write, found {kind}")
-    return target

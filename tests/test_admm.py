@@ -152,6 +152,9 @@ def test_a_sparsity_that_keeps_no_weight_is_refused(scope):
         magnitude_prune(model, 0.9999, scope="global" if scope == "global" else "uniform")
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))      # nothing pruned
     ADMM(small_convnet(), ADMMConfig(sparsity=0.999, scope=scope))                   # keeps one
+    if scope == "layerwise":
+        with pytest.raises(ValueError, match=r"layer_sparsity \{'\*': 0.9999\} \(else sparsity 0.5\) keeps none"):
+            ADMM(small_convnet(), ADMMConfig(sparsity=0.5, scope=scope, layer_sparsity={"*": 0.9999}))
 
 
 def test_numpy_numbers_are_numbers():

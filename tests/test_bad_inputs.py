@@ -545,3 +545,14 @@ def test_torchrun_stops_are_one_line_each(monkeypatch, capsys):
     assert main(["fake"]) == 2
     assert capsys.readouterr().err == ("yolo-admm fake: error: another process of this run stopped ([../third_party/"
                                        "gloo/...] Connection closed by peer [127.0.0.1]:29500); its own message says why\n")
+
+
+def test_warnings_print_once_under_torchrun(capsys, monkeypatch):
+    """Found by a review: every rank printed each warning (the data loads on every rank)."""
+    from yolo_admm.cli import _warning_printer
+
+    show = _warning_printer("classify")
+    for rank, expected in (("1", ""), ("0", "yolo-admm classify: warning: 3 image(s) in no class folder\n")):
+        monkeypatch.setenv("RANK", rank)
+        show(UserWarning("3 image(s) in no class folder"), UserWarning, "cifar.py", 42)
+        assert capsys.readouterr().err == expected, rank

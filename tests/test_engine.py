@@ -380,24 +380,27 @@ def test_atomic_writes_replace_whole_files_with_normal_permissions(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["result.json"]  # no temporary file left
 
 
-def test_atomic_writes_go_through_links_and_refuse_what_is_not_a_file(tmp_path):
-    """Found by a review: `--json-out /dev/null` replaced the device with a JSON file, and a
-    symbolic link was replaced by a file where its target was meant."""
+def test_atomic_writes_refuse_what_is_not_a_file_and_leave_a_links_target_alone(tmp_path):
+    """Found by reviews: `--json-out /dev/null` replaced the device with a JSON file; and writing
+    through a link in an export folder overwrote the user's weights it pointed at."""
     from engine import atomic_write_bytes, output_file
 
-    (tmp_path / "runs").mkdir()
-    (tmp_path / "runs" / "7.json").write_bytes(b"old")
-    (tmp_path / "latest.json").symlink_to(tmp_path / "runs" / "7.json")
-    atomic_write_bytes(tmp_path / "latest.json", b"new")
-    assert (tmp_path / "latest.json").is_symlink() and (tmp_path / "runs" / "7.json").read_bytes() == b"new"
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "best.weights").write_bytes(b"the user's weights")
+    (tmp_path / "model.weights").symlink_to(tmp_path / "keep" / "best.weights")
+    atomic_write_bytes(tmp_path / "model.weights", b"exported")
+    assert not (tmp_path / "model.weights").is_symlink() and (tmp_path / "model.weights").read_bytes() == b"exported"
+    assert (tmp_path / "keep" / "best.weights").read_bytes() == b"the user's weights"
     os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "stdout").symlink_to(tmp_path / "pipe")          # as /dev/stdout links to a pipe or a terminal
     for write in (lambda path: atomic_write_bytes(path, b"x"), lambda path: output_file(path, "--json-out")):
-        with pytest.raises(ValueError, match="pipe: expected a file to write, found a pipe"):
-            write(tmp_path / "pipe")
+        for name in ("pipe", "stdout"):
+            with pytest.raises(ValueError, match=f"{name}: expected a file to write, found a pipe"):
+                write(tmp_path / name)
         with pytest.raises(ValueError, match="expected a file to write, found a folder"):
-            write(tmp_path / "runs")
-    assert (tmp_path / "pipe").exists() and not (tmp_path / "pipe").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "pipe", "runs"]
+            write(tmp_path / "keep")
+    assert (tmp_path / "pipe").exists() and not (tmp_path / "pipe").is_file() and (tmp_path / "stdout").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "model.weights", "pipe", "stdout"]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")

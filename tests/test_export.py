@@ -340,9 +340,10 @@ def test_compact_export_checks_the_file_against_the_model_and_reports_the_error(
         return state
 
     monkeypatch.setattr(detector.export, "load_sparse_archive", misdecoded)
-    with pytest.raises(RuntimeError, match=f"c.yaspars: the archive does not decode to the model: {first}: "
+    with pytest.raises(RuntimeError, match=f"c.yaspars: the archive does not decode to the model, removed: {first}: "
                                            f"expected an error within int8's rounding"):
         export_compact(model, masks, tmp_path / "c.yaspars", "int8")
+    assert not (tmp_path / "c.yaspars").exists()
     assert export_compact(model, masks, tmp_path / "d.yaspars", "int8", verify=False)["bytes"] == int8["bytes"]
 
 
@@ -407,6 +408,10 @@ def test_an_export_into_a_used_folder_replaces_the_earlier_one(pruned, tmp_path,
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.cfg", "model.onnx", "model.weights",
                                                      "notes.txt"]
     export(tmp_path / "in.cfg", tmp_path / "in.weights", "darknet")
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.cfg", "model.weights", "notes.txt"]
+    odd = {"darknet": {"weights": "/elsewhere/notes.txt", "cfg": "export.json"}, "onnx": {"path": ""}}
+    (out / "export.json").write_text(json.dumps(odd))        # a report this command did not write: only its
+    export(tmp_path / "in.cfg", tmp_path / "in.weights", "darknet")   # own file names are ever removed
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.cfg", "model.weights", "notes.txt"]
 
 

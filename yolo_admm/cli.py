@@ -153,9 +153,11 @@ def _strip_worker_traceback(message: str) -> str:
 
 
 def _warning_printer(task: str):
-    """A `warnings.showwarning` that prints `yolo-admm TASK: warning: MESSAGE` to stderr."""
+    """A `warnings.showwarning` that prints `yolo-admm TASK: warning: MESSAGE` to stderr; under
+    torchrun on rank 0 only, as every rank loads the same data and settings and would repeat it."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"yolo-admm {task}: warning: {message}", file=file or sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"yolo-admm {task}: warning: {message}", file=file or sys.stderr)
     return show
 
 
