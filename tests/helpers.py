@@ -1,9 +1,16 @@
 """Small models and Darknet cfgs shared by the test modules (import as `from helpers import ...`)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import pytest
-from torch import nn
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch is imported inside the model builders: benchmarks/eval_speed.py loads the OpenCV reference
+# of test_map_reference (which imports this module) into a child whose memory must not include torch.
 
 needs_darknet_importer = pytest.mark.skipif(
     not hasattr(getattr(cv2, "dnn", None), "readNetFromDarknet"),
@@ -14,6 +21,8 @@ needs_darknet_importer = pytest.mark.skipif(
 def small_convnet() -> nn.Module:
     """Conv (with BatchNorm), conv, linear: three prunable weights of 216, 576 and 160 entries,
     for 3-channel inputs of any size and 5 classes."""
+    from torch import nn
+
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
