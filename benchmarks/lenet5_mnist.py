@@ -73,7 +73,10 @@ admm-global:0.988|0.993|magnitude-global:0.99|magnitude-global:0.0`` with ``--ou
 --configs admm-global:0.99 --out .../lenet5_mnist_distill_shared_sgd0.02|_sgd0.005.json`` (``--lr
 0.05`` diverged: a NaN loss in the second ADMM epoch); with ``--shift 1 --seed 0|1 --out
 .../lenet5_mnist_distill_shared_sgd0.01_shift1[_seed1].json``; and twice the budget, ``--admm-iters 48
---retrain-epochs 96 --rho-mult 1.07 --seed 0|1 --out .../lenet5_mnist_distill_shared_sgd0.01_2x[_seed1].json``.
+--retrain-epochs 96 --rho-mult 1.07 --seed 0|1 --out .../lenet5_mnist_distill_shared_sgd0.01_2x[_seed1].json``;
+another rho, ``--rho 1e-3|3e-2 --seed 0|1 --out .../lenet5_mnist_distill_shared_sgd0.01_rho1e-3|_rho3e-2_seed0|1.json``,
+and a longer ADMM phase, ``--admm-iters 36 --retrain-epochs 36 --rho-mult 1.1 --seed 0|1 --out
+.../lenet5_mnist_distill_shared_sgd0.01_admm36_seed0|1.json``.
 The cosine, temperature and later runs were recorded under /tmp and copied (the JSON's command says so).
 
 Accuracies are on the full 10k MNIST test set; each configuration ran once (seed 0 unless the
@@ -85,6 +88,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import sys
@@ -146,14 +150,21 @@ def dense_weights_path(shift: int) -> Path:
 
 
 def dense_model(args: argparse.Namespace, datasets: dict, record: dict) -> Path:
-    """Train the dense LeNet-5 once (cached in runs/benchmarks/), record its accuracy, return its path."""
+    """Train the dense LeNet-5 once (cached in runs/benchmarks/, with its epoch count beside it in
+    a .json), record its accuracy, return its path. A cached model of another --dense-epochs is
+    trained again; one cached before the count was recorded is reused with epochs null."""
     path = dense_weights_path(args.shift)
-    if path.is_file():
-        record["dense"] = {"weights": str(path.relative_to(REPO)), "trained_here": False}
+    about = path.with_suffix(".json")
+    cached_epochs = json.loads(about.read_text())["epochs"] if about.is_file() else None
+    if path.is_file() and cached_epochs in (None, args.dense_epochs):
+        record["dense"] = {"weights": str(path.relative_to(REPO)), "trained_here": False, "epochs": cached_epochs}
         return path
+    if path.is_file():
+        print(f"{path} was trained for {cached_epochs} epochs, not --dense-epochs {args.dense_epochs}: training again")
     model = build_model("lenet5")   # seed 0, as classify train
     result = train_model("lenet5", model, datasets, TrainSettings(epochs=args.dense_epochs, progress=False))
     save_weights(model, path)
+    atomic_write_json(about, {"epochs": args.dense_epochs, "accuracy": result["accuracy"]})
     record["dense"] = {"accuracy": result["accuracy"], "epochs": args.dense_epochs,
                        "wall_time_s": result["wall_time_s"], "history": result["history"],
                        "trained_here": True, "weights": str(path.relative_to(REPO))}

@@ -12,8 +12,9 @@ Medians over the timed steps (after warm-up steps). Then, on the same model, ADM
 is set up and plain steps alternate with ADMM steps (penalty gradient added after unscaling):
 `admm_step_over_plain_step` is the ratio of their medians (`admm_median_step_s`,
 `plain_interleaved_median_step_s`), `admm_state_mib` the GPU memory ADMM's state takes and
-`admm_peak_memory_mib` the peak from its construction on. The GPU JSON of 2026-11-26 predates the
-last three fields and the peak reset (its ADMM peak is the whole run's).
+`admm_peak_memory_mib` the peak from its construction on. The GPU JSON of 2026-11-26 predates
+`plain_interleaved_median_step_s`, `admm_state_mib` and the peak reset (its ADMM peak is the whole
+run's).
 
 Reproduce: ``.venv/bin/python benchmarks/train_speed.py --threads 1`` (writes
 benchmarks/results/train_speed.json). Measured on a 2-core CPU, no GPU, shared with other jobs
