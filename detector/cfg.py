@@ -1,7 +1,9 @@
 """Darknet `.cfg` parsing into typed, validated section records.
 
 A cfg is a list of `[section]` headers, each followed by `key=value` lines. Darknet removes all
-whitespace from a line and skips empty lines and lines starting with `#` or `;`. The first section
+whitespace from a line and skips empty lines and lines starting with `#` or `;`. A `#` or `;`
+comment after a value is dropped here (Darknet's number parsers stop there too; for a text value
+Darknet keeps it: `activation=mish # m` is ReLU to Darknet, and OpenCV refuses it). The first section
 is `[net]`; every later section is one layer, numbered from 0 in file order (route and shortcut
 indices count every section, `[dropout]` and `[yolo]` included).
 
@@ -15,6 +17,7 @@ whose message starts with `file:line [section]`.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Union
@@ -223,7 +226,7 @@ class _Options:
             raise self.error(f"option '{key}': expected {expected}, found {value!r}", key) from None
 
     def integer(self, key: str, default: int | None, minimum: int | None = None) -> int:
-        value = self._convert(key, default, int, "an integer")
+        value = self._convert(key, default, _strict_int, "an integer")
         if value is None:
             raise self.error(f"option '{key}' is required")
         if minimum is not None and value < minimum:
@@ -238,7 +241,7 @@ class _Options:
         return value
 
     def flag(self, key: str, default: bool) -> bool:
-        value = self._convert(key, int(default), int, "0 or 1")
+        value = self._convert(key, int(default), _strict_int, "0 or 1")
         if value not in (0, 1):
             raise self.error(f"option '{key}': expected 0 or 1, found {value}", key)
         return bool(value)
@@ -269,21 +272,45 @@ class _Options:
             if self.has(key):
                 raise self.error(f"option '{key}' is not supported by yolo-admm", key)
 
+    def only(self, key: str, value: int) -> None:
+        """A Darknet option this implementation honours at one value only (its default, say
+        `dilation=1`): an error when given another."""
+        found = self.integer(key, value)
+        if found != value:
+            raise self.error(f"option '{key}': only {key}={value} is supported by yolo-admm, found {found}", key)
+
+    def ignore(self, *keys: str) -> None:
+        """Options that do not change the network (say `[yolo] thresh`, which OpenCV's importer
+        reads as its detection threshold): read, so that they are not unknown, and dropped."""
+        for key in keys:
+            self.text(key)
+
     def finish(self) -> None:
         if self._unused:
             key = min(self._unused, key=lambda k: self._raw.options[k][1])
             raise self.error(f"unknown option '{key}'", key)
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
+_INTEGER = re.compile(r"[+-]?\d+")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _strict_int(text: str) -> int:
+    """An integer as Darknet writes one (Python's int() also takes "1_6", which atoi reads as 1)."""
+    if not _INTEGER.fullmatch(text):
         raise ValueError(text)
-    return value
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    """A finite decimal number (Python's float() also takes "1_0", "nan" and "inf")."""
+    if not _NUMBER.fullmatch(text):
+        raise ValueError(text)
+    return float(text)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(","))
+    return tuple(_strict_int(part) for part in text.split(","))
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -293,7 +320,7 @@ def _float_list(text: str) -> tuple[float, ...]:
 def _read_sections(path: Path) -> list[_RawSection]:
     """Split a cfg into raw sections the way Darknet's `read_cfg` does."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = path.read_text(encoding="utf-8-sig", errors="replace")
     except IsADirectoryError:
         raise DarknetError(f"{path}: expected a Darknet cfg file, found a directory") from None
     if "\x00" in text:
@@ -310,7 +337,7 @@ def _read_sections(path: Path) -> list[_RawSection]:
             sections.append(_RawSection(line[1:-1], number))
             continue
         key, sep, value = line.partition("=")
-        value = value.split("#", 1)[0]
+        value = re.split("[#;]", value, maxsplit=1)[0]            # a trailing comment
         if not sections:
             raise DarknetError(f"{path}:{number}: expected a [section] header before options, "
                                f"found {line!r}")
@@ -359,9 +386,12 @@ def _parse_net(opts: _Options) -> NetConfig:
 
 
 def _parse_convolutional(opts: _Options) -> ConvolutionalSection:
-    opts.reject("stride_x", "stride_y", "dilation", "antialiasing", "share_index", "binary",
-                "xnor", "bin_output", "flipped", "cbn", "sway", "rotate", "stretch",
+    opts.reject("share_index", "bin_output", "flipped", "cbn", "sway", "rotate", "stretch",
                 "stretch_sway", "assisted_excitation", "coordconv", "dontload", "dontloadscales")
+    stride = opts.integer("stride", 1, minimum=1)
+    for key, value in (("stride_x", stride), ("stride_y", stride), ("dilation", 1), ("antialiasing", 0),
+                       ("binary", 0), ("xnor", 0)):
+        opts.only(key, value)
     size = opts.integer("size", 1, minimum=1)
     padding = opts.integer("padding", 0, minimum=0)
     if opts.flag("pad", False):
@@ -370,7 +400,7 @@ def _parse_convolutional(opts: _Options) -> ConvolutionalSection:
         source=opts.source,
         filters=opts.integer("filters", 1, minimum=1),
         size=size,
-        stride=opts.integer("stride", 1, minimum=1),
+        stride=stride,
         padding=padding,
         groups=opts.integer("groups", 1, minimum=1),
         batch_normalize=opts.flag("batch_normalize", False),
@@ -382,9 +412,10 @@ def _parse_convolutional(opts: _Options) -> ConvolutionalSection:
 
 
 def _parse_maxpool(opts: _Options) -> MaxpoolSection:
-    opts.reject("stride_x", "stride_y", "maxpool_depth", "out_channels", "antialiasing",
-                "maxpool_zero_nonmax")
+    opts.reject("out_channels", "maxpool_zero_nonmax")
     stride = opts.integer("stride", 1, minimum=1)
+    for key, value in (("stride_x", stride), ("stride_y", stride), ("maxpool_depth", 0), ("antialiasing", 0)):
+        opts.only(key, value)
     size = opts.integer("size", stride, minimum=1)
     section = MaxpoolSection(source=opts.source, size=size, stride=stride,
                              padding=opts.integer("padding", size - 1, minimum=0),
@@ -480,6 +511,7 @@ def _yolo_loss_options(opts: _Options, classes: int) -> dict[str, object]:
 def _parse_yolo(opts: _Options) -> YoloSection:
     opts.reject("map", "embedding_layer", "track_history_size", "sim_thresh", "dets_for_track",
                 "dets_for_show", "track_ciou_norm")
+    opts.ignore("thresh", "nms_threshold", "show_details")    # inference settings: ours are --conf, --iou
     classes = opts.integer("classes", 20, minimum=1)
     num = opts.integer("num", 1, minimum=1)
     mask = opts.integers("mask", tuple(range(num)))

@@ -444,10 +444,9 @@ def _verify_input(channels: int, height: int, width: int, batch: int = 1) -> tor
 
 
 def _check_input_size(model: DarknetModel, height: int, width: int) -> None:
-    multiple = model.input_multiple
-    if height <= 0 or width <= 0 or height % multiple or width % multiple:
-        raise ValueError(f"{model.cfg.path}: the input size must be a positive multiple of {multiple}, "
-                         f"found {height}x{width}")
+    if not model.accepts_size(height, width):
+        raise ValueError(f"{model.cfg.path}: the input size must be a positive multiple of {model.input_multiple} "
+                         f"(or the cfg's {model.net.height}x{model.net.width}), found {height}x{width}")
 
 
 def _import_optional(name: str):

@@ -283,7 +283,13 @@ def build_layers(cfg: DarknetCfg) -> tuple[list[nn.Module], list[Shape]]:
     ctx = BuildContext(cfg.net)
     modules = []
     for section in cfg.layers:
-        built = LAYER_BUILDERS[section.kind](section, ctx)
+        try:
+            built = LAYER_BUILDERS[section.kind](section, ctx)
+        except RuntimeError as err:                   # torch's allocator: "can't allocate memory"
+            if "allocate" not in str(err):
+                raise
+            raise DarknetError(f"{section.source} (layer {len(modules)}): its weights do not fit in memory "
+                               f"({str(err).splitlines()[0][:160]}); expected a smaller layer") from None
         built.module.sources = built.sources
         built.module.cfg_source = section.source
         modules.append(built.module)

@@ -22,7 +22,8 @@ class DarknetModel(nn.Module):
         layers: `nn.ModuleList`, one module per cfg layer section (index = Darknet layer index).
         heads: list[YoloHead], the `[yolo]` layers in cfg order.
         input_multiple: the input height and width must be multiples of this (the deepest
-            downsampling of the network, 32 for the YOLO cfgs).
+            downsampling of the network, 32 for the YOLO cfgs), or the cfg's own size (which a
+            network of unpadded convolutions, 64 -> 31 -> 15 -> 7, need not be a multiple of).
         weights_header: the header of the `.weights` file loaded by `load_darknet`, else None.
 
     Forward: `x` float Tensor[B, channels, H, W], RGB in [0, 1]. Returns one Tensor[B, A, Hk, Wk,
@@ -72,14 +73,22 @@ class DarknetModel(nn.Module):
                     f"at the cfg's {self.net.height}x{self.net.width}); use the cfg's size, or a cfg size that "
                     f"every downsampling divides exactly (multiples of 32 for the YOLO cfgs)")
 
+    def accepts_size(self, height: int, width: int) -> bool:
+        """Whether an input of `height` x `width` suits the network: the cfg's own size, or
+        positive multiples of `input_multiple`."""
+        if (height, width) == (self.net.height, self.net.width):
+            return True
+        return height > 0 and width > 0 and not height % self.input_multiple and not width % self.input_multiple
+
     def _check_input(self, x: torch.Tensor) -> None:
         channels, multiple = self.net.channels, self.input_multiple
         if x.dim() != 4 or x.shape[1] != channels:
             raise ValueError(f"{self.cfg.path}: expected input Tensor[B, {channels}, H, W], "
                              f"found shape {tuple(x.shape)}")
-        if x.shape[2] % multiple or x.shape[3] % multiple:
+        if not self.accepts_size(x.shape[2], x.shape[3]):
             raise ValueError(f"{self.cfg.path}: expected input height and width that are "
-                             f"multiples of {multiple}, found {x.shape[2]}x{x.shape[3]}")
+                             f"multiples of {multiple} (or the cfg's {self.net.height}x{self.net.width}), "
+                             f"found {x.shape[2]}x{x.shape[3]}")
 
 
 def _release_schedule(modules: list[nn.Module], keep: set[int]) -> list[tuple[int, ...]]:

@@ -8,6 +8,7 @@ import torch
 
 import detector
 from detector.cfg import DarknetError
+from detector import layers as layers_module
 from detector.layers import build_layers
 
 NET = "[net]\nwidth={size}\nheight={size}\nchannels={channels}\n\n"
@@ -152,9 +153,18 @@ def test_an_input_size_the_downsampling_does_not_divide_is_refused(tmp_path):
         model(torch.zeros(1, 3, 125, 125))
 
 
+def test_unpadded_convolutions_run_at_the_cfgs_own_size(tmp_path):
+    """Found by a cfg fuzz: three size-3 stride-2 convs without padding (64 -> 31 -> 15 -> 7) loaded,
+    then the model refused its own 64x64 as not a multiple of 9 (64 // 7). Darknet and OpenCV run it."""
+    conv = "[convolutional]\nbatch_normalize=1\nfilters=6\nsize=3\nstride=2\npad=0\nactivation=leaky\n\n"
+    body = conv * 3 + "[yolo]\nmask=0\nanchors=10,20\nclasses=1\nnum=1\n"
+    model = detector.load_darknet(write_cfg(tmp_path, body, size=64)).eval()
+    assert model(torch.zeros(1, 3, 64, 64))[0].shape[2:4] == (7, 7)
+
+
 def test_input_size_must_be_a_multiple_of_the_network_stride(tmp_path):
     model = constant_head_cfg(tmp_path, [0.0] * 6)
-    with pytest.raises(ValueError, match="multiples of 32, found 48x64"):
+    with pytest.raises(ValueError, match=r"multiples of 32 \(or the cfg.s \d+x\d+\), found 48x64"):
         model(torch.zeros(1, 3, 48, 64))
     with pytest.raises(ValueError, match=r"Tensor\[B, 3, H, W\]"):
         model(torch.zeros(1, 1, 64, 64))
@@ -171,7 +181,10 @@ def test_input_size_must_be_a_multiple_of_the_network_stride(tmp_path):
      "layer 4 resolves to 4; expected an earlier layer (0..0)"),
     ("[convolutional]\nfilters=4\nsize=0\n", 8, "convolutional",
      "option 'size': expected an integer >= 1, found 0"),
-    ("[convolutional]\ndilation=2\n", 7, "convolutional", "'dilation' is not supported"),
+    ("[convolutional]\ndilation=2\n", 7, "convolutional",
+     "option 'dilation': only dilation=1 is supported by yolo-admm, found 2"),
+    ("[convolutional]\nfilters=1_6\n", 7, "convolutional", "option 'filters': expected an integer, found '1_6'"),
+    ("[yolo]\nnum=1\nanchors=1_0,2\n", 8, "yolo", "option 'anchors': expected comma-separated numbers"),
     ("[yolo]\nmask=0,3\nnum=3\nanchors=1,2,3,4,5,6\n", 7, "yolo",
      "option 'mask': expected distinct anchor indices in 0..2"),
     ("[yolo]\nnum=2\nanchors=1,2,3\n", 8, "yolo", "option 'anchors': expected 4 positive"),
@@ -183,6 +196,31 @@ def test_cfg_errors_name_file_line_and_section(tmp_path, body, line, section, me
     text = str(info.value)
     assert text.startswith(f"{path}:{line} [{section}]"), text
     assert message in text
+
+
+def test_cfgs_darknet_and_opencv_read_are_read_alike(tmp_path, monkeypatch):
+    """Found by a cfg fuzz: each of these was refused (or, for a huge layer, a bare allocation error)."""
+    head = "[yolo]\nmask=0\nanchors=10,20\nclasses=1\nnum=1\n"
+    plain = "[convolutional]\nfilters=6\nsize=3\nstride=2\npad=1\nactivation=leaky\n\n"
+    spelled = ("[convolutional]\nfilters=6 ; six\nsize=3\nstride=2\nstride_x=2\nstride_y=2\ndilation=1\n"
+               "antialiasing=0\nbinary=0\nxnor=0\npad=1\nactivation=leaky # as the plain one\n\n")
+    thresholds = "thresh=0.25\nnms_threshold=0.45\nshow_details=1\n"
+    torch.manual_seed(0)
+    reference = detector.load_darknet(write_cfg(tmp_path, plain + head, name="plain.cfg")).eval()
+    path = write_cfg(tmp_path, spelled + head + thresholds, name="spelled.cfg")
+    path.write_bytes("\ufeff".encode() + path.read_bytes())                 # a UTF-8 byte order mark
+    spelled_model = detector.load_darknet(path).eval()
+    spelled_model.load_state_dict(reference.state_dict())
+    image = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(spelled_model(image), reference(image), rtol=0, atol=0)
+    huge = "[convolutional]\nfilters=100000000000\nsize=3\n\n" + head   # torch would try 10.8 TB: simulated
+
+    def out_of_memory(section, ctx):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10800000000000 bytes.")
+    monkeypatch.setitem(layers_module.LAYER_BUILDERS, "convolutional", out_of_memory)
+    with pytest.raises(DarknetError, match=r"huge.cfg:6 \[convolutional\] \(layer 0\): its weights do not fit in "
+                                           r"memory .*you tried to allocate 10800000000000 bytes.*; expected a smaller"):
+        detector.load_darknet(write_cfg(tmp_path, huge, name="huge.cfg"))
 
 
 def test_build_errors_name_the_layer_and_what_was_expected(tmp_path):
