@@ -7,6 +7,7 @@ the images of a `DetectionSource`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -40,7 +41,7 @@ def read_rgb(path: str | Path, orientation: int = 1) -> np.ndarray:
     """Read an image file as uint8 ndarray[H, W, 3] RGB: its stored pixels when `orientation` is 1,
     else turned by its EXIF orientation tag (the `orientation` that `data.sources.displayed_size`
     read from the same file)."""
-    image = cv2.imread(str(path), _STORED if orientation == 1 else _TURNED)
+    image = cv2.imread(os.fsencode(path), _STORED if orientation == 1 else _TURNED)   # bytes: any file name
     if image is None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: image not found")

@@ -2,19 +2,25 @@
 
     yolo-admm detect predict --cfg C --weights W SOURCE... [--out DIR] [--conf 0.25] [--iou 0.45]
 
-SOURCE is an image file or a folder of images. Writes DIR/<image stem>.jpg with the detections drawn
-and DIR/detections.json (per image: path, size, and detections with class, score, xyxy box in
-original-image pixels).
+SOURCE is an image file or a folder of images (its sub-folders too; hidden files left out). Writes
+DIR/<image stem>.jpg with the detections drawn (_1, _2 ... added where stems repeat) and
+DIR/detections.json, a list with per image: `image` (its path), `image_id`, `width` and `height`
+(as displayed: EXIF orientation applied), `detections` (each `class_id`, `class_name`, `score`,
+`box_xyxy` in those displayed pixels) and `annotated` (the drawn file's name). A file that cannot
+be opened as an image is left out with a warning, and the JSON is written also when the run stops
+early (for the images done). --out may not be a folder of input images.
 """
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import yaml
+from PIL import Image
 
 from data.eval_dataset import InferenceDataset
-from data.sources import IMAGE_SUFFIXES, exif_orientation, parse_class_names
+from data.sources import IMAGE_SUFFIXES, exif_orientation, images_below, parse_class_names
 from detector.cli import add_model_arguments, load_model, model_num_classes
 from detector.predict import predict
 from engine import output_folder
@@ -22,8 +28,12 @@ from engine import output_folder
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="image files or folders of images")
-    parser.add_argument("--out", type=Path, default=Path("runs/predict"), help="output folder (default: runs/predict)")
+    parser.add_argument("sources", nargs="+", metavar="SOURCE",
+                        help="image files, or folders of images (their sub-folders too)")
+    parser.add_argument("--out", type=Path, default=Path("runs/predict"),
+                        help="output folder for the annotated images and detections.json (per image: class, score, "
+                             "xyxy box in the displayed image's pixels); not a folder of input images "
+                             "(default: runs/predict)")
     parser.add_argument("--conf", type=float, default=0.25, help="score threshold, objectness x class (default: 0.25)")
     parser.add_argument("--iou", type=float, default=0.45, help="per-class NMS IoU threshold (default: 0.45)")
     parser.add_argument("--max-det", type=int, default=100, help="detections kept per image (default: 100)")
@@ -31,16 +41,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="class names: a Darknet .names file (one per line) or a data.yaml (default: class indices)")
 
 
+UNREAD_IMAGE_SUFFIXES = (".gif", ".jfif", ".heic", ".heif", ".avif", ".jxl", ".svg", ".ico")
+
+
 def collect_images(sources: list[str]) -> list[Path]:
-    """Image files named directly, plus the images inside named folders (sorted, not recursive;
-    hidden files such as macOS's ._x.jpg left out)."""
+    """Image files named directly, plus the images in and below named folders (sorted; hidden files
+    such as macOS's ._x.jpg left out, and a warning for images of a type not read, such as .gif)."""
     images = []
     for source in map(Path, sources):
         if source.is_dir():
-            found = sorted(p for p in source.iterdir()
-                           if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            found = sorted(path for path in images_below(source) if path.is_file())
+            unread = sorted(path.name for path in images_below(source, UNREAD_IMAGE_SUFFIXES) if path.is_file())
+            if unread:
+                warnings.warn(f"{source}: {len(unread)} image(s) of a type not read here left out (e.g. {unread[0]}; "
+                              f"read are {', '.join(IMAGE_SUFFIXES)})", stacklevel=2)
             if not found:
-                raise FileNotFoundError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+                raise FileNotFoundError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
             images += found
         elif source.is_file():
             images.append(source)
@@ -49,10 +65,40 @@ def collect_images(sources: list[str]) -> list[Path]:
     return images
 
 
+def readable_images(images: list[Path]) -> list[Path]:
+    """`images` without those PIL cannot open (a zero-byte file, a text file named .jpg), each
+    left out with a warning.
+
+    Raises:
+        ValueError: none is readable.
+    """
+    readable = []
+    for image in images:
+        try:
+            with Image.open(image):
+                readable.append(image)
+        except (OSError, SyntaxError, ValueError) as err:
+            warnings.warn(f"{image}: not a readable image, left out ({err})", stacklevel=2)
+    if not readable:
+        raise ValueError(f"none of the {len(images)} image(s) can be read")
+    return readable
+
+
+def check_out_folder(out: Path, images: list[Path]) -> None:
+    """--out must not be the folder of an input image: its annotated copy would replace it."""
+    inputs = {image.resolve().parent for image in images}
+    if out.resolve() in inputs:
+        raise ValueError(f"--out {out}: expected a folder that holds none of the input images, found one that does "
+                         f"(their annotated copies would replace them); choose another --out")
+
+
 def read_class_names(path: Path | None, num_classes: int) -> list[str]:
     """Names from a .names file or a data.yaml's `names` (list or dict); indices when `path` is None."""
     if path is None:
         return [str(i) for i in range(num_classes)]
+    if not path.is_file():
+        raise ValueError(f"--names {path}: expected a .names file or a data.yaml, found "
+                         f"{'a folder' if path.is_dir() else 'nothing'}")
     if path.suffix in (".yaml", ".yml"):
         names = parse_class_names(yaml.safe_load(path.read_text(encoding="utf-8")), path)
     else:
@@ -67,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     if not (0 <= args.conf <= 1 and 0 <= args.iou <= 1 and args.max_det >= 1):
         raise ValueError(f"--conf and --iou must be in [0, 1] and --max-det >= 1, found "
                          f"{args.conf}, {args.iou}, {args.max_det}")
-    images = collect_images(args.sources)
+    images = readable_images(collect_images(args.sources))
+    check_out_folder(args.out, images)
     model, net_w, net_h, letterbox = load_model(args)
     class_names = read_class_names(args.names, model_num_classes(model))
     output_folder(args.out, "--out")                # after the inputs are known good: no empty folder

@@ -106,18 +106,21 @@ def predict(model: torch.nn.Module, dataset: InferenceDataset, out_dir: Path, cl
             conf_thresh: float, iou_thresh: float, max_det: int, batch_size: int = 1, workers: int = 0,
             progress: bool = True) -> Path:
     """Detect on every image of `dataset`; write `out_dir/<image stem>.jpg` annotated and
-    `out_dir/detections.json` (a list of `detections_to_json` dicts). Returns the JSON path."""
+    `out_dir/detections.json` (a list of `detections_to_json` dicts), the latter also when the run
+    stops early (an unreadable image, Ctrl-C), for the images done. Returns the JSON path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     loader = make_loader(dataset, batch_size, workers, next(model.parameters()).device)
     results, used_names = [], set()
-    for meta, detections in detect_loader(model, loader, conf_thresh, iou_thresh, max_det, progress):
-        name = _unique_name(meta.path, used_names)
-        annotated = draw_detections(cv2.cvtColor(read_rgb(meta.path, meta.orientation), cv2.COLOR_RGB2BGR),
-                                    detections, class_names)
-        write_image_atomic(out_dir / name, annotated)
-        results.append({**detections_to_json(meta, detections, class_names), "annotated": name})
     json_path = out_dir / "detections.json"
-    atomic_write_json(json_path, results)
+    try:
+        for meta, detections in detect_loader(model, loader, conf_thresh, iou_thresh, max_det, progress):
+            name = _unique_name(meta.path, used_names)
+            annotated = draw_detections(cv2.cvtColor(read_rgb(meta.path, meta.orientation), cv2.COLOR_RGB2BGR),
+                                        detections, class_names)
+            write_image_atomic(out_dir / name, annotated)
+            results.append({**detections_to_json(meta, detections, class_names), "annotated": name})
+    finally:
+        atomic_write_json(json_path, results)
     return json_path
 
 

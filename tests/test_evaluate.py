@@ -190,6 +190,48 @@ def test_cli_predict_writes_annotated_images_and_json(tmp_path, rectangle_model)
         assert annotated.shape == (result["height"], result["width"], 3)
 
 
+def test_cli_predict_on_folders_as_users_keep_them(tmp_path, rectangle_model, capsys, monkeypatch):
+    """Found by a review on real image collections: a file name that is not UTF-8 crashed OpenCV (a
+    segfault), one unreadable file stopped the run with no JSON, sub-folders were skipped, --out set
+    to the input folder overwrote the photos, and a missing --names file got errno's words."""
+    import os
+
+    import detector.predict as predict_module
+
+    write_rectangle_dataset(tmp_path / "ds", count=3)
+    photos = tmp_path / "ds" / "images"
+    (photos / "2019" / "summer").mkdir(parents=True)
+    os.replace(photos / "2.png", photos / "2019" / "summer" / "2.png")
+    os.replace(photos / "3.png", photos / os.fsdecode(b"caf\xe9.png"))   # a Latin-1 name
+    (photos / "notes.jpg").write_text("not an image")
+    (photos / "clip.gif").write_bytes(b"GIF89a")
+    command = ["detect", "predict", "--cfg", "m.cfg", "--weights", "w", str(photos), "--out", str(tmp_path / "out")]
+    assert yolo_admm_main(command) == 0
+    err = capsys.readouterr().err
+    assert "notes.jpg: not a readable image, left out" in err and "1 image(s) of a type not read here" in err
+    results = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert sorted(r["annotated"] for r in results) == ["1.jpg", "2.jpg", os.fsdecode(b"caf\xe9.jpg")]
+    assert all(len(r["detections"]) == 2 for r in results)
+
+    assert yolo_admm_main([*command[:-1], str(photos / "2019" / "summer")]) == 2      # --out among the inputs
+    assert "their annotated copies would replace them" in capsys.readouterr().err
+    assert yolo_admm_main([*command, "--names", str(tmp_path / "none.names")]) == 2
+    assert f"--names {tmp_path}/none.names: expected a .names file or a data.yaml, found nothing" in \
+        capsys.readouterr().err
+
+    real_read, reads = predict_module.read_rgb, []
+
+    def fail_on_the_second(path, orientation=1):
+        reads.append(path)
+        if len(reads) == 2:
+            raise ValueError(f"{path}: not a readable image")
+        return real_read(path, orientation)
+
+    monkeypatch.setattr(predict_module, "read_rgb", fail_on_the_second)
+    assert yolo_admm_main([*command[:-1], str(tmp_path / "stopped")]) == 2
+    assert len(json.loads((tmp_path / "stopped" / "detections.json").read_text())) == 1   # what was done
+
+
 TINY_CFG = """[net]
 width=64
 height=64
