@@ -8,7 +8,8 @@ DIR/detections.json, a list with per image: `image` (its path), `image_id`, `wid
 (as displayed: EXIF orientation applied), `detections` (each `class_id`, `class_name`, `score`,
 `box_xyxy` in those displayed pixels) and `annotated` (the drawn file's name). A file that cannot
 be opened as an image is left out with a warning, and the JSON is written also when the run stops
-early (for the images done). --out may not be a folder of input images.
+early (for the images done). --out may not be a folder of input images; a run into a used --out
+replaces the earlier run's annotated images.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ channels_last) under `torch.inference_mode`, `postprocess`, then boxes mapped ba
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -78,16 +79,17 @@ def draw_detections(image_bgr: np.ndarray, detections: torch.Tensor, class_names
     colours = np.random.default_rng(_PALETTE_SEED).integers(64, 256, size=(len(class_names), 3))
     thickness = max(1, round(max(canvas.shape[:2]) / 500))
     font_scale = max(0.35, max(canvas.shape[:2]) / 1600)
+    text_thickness = max(1, round(font_scale))          # a hairline font is unreadable on a large photo
     for x1, y1, x2, y2, score, cls in reversed(detections.tolist()):  # highest score drawn last, on top
         colour = tuple(int(v) for v in colours[int(cls)])
         top_left = (round(x1), round(y1))
         cv2.rectangle(canvas, top_left, (round(x2), round(y2)), colour, thickness)
         label = f"{class_names[int(cls)]} {score:.2f}"
-        (text_w, text_h), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+        (text_w, text_h), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, text_thickness)
         text_y = max(top_left[1], text_h + baseline)
         cv2.rectangle(canvas, (top_left[0], text_y - text_h - baseline), (top_left[0] + text_w, text_y), colour, -1)
         cv2.putText(canvas, label, (top_left[0], text_y - baseline), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
-                    (0, 0, 0), 1, cv2.LINE_AA)
+                    (0, 0, 0), text_thickness, cv2.LINE_AA)
     return canvas
 
 
@@ -107,11 +109,14 @@ def predict(model: torch.nn.Module, dataset: InferenceDataset, out_dir: Path, cl
             progress: bool = True) -> Path:
     """Detect on every image of `dataset`; write `out_dir/<image stem>.jpg` annotated and
     `out_dir/detections.json` (a list of `detections_to_json` dicts), the latter also when the run
-    stops early (an unreadable image, Ctrl-C), for the images done. Returns the JSON path."""
+    stops early (an unreadable image, Ctrl-C), for the images done. A run into a used `out_dir`
+    replaces the one before: the annotated images its detections.json lists and this run did not
+    write again are removed at the end. Returns the JSON path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     loader = make_loader(dataset, batch_size, workers, next(model.parameters()).device)
     results, used_names = [], set()
     json_path = out_dir / "detections.json"
+    earlier = _annotated_names(json_path)
     try:
         for meta, detections in detect_loader(model, loader, conf_thresh, iou_thresh, max_det, progress):
             name = _unique_name(meta.path, used_names)
@@ -121,7 +126,20 @@ def predict(model: torch.nn.Module, dataset: InferenceDataset, out_dir: Path, cl
             results.append({**detections_to_json(meta, detections, class_names), "annotated": name})
     finally:
         atomic_write_json(json_path, results)
+    for stale in sorted(earlier - used_names):
+        (out_dir / stale).unlink(missing_ok=True)
     return json_path
+
+
+def _annotated_names(json_path: Path) -> set[str]:
+    """The annotated image names (`<stem>.jpg`, no folder) an earlier detections.json lists."""
+    try:
+        earlier = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    entries = earlier if isinstance(earlier, list) else []
+    names = {entry.get("annotated") for entry in entries if isinstance(entry, dict)}
+    return {name for name in names if isinstance(name, str) and name.endswith(".jpg") and Path(name).name == name}
 
 
 def _unique_name(path: Path, used: set[str]) -> str:

@@ -213,6 +213,9 @@ def test_cli_predict_on_folders_as_users_keep_them(tmp_path, rectangle_model, ca
     assert sorted(r["annotated"] for r in results) == ["1.jpg", "2.jpg", os.fsdecode(b"caf\xe9.jpg")]
     assert all(len(r["detections"]) == 2 for r in results)
 
+    assert yolo_admm_main([*command[:6], str(photos / "1.png"), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["1.jpg", "detections.json"]   # replaced
+
     assert yolo_admm_main([*command[:-1], str(photos / "2019" / "summer")]) == 2      # --out among the inputs
     assert "their annotated copies would replace them" in capsys.readouterr().err
     assert yolo_admm_main([*command, "--names", str(tmp_path / "none.names")]) == 2
