@@ -291,8 +291,8 @@ class _Options:
             raise self.error(f"unknown option '{key}'", key)
 
 
-_INTEGER = re.compile(r"[+-]?\d+")
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_INTEGER = re.compile(r"[+-]?[0-9]+")                              # ASCII digits: atoi reads no others
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 def _strict_int(text: str) -> int:
@@ -388,9 +388,8 @@ def _parse_net(opts: _Options) -> NetConfig:
 def _parse_convolutional(opts: _Options) -> ConvolutionalSection:
     opts.reject("share_index", "bin_output", "flipped", "cbn", "sway", "rotate", "stretch",
                 "stretch_sway", "assisted_excitation", "coordconv", "dontload", "dontloadscales")
-    stride = opts.integer("stride", 1, minimum=1)
-    for key, value in (("stride_x", stride), ("stride_y", stride), ("dilation", 1), ("antialiasing", 0),
-                       ("binary", 0), ("xnor", 0)):
+    stride = _square_stride(opts)
+    for key, value in (("dilation", 1), ("antialiasing", 0), ("binary", 0), ("xnor", 0)):
         opts.only(key, value)
     size = opts.integer("size", 1, minimum=1)
     padding = opts.integer("padding", 0, minimum=0)
@@ -411,10 +410,22 @@ def _parse_convolutional(opts: _Options) -> ConvolutionalSection:
     return section
 
 
+def _square_stride(opts: _Options) -> int:
+    """`stride`, or `stride_x` and `stride_y` (each defaults to `stride`, as in Darknet's parser),
+    which must be equal: a different stride per axis is not supported."""
+    stride = opts.integer("stride", 1, minimum=1)
+    stride_x = opts.integer("stride_x", stride, minimum=1)
+    stride_y = opts.integer("stride_y", stride, minimum=1)
+    if stride_x != stride_y:
+        raise opts.error(f"stride_x={stride_x} and stride_y={stride_y}: only one stride for both axes is "
+                         f"supported by yolo-admm", "stride_x" if opts.has("stride_x") else "stride_y")
+    return stride_x
+
+
 def _parse_maxpool(opts: _Options) -> MaxpoolSection:
     opts.reject("out_channels", "maxpool_zero_nonmax")
-    stride = opts.integer("stride", 1, minimum=1)
-    for key, value in (("stride_x", stride), ("stride_y", stride), ("maxpool_depth", 0), ("antialiasing", 0)):
+    stride = _square_stride(opts)
+    for key, value in (("maxpool_depth", 0), ("antialiasing", 0)):
         opts.only(key, value)
     size = opts.integer("size", stride, minimum=1)
     section = MaxpoolSection(source=opts.source, size=size, stride=stride,

@@ -77,9 +77,9 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int, int, boo
     """
     model = detector.load_darknet(args.cfg, args.weights)
     net_w, net_h = (args.img_size, args.img_size) if args.img_size else (model.net.width, model.net.height)
-    if net_w % 32 or net_h % 32:
-        raise ValueError(f"{args.cfg}: [net] width x height is {net_w}x{net_h}; the input must be a multiple "
-                         f"of 32 on each side (pass --img-size)")
+    if not model.accepts_size(net_h, net_w):
+        raise ValueError(f"{args.cfg}: the network input would be {net_w}x{net_h}; expected "
+                         f"{model.size_rule()} (pass --img-size)")
     model.to(resolve_device(args.device)).eval()
     return model, net_w, net_h, bool(model.net.letter_box)
 

@@ -14,6 +14,7 @@ replaces the earlier run's annotated images.
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from PIL import Image
 from data.eval_dataset import InferenceDataset
 from data.sources import IMAGE_SUFFIXES, exif_orientation, images_below, parse_class_names
 from detector.cli import add_model_arguments, load_model, model_num_classes
-from detector.predict import predict
+from detector.predict import earlier_entries, predict
 from engine import output_folder
 
 
@@ -45,13 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 UNREAD_IMAGE_SUFFIXES = (".gif", ".jfif", ".heic", ".heif", ".avif", ".jxl", ".svg", ".ico")
 
 
-def collect_images(sources: list[str]) -> list[Path]:
+def collect_images(sources: list[str], ours: frozenset[str] = frozenset()) -> list[Path]:
     """Image files named directly, plus the images in and below named folders (sorted; hidden files
-    such as macOS's ._x.jpg left out, and a warning for images of a type not read, such as .gif)."""
+    such as macOS's ._x.jpg left out, and a warning for images of a type not read, such as .gif;
+    `ours`, the real paths of an earlier run's annotated copies, left out of the folders)."""
     images = []
     for source in map(Path, sources):
         if source.is_dir():
-            found = sorted(path for path in images_below(source) if path.is_file())
+            found = sorted(path for path in images_below(source) if path.is_file()
+                           and os.path.realpath(path) not in ours)
             unread = sorted(path.name for path in images_below(source, UNREAD_IMAGE_SUFFIXES) if path.is_file())
             if unread:
                 warnings.warn(f"{source}: {len(unread)} image(s) of a type not read here left out (e.g. {unread[0]}; "
@@ -64,6 +67,11 @@ def collect_images(sources: list[str]) -> list[Path]:
         else:
             raise FileNotFoundError(f"{source}: no such image file or folder")
     return images
+
+
+def annotated_copies(out: Path) -> frozenset[str]:
+    """The real paths of the annotated images an earlier run wrote into `out` (its detections.json)."""
+    return frozenset(os.path.realpath(out / entry["annotated"]) for entry in earlier_entries(out / "detections.json"))
 
 
 def readable_images(images: list[Path]) -> list[Path]:
@@ -86,8 +94,9 @@ def readable_images(images: list[Path]) -> list[Path]:
 
 
 def check_out_folder(out: Path, images: list[Path]) -> None:
-    """--out must not be the folder of an input image: its annotated copy would replace it."""
-    inputs = {image.resolve().parent for image in images}
+    """--out must not be the folder of an input image (the one holding it, or a link to it, and the
+    one its file is in): its annotated copy would replace it."""
+    inputs = {image.parent.resolve() for image in images} | {image.resolve().parent for image in images}
     if out.resolve() in inputs:
         raise ValueError(f"--out {out}: expected a folder that holds none of the input images, found one that does "
                          f"(their annotated copies would replace them); choose another --out")
@@ -114,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if not (0 <= args.conf <= 1 and 0 <= args.iou <= 1 and args.max_det >= 1):
         raise ValueError(f"--conf and --iou must be in [0, 1] and --max-det >= 1, found "
                          f"{args.conf}, {args.iou}, {args.max_det}")
-    images = readable_images(collect_images(args.sources))
+    images = readable_images(collect_images(args.sources, annotated_copies(args.out)))
     check_out_folder(args.out, images)
     model, net_w, net_h, letterbox = load_model(args)
     class_names = read_class_names(args.names, model_num_classes(model))

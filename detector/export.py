@@ -39,6 +39,7 @@ from detector.postprocess import flatten_heads
 from detector.weights import write_weights
 from pruning.masks import Masks
 from engine import atomic_write_bytes
+from pruning.atomic_file import check_writable
 from pruning.sparse_archive import check_decoded, load_sparse_archive, save_sparse_archive
 
 FORMATS = ("darknet", "onnx", "compact")
@@ -231,6 +232,7 @@ def export_onnx(model: DarknetModel, path: str | os.PathLike, img_size: int | No
     with torch.no_grad():
         output_shape = list(wrapper(example).shape)    # untraced, so the model's input checks run first
     path = Path(path)
+    check_writable(path)                               # as write_atomically: no device, pipe or folder there
     with tempfile.TemporaryDirectory(dir=path.parent) as staging:
         staged = Path(staging) / path.name
         _torch_onnx_export(wrapper, example, staged, opset)
@@ -445,8 +447,7 @@ def _verify_input(channels: int, height: int, width: int, batch: int = 1) -> tor
 
 def _check_input_size(model: DarknetModel, height: int, width: int) -> None:
     if not model.accepts_size(height, width):
-        raise ValueError(f"{model.cfg.path}: the input size must be a positive multiple of {model.input_multiple} "
-                         f"(or the cfg's {model.net.height}x{model.net.width}), found {height}x{width}")
+        raise ValueError(f"{model.cfg.path}: the input size must be {model.size_rule()}, found {height}x{width}")
 
 
 def _import_optional(name: str):

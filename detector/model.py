@@ -74,11 +74,14 @@ class DarknetModel(nn.Module):
                     f"every downsampling divides exactly (multiples of 32 for the YOLO cfgs)")
 
     def accepts_size(self, height: int, width: int) -> bool:
-        """Whether an input of `height` x `width` suits the network: the cfg's own size, or
-        positive multiples of `input_multiple`."""
+        """Whether an input of `height` x `width` suits the network: the cfg's own size, or, where
+        the downsampling divides the cfg's size exactly, positive multiples of `input_multiple`.
+        (A network of unpadded convolutions, 64 -> 31 -> 15 -> 7, runs at its cfg's size only.)"""
         if (height, width) == (self.net.height, self.net.width):
             return True
-        return height > 0 and width > 0 and not height % self.input_multiple and not width % self.input_multiple
+        multiple = self.input_multiple
+        exact = not self.net.height % multiple and not self.net.width % multiple
+        return exact and height > 0 and width > 0 and not height % multiple and not width % multiple
 
     def _check_input(self, x: torch.Tensor) -> None:
         channels, multiple = self.net.channels, self.input_multiple
@@ -87,8 +90,14 @@ class DarknetModel(nn.Module):
                              f"found shape {tuple(x.shape)}")
         if not self.accepts_size(x.shape[2], x.shape[3]):
             raise ValueError(f"{self.cfg.path}: expected input height and width that are "
-                             f"multiples of {multiple} (or the cfg's {self.net.height}x{self.net.width}), "
-                             f"found {x.shape[2]}x{x.shape[3]}")
+                             f"{self.size_rule()}, found {x.shape[2]}x{x.shape[3]}")
+
+    def size_rule(self) -> str:
+        """The input sizes `accepts_size` takes, in words."""
+        own = f"the cfg's {self.net.height}x{self.net.width}"
+        if self.net.height % self.input_multiple or self.net.width % self.input_multiple:
+            return f"{own} (its downsampling divides no other size evenly)"
+        return f"multiples of {self.input_multiple} (or {own})"
 
 
 def _release_schedule(modules: list[nn.Module], keep: set[int]) -> list[tuple[int, ...]]:

@@ -116,7 +116,8 @@ def predict(model: torch.nn.Module, dataset: InferenceDataset, out_dir: Path, cl
     loader = make_loader(dataset, batch_size, workers, next(model.parameters()).device)
     results, used_names = [], set()
     json_path = out_dir / "detections.json"
-    earlier = _annotated_names(json_path)
+    earlier = earlier_entries(json_path)
+    finished = False
     try:
         for meta, detections in detect_loader(model, loader, conf_thresh, iou_thresh, max_det, progress):
             name = _unique_name(meta.path, used_names)
@@ -124,22 +125,28 @@ def predict(model: torch.nn.Module, dataset: InferenceDataset, out_dir: Path, cl
                                         detections, class_names)
             write_image_atomic(out_dir / name, annotated)
             results.append({**detections_to_json(meta, detections, class_names), "annotated": name})
+        finished = True
     finally:
-        atomic_write_json(json_path, results)
-    for stale in sorted(earlier - used_names):
-        (out_dir / stale).unlink(missing_ok=True)
+        written = {result["annotated"] for result in results}
+        left = [entry for entry in earlier if entry["annotated"] not in written]
+        atomic_write_json(json_path, results if finished else results + left)   # stopped early: still listed
+    for entry in left:
+        stale = out_dir / entry["annotated"]
+        if stale.is_file() or stale.is_symlink():
+            stale.unlink()
     return json_path
 
 
-def _annotated_names(json_path: Path) -> set[str]:
-    """The annotated image names (`<stem>.jpg`, no folder) an earlier detections.json lists."""
+def earlier_entries(json_path: Path) -> list[dict]:
+    """The entries of an earlier detections.json whose `annotated` is an image name of ours
+    (`<stem>.jpg`, no folder)."""
     try:
         earlier = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return set()
+        return []
     entries = earlier if isinstance(earlier, list) else []
-    names = {entry.get("annotated") for entry in entries if isinstance(entry, dict)}
-    return {name for name in names if isinstance(name, str) and name.endswith(".jpg") and Path(name).name == name}
+    return [entry for entry in entries if isinstance(entry, dict) and isinstance(entry.get("annotated"), str)
+            and entry["annotated"].endswith(".jpg") and Path(entry["annotated"]).name == entry["annotated"]]
 
 
 def _unique_name(path: Path, used: set[str]) -> str:

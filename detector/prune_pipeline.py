@@ -386,6 +386,10 @@ def write_or_check_config(job: PruneJob, path: Path) -> None:
 
 
 def log_to_file(path: Path) -> logging.Handler:
+    """Append the pipeline's log to `path` (a symbolic link there is replaced by the file, as at
+    every output path, so that the log never goes into the file it points at)."""
+    if path.is_symlink():
+        path.unlink()
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     LOG.addHandler(handler)

@@ -68,7 +68,13 @@ def _take(path: Path) -> tuple[IO[str] | None, str | None]:
     if fcntl is None:
         _warn_unlocked(path, "this platform has no fcntl")
         return None, None
-    handle = open(path, "a+", encoding="utf-8")
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:                  # a symbolic link: its target is not ours to truncate
+            raise ValueError(f"{path}: expected the run folder's lock file, found a symbolic link") from None
+        raise
+    handle = os.fdopen(descriptor, "r+", encoding="utf-8")
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -83,6 +89,7 @@ def _take(path: Path) -> tuple[IO[str] | None, str | None]:
         _warn_unlocked(path, err.strerror or str(err))
         return None, None
     handle.truncate(0)
+    handle.seek(0)
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
                  f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv)[:300]})\n")
     handle.flush()

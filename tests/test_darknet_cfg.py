@@ -184,6 +184,9 @@ def test_input_size_must_be_a_multiple_of_the_network_stride(tmp_path):
     ("[convolutional]\ndilation=2\n", 7, "convolutional",
      "option 'dilation': only dilation=1 is supported by yolo-admm, found 2"),
     ("[convolutional]\nfilters=1_6\n", 7, "convolutional", "option 'filters': expected an integer, found '1_6'"),
+    ("[convolutional]\nfilters=\uff11\uff16\n", 7, "convolutional", "option 'filters': expected an integer"),
+    ("[convolutional]\nstride_x=2\nstride_y=1\n", 7, "convolutional",
+     "stride_x=2 and stride_y=1: only one stride for both axes is supported by yolo-admm"),
     ("[yolo]\nnum=1\nanchors=1_0,2\n", 8, "yolo", "option 'anchors': expected comma-separated numbers"),
     ("[yolo]\nmask=0,3\nnum=3\nanchors=1,2,3,4,5,6\n", 7, "yolo",
      "option 'mask': expected distinct anchor indices in 0..2"),
@@ -202,7 +205,7 @@ def test_cfgs_darknet_and_opencv_read_are_read_alike(tmp_path, monkeypatch):
     """Found by a cfg fuzz: each of these was refused (or, for a huge layer, a bare allocation error)."""
     head = "[yolo]\nmask=0\nanchors=10,20\nclasses=1\nnum=1\n"
     plain = "[convolutional]\nfilters=6\nsize=3\nstride=2\npad=1\nactivation=leaky\n\n"
-    spelled = ("[convolutional]\nfilters=6 ; six\nsize=3\nstride=2\nstride_x=2\nstride_y=2\ndilation=1\n"
+    spelled = ("[convolutional]\nfilters=6 ; six\nsize=3\nstride_x=2\nstride_y=2\ndilation=1\n"
                "antialiasing=0\nbinary=0\nxnor=0\npad=1\nactivation=leaky # as the plain one\n\n")
     thresholds = "thresh=0.25\nnms_threshold=0.45\nshow_details=1\n"
     torch.manual_seed(0)

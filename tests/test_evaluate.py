@@ -7,6 +7,7 @@ correct pipeline (read, resize/letterbox, post-process, map back, COCOeval) must
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,6 +67,9 @@ class RectangleFinder(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
         self.net = SimpleNamespace(width=width, height=height, letter_box=int(letter_box))
         self.heads = [SimpleNamespace(num_classes=2)]
+
+    def accepts_size(self, height: int, width: int) -> bool:      # any size, as a real cfg of stride 32 would
+        return height > 0 and width > 0 and not height % 32 and not width % 32
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = x.new_zeros(x.shape[0], 1, 1, 2, 7)
@@ -218,6 +222,15 @@ def test_cli_predict_on_folders_as_users_keep_them(tmp_path, rectangle_model, ca
 
     assert yolo_admm_main([*command[:-1], str(photos / "2019" / "summer")]) == 2      # --out among the inputs
     assert "their annotated copies would replace them" in capsys.readouterr().err
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "1.png").symlink_to(photos / "1.png")
+    assert yolo_admm_main([*command[:6], str(tmp_path / "links"), "--out", str(tmp_path / "links")]) == 2
+    assert (tmp_path / "links" / "1.png").is_symlink()                                 # a folder of links too
+    inside = [*command[:6], str(photos), "--out", str(photos / "annotated")]
+    assert yolo_admm_main(inside) == 0 and yolo_admm_main(inside) == 0                  # its own copies left out
+    assert len(json.loads((photos / "annotated" / "detections.json").read_text())) == 3
+    shutil.rmtree(photos / "annotated")
+    capsys.readouterr()
     assert yolo_admm_main([*command, "--names", str(tmp_path / "none.names")]) == 2
     assert f"--names {tmp_path}/none.names: expected a .names file or a data.yaml, found nothing" in \
         capsys.readouterr().err
@@ -230,9 +243,15 @@ def test_cli_predict_on_folders_as_users_keep_them(tmp_path, rectangle_model, ca
             raise ValueError(f"{path}: not a readable image")
         return real_read(path, orientation)
 
+    assert yolo_admm_main([*command[:-1], str(tmp_path / "stopped")]) == 0             # a full run first
     monkeypatch.setattr(predict_module, "read_rgb", fail_on_the_second)
-    assert yolo_admm_main([*command[:-1], str(tmp_path / "stopped")]) == 2
-    assert len(json.loads((tmp_path / "stopped" / "detections.json").read_text())) == 1   # what was done
+    assert yolo_admm_main([*command[:6], str(photos / "2019"), str(photos / "1.png"), "--out",
+                           str(tmp_path / "stopped")]) == 2
+    listed = [entry["annotated"] for entry in json.loads((tmp_path / "stopped" / "detections.json").read_text())]
+    assert listed[0] == "2.jpg" and sorted(listed[1:]) == ["1.jpg", os.fsdecode(b"caf\xe9.jpg")]   # done, and the
+    monkeypatch.setattr(predict_module, "read_rgb", real_read)     # earlier run's images, still listed to be replaced
+    assert yolo_admm_main([*command[:6], str(photos / "1.png"), "--out", str(tmp_path / "stopped")]) == 0
+    assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["1.jpg", "detections.json"]
 
 
 TINY_CFG = """[net]

@@ -277,3 +277,19 @@ def test_batchnorm_recalibration_skips_an_unreadable_training_image(tmp_path):
     with pytest.warns(UserWarning, match=f"skipping unreadable training image .*{broken.name}"):
         results = run_job(job)  # recalibration runs over all 6 images, the broken one among them
     assert [record["stage"] for record in results["sweep"][0]["stages"]] == ["dense", "hard_prune", "retrained"]
+
+
+def test_the_run_log_never_writes_through_a_link(tmp_path):
+    """Found by a review: log.txt was appended to through a symbolic link, into the file it named."""
+    from detector.prune_pipeline import LOG, log_to_file
+
+    (tmp_path / "precious.txt").write_text("precious log\n")
+    (tmp_path / "log.txt").symlink_to(tmp_path / "precious.txt")
+    handler = log_to_file(tmp_path / "log.txt")
+    try:
+        LOG.info("a stage line")
+    finally:
+        LOG.removeHandler(handler)
+        handler.close()
+    assert (tmp_path / "precious.txt").read_text() == "precious log\n"
+    assert not (tmp_path / "log.txt").is_symlink() and "a stage line" in (tmp_path / "log.txt").read_text()

@@ -67,6 +67,16 @@ def test_the_lock_is_held_only_inside_the_block(tmp_path: Path):
         pass
 
 
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
+    """Found by a review: the lock file was opened through a link and truncated its target."""
+    (tmp_path / "precious.txt").write_text("precious data")
+    (tmp_path / LOCK_FILE).symlink_to(tmp_path / "precious.txt")
+    with pytest.raises(ValueError, match="expected the run folder's lock file, found a symbolic link"):
+        with run_folder_lock(tmp_path, "--out"):
+            pass
+    assert (tmp_path / "precious.txt").read_text() == "precious data"
+
+
 def test_no_folder_holds_nothing():
     with run_folder_lock(None, "--checkpoint-dir"):
         pass
