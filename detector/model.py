@@ -84,7 +84,7 @@ class DarknetModel(nn.Module):
         return exact and height > 0 and width > 0 and not height % multiple and not width % multiple
 
     def _check_input(self, x: torch.Tensor) -> None:
-        channels, multiple = self.net.channels, self.input_multiple
+        channels = self.net.channels
         if x.dim() != 4 or x.shape[1] != channels:
             raise ValueError(f"{self.cfg.path}: expected input Tensor[B, {channels}, H, W], "
                              f"found shape {tuple(x.shape)}")
