@@ -5,8 +5,10 @@ the other's half-written temporary files away. `run_folder_lock` takes an exclus
 `FOLDER/.yolo-admm.lock` for as long as the job runs; a second job on the same folder stops at
 once with an error naming the holder. The operating system lets the lock go when the holder's
 process ends, however it ends (SIGKILL included), so a killed run never leaves a stale lock: the
-next job resumes it (data-loader worker processes forked by the holder share its lock until they
-exit too, a second or so later). The file itself stays, holding the last holder's description.
+next job resumes it. Data-loader worker processes forked by the holder share its lock until they
+exit too, a second or so later: a job that finds the lock held by a process of this host that has
+ended waits up to `ORPHAN_WAIT_S` for them. The file itself stays, holding the last holder's
+description.
 
 Rank 0 alone takes the lock under torchrun (it alone writes the folder), and every rank raises
 when it cannot. Where `fcntl` or `flock` is unavailable (Windows; some network file systems) the
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import sys
 import warnings
@@ -33,6 +36,7 @@ except ImportError:                     # Windows
     fcntl = None
 
 LOCK_FILE = ".yolo-admm.lock"
+ORPHAN_WAIT_S = 10.0          # how long the forked workers of an ended holder may keep its lock
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
@@ -49,6 +53,10 @@ def run_folder_lock(folder: str | os.PathLike | None, flag: str) -> Iterator[Non
     handle, holder = None, None
     if folder is not None and distributed.is_main():
         handle, holder = _take(Path(folder) / LOCK_FILE)
+        deadline = time.monotonic() + ORPHAN_WAIT_S
+        while holder is not None and _holder_ended(holder) and time.monotonic() < deadline:
+            time.sleep(0.1)                            # its forked workers still hold the lock
+            handle, holder = _take(Path(folder) / LOCK_FILE)
     holder = distributed.broadcast_object(holder)
     if holder is not None:
         if holder.startswith(f"pid {os.getpid()} on {socket.gethostname()} "):
@@ -94,6 +102,20 @@ def _take(path: Path) -> tuple[IO[str] | None, str | None]:
                  f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv)[:300]})\n")
     handle.flush()
     return handle, None
+
+
+def _holder_ended(holder: str) -> bool:
+    """Whether the holder description names a process of this host that no longer runs."""
+    match = re.match(r"pid (\d+) on (\S+) ", holder)
+    if match is None or match.group(2) != socket.gethostname():
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:                           # runs, as another user
+        return False
+    return False
 
 
 def _warn_unlocked(path: Path, why: str) -> None:

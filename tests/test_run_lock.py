@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,32 @@ def test_the_lock_goes_with_a_killed_holder(held_folder):
     holder.wait()
     with run_folder_lock(folder, "--out"):
         assert (folder / LOCK_FILE).read_text().startswith(f"pid {os.getpid()} on ")
+
+
+ORPHANED = """
+import os, sys, time
+from engine.run_lock import run_folder_lock
+with run_folder_lock(sys.argv[1], "--out"):
+    if os.fork() == 0:                     # a data-loader worker: it shares the lock, and outlives its parent
+        time.sleep(1.5)
+        os._exit(0)
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_the_workers_of_a_killed_holder_are_waited_for(tmp_path):
+    """Found by a review: after SIGKILL the holder's forked workers kept the lock for a moment, so
+    an immediate resume was refused, naming a process that had ended."""
+    holder = subprocess.Popen([sys.executable, "-c", ORPHANED, str(tmp_path)], cwd=REPO, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    started = time.monotonic()
+    with run_folder_lock(tmp_path, "--out"):                  # the worker still holds it for about 1.5 s
+        waited = time.monotonic() - started
+    assert 0.5 < waited < 10
 
 
 def test_the_lock_is_held_only_inside_the_block(tmp_path: Path):
