@@ -75,9 +75,7 @@ def claim_checkpoint_dir(settings: TrainSettings, identity: dict[str, Any]) -> N
                 warnings.warn(f"{folder} has no {RUN_RECORD} (written since 2026-11-26): resuming its checkpoints "
                               f"without checking that they are of a run with these settings", stacklevel=2)
             atomic_write_json(folder / RUN_RECORD, identity)
-    problem = distributed.broadcast_object(problem)
-    if problem is not None:
-        raise ValueError(problem)
+    distributed.raise_on_every_rank(problem)
 
 
 def _problem(folder: Path, resume: bool, identity: dict[str, Any]) -> str | None:

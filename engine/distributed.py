@@ -112,6 +112,19 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
+class EveryRankError(ValueError):
+    """Bad input that every rank raises alike (rank 0 looked, and broadcast what it found): the
+    command line prints it once, on rank 0."""
+
+
+def raise_on_every_rank(problem: str | None) -> None:
+    """Broadcast rank 0's `problem` (None: none) and raise it as an `EveryRankError` on every rank.
+    Every rank must call it at the same point."""
+    problem = broadcast_object(problem)
+    if problem is not None:
+        raise EveryRankError(problem)
+
+
 def is_distributed() -> bool:
     """True when a process group of more than one process is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -50,24 +50,34 @@ def run_folder_lock(folder: str | os.PathLike | None, flag: str) -> Iterator[Non
     Raises:
         ValueError: another process holds the folder (names the folder, the flag and the holder).
     """
-    handle, holder = None, None
+    handle, problem = None, None
     if folder is not None and distributed.is_main():
-        handle, holder = _take(Path(folder) / LOCK_FILE)
-        deadline = time.monotonic() + ORPHAN_WAIT_S
-        while holder is not None and _holder_ended(holder) and time.monotonic() < deadline:
-            time.sleep(0.1)                            # its forked workers still hold the lock
-            handle, holder = _take(Path(folder) / LOCK_FILE)
-    holder = distributed.broadcast_object(holder)
-    if holder is not None:
-        if holder.startswith(f"pid {os.getpid()} on {socket.gethostname()} "):
-            raise ValueError(f"{flag} {folder}: this process already holds this run folder")
-        raise ValueError(f"{flag} {folder}: expected a run folder no other job is using, found it in use by "
-                         f"{holder}; wait for that job to end, or choose another {flag}")
+        try:
+            handle, problem = _hold(Path(folder), flag)
+        except ValueError as err:                       # said by every rank, not only this one
+            problem = str(err)
+    distributed.raise_on_every_rank(problem)
     try:
         yield
     finally:
         if handle is not None:
             handle.close()                  # closing the file lets the lock go
+
+
+def _hold(folder: Path, flag: str) -> tuple[IO[str] | None, str | None]:
+    """(the locked file, None), waiting for the forked workers of a holder that has ended, or
+    (None, what is wrong) when another process holds `folder`."""
+    handle, holder = _take(folder / LOCK_FILE)
+    deadline = time.monotonic() + ORPHAN_WAIT_S
+    while holder is not None and _holder_ended(holder) and time.monotonic() < deadline:
+        time.sleep(0.1)                                 # its forked workers still hold the lock
+        handle, holder = _take(folder / LOCK_FILE)
+    if holder is None:
+        return handle, None
+    if holder.startswith(f"pid {os.getpid()} on {socket.gethostname()} "):
+        return None, f"{flag} {folder}: this process already holds this run folder"
+    return None, (f"{flag} {folder}: expected a run folder no other job is using, found it in use by {holder}; "
+                  f"wait for that job to end, or choose another {flag}")
 
 
 def _take(path: Path) -> tuple[IO[str] | None, str | None]:
@@ -99,7 +109,7 @@ def _take(path: Path) -> tuple[IO[str] | None, str | None]:
     handle.truncate(0)
     handle.seek(0)
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv)[:300]})\n")
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({' '.join(sys.argv)[:2000]})\n")
     handle.flush()
     return handle, None
 

@@ -552,6 +552,17 @@ def test_torchrun_stops_are_one_line_each(monkeypatch, capsys):
                                        "gloo/...] Connection closed by peer [127.0.0.1]:29500); its own message says why\n")
 
 
+def test_ctrl_c_while_the_task_is_imported_is_one_line(capsys, monkeypatch):
+    """Found by a fuzz: a Ctrl-C in the first second or so (importing torch) printed a traceback."""
+    import importlib
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    assert main(["detect", "eval", "--help"]) == 130
+    assert capsys.readouterr().err == "yolo-admm detect: interrupted\n"
+
+
 def test_warnings_print_once_under_torchrun(capsys, monkeypatch):
     """Found by a review: every rank printed each warning (the data loads on every rank)."""
     from yolo_admm.cli import _warning_printer

@@ -104,6 +104,16 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "precious data"
 
 
+def test_a_refusal_every_rank_raises_is_printed_by_rank_0_only(held_folder, capsys, monkeypatch):
+    """Found by a fuzz: a second torchrun on a held folder printed the refusal once per rank."""
+    folder, _ = held_folder
+    argv = ["detect", "train", "--cfg", "none.cfg", "--data", "none.yaml", "--out", str(folder)]
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(argv) == 2
+        assert ("expected a run folder no other job is using" in capsys.readouterr().err) is printed, rank
+
+
 def test_no_folder_holds_nothing():
     with run_folder_lock(None, "--checkpoint-dir"):
         pass

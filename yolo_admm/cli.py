@@ -51,8 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     # Before torch is first imported: OpenMP threads that spin-wait for each other make torch
     # several times slower on a busy machine (measured in benchmarks/eval_speed.py).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    module = importlib.import_module(TASKS[task][0])
     with warnings.catch_warnings(), _terminate_as_interrupt():
+        try:
+            module = importlib.import_module(TASKS[task][0])   # torch and the rest: a second or two
+        except KeyboardInterrupt:
+            if _is_rank0():
+                print(f"yolo-admm {task}: interrupted", file=sys.stderr)
+            return 130
         warnings.showwarning = _warning_printer(task)
         return _run_task(task, module, rest)
 
@@ -90,12 +95,13 @@ def _version() -> str:
 def _run_task(task: str, module, rest: list[str]) -> int:
     """`module.main(rest)`, with failures turned into one clear line on stderr and an exit status."""
     from engine import NonFiniteLossError
+    from engine.distributed import EveryRankError
 
     try:
         return module.main(rest)
     except KeyboardInterrupt as interrupt:
         hint = f": {interrupt}" if str(interrupt) else ""
-        if os.environ.get("RANK", "0") == "0":       # under torchrun every rank is interrupted: one says so
+        if _is_rank0():                               # under torchrun every rank is interrupted: one says so
             print(f"yolo-admm {task}: interrupted{hint}", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
@@ -114,7 +120,8 @@ def _run_task(task: str, module, rest: list[str]) -> int:
         # Bad input: the message names the file, line or layer. YOLO_ADMM_DEBUG=1 shows the traceback.
         if os.environ.get("YOLO_ADMM_DEBUG"):
             raise
-        print(f"yolo-admm {task}: error: {_strip_worker_traceback(str(err))}", file=sys.stderr)
+        if _is_rank0() or not isinstance(err, EveryRankError):        # the same on every rank: said once
+            print(f"yolo-admm {task}: error: {_strip_worker_traceback(str(err))}", file=sys.stderr)
         return 2
 
 
@@ -152,11 +159,19 @@ def _strip_worker_traceback(message: str) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
+def _is_rank0() -> bool:
+    """True unless torchrun's RANK names another process than rank 0 (read as an integer)."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
 def _warning_printer(task: str):
     """A `warnings.showwarning` that prints `yolo-admm TASK: warning: MESSAGE` to stderr; under
     torchrun on rank 0 only, as every rank loads the same data and settings and would repeat it."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        if os.environ.get("RANK", "0") == "0":
+        if _is_rank0():
             print(f"yolo-admm {task}: warning: {message}", file=file or sys.stderr)
     return show
 
