@@ -237,3 +237,46 @@ def test_init_from_env_rejects_one_fixed_gpu_for_several_processes(monkeypatch):
     with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
         distributed.init_from_env("cuda:1")
     assert not dist.is_initialized()
+
+
+ORPHAN = """
+import subprocess, sys
+rank = subprocess.Popen([sys.executable, "-c", '''
+import time
+from engine.distributed import stop_when_orphaned
+stop_when_orphaned(1, interval_s=0.05)
+print("watching", flush=True)
+time.sleep(60)
+'''], stdout=subprocess.PIPE, text=True)
+assert rank.stdout.readline() == "watching\\n"
+print(rank.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def _ended(pid: int) -> bool:
+    """The process is gone, or a zombie waiting for its new parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_a_rank_whose_torchrun_agent_was_killed_stops(tmp_path):
+    """Found by a fuzz: after a SIGKILL to torchrun's agent its ranks waited for it for up to the
+    process group's timeout (3 hours), alive and holding the run folder."""
+    import signal
+    import subprocess
+    import sys
+
+    agent = subprocess.Popen([sys.executable, "-c", ORPHAN], cwd=Path(__file__).resolve().parents[1],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    rank_pid = int(agent.stdout.readline())
+    assert not _ended(rank_pid)
+    agent.send_signal(signal.SIGKILL)
+    agent.wait()
+    deadline = time.monotonic() + 10
+    while not _ended(rank_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _ended(rank_pid)
