@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import sys
-import threading
-import time
 from datetime import timedelta
 from typing import Any
 
@@ -68,31 +65,11 @@ def init_from_env(device: str | torch.device | None = None,
         resolved = _local_cuda_device(resolved, local_rank)
         torch.cuda.set_device(resolved)
     if not dist.is_initialized():
-        if "TORCHELASTIC_RUN_ID" in os.environ:          # started by torchrun's agent
-            stop_when_orphaned(rank_)
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank_, world_size=size, timeout=timedelta(seconds=timeout_s))
         atexit.register(_destroy)
     return resolved
 
-
-def stop_when_orphaned(rank_: int, interval_s: float = 2.0) -> threading.Thread:
-    """Watch, in a daemon thread, for this process's parent (torchrun's agent) to end, and then end
-    this process too. An agent killed with SIGKILL cannot stop its ranks: they would wait for it
-    for up to the process group's timeout (hours), holding the run folder. Their checkpoints are
-    written atomically, so ending at once loses nothing a resume needs."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(interval_s)
-        print(f"yolo-admm: rank {rank_}: torchrun's agent (pid {parent}) has ended; stopping", file=sys.stderr,
-              flush=True)
-        os._exit(1)
-
-    thread = threading.Thread(target=watch, name="stop-when-orphaned", daemon=True)
-    thread.start()
-    return thread
 
 
 def parse_device(device: str | torch.device | None) -> torch.device:

@@ -243,8 +243,8 @@ ORPHAN = """
 import subprocess, sys
 rank = subprocess.Popen([sys.executable, "-c", '''
 import time
-from engine.distributed import stop_when_orphaned
-stop_when_orphaned(1, interval_s=0.05)
+from yolo_admm.cli import stop_when_orphaned
+stop_when_orphaned("1", interval_s=0.05)
 print("watching", flush=True)
 time.sleep(60)
 '''], stdout=subprocess.PIPE, text=True)

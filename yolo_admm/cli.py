@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 
 TASKS = {
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     # Before torch is first imported: OpenMP threads that spin-wait for each other make torch
     # several times slower on a busy machine (measured in benchmarks/eval_speed.py).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "TORCHELASTIC_RUN_ID" in os.environ:           # a rank started by torchrun's agent
+        stop_when_orphaned(os.environ.get("RANK", "?"))
     with warnings.catch_warnings(), _terminate_as_interrupt():
         try:
             module = importlib.import_module(TASKS[task][0])   # torch and the rest: a second or two
@@ -157,6 +160,26 @@ def _strip_worker_traceback(message: str) -> str:
         return message
     last = message.strip().splitlines()[-1]
     return last.split(": ", 1)[1] if ": " in last else last
+
+
+def stop_when_orphaned(rank: str, interval_s: float = 2.0) -> threading.Thread:
+    """Watch, in a daemon thread, for this process's parent (torchrun's agent) to end, and then end
+    this process too. An agent killed with SIGKILL cannot stop its ranks: they would wait for it
+    for up to the process group's timeout (hours), holding the run folder. Their checkpoints are
+    written atomically, so ending at once loses nothing a resume needs. Started first thing, before
+    torch is imported (which takes seconds), so that the parent it watches is the agent."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        print(f"yolo-admm: rank {rank}: torchrun's agent (pid {parent}) has ended; stopping", file=sys.stderr,
+              flush=True)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="stop-when-orphaned", daemon=True)
+    thread.start()
+    return thread
 
 
 def _is_rank0() -> bool:
