@@ -160,6 +160,12 @@ def detect_prune(ws: Workspace, *extra: str, data: Path | None = None, out: Path
             "--retrain-epochs", "1", "--batch-size", "2", "--device", "cpu", "--export", "", "--no-progress", *extra]
 
 
+def earlier_run(ws: Workspace, *extra: str) -> None:
+    """A `detect train` run that a case builds on; it must succeed (its stderr is in the report)."""
+    code = main(detect_train(ws, *extra))
+    assert code == 0, f"the earlier run of the case failed with status {code}"
+
+
 # ------------------------------------------------------------------------------------ bad inputs
 def other_model_weights(ws: Workspace) -> Path:
     other = ws.write("other.cfg", TINY_CFG.replace("filters=8", "filters=12"))
@@ -385,19 +391,19 @@ CASES = [
     Case("unwritable-out-prune", lambda ws: detect_prune(ws, out=ws.out / "metrics.json" / "prune"),
          ("--out {out}/metrics.json/prune: cannot create this output folder", "found a file")),
     Case("out-holds-another-run",
-         lambda ws: [main(detect_train(ws, "--lr", "0.01")), detect_train(ws, "--lr", "0.02")][1],
+         lambda ws: [earlier_run(ws, "--lr", "0.01"), detect_train(ws, "--lr", "0.02")][1],
          ("--out {out}: expected a new folder or one of a run with the same settings",
           "the checkpoints (epoch_0001.pt) of a run with other settings (--lr 0.01 -> 0.02)",
           "--resume {out}")),
     Case("resume-with-another-cfg",
-         lambda ws: [main(detect_train(ws)), other_model_weights(ws),
+         lambda ws: [earlier_run(ws), other_model_weights(ws),
                      [str(ws.root / "other.cfg") if arg == str(ws.cfg) else arg
                       for arg in detect_train(ws, "--resume", str(ws.out), out=ws.root / "other-run")]][2],
          ("{out}/epoch_0001.pt: the checkpoint's weights do not fit the model being trained: size mismatch for "
           "layers.0.conv.weight: [8, 3, 3, 3] in the checkpoint, [12, 3, 3, 3] in the model; ", "(and 4 more)"),
          absent=("Missing key(s)",)),
     Case("export-checkpoint-of-another-cfg",
-         lambda ws: [main(detect_train(ws)), other_model_weights(ws),
+         lambda ws: [earlier_run(ws), other_model_weights(ws),
                      ["detect", "export", "--cfg", str(ws.root / "other.cfg"), "--checkpoint", str(ws.out),
                       "--formats", "compact", "--out", str(ws.root / "export")]][2],
          ("{out}: its model does not fit {root}/other.cfg: size mismatch for",)),
