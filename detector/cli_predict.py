@@ -53,9 +53,10 @@ def collect_images(sources: list[str], ours: frozenset[str] = frozenset()) -> li
     images = []
     for source in map(Path, sources):
         if source.is_dir():
-            found = sorted(path for path in images_below(source) if path.is_file()
-                           and os.path.realpath(path) not in ours)
-            unread = sorted(path.name for path in images_below(source, UNREAD_IMAGE_SUFFIXES) if path.is_file())
+            listed = [path for path in images_below(source, IMAGE_SUFFIXES + UNREAD_IMAGE_SUFFIXES) if path.is_file()]
+            found = sorted(path for path in listed
+                           if path.suffix.lower() in IMAGE_SUFFIXES and os.path.realpath(path) not in ours)
+            unread = sorted(path.name for path in listed if path.suffix.lower() in UNREAD_IMAGE_SUFFIXES)
             if unread:
                 warnings.warn(f"{source}: {len(unread)} image(s) of a type not read here left out (e.g. {unread[0]}; "
                               f"read are {', '.join(IMAGE_SUFFIXES)})", stacklevel=2)

@@ -39,7 +39,6 @@ from detector.postprocess import flatten_heads
 from detector.weights import write_weights
 from pruning.masks import Masks
 from engine import atomic_write_bytes
-from pruning.atomic_file import check_writable
 from pruning.sparse_archive import check_decoded, load_sparse_archive, save_sparse_archive
 
 FORMATS = ("darknet", "onnx", "compact")
@@ -232,15 +231,13 @@ def export_onnx(model: DarknetModel, path: str | os.PathLike, img_size: int | No
     with torch.no_grad():
         output_shape = list(wrapper(example).shape)    # untraced, so the model's input checks run first
     path = Path(path)
-    check_writable(path)                               # as write_atomically: no device, pipe or folder there
-    with tempfile.TemporaryDirectory(dir=path.parent) as staging:
+    with tempfile.TemporaryDirectory(dir=path.parent) as staging:    # torch.onnx.export writes a path
         staged = Path(staging) / path.name
         _torch_onnx_export(wrapper, example, staged, opset)
         proto = onnx.load(str(staged))
-        onnx.helper.set_model_props(proto, {ONNX_LAYOUT_KEY: json.dumps(onnx_layout(model, height, width))})
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(staged))
-        os.replace(staged, path)
+    onnx.helper.set_model_props(proto, {ONNX_LAYOUT_KEY: json.dumps(onnx_layout(model, height, width))})
+    onnx.checker.check_model(proto)
+    atomic_write_bytes(path, proto.SerializeToString())
     report = {"path": str(path), "bytes": path.stat().st_size, "opset": opset,
               "input_shape": list(example.shape), "output_shape": output_shape,
               "dense_fp32_bytes": dense_fp32_bytes(model)}
