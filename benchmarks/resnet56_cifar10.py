@@ -75,6 +75,17 @@ and in a second call, with --workers 2 --sparsities 0.9 --rho 0.03 --methods adm
 --seed 1 and --seed 2 at once under `timeout 270`: only magnitude with seed 2 finished
 (resnet56_cifar10_cuda_6pass_seed2.json).
 
+Fifth lease (2026-11-27, one NVIDIA H100 80GB HBM3, same software, commit ae9e17a): the fourth
+lease's $COMMON (--workers 1) with --seed 1 and --seed 2, magnitude and ADMM --rho 0.01 for both
+seeds at once (8 runs, 6.6 min), then ADMM --rho 0.03 for both (4 runs, 4.5 min):
+
+    for seed in 1 2; do
+      python3 benchmarks/resnet56_cifar10.py $COMMON --seed $seed --methods magnitude-global \
+          --out benchmarks/results/resnet56_cifar10_cuda_6pass_magnitude_seed$seed.json &
+      python3 benchmarks/resnet56_cifar10.py $COMMON --seed $seed --methods admm-global --rho 0.01 \
+          --out benchmarks/results/resnet56_cifar10_cuda_6pass_rho0.01_seed$seed.json &
+    done; wait    # then likewise --rho 0.03 (_rho0.03_seed$seed.json)
+
 With --parallel N each run is a process of its own (results do not depend on N, up to the GPU's
 nondeterminism; wall times do).
 """
