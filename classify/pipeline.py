@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Subset
 
 import pruning
 from classify.distill import DistillationLoss, frozen_copy, top1_percent
@@ -41,6 +41,7 @@ from classify.lenet5 import LeNet5
 from classify.resnet56 import RESNET56_MEAN, RESNET56_STD, resnet56
 from data.cifar import CIFAR10_CLASSES, CIFARDataset, load_cifar_folder
 from data.mnist import MNISTDataset, load_mnist
+from data.seeded_batches import SeededBatchSampler
 from engine import (Trainer, TrainConfig, atomic_torch_save, atomic_write_bytes, distributed,
                     find_latest_checkpoint, resolve_device, seed_everything, seeded_cpu_stream)
 
@@ -255,17 +256,15 @@ def make_train_loader(spec: ModelSpec, train_set: Dataset, settings: TrainSettin
     train set's size, in further shuffled passes beyond it (or all).
 
     Under torchrun each of the N processes gets 1/N of every global batch (DistributedSampler).
-    Worker processes start afresh every epoch, seeded from torch's random stream at that point,
-    which a checkpoint holds: so a resumed run draws the same augmentation. (Persistent workers
-    would carry their random state from epoch to epoch, and no checkpoint could hold it.)
+    A dataset that `augments` gets each sample's seed with its index from a `data.SeededBatchSampler`,
+    which draws them in this process from torch's random stream (a checkpoint holds it): so the
+    augmentation depends neither on `workers` nor on where a run was resumed.
     """
     batch_size = settings.batch_size or spec.batch_size
     if distributed.world_size() > 1:
         return _distributed_train_loader(train_set, batch_size, settings)
     sampler = RandomSampler(train_set, num_samples=settings.train_samples)
-    return DataLoader(train_set, batch_size, sampler=sampler,
-                      num_workers=settings.workers,
-                      pin_memory=resolve_device(settings.device).type == "cuda")
+    return _loader(train_set, sampler, batch_size, settings)
 
 
 def _distributed_train_loader(train_set: Dataset, batch_size: int, settings: TrainSettings) -> DataLoader:
@@ -276,8 +275,16 @@ def _distributed_train_loader(train_set: Dataset, batch_size: int, settings: Tra
     if batch_size % processes:
         raise ValueError(f"--batch-size {batch_size} (the global batch) must divide by the {processes} processes")
     sampler = distributed.distributed_sampler(train_set, shuffle=True, seed=settings.seed)
-    return DataLoader(train_set, batch_size // processes, sampler=sampler, num_workers=settings.workers,
-                      pin_memory=resolve_device(settings.device).type == "cuda")
+    return _loader(train_set, sampler, batch_size // processes, settings)
+
+
+def _loader(train_set: Dataset, sampler: Sampler[int], batch_size: int, settings: TrainSettings) -> DataLoader:
+    """Batches of `sampler`'s order; with seeds drawn here when the dataset `augments`."""
+    pin_memory = resolve_device(settings.device).type == "cuda"
+    if getattr(train_set, "augments", False):
+        batches = SeededBatchSampler(sampler, batch_size, stream=distributed.rank())
+        return DataLoader(train_set, batch_sampler=batches, num_workers=settings.workers, pin_memory=pin_memory)
+    return DataLoader(train_set, batch_size, sampler=sampler, num_workers=settings.workers, pin_memory=pin_memory)
 
 
 def make_eval_loader(spec: ModelSpec, test_set: Dataset, settings: TrainSettings) -> DataLoader:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.sources import images_below
+from data.seeded_batches import seeded_item
 from data.translate import random_translate
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -87,14 +88,12 @@ def load_cifar_folder(root: str | os.PathLike, split: str = "train", workers: in
     return images, torch.tensor(labels, dtype=torch.int64), class_names
 
 
-def random_crop_flip(image: torch.Tensor, padding: int = 4) -> torch.Tensor:
+def random_crop_flip(image: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard CIFAR augmentation on one image [C, H, W]: zero-pad (black, before normalisation),
-    random crop back to H x W, random horizontal flip.
-
-    Draws from torch's global generator, so a seeded (or checkpoint-restored) run repeats exactly.
+    random crop back to H x W, random horizontal flip; drawn from `generator` (None: torch's global one).
     """
-    crop = random_translate(image, padding)
-    return crop.flip(-1) if bool(torch.rand(()) < 0.5) else crop
+    crop = random_translate(image, padding, generator)
+    return crop.flip(-1) if bool(torch.rand((), generator=generator) < 0.5) else crop
 
 
 class CIFARDataset(Dataset):
@@ -104,6 +103,9 @@ class CIFARDataset(Dataset):
         images: uint8 Tensor[N, 3, H, W]; labels: int64 Tensor[N].
         mean, std: per-channel statistics on the [0, 1] scale.
         augment: random crop (pad 4) + horizontal flip, for training.
+
+    Item `i` augments from torch's global generator; item `(i, seed, side)`, as `data.SeededBatchSampler`
+    yields, from `seed` alone (`side` must be None), so that the DataLoader's workers do not decide it.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, float, float],
@@ -120,8 +122,14 @@ class CIFARDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    @property
+    def augments(self) -> bool:
+        """Whether items are drawn at random (so a loader should hand them seeds)."""
+        return self.augment
+
+    def __getitem__(self, item: int | tuple[int, int, None]) -> tuple[torch.Tensor, int]:
+        index, generator = seeded_item(item)
         image = self.images[index].float().div_(255.0)
         if self.augment:
-            image = random_crop_flip(image)
+            image = random_crop_flip(image, generator=generator)
         return (image - self.mean) / self.std, int(self.labels[index])

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data.seeded_batches import seeded_item
 from data.translate import random_translate
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -96,6 +97,9 @@ class MNISTDataset(Dataset):
         mean, std: statistics on the [0, 1] scale.
         max_shift: translate each image by a random -max_shift..max_shift px in x and y (black
             fill), for training; 0 (the default) leaves the images as they are.
+
+    Item `i` shifts from torch's global generator; item `(i, seed, side)`, as `data.SeededBatchSampler`
+    yields, from `seed` alone (`side` must be None), so that the DataLoader's workers do not decide it.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor,
@@ -114,8 +118,14 @@ class MNISTDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    @property
+    def augments(self) -> bool:
+        """Whether items are drawn at random (so a loader should hand them seeds)."""
+        return self.max_shift > 0
+
+    def __getitem__(self, item: int | tuple[int, int, None]) -> tuple[torch.Tensor, int]:
+        index, generator = seeded_item(item)
         image = self.images[index].float().div_(255.0).unsqueeze_(0)
         if self.max_shift:
-            image = random_translate(image, self.max_shift)
+            image = random_translate(image, self.max_shift, generator)
         return image.sub_(self.mean).div_(self.std), int(self.labels[index])

@@ -31,6 +31,21 @@ def draw_seed() -> int:
     return int(torch.randint(0, SEED_LIMIT, ()))
 
 
+def seeded_item(item: int | tuple[int, int, None]) -> tuple[int, torch.Generator | None]:
+    """A classifier dataset's item as (index, generator): for `(index, seed, None)` a CPU generator
+    seeded with `seed`; for a plain index, None (torch's global generator).
+
+    Raises:
+        ValueError: a side is given (the classifier datasets have one image size).
+    """
+    if not isinstance(item, tuple):
+        return int(item), None
+    index, seed, side = item
+    if side is not None:
+        raise ValueError(f"this dataset has one image size; multi-scale batches (side {side}) are not supported")
+    return int(index), torch.Generator().manual_seed(int(seed))
+
+
 class SeededBatchSampler(Sampler[list[tuple[int, int, int | None]]]):
     """Batches of (index, seed, side) from `sampler`'s indices.
 

@@ -5,15 +5,15 @@ import torch
 import torch.nn.functional as F
 
 
-def random_translate(image: torch.Tensor, max_shift: int) -> torch.Tensor:
+def random_translate(image: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Shift `image` [C, H, W] by a random -max_shift..max_shift pixels in y and in x, filling with 0.
 
-    Zero-pads by `max_shift` on every side and crops H x W back at a uniform random offset. Draws
-    from torch's global generator, so a seeded (or checkpoint-restored) run repeats exactly.
+    Zero-pads by `max_shift` on every side and crops H x W back at a uniform random offset, drawn
+    from `generator` (None: torch's global generator).
     (torchvision's `v2.RandomCrop(size, padding=max_shift)` crops alike but draws the two offsets
     in two calls; this keeps the one draw that the recorded CIFAR runs made.)
     """
     height, width = image.shape[-2:]
     padded = F.pad(image, (max_shift, max_shift, max_shift, max_shift))
-    top, left = (int(v) for v in torch.randint(0, 2 * max_shift + 1, (2,)))
+    top, left = (int(v) for v in torch.randint(0, 2 * max_shift + 1, (2,), generator=generator))
     return padded[..., top:top + height, left:left + width]

@@ -203,6 +203,42 @@ def test_mnist_shift_translates_the_digit_with_black_fill():
         MNISTDataset(image, torch.tensor([3]), max_shift=-1)
 
 
+def _augmenting_datasets():
+    generator = torch.Generator().manual_seed(1)
+    cifar = CIFARDataset(torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=generator),
+                         torch.arange(24) % 10, RESNET56_MEAN, RESNET56_STD, augment=True)
+    mnist = MNISTDataset(torch.randint(0, 256, (24, 28, 28), dtype=torch.uint8, generator=generator),
+                         torch.arange(24) % 10, max_shift=2)
+    return {"cifar": cifar, "mnist": mnist}
+
+
+@pytest.mark.parametrize("name", ["cifar", "mnist"])
+def test_augmented_batches_do_not_depend_on_the_loader_workers(name):
+    dataset = _augmenting_datasets()[name]
+    settings = {workers: TrainSettings(batch_size=5, workers=workers, device="cpu") for workers in (0, 2)}
+
+    def two_epochs(workers: int) -> list[torch.Tensor]:
+        torch.manual_seed(3)
+        loader = classify.pipeline.make_train_loader(classify.pipeline.MODELS["lenet5"], dataset, settings[workers])
+        return [images for _ in range(2) for images, _ in loader]
+
+    in_process, in_workers = two_epochs(0), two_epochs(2)
+    assert [batch.shape[0] for batch in in_process] == [5, 5, 5, 5, 4] * 2
+    assert all(torch.equal(a, b) for a, b in zip(in_process, in_workers, strict=True))
+    assert not torch.equal(in_process[0], in_process[5])   # the epochs draw anew
+
+
+def test_a_seeded_item_augments_from_its_seed_alone():
+    dataset = _augmenting_datasets()["cifar"]
+    torch.manual_seed(0)
+    first = dataset[(4, 123, None)][0]
+    torch.randn(10)                                         # the global stream moves on; the item does not
+    assert torch.equal(dataset[(4, 123, None)][0], first)
+    assert any(not torch.equal(dataset[(4, seed, None)][0], first) for seed in range(5))
+    with pytest.raises(ValueError, match="one image size; multi-scale batches"):
+        dataset[(4, 123, 64)]
+
+
 # ------------------------------------------------------------------------------------ distillation
 def test_distillation_loss_blends_labels_and_softened_teacher_outputs():
     torch.manual_seed(0)
