@@ -287,6 +287,11 @@ def _loader(train_set: Dataset, sampler: Sampler[int], batch_size: int, settings
     return DataLoader(train_set, batch_size, sampler=sampler, num_workers=settings.workers, pin_memory=pin_memory)
 
 
+def epoch_images(train_loader: DataLoader) -> int:
+    """Training images one epoch of `train_loader` draws (this process's share under torchrun)."""
+    return len(train_loader.batch_sampler.sampler)   # the index order, also under a SeededBatchSampler
+
+
 def make_eval_loader(spec: ModelSpec, test_set: Dataset, settings: TrainSettings) -> DataLoader:
     """In-order batches over the test set, or over a fixed subset of `eval_samples` images drawn
     with `settings.seed` (the same subset for every run with that seed)."""
@@ -440,7 +445,7 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
         "kept": totals["kept"], "mask_violations": count_mask_violations(model, masks), "layers": rows,
         "admm_updates": admm_updates, "history": histories,
         "epochs": {"admm": prune.admm_epochs if kind == "admm" else 0, "retrain": retrain_epochs},
-        "train_images_per_epoch": len(loaders[0].sampler) * distributed.world_size(),  # all ranks' shares
+        "train_images_per_epoch": epoch_images(loaders[0]) * distributed.world_size(),  # all ranks' shares
         "eval_images": len(loaders[1].dataset),
         "wall_time_s": time.perf_counter() - started,
         "settings": {"prune": asdict(prune), "train": settings_dict(settings)},

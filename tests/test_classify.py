@@ -224,6 +224,9 @@ def test_augmented_batches_do_not_depend_on_the_loader_workers(name):
 
     in_process, in_workers = two_epochs(0), two_epochs(2)
     assert [batch.shape[0] for batch in in_process] == [5, 5, 5, 5, 4] * 2
+    drawn = TrainSettings(batch_size=5, train_samples=10, device="cpu")
+    assert classify.pipeline.epoch_images(classify.pipeline.make_train_loader(
+        classify.pipeline.MODELS["lenet5"], dataset, drawn)) == 10          # not the 24 of the whole set
     assert all(torch.equal(a, b) for a, b in zip(in_process, in_workers, strict=True))
     assert not torch.equal(in_process[0], in_process[5])   # the epochs draw anew
 
