@@ -14,7 +14,7 @@ from detector.cli import network_size
 from detector.export import FORMATS as EXPORT_FORMATS
 from detector.prune_job import METHODS, PruneJob
 from detector.prune_pipeline import format_stage_table, run_job
-from engine import distributed, output_folder
+from engine import distributed
 from yolo_admm.arguments import pattern_list
 
 
@@ -87,7 +87,6 @@ def job_of(args: argparse.Namespace) -> PruneJob:
 
 def run(args: argparse.Namespace) -> int:
     job = job_of(args)
-    output_folder(job.out, "--out")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     if job.weights is None and distributed.is_main():
         warnings.warn(f"no --weights: pruning {job.cfg} with its random initial weights", stacklevel=2)

@@ -55,8 +55,8 @@ from detector.predict import inference_copy
 from detector.prune_job import RECORDED_ONLY, PruneJob
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, distributed,
-                    find_latest_checkpoint, remove_stale_temp_files, resolve_device, resolved_paths, run_folder_lock,
-                    seeded_cpu_stream)
+                    find_latest_checkpoint, output_folder, remove_stale_temp_files, resolve_device, resolved_paths,
+                    run_folder_lock, seeded_cpu_stream)
 
 LOG = logging.getLogger("yolo_admm.prune")
 
@@ -344,10 +344,15 @@ def check_weight_patterns(job: PruneJob) -> None:
                             job.layer_sparsity if job.method == "admm-layerwise" else None)
 
 
-def make_context(job: PruneJob) -> RunContext:
+def check_job(job: PruneJob) -> None:
+    """What the cfg alone can refuse, before the run folder is made or written: an export that
+    this OpenCV cannot check, and the weight patterns and floors (`check_weight_patterns`)."""
     if "darknet" in job.export:  # fail before the training, not after it
         require_opencv_darknet_importer()
     check_weight_patterns(job)
+
+
+def make_context(job: PruneJob) -> RunContext:
     root = Path(job.out)
     train, val = load_sources(job)
     cfg = detector.parse_cfg(job.cfg)
@@ -402,9 +407,9 @@ def run_job(job: PruneJob) -> dict[str, Any]:
     and the per-sparsity folders, and returns the results. Holds ``<out>`` meanwhile
     (`engine.run_folder_lock`): a second job on the same folder is refused."""
     distributed.init_from_env(resolve_device(job.device))  # joins torchrun's group, if any
+    check_job(job)
     torch.manual_seed(job.seed)
-    root = Path(job.out)
-    root.mkdir(parents=True, exist_ok=True)
+    root = output_folder(job.out, "--out")
     with run_folder_lock(root, "--out"):
         write_or_check_config(job, root / "config.yaml")
         if distributed.is_main():                            # temp files of writes a kill cut short

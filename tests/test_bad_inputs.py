@@ -494,13 +494,16 @@ def test_the_command_says_its_version(capsys):
     assert capsys.readouterr().out == f"yolo-admm {version('yolo-admm')}\n"
 
 
-def test_a_refused_export_or_predict_leaves_no_empty_folder(base: Path, tmp_path: Path):
+def test_a_refused_export_predict_or_prune_leaves_no_empty_folder(base: Path, tmp_path: Path):
     ws = Workspace.create(tmp_path, base)
     junk = ws.write("junk.pt", b"not a checkpoint")
     assert main(["detect", "export", "--cfg", str(ws.cfg), "--checkpoint", str(junk), "--out", str(tmp_path / "e")]) == 2
     assert main(["detect", "predict", "--cfg", str(ws.cfg), "--weights", str(junk), str(ws.ds / "images" / "val"),
                  "--out", str(tmp_path / "p")]) == 2
     assert not (tmp_path / "e").exists() and not (tmp_path / "p").exists()
+    for patterns in (["--include", "re:(conv"], ["--exclude", "*"]):   # not a regex; leaves nothing to prune
+        assert main(detect_prune(ws, *patterns, out=tmp_path / "q")) == 2
+        assert not (tmp_path / "q").exists()
 
 
 def test_the_version_is_known_without_installing(monkeypatch, capsys):
