@@ -39,8 +39,8 @@ import pruning
 from classify.distill import DistillationLoss, frozen_copy, top1_percent
 from classify.lenet5 import LeNet5
 from classify.resnet56 import RESNET56_MEAN, RESNET56_STD, resnet56
-from data.cifar import CIFAR10_CLASSES, CIFARDataset, load_cifar_folder
-from data.mnist import MNISTDataset, load_mnist
+from data.cifar import CIFAR10_CLASSES, CIFARDataset, decode_listing, list_cifar_split
+from data.mnist import MNISTDataset, mnist_files, read_mnist_files
 from data.seeded_batches import SeededBatchSampler
 from engine import (Trainer, TrainConfig, atomic_torch_save, atomic_write_bytes, distributed,
                     find_latest_checkpoint, resolve_device, seed_everything, seeded_cpu_stream)
@@ -51,18 +51,28 @@ SPLITS = ("train", "test")
 OPTIMIZERS = {"adam": 1e-3, "sgd": 0.01}  # name -> default LR; "sgd" is SGD with Nesterov momentum 0.9
 
 
-def mnist_split(root: Path, split: str) -> Dataset:
-    """MNIST split from the IDX gz files in `root`."""
-    return MNISTDataset(*load_mnist(root, split))
+def find_mnist_split(root: Path, split: str) -> tuple[Path, Path]:
+    """The IDX (gz) files of an MNIST split in `root`."""
+    return mnist_files(root, split)
 
 
-def cifar_split(root: Path, split: str) -> Dataset:
-    """CIFAR-10 split from `root/<split>/<class>/*.jpg`, augmented for training.
+def load_mnist_split(files: tuple[Path, Path], split: str) -> Dataset:
+    """MNIST split from its IDX files."""
+    return MNISTDataset(*read_mnist_files(*files))
+
+
+def find_cifar_split(root: Path, split: str) -> tuple[list[Path], list[int], list[str]]:
+    """The images of a CIFAR-10 split, `root/<split>/<class>/*.jpg`.
 
     Raises:
         ValueError: the class folders are not CIFAR-10's ten (the labels would shift silently).
     """
-    images, labels, _ = load_cifar_folder(root, split, classes=CIFAR10_CLASSES)
+    return list_cifar_split(root, split, classes=CIFAR10_CLASSES)
+
+
+def load_cifar_split(listing: tuple[list[Path], list[int], list[str]], split: str) -> Dataset:
+    """CIFAR-10 split from its listing, augmented for training."""
+    images, labels, _ = decode_listing(listing)
     return CIFARDataset(images, labels, RESNET56_MEAN, RESNET56_STD, augment=split == "train")
 
 
@@ -71,15 +81,16 @@ class ModelSpec:
     """What a `--model` name resolves to: its builder, its data and its default optimizer."""
 
     build: Callable[[], nn.Module]
-    load_split: Callable[[Path, str], Dataset]
+    find_split: Callable[[Path, str], Any]     # a split's files, found (and checked) without reading them
+    load_split: Callable[[Any, str], Dataset]  # the split from what find_split found
     optimizer: str  # a key of OPTIMIZERS
     weight_decay: float
     batch_size: int
 
 
 MODELS = {
-    "lenet5": ModelSpec(LeNet5, mnist_split, "adam", 0.0, 128),
-    "resnet56": ModelSpec(resnet56, cifar_split, "sgd", 1e-4, 128),
+    "lenet5": ModelSpec(LeNet5, find_mnist_split, load_mnist_split, "adam", 0.0, 128),
+    "resnet56": ModelSpec(resnet56, find_cifar_split, load_cifar_split, "sgd", 1e-4, 128),
 }
 
 
@@ -194,17 +205,18 @@ def model_spec(model_name: str) -> ModelSpec:
 def prepare(model_name: str, data_dir: str | os.PathLike, weights: str | os.PathLike | None = None,
             splits: tuple[str, ...] = SPLITS, seed: int = 0) -> tuple[nn.Module, dict[str, Dataset]]:
     """Build `model_name` (`build_model`, then loading `weights` when given) and read the
-    requested data splits."""
+    requested data splits (every split's files are found before any is read)."""
     spec = model_spec(model_name)
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         if data_dir.exists():
             raise ValueError(f"{data_dir}: expected a data directory, found a file (give the folder that holds it)")
         raise FileNotFoundError(f"{data_dir}: data directory not found")
+    found = {split: spec.find_split(data_dir, split) for split in splits}
     model = build_model(model_name, seed)
     if weights is not None:
         load_weights(model, weights)
-    return model, {split: spec.load_split(data_dir, split) for split in splits}
+    return model, {split: spec.load_split(found[split], split) for split in splits}
 
 
 def build_model(model_name: str, seed: int = 0) -> nn.Module:

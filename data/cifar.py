@@ -76,12 +76,25 @@ def load_cifar_folder(root: str | os.PathLike, split: str = "train", workers: in
     Raises:
         ValueError: `classes` given and the folders differ (the labels would shift silently).
     """
+    return decode_listing(list_cifar_split(root, split, classes), workers)
+
+
+def list_cifar_split(root: str | os.PathLike, split: str = "train",
+                     classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """`list_class_images` of `root/split`, checked against `classes` (when given) before any decoding."""
     paths, labels, class_names = list_class_images(Path(root) / split)
     if classes is not None and class_names != list(classes):
         missing = sorted(set(classes) - set(class_names))
         unexpected = sorted(set(class_names) - set(classes))
         raise ValueError(f"{Path(root) / split}: expected the class folders {', '.join(classes)}, found "
                          f"{len(class_names)}: missing {missing}, unexpected {unexpected}")
+    return paths, labels, class_names
+
+
+def decode_listing(listing: tuple[list[Path], list[int], list[str]],
+                   workers: int = 4) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Decode the images of a `list_cifar_split` listing: (uint8 images [N, 3, 32, 32], labels, class names)."""
+    paths, labels, class_names = listing
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         decoded = list(pool.map(decode_rgb32, paths, chunksize=256))
     images = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()

@@ -66,18 +66,28 @@ def find_idx_file(root: Path, stem: str) -> Path:
     raise FileNotFoundError(f"{root}: MNIST file {stem}.gz (or {stem}) not found")
 
 
-def load_mnist(root: str | os.PathLike, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """Read one MNIST split from `root`.
-
-    Returns:
-        images: uint8 Tensor[N, 28, 28]; labels: int64 Tensor[N] with values 0..9.
-    """
+def mnist_files(root: str | os.PathLike, split: str = "train") -> tuple[Path, Path]:
+    """The images and labels files of one MNIST split in `root`, found without reading them."""
     if split not in SPLIT_FILES:
         raise ValueError(f"MNIST split must be one of {sorted(SPLIT_FILES)}, found {split!r}")
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: MNIST directory not found")
     images_path, labels_path = (find_idx_file(root, stem) for stem in SPLIT_FILES[split])
+    return images_path, labels_path
+
+
+def load_mnist(root: str | os.PathLike, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one MNIST split from `root` (`mnist_files`, then `read_mnist_files`)."""
+    return read_mnist_files(*mnist_files(root, split))
+
+
+def read_mnist_files(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read and check one split's IDX files.
+
+    Returns:
+        images: uint8 Tensor[N, 28, 28]; labels: int64 Tensor[N] with values 0..9.
+    """
     images = read_idx(images_path, IMAGES_MAGIC)
     labels = read_idx(labels_path, LABELS_MAGIC)
     if images.shape[1:] != (28, 28):
