@@ -82,6 +82,20 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                              "settings as used under 'run' (prune also writes its plots beside it)")
 
 
+ADMM_ONLY_DEFAULTS = {"rho": 1e-3, "rho_mult": 1.0, "rho_max": None, "admm_lr": "constant"}  # dest -> default
+
+
+def warn_ignored_admm_options(args: argparse.Namespace) -> None:
+    """Warn when ADMM's own options are set for a magnitude method, which ignores them (they are
+    accepted, and recorded, so that one command line serves every method)."""
+    if pruning.pruning_method(args.method).kind == "admm":
+        return
+    ignored = ["--" + dest.replace("_", "-") for dest, default in ADMM_ONLY_DEFAULTS.items()
+               if getattr(args, dest) != default]
+    if ignored:
+        warnings.warn(f"{', '.join(ignored)}: ADMM settings, which {args.method} ignores", stacklevel=2)
+
+
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     """The pruning method and its schedule."""
     parser.add_argument("--sparsity", type=sparsity_fraction, required=True,
@@ -99,11 +113,13 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admm-iters", type=int, default=3, help="ADMM iterations (Z/U updates; default: 3)")
     parser.add_argument("--epochs-per-iter", type=int, default=1,
                         help="training epochs between ADMM updates (default: 1)")
-    parser.add_argument("--rho", type=float, default=1e-3, help="initial ADMM penalty (default: 1e-3)")
-    parser.add_argument("--rho-mult", type=float, default=1.0,
+    parser.add_argument("--rho", type=float, default=ADMM_ONLY_DEFAULTS["rho"],
+                        help="initial ADMM penalty (default: 1e-3)")
+    parser.add_argument("--rho-mult", type=float, default=ADMM_ONLY_DEFAULTS["rho_mult"],
                         help="rho multiplier after each ADMM iteration (default: 1)")
-    parser.add_argument("--rho-max", type=float, default=None, help="cap on rho (default: none)")
-    parser.add_argument("--admm-lr", choices=ADMM_LR_SCHEDULES, default="constant",
+    parser.add_argument("--rho-max", type=float, default=ADMM_ONLY_DEFAULTS["rho_max"],
+                        help="cap on rho (default: none)")
+    parser.add_argument("--admm-lr", choices=ADMM_LR_SCHEDULES, default=ADMM_ONLY_DEFAULTS["admm_lr"],
                         help="ADMM's learning rate: constant in the ADMM phase then a cosine decay over retraining "
                              "(default); cosine: a decay to zero over each phase; shared: one cosine decay over both "
                              "phases, as the magnitude methods have")
@@ -238,6 +254,7 @@ def run_prune(args: argparse.Namespace) -> int:
                           ramp_iters=args.ramp_iters, distill=args.distill,
                           distill_temperature=args.distill_temperature, admm_lr=args.admm_lr)
     check_weight_patterns(args.model, prune)
+    warn_ignored_admm_options(args)
     identity = run_identity("prune", args.model, args.data, args.weights, settings, prune)
     with run_folder_lock(settings.checkpoint_dir, "--checkpoint-dir"):   # one job per folder
         claim_checkpoint_dir(settings, identity)

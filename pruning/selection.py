@@ -13,6 +13,7 @@ with the prefix ``re:``, a regular expression searched in the name (``"re:^head\
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 
@@ -204,3 +205,23 @@ def check_selection(model: nn.Module, sparsities: Iterable[float], global_budget
         if global_budget and floors > budget:
             raise ValueError(f"min_density keeps {floors} weights at least, more than the {budget} of {total} "
                              f"that sparsity {sparsity} leaves")
+        if not global_budget:
+            warn_floors_above_ratios(named, sparsity, min_density, layer_sparsity)
+
+
+def warn_floors_above_ratios(named: Mapping[str, nn.Parameter], sparsity: float,
+                             min_density: float | Mapping[str, float],
+                             layer_sparsity: Mapping[str, float] | None) -> None:
+    """Per-layer pruning keeps each layer's floor where it is above what the layer's ratio keeps:
+    warn, naming the layers, since the model then keeps more than the ratios say."""
+    numels = [param.numel() for param in named.values()]
+    ratios = per_name_values(list(named), layer_sparsity or {}, sparsity, "layer_sparsity")
+    by_ratio = [kept_count(numel, ratio) for numel, ratio in zip(numels, ratios)]
+    floors = layer_floors(named, min_density)
+    above = [name for name, kept, floor in zip(named, by_ratio, floors) if floor > kept]
+    if above:
+        kept = sum(max(kept, floor) for kept, floor in zip(by_ratio, floors))
+        warnings.warn(f"min_density keeps more than the layer's sparsity leaves in {len(above)} layer(s) "
+                      f"({', '.join(above[:3])}{', ...' if len(above) > 3 else ''}): there the floor wins, so "
+                      f"{kept} of {sum(numels)} weights are kept, not the {sum(by_ratio)} the ratios leave "
+                      f"(sparsity {sparsity})", stacklevel=3)

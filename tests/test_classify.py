@@ -507,12 +507,14 @@ def test_tiny_magnitude_uniform_prunes_every_layer_alike(tmp_path):
     model, datasets = prepare("lenet5", data)
     torch.save(model.state_dict(), tmp_path / "dense.pt")
     out = tmp_path / "uniform.json"
-    assert classify_main(["prune", "--model", "lenet5", "--data", str(data), "--weights", str(tmp_path / "dense.pt"),
-                          "--sparsity", "0.8", "--method", "magnitude-uniform", "--admm-iters", "1",
-                          "--retrain-epochs", "0", "--distill", "0.5", "--distill-temperature", "2",
-                          "--json-out", str(out), "--no-progress"]) == 0
+    with pytest.warns(UserWarning, match="--rho, --admm-lr: ADMM settings, which magnitude-uniform ignores"):
+        assert classify_main(["prune", "--model", "lenet5", "--data", str(data), "--weights", str(tmp_path / "dense.pt"),
+                              "--sparsity", "0.8", "--method", "magnitude-uniform", "--admm-iters", "1",
+                              "--retrain-epochs", "0", "--distill", "0.5", "--distill-temperature", "2",
+                              "--rho", "0.5", "--admm-lr", "shared", "--json-out", str(out), "--no-progress"]) == 0
     result = json.loads(out.read_text())
     assert [row["kept"] for row in result["layers"]] == [100, 5000, 80000, 1000]
+    assert result["run"]["prune"]["rho"] == 0.5                             # recorded all the same
     assert (result["settings"]["prune"]["distill"], result["settings"]["prune"]["distill_temperature"]) == (0.5, 2.0)
     assert result["epochs"] == {"admm": 0, "retrain": 1} and result["mask_violations"] == 0
 

@@ -69,3 +69,20 @@ def test_bad_arguments_name_the_value():
         magnitude_prune(mlp_and_conv(), 0.5, scope="layerwise")
     with pytest.raises(ValueError, match="no prunable parameters in ReLU"):
         magnitude_prune(nn.ReLU(), 0.5)
+
+
+def test_check_selection_warns_where_a_floor_overrides_a_layer_ratio():
+    import warnings
+
+    from pruning import check_selection
+
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 100))       # 100 and 1000 weights
+    with pytest.warns(UserWarning, match=r"in 2 layer\(s\) \(0.weight, 1.weight\): there the floor wins, so 220 "
+                                         r"of 1100 weights are kept, not the 11 the ratios leave \(sparsity 0.99\)"):
+        check_selection(model, [0.99], global_budget=False, min_density=0.2)
+    with pytest.warns(UserWarning, match=r"in 1 layer\(s\) \(0.weight\)"):
+        check_selection(model, [0.99], global_budget=False, min_density=0.2, layer_sparsity={"1.*": 0.5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_selection(model, [0.5], global_budget=False, min_density=0.2)    # the ratios keep more
+        check_selection(model, [0.99], global_budget=True, min_density=0.005)  # one budget: floors fit in it
