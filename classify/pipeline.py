@@ -391,7 +391,7 @@ def run_phase(model: nn.Module, spec: ModelSpec, loaders: tuple[DataLoader, Data
 
 def train_model(model_name: str, model: nn.Module, datasets: Mapping[str, Dataset],
                 settings: TrainSettings) -> dict[str, Any]:
-    """Dense training for `settings.epochs`; returns accuracy (%), history and wall time."""
+    """Dense training for `settings.epochs`; returns accuracy (%), history and times (`run_times`)."""
     started = time.perf_counter()
     seed_everything(settings.seed)
     spec = model_spec(model_name)
@@ -400,7 +400,7 @@ def train_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
     accuracy = evaluate_accuracy(model, loaders[1], settings.device)
     return {"model": model_name, "accuracy": accuracy, "epochs": settings.epochs,
             "eval_images": len(loaders[1].dataset), "history": history,
-            "wall_time_s": time.perf_counter() - started, "settings": settings_dict(settings)}
+            **run_times(started, [history]), "settings": settings_dict(settings)}
 
 
 # ---------------------------------------------------------------------------------- prune
@@ -412,7 +412,7 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
     `pruned_accuracy`), the sparsity measured on the final weights over every Conv/Linear weight
     (excluded ones too), `mask_violations` (nonzero weights at pruned positions: 0 when the masks held), the per-layer
     table, the ADMM residual history, per-phase training histories (seconds per epoch included)
-    and the wall time.
+    and the times (`run_times`).
     """
     started = time.perf_counter()
     seed_everything(settings.seed)
@@ -459,9 +459,17 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
         "epochs": {"admm": prune.admm_epochs if kind == "admm" else 0, "retrain": retrain_epochs},
         "train_images_per_epoch": epoch_images(loaders[0]) * distributed.world_size(),  # all ranks' shares
         "eval_images": len(loaders[1].dataset),
-        "wall_time_s": time.perf_counter() - started,
+        **run_times(started, list(histories.values())),
         "settings": {"prune": asdict(prune), "train": settings_dict(settings)},
     }
+
+
+def run_times(started: float, histories: list[list[dict]]) -> dict[str, float]:
+    """`wall_time_s`: this process's time since `started` (a resumed run's, only since its resume);
+    `train_time_s`: the training epochs' time, the epochs before a resume included (their records
+    come back with the checkpoint)."""
+    return {"wall_time_s": time.perf_counter() - started,
+            "train_time_s": sum(record["seconds"] for history in histories for record in history)}
 
 
 def check_weight_patterns(model_name: str, prune: PruneSettings) -> None:

@@ -422,7 +422,11 @@ def test_tiny_end_to_end_train_and_prune(tmp_path, capsys):
                           "--out", str(tmp_path / "resumed.pt")]) == 0
     resumed = load_weights(LeNet5(), tmp_path / "resumed.pt")
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), pruned.state_dict().values()))
-    assert json.loads((tmp_path / "resumed.json").read_text())["admm_updates"] == result["admm_updates"]
+    resumed_result = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed_result["admm_updates"] == result["admm_updates"]
+    seconds = [record["seconds"] for phase in ("admm", "retrain") for record in resumed_result["history"][phase]]
+    assert len(seconds) == 3 and seconds[0] == result["history"]["admm"][0]["seconds"]   # epoch 1: before the kill
+    assert resumed_result["train_time_s"] == pytest.approx(sum(seconds))               # counted all the same
 
     # the folder holds this run: a new run there is refused, and so is a resume with other settings
     with pytest.raises(ValueError, match=r"ckpt: holds the checkpoints of an earlier run \(retrain/epoch_0001.pt\)"):
