@@ -144,7 +144,7 @@ class ADMM:
                              f"(ADMMConfig.exclude) or unfreeze them")
         self.names: list[str] = list(named)
         self.params: list[nn.Parameter] = list(named.values())
-        self._owners = _owners(model, self.params)
+        self._links = _holding_links(model, self.params)
         check_one_device(self.params, "ADMM: the prunable weights")
         self.floors = layer_floors(named, config.min_density)
         self.numel = sum(param.numel() for param in self.params)
@@ -212,18 +212,18 @@ class ADMM:
         """Follow the model's weights.
 
         - Weights replaced by new Parameters of the same shape (``model.load_state_dict(sd,
-          assign=True)``) take over the ADMM state, found by their module (every step) or, with
-          ``by_name``, by canonical name (a replaced layer; every update).
+          assign=True)``, or a layer replaced by a new one) take over the ADMM state, found by
+          canonical name. Every step checks the chain of modules from the model to each weight
+          (one dict lookup per link); ``by_name`` rebinds anyway (every update).
         - Z, U, U - Z (and the support) move to the weights' device and dtype: a model moved after
           the ADMM was built (``model.to("cuda")`` inside a training loop) takes its ADMM state
           along, as an optimizer's state follows its parameters. The moved state is new tensors.
           The model moves as a whole, so this looks at the first weight only.
 
         Raises:
-            ValueError: a weight is gone from the model, or has another shape now.
+            ValueError: a weight is gone from the model, has another shape now, or is frozen.
         """
-        if by_name or any(owner._parameters.get(attr) is not param
-                          for (owner, attr), param in zip(self._owners, self.params)):
+        if by_name or any(slots.get(name) is not held for slots, name, held in self._links):
             self._rebind(canonical_parameters(self.model))
         first = self.params[0]
         if self.Z[0].device == first.device and self.Z[0].dtype == first.dtype:
@@ -240,8 +240,11 @@ class ADMM:
             if param.shape != self.params[index].shape:
                 raise ValueError(f"ADMM: {name} has shape {tuple(param.shape)} now, its ADMM state "
                                  f"{tuple(self.params[index].shape)}; build a new ADMM for a changed model")
+            if not param.requires_grad:
+                raise ValueError(f"ADMM: {name} is frozen now (requires_grad=False); ADMM trains the weights it "
+                                 f"prunes: build a new ADMM that excludes it")
             self.params[index] = param
-        self._owners = _owners(self.model, self.params)
+        self._links = _holding_links(self.model, self.params)
 
     @torch.no_grad()
     def add_penalty_grad(self, grad_scale: Tensor | None = None) -> None:
@@ -373,11 +376,23 @@ class ADMM:
             torch.sub(u, z, out=offset)
 
 
-def _owners(model: nn.Module, params: Sequence[nn.Parameter]) -> list[tuple[nn.Module, str]]:
-    """(module, attribute name) holding each of ``params`` in ``model`` (a tied weight: its first holder)."""
+def _holding_links(model: nn.Module, params: Sequence[nn.Parameter]) -> list[tuple[dict, str, object]]:
+    """The links from ``model`` down to each of ``params`` (a tied weight: its first holder), each
+    ``(slots, name, held)`` with ``slots[name] is held`` while the link holds: ``slots`` is a module's
+    ``_modules`` or ``_parameters`` dict. Shared links are listed once."""
+    path_of = {id(module): path for path, module in model.named_modules()}
     holder = {}
     for module in model.modules():
         for attr, param in module._parameters.items():
             if param is not None:
                 holder.setdefault(id(param), (module, attr))
-    return [holder[id(param)] for param in params]
+    links: dict[tuple[int, str], tuple[dict, str, object]] = {}
+    for param in params:
+        module, attr = holder[id(param)]
+        parent: nn.Module = model
+        for child_name in path_of[id(module)].split(".") if path_of[id(module)] else []:
+            child = parent._modules[child_name]
+            links.setdefault((id(parent._modules), child_name), (parent._modules, child_name, child))
+            parent = child
+        links.setdefault((id(module._parameters), attr), (module._parameters, attr, param))
+    return list(links.values())
