@@ -15,6 +15,8 @@ import pytest
 from engine.run_lock import LOCK_FILE, run_folder_lock
 from yolo_admm.cli import main
 
+DEMO_CFG = Path(__file__).resolve().parents[1] / "detector" / "cfgs" / "demo-tiny.cfg"  # detect prune reads its cfg first
+
 REPO = Path(__file__).resolve().parents[1]
 HOLD = """
 import sys
@@ -125,7 +127,7 @@ def snapshot(folder: Path) -> dict[Path, bytes]:
 
 @pytest.mark.parametrize("command", [
     ["detect", "train", "--cfg", "{root}/none.cfg", "--data", "{root}/none.yaml", "--out", "{run}"],
-    ["detect", "prune", "--cfg", "{root}/none.cfg", "--data", "{root}/none.yaml", "--out", "{run}"],
+    ["detect", "prune", "--cfg", "{demo_cfg}", "--data", "{root}/none.yaml", "--out", "{run}"],  # checked first
     ["classify", "train", "--model", "lenet5", "--data", "{root}/none", "--checkpoint-dir", "{run}",
      "--out", "{root}/lenet5.pt"],
     ["classify", "prune", "--model", "lenet5", "--data", "{root}/none", "--weights", "{root}/none.pt", "--sparsity", "0.9",
@@ -135,7 +137,7 @@ def test_every_command_that_writes_a_run_folder_refuses_one_in_use(command, held
     folder, holder = held_folder
     (folder / "epoch_0001.pt").write_bytes(b"a checkpoint of the running job")
     before = snapshot(folder)
-    argv = [word.format(root=folder.parent, run=folder) for word in command]
+    argv = [word.format(root=folder.parent, run=folder, demo_cfg=DEMO_CFG) for word in command]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"{folder}: expected a run folder no other job is using, found it in use by pid {holder.pid}" in err
