@@ -2,10 +2,12 @@
 
 A cfg is a list of `[section]` headers, each followed by `key=value` lines. Darknet removes all
 whitespace from a line and skips empty lines and lines starting with `#` or `;`. A `#` or `;`
-comment after a value is dropped here (Darknet's number parsers stop there too; for a text value
-Darknet keeps it: `activation=mish # m` is ReLU to Darknet, and OpenCV refuses it). The first section
-is `[net]`; every later section is one layer, numbered from 0 in file order (route and shortcut
-indices count every section, `[dropout]` and `[yolo]` included).
+comment after a number is dropped here, as Darknet's number parsers stop there too. After a text
+value (one of a fixed set of names, such as `activation`) it is an error: Darknet keeps the comment
+in the value (`read_option` splits at `=` only), so `activation=mish # m` is the unknown activation
+"mish#m" to Darknet, which warns and uses ReLU (OpenCV refuses it). The first section is `[net]`;
+every later section is one layer, numbered from 0 in file order (route and shortcut indices count
+every section, `[dropout]` and `[yolo]` included).
 
 Defaults and meanings follow AlexeyAB/darknet `src/parser.c` (`parse_net_options`,
 `parse_convolutional`, `parse_maxpool`, `parse_route`, `parse_shortcut`, `parse_upsample`,
@@ -187,7 +189,8 @@ class DarknetCfg:
 class _RawSection:
     name: str
     line: int
-    options: dict[str, tuple[str, int]] = field(default_factory=dict)   # key -> (value, line)
+    # key -> (value, line, value as written): the value without, the written one with, a trailing comment
+    options: dict[str, tuple[str, int, str]] = field(default_factory=dict)
 
 
 class _Options:
@@ -248,6 +251,13 @@ class _Options:
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.text(key, default)
+        written = self._raw.options[key][2] if key in self._raw.options else value
+        if written != value:
+            fallback = " and use ReLU instead" if key == "activation" else ""
+            raise self.error(f"option '{key}': expected a name without a trailing comment, found "
+                             f"{written!r}; Darknet keeps a comment in a text value, so it would read the "
+                             f"unknown {key} {written!r}{fallback}: remove the comment or move it to its "
+                             f"own line", key)
         if value not in choices:
             raise self.error(f"option '{key}': expected one of {', '.join(choices)}; "
                              f"found {value!r}", key)
@@ -336,8 +346,8 @@ def _read_sections(path: Path) -> list[_RawSection]:
                                    f"found {line!r}")
             sections.append(_RawSection(line[1:-1], number))
             continue
-        key, sep, value = line.partition("=")
-        value = re.split("[#;]", value, maxsplit=1)[0]            # a trailing comment
+        key, sep, written = line.partition("=")
+        value = re.split("[#;]", written, maxsplit=1)[0]          # a trailing comment
         if not sections:
             raise DarknetError(f"{path}:{number}: expected a [section] header before options, "
                                f"found {line!r}")
@@ -347,7 +357,7 @@ def _read_sections(path: Path) -> list[_RawSection]:
         if key in sections[-1].options:
             raise DarknetError(f"{path}:{number} [{sections[-1].name}]: option '{key}' given "
                                f"twice (first on line {sections[-1].options[key][1]})")
-        sections[-1].options[key] = (value, number)
+        sections[-1].options[key] = (value, number, written)
     return sections
 
 

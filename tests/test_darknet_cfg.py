@@ -177,6 +177,15 @@ def test_input_size_must_be_a_multiple_of_the_network_stride(tmp_path):
     ("[convolutional]\nfilters=4\nfliters=3\n", 8, "convolutional", "unknown option 'fliters'"),
     ("[convolutional]\nactivation=gelu\n", 7, "convolutional",
      "option 'activation': expected one of linear, leaky, relu, mish, swish, logistic"),
+    # Darknet keeps a comment after a text value: "mish#m" is an unknown activation to it (ReLU).
+    ("[convolutional]\nfilters=4 # four\nactivation=mish # m\n", 8, "convolutional",
+     "option 'activation': expected a name without a trailing comment, found 'mish#m'; Darknet keeps a comment "
+     "in a text value, so it would read the unknown activation 'mish#m' and use ReLU instead"),
+    ("[convolutional]\n\n[shortcut]\nfrom=-1\nactivation=linear;plain\n", 10, "shortcut",
+     "option 'activation': expected a name without a trailing comment, found 'linear;plain'"),
+    ("[yolo]\nnum=1\nanchors=1,2 # one pair\niou_loss=ciou ; best\n", 9, "yolo",
+     "option 'iou_loss': expected a name without a trailing comment, found 'ciou;best'; Darknet keeps a comment "
+     "in a text value, so it would read the unknown iou_loss 'ciou;best': remove the comment"),
     ("[maxpool]\nsize=2\n\n[route]\nlayers=-1,4\n", 10, "route",
      "layer 4 resolves to 4; expected an earlier layer (0..0)"),
     ("[convolutional]\nfilters=4\nsize=0\n", 8, "convolutional",
@@ -202,11 +211,12 @@ def test_cfg_errors_name_file_line_and_section(tmp_path, body, line, section, me
 
 
 def test_cfgs_darknet_and_opencv_read_are_read_alike(tmp_path, monkeypatch):
-    """Found by a cfg fuzz: each of these was refused (or, for a huge layer, a bare allocation error)."""
+    """Found by a cfg fuzz: each of these was refused (or, for a huge layer, a bare allocation error).
+    A comment after a number is dropped, as Darknet's atoi/atof stop there (after a name it is an error)."""
     head = "[yolo]\nmask=0\nanchors=10,20\nclasses=1\nnum=1\n"
     plain = "[convolutional]\nfilters=6\nsize=3\nstride=2\npad=1\nactivation=leaky\n\n"
     spelled = ("[convolutional]\nfilters=6 ; six\nsize=3\nstride_x=2\nstride_y=2\ndilation=1\n"
-               "antialiasing=0\nbinary=0\nxnor=0\npad=1\nactivation=leaky # as the plain one\n\n")
+               "antialiasing=0\nbinary=0\nxnor=0\npad=1 # as the plain one\nactivation=leaky\n\n")
     thresholds = "thresh=0.25\nnms_threshold=0.45\nshow_details=1\n"
     torch.manual_seed(0)
     reference = detector.load_darknet(write_cfg(tmp_path, plain + head, name="plain.cfg")).eval()
