@@ -41,7 +41,11 @@ class Source:
         return f"{self.path}:{self.line} [{self.section}]"
 
 
-ACTIVATIONS = ("linear", "leaky", "relu", "mish", "swish", "logistic")
+ACTIVATIONS = ("linear", "leaky", "relu", "mish", "swish", "logistic", "tanh", "relu6", "elu", "selu",
+               "gelu", "hard_mish")
+# Darknet's shortcut layer applies hard_mish through its generic activate(), which has no hard_mish
+# case and returns 0 (CPU and GPU): refused there.
+SHORTCUT_ACTIVATIONS = tuple(name for name in ACTIVATIONS if name != "hard_mish")
 
 # Options Darknet reads for every layer section (parser.c, end of parse_network_cfg_custom); they
 # only steer training, so they are kept as given.
@@ -473,8 +477,12 @@ def _parse_route(opts: _Options) -> RouteSection:
 def _parse_shortcut(opts: _Options) -> ShortcutSection:
     opts.choice("weights_type", "none", ("none",))
     opts.choice("weights_normalization", "none", ("none",))
-    section = ShortcutSection(opts.source, _absolute_layers(opts, "from"),
-                              opts.choice("activation", "linear", ACTIVATIONS), opts.training())
+    activation = opts.choice("activation", "linear", ACTIVATIONS)
+    if activation not in SHORTCUT_ACTIVATIONS:
+        raise opts.error(f"option 'activation': {activation} on a [shortcut] is not supported by yolo-admm "
+                         f"(Darknet's shortcut layer outputs 0 for it); expected one of "
+                         f"{', '.join(SHORTCUT_ACTIVATIONS)}", "activation")
+    section = ShortcutSection(opts.source, _absolute_layers(opts, "from"), activation, opts.training())
     opts.finish()
     return section
 

@@ -6,7 +6,7 @@ size. Shapes are checked here, so a cfg whose layers do not fit together fails a
 the file, line and layer named. Semantics follow AlexeyAB/darknet: `convolutional_layer.c`,
 `maxpool_layer.c` (padding `size-1` in total, `floor` of it before and the rest after),
 `route_layer.c` (`groups`/`group_id` take one chunk of each input's channels), `shortcut_layer.c`,
-`upsample_layer.c` (nearest), `dropout_layer.c`, `activations.c`.
+`upsample_layer.c` (nearest), `dropout_layer.c`; activations in `detector.activations`.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import fuse_conv_bn_eval
 
+from detector.activations import ACTIVATIONS
 from detector.cfg import (ConvolutionalSection, DarknetCfg, DarknetError, DropoutSection,
                           LayerSection, MaxpoolSection, NetConfig, RouteSection, ShortcutSection,
                           UpsampleSection, YoloSection)
@@ -28,15 +29,6 @@ from detector.head import YoloHead
 # rolling = .99 * rolling + .01 * batch statistic (batchnorm_layer.c).
 BATCHNORM_EPS = 1e-5
 BATCHNORM_MOMENTUM = 0.01
-
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "linear": nn.Identity,
-    "leaky": lambda: nn.LeakyReLU(0.1),
-    "relu": nn.ReLU,
-    "mish": nn.Mish,
-    "swish": nn.SiLU,
-    "logistic": nn.Sigmoid,
-}
 
 
 @dataclass(frozen=True)

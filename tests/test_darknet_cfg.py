@@ -175,8 +175,9 @@ def test_input_size_must_be_a_multiple_of_the_network_stride(tmp_path):
     ("[convolutional]\nfilters=abc\n", 7, "convolutional",
      "option 'filters': expected an integer, found 'abc'"),
     ("[convolutional]\nfilters=4\nfliters=3\n", 8, "convolutional", "unknown option 'fliters'"),
-    ("[convolutional]\nactivation=gelu\n", 7, "convolutional",
-     "option 'activation': expected one of linear, leaky, relu, mish, swish, logistic"),
+    ("[convolutional]\nactivation=hardtan\n", 7, "convolutional",
+     "option 'activation': expected one of linear, leaky, relu, mish, swish, logistic, tanh, relu6, elu, selu, "
+     "gelu, hard_mish; found 'hardtan'"),
     # Darknet keeps a comment after a text value: "mish#m" is an unknown activation to it (ReLU).
     ("[convolutional]\nfilters=4 # four\nactivation=mish # m\n", 8, "convolutional",
      "option 'activation': expected a name without a trailing comment, found 'mish#m'; Darknet keeps a comment "
