@@ -58,12 +58,23 @@ def dense_fp32_bytes(model: nn.Module) -> int:
     return sum(4 * t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
 
-def require_opencv_darknet_importer() -> None:
-    """ValueError unless this OpenCV can read Darknet files (OpenCV 5 has no Darknet importer)."""
+def require_opencv_darknet_importer(cfg_path: str | os.PathLike | None = None) -> None:
+    """ValueError unless this OpenCV can read Darknet files (OpenCV 5 has no Darknet importer) and,
+    given `cfg_path`, that cfg (OpenCV refuses some layers and activations Darknet has, e.g. selu):
+    so that a Darknet export that could not be checked is refused before anything is written."""
     if not hasattr(getattr(cv2, "dnn", None), "readNetFromDarknet"):
         raise ValueError(f"checking a Darknet export needs OpenCV 4.x's Darknet importer (cv2.dnn.readNetFromDarknet); "
                          f"found OpenCV {cv2.__version__} without it: install opencv-python<5 (as pyproject.toml "
                          f"asks), or leave 'darknet' out of the export formats")
+    if cfg_path is None:
+        return
+    try:
+        cv2.dnn.readNetFromDarknet(str(cfg_path))
+    except cv2.error as error:
+        first_line = next((line for line in str(error).splitlines() if line.strip()), str(error))
+        raise ValueError(f"{cfg_path}: OpenCV's Darknet importer cannot read this cfg, so a Darknet export of it "
+                         f"cannot be checked against it; leave 'darknet' out of the export formats: "
+                         f"{first_line.strip()}") from error
 
 
 def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = True) -> dict:
@@ -80,7 +91,8 @@ def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = 
         verify `opencv_max_rel_diff`.
     """
     if verify:
-        require_opencv_darknet_importer()
+        cfg_file = Path(model.cfg.path)
+        require_opencv_darknet_importer(cfg_file if cfg_file.is_file() else None)
     weights_path = Path(path)
     cfg_path = weights_path.with_suffix(".cfg")
     atomic_write_bytes(cfg_path, model_cfg_text(model).encode("utf-8"))

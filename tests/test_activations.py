@@ -203,8 +203,9 @@ def test_opencv_runs_tanh_as_we_do(tmp_path):
 
 @needs_darknet_importer
 @pytest.mark.parametrize("name", ["relu6", "elu", "selu", "gelu", "hard_mish"])
-def test_an_activation_opencv_cannot_read_makes_its_check_a_clear_error(tmp_path, name):
+def test_an_activation_opencv_cannot_read_is_refused_before_the_export_is_written(tmp_path, name):
     model = spread_model(tmp_path, [name, "leaky"], shortcut="linear")
-    with pytest.raises(ValueError, match=rf"acts.cfg: OpenCV's Darknet importer cannot run these files, .*"
-                                         rf"leave 'darknet' out of the export formats\): .*Unsupported activation: {name}"):
-        export_darknet(model, tmp_path / "acts.weights", verify=True)
+    with pytest.raises(ValueError, match=rf"acts.cfg: OpenCV's Darknet importer cannot read this cfg, .*"
+                                         rf"leave 'darknet' out of the export formats: .*Unsupported activation: {name}"):
+        export_darknet(model, tmp_path / "out" / "acts.weights", verify=True)
+    assert not (tmp_path / "out" / "acts.weights").exists() and not (tmp_path / "out" / "acts.cfg").exists()
