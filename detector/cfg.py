@@ -5,7 +5,9 @@ whitespace from a line and skips empty lines and lines starting with `#` or `;`.
 comment after a number is dropped here, as Darknet's number parsers stop there too. After a text
 value (one of a fixed set of names, such as `activation`) it is an error: Darknet keeps the comment
 in the value (`read_option` splits at `=` only), so `activation=mish # m` is the unknown activation
-"mish#m" to Darknet, which warns and uses ReLU (OpenCV refuses it). The first section is `[net]`;
+"mish#m" to Darknet, which warns and uses ReLU (OpenCV refuses it). After a list, a comment is dropped
+unless it holds a comma, which is an error: Darknet counts every comma of the value to know how many
+entries to read, so `layers=-1,-3 # a,b` would be a route of three layers to it. The first section is `[net]`;
 every later section is one layer, numbered from 0 in file order (route and shortcut indices count
 every section, `[dropout]` and `[yolo]` included).
 
@@ -267,13 +269,25 @@ class _Options:
                              f"found {value!r}", key)
         return value
 
+    def _check_list_comment(self, key: str) -> None:
+        """A comment after a list must hold no comma: Darknet counts the commas of the whole value,
+        comment included, to know how many entries to read."""
+        if key in self._raw.options:
+            value, _, written = self._raw.options[key]
+            if "," in written[len(value):]:
+                raise self.error(f"option '{key}': expected a list without a comma in its trailing comment, found "
+                                 f"{written!r}; Darknet counts the comment's commas too, so it would read more "
+                                 f"entries than the list has: remove the comment or move it to its own line", key)
+
     def integers(self, key: str, default: tuple[int, ...] | None) -> tuple[int, ...]:
+        self._check_list_comment(key)
         value = self._convert(key, default, _int_list, "comma-separated integers")
         if value is None:
             raise self.error(f"option '{key}' is required")
         return value
 
     def numbers(self, key: str, default: tuple[float, ...]) -> tuple[float, ...]:
+        self._check_list_comment(key)
         return self._convert(key, default, _float_list, "comma-separated numbers")
 
     def training(self) -> dict[str, float]:

@@ -187,6 +187,10 @@ def test_input_size_must_be_a_multiple_of_the_network_stride(tmp_path):
     ("[yolo]\nnum=1\nanchors=1,2 # one pair\niou_loss=ciou ; best\n", 9, "yolo",
      "option 'iou_loss': expected a name without a trailing comment, found 'ciou;best'; Darknet keeps a comment "
      "in a text value, so it would read the unknown iou_loss 'ciou;best': remove the comment"),
+    # ... and counts the commas of a list's comment too: this route would have two layers (-1, 0) to it.
+    ("[maxpool]\nsize=2\n\n[route]\nlayers=-1 # a,b\n", 10, "route",
+     "option 'layers': expected a list without a comma in its trailing comment, found '-1#a,b'; Darknet counts "
+     "the comment's commas too"),
     ("[maxpool]\nsize=2\n\n[route]\nlayers=-1,4\n", 10, "route",
      "layer 4 resolves to 4; expected an earlier layer (0..0)"),
     ("[convolutional]\nfilters=4\nsize=0\n", 8, "convolutional",
