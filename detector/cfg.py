@@ -184,11 +184,13 @@ LayerSection = Union[ConvolutionalSection, MaxpoolSection, RouteSection, Shortcu
 
 @dataclass(frozen=True)
 class DarknetCfg:
-    """A parsed cfg: the `[net]` section and the layer sections in file order."""
+    """A parsed cfg: the `[net]` section and the layer sections in file order; `text` is the file's
+    text as it was read (so exports write the cfg the model was built from, whatever becomes of the file)."""
 
     path: str
     net: NetConfig
     layers: tuple[LayerSection, ...]
+    text: str = ""
 
 
 @dataclass
@@ -345,14 +347,19 @@ def _float_list(text: str) -> tuple[float, ...]:
     return tuple(_finite_float(part) for part in text.split(","))
 
 
-def _read_sections(path: Path) -> list[_RawSection]:
-    """Split a cfg into raw sections the way Darknet's `read_cfg` does."""
+def _read_text(path: Path) -> str:
+    """The cfg file's text (a UTF-8 byte-order mark dropped)."""
     try:
         text = path.read_text(encoding="utf-8-sig", errors="replace")
     except IsADirectoryError:
         raise DarknetError(f"{path}: expected a Darknet cfg file, found a directory") from None
     if "\x00" in text:
         raise DarknetError(f"{path}: expected a Darknet cfg (text), found binary data (a .weights file?)")
+    return text
+
+
+def _read_sections(text: str, path: Path) -> list[_RawSection]:
+    """Split a cfg's text into raw sections the way Darknet's `read_cfg` does."""
     sections: list[_RawSection] = []
     for number, line in enumerate(text.splitlines(), start=1):
         line = "".join(line.split())
@@ -606,7 +613,8 @@ def parse_cfg(path: str | Path) -> DarknetCfg:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Darknet cfg not found: {path}")
-    raw_sections = _read_sections(path)
+    text = _read_text(path)
+    raw_sections = _read_sections(text, path)
     if not raw_sections:
         raise DarknetError(f"{path}: expected a [net] section and layers, found no sections")
     for raw in raw_sections:
@@ -626,4 +634,4 @@ def parse_cfg(path: str | Path) -> DarknetCfg:
         layers.append(parser(_Options(raw, str(path), index)))
     if not layers:
         raise DarknetError(f"{path}: expected layer sections after [net], found none")
-    return DarknetCfg(str(path), net, tuple(layers))
+    return DarknetCfg(str(path), net, tuple(layers), text)

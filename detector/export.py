@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from detector.cfg import DarknetCfg
 from detector.model import DarknetModel, load_darknet
 from detector.postprocess import flatten_heads
 from detector.weights import write_weights
@@ -58,21 +59,21 @@ def dense_fp32_bytes(model: nn.Module) -> int:
     return sum(4 * t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
 
-def require_opencv_darknet_importer(cfg_path: str | os.PathLike | None = None) -> None:
+def require_opencv_darknet_importer(cfg: DarknetCfg | None = None) -> None:
     """ValueError unless this OpenCV can read Darknet files (OpenCV 5 has no Darknet importer) and,
-    given `cfg_path`, that cfg (OpenCV refuses some layers and activations Darknet has, e.g. selu):
+    given `cfg`, that cfg (OpenCV refuses some layers and activations Darknet has, e.g. selu):
     so that a Darknet export that could not be checked is refused before anything is written."""
     if not hasattr(getattr(cv2, "dnn", None), "readNetFromDarknet"):
         raise ValueError(f"checking a Darknet export needs OpenCV 4.x's Darknet importer (cv2.dnn.readNetFromDarknet); "
                          f"found OpenCV {cv2.__version__} without it: install opencv-python<5 (as pyproject.toml "
                          f"asks), or leave 'darknet' out of the export formats")
-    if cfg_path is None:
+    if cfg is None:
         return
     try:
-        cv2.dnn.readNetFromDarknet(str(cfg_path))
+        cv2.dnn.readNetFromDarknet(np.frombuffer(cfg.text.encode("utf-8"), np.uint8))
     except cv2.error as error:
         first_line = next((line for line in str(error).splitlines() if line.strip()), str(error))
-        raise ValueError(f"{cfg_path}: OpenCV's Darknet importer cannot read this cfg, so a Darknet export of it "
+        raise ValueError(f"{cfg.path}: OpenCV's Darknet importer cannot read this cfg, so a Darknet export of it "
                          f"cannot be checked against it; leave 'darknet' out of the export formats: "
                          f"{first_line.strip()}") from error
 
@@ -81,7 +82,7 @@ def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = 
     """Write `path` (.weights) and the model's cfg beside it (same stem, `.cfg`), atomically.
 
     Args:
-        model: a `DarknetModel` (any device); its cfg file (`model.cfg.path`) must still exist.
+        model: a `DarknetModel` (any device); its cfg is written as it was read (`model.cfg.text`).
         path: the `.weights` file to write.
         verify: load both files in OpenCV DNN and compare its output on one random input with the
             model's (raises RuntimeError beyond OPENCV_TOLERANCE).
@@ -91,11 +92,10 @@ def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = 
         verify `opencv_max_rel_diff`.
     """
     if verify:
-        cfg_file = Path(model.cfg.path)
-        require_opencv_darknet_importer(cfg_file if cfg_file.is_file() else None)
+        require_opencv_darknet_importer(model.cfg)
     weights_path = Path(path)
     cfg_path = weights_path.with_suffix(".cfg")
-    atomic_write_bytes(cfg_path, model_cfg_text(model).encode("utf-8"))
+    atomic_write_bytes(cfg_path, model.cfg.text.encode("utf-8"))
     write_weights(weights_path, model, model.weights_header)
     report = {"weights": str(weights_path), "cfg": str(cfg_path), "bytes": weights_path.stat().st_size,
               "dense_fp32_bytes": dense_fp32_bytes(model)}
@@ -106,15 +106,6 @@ def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = 
             raise RuntimeError(f"{weights_path}: OpenCV's outputs differ from the model's by "
                                f"{report['opencv_max_rel_diff']:.3g} (relative); expected <= {OPENCV_TOLERANCE}")
     return report
-
-
-def model_cfg_text(model: DarknetModel) -> str:
-    """The text of the cfg file the model was built from (`model.cfg.path`)."""
-    cfg_path = Path(model.cfg.path)
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: the model's cfg file is gone; a model from load_compact "
-                                f"keeps its cfg only where load_compact was given cfg_path")
-    return cfg_path.read_text(encoding="utf-8")
 
 
 def opencv_outputs(cfg_path: str | os.PathLike, weights_path: str | os.PathLike,
@@ -312,7 +303,7 @@ def export_compact(model: DarknetModel, masks: Masks | None, path: str | os.Path
     sparse_names = _check_masks(state, masks) if masks is not None else None
     if COMPACT_CFG_KEY in state:
         raise ValueError(f"the model has a tensor named {COMPACT_CFG_KEY!r}, the archive's cfg entry")
-    cfg_bytes = model_cfg_text(model).encode("utf-8")
+    cfg_bytes = model.cfg.text.encode("utf-8")
     state[COMPACT_CFG_KEY] = torch.frombuffer(bytearray(cfg_bytes), dtype=torch.uint8)
     report = save_sparse_archive(state, path, value_format, compression, sparse_names)
     names = sparse_names if sparse_names is not None else [n for n, t in state.items()
@@ -376,7 +367,7 @@ def load_compact(path: str | os.PathLike, cfg_path: str | os.PathLike | None = N
     Args:
         path: the archive.
         cfg_path: where to write the embedded cfg; default a temporary file, removed once parsed
-            (the model's `cfg.path` then names a file that is gone: `export_darknet` needs a real one).
+            (the model's `cfg.path` then names a file that is gone; its `cfg.text` stays).
     """
     path = Path(path)
     return _model_from_archive(load_sparse_archive(path), path, cfg_path)

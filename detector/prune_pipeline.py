@@ -348,7 +348,7 @@ def check_job(job: PruneJob) -> None:
     """What the cfg alone can refuse, before the run folder is made or written: an export that
     this OpenCV cannot check, and the weight patterns and floors (`check_weight_patterns`)."""
     if "darknet" in job.export:  # fail before the training, not after it
-        require_opencv_darknet_importer(job.cfg)
+        require_opencv_darknet_importer(detector.parse_cfg(job.cfg))
     check_weight_patterns(job)
 
 

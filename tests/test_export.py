@@ -288,15 +288,23 @@ def test_compact_archive_rebuilds_the_model(pruned, tmp_path, images):
           f"{report['ratio_to_bound']:.3f} x entropy bound {report['entropy_bound_bytes']:.0f}")
 
 
-def test_a_rebuilt_model_exports_to_darknet_where_its_cfg_was_kept(pruned, tmp_path):
+def test_a_rebuilt_model_exports_to_darknet_with_the_cfg_it_was_built_from(pruned, tmp_path):
     model, masks = pruned
     export_compact(model, masks, tmp_path / "pruned.yaspars")
-    with pytest.raises(FileNotFoundError, match="cfg"):
-        export_darknet(load_compact(tmp_path / "pruned.yaspars"), tmp_path / "lost.weights", verify=False)
-    rebuilt = load_compact(tmp_path / "pruned.yaspars", cfg_path=tmp_path / "kept.cfg")
+    report = export_darknet(load_compact(tmp_path / "pruned.yaspars"), tmp_path / "again.weights", verify=False)
+    assert report["bytes"] == 20 + dense_fp32_bytes(model)        # its temporary cfg file is gone: its text is not
+    assert Path(report["cfg"]).read_text() == DEMO_CFG.read_text()
+    load_compact(tmp_path / "pruned.yaspars", cfg_path=tmp_path / "kept.cfg")
     assert (tmp_path / "kept.cfg").read_text() == DEMO_CFG.read_text()
-    report = export_darknet(rebuilt, tmp_path / "again.weights", verify=False)
-    assert report["bytes"] == 20 + dense_fp32_bytes(model)
+
+
+def test_an_export_writes_the_cfg_as_it_was_read_not_as_the_file_is_now(tmp_path):
+    cfg = tmp_path / "tiny.cfg"
+    cfg.write_text(DEMO_CFG.read_text())
+    model = detector.load_darknet(cfg)
+    cfg.write_text(DEMO_CFG.read_text().replace("activation=leaky", "activation=mish", 1))   # edited afterwards
+    report = export_darknet(model, tmp_path / "out" / "tiny.weights", verify=False)
+    assert Path(report["cfg"]).read_text() == DEMO_CFG.read_text()
 
 
 @pytest.mark.parametrize("value_format", ["fp16", "int8"])
