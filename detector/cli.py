@@ -12,7 +12,9 @@ import importlib
 import torch
 
 import detector
+from detector.export import load_compact
 from engine import resolve_device
+from pruning.sparse_archive import is_sparse_archive
 
 MODES = {
     "predict": ("detector.cli_predict", "detect objects in images: annotated images + detections JSON"),
@@ -62,26 +64,45 @@ def network_size(text: str) -> int:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--cfg, --weights, --img-size, --device: the options every mode that runs a model takes."""
-    parser.add_argument("--cfg", required=True, help="Darknet .cfg file")
-    parser.add_argument("--weights", required=True, help="Darknet .weights file")
+    parser.add_argument("--cfg", help="Darknet .cfg file (not needed with a compact archive, which carries its cfg)")
+    parser.add_argument("--weights", required=True,
+                        help="Darknet .weights file, or a compact archive (.yaspars) that detect export wrote")
     parser.add_argument("--img-size", type=network_size, default=None, metavar="N",
                         help="network input N x N (multiple of 32); default: the cfg's width x height")
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
 
 
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int, int, bool]:
-    """Load the Darknet model of --cfg/--weights onto --device.
+    """Load the model of --cfg/--weights (`load_detector`) onto --device.
 
     Returns (model, net_w, net_h, letterbox): the input size is --img-size or the cfg's [net] size,
     and letterbox is the cfg's [net] letter_box.
     """
-    model = detector.load_darknet(args.cfg, args.weights)
+    model = load_detector(args.cfg, args.weights)
     net_w, net_h = (args.img_size, args.img_size) if args.img_size else (model.net.width, model.net.height)
     if not model.accepts_size(net_h, net_w):
-        raise ValueError(f"{args.cfg}: the network input would be {net_w}x{net_h}; expected "
+        raise ValueError(f"{args.cfg or args.weights}: the network input would be {net_w}x{net_h}; expected "
                          f"{model.size_rule()} (pass --img-size)")
     model.to(resolve_device(args.device)).eval()
     return model, net_w, net_h, bool(model.net.letter_box)
+
+
+def load_detector(cfg: str | None, weights: str) -> detector.DarknetModel:
+    """The model of a Darknet cfg and .weights file, or of a compact archive (`detect export`'s
+    model.yaspars), which carries its cfg: `cfg` may then be None, and where given must be the same text.
+
+    Raises:
+        ValueError: .weights without a cfg, or an archive whose cfg is not `cfg`.
+    """
+    if is_sparse_archive(weights):
+        model = load_compact(weights)
+        if cfg is not None and detector.parse_cfg(cfg).text != model.cfg.text:
+            raise ValueError(f"--weights {weights}: a compact archive carries its own cfg, which differs from "
+                             f"--cfg {cfg}; leave --cfg out to use the archive's")
+        return model
+    if cfg is None:
+        raise ValueError(f"--weights {weights}: Darknet .weights need --cfg (only a compact archive carries its cfg)")
+    return detector.load_darknet(cfg, weights)
 
 
 def model_num_classes(model: torch.nn.Module) -> int:

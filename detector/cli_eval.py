@@ -2,6 +2,7 @@
 
     yolo-admm detect eval --cfg C --weights W --images DIR --annotations instances.json
     yolo-admm detect eval --cfg C --weights W --data data.yaml [--split val]
+    yolo-admm detect eval --weights model.yaspars --data data.yaml      (a compact archive: its own cfg)
 
 Prints COCOeval's 12-number table (and per-class AP with --per-class); --json-out writes
 map50_95, map50, map75, ap_small, ap_medium, ap_large and images.
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         output_file(args.json_out, "--json-out")
     source = load_source(args)
     model, net_w, net_h, letterbox = load_model(args)
-    check_classes(args.cfg, model_num_classes(model), source)
+    check_classes(args.cfg or args.weights, model_num_classes(model), source)
     dataset = InferenceDataset.from_source(source, net_w, net_h, letterbox)
     device = next(model.parameters()).device
     workers = default_workers(device) if args.workers is None else args.workers

@@ -3,6 +3,7 @@
     yolo-admm detect export --cfg C --weights W --out DIR [--formats darknet,onnx,compact] [--int8]
     yolo-admm detect export --cfg C --checkpoint RUN/epoch_0010.pt --out DIR
     yolo-admm detect export --cfg C --checkpoint PRUNE_RUN/sparsity_0.8/retrained.pt --out DIR
+    yolo-admm detect export --weights model.yaspars --out DIR --formats onnx   (a compact archive: its own cfg)
 
 Writes DIR/model.weights + DIR/model.cfg (Darknet, checked in OpenCV DNN), DIR/model.onnx (decoding
 included, checked in onnxruntime) and DIR/model.yaspars (compact sparse archive, fp16 or --int8
@@ -18,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from detector.cli import network_size
+from detector.cli import load_detector, network_size
 from detector.export import FORMATS, export_model
 from detector.model import DarknetModel, load_darknet
 from engine import atomic_write_json, load_error_summary, output_folder
@@ -31,8 +32,8 @@ EXPORT_NAMES = {f"{EXPORT_STEM}{suffix}" for suffix in (".weights", ".cfg", ".on
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cfg", required=True, help="Darknet .cfg file")
-    parser.add_argument("--weights", help="Darknet .weights file (or give --checkpoint)")
+    parser.add_argument("--cfg", help="Darknet .cfg file (not needed with a compact archive, which carries its cfg)")
+    parser.add_argument("--weights", help="Darknet .weights file or a compact archive (.yaspars) (or give --checkpoint)")
     parser.add_argument("--checkpoint", help="training checkpoint (.pt, or a folder: its newest) whose weights "
                                              "to export, its EMA weights when it has them, as training evaluated; "
                                              "or a prune run's stage file (sparsity_S/hard_prune.pt, retrained.pt)")
@@ -80,16 +81,19 @@ def exported_files(report_path: Path) -> set[Path]:
     return {report_path.parent / name for name in names & EXPORT_NAMES}
 
 
-def load_export_model(cfg: str, weights: str | None, checkpoint: str | None) -> DarknetModel:
-    """The model of `cfg` with `weights`, then, if given, the weights of a training checkpoint."""
+def load_export_model(cfg: str | None, weights: str | None, checkpoint: str | None) -> DarknetModel:
+    """The model of `cfg` with `weights` (`load_detector`: .weights or a compact archive), then, if
+    given, the weights of a training checkpoint."""
     if weights is None and checkpoint is None:
         raise ValueError("give the weights to export: --weights W.weights or --checkpoint CKPT")
-    model = load_darknet(cfg, weights)
+    if weights is None and cfg is None:
+        raise ValueError(f"--checkpoint {checkpoint} needs --cfg, the cfg its model was built from")
+    model = load_detector(cfg, weights) if weights is not None else load_darknet(cfg)
     if checkpoint is not None:
         try:
             model.load_state_dict(checkpoint_weights(checkpoint))
         except RuntimeError as err:
-            raise ValueError(f"{checkpoint}: its model does not fit {cfg}: {load_error_summary(err)}") from None
+            raise ValueError(f"{checkpoint}: its model does not fit {cfg or weights}: {load_error_summary(err)}") from None
     return model.float().eval()
 
 

@@ -1,6 +1,7 @@
 """`yolo-admm detect predict`: detect objects in images.
 
     yolo-admm detect predict --cfg C --weights W SOURCE... [--out DIR] [--conf 0.25] [--iou 0.45]
+    yolo-admm detect predict --weights model.yaspars SOURCE...    (a compact archive: its own cfg)
 
 SOURCE is an image file or a folder of images (its sub-folders too; hidden files left out). Writes
 DIR/<image stem>.jpg with the detections drawn (_1, _2 ... added where stems repeat) and

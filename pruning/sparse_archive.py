@@ -274,6 +274,15 @@ def _within_format(want: Tensor, got: Tensor, value_format: str, error: float, p
     return error <= peak / 127.0 / 2 + peak * rounding
 
 
+def is_sparse_archive(path: str | os.PathLike) -> bool:
+    """Whether the file at `path` starts as a sparse archive does (False where there is no file)."""
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
 def _read_header(path: Path, data: bytes) -> tuple[dict, int]:
     if data[: len(MAGIC)] != MAGIC:
         raise ValueError(f"{path}: not a sparse archive: expected magic {MAGIC!r}, found {data[:len(MAGIC)]!r}")

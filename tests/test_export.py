@@ -455,6 +455,39 @@ def test_cli_exports_a_trainer_checkpoints_ema(pruned, tmp_path):
     assert report["compact"]["nonzero"] == masks.stats()["kept"] - zeroed
 
 
+def test_predict_eval_and_export_take_a_compact_archive_without_its_cfg(pruned, shapes, tmp_path, capsys):
+    """The edge file runs as it is: predict and eval on the archive equal them on the Darknet files
+    exported from it (the same fp16-rounded weights), and export reads it too."""
+    from yolo_admm.cli import main
+
+    model, masks = pruned
+    archive = tmp_path / "model.yaspars"
+    export_compact(model, masks, archive)
+    assert main(["detect", "export", "--weights", str(archive), "--out", str(tmp_path / "dk"), "--formats",
+                 "darknet"]) == 0
+    darknet = ["--cfg", str(tmp_path / "dk" / "model.cfg"), "--weights", str(tmp_path / "dk" / "model.weights")]
+    val = str(shapes.parent / "images" / "val")
+    detections = {}
+    for name, weights in (("archive", ["--weights", str(archive)]), ("darknet", darknet)):
+        assert main(["detect", "predict", *weights, val, "--out", str(tmp_path / name), "--conf", "0.01",
+                     "--device", "cpu"]) == 0
+        detections[name] = json.loads((tmp_path / name / "detections.json").read_text())
+        capsys.readouterr()
+        assert main(["detect", "eval", *weights, "--data", str(shapes), "--device", "cpu"]) == 0
+        detections[name + " eval"] = capsys.readouterr().out.splitlines()[-1]
+    found = [entry["detections"] for entry in detections["archive"]]
+    assert len(found) == 4 and any(found) and found == [entry["detections"] for entry in detections["darknet"]]
+    assert detections["archive eval"] == detections["darknet eval"]
+    other = tmp_path / "other.cfg"
+    other.write_text(DEMO_CFG.read_text().replace("activation=leaky", "activation=mish", 1))
+    for argv in (["detect", "predict", "--cfg", str(other), "--weights", str(archive), val],
+                 ["detect", "predict", "--weights", darknet[3], val]):
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "a compact archive carries its own cfg, which differs from --cfg" in err
+    assert "Darknet .weights need --cfg (only a compact archive carries its cfg)" in err
+
+
 def test_cli_needs_weights_or_a_checkpoint(tmp_path):
     parser = argparse.ArgumentParser()
     cli_export.add_arguments(parser)
