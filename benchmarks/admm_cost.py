@@ -12,8 +12,8 @@
     ``torch.kthvalue`` over one flat concatenation of the magnitudes.
 
 Reproduce: ``.venv/bin/python benchmarks/admm_cost.py --threads 1`` (writes
-benchmarks/results/admm_cost.json). Measured on a 2-core CPU, no GPU, torch 2.14.1, 2026-11-26,
-with one other 1-thread job on the machine (load average ~1.5, recorded in the JSON); process CPU
+benchmarks/results/admm_cost.json). Measured on a 2-core CPU, no GPU, torch 2.14.1, 2026-11-27,
+with other sessions' jobs on the machine (load average ~2.8, recorded in the JSON); process CPU
 times are recorded beside wall times, since a loaded machine inflates the latter (an earlier run
 at load 8-10 took 1.35 s wall for the Z-step, 0.57 s CPU).
 
