@@ -51,11 +51,6 @@ SPLITS = ("train", "test")
 OPTIMIZERS = {"adam": 1e-3, "sgd": 0.01}  # name -> default LR; "sgd" is SGD with Nesterov momentum 0.9
 
 
-def find_mnist_split(root: Path, split: str) -> tuple[Path, Path]:
-    """The IDX (gz) files of an MNIST split in `root`."""
-    return mnist_files(root, split)
-
-
 def load_mnist_split(files: tuple[Path, Path], split: str) -> Dataset:
     """MNIST split from its IDX files."""
     return MNISTDataset(*read_mnist_files(*files))
@@ -89,7 +84,7 @@ class ModelSpec:
 
 
 MODELS = {
-    "lenet5": ModelSpec(LeNet5, find_mnist_split, load_mnist_split, "adam", 0.0, 128),
+    "lenet5": ModelSpec(LeNet5, mnist_files, load_mnist_split, "adam", 0.0, 128),
     "resnet56": ModelSpec(resnet56, find_cifar_split, load_cifar_split, "sgd", 1e-4, 128),
 }
 
@@ -466,8 +461,9 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
 
 def run_times(started: float, histories: list[list[dict]]) -> dict[str, float]:
     """`wall_time_s`: this process's time since `started` (a resumed run's, only since its resume);
-    `train_time_s`: the training epochs' time, the epochs before a resume included (their records
-    come back with the checkpoint)."""
+    `train_time_s`: the epochs' time (each epoch's training, its end-of-epoch callbacks such as the
+    ADMM update, and its evaluation), the epochs before a resume included (their records come back
+    with the checkpoint)."""
     return {"wall_time_s": time.perf_counter() - started,
             "train_time_s": sum(record["seconds"] for history in histories for record in history)}
 

@@ -7,9 +7,10 @@ value (one of a fixed set of names, such as `activation`) it is an error: Darkne
 in the value (`read_option` splits at `=` only), so `activation=mish # m` is the unknown activation
 "mish#m" to Darknet, which warns and uses ReLU (OpenCV refuses it). After a list, a comment is dropped
 unless it holds a comma, which is an error: Darknet counts every comma of the value to know how many
-entries to read, so `layers=-1,-3 # a,b` would be a route of three layers to it. The first section is `[net]`;
-every later section is one layer, numbered from 0 in file order (route and shortcut indices count
-every section, `[dropout]` and `[yolo]` included).
+entries to read, so `layers=-1,-3 # a,b` would be a route of three layers to it (`mask`, `anchors`
+and `counters_per_class` stop counting at a `#`: there only a `;` comment with a comma is refused).
+The first section is `[net]`; every later section is one layer, numbered from 0 in file order
+(route and shortcut indices count every section, `[dropout]` and `[yolo]` included).
 
 Defaults and meanings follow AlexeyAB/darknet `src/parser.c` (`parse_net_options`,
 `parse_convolutional`, `parse_maxpool`, `parse_route`, `parse_shortcut`, `parse_upsample`,
@@ -190,7 +191,10 @@ class DarknetCfg:
     path: str
     net: NetConfig
     layers: tuple[LayerSection, ...]
-    text: str = ""
+    text: str
+
+
+_LISTS_ENDING_AT_HASH = {"mask", "anchors", "counters_per_class"}   # parser.c's parse_yolo_mask, parse_yolo
 
 
 @dataclass
@@ -272,11 +276,13 @@ class _Options:
         return value
 
     def _check_list_comment(self, key: str) -> None:
-        """A comment after a list must hold no comma: Darknet counts the commas of the whole value,
-        comment included, to know how many entries to read."""
+        """A comment after a list must hold no comma where Darknet counts the commas of the whole
+        value, comment included, to know how many entries to read: all lists but those whose parser
+        stops at a `#` (`_LISTS_ENDING_AT_HASH`)."""
         if key in self._raw.options:
             value, _, written = self._raw.options[key]
-            if "," in written[len(value):]:
+            comment = written[len(value):]
+            if "," in comment and not (key in _LISTS_ENDING_AT_HASH and comment.startswith("#")):
                 raise self.error(f"option '{key}': expected a list without a comma in its trailing comment, found "
                                  f"{written!r}; Darknet counts the comment's commas too, so it would read more "
                                  f"entries than the list has: remove the comment or move it to its own line", key)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from pathlib import Path
 
 import torch
 
@@ -92,9 +93,13 @@ def load_detector(cfg: str | None, weights: str) -> detector.DarknetModel:
     model.yaspars), which carries its cfg: `cfg` may then be None, and where given must be the same text.
 
     Raises:
+        FileNotFoundError: no file at `weights`.
         ValueError: .weights without a cfg, or an archive whose cfg is not `cfg`.
     """
-    if is_sparse_archive(weights):
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"--weights {weights}: expected a Darknet .weights file or a compact archive, "
+                                f"found {'a folder' if Path(weights).is_dir() else 'no file'}")
+    if is_sparse_archive(weights) or Path(weights).suffix == ".yaspars":     # the latter: a damaged one, said so
         model = load_compact(weights)
         if cfg is not None and detector.parse_cfg(cfg).text != model.cfg.text:
             raise ValueError(f"--weights {weights}: a compact archive carries its own cfg, which differs from "

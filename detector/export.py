@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.cfg import DarknetCfg
+from detector.cfg import DarknetCfg, DarknetError
 from detector.model import DarknetModel, load_darknet
 from detector.postprocess import flatten_heads
 from detector.weights import write_weights
@@ -389,7 +389,10 @@ def _model_from_archive(state: dict[str, torch.Tensor], path: Path,
         with tempfile.TemporaryDirectory() as staging:
             temporary_cfg = Path(staging) / f"{path.stem}.cfg"
             temporary_cfg.write_bytes(cfg_text)
-            model = load_darknet(temporary_cfg)
+            try:
+                model = load_darknet(temporary_cfg)
+            except DarknetError as err:                 # name the archive, not a file about to be removed
+                raise DarknetError(str(err).replace(str(temporary_cfg), f"{path} (its embedded cfg)")) from None
     try:
         model.load_state_dict({name: tensor.float() if tensor.is_floating_point() else tensor
                                for name, tensor in state.items()})

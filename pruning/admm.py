@@ -240,9 +240,9 @@ class ADMM:
             if param.shape != self.params[index].shape:
                 raise ValueError(f"ADMM: {name} has shape {tuple(param.shape)} now, its ADMM state "
                                  f"{tuple(self.params[index].shape)}; build a new ADMM for a changed model")
-            if not param.requires_grad:
-                raise ValueError(f"ADMM: {name} is frozen now (requires_grad=False); ADMM trains the weights it "
-                                 f"prunes: build a new ADMM that excludes it")
+            if param is not self.params[index] and not param.requires_grad:     # a frozen replacement
+                raise ValueError(f"ADMM: {name} was replaced by a frozen weight (requires_grad=False); ADMM "
+                                 f"trains the weights it prunes: build a new ADMM that excludes it")
             self.params[index] = param
         self._links = _holding_links(self.model, self.params)
 

@@ -224,11 +224,14 @@ def test_weights_replaced_after_the_admm_was_built_take_over_its_state():
     admm.update()
     admm.hard_prune()
     assert sum(int(torch.count_nonzero(model[i].weight)) for i in (0, 3, 7)) == admm.k
+    model[0].weight.requires_grad_(False)                      # frozen in place, not replaced: left to the user
+    admm.update()
+    model[0].weight.requires_grad_(True)
     model[3] = nn.Conv2d(8, 8, 3, padding=1)                   # a new layer of the same shape: followed by name,
     admm.add_penalty_grad()                                    # from the next step on, not the next update
     assert admm.params[1] is model[3].weight and model[3].weight.grad is not None
     model[3] = nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
-    with pytest.raises(ValueError, match=r"ADMM: 3.weight is frozen now \(requires_grad=False\)"):
+    with pytest.raises(ValueError, match=r"ADMM: 3.weight was replaced by a frozen weight \(requires_grad=False\)"):
         admm.add_penalty_grad()
     model[3] = nn.Conv2d(8, 8, 1)
     with pytest.raises(ValueError, match=r"ADMM: 3.weight has shape \(8, 8, 1, 1\) now, its ADMM state \(8, 8, 3, 3\)"):

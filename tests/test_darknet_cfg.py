@@ -191,6 +191,8 @@ def test_input_size_must_be_a_multiple_of_the_network_stride(tmp_path):
     ("[maxpool]\nsize=2\n\n[route]\nlayers=-1 # a,b\n", 10, "route",
      "option 'layers': expected a list without a comma in its trailing comment, found '-1#a,b'; Darknet counts "
      "the comment's commas too"),
+    ("[yolo]\nnum=2\nmask=0,1 ; small, medium\nanchors=1,2,3,4\n", 8, "yolo",   # ';': Darknet counts on
+     "option 'mask': expected a list without a comma in its trailing comment, found '0,1;small,medium'"),
     ("[maxpool]\nsize=2\n\n[route]\nlayers=-1,4\n", 10, "route",
      "layer 4 resolves to 4; expected an earlier layer (0..0)"),
     ("[convolutional]\nfilters=4\nsize=0\n", 8, "convolutional",
@@ -271,3 +273,13 @@ def test_missing_files_and_bad_net_section(tmp_path):
     (tmp_path / "model.weights").write_bytes(b"\x00\x00\x00\x00\x02\x00\x00\x00" + bytes(range(256)))
     with pytest.raises(DarknetError, match=r"model.weights: expected a Darknet cfg \(text\), found binary data"):
         detector.parse_cfg(tmp_path / "model.weights")     # a fuzz found the garbage quoted back
+
+
+def test_a_hash_comment_with_commas_after_mask_or_anchors_is_dropped_as_darknet_does(tmp_path):
+    """Found by a review: mask, anchors and counters_per_class stop counting commas at a '#' in
+    Darknet's parser, so there such a comment is fine (after a route's layers it is not)."""
+    body = ("[convolutional]\nfilters=12\nsize=1\nstride=32\nactivation=linear\n\n"
+            "[yolo]\nmask=1 # the larger anchor, of two\nanchors=10,20, 30,40 # (w,h) pairs\nclasses=1\nnum=2\n")
+    head = next(layer for layer in detector.parse_cfg(write_cfg(tmp_path, body, size=64)).layers
+                if layer.kind == "yolo")
+    assert (head.mask, head.anchors) == ((1,), ((10.0, 20.0), (30.0, 40.0)))

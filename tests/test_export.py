@@ -488,6 +488,25 @@ def test_predict_eval_and_export_take_a_compact_archive_without_its_cfg(pruned, 
     assert "Darknet .weights need --cfg (only a compact archive carries its cfg)" in err
 
 
+def test_a_missing_or_damaged_archive_and_a_bad_embedded_cfg_are_named(pruned, tmp_path):
+    """Found by a review: a mistyped archive path was told to add --cfg, and an embedded cfg that
+    no longer parses was reported under a temporary file's name."""
+    from detector.cli import load_detector
+
+    with pytest.raises(FileNotFoundError, match=r"--weights .*missing.yaspars: expected a Darknet .weights file "
+                                                r"or a compact archive, found no file"):
+        load_detector(None, str(tmp_path / "missing.yaspars"))
+    (tmp_path / "junk.yaspars").write_bytes(b"not an archive at all")
+    with pytest.raises(ValueError, match=r"junk.yaspars: not a sparse archive: expected magic"):
+        load_detector(None, str(tmp_path / "junk.yaspars"))
+    state = dict(pruned[0].state_dict())
+    cfg_text = DEMO_CFG.read_text().replace("activation=leaky", "activation=leaky # was relu", 1)
+    state[COMPACT_CFG_KEY] = torch.frombuffer(bytearray(cfg_text.encode()), dtype=torch.uint8)
+    save_sparse_archive(state, tmp_path / "old.yaspars")
+    with pytest.raises(detector.DarknetError, match=r"old.yaspars \(its embedded cfg\):\d+ \[convolutional\]"):
+        load_detector(None, str(tmp_path / "old.yaspars"))
+
+
 def test_cli_needs_weights_or_a_checkpoint(tmp_path):
     parser = argparse.ArgumentParser()
     cli_export.add_arguments(parser)

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from pruning import kept_count, magnitude_prune
+from pruning import check_selection, kept_count, magnitude_prune
 
 
 def mlp_and_conv() -> nn.Module:
@@ -72,10 +73,6 @@ def test_bad_arguments_name_the_value():
 
 
 def test_check_selection_warns_where_a_floor_overrides_a_layer_ratio():
-    import warnings
-
-    from pruning import check_selection
-
     model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 100))       # 100 and 1000 weights
     with pytest.warns(UserWarning, match=r"in 2 layer\(s\) \(0.weight, 1.weight\): there the floor wins, so 220 "
                                          r"of 1100 weights are kept, not the 11 the ratios leave \(sparsity 0.99\)"):
