@@ -88,6 +88,14 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int, int, boo
     return model, net_w, net_h, bool(model.net.letter_box)
 
 
+NOT_WEIGHTS = {   # file types given as --weights by mistake, by suffix: what they are
+    ".onnx": "an ONNX file, which runs in onnxruntime or OpenCV (see the README's ONNX section)",
+    ".cfg": "a Darknet cfg (give it as --cfg)",
+    ".pt": "a PyTorch checkpoint (detect export --checkpoint turns it into .weights)",
+    ".pth": "a PyTorch checkpoint (detect export --checkpoint turns it into .weights)",
+}
+
+
 def load_detector(cfg: str | None, weights: str) -> detector.DarknetModel:
     """The model of a Darknet cfg and .weights file, or of a compact archive (`detect export`'s
     model.yaspars), which carries its cfg: `cfg` may then be None, and where given must be the same text.
@@ -99,15 +107,27 @@ def load_detector(cfg: str | None, weights: str) -> detector.DarknetModel:
     if not Path(weights).is_file():
         raise FileNotFoundError(f"--weights {weights}: expected a Darknet .weights file or a compact archive, "
                                 f"found {'a folder' if Path(weights).is_dir() else 'no file'}")
+    other = NOT_WEIGHTS.get(Path(weights).suffix.lower())
+    if other is not None:
+        raise ValueError(f"--weights {weights}: {other}; expected Darknet .weights (with --cfg) or a compact archive")
     if is_sparse_archive(weights) or Path(weights).suffix == ".yaspars":     # the latter: a damaged one, said so
         model = load_compact(weights)
-        if cfg is not None and detector.parse_cfg(cfg).text != model.cfg.text:
+        given = None if cfg is None else detector.parse_cfg(cfg).text
+        if given is not None and given != model.cfg.text:
             raise ValueError(f"--weights {weights}: a compact archive carries its own cfg, which differs from "
-                             f"--cfg {cfg}; leave --cfg out to use the archive's")
+                             f"--cfg {cfg} (first at its line {first_differing_line(given, model.cfg.text)}); "
+                             f"leave --cfg out to use the archive's")
         return model
     if cfg is None:
         raise ValueError(f"--weights {weights}: Darknet .weights need --cfg (only a compact archive carries its cfg)")
     return detector.load_darknet(cfg, weights)
+
+
+def first_differing_line(text: str, other: str) -> int:
+    """The 1-based number of the first line where `text` and `other` differ (they do)."""
+    lines, others = text.splitlines(), other.splitlines()
+    return next((number for number, (a, b) in enumerate(zip(lines, others), start=1) if a != b),
+                min(len(lines), len(others)) + 1)
 
 
 def model_num_classes(model: torch.nn.Module) -> int:

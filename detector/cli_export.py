@@ -28,7 +28,8 @@ from pruning.masks import Masks
 
 STAGE_FILE_KEYS = {"model", "masks"}     # detect prune's sparsity_S/hard_prune.pt and retrained.pt
 EXPORT_STEM = "model"
-EXPORT_NAMES = {f"{EXPORT_STEM}{suffix}" for suffix in (".weights", ".cfg", ".onnx", ".yaspars")}   # what run writes
+FORMAT_SUFFIXES = {"darknet": (".weights", ".cfg"), "onnx": (".onnx",), "compact": (".yaspars",)}
+EXPORT_NAMES = {f"{EXPORT_STEM}{suffix}" for suffixes in FORMAT_SUFFIXES.values() for suffix in suffixes}  # run's
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = load_export_model(args.cfg, args.weights, args.checkpoint)
+    inputs = {Path(path).resolve() for path in (args.cfg, args.weights, args.checkpoint) if path}
+    for output in (args.out / f"{EXPORT_STEM}{suffix}" for name in args.formats for suffix in FORMAT_SUFFIXES[name]):
+        if output.resolve() in inputs:
+            raise ValueError(f"--out {args.out}: this export would overwrite its own input {output}; "
+                             f"export into another folder")
     output_folder(args.out, "--out")                # after the inputs are known good: no empty folder
     masks = Masks.from_model(model)
     json_path = args.out / "export.json"
@@ -58,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_report(report))
     atomic_write_json(json_path, report)
     print(f"report written to {json_path}")
-    inputs = {Path(path).resolve() for path in (args.cfg, args.weights, args.checkpoint) if path}
     for stale in sorted(earlier - exported_files(json_path)):
         if stale.resolve() in inputs:                 # exported again from the earlier export's files
             continue
@@ -87,7 +92,8 @@ def load_export_model(cfg: str | None, weights: str | None, checkpoint: str | No
     if weights is None and checkpoint is None:
         raise ValueError("give the weights to export: --weights W.weights or --checkpoint CKPT")
     if weights is None and cfg is None:
-        raise ValueError(f"--checkpoint {checkpoint} needs --cfg, the cfg its model was built from")
+        raise ValueError(f"--checkpoint {checkpoint} needs --cfg, the cfg its model was built from (or --weights "
+                         f"with a compact archive of that model, whose cfg it takes)")
     model = load_detector(cfg, weights) if weights is not None else load_darknet(cfg)
     if checkpoint is not None:
         try:

@@ -50,7 +50,7 @@ import pruning
 from data.augment import AugmentConfig
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from data.train_dataset import DetectionTrainDataset, collate_detection
-from detector.export import dense_fp32_bytes, export_model, require_opencv_darknet_importer
+from detector.export import dense_fp32_bytes, export_compact, export_model, require_opencv_darknet_importer
 from detector.predict import inference_copy
 from detector.prune_job import RECORDED_ONLY, PruneJob
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
@@ -150,7 +150,7 @@ class RunContext:
     def _measure(self, stage: str, model: torch.nn.Module, folder: Path) -> dict[str, Any]:
         metrics = self.evaluator(model.eval())
         archive = folder / f".{stage}.size.yolo-admm"
-        pruning.save_sparse_archive(model.state_dict(), archive, sparse_names=list(pruning.prunable_parameters(model)))
+        export_compact(model, None, archive, verify=False)     # the size of the archive detect export writes
         record = {"stage": stage, "map50_95": metrics["map50_95"], "map50": metrics["map50"],
                   **nonzero_stats(model), "compact_bytes": archive.stat().st_size,
                   "dense_fp32_bytes": dense_fp32_bytes(model),

@@ -484,8 +484,16 @@ def test_predict_eval_and_export_take_a_compact_archive_without_its_cfg(pruned, 
                  ["detect", "predict", "--weights", darknet[3], val]):
         assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "a compact archive carries its own cfg, which differs from --cfg" in err
+    changed = DEMO_CFG.read_text().splitlines().index("activation=leaky") + 1
+    assert f"a compact archive carries its own cfg, which differs from --cfg {other} (first at its line {changed})" in err
     assert "Darknet .weights need --cfg (only a compact archive carries its cfg)" in err
+    (tmp_path / "model.onnx").write_bytes(b"an onnx file")
+    assert main(["detect", "predict", "--weights", str(tmp_path / "model.onnx"), val]) == 2
+    assert "model.onnx: an ONNX file, which runs in onnxruntime or OpenCV" in capsys.readouterr().err
+    before = archive.read_bytes()                 # found by a review: an --int8 export in place replaced the fp16 input
+    assert main(["detect", "export", "--weights", str(archive), "--out", str(tmp_path), "--int8"]) == 2
+    assert f"this export would overwrite its own input {archive}" in capsys.readouterr().err
+    assert archive.read_bytes() == before and (tmp_path / "model.onnx").read_bytes() == b"an onnx file"  # nothing
 
 
 def test_a_missing_or_damaged_archive_and_a_bad_embedded_cfg_are_named(pruned, tmp_path):

@@ -11,7 +11,8 @@ import torch
 
 import pruning
 from data.synthetic import make_shapes_dataset
-from detector import cli_prune, prune_pipeline
+from detector import cli_prune, load_darknet, prune_pipeline
+from detector.export import export_compact
 from detector.prune_job import PruneJob, read_job_yaml
 from detector.prune_pipeline import run_job
 from engine import Trainer
@@ -53,7 +54,7 @@ def uninterrupted(shapes_yaml, tmp_path_factory) -> dict:
     return {"results": results, "state": final_state(out), "out": out}
 
 
-def test_stage_records_and_sparsity(uninterrupted):
+def test_stage_records_and_sparsity(uninterrupted, tmp_path):
     results = uninterrupted["results"]
     stages = results["sweep"][0]["stages"]
     assert [r["stage"] for r in stages] == ["dense", "hard_prune", "retrained"]
@@ -63,6 +64,9 @@ def test_stage_records_and_sparsity(uninterrupted):
         assert record["compact_bytes"] < stages[0]["compact_bytes"]
         for key in ("map50_95", "map50", "cpu_latency_ms"):
             assert record[key] >= 0.0
+    retrained = load_darknet(DEMO_CFG)
+    retrained.load_state_dict(uninterrupted["state"]["model"])     # the size is that of the archive an export writes
+    assert stages[2]["compact_bytes"] == export_compact(retrained, None, tmp_path / "r.yaspars", verify=False)["bytes"]
     masks = uninterrupted["state"]["masks"]
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
