@@ -11,8 +11,10 @@ import importlib
 from pathlib import Path
 
 import torch
+import yaml
 
 import detector
+from data.sources import parse_class_names
 from detector.export import load_compact
 from engine import resolve_device
 from pruning.sparse_archive import is_sparse_archive
@@ -121,6 +123,23 @@ def load_detector(cfg: str | None, weights: str) -> detector.DarknetModel:
     if cfg is None:
         raise ValueError(f"--weights {weights}: Darknet .weights need --cfg (only a compact archive carries its cfg)")
     return detector.load_darknet(cfg, weights)
+
+
+def read_class_names(path: Path | None, num_classes: int) -> list[str]:
+    """Names from a .names file or a data.yaml's `names` (list or dict); indices when `path` is None."""
+    if path is None:
+        return [str(i) for i in range(num_classes)]
+    if not path.is_file():
+        raise ValueError(f"--names {path}: expected a .names file or a data.yaml, found "
+                         f"{'a folder' if path.is_dir() else 'nothing'}")
+    if path.suffix in (".yaml", ".yml"):
+        names = parse_class_names(yaml.safe_load(path.read_text(encoding="utf-8")), path)
+    else:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not isinstance(names, list) or len(names) != num_classes:
+        raise ValueError(f"{path}: expected {num_classes} class names (the model's classes), "
+                         f"found {len(names) if isinstance(names, list) else names!r}")
+    return [str(n) for n in names]
 
 
 def first_differing_line(text: str, other: str) -> int:

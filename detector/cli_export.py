@@ -5,10 +5,11 @@
     yolo-admm detect export --cfg C --checkpoint PRUNE_RUN/sparsity_0.8/retrained.pt --out DIR
     yolo-admm detect export --weights model.yaspars --out DIR --formats onnx   (a compact archive: its own cfg)
 
-Writes DIR/model.weights + DIR/model.cfg (Darknet, checked in OpenCV DNN), DIR/model.onnx (decoding
-included, checked in onnxruntime) and DIR/model.yaspars (compact sparse archive, fp16 or --int8
-nonzeros), prints their sizes against the dense fp32 model and the archive's entropy bound, and
-writes the numbers to DIR/export.json. The sparsity pattern is read from the weights' zeros.
+Writes DIR/model.weights + DIR/model.cfg (Darknet, checked in OpenCV DNN; with class names also
+DIR/model.names), DIR/model.onnx (decoding included, checked in onnxruntime) and DIR/model.yaspars
+(compact sparse archive, fp16 or --int8 nonzeros), with the class names (--names, or those of an
+archive given as --weights) in each; prints their sizes against the dense fp32 model and the
+archive's entropy bound, and writes the numbers to DIR/export.json. The sparsity pattern is read from the weights' zeros.
 An export into DIR replaces the one before it: once the new files are written, the files the
 earlier DIR/export.json lists and this export did not write again are removed (this export's
 inputs excepted).
@@ -19,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from detector.cli import load_detector, network_size
+from detector.cli import load_detector, network_size, read_class_names
 from detector.export import FORMATS, export_model
 from detector.model import DarknetModel, load_darknet
 from engine import atomic_write_json, load_error_summary, output_folder
@@ -28,7 +29,7 @@ from pruning.masks import Masks
 
 STAGE_FILE_KEYS = {"model", "masks"}     # detect prune's sparsity_S/hard_prune.pt and retrained.pt
 EXPORT_STEM = "model"
-FORMAT_SUFFIXES = {"darknet": (".weights", ".cfg"), "onnx": (".onnx",), "compact": (".yaspars",)}
+FORMAT_SUFFIXES = {"darknet": (".weights", ".cfg", ".names"), "onnx": (".onnx",), "compact": (".yaspars",)}
 EXPORT_NAMES = {f"{EXPORT_STEM}{suffix}" for suffixes in FORMAT_SUFFIXES.values() for suffix in suffixes}  # run's
 
 
@@ -42,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated, from {','.join(FORMATS)} (default: all)")
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder; an export there replaces the files of the one before (by its export.json)")
+    parser.add_argument("--names", type=Path, default=None,
+                        help="class names to ship with the model (a Darknet .names file or a data.yaml): a .names "
+                             "file beside the .weights, the ONNX metadata and the archive (default: those a "
+                             "compact archive given as --weights carries)")
     parser.add_argument("--int8", action="store_true",
                         help="compact archive: int8 nonzeros with per-tensor scales (lossy) instead of fp16")
     parser.add_argument("--img-size", type=network_size, default=None, metavar="N",
@@ -50,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model = load_export_model(args.cfg, args.weights, args.checkpoint)
-    inputs = {Path(path).resolve() for path in (args.cfg, args.weights, args.checkpoint) if path}
+    if args.names is not None:
+        model.class_names = read_class_names(args.names, int(model.heads[0].num_classes))
+    inputs = {Path(path).resolve() for path in (args.cfg, args.weights, args.checkpoint, args.names) if path}
     for output in (args.out / f"{EXPORT_STEM}{suffix}" for name in args.formats for suffix in FORMAT_SUFFIXES[name]):
         if output.resolve() in inputs:
             raise ValueError(f"--out {args.out}: this export would overwrite its own input {output}; "
@@ -82,7 +89,7 @@ def exported_files(report_path: Path) -> set[Path]:
         return set()
     entries = [report.get(name) for name in FORMATS] if isinstance(report, dict) else []
     names = {Path(entry[key]).name for entry in entries if isinstance(entry, dict)
-             for key in ("weights", "cfg", "path") if isinstance(entry.get(key), str)}
+             for key in ("weights", "cfg", "names", "path") if isinstance(entry.get(key), str)}
     return {report_path.parent / name for name in names & EXPORT_NAMES}
 
 

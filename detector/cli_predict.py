@@ -19,12 +19,11 @@ import os
 import warnings
 from pathlib import Path
 
-import yaml
 from PIL import Image
 
 from data.eval_dataset import InferenceDataset
-from data.sources import IMAGE_SUFFIXES, exif_orientation, images_below, parse_class_names
-from detector.cli import add_model_arguments, load_model, model_num_classes
+from data.sources import IMAGE_SUFFIXES, exif_orientation, images_below
+from detector.cli import add_model_arguments, load_model, model_num_classes, read_class_names
 from detector.predict import earlier_entries, predict
 from engine import output_folder
 
@@ -41,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iou", type=float, default=0.45, help="per-class NMS IoU threshold (default: 0.45)")
     parser.add_argument("--max-det", type=int, default=100, help="detections kept per image (default: 100)")
     parser.add_argument("--names", type=Path,
-                        help="class names: a Darknet .names file (one per line) or a data.yaml (default: class indices)")
+                        help="class names: a Darknet .names file (one per line) or a data.yaml (default: those a "
+                             "compact archive carries, else class indices)")
 
 
 UNREAD_IMAGE_SUFFIXES = (".gif", ".jfif", ".heic", ".heif", ".avif", ".jxl", ".svg", ".ico")
@@ -104,23 +104,6 @@ def check_out_folder(out: Path, images: list[Path]) -> None:
                          f"(their annotated copies would replace them); choose another --out")
 
 
-def read_class_names(path: Path | None, num_classes: int) -> list[str]:
-    """Names from a .names file or a data.yaml's `names` (list or dict); indices when `path` is None."""
-    if path is None:
-        return [str(i) for i in range(num_classes)]
-    if not path.is_file():
-        raise ValueError(f"--names {path}: expected a .names file or a data.yaml, found "
-                         f"{'a folder' if path.is_dir() else 'nothing'}")
-    if path.suffix in (".yaml", ".yml"):
-        names = parse_class_names(yaml.safe_load(path.read_text(encoding="utf-8")), path)
-    else:
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not isinstance(names, list) or len(names) != num_classes:
-        raise ValueError(f"{path}: expected {num_classes} class names (the model's classes), "
-                         f"found {len(names) if isinstance(names, list) else names!r}")
-    return [str(n) for n in names]
-
-
 def run(args: argparse.Namespace) -> int:
     if not (0 <= args.conf <= 1 and 0 <= args.iou <= 1 and args.max_det >= 1):
         raise ValueError(f"--conf and --iou must be in [0, 1] and --max-det >= 1, found "
@@ -128,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     images = readable_images(collect_images(args.sources, annotated_copies(args.out)))
     check_out_folder(args.out, images)
     model, net_w, net_h, letterbox = load_model(args)
-    class_names = read_class_names(args.names, model_num_classes(model))
+    class_names = (read_class_names(args.names, model_num_classes(model)) if args.names is not None
+                   else model.class_names or read_class_names(None, model_num_classes(model)))
     output_folder(args.out, "--out")                # after the inputs are known good: no empty folder
     dataset = InferenceDataset(images, None, net_w, net_h, letterbox,
                                [exif_orientation(Path(image)) for image in images])   # photos as displayed

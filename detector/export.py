@@ -45,8 +45,10 @@ from pruning.sparse_archive import check_decoded, load_sparse_archive, save_spar
 FORMATS = ("darknet", "onnx", "compact")
 ONNX_INPUT, ONNX_OUTPUT = "images", "detections"
 ONNX_LAYOUT_KEY = "yolo_admm.layout"
+ONNX_NAMES_KEY = "yolo_admm.names"  # metadata: the class names as a JSON list, where the model has them
 MIN_OPSET = 17
 COMPACT_CFG_KEY = "darknet_cfg"   # the archive entry (uint8 tensor) holding the cfg text, UTF-8
+COMPACT_NAMES_KEY = "class_names"  # the archive entry (uint8 tensor) holding the class names as JSON, where known
 ONNX_TOLERANCE = 1e-4             # max |onnxruntime - PyTorch| / max(1, |PyTorch|) accepted by export_onnx
 OPENCV_TOLERANCE = 1e-3           # max relative |OpenCV - PyTorch| accepted by export_darknet's check
 OPENCV_BN_EPS = 1e-6              # OpenCV's batch-norm epsilon (Darknet's is 1e-5)
@@ -99,6 +101,10 @@ def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = 
     write_weights(weights_path, model, model.weights_header)
     report = {"weights": str(weights_path), "cfg": str(cfg_path), "bytes": weights_path.stat().st_size,
               "dense_fp32_bytes": dense_fp32_bytes(model)}
+    if model.class_names is not None:                 # Darknet's .names: one per line
+        names_path = weights_path.with_suffix(".names")
+        atomic_write_bytes(names_path, "".join(f"{name}\n" for name in model.class_names).encode("utf-8"))
+        report["names"] = str(names_path)
     if verify:
         image = _verify_input(model.net.channels, model.net.height, model.net.width)
         report["opencv_max_rel_diff"] = opencv_difference(model, cfg_path, weights_path, image)
@@ -238,7 +244,10 @@ def export_onnx(model: DarknetModel, path: str | os.PathLike, img_size: int | No
         staged = Path(staging) / path.name
         _torch_onnx_export(wrapper, example, staged, opset)
         proto = onnx.load(str(staged))
-    onnx.helper.set_model_props(proto, {ONNX_LAYOUT_KEY: json.dumps(onnx_layout(model, height, width))})
+    props = {ONNX_LAYOUT_KEY: json.dumps(onnx_layout(model, height, width))}
+    if model.class_names is not None:
+        props[ONNX_NAMES_KEY] = json.dumps(model.class_names)
+    onnx.helper.set_model_props(proto, props)
     onnx.checker.check_model(proto)
     atomic_write_bytes(path, proto.SerializeToString())
     report = {"path": str(path), "bytes": path.stat().st_size, "opset": opset,
@@ -301,10 +310,12 @@ def export_compact(model: DarknetModel, masks: Masks | None, path: str | os.Path
     """
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     sparse_names = _check_masks(state, masks) if masks is not None else None
-    if COMPACT_CFG_KEY in state:
-        raise ValueError(f"the model has a tensor named {COMPACT_CFG_KEY!r}, the archive's cfg entry")
-    cfg_bytes = model.cfg.text.encode("utf-8")
-    state[COMPACT_CFG_KEY] = torch.frombuffer(bytearray(cfg_bytes), dtype=torch.uint8)
+    for key in (COMPACT_CFG_KEY, COMPACT_NAMES_KEY):
+        if key in state:
+            raise ValueError(f"the model has a tensor named {key!r}, an entry of the archive's own")
+    state[COMPACT_CFG_KEY] = _text_tensor(model.cfg.text)
+    if model.class_names is not None:
+        state[COMPACT_NAMES_KEY] = _text_tensor(json.dumps(model.class_names))
     report = save_sparse_archive(state, path, value_format, compression, sparse_names)
     names = sparse_names if sparse_names is not None else [n for n, t in state.items()
                                                           if t.is_floating_point() and t.dim() >= 2]
@@ -373,6 +384,11 @@ def load_compact(path: str | os.PathLike, cfg_path: str | os.PathLike | None = N
     return _model_from_archive(load_sparse_archive(path), path, cfg_path)
 
 
+def _text_tensor(text: str) -> torch.Tensor:
+    """`text` as a uint8 tensor of its UTF-8 bytes (how an archive stores the cfg and the names)."""
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+
+
 def _model_from_archive(state: dict[str, torch.Tensor], path: Path,
                         cfg_path: str | os.PathLike | None = None) -> DarknetModel:
     """The model of an archive's tensors (`state`, read from `path`): see `load_compact`."""
@@ -382,6 +398,7 @@ def _model_from_archive(state: dict[str, torch.Tensor], path: Path,
         raise ValueError(f"{path}: a sparse archive without an embedded Darknet cfg "
                          f"(entry {COMPACT_CFG_KEY!r}); expected a file written by export_compact")
     cfg_text = cfg_tensor.numpy().tobytes()
+    names_tensor = state.pop(COMPACT_NAMES_KEY, None)
     if cfg_path is not None:
         atomic_write_bytes(cfg_path, cfg_text)
         model = load_darknet(cfg_path)
@@ -398,7 +415,20 @@ def _model_from_archive(state: dict[str, torch.Tensor], path: Path,
                                for name, tensor in state.items()})
     except RuntimeError as err:
         raise ValueError(f"{path}: the tensors do not fit the embedded cfg: {err}") from None
+    if names_tensor is not None:
+        model.class_names = _archive_names(names_tensor, path, int(model.heads[0].num_classes))
     return model.eval()
+
+
+def _archive_names(tensor: torch.Tensor, path: Path, num_classes: int) -> list[str]:
+    """The class names an archive stores (a JSON list of `num_classes` strings), checked."""
+    try:
+        names = json.loads(tensor.numpy().tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: damaged class names entry ({error})") from None
+    if not (isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{path}: expected {num_classes} class names (the model's classes), found {names!r:.80}")
+    return names
 
 
 def export_model(model: DarknetModel, out_dir: str | os.PathLike, formats: Iterable[str] = FORMATS,

@@ -44,6 +44,7 @@ class DarknetModel(nn.Module):
         self.input_multiple = max(max(cfg.net.width // s.width, cfg.net.height // s.height)
                                   for s in shapes)
         self.weights_header: WeightsHeader | None = None
+        self.class_names: list[str] | None = None      # exported with the model where known (`detector.export`)
         self._head_indices = [i for i, m in enumerate(modules) if isinstance(m, YoloHead)]
         self._release_after = _release_schedule(modules, set(self._head_indices))
 

@@ -112,10 +112,13 @@ class RunContext:
     letterbox: bool
 
     def load_model(self) -> torch.nn.Module:
-        """The job's model; without weights, the same random initialisation (from the job's seed) at
-        every call. Building it (on the CPU) leaves torch's random streams as they were."""
+        """The job's model, with the training data's class names (so that its exports carry them);
+        without weights, the same random initialisation (from the job's seed) at every call.
+        Building it (on the CPU) leaves torch's random streams as they were."""
         with seeded_cpu_stream(self.job.seed):
-            return detector.load_darknet(self.job.cfg, self.job.weights)
+            model = detector.load_darknet(self.job.cfg, self.job.weights)
+        model.class_names = list(self.train.class_names)
+        return model
 
     def train_config(self, epochs: int, checkpoint_dir: Path) -> DetectTrainConfig:
         job = self.job

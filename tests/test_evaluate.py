@@ -67,6 +67,7 @@ class RectangleFinder(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
         self.net = SimpleNamespace(width=width, height=height, letter_box=int(letter_box))
         self.heads = [SimpleNamespace(num_classes=2)]
+        self.class_names = None
 
     def accepts_size(self, height: int, width: int) -> bool:      # any size, as a real cfg of stride 32 would
         return height > 0 and width > 0 and not height % 32 and not width % 32
@@ -133,8 +134,12 @@ def test_evaluate_maps_classes_to_sorted_coco_category_ids(tmp_path):
 
 
 @pytest.fixture
-def rectangle_model(monkeypatch):
-    """`detector.load_darknet` replaced by the RectangleFinder (the CLI's model loading is the real code)."""
+def rectangle_model(monkeypatch, tmp_path):
+    """`detector.load_darknet` replaced by the RectangleFinder (the CLI's model loading is the real
+    code: it finds the files `m.cfg`, `m.weights` and `w` in the working folder, this test's)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("m.cfg", "m.weights", "w"):
+        (tmp_path / name).write_bytes(b"")
     loaded = []
 
     def fake_load_darknet(cfg, weights=None):

@@ -496,6 +496,34 @@ def test_predict_eval_and_export_take_a_compact_archive_without_its_cfg(pruned, 
     assert archive.read_bytes() == before and (tmp_path / "model.onnx").read_bytes() == b"an onnx file"  # nothing
 
 
+@needs_darknet_importer
+def test_class_names_travel_with_every_export(pruned, shapes, tmp_path, capsys):
+    """Found by a review: no deployed file named the classes, so predict on an archive printed indices."""
+    from data.synthetic import SHAPE_CLASSES as NAMES
+    from yolo_admm.cli import main
+
+    SHAPE_CLASSES = list(NAMES)
+    export_darknet(pruned[0], tmp_path / "in.weights", verify=False)
+    assert main(["detect", "export", "--cfg", str(tmp_path / "in.cfg"), "--weights", str(tmp_path / "in.weights"),
+                 "--names", str(shapes), "--out", str(tmp_path / "out")]) == 0       # names from a data.yaml
+    out = tmp_path / "out"
+    assert (out / "model.names").read_text().splitlines() == SHAPE_CLASSES
+    metadata = {prop.key: prop.value for prop in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert json.loads(metadata["yolo_admm.names"]) == SHAPE_CLASSES
+    assert load_compact(out / "model.yaspars").class_names == SHAPE_CLASSES
+    assert main(["detect", "predict", "--weights", str(out / "model.yaspars"), str(shapes.parent / "images" / "val"),
+                 "--out", str(tmp_path / "pred"), "--conf", "0.01"]) == 0
+    named = {d["class_name"] for entry in json.loads((tmp_path / "pred" / "detections.json").read_text())
+             for d in entry["detections"]}
+    assert named and named <= set(SHAPE_CLASSES)
+    assert main(["detect", "export", "--weights", str(out / "model.yaspars"), "--out", str(tmp_path / "again"),
+                 "--formats", "darknet"]) == 0                                       # carried over from the archive
+    assert (tmp_path / "again" / "model.names").read_text().splitlines() == SHAPE_CLASSES
+    assert main(["detect", "export", "--weights", str(out / "model.yaspars"), "--names", str(tmp_path / "in.cfg"),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "expected 4 class names (the model's classes)" in capsys.readouterr().err
+
+
 def test_a_missing_or_damaged_archive_and_a_bad_embedded_cfg_are_named(pruned, tmp_path):
     """Found by a review: a mistyped archive path was told to add --cfg, and an embedded cfg that
     no longer parses was reported under a temporary file's name."""

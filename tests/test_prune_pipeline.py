@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pruning
-from data.synthetic import make_shapes_dataset
+from data.synthetic import SHAPE_CLASSES, make_shapes_dataset
 from detector import cli_prune, load_darknet, prune_pipeline
 from detector.export import export_compact
 from detector.prune_job import PruneJob, read_job_yaml
@@ -65,7 +65,8 @@ def test_stage_records_and_sparsity(uninterrupted, tmp_path):
         for key in ("map50_95", "map50", "cpu_latency_ms"):
             assert record[key] >= 0.0
     retrained = load_darknet(DEMO_CFG)
-    retrained.load_state_dict(uninterrupted["state"]["model"])     # the size is that of the archive an export writes
+    retrained.load_state_dict(uninterrupted["state"]["model"])     # the size is that of the archive an export writes,
+    retrained.class_names = list(SHAPE_CLASSES)                      # the training data's class names included
     assert stages[2]["compact_bytes"] == export_compact(retrained, None, tmp_path / "r.yaspars", verify=False)["bytes"]
     masks = uninterrupted["state"]["masks"]
     kept = sum(int(m.sum()) for m in masks.values())
