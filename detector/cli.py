@@ -66,13 +66,14 @@ def network_size(text: str) -> int:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--cfg, --weights, --img-size, --device: the options every mode that runs a model takes."""
+    """--cfg, --weights, --img-size, --device, --no-progress: the options every mode that runs a model takes."""
     parser.add_argument("--cfg", help="Darknet .cfg file (not needed with a compact archive, which carries its cfg)")
     parser.add_argument("--weights", required=True,
                         help="Darknet .weights file, or a compact archive (.yaspars) that detect export wrote")
     parser.add_argument("--img-size", type=network_size, default=None, metavar="N",
                         help="network input N x N (multiple of 32); default: the cfg's width x height")
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int, int, bool]:

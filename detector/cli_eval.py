@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     workers = default_workers(device) if args.workers is None else args.workers
     loader = make_loader(dataset, args.batch_size, workers, device)
     print(f"eval: {len(dataset)} images at {net_w}x{net_h} ({'letterbox' if letterbox else 'resize'}) on {device}")
-    result = evaluate(model, loader, source, args.conf, args.iou, args.max_det, per_class=args.per_class)
+    result = evaluate(model, loader, source, args.conf, args.iou, args.max_det, per_class=args.per_class,
+                      progress=args.progress)
     print(result.summary)
     if args.per_class:
         print(format_per_class(result))

@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     output_folder(args.out, "--out")                # after the inputs are known good: no empty folder
     dataset = InferenceDataset(images, None, net_w, net_h, letterbox,
                                [exif_orientation(Path(image)) for image in images])   # photos as displayed
-    json_path = predict(model, dataset, args.out, class_names, args.conf, args.iou, args.max_det)
+    json_path = predict(model, dataset, args.out, class_names, args.conf, args.iou, args.max_det,
+                        progress=args.progress)
     print(f"predict: {len(images)} images -> {args.out}/ (detections in {json_path})")
     return 0

@@ -159,7 +159,12 @@ def test_cli_eval_yolo_data_writes_json(tmp_path, rectangle_model, capsys):
     metrics = json.loads(out.read_text())
     assert set(metrics) == {"map50_95", "map50", "map75", "ap_small", "ap_medium", "ap_large", "images"}
     assert metrics["images"] == 6 and metrics["map50"] == pytest.approx(1.0)
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "detect: 100%" in captured.err                                   # the progress bar, unless asked
+    assert yolo_admm_main(["detect", "eval", "--cfg", "m.cfg", "--weights", "m.weights", "--data", str(data_yaml),
+                           "--workers", "0", "--no-progress"]) == 0
+    assert "detect:" not in capsys.readouterr().err
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in printed
     assert "red" in printed and "green" in printed
 
