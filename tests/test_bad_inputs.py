@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -542,8 +544,6 @@ def test_torchrun_stops_are_one_line_each(monkeypatch, capsys):
     """Found by a torchrun review: torchrun passes a Ctrl-C on and sends SIGTERM at once, which
     killed the ranks without the resume hint; every rank printed 'interrupted'; and the rank whose
     peer died printed the process group's 40-line traceback."""
-    import os
-    import signal
     import sys
     import types
 
@@ -579,6 +579,60 @@ def test_ctrl_c_while_the_task_is_imported_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(importlib, "import_module", interrupted)
     assert main(["detect", "eval", "--help"]) == 130
     assert capsys.readouterr().err == "yolo-admm detect: interrupted\n"
+
+
+_CTRL_C_AT_FORK = {"hooks": False, "armed": False}
+
+
+def _ctrl_c_if_armed() -> None:
+    """An at-fork hook (in the parent, after the fork) that, once armed, sends this process SIGINT:
+    Python raises KeyboardInterrupt in the hook itself, as it does in logging's `_releaseLock` when
+    a Ctrl-C lands while a DataLoader forks its workers."""
+    if _CTRL_C_AT_FORK["armed"]:
+        _CTRL_C_AT_FORK["armed"] = False
+        signal.raise_signal(signal.SIGINT)
+
+
+def test_ctrl_c_during_a_fork_is_not_lost(monkeypatch, capsys):
+    """Found by a fuzz (benchmarks/interrupt_fuzz.py): about one Ctrl-C in 20 sent to a training job
+    was lost: raised inside an at-fork hook, which os.fork reports ("Exception ignored in ...") and
+    goes on, and the job trained on."""
+    import sys
+    import threading
+    import types
+
+    from yolo_admm import cli
+
+    if not _CTRL_C_AT_FORK["hooks"]:                   # once per process: at-fork hooks cannot be removed
+        os.register_at_fork(after_in_parent=_ctrl_c_if_armed)
+        _CTRL_C_AT_FORK["hooks"] = True
+    child_pid, child_says = os.pipe()
+
+    def fork_then_work(argv):
+        _CTRL_C_AT_FORK["armed"] = True
+        if os.fork() == 0:
+            os.write(child_says, str(os.getpid()).encode())
+            os._exit(0)
+        deadline = time.monotonic() + 5                 # the task's work: the interrupt lands here, at once
+        while time.monotonic() < deadline:
+            time.sleep(0.001)
+        return 0
+
+    fake = types.ModuleType("fake_task")
+    fake.main = fork_then_work
+    monkeypatch.setitem(sys.modules, "fake_task", fake)
+    monkeypatch.setitem(cli.TASKS, "fake", ("fake_task", "a task for this test"))
+    hook = sys.unraisablehook
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)   # as run in a terminal: not ignored
+    try:
+        assert main(["fake"]) == 130
+        assert capsys.readouterr().err == "yolo-admm fake: interrupted\n"
+        assert sys.unraisablehook is hook and "raise-interrupts-again" not in {t.name for t in threading.enumerate()}
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+        os.waitpid(int(os.read(child_pid, 16)), 0)
+        os.close(child_pid)
+        os.close(child_says)
 
 
 def test_warnings_print_once_under_torchrun(capsys, monkeypatch):

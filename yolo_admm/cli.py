@@ -14,9 +14,12 @@ Warnings print as `yolo-admm TASK: warning: MESSAGE`.
 """
 from __future__ import annotations
 
+import _thread
 import contextlib
 import importlib
+import multiprocessing.util
 import os
+import queue
 import signal
 import sys
 import threading
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "TORCHELASTIC_RUN_ID" in os.environ:           # a rank started by torchrun's agent
         stop_when_orphaned(os.environ.get("RANK", "?"))
-    with warnings.catch_warnings(), _terminate_as_interrupt():
+    with warnings.catch_warnings(), _interrupts_stop_the_task():
         try:
             module = importlib.import_module(TASKS[task][0])   # torch and the rest: a second or two
         except KeyboardInterrupt:
@@ -66,8 +69,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt():
-    """While the task runs, SIGTERM raises KeyboardInterrupt, so it stops as Ctrl-C does."""
+def _interrupts_stop_the_task():
+    """While the task runs, SIGTERM raises KeyboardInterrupt, so it stops as Ctrl-C does; and a
+    KeyboardInterrupt that Python could only report ("Exception ignored in ...") is raised again.
+
+    A signal is acted on in the next Python code the main thread runs. While a DataLoader forks its
+    workers, that can be an at-fork hook (logging's `_releaseLock`, which os.fork runs in the parent
+    after the fork), and os.fork reports a hook's exception and carries on: the job trained on
+    (about one Ctrl-C in 3 sent as a worker is forked, benchmarks/interrupt_fuzz.py). `__del__`
+    methods and weakref callbacks swallow exceptions likewise.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -75,11 +86,44 @@ def _terminate_as_interrupt():
     def interrupt(_signum, _frame):
         raise KeyboardInterrupt
 
+    # What Python could only report. Its put() is the hook: C code, which no signal interrupts,
+    # so nothing is lost there; a thread reports the exceptions, or raises a KeyboardInterrupt again.
+    swallowed: queue.SimpleQueue = queue.SimpleQueue()
+
+    def report_or_raise_again() -> None:
+        while (unraisable := swallowed.get()) is not None:
+            interrupted = issubclass(unraisable.exc_type, KeyboardInterrupt)
+            if not interrupted:
+                previous_hook(unraisable)
+            # Its traceback holds the task's frames (and tensors): freed now, not at exit, when a
+            # thread that frees a tensor aborts the process.
+            del unraisable
+            if interrupted:
+                # Raised in the main thread's next Python code, out of the hook by now (or else
+                # swallowed and back here). Through SIGTERM, whose handler is `interrupt`: SIGINT
+                # may be ignored (a job started with `&` by a script).
+                time.sleep(0.01)
+                _thread.interrupt_main(signal.SIGTERM)
+
+    def as_before(_reporter) -> None:
+        """In forked DataLoader workers, which lack the thread, and which multiprocessing stops at
+        exit with SIGTERM: a worker that took it as Ctrl-C could hang the exit, waiting to write
+        a batch that nobody reads."""
+        sys.unraisablehook = previous_hook
+        signal.signal(signal.SIGTERM, previous)
+
     previous = signal.signal(signal.SIGTERM, interrupt)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, swallowed.put
+    reporter = threading.Thread(target=report_or_raise_again, name="raise-interrupts-again", daemon=True)
+    reporter.start()
+    multiprocessing.util.register_after_fork(reporter, as_before)
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         signal.signal(signal.SIGTERM, previous)
+        swallowed.put(None)
+        reporter.join()           # what is left is reported (and freed) while the interpreter runs
 
 
 def _version() -> str:
