@@ -53,7 +53,7 @@ def write_detect_data(root: Path) -> None:
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "tiny.cfg").write_text(tiny_yolo_cfg("batch=8\nwidth=64\nheight=64\nchannels=3\n", (8, 16)))
-    make_shapes_dataset(root / "shapes", n_train=16, n_val=8, img_size=64, seed=0)
+    make_shapes_dataset(root / "shapes", n_train=16, n_val=8, img_size=64, seed=0, size_range=(0.25, 0.5))
 
 
 def job_command(task: str, data: Path, checkpoints: Path) -> list[str]:
