@@ -594,7 +594,7 @@ def _ctrl_c_if_armed() -> None:
 
 
 def test_ctrl_c_during_a_fork_is_not_lost(monkeypatch, capsys):
-    """Found by a fuzz (benchmarks/interrupt_fuzz.py): about one Ctrl-C in 20 sent to a training job
+    """Found by a fuzz (scripts/interrupt_fuzz.py): about one Ctrl-C in 20 sent to a training job
     was lost: raised inside an at-fork hook, which os.fork reports ("Exception ignored in ...") and
     goes on, and the job trained on."""
     import sys

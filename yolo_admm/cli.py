@@ -76,7 +76,7 @@ def _interrupts_stop_the_task():
     A signal is acted on in the next Python code the main thread runs. While a DataLoader forks its
     workers, that can be an at-fork hook (logging's `_releaseLock`, which os.fork runs in the parent
     after the fork), and os.fork reports a hook's exception and carries on: the job trained on
-    (about one Ctrl-C in 3 sent as a worker is forked, benchmarks/interrupt_fuzz.py). `__del__`
+    (about one Ctrl-C in 3 sent as a worker is forked, scripts/interrupt_fuzz.py). `__del__`
     methods and weakref callbacks swallow exceptions likewise.
     """
     if threading.current_thread() is not threading.main_thread():

@@ -9,8 +9,8 @@ killed). Every "Exception ignored in ..." report on stderr is counted too.
 
 Reproduce (from the repository root):
 
-    .venv/bin/python benchmarks/interrupt_fuzz.py --tries 60              # classify train (lenet5)
-    .venv/bin/python benchmarks/interrupt_fuzz.py --tries 30 --task detect
+    .venv/bin/python scripts/interrupt_fuzz.py --tries 60              # classify train (lenet5)
+    .venv/bin/python scripts/interrupt_fuzz.py --tries 30 --task detect
 
 Linux only (reads /proc/PID/task/PID/children).
 """
