@@ -606,13 +606,14 @@ def test_ctrl_c_during_a_fork_is_not_lost(monkeypatch, capsys):
     if not _CTRL_C_AT_FORK["hooks"]:                   # once per process: at-fork hooks cannot be removed
         os.register_at_fork(after_in_parent=_ctrl_c_if_armed)
         _CTRL_C_AT_FORK["hooks"] = True
-    child_pid, child_says = os.pipe()
+    children = []
 
     def fork_then_work(argv):
         _CTRL_C_AT_FORK["armed"] = True
-        if os.fork() == 0:
-            os.write(child_says, str(os.getpid()).encode())
+        child = os.fork()
+        if child == 0:
             os._exit(0)
+        children.append(child)
         deadline = time.monotonic() + 5                 # the task's work: the interrupt lands here, at once
         while time.monotonic() < deadline:
             time.sleep(0.001)
@@ -630,9 +631,49 @@ def test_ctrl_c_during_a_fork_is_not_lost(monkeypatch, capsys):
         assert sys.unraisablehook is hook and "raise-interrupts-again" not in {t.name for t in threading.enumerate()}
     finally:
         signal.signal(signal.SIGINT, sigint)
-        os.waitpid(int(os.read(child_pid, 16)), 0)
-        os.close(child_pid)
-        os.close(child_says)
+        for child in children:
+            os.waitpid(child, 0)
+
+
+def test_a_swallowed_ctrl_c_is_not_raised_again_after_a_newer_interrupt(monkeypatch, capsys):
+    """Found by a review: torchrun's SIGTERM (or a second Ctrl-C) right after a swallowed Ctrl-C was
+    followed by that Ctrl-C raised again, inside the task's own interrupt handling: the resume hint
+    was lost. And one raised again just as a task ended escaped main() as a traceback."""
+    import sys
+    import types
+
+    from yolo_admm import cli
+
+    class SwallowsACtrlC:
+        def __del__(self):                               # as an at-fork hook or a weakref callback does
+            signal.raise_signal(signal.SIGINT)
+
+    def task(argv):
+        try:
+            SwallowsACtrlC()                             # freed at once: the interrupt is only reported
+            signal.raise_signal(signal.SIGTERM)          # and then raised for real
+        except KeyboardInterrupt:
+            time.sleep(0.05)                             # the task says what it kept
+            raise KeyboardInterrupt("the checkpoints so far are kept; run again to resume") from None
+        return 0
+
+    def ends_at_once(argv):
+        SwallowsACtrlC()
+        return 0
+
+    fake = types.ModuleType("fake_task")
+    monkeypatch.setitem(sys.modules, "fake_task", fake)
+    monkeypatch.setitem(cli.TASKS, "fake", ("fake_task", "a task for this test"))
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        fake.main = task
+        assert main(["fake"]) == 130
+        assert capsys.readouterr().err == "yolo-admm fake: interrupted: the checkpoints so far are kept; run again to resume\n"
+        fake.main = ends_at_once
+        assert all(main(["fake"]) in (0, 130) for _ in range(20))    # never a KeyboardInterrupt out of main()
+        time.sleep(0.05)                                              # nor one left pending
+    finally:
+        signal.signal(signal.SIGINT, sigint)
 
 
 def test_warnings_print_once_under_torchrun(capsys, monkeypatch):

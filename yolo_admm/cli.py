@@ -15,7 +15,6 @@ Warnings print as `yolo-admm TASK: warning: MESSAGE`.
 from __future__ import annotations
 
 import _thread
-import contextlib
 import importlib
 import multiprocessing.util
 import os
@@ -57,19 +56,27 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "TORCHELASTIC_RUN_ID" in os.environ:           # a rank started by torchrun's agent
         stop_when_orphaned(os.environ.get("RANK", "?"))
-    with warnings.catch_warnings(), _interrupts_stop_the_task():
-        try:
+    guard = _InterruptGuard()
+    try:
+        with warnings.catch_warnings():
+            guard.start()
             module = importlib.import_module(TASKS[task][0])   # torch and the rest: a second or two
-        except KeyboardInterrupt:
-            if _is_rank0():
-                print(f"yolo-admm {task}: interrupted", file=sys.stderr)
-            return 130
-        warnings.showwarning = _warning_printer(task)
-        return _run_task(task, module, rest)
+            warnings.showwarning = _warning_printer(task)
+            return _run_task(task, module, rest)
+    except KeyboardInterrupt:                  # while importing, or outside the task's own handling
+        if _is_rank0():
+            print(f"yolo-admm {task}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        while True:                            # an interrupt raised again just as stop() starts: stop again
+            try:
+                guard.stop()
+                break
+            except KeyboardInterrupt:
+                pass
 
 
-@contextlib.contextmanager
-def _interrupts_stop_the_task():
+class _InterruptGuard:
     """While the task runs, SIGTERM raises KeyboardInterrupt, so it stops as Ctrl-C does; and a
     KeyboardInterrupt that Python could only report ("Exception ignored in ...") is raised again.
 
@@ -78,52 +85,82 @@ def _interrupts_stop_the_task():
     after the fork), and os.fork reports a hook's exception and carries on: the job trained on
     (about one Ctrl-C in 3 sent as a worker is forked, scripts/interrupt_fuzz.py). `__del__`
     methods and weakref callbacks swallow exceptions likewise.
+
+    While it guards, `sys.unraisablehook` is a SimpleQueue's put(): C code, which no signal
+    interrupts, so nothing is lost there. A thread reports the other exceptions through the previous
+    hook; a swallowed interrupt it raises again in the main thread 10 ms later (through SIGTERM,
+    whose handler is ours: SIGINT may be ignored, as in a job a script started with `&`), unless
+    another interrupt was raised since (torchrun's SIGTERM after the terminal's SIGINT, a second
+    Ctrl-C) or the task has ended. Interrupts are counted by our handler, which SIGINT gets too
+    unless another one than Python's default is installed.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
-    def interrupt(_signum, _frame):
-        raise KeyboardInterrupt
+    def __init__(self) -> None:
+        self.active = threading.current_thread() is threading.main_thread()
+        self.lock = threading.Lock()
+        self.done = False
+        self.raised = 0                      # interrupts our handler raised
 
-    # What Python could only report. Its put() is the hook: C code, which no signal interrupts,
-    # so nothing is lost there; a thread reports the exceptions, or raises a KeyboardInterrupt again.
-    swallowed: queue.SimpleQueue = queue.SimpleQueue()
+    def interrupt(self, _signum, _frame) -> None:
+        if self.done:                        # the task has ended: nothing left to stop
+            return
+        self.raised += 1
+        error = KeyboardInterrupt()
+        error.yolo_admm_count = self.raised  # which interrupt, should it be swallowed
+        raise error
 
-    def report_or_raise_again() -> None:
-        while (unraisable := swallowed.get()) is not None:
+    def start(self) -> None:
+        if not self.active:
+            return
+        self.swallowed: queue.SimpleQueue = queue.SimpleQueue()
+        self.previous_term = signal.signal(signal.SIGTERM, self.interrupt)
+        self.previous_int = signal.getsignal(signal.SIGINT)
+        if self.previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self.interrupt)
+        self.previous_hook, sys.unraisablehook = sys.unraisablehook, self.swallowed.put
+        self.reporter = threading.Thread(target=self._report_or_raise_again, name="raise-interrupts-again",
+                                         daemon=True)
+        self.reporter.start()
+        multiprocessing.util.register_after_fork(self, _InterruptGuard._as_before)
+
+    def _report_or_raise_again(self) -> None:
+        while (unraisable := self.swallowed.get()) is not None:
             interrupted = issubclass(unraisable.exc_type, KeyboardInterrupt)
             if not interrupted:
-                previous_hook(unraisable)
+                self.previous_hook(unraisable)
+            seen = getattr(unraisable.exc_value, "yolo_admm_count", self.raised)
             # Its traceback holds the task's frames (and tensors): freed now, not at exit, when a
             # thread that frees a tensor aborts the process.
             del unraisable
             if interrupted:
-                # Raised in the main thread's next Python code, out of the hook by now (or else
-                # swallowed and back here). Through SIGTERM, whose handler is `interrupt`: SIGINT
-                # may be ignored (a job started with `&` by a script).
-                time.sleep(0.01)
-                _thread.interrupt_main(signal.SIGTERM)
+                time.sleep(0.01)             # the main thread is out of the hook by now (else: back here)
+                with self.lock:
+                    if not self.done and self.raised == seen:
+                        _thread.interrupt_main(signal.SIGTERM)
 
-    def as_before(_reporter) -> None:
+    def _as_before(self) -> None:
         """In forked DataLoader workers, which lack the thread, and which multiprocessing stops at
         exit with SIGTERM: a worker that took it as Ctrl-C could hang the exit, waiting to write
         a batch that nobody reads."""
-        sys.unraisablehook = previous_hook
-        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = self.previous_hook
+        signal.signal(signal.SIGTERM, self.previous_term)
+        signal.signal(signal.SIGINT, self.previous_int)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    previous_hook, sys.unraisablehook = sys.unraisablehook, swallowed.put
-    reporter = threading.Thread(target=report_or_raise_again, name="raise-interrupts-again", daemon=True)
-    reporter.start()
-    multiprocessing.util.register_after_fork(reporter, as_before)
-    try:
-        yield
-    finally:
-        sys.unraisablehook = previous_hook
-        signal.signal(signal.SIGTERM, previous)
-        swallowed.put(None)
-        reporter.join()           # what is left is reported (and freed) while the interpreter runs
+    def stop(self) -> None:
+        """End the guard; safe to call again after an interrupt cut it short. An interrupt raised
+        again just as the task ended is dropped (the handler returns once `done` is set); one that
+        lands while `done` is being set is caught here."""
+        if not self.active:
+            return
+        while not self.done:
+            try:
+                with self.lock:
+                    self.done = True
+            except KeyboardInterrupt:
+                pass
+        self._as_before()
+        self.swallowed.put(None)
+        self.reporter.join()                 # what is left is reported (and freed) while the interpreter runs
 
 
 def _version() -> str:
