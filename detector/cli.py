@@ -15,7 +15,7 @@ import yaml
 
 import detector
 from data.sources import parse_class_names
-from detector.export import load_compact
+from detector.export import check_class_names, load_compact
 from engine import resolve_device
 from pruning.sparse_archive import is_sparse_archive
 
@@ -140,12 +140,16 @@ def read_class_names(path: Path | None, num_classes: int) -> list[str]:
     if not isinstance(names, list) or len(names) != num_classes:
         raise ValueError(f"{path}: expected {num_classes} class names (the model's classes), "
                          f"found {len(names) if isinstance(names, list) else names!r}")
-    return [str(n) for n in names]
+    names = [str(n) for n in names]
+    check_class_names(names, str(path))
+    return names
 
 
 def first_differing_line(text: str, other: str) -> int:
     """The 1-based number of the first line where `text` and `other` differ (they do)."""
     lines, others = text.splitlines(), other.splitlines()
+    if len(lines) == len(others) and lines == others:       # they differ in line endings only: at the last
+        return max(len(lines), 1)
     return next((number for number, (a, b) in enumerate(zip(lines, others), start=1) if a != b),
                 min(len(lines), len(others)) + 1)
 

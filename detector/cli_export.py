@@ -9,10 +9,10 @@ Writes DIR/model.weights + DIR/model.cfg (Darknet, checked in OpenCV DNN; with c
 DIR/model.names), DIR/model.onnx (decoding included, checked in onnxruntime) and DIR/model.yaspars
 (compact sparse archive, fp16 or --int8 nonzeros), with the class names (--names, or those of an
 archive given as --weights) in each; prints their sizes against the dense fp32 model and the
-archive's entropy bound, and writes the numbers to DIR/export.json. The sparsity pattern is read from the weights' zeros.
-An export into DIR replaces the one before it: once the new files are written, the files the
-earlier DIR/export.json lists and this export did not write again are removed (this export's
-inputs excepted).
+archive's entropy bound, and writes the numbers to DIR/export.json. The sparsity pattern is read
+from the weights' zeros. An export may not overwrite its own inputs. An export into DIR replaces
+the one before it: once the new files are written, the files the earlier DIR/export.json lists
+and this export did not write again are removed (this export's inputs excepted).
 """
 from __future__ import annotations
 

@@ -102,6 +102,7 @@ def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = 
     report = {"weights": str(weights_path), "cfg": str(cfg_path), "bytes": weights_path.stat().st_size,
               "dense_fp32_bytes": dense_fp32_bytes(model)}
     if model.class_names is not None:                 # Darknet's .names: one per line
+        check_class_names(model.class_names, "the model's class names")
         names_path = weights_path.with_suffix(".names")
         atomic_write_bytes(names_path, "".join(f"{name}\n" for name in model.class_names).encode("utf-8"))
         report["names"] = str(names_path)
@@ -382,6 +383,15 @@ def load_compact(path: str | os.PathLike, cfg_path: str | os.PathLike | None = N
     """
     path = Path(path)
     return _model_from_archive(load_sparse_archive(path), path, cfg_path)
+
+
+def check_class_names(names: list[str], source: str) -> None:
+    """ValueError unless each name can be a line of a Darknet .names file as it is: not empty, no
+    line break, no space at either end (a reader strips those)."""
+    for index, name in enumerate(names):
+        if not name or name != name.strip() or "\n" in name or "\r" in name:
+            raise ValueError(f"{source}: class {index} is {name!r}; expected a name that is not empty, has no line "
+                             f"break and no space at either end (a .names file holds one name per line)")
 
 
 def _text_tensor(text: str) -> torch.Tensor:

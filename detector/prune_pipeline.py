@@ -116,7 +116,10 @@ class RunContext:
         without weights, the same random initialisation (from the job's seed) at every call.
         Building it (on the CPU) leaves torch's random streams as they were."""
         with seeded_cpu_stream(self.job.seed):
-            model = detector.load_darknet(self.job.cfg, self.job.weights)
+            return self.named(detector.load_darknet(self.job.cfg, self.job.weights))
+
+    def named(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` with the training data's class names, which its exports carry."""
         model.class_names = list(self.train.class_names)
         return model
 
@@ -144,16 +147,18 @@ class RunContext:
         with torch.random.fork_rng(devices=[]):  # the dataset draws a seed per image: keep training's RNG as is
             update_bn(loader, model, device)
 
-    def record(self, stage: str, model: torch.nn.Module, folder: Path) -> dict[str, Any]:
+    def record(self, stage: str, model: torch.nn.Module, folder: Path,
+               masks: pruning.Masks | None = None) -> dict[str, Any]:
         """Evaluate ``model`` and write its stage record to ``folder/<stage>.json`` (under torchrun:
         rank 0 measures and writes, every rank gets the record)."""
-        record = self._measure(stage, model, folder) if distributed.is_main() else None
+        record = self._measure(stage, model, folder, masks) if distributed.is_main() else None
         return distributed.broadcast_object(record)
 
-    def _measure(self, stage: str, model: torch.nn.Module, folder: Path) -> dict[str, Any]:
+    def _measure(self, stage: str, model: torch.nn.Module, folder: Path,
+                 masks: pruning.Masks | None) -> dict[str, Any]:
         metrics = self.evaluator(model.eval())
         archive = folder / f".{stage}.size.yolo-admm"
-        export_compact(model, None, archive, verify=False)     # the size of the archive detect export writes
+        export_compact(model, masks, archive, verify=False)    # the size of the archive the export writes
         record = {"stage": stage, "map50_95": metrics["map50_95"], "map50": metrics["map50"],
                   **nonzero_stats(model), "compact_bytes": archive.stat().st_size,
                   "dense_fp32_bytes": dense_fp32_bytes(model),
@@ -196,7 +201,7 @@ def load_state(path: Path, ctx: RunContext) -> tuple[torch.nn.Module, pruning.Ma
         detail = next(iter(str(error).splitlines()), "") or "empty or cut short"
         raise ValueError(f"{path}: damaged stage state ({type(error).__name__}: {detail}); "
                          f"delete it to run that stage again") from error
-    model = detector.load_darknet(ctx.job.cfg)
+    model = ctx.named(detector.load_darknet(ctx.job.cfg))
     model.load_state_dict(state["model"])
     masks = pruning.Masks({name: mask for name, mask in state["masks"].items()})
     return model, masks
@@ -282,9 +287,9 @@ def run_sparsity(ctx: RunContext, sparsity: float, dense: dict[str, Any]) -> dic
         return finished
     started = time.perf_counter()
     model, masks = prune_stage(ctx, sparsity, folder)
-    hard = stage_done(folder / "hard_prune.json") or ctx.record("hard_prune", model, folder)
+    hard = stage_done(folder / "hard_prune.json") or ctx.record("hard_prune", model, folder, masks)
     model = retrain_stage(ctx, model, masks, sparsity, folder)
-    retrained = stage_done(folder / "retrained.json") or ctx.record("retrained", model, folder)
+    retrained = stage_done(folder / "retrained.json") or ctx.record("retrained", model, folder, masks)
     rows = pruning.layer_table(model, masks)
     write_json_on_main(folder / "layers.json", rows)
     exports = {}

@@ -522,6 +522,11 @@ def test_class_names_travel_with_every_export(pruned, shapes, tmp_path, capsys):
     assert main(["detect", "export", "--weights", str(out / "model.yaspars"), "--names", str(tmp_path / "in.cfg"),
                  "--out", str(tmp_path / "bad")]) == 2
     assert "expected 4 class names (the model's classes)" in capsys.readouterr().err
+    (tmp_path / "odd.yaml").write_text(json.dumps({"names": ["circle", "square\nbig", "triangle", "cross"]}))
+    assert main(["detect", "export", "--weights", str(out / "model.yaspars"), "--names", str(tmp_path / "odd.yaml"),
+                 "--out", str(tmp_path / "odd")]) == 2                            # would be two lines of .names
+    assert "odd.yaml: class 1 is 'square\\nbig'; expected a name that is not empty, has no line break" in \
+        capsys.readouterr().err
 
 
 def test_a_missing_or_damaged_archive_and_a_bad_embedded_cfg_are_named(pruned, tmp_path):
@@ -585,3 +590,40 @@ def test_non_finite_weights_are_refused_and_never_pass_a_check(pruned, tmp_path)
         export_model(broken, tmp_path / "refused", ["compact"])
     with pytest.raises(RuntimeError, match="OpenCV's outputs differ from the model's by inf"):
         export_darknet(broken, tmp_path / "nan.weights")
+
+
+def test_first_differing_line_stays_within_the_files():
+    from detector.cli import first_differing_line
+
+    assert first_differing_line("a\nb\nc\n", "a\nx\nc\n") == 2
+    assert first_differing_line("a\nb\n", "a\nb\nc\n") == 3                  # a line more
+    assert first_differing_line("a\nb\n", "a\nb") == 2                       # the last line's ending: not line 3
+
+
+def test_the_readme_onnx_snippet_finds_what_predict_finds(shapes, tmp_path, monkeypatch):
+    """The README's "Running the ONNX file" block, run as it is on an EXIF-rotated photo."""
+    from PIL import Image
+
+    from yolo_admm.cli import main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("### Running the ONNX file", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    weights = DEMO_CFG.with_suffix(".weights")
+    assert main(["detect", "export", "--cfg", str(DEMO_CFG), "--weights", str(weights), "--out", str(tmp_path),
+                 "--formats", "onnx"]) == 0
+    photo = Image.open(sorted((shapes.parent / "images" / "val").iterdir())[0]).resize((200, 120))
+    exif = Image.Exif()
+    exif[0x0112] = 6                                          # shown turned 90 degrees clockwise
+    photo.save(tmp_path / "photo.jpg", exif=exif)
+    monkeypatch.chdir(tmp_path)
+    found = {}
+    exec(compile(block, "README.md", "exec"), found)
+    assert main(["detect", "predict", "--cfg", str(DEMO_CFG), "--weights", str(weights), "photo.jpg",
+                 "--out", "predicted", "--no-progress"]) == 0
+    predicted = json.loads((tmp_path / "predicted" / "detections.json").read_text())[0]
+    assert (predicted["width"], predicted["height"]) == (120, 200) and predicted["detections"]
+    assert [d["class_id"] for d in predicted["detections"]] == found["classes"].tolist()
+    torch.testing.assert_close(found["boxes"], torch.tensor([d["box_xyxy"] for d in predicted["detections"]]),
+                               atol=0.01, rtol=0)
+    torch.testing.assert_close(found["scores"], torch.tensor([d["score"] for d in predicted["detections"]]),
+                               atol=1e-4, rtol=0)

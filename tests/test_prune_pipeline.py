@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 import pruning
 from data.synthetic import SHAPE_CLASSES, make_shapes_dataset
 from detector import cli_prune, load_darknet, prune_pipeline
-from detector.export import export_compact
+from detector.export import export_compact, load_compact
 from detector.prune_job import PruneJob, read_job_yaml
 from detector.prune_pipeline import run_job
 from engine import Trainer
@@ -298,3 +299,17 @@ def test_the_run_log_never_writes_through_a_link(tmp_path):
         handler.close()
     assert (tmp_path / "precious.txt").read_text() == "precious log\n"
     assert not (tmp_path / "log.txt").is_symlink() and "a stage line" in (tmp_path / "log.txt").read_text()
+
+
+def test_a_resumed_run_exports_the_class_names_too(shapes_yaml, tmp_path):
+    """Found by a review: a run resumed from its stage files rebuilt the model without the training
+    data's class names, so its exports carried none."""
+    job = tiny_job(shapes_yaml, tmp_path / "run", admm_iters=1, retrain_epochs=1, export=["compact"])
+    run_job(job)
+    folder = tmp_path / "run" / "sparsity_0.6"
+    first = load_compact(folder / "export" / "pruned.yaspars")
+    (folder / "results.json").unlink()                      # killed after retraining, before the export
+    shutil.rmtree(folder / "export")
+    run_job(job)
+    resumed = load_compact(folder / "export" / "pruned.yaspars")
+    assert first.class_names == resumed.class_names == list(SHAPE_CLASSES)
