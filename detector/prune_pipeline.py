@@ -298,6 +298,8 @@ def run_sparsity(ctx: RunContext, sparsity: float, dense: dict[str, Any]) -> dic
                                         f"{ctx.job.method}: {100 * retrained['sparsity']:.1f}% of weights removed")
         exports = export_model(model.cpu().eval(), folder / "export", ctx.job.export, masks=masks.to("cpu"),
                                img_size=ctx.size, stem="pruned") if ctx.job.export else {}
+        if exports:
+            atomic_write_json(folder / "export" / "export.json", exports)    # as detect export writes one
     results = {"target_sparsity": sparsity, "method": ctx.job.method, "stages": [dense, hard, retrained],
                "exports": exports, "wall_time_s": time.perf_counter() - started}
     write_json_on_main(folder / "results.json", results)

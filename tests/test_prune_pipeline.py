@@ -313,3 +313,5 @@ def test_a_resumed_run_exports_the_class_names_too(shapes_yaml, tmp_path):
     run_job(job)
     resumed = load_compact(folder / "export" / "pruned.yaspars")
     assert first.class_names == resumed.class_names == list(SHAPE_CLASSES)
+    report = json.loads((folder / "export" / "export.json").read_text())     # the report, as detect export's
+    assert report["compact"]["path"].endswith("pruned.yaspars") and report["compact"]["value_format"] == "fp16"
