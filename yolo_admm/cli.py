@@ -97,6 +97,7 @@ class _InterruptGuard:
 
     def __init__(self) -> None:
         self.active = threading.current_thread() is threading.main_thread()
+        self.started = False                 # handlers installed (or about to be): stop() restores them
         self.lock = threading.Lock()
         self.done = False
         self.raised = 0                      # interrupts our handler raised
@@ -113,13 +114,15 @@ class _InterruptGuard:
         if not self.active:
             return
         self.swallowed: queue.SimpleQueue = queue.SimpleQueue()
-        self.previous_term = signal.signal(signal.SIGTERM, self.interrupt)
-        self.previous_int = signal.getsignal(signal.SIGINT)
-        if self.previous_int is signal.default_int_handler:
-            signal.signal(signal.SIGINT, self.interrupt)
-        self.previous_hook, sys.unraisablehook = sys.unraisablehook, self.swallowed.put
         self.reporter = threading.Thread(target=self._report_or_raise_again, name="raise-interrupts-again",
                                          daemon=True)
+        self.previous_term, self.previous_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        self.previous_hook = sys.unraisablehook
+        self.started = True                  # all that stop() needs to undo what follows, even half done
+        signal.signal(signal.SIGTERM, self.interrupt)
+        if self.previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self.interrupt)
+        sys.unraisablehook = self.swallowed.put
         self.reporter.start()
         multiprocessing.util.register_after_fork(self, _InterruptGuard._as_before)
 
@@ -150,7 +153,7 @@ class _InterruptGuard:
         """End the guard; safe to call again after an interrupt cut it short. An interrupt raised
         again just as the task ended is dropped (the handler returns once `done` is set); one that
         lands while `done` is being set is caught here."""
-        if not self.active:
+        if not self.started:
             return
         while not self.done:
             try:
@@ -160,7 +163,8 @@ class _InterruptGuard:
                 pass
         self._as_before()
         self.swallowed.put(None)
-        self.reporter.join()                 # what is left is reported (and freed) while the interpreter runs
+        if self.reporter.ident is not None:  # started
+            self.reporter.join()             # what is left is reported (and freed) while the interpreter runs
 
 
 def _version() -> str:
