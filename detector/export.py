@@ -420,6 +420,13 @@ def _model_from_archive(state: dict[str, torch.Tensor], path: Path,
                 model = load_darknet(temporary_cfg)
             except DarknetError as err:                 # name the archive, not a file about to be removed
                 raise DarknetError(str(err).replace(str(temporary_cfg), f"{path} (its embedded cfg)")) from None
+    own = model.state_dict()
+    unknown = [name for name, tensor in state.items()
+               if name not in own and tensor.dtype == torch.uint8 and tensor.dim() == 1]
+    if unknown:                                  # text entries as the cfg's and the names': a newer writer's
+        warnings.warn(f"{path}: entries {', '.join(unknown)} are unknown to this version and left out "
+                      f"(written by a newer yolo-admm?)", stacklevel=3)
+        state = {name: tensor for name, tensor in state.items() if name not in unknown}
     try:
         model.load_state_dict({name: tensor.float() if tensor.is_floating_point() else tensor
                                for name, tensor in state.items()})

@@ -529,6 +529,24 @@ def test_class_names_travel_with_every_export(pruned, shapes, tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_an_archive_with_a_newer_text_entry_loads_with_a_warning(pruned, tmp_path):
+    """Found by a review: the version before class names could not read an archive that had them
+    ("Unexpected key"). An unknown text entry (uint8, 1-D, as the cfg and names are) is left out
+    with a warning; an unknown weight is still an error."""
+    state = dict(pruned[0].state_dict())
+    state[COMPACT_CFG_KEY] = torch.frombuffer(bytearray(DEMO_CFG.read_bytes()), dtype=torch.uint8)
+    state["license"] = torch.frombuffer(bytearray(b"CC-BY-4.0"), dtype=torch.uint8)
+    save_sparse_archive(state, tmp_path / "newer.yaspars")
+    with pytest.warns(UserWarning, match=r"newer.yaspars: entries license are unknown to this version"):
+        model = load_compact(tmp_path / "newer.yaspars")
+    assert torch.equal(model.layers[0].conv.weight, pruned[0].layers[0].conv.weight.half().float())
+    del state["license"]
+    state["extra.weight"] = torch.ones(3, 3)
+    save_sparse_archive(state, tmp_path / "other.yaspars")
+    with pytest.raises(ValueError, match=r"(?s)do not fit the embedded cfg: .*extra.weight"):
+        load_compact(tmp_path / "other.yaspars")
+
+
 def test_a_missing_or_damaged_archive_and_a_bad_embedded_cfg_are_named(pruned, tmp_path):
     """Found by a review: a mistyped archive path was told to add --cfg, and an embedded cfg that
     no longer parses was reported under a temporary file's name."""
