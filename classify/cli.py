@@ -19,12 +19,12 @@ from pathlib import Path
 from torch import nn
 
 import pruning
-from yolo_admm.arguments import pattern_list
 from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, PruneSettings, TrainSettings,
                                check_weight_patterns, evaluate_accuracy, make_eval_loader, model_spec, prepare,
                                prune_model, save_prune_plots, save_weights, train_model)
 from classify.run_record import claim_checkpoint_dir, run_identity
 from engine import atomic_write_json, distributed, output_file, output_folder, resolve_device, run_folder_lock
+from yolo_admm.arguments import pattern_list
 
 DEFAULT_RUN_DIR = Path("runs/classify")
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.sources import images_below
 from data.seeded_batches import seeded_item
+from data.sources import images_below
 from data.translate import random_translate
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")

@@ -10,8 +10,8 @@ def random_translate(image: torch.Tensor, max_shift: int, generator: torch.Gener
 
     Zero-pads by `max_shift` on every side and crops H x W back at a uniform random offset, drawn
     from `generator` (None: torch's global generator).
-    (torchvision's `v2.RandomCrop(size, padding=max_shift)` crops alike but draws the two offsets
-    in two calls; this keeps the one draw that the recorded CIFAR runs made.)
+    (torchvision's `v2.RandomCrop(size, padding=max_shift)` crops alike but draws from torch's
+    global generator only; here one sample's seed, through `generator`, decides its crop.)
     """
     height, width = image.shape[-2:]
     padded = F.pad(image, (max_shift, max_shift, max_shift, max_shift))

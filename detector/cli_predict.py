@@ -111,8 +111,10 @@ def run(args: argparse.Namespace) -> int:
     images = readable_images(collect_images(args.sources, annotated_copies(args.out)))
     check_out_folder(args.out, images)
     model, net_w, net_h, letterbox = load_model(args)
-    class_names = (read_class_names(args.names, model_num_classes(model)) if args.names is not None
-                   else model.class_names or read_class_names(None, model_num_classes(model)))
+    if args.names is None and model.class_names:        # those a compact archive carries
+        class_names = model.class_names
+    else:
+        class_names = read_class_names(args.names, model_num_classes(model))
     output_folder(args.out, "--out")                # after the inputs are known good: no empty folder
     dataset = InferenceDataset(images, None, net_w, net_h, letterbox,
                                [exif_orientation(Path(image)) for image in images])   # photos as displayed

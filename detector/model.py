@@ -25,6 +25,8 @@ class DarknetModel(nn.Module):
             downsampling of the network, 32 for the YOLO cfgs), or the cfg's own size (which a
             network of unpadded convolutions, 64 -> 31 -> 15 -> 7, need not be a multiple of).
         weights_header: the header of the `.weights` file loaded by `load_darknet`, else None.
+        class_names: the class names, where known (a compact archive's, or set by the caller);
+            the exports write them. None otherwise.
 
     Forward: `x` float Tensor[B, channels, H, W], RGB in [0, 1]. Returns one Tensor[B, A, Hk, Wk,
     5 + C] per head, in cfg order: decoded in eval mode (cx, cy, w, h in input pixels, objectness,

@@ -71,7 +71,6 @@ def init_from_env(device: str | torch.device | None = None,
     return resolved
 
 
-
 def parse_device(device: str | torch.device | None) -> torch.device:
     """`None`/"auto" -> CUDA when available, else CPU; otherwise the named device (not checked
     against this machine: under torchrun the local rank decides which GPU, see `init_from_env`).

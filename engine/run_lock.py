@@ -21,8 +21,8 @@ import os
 import re
 import socket
 import sys
-import warnings
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path

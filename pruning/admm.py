@@ -221,7 +221,8 @@ class ADMM:
           The model moves as a whole, so this looks at the first weight only.
 
         Raises:
-            ValueError: a weight is gone from the model, has another shape now, or is frozen.
+            ValueError: a weight is gone from the model, has another shape now, or was replaced by
+                a frozen one.
         """
         if by_name or any(slots.get(name) is not held for slots, name, held in self._links):
             self._rebind(canonical_parameters(self.model))
