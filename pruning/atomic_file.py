@@ -44,10 +44,27 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) 
         os.umask(mask)
         os.chmod(temp_name, 0o666 & ~mask)  # mkstemp makes 0600
         os.replace(temp_name, path)
-    except BaseException:
+    except BaseException as error:
         Path(temp_name).unlink(missing_ok=True)
+        interrupt = _interrupt_behind(error)
+        if interrupt is not None and interrupt is not error:
+            raise interrupt from None   # Ctrl-C stays Ctrl-C (see _interrupt_behind)
         raise
     return path
+
+
+def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt that ``error`` was raised while handling, or ``error`` itself when it is
+    one; None otherwise. ``torch.save`` answers a Ctrl-C in the middle of a file with its own
+    RuntimeError ("unexpected pos") as it closes the archive, and the interrupt must not turn into
+    a failure."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__context__
+    return None
 
 
 def check_writable(path: Path) -> None:

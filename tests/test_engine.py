@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import warnings
@@ -130,6 +131,34 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0001.pt"]
     assert torch.equal(engine.load_checkpoint(path)["model"]["w"], torch.arange(4.0))
     assert engine.load_checkpoint(tmp_path)["epoch"] == 1
+
+
+class InterruptedStream(io.RawIOBase):
+    """A file whose writes stop with Ctrl-C once `limit` bytes are written."""
+
+    def __init__(self, stream, limit: int):
+        self.stream, self.limit, self.written = stream, limit, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.written += len(data)
+        if self.written > self.limit:
+            raise KeyboardInterrupt
+        return self.stream.write(data)
+
+
+def test_ctrl_c_in_the_middle_of_a_checkpoint_stays_an_interrupt(tmp_path):
+    """torch.save closes the archive it was writing when interrupted, which fails with a
+    RuntimeError ("unexpected pos"); the run used to end with that error (exit 1), not as Ctrl-C."""
+    path = engine.atomic_torch_save({"w": torch.arange(4.0)}, tmp_path / "last.pt")
+    state = {"w": torch.zeros(100_000)}
+    with pytest.raises(KeyboardInterrupt) as raised:
+        engine.atomic_write(path, lambda stream: torch.save(state, InterruptedStream(stream, 50_000)))
+    assert isinstance(raised.value.__context__, RuntimeError)           # torch's error, kept as the context
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]          # no temporary file left
+    assert torch.equal(torch.load(path)["w"], torch.arange(4.0))        # the previous file is whole
 
 
 def test_find_latest_and_load_errors(tmp_path):
