@@ -8,7 +8,9 @@
 Optimiser, schedule and augmentation default to the cfg's [net] (see `detector.train`); the flags
 override them. Writes to --out: a checkpoint per epoch (`epoch_NNNN.pt`, what --resume takes; the two newest are kept),
 `history.csv`, `args.json`, and the trained model as Darknet `.weights` (`<cfg name>.weights`;
-the EMA weights when EMA is on).
+the EMA weights when EMA is on) with the training data's class names beside it (`<cfg name>.names`,
+one per line, as Darknet reads them; left out, with a warning at the start, when a name cannot be
+such a line).
 
 Running the same command again (after Ctrl-C, say) resumes from the newest checkpoint in --out;
 --out holding the checkpoints of a run with other settings is an error, never overwritten.
@@ -22,11 +24,13 @@ import argparse
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import detector
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset, read_data_yaml
 from detector.cli import network_size
+from detector.export import check_class_names, write_class_names
 from detector.train import DetectTrainConfig, fit_detector
 from engine import (atomic_write_json, changed_settings, distributed, find_latest_checkpoint, output_folder,
                     resolved_paths, run_folder_lock, seed_everything)
@@ -116,6 +120,7 @@ def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
     """Train (or resume) into --out, which this job holds; rank 0 writes the weights and prints."""
     config.resume = resume_point(args)
     train_source, val_source = load_sources(args)
+    class_names = writable_class_names(train_source, args)
     model = detector.load_darknet(args.cfg, args.weights)
     if distributed.is_main():
         atomic_write_json(args.out / "args.json", recorded_args(args))
@@ -129,11 +134,24 @@ def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
     if not distributed.is_main():
         return 0
     detector.write_weights(weights_path, trained)
+    names_path = write_class_names(weights_path.with_suffix(".names"), class_names) if class_names else None
     last = trainer.history[-1] if trainer.history else {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("train/loss", "eval/map50")))
     print(f"done: {trainer.epoch} epochs, {trainer.step} steps; {summary}")
-    print(f"weights: {weights_path}; checkpoint: {trainer.last_checkpoint}")
+    print(f"weights: {weights_path}; " + (f"class names: {names_path}; " if names_path else "")
+          + f"checkpoint: {trainer.last_checkpoint}")
     return 0
+
+
+def writable_class_names(source: DetectionSource, args: argparse.Namespace) -> list[str] | None:
+    """The training data's class names, or None (with a warning, before any training) when one of
+    them cannot be a line of a .names file."""
+    try:
+        check_class_names(source.class_names, str(args.data or args.annotations))
+    except ValueError as err:
+        warnings.warn(f"{err}; no .names file will be written beside the weights", stacklevel=2)
+        return None
+    return list(source.class_names)
 
 
 def recorded_args(args: argparse.Namespace) -> dict:

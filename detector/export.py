@@ -21,8 +21,8 @@ compact archive is smaller than the dense model.
 from __future__ import annotations
 
 import copy
-import math
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -38,8 +38,8 @@ from detector.cfg import DarknetCfg, DarknetError
 from detector.model import DarknetModel, load_darknet
 from detector.postprocess import flatten_heads
 from detector.weights import write_weights
-from pruning.masks import Masks
 from engine import atomic_write_bytes
+from pruning.masks import Masks
 from pruning.sparse_archive import check_decoded, load_sparse_archive, save_sparse_archive
 
 FORMATS = ("darknet", "onnx", "compact")
@@ -101,11 +101,9 @@ def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = 
     write_weights(weights_path, model, model.weights_header)
     report = {"weights": str(weights_path), "cfg": str(cfg_path), "bytes": weights_path.stat().st_size,
               "dense_fp32_bytes": dense_fp32_bytes(model)}
-    if model.class_names is not None:                 # Darknet's .names: one per line
+    if model.class_names is not None:
         check_class_names(model.class_names, "the model's class names")
-        names_path = weights_path.with_suffix(".names")
-        atomic_write_bytes(names_path, "".join(f"{name}\n" for name in model.class_names).encode("utf-8"))
-        report["names"] = str(names_path)
+        report["names"] = str(write_class_names(weights_path.with_suffix(".names"), model.class_names))
     if verify:
         image = _verify_input(model.net.channels, model.net.height, model.net.width)
         report["opencv_max_rel_diff"] = opencv_difference(model, cfg_path, weights_path, image)
@@ -392,6 +390,11 @@ def check_class_names(names: list[str], source: str) -> None:
         if not name or name != name.strip() or "\n" in name or "\r" in name:
             raise ValueError(f"{source}: class {index} is {name!r}; expected a name that is not empty, has no line "
                              f"break and no space at either end (a .names file holds one name per line)")
+
+
+def write_class_names(path: str | os.PathLike, names: list[str]) -> Path:
+    """Write Darknet's .names file (one name per line; `check_class_names` first) atomically."""
+    return atomic_write_bytes(path, "".join(f"{name}\n" for name in names).encode("utf-8"))
 
 
 def _text_tensor(text: str) -> torch.Tensor:

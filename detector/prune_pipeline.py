@@ -50,7 +50,8 @@ import pruning
 from data.augment import AugmentConfig
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from data.train_dataset import DetectionTrainDataset, collate_detection
-from detector.export import dense_fp32_bytes, export_compact, export_model, require_opencv_darknet_importer
+from detector.export import (check_class_names, dense_fp32_bytes, export_compact, export_model,
+                             require_opencv_darknet_importer)
 from detector.predict import inference_copy
 from detector.prune_job import RECORDED_ONLY, PruneJob
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
@@ -369,6 +370,8 @@ def make_context(job: PruneJob) -> RunContext:
     heads = [layer for layer in cfg.layers if layer.kind == "yolo"]
     if heads:  # before the dense evaluation, not after it
         check_classes(job.cfg, heads[0].classes, train, val)
+    if "darknet" in job.export:  # its .names file: refused now, not after the training
+        check_class_names(train.class_names, str(job.data or job.train_annotations))
     net = cfg.net
     size = int(job.img_size or net.width)
     letterbox = bool(net.letter_box)

@@ -10,7 +10,7 @@ import torch
 
 from data.sources import load_yolo_dataset
 from data.synthetic import make_shapes_dataset
-from detector import load_darknet
+from detector import cli_train, load_darknet
 from detector.cli_train import add_arguments, run
 from detector.train import DetectTrainConfig, build_optimizer, darknet_lr_factor, fit_detector
 
@@ -129,7 +129,7 @@ def test_resume_takes_a_newly_given_lr_momentum_and_weight_decay(tmp_path, shape
 
 
 def test_cli_writes_checkpoint_and_weights_that_load_back(tmp_path, shapes):
-    yaml, _ = shapes
+    yaml, source = shapes
     cfg = tmp_path / "tiny.cfg"
     cfg.write_text(TINY_CFG)
     parser = argparse.ArgumentParser()
@@ -139,6 +139,7 @@ def test_cli_writes_checkpoint_and_weights_that_load_back(tmp_path, shapes):
                               "--device", "cpu", "--workers", "0", "--out", str(out)])
     assert run(args) == 0
     assert (out / "epoch_0001.pt").is_file() and (out / "history.csv").is_file() and (out / "args.json").is_file()
+    assert (out / "tiny.names").read_text().splitlines() == source.class_names   # Darknet's .names, beside
     reloaded = load_darknet(cfg, out / "tiny.weights")
     checkpoint = torch.load(out / "epoch_0001.pt", weights_only=False)
     for name, value in reloaded.state_dict().items():
@@ -147,6 +148,31 @@ def test_cli_writes_checkpoint_and_weights_that_load_back(tmp_path, shapes):
     bad = parser.parse_args(["--cfg", str(cfg), "--data", str(yaml), "--epochs", "0", "--out", str(out)])
     with pytest.raises(ValueError, match="--epochs must be >= 1"):
         run(bad)
+
+
+def test_class_names_a_names_file_cannot_hold_are_warned_of_before_training(tmp_path, shapes, monkeypatch):
+    yaml, source = shapes
+    odd = yaml.parent / "odd.yaml"
+    odd.write_text(yaml.read_text().replace(f": {source.class_names[1]}\n", f": '{source.class_names[1]} '\n"))
+    cfg = tmp_path / "tiny.cfg"
+    cfg.write_text(TINY_CFG)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "run"
+    args = parser.parse_args(["--cfg", str(cfg), "--data", str(odd), "--epochs", "1", "--batch-size", "4",
+                              "--device", "cpu", "--workers", "0", "--out", str(out)])
+    expected = r"odd.yaml: class 1 is '\w+ '; expected a name .* no .names file will be written beside the weights"
+
+    def no_training(*_args):
+        raise RuntimeError("training would start here")
+
+    with monkeypatch.context() as patch, pytest.warns(UserWarning, match=expected):
+        patch.setattr(cli_train, "fit_detector", no_training)
+        with pytest.raises(RuntimeError, match="training would start here"):
+            run(args)
+    with pytest.warns(UserWarning, match=expected):
+        assert run(args) == 0
+    assert (out / "tiny.weights").is_file() and not (out / "tiny.names").exists()
 
 
 def test_default_batching_keeps_the_cfgs_batch_per_step_over_processes():

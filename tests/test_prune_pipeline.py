@@ -301,6 +301,16 @@ def test_the_run_log_never_writes_through_a_link(tmp_path):
     assert not (tmp_path / "log.txt").is_symlink() and "a stage line" in (tmp_path / "log.txt").read_text()
 
 
+def test_class_names_a_darknet_export_cannot_write_are_refused_before_the_dense_stage(shapes_yaml, tmp_path):
+    odd = Path(shapes_yaml).with_name("odd.yaml")
+    odd.write_text(Path(shapes_yaml).read_text().replace(f": {SHAPE_CLASSES[2]}\n", ": ''\n"))
+    with pytest.raises(ValueError, match=r"odd.yaml: class 2 is ''; expected a name that is not empty"):
+        run_job(tiny_job(str(odd), tmp_path / "run", export=["darknet"]))
+    assert not (tmp_path / "run" / "dense.json").exists()
+    run_job(tiny_job(str(odd), tmp_path / "compact", admm_iters=1, retrain_epochs=1, export=["compact"]))
+    assert load_compact(tmp_path / "compact" / "sparsity_0.6" / "export" / "pruned.yaspars").class_names[2] == ""
+
+
 def test_a_resumed_run_exports_the_class_names_too(shapes_yaml, tmp_path):
     """Found by a review: a run resumed from its stage files rebuilt the model without the training
     data's class names, so its exports carried none."""
