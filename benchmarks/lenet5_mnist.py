@@ -135,6 +135,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shift", type=int, default=0,
                         help="train (dense and pruned) on images shifted by up to this many px (default: 0, none)")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated METHOD:SPARSITY runs")
+    parser.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                        help="weight average in the pruning runs' retraining (classify prune --ema)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pruning runs (the dense model is seed 0)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULT)
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                               admm_lr=args.admm_lr)
         settings = TrainSettings(batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                                  train_samples=args.train_samples,
-                                 eval_every=0, progress=False, seed=args.seed)
+                                 eval_every=0, progress=False, seed=args.seed, ema=args.ema)
         result = prune_model("lenet5", model, datasets, prune, settings)
         result["load_average"] = os.getloadavg()
         record["runs"].append(result)

@@ -77,6 +77,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=1, metavar="N",
                         help="test-set accuracy every N epochs (default 1; 0: only the final accuracies, which "
                              "is faster; N does not change the training)")
+    parser.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                        help="keep an exponential moving average of the weights with this decay (e.g. 0.999) "
+                             "in dense training and masked retraining (not in the ADMM phase); evaluations and "
+                             "the final weights are the average's (default: off)")
     parser.add_argument("--json-out", type=Path, default=None,
                         help="write the result JSON, with the run's data, weights (and their SHA-256) and "
                              "settings as used under 'run' (prune also writes its plots beside it)")
@@ -167,7 +171,7 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
         device=args.device, train_samples=getattr(args, "train_samples", None), eval_samples=args.eval_samples,
         eval_every=getattr(args, "eval_every", 1), workers=args.workers, seed=args.seed,
         progress=not args.no_progress, checkpoint_dir=getattr(args, "checkpoint_dir", None),
-        resume=getattr(args, "resume", False))
+        resume=getattr(args, "resume", False), ema=getattr(args, "ema", None))
 
 
 def check_output_file(path: Path | None, flag: str) -> None:

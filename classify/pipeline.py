@@ -102,6 +102,10 @@ class TrainSettings:
             0: never (the final accuracies are still measured).
         checkpoint_dir: trainer checkpoints go to `checkpoint_dir/<phase>/`; with `resume`, each
             phase continues from its newest checkpoint there (see `classify.run_record`).
+        ema: decay of an exponential moving average of the weights (`engine.ModelEMA`) kept in dense
+            training and in masked retraining, not in the ADMM phase (whose weights the Z-step
+            projects); the phase's evaluations and its final weights are the average's. None: off.
+        ema_tau: the average's warm-up in optimizer steps (`engine.ModelEMA`; 0: none).
     """
 
     epochs: int = 10
@@ -117,6 +121,8 @@ class TrainSettings:
     progress: bool = True
     checkpoint_dir: str | os.PathLike | None = None
     resume: bool = False
+    ema: float | None = None
+    ema_tau: float = 2000.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "train_samples", "eval_samples"):
@@ -132,6 +138,8 @@ class TrainSettings:
             raise ValueError("resume needs a checkpoint_dir (--checkpoint-dir) to continue from")
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, found {self.optimizer!r}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ValueError(f"ema (the average's decay) must be in (0, 1), found {self.ema}")
 
 
 @dataclass
@@ -364,10 +372,11 @@ def cosine_scheduler(optimizer: torch.optim.Optimizer, steps: int,
 def run_phase(model: nn.Module, spec: ModelSpec, loaders: tuple[DataLoader, DataLoader],
               settings: TrainSettings, epochs: int, phase: str, callbacks: list | None = None,
               lr_span: tuple[float, float] | None = (0.0, 1.0),
-              loss_fn: Callable = classification_loss) -> list[dict[str, float]]:
+              loss_fn: Callable = classification_loss, ema: bool = True) -> list[dict[str, float]]:
     """Train `model` for `epochs` on `loss_fn` with a fresh optimizer through `engine.Trainer`; returns
     its history. The LR follows `lr_span` of a cosine decay (`cosine_scheduler`), or stays constant
-    when `lr_span` is None."""
+    when `lr_span` is None. With `ema` and `settings.ema`, the phase keeps a weight average, and
+    `model` ends with the average's weights."""
     train_loader, eval_loader = loaders
     device = resolve_device(settings.device)
     optimizer = make_optimizer(model, spec, settings.optimizer, settings.lr)
@@ -375,13 +384,18 @@ def run_phase(model: nn.Module, spec: ModelSpec, loaders: tuple[DataLoader, Data
     scheduler = cosine_scheduler(optimizer, total_steps, lr_span) if lr_span is not None else None
     phase_dir = Path(settings.checkpoint_dir) / phase if settings.checkpoint_dir is not None else None
     resume = phase_dir if settings.resume and phase_dir and find_latest_checkpoint(phase_dir) else None
+    averaging = ({"ema": True, "ema_decay": settings.ema, "ema_tau": settings.ema_tau}
+                 if ema and settings.ema is not None else {})
     config = TrainConfig(epochs=epochs, device=str(device), checkpoint_dir=phase_dir, resume=resume,
                          log_csv=phase_dir / "history.csv" if phase_dir is not None else None,
                          eval_every=settings.eval_every, scheduler_interval="step",
-                         progress=settings.progress, desc=phase)
+                         progress=settings.progress, desc=phase, **averaging)
     trainer = Trainer(model, optimizer, loss_fn, train_loader, config, callbacks=callbacks,
                       scheduler=scheduler, evaluate=lambda m: {"acc": evaluate_accuracy(m, eval_loader, device)})
-    return trainer.fit()
+    history = trainer.fit()
+    if trainer.ema is not None:
+        model.load_state_dict(trainer.ema.module.state_dict())
+    return history
 
 
 def train_model(model_name: str, model: nn.Module, datasets: Mapping[str, Dataset],
@@ -430,7 +444,7 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
         callback = pruning.ADMMCallback(admm, prune.epochs_per_iter * len(loaders[0]))
         admm_span, retrain_span = admm_lr_spans(prune)
         histories["admm"] = run_phase(model, spec, loaders, settings, prune.admm_epochs, "admm",
-                                      [callback], lr_span=admm_span, loss_fn=loss_fn)
+                                      [callback], lr_span=admm_span, loss_fn=loss_fn, ema=False)
         admm_updates = callback.history
         masks = admm.hard_prune()
         retrain_epochs = prune.retrain_epochs

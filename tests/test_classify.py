@@ -1,6 +1,7 @@
 """classify: LeNet-5 / ResNet-56, MNIST / CIFAR readers, the classify CLI, a tiny end-to-end prune."""
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import re
@@ -14,6 +15,7 @@ import torch
 
 import classify.pipeline
 import engine
+import pruning
 from classify import LENET5_PRUNABLE_WEIGHTS, LeNet5, resnet56
 from classify.cli import main as classify_main
 from classify.distill import DistillationLoss, frozen_copy
@@ -302,6 +304,52 @@ def test_distilled_pruning_learns_from_a_frozen_copy_of_the_dense_model(tmp_path
         PruneSettings(sparsity=0.5, distill=2.0)
 
 
+def test_ema_retraining_ends_with_the_average_of_the_masked_weights(tmp_path, monkeypatch):
+    """With `ema`, the ADMM phase trains as without it, and the pruned model is the average of
+    retraining's masked weights after every step, recomputed here from a run without it."""
+    write_mnist_like(tmp_path / "mnist", n_train=64, n_test=20)
+    dense, datasets = prepare("lenet5", tmp_path / "mnist")
+    steps = []
+
+    class RecordingMaskCallback(pruning.MaskCallback):
+        def on_train_start(self, trainer):
+            super().on_train_start(trainer)
+            record(trainer)  # what the average starts from
+
+        def after_step(self, trainer):
+            super().after_step(trainer)
+            record(trainer)
+
+    def record(trainer):
+        steps.append({name: value.clone() for name, value in trainer.model.state_dict().items()})
+
+    monkeypatch.setattr(pruning, "MaskCallback", RecordingMaskCallback)
+    prune = PruneSettings(sparsity=0.9, admm_iters=2, retrain_epochs=2, ramp_from=0.5)
+    results = {}
+    for decay in (None, 0.5):
+        steps.clear()
+        model = copy.deepcopy(dense)
+        results[decay] = prune_model("lenet5", model, datasets, prune,
+                                     TrainSettings(batch_size=16, progress=False, ema=decay, ema_tau=0))
+        trajectory, steps[:] = list(steps), []
+        results[decay]["weights"] = model.state_dict()
+        results[decay]["trajectory"] = trajectory
+    plain, averaged = results[None], results[0.5]
+    assert len(plain["trajectory"]) == 1 + 2 * 4                       # 64 images in batches of 16, two epochs
+    expected = {name: value.clone() for name, value in plain["trajectory"][0].items()}
+    for weights in plain["trajectory"][1:]:
+        for name in expected:
+            expected[name] = 0.5 * expected[name] + 0.5 * weights[name]
+    assert all(torch.allclose(averaged["weights"][name], expected[name], atol=1e-6) for name in expected)
+    assert not torch.allclose(averaged["weights"]["fc1.weight"], plain["weights"]["fc1.weight"], atol=1e-4)
+    assert averaged["accuracy_after_hard_prune"] == plain["accuracy_after_hard_prune"]
+    assert averaged["admm_updates"] == plain["admm_updates"]            # no average in the ADMM phase
+    assert averaged["mask_violations"] == 0 and averaged["sparsity"] == pytest.approx(0.9)
+    assert averaged["settings"]["train"]["ema"] == 0.5
+    with pytest.raises(ValueError, match=r"ema \(the average's decay\) must be in \(0, 1\), found 1.0"):
+        TrainSettings(ema=1.0)
+
+
 # ------------------------------------------------------------------------------------ CLI
 def test_cli_rejects_bad_arguments(tmp_path, capsys):
     write_mnist_like(tmp_path / "mnist", n_train=10, n_test=10)
@@ -319,6 +367,9 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "w.pt: weights file not found" in capsys.readouterr().err
     assert yolo_admm_main(["classify", "train", "--model", "lenet5", "--data", str(tmp_path / "mnist"), "--resume"]) == 2
     assert "resume needs a checkpoint_dir (--checkpoint-dir)" in capsys.readouterr().err
+    assert yolo_admm_main(["classify", "train", "--model", "lenet5", "--data", str(tmp_path / "mnist"),
+                           "--ema", "0"]) == 2
+    assert "ema (the average's decay) must be in (0, 1), found 0.0" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("")
     train = ["classify", "train", "--model", "lenet5", "--data", str(tmp_path / "mnist"), "--epochs", "50"]
     assert yolo_admm_main([*train, "--out", str(tmp_path / "a_file" / "w.pt")]) == 2      # at once, not after 50 epochs
