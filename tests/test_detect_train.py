@@ -128,15 +128,20 @@ def test_resume_takes_a_newly_given_lr_momentum_and_weight_decay(tmp_path, shape
     assert [g["weight_decay"] for g in resumed.optimizer.param_groups] == [0.001, 0.0]
 
 
-def test_cli_writes_checkpoint_and_weights_that_load_back(tmp_path, shapes):
-    yaml, source = shapes
+def train_cli_args(tmp_path, data, epochs: int = 1) -> argparse.Namespace:
+    """`detect train` options: the tiny cfg (written to tmp_path) on `data`, into tmp_path/run."""
     cfg = tmp_path / "tiny.cfg"
     cfg.write_text(TINY_CFG)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    out = tmp_path / "run"
-    args = parser.parse_args(["--cfg", str(cfg), "--data", str(yaml), "--epochs", "1", "--batch-size", "4",
-                              "--device", "cpu", "--workers", "0", "--out", str(out)])
+    return parser.parse_args(["--cfg", str(cfg), "--data", str(data), "--epochs", str(epochs), "--batch-size", "4",
+                              "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "run")])
+
+
+def test_cli_writes_checkpoint_and_weights_that_load_back(tmp_path, shapes):
+    yaml, source = shapes
+    args = train_cli_args(tmp_path, yaml)
+    cfg, out = args.cfg, args.out
     assert run(args) == 0
     assert (out / "epoch_0001.pt").is_file() and (out / "history.csv").is_file() and (out / "args.json").is_file()
     assert (out / "tiny.names").read_text().splitlines() == source.class_names   # Darknet's .names, beside
@@ -145,22 +150,15 @@ def test_cli_writes_checkpoint_and_weights_that_load_back(tmp_path, shapes):
     for name, value in reloaded.state_dict().items():
         if not name.endswith("num_batches_tracked"):  # a PyTorch counter, not in .weights
             assert torch.equal(value, checkpoint["model"][name]), name
-    bad = parser.parse_args(["--cfg", str(cfg), "--data", str(yaml), "--epochs", "0", "--out", str(out)])
     with pytest.raises(ValueError, match="--epochs must be >= 1"):
-        run(bad)
+        run(train_cli_args(tmp_path, yaml, epochs=0))
 
 
 def test_class_names_a_names_file_cannot_hold_are_warned_of_before_training(tmp_path, shapes, monkeypatch):
     yaml, source = shapes
     odd = yaml.parent / "odd.yaml"
     odd.write_text(yaml.read_text().replace(f": {source.class_names[1]}\n", f": '{source.class_names[1]} '\n"))
-    cfg = tmp_path / "tiny.cfg"
-    cfg.write_text(TINY_CFG)
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    out = tmp_path / "run"
-    args = parser.parse_args(["--cfg", str(cfg), "--data", str(odd), "--epochs", "1", "--batch-size", "4",
-                              "--device", "cpu", "--workers", "0", "--out", str(out)])
+    args = train_cli_args(tmp_path, odd)
     expected = r"odd.yaml: class 1 is '\w+ '; expected a name .* no .names file will be written beside the weights"
 
     def no_training(*_args):
@@ -172,7 +170,7 @@ def test_class_names_a_names_file_cannot_hold_are_warned_of_before_training(tmp_
             run(args)
     with pytest.warns(UserWarning, match=expected):
         assert run(args) == 0
-    assert (out / "tiny.weights").is_file() and not (out / "tiny.names").exists()
+    assert (args.out / "tiny.weights").is_file() and not (args.out / "tiny.names").exists()
 
 
 def test_default_batching_keeps_the_cfgs_batch_per_step_over_processes():
