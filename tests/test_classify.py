@@ -495,7 +495,8 @@ def test_a_checkpoint_folder_without_run_json_resumes_with_a_warning(tmp_path, c
     data = tmp_path / "mnist"
     write_mnist_like(data, n_train=32, n_test=10)
     train = ["train", "--model", "lenet5", "--data", str(data), "--epochs", "1", "--batch-size", "16",
-             "--eval-every", "0", "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt")]
+             "--eval-every", "0", "--no-progress", "--checkpoint-dir", str(tmp_path / "ckpt"),
+             "--out", str(tmp_path / "lenet5.pt")]                    # not runs/classify/ in the working folder
     assert classify_main(train) == 0
     (tmp_path / "ckpt" / "run.json").unlink()
     capsys.readouterr()
