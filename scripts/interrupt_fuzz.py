@@ -5,12 +5,14 @@ evaluation), waits for its first checkpoint, then sends one SIGINT to the job's 
 right as the job forks a worker (the moment the 1st to 4th new child process shows up, plus 0-3 ms),
 sometimes at a random moment within a second. A try passes when the job exits with 130 and its
 "interrupted" line within --grace seconds; a job still running then lost the interrupt (it is
-killed). Every "Exception ignored in ..." report on stderr is counted too.
+killed). Every "Exception ignored in ..." report on stderr is counted too. With --early the SIGINT
+comes instead at a random moment 0.05-2.5 s after the start, mostly while torch is imported.
 
 Reproduce (from the repository root):
 
     .venv/bin/python scripts/interrupt_fuzz.py --tries 60              # classify train (lenet5)
     .venv/bin/python scripts/interrupt_fuzz.py --tries 30 --task detect
+    .venv/bin/python scripts/interrupt_fuzz.py --tries 30 --early
 
 Linux only (reads /proc/PID/task/PID/children).
 """
@@ -84,20 +86,23 @@ def ignored_exceptions(stderr: str) -> list[str]:
     return found
 
 
-def one_try(command: list[str], folder: Path, rng: random.Random, grace: float) -> dict:
+def one_try(command: list[str], folder: Path, rng: random.Random, grace: float, early: bool = False) -> dict:
     """Start the job (`command`, which writes its checkpoints under `folder`/checkpoints), SIGINT it
-    after its first epoch at a fork (or at random), and say what happened."""
+    after its first epoch at a fork (or at random), or with `early` in its first 2.5 s, and say what
+    happened."""
     checkpoints = folder / "checkpoints"
     out, err = folder / "stdout.txt", folder / "stderr.txt"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         job = subprocess.Popen(command, cwd=ROOT, stdout=stdout, stderr=stderr, start_new_session=True,
                                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     try:
-        at_fork = rng.random() < 0.8
+        at_fork = rng.random() < 0.8 and not early
         forks_to_skip, seen = rng.randrange(0, 4), set()
-        while not any(checkpoints.rglob("*.pt")) and job.poll() is None:   # the first epoch has ended
+        while not early and not any(checkpoints.rglob("*.pt")) and job.poll() is None:   # the first epoch has ended
             time.sleep(0.01)
-        if at_fork:
+        if early:
+            time.sleep(rng.uniform(0.05, 2.5))
+        elif at_fork:
             seen = children(job.pid)
             while job.poll() is None:
                 new = children(job.pid) - seen
@@ -137,6 +142,7 @@ def main() -> int:
     parser.add_argument("--task", choices=("classify", "detect"), default="classify")
     parser.add_argument("--grace", type=float, default=20.0, help="seconds a job may take to stop (default 20)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--early", action="store_true", help="SIGINT in the first 2.5 s (while importing)")
     args = parser.parse_args()
     # A job started in the background of a script inherits SIGINT ignored; handled here, it is
     # reset to the default for the jobs (as exec does to handled signals), which then act on it.
@@ -154,7 +160,8 @@ def main() -> int:
         for number in range(1, args.tries + 1):
             folder = Path(scratch) / f"try{number}"
             folder.mkdir()
-            result = one_try(job_command(args.task, data, folder / "checkpoints"), folder, rng, args.grace)
+            result = one_try(job_command(args.task, data, folder / "checkpoints"), folder, rng, args.grace,
+                             args.early)
             counts[result["outcome"]] = counts.get(result["outcome"], 0) + 1
             ignored_total += len(result.get("ignored", []))
             if result["outcome"] == "honoured":

@@ -581,6 +581,25 @@ def test_ctrl_c_while_the_task_is_imported_is_one_line(capsys, monkeypatch):
     assert capsys.readouterr().err == "yolo-admm detect: interrupted\n"
 
 
+def test_ctrl_c_while_the_task_is_imported_waits_for_the_import(tmp_path, monkeypatch, capsys):
+    """Found by a fuzz of early Ctrl-Cs: raised inside the import, one left numpy half-imported
+    (RecursionError, exit 1) or the process killed by SIGINT after its "interrupted" line."""
+    import sys
+
+    import yolo_admm.cli
+
+    (tmp_path / "interrupting_task.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\nIMPORTED_WHOLE = True\n"
+        "def main(argv):\n    return 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(yolo_admm.cli.TASKS, "interrupting", ("interrupting_task", "a task whose import is cut"))
+    monkeypatch.delitem(sys.modules, "interrupting_task", raising=False)
+    assert main(["interrupting"]) == 130                                 # the task itself never ran
+    assert capsys.readouterr().err == "yolo-admm interrupting: interrupted\n"
+    assert sys.modules.pop("interrupting_task").IMPORTED_WHOLE             # the import went on to its end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # Ctrl-C as before
+
+
 _CTRL_C_AT_FORK = {"hooks": False, "armed": False}
 
 
