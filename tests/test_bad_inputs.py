@@ -600,6 +600,36 @@ def test_ctrl_c_while_the_task_is_imported_waits_for_the_import(tmp_path, monkey
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # Ctrl-C as before
 
 
+
+def test_holding_interrupts_through_the_import_keeps_an_ignored_ctrl_c_ignored_and_works_in_a_thread(
+        tmp_path, monkeypatch, capsys):
+    """Found by a review: the hold made a job whose SIGINT is ignored (started with `&` by a script)
+    stop at a Ctrl-C during its import, and made main() fail outside the main thread."""
+    import sys
+    import threading
+
+    import yolo_admm.cli
+
+    (tmp_path / "interrupting_task.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\ndef main(argv):\n    return 0\n")
+    (tmp_path / "quiet_task.py").write_text("def main(argv):\n    return 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(yolo_admm.cli.TASKS, "interrupting", ("interrupting_task", "a task whose import is cut"))
+    monkeypatch.setitem(yolo_admm.cli.TASKS, "quiet", ("quiet_task", "a task"))
+    for name in ("interrupting_task", "quiet_task"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["interrupting"]) == 0                                   # ignored, as it was asked to be
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(main(["quiet"])))
+    thread.start()
+    thread.join()
+    assert results == [0]
+
+
 _CTRL_C_AT_FORK = {"hooks": False, "armed": False}
 
 

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import warnings
+from types import ModuleType
 
 TASKS = {
     "detect": ("detector.cli", "Darknet YOLO detectors: predict, eval, train, prune, export"),
@@ -76,14 +77,18 @@ def main(argv: list[str] | None = None) -> int:
                 pass
 
 
-def _import_holding_interrupts(name: str):
+def _import_holding_interrupts(name: str) -> ModuleType:
     """Import module `name` with Ctrl-C and SIGTERM held until the import is done, then raise
     KeyboardInterrupt if one came. Raised inside the import, an interrupt left half-imported
     modules behind (numpy then recursed until RecursionError) or killed the process with SIGINT
-    after its "interrupted" line; a fuzz of early interrupts saw 5 of 30 end so."""
+    after its "interrupted" line; a fuzz of early interrupts saw 5 of 30 end so. Only signals that
+    Python handles are held (an ignored SIGINT stays ignored), and only in the main thread, the one
+    signal handlers run in."""
+    if threading.current_thread() is not threading.main_thread():
+        return importlib.import_module(name)
     held: list[int] = []
-    previous = {number: signal.signal(number, lambda signum, _frame: held.append(signum))
-                for number in (signal.SIGINT, signal.SIGTERM)}
+    handled = [number for number in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(number))]
+    previous = {number: signal.signal(number, lambda signum, _frame: held.append(signum)) for number in handled}
     try:
         module = importlib.import_module(name)
     finally:
