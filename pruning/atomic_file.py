@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) 
     """
     path = Path(path)
     check_writable(path)
+    handled_before = sys.exc_info()[1]       # an interrupt handled by our caller is not this write's
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -46,20 +48,20 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) 
         os.replace(temp_name, path)
     except BaseException as error:
         Path(temp_name).unlink(missing_ok=True)
-        interrupt = _interrupt_behind(error)
+        interrupt = _interrupt_behind(error, handled_before)
         if interrupt is not None and interrupt is not error:
             raise interrupt from None   # Ctrl-C stays Ctrl-C (see _interrupt_behind)
         raise
     return path
 
 
-def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+def _interrupt_behind(error: BaseException, handled_before: BaseException | None) -> KeyboardInterrupt | None:
     """The KeyboardInterrupt that ``error`` was raised while handling, or ``error`` itself when it is
-    one; None otherwise. ``torch.save`` answers a Ctrl-C in the middle of a file with its own
-    RuntimeError ("unexpected pos") as it closes the archive, and the interrupt must not turn into
-    a failure."""
+    one, up to ``handled_before`` (what was being handled when the write began); None otherwise.
+    ``torch.save`` answers a Ctrl-C in the middle of a file with its own RuntimeError ("unexpected
+    pos") as it closes the archive, and the interrupt must not turn into a failure."""
     seen: set[int] = set()
-    while error is not None and id(error) not in seen:
+    while error is not None and error is not handled_before and id(error) not in seen:
         if isinstance(error, KeyboardInterrupt):
             return error
         seen.add(id(error))
