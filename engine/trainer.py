@@ -381,6 +381,10 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None:                  # a checkpoint of a run without one: start it here
+            warnings.warn(f"{path}: the checkpoint holds no weight average (EMA); the average starts from "
+                          f"its weights", stacklevel=2)
+            self.ema = ModelEMA(self.model, self.config.ema_decay, self.config.ema_tau, updates=int(state["step"]))
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = list(state.get("history", []))
         restore_rng_state(state["rng"])

@@ -161,6 +161,24 @@ def test_ctrl_c_in_the_middle_of_a_checkpoint_stays_an_interrupt(tmp_path):
     assert torch.equal(torch.load(path)["w"], torch.arange(4.0))        # the previous file is whole
 
 
+def test_a_failed_write_while_an_interrupt_is_handled_stays_the_failure(tmp_path):
+    """Found by a review: the interrupt the caller was handling (a save in `except KeyboardInterrupt`)
+    replaced the write's own error."""
+    def disk_full(stream):
+        raise OSError(28, "No space left on device")
+
+    raised = None
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        try:
+            engine.atomic_write(tmp_path / "state.pt", disk_full)
+        except BaseException as error:                                  # a KeyboardInterrupt too
+            raised = error
+    assert isinstance(raised, OSError) and "No space left on device" in str(raised)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_find_latest_and_load_errors(tmp_path):
     assert engine.find_latest_checkpoint(tmp_path) is None
     for epoch in (2, 10, 9):
@@ -199,6 +217,19 @@ def test_ema_average_ramp_and_buffers():
     assert ramped.current_decay() == pytest.approx(0.9)
     with pytest.raises(ValueError, match="decay"):
         ModelEMA(model, decay=1.0)
+
+
+def test_a_checkpoint_without_an_average_starts_one_from_its_weights(tmp_path):
+    """Found by a review: resuming with EMA from a checkpoint of a run without it left the average
+    at the weights the model was built with, and a finished phase then ended there."""
+    make_trainer(tmp_path, [], ema=False, epochs=2).fit()
+    resumed = make_trainer(tmp_path, [], resume=tmp_path / "ckpt", epochs=2)
+    with pytest.warns(UserWarning, match=r"epoch_0002.pt: the checkpoint holds no weight average \(EMA\); the "
+                                         r"average starts from its weights"):
+        resumed.fit()
+    trained = engine.load_checkpoint(tmp_path / "ckpt")["model"]
+    assert all(torch.equal(resumed.ema.module.state_dict()[name], trained[name]) for name in trained)
+    assert resumed.ema.updates == resumed.step == 12
 
 
 def test_trainer_evaluates_the_ema_copy(tmp_path):
