@@ -136,7 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="train (dense and pruned) on images shifted by up to this many px (default: 0, none)")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated METHOD:SPARSITY runs")
     parser.add_argument("--ema", type=float, default=None, metavar="DECAY",
-                        help="weight average in the pruning runs' retraining (classify prune --ema)")
+                        help="weight average in the pruning runs' retraining (classify prune --ema; warm-up: "
+                             "2000 steps)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pruning runs (the dense model is seed 0)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULT)

@@ -81,6 +81,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep an exponential moving average of the weights with this decay (e.g. 0.999) "
                              "in dense training and masked retraining (not in the ADMM phase); evaluations and "
                              "the final weights are the average's (default: off)")
+    parser.add_argument("--ema-tau", type=float, default=2000.0, metavar="STEPS",
+                        help="the average's warm-up: its decay after n optimizer steps is DECAY * (1 - exp(-n / "
+                             "STEPS)) (default 2000; 0: none)")
     parser.add_argument("--json-out", type=Path, default=None,
                         help="write the result JSON, with the run's data, weights (and their SHA-256) and "
                              "settings as used under 'run' (prune also writes its plots beside it)")
@@ -171,7 +174,8 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
         device=args.device, train_samples=getattr(args, "train_samples", None), eval_samples=args.eval_samples,
         eval_every=getattr(args, "eval_every", 1), workers=args.workers, seed=args.seed,
         progress=not args.no_progress, checkpoint_dir=getattr(args, "checkpoint_dir", None),
-        resume=getattr(args, "resume", False), ema=getattr(args, "ema", None))
+        resume=getattr(args, "resume", False), ema=getattr(args, "ema", None),
+        ema_tau=getattr(args, "ema_tau", 2000.0))
 
 
 def check_output_file(path: Path | None, flag: str) -> None:

@@ -26,7 +26,7 @@ import math
 import os
 import pickle
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -105,7 +105,8 @@ class TrainSettings:
         ema: decay of an exponential moving average of the weights (`engine.ModelEMA`) kept in dense
             training and in masked retraining, not in the ADMM phase (whose weights the Z-step
             projects); the phase's evaluations and its final weights are the average's. None: off.
-        ema_tau: the average's warm-up in optimizer steps (`engine.ModelEMA`; 0: none).
+        ema_tau: the average's warm-up in optimizer steps: its decay is ema * (1 - exp(-steps / ema_tau))
+            (`engine.ModelEMA`; 0: none), so a phase of few steps averages few.
     """
 
     epochs: int = 10
@@ -140,6 +141,9 @@ class TrainSettings:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, found {self.optimizer!r}")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise ValueError(f"ema (the average's decay) must be in (0, 1), found {self.ema}")
+        if not (math.isfinite(self.ema_tau) and self.ema_tau >= 0):
+            raise ValueError(f"ema_tau (the average's warm-up in steps) must be a finite number >= 0, "
+                             f"found {self.ema_tau}")
 
 
 @dataclass
@@ -372,11 +376,11 @@ def cosine_scheduler(optimizer: torch.optim.Optimizer, steps: int,
 def run_phase(model: nn.Module, spec: ModelSpec, loaders: tuple[DataLoader, DataLoader],
               settings: TrainSettings, epochs: int, phase: str, callbacks: list | None = None,
               lr_span: tuple[float, float] | None = (0.0, 1.0),
-              loss_fn: Callable = classification_loss, ema: bool = True) -> list[dict[str, float]]:
+              loss_fn: Callable = classification_loss) -> list[dict[str, float]]:
     """Train `model` for `epochs` on `loss_fn` with a fresh optimizer through `engine.Trainer`; returns
     its history. The LR follows `lr_span` of a cosine decay (`cosine_scheduler`), or stays constant
-    when `lr_span` is None. With `ema` and `settings.ema`, the phase keeps a weight average, and
-    `model` ends with the average's weights."""
+    when `lr_span` is None. With `settings.ema`, the phase keeps a weight average, and `model` ends
+    with the average's weights."""
     train_loader, eval_loader = loaders
     device = resolve_device(settings.device)
     optimizer = make_optimizer(model, spec, settings.optimizer, settings.lr)
@@ -385,7 +389,7 @@ def run_phase(model: nn.Module, spec: ModelSpec, loaders: tuple[DataLoader, Data
     phase_dir = Path(settings.checkpoint_dir) / phase if settings.checkpoint_dir is not None else None
     resume = phase_dir if settings.resume and phase_dir and find_latest_checkpoint(phase_dir) else None
     averaging = ({"ema": True, "ema_decay": settings.ema, "ema_tau": settings.ema_tau}
-                 if ema and settings.ema is not None else {})
+                 if settings.ema is not None else {})
     config = TrainConfig(epochs=epochs, device=str(device), checkpoint_dir=phase_dir, resume=resume,
                          log_csv=phase_dir / "history.csv" if phase_dir is not None else None,
                          eval_every=settings.eval_every, scheduler_interval="step",
@@ -443,8 +447,8 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
             ramp_from=prune.ramp_from, ramp_updates=prune.ramp_updates))
         callback = pruning.ADMMCallback(admm, prune.epochs_per_iter * len(loaders[0]))
         admm_span, retrain_span = admm_lr_spans(prune)
-        histories["admm"] = run_phase(model, spec, loaders, settings, prune.admm_epochs, "admm",
-                                      [callback], lr_span=admm_span, loss_fn=loss_fn, ema=False)
+        histories["admm"] = run_phase(model, spec, loaders, replace(settings, ema=None), prune.admm_epochs,
+                                      "admm", [callback], lr_span=admm_span, loss_fn=loss_fn)  # Z projects W, not its average
         admm_updates = callback.history
         masks = admm.hard_prune()
         retrain_epochs = prune.retrain_epochs

@@ -343,11 +343,26 @@ def test_ema_retraining_ends_with_the_average_of_the_masked_weights(tmp_path, mo
     assert all(torch.allclose(averaged["weights"][name], expected[name], atol=1e-6) for name in expected)
     assert not torch.allclose(averaged["weights"]["fc1.weight"], plain["weights"]["fc1.weight"], atol=1e-4)
     assert averaged["accuracy_after_hard_prune"] == plain["accuracy_after_hard_prune"]
-    assert averaged["admm_updates"] == plain["admm_updates"]            # no average in the ADMM phase
+    assert averaged["admm_updates"] == plain["admm_updates"]            # the ADMM phase trained as without it
     assert averaged["mask_violations"] == 0 and averaged["sparsity"] == pytest.approx(0.9)
     assert averaged["settings"]["train"]["ema"] == 0.5
     with pytest.raises(ValueError, match=r"ema \(the average's decay\) must be in \(0, 1\), found 1.0"):
         TrainSettings(ema=1.0)
+
+
+def test_classify_train_with_ema_saves_the_average_also_when_resumed_after_the_end(tmp_path):
+    write_mnist_like(tmp_path / "mnist", n_train=32, n_test=10)
+    train = ["train", "--model", "lenet5", "--data", str(tmp_path / "mnist"), "--epochs", "2", "--batch-size", "16",
+             "--eval-every", "0", "--no-progress", "--ema", "0.5", "--ema-tau", "0",
+             "--checkpoint-dir", str(tmp_path / "ckpt")]
+    assert classify_main([*train, "--out", str(tmp_path / "first.pt")]) == 0
+    checkpoint = engine.load_checkpoint(tmp_path / "ckpt" / "train")
+    first = load_weights(LeNet5(), tmp_path / "first.pt").state_dict()
+    assert all(torch.equal(first[name], value) for name, value in checkpoint["ema"]["module"].items())
+    assert not torch.equal(first["fc1.weight"], checkpoint["model"]["fc1.weight"])   # the average, not the last step
+    assert classify_main([*train, "--resume", "--out", str(tmp_path / "again.pt")]) == 0   # nothing left to train
+    again = load_weights(LeNet5(), tmp_path / "again.pt").state_dict()
+    assert all(torch.equal(again[name], value) for name, value in first.items())
 
 
 # ------------------------------------------------------------------------------------ CLI
