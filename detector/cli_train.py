@@ -134,7 +134,8 @@ def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
     if not distributed.is_main():
         return 0
     detector.write_weights(weights_path, trained)
-    names_path = write_class_names(weights_path.with_suffix(".names"), class_names) if class_names else None
+    names_path = (write_class_names(weights_path.with_suffix(".names"), class_names, str(args.data or args.annotations))
+                  if class_names else None)
     last = trainer.history[-1] if trainer.history else {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("train/loss", "eval/map50")))
     print(f"done: {trainer.epoch} epochs, {trainer.step} steps; {summary}")

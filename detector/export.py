@@ -102,8 +102,8 @@ def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = 
     report = {"weights": str(weights_path), "cfg": str(cfg_path), "bytes": weights_path.stat().st_size,
               "dense_fp32_bytes": dense_fp32_bytes(model)}
     if model.class_names is not None:
-        check_class_names(model.class_names, "the model's class names")
-        report["names"] = str(write_class_names(weights_path.with_suffix(".names"), model.class_names))
+        names_path = weights_path.with_suffix(".names")
+        report["names"] = str(write_class_names(names_path, model.class_names, "the model's class names"))
     if verify:
         image = _verify_input(model.net.channels, model.net.height, model.net.width)
         report["opencv_max_rel_diff"] = opencv_difference(model, cfg_path, weights_path, image)
@@ -392,8 +392,10 @@ def check_class_names(names: list[str], source: str) -> None:
                              f"break and no space at either end (a .names file holds one name per line)")
 
 
-def write_class_names(path: str | os.PathLike, names: list[str]) -> Path:
-    """Write Darknet's .names file (one name per line; `check_class_names` first) atomically."""
+def write_class_names(path: str | os.PathLike, names: list[str], source: str) -> Path:
+    """Write Darknet's .names file (one name per line) atomically, after `check_class_names(names,
+    source)`."""
+    check_class_names(names, source)
     return atomic_write_bytes(path, "".join(f"{name}\n" for name in names).encode("utf-8"))
 
 
