@@ -136,8 +136,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="train (dense and pruned) on images shifted by up to this many px (default: 0, none)")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated METHOD:SPARSITY runs")
     parser.add_argument("--ema", type=float, default=None, metavar="DECAY",
-                        help="weight average in the pruning runs' retraining (classify prune --ema; warm-up: "
-                             "2000 steps)")
+                        help="weight average in the pruning runs' retraining (classify prune --ema)")
+    parser.add_argument("--ema-tau", type=float, default=2000.0, metavar="STEPS",
+                        help="its warm-up (classify prune --ema-tau)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pruning runs (the dense model is seed 0)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULT)
@@ -212,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                               admm_lr=args.admm_lr)
         settings = TrainSettings(batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                                  train_samples=args.train_samples,
-                                 eval_every=0, progress=False, seed=args.seed, ema=args.ema)
+                                 eval_every=0, progress=False, seed=args.seed, ema=args.ema,
+                                 ema_tau=args.ema_tau)
         result = prune_model("lenet5", model, datasets, prune, settings)
         result["load_average"] = os.getloadavg()
         record["runs"].append(result)
