@@ -447,8 +447,9 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
             ramp_from=prune.ramp_from, ramp_updates=prune.ramp_updates))
         callback = pruning.ADMMCallback(admm, prune.epochs_per_iter * len(loaders[0]))
         admm_span, retrain_span = admm_lr_spans(prune)
-        histories["admm"] = run_phase(model, spec, loaders, replace(settings, ema=None), prune.admm_epochs,
-                                      "admm", [callback], lr_span=admm_span, loss_fn=loss_fn)  # Z projects W, not its average
+        no_average = replace(settings, ema=None)    # the Z-step projects the weights, not an average of them
+        histories["admm"] = run_phase(model, spec, loaders, no_average, prune.admm_epochs, "admm", [callback],
+                                      lr_span=admm_span, loss_fn=loss_fn)
         admm_updates = callback.history
         masks = admm.hard_prune()
         retrain_epochs = prune.retrain_epochs
