@@ -81,7 +81,8 @@ The cosine, temperature and later runs were recorded under /tmp and copied (the 
 
 A new dense model (2026-11-27): the cached one of every run above (99.28%) was trained by an
 earlier version, before 2026-11-26's seeding of the initial weights, and is no longer at hand; the
-benchmark's first run now trains another from seed 0 (99.30%, 6 min alone). On it, the SGD recipe
+benchmark's first run now trains another from seed 0 (99.30%, 6 min alone; SHA-256 6abc3b83...,
+recorded in the JSON as "weights_sha256" from 2026-11-27's runs on). On it, the SGD recipe
 (two runs side by side, 1 thread each, load ~2):
 
     .venv/bin/python benchmarks/lenet5_mnist.py --admm-iters 24 --retrain-epochs 48 --rho 1e-2 \\
@@ -117,6 +118,7 @@ sys.path.insert(0, str(REPO))
 from classify.lenet5 import LeNet5  # noqa: E402
 from classify.pipeline import (ADMM_LR_SCHEDULES, OPTIMIZERS, PruneSettings, TrainSettings,  # noqa: E402
                                build_model, load_weights, prepare, prune_model, save_weights, train_model)
+from classify.run_record import file_sha256  # noqa: E402
 from engine import atomic_write_json  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "lenet5_mnist.json"
@@ -175,7 +177,8 @@ def dense_model(args: argparse.Namespace, datasets: dict, record: dict) -> Path:
     about = path.with_suffix(".json")
     cached_epochs = json.loads(about.read_text())["epochs"] if about.is_file() else None
     if path.is_file() and cached_epochs in (None, args.dense_epochs):
-        record["dense"] = {"weights": str(path.relative_to(REPO)), "trained_here": False, "epochs": cached_epochs}
+        record["dense"] = {"weights": str(path.relative_to(REPO)), "trained_here": False, "epochs": cached_epochs,
+                           "weights_sha256": file_sha256(path)}
         return path
     if path.is_file():
         print(f"{path} was trained for {cached_epochs} epochs, not --dense-epochs {args.dense_epochs}: training again")
@@ -185,7 +188,8 @@ def dense_model(args: argparse.Namespace, datasets: dict, record: dict) -> Path:
     atomic_write_json(about, {"epochs": args.dense_epochs, "accuracy": result["accuracy"]})
     record["dense"] = {"accuracy": result["accuracy"], "epochs": args.dense_epochs,
                        "wall_time_s": result["wall_time_s"], "history": result["history"],
-                       "trained_here": True, "weights": str(path.relative_to(REPO))}
+                       "trained_here": True, "weights": str(path.relative_to(REPO)),
+                       "weights_sha256": file_sha256(path)}
     return path
 
 
