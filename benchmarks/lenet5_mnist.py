@@ -82,7 +82,7 @@ The cosine, temperature and later runs were recorded under /tmp and copied (the 
 A new dense model (2026-11-27): the cached one of every run above (99.28%) was trained by an
 earlier version, before 2026-11-26's seeding of the initial weights, and is no longer at hand; the
 benchmark's first run now trains another from seed 0 (99.30%, 6 min alone; SHA-256 6abc3b83...,
-recorded in the JSON as "weights_sha256" from 2026-11-27's runs on). On it, the SGD recipe
+which the JSON records as "weights_sha256" in runs after those below). On it, the SGD recipe
 (two runs side by side, 1 thread each, load ~2):
 
     .venv/bin/python benchmarks/lenet5_mnist.py --admm-iters 24 --retrain-epochs 48 --rho 1e-2 \\
