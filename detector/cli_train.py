@@ -120,7 +120,8 @@ def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
     """Train (or resume) into --out, which this job holds; rank 0 writes the weights and prints."""
     config.resume = resume_point(args)
     train_source, val_source = load_sources(args)
-    class_names = writable_class_names(train_source, args)
+    data_name = str(args.data or args.annotations)  # where the class names come from, for messages
+    class_names = writable_class_names(train_source, data_name)
     model = detector.load_darknet(args.cfg, args.weights)
     if distributed.is_main():
         atomic_write_json(args.out / "args.json", recorded_args(args))
@@ -134,8 +135,7 @@ def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
     if not distributed.is_main():
         return 0
     detector.write_weights(weights_path, trained)
-    names_path = (write_class_names(weights_path.with_suffix(".names"), class_names, str(args.data or args.annotations))
-                  if class_names else None)
+    names_path = write_class_names(weights_path.with_suffix(".names"), class_names, data_name) if class_names else None
     last = trainer.history[-1] if trainer.history else {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("train/loss", "eval/map50")))
     print(f"done: {trainer.epoch} epochs, {trainer.step} steps; {summary}")
@@ -144,11 +144,11 @@ def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
     return 0
 
 
-def writable_class_names(source: DetectionSource, args: argparse.Namespace) -> list[str] | None:
+def writable_class_names(source: DetectionSource, data_name: str) -> list[str] | None:
     """The training data's class names, or None (with a warning, before any training) when one of
     them cannot be a line of a .names file."""
     try:
-        check_class_names(source.class_names, str(args.data or args.annotations))
+        check_class_names(source.class_names, data_name)
     except ValueError as err:
         warnings.warn(f"{err}; no .names file will be written beside the weights", stacklevel=2)
         return None

@@ -81,7 +81,7 @@ def _import_holding_interrupts(name: str) -> ModuleType:
     """Import module `name` with Ctrl-C and SIGTERM held until the import is done, then raise
     KeyboardInterrupt if one came. Raised inside the import, an interrupt left half-imported
     modules behind (numpy then recursed until RecursionError) or killed the process with SIGINT
-    after its "interrupted" line; a fuzz of early interrupts saw 5 of 30 end so. Only signals that
+    after its "interrupted" line: 5 of 30 early interrupts ended so in a test before this hold. Only signals that
     Python handles are held (an ignored SIGINT stays ignored), and only in the main thread, the one
     signal handlers run in."""
     if threading.current_thread() is not threading.main_thread():
