@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, ClassVar, Union
 
@@ -641,3 +641,23 @@ def parse_cfg(path: str | Path) -> DarknetCfg:
     if not layers:
         raise DarknetError(f"{path}: expected layer sections after [net], found none")
     return DarknetCfg(str(path), net, tuple(layers), text)
+
+
+def first_difference(cfg: DarknetCfg, other: DarknetCfg) -> str | None:
+    """Where `cfg` first sets up another model or training than `other`: its section's place
+    ("path:line [section]"), or None where the two are the same. How the files are written does
+    not count (comments, blank lines, spacing, the order of a section's options)."""
+    sections, others = (cfg.net, *cfg.layers), (other.net, *other.layers)
+    for section, counterpart in zip(sections, others):
+        if _settings(section) != _settings(counterpart):
+            return str(section.source)
+    if len(sections) > len(others):
+        return str(sections[len(others)].source)
+    if len(sections) < len(others):
+        return f"{cfg.path}: its end, after {len(cfg.layers)} layers against {len(other.layers)}"
+    return None
+
+
+def _settings(section: NetConfig | LayerSection) -> tuple:
+    """A section's type and parsed values, without where it was read."""
+    return (type(section), *(getattr(section, f.name) for f in fields(section) if f.name != "source"))

@@ -15,6 +15,7 @@ import yaml
 
 import detector
 from data.sources import parse_class_names
+from detector.cfg import first_difference
 from detector.export import check_class_names, load_compact
 from engine import resolve_device
 from pruning.sparse_archive import is_sparse_archive
@@ -101,7 +102,8 @@ NOT_WEIGHTS = {   # file types given as --weights by mistake, by suffix: what th
 
 def load_detector(cfg: str | None, weights: str) -> detector.DarknetModel:
     """The model of a Darknet cfg and .weights file, or of a compact archive (`detect export`'s
-    model.yaspars), which carries its cfg: `cfg` may then be None, and where given must be the same text.
+    model.yaspars), which carries its cfg: `cfg` may then be None, and where given must set up the same
+    model and training (`detector.cfg.first_difference`: comments and layout do not count).
 
     Raises:
         FileNotFoundError: no file at `weights`.
@@ -115,11 +117,10 @@ def load_detector(cfg: str | None, weights: str) -> detector.DarknetModel:
         raise ValueError(f"--weights {weights}: {other}; expected Darknet .weights (with --cfg) or a compact archive")
     if is_sparse_archive(weights) or Path(weights).suffix == ".yaspars":     # the latter: a damaged one, said so
         model = load_compact(weights)
-        given = None if cfg is None else detector.parse_cfg(cfg).text
-        if given is not None and given != model.cfg.text:
+        difference = None if cfg is None else first_difference(detector.parse_cfg(cfg), model.cfg)
+        if difference is not None:
             raise ValueError(f"--weights {weights}: a compact archive carries its own cfg, which differs from "
-                             f"--cfg {cfg} (first at its line {first_differing_line(given, model.cfg.text)}); "
-                             f"leave --cfg out to use the archive's")
+                             f"--cfg {cfg} (first at {difference}); leave --cfg out to use the archive's")
         return model
     if cfg is None:
         raise ValueError(f"--weights {weights}: Darknet .weights need --cfg (only a compact archive carries its cfg)")
@@ -143,15 +144,6 @@ def read_class_names(path: Path | None, num_classes: int) -> list[str]:
     names = [str(n) for n in names]
     check_class_names(names, str(path))
     return names
-
-
-def first_differing_line(text: str, other: str) -> int:
-    """The 1-based number of the first line where `text` and `other` differ (they do)."""
-    lines, others = text.splitlines(), other.splitlines()
-    if len(lines) == len(others) and lines == others:       # they differ in line endings only: at the last
-        return max(len(lines), 1)
-    return next((number for number, (a, b) in enumerate(zip(lines, others), start=1) if a != b),
-                min(len(lines), len(others)) + 1)
 
 
 def model_num_classes(model: torch.nn.Module) -> int:

@@ -484,8 +484,11 @@ def test_predict_eval_and_export_take_a_compact_archive_without_its_cfg(pruned, 
                  ["detect", "predict", "--weights", darknet[3], val]):
         assert main(argv) == 2
     err = capsys.readouterr().err
-    changed = DEMO_CFG.read_text().splitlines().index("activation=leaky") + 1
-    assert f"a compact archive carries its own cfg, which differs from --cfg {other} (first at its line {changed})" in err
+    lines = DEMO_CFG.read_text().splitlines()
+    section = max(number for number, line in enumerate(lines[:lines.index("activation=leaky")], start=1)
+                  if line.startswith("["))
+    assert (f"a compact archive carries its own cfg, which differs from --cfg {other} "
+            f"(first at {other}:{section} [convolutional])") in err
     assert "Darknet .weights need --cfg (only a compact archive carries its cfg)" in err
     (tmp_path / "model.onnx").write_bytes(b"an onnx file")
     assert main(["detect", "predict", "--weights", str(tmp_path / "model.onnx"), val]) == 2
@@ -610,12 +613,37 @@ def test_non_finite_weights_are_refused_and_never_pass_a_check(pruned, tmp_path)
         export_darknet(broken, tmp_path / "nan.weights")
 
 
-def test_first_differing_line_stays_within_the_files():
-    from detector.cli import first_differing_line
+def test_first_difference_ignores_how_a_cfg_is_written(tmp_path):
+    from detector.cfg import first_difference, parse_cfg
 
-    assert first_differing_line("a\nb\nc\n", "a\nx\nc\n") == 2
-    assert first_differing_line("a\nb\n", "a\nb\nc\n") == 3                  # a line more
-    assert first_differing_line("a\nb\n", "a\nb") == 2                       # the last line's ending: not line 3
+    text = DEMO_CFG.read_text()
+    original = parse_cfg(DEMO_CFG)
+    first_conv = text.index("[convolutional]")
+    assert text.index("batch_normalize=1", first_conv) < text.index("activation=leaky", first_conv)
+    written_otherwise = {        # comments, blank lines, spacing, a section's option order
+        "comments.cfg": "# a comment\n\n" + text.replace("[convolutional]", "# a conv\n[convolutional]\n", 1),
+        "spacing.cfg": text.replace("activation=leaky", "activation = leaky  "),
+        "order.cfg": text[:first_conv] + text[first_conv:].replace("batch_normalize=1\n", "", 1).replace(
+            "activation=leaky\n", "activation=leaky\nbatch_normalize=1\n", 1),
+    }
+    for name, variant in written_otherwise.items():
+        (tmp_path / name).write_text(variant)
+        assert parse_cfg(tmp_path / name).text != text
+        assert first_difference(parse_cfg(tmp_path / name), original) is None, name
+
+    lines = text.splitlines()
+    header = lines.index("[convolutional]") + 1
+    (tmp_path / "mish.cfg").write_text(text.replace("activation=leaky", "activation=mish", 1))
+    assert first_difference(parse_cfg(tmp_path / "mish.cfg"), original) == f"{tmp_path / 'mish.cfg'}:{header} [convolutional]"
+    (tmp_path / "net.cfg").write_text(text.replace("momentum=0.9\n", "momentum=0.95\n", 1))
+    assert first_difference(parse_cfg(tmp_path / "net.cfg"), original) == \
+        f"{tmp_path / 'net.cfg'}:{lines.index('[net]') + 1} [net]"
+
+    (tmp_path / "longer.cfg").write_text(text + "\n[dropout]\nprobability=0.1\n")
+    assert first_difference(parse_cfg(tmp_path / "longer.cfg"), original) == \
+        f"{tmp_path / 'longer.cfg'}:{len(lines) + 2} [dropout]"
+    assert first_difference(original, parse_cfg(tmp_path / "longer.cfg")) == \
+        f"{original.path}: its end, after {len(original.layers)} layers against {len(original.layers) + 1}"
 
 
 def test_the_readme_onnx_snippet_finds_what_predict_finds(shapes, tmp_path, monkeypatch):
