@@ -5,12 +5,16 @@ budget that fits a shared 2-core CPU.
 Reproduce (from the repository root):
 
     nice .venv/bin/python benchmarks/resnet56_cifar10.py --data ../shared/data/cifar10 \\
-        --weights ../shared/data/resnet56/resnet56-4bfd9763.th
+        --weights ../shared/data/resnet56/resnet56-4bfd9763.th --parallel 2
 
 Writes benchmarks/results/resnet56_cifar10.json (re-written after every run) and prints a markdown
-table. Recorded results: 2026-11-25, 2-core CPU, no GPU, shared with other jobs (load average 6-9,
-see "load_average" per run in the JSON), torch 1 thread (2 threads trained ResNet-56 at 5.8 img/s
-against 21 img/s for 1 thread under that load); 53 min for the whole sweep.
+table. Recorded results: 2026-11-27, 2-core CPU, no GPU, torch 1 thread per run, two runs at once
+(load average about 2.5, see "load_average" per run in the JSON): 0.75 min per run, 6.6 min for the
+whole sweep. The same command with --seed 1 / --seed 2 --out .../resnet56_cifar10_seed{1,2}.json,
+and for ADMM at other rhos with --methods admm-global --no-control and --rho 0.01 --rho-mult 1.778
+(.../resnet56_cifar10_rho0.01.json) or --rho 2 --rho-mult 2 (.../resnet56_cifar10_rho2.json).
+(The first recording, 2026-11-25, ran at load 6-9, where 2 threads trained at 5.8 img/s against
+21 img/s for 1 thread; 53 min for the sweep.)
 
 Budget (the defaults): an "epoch" is a random draw of 768 training images (JPEG, random crop +
 flip, batch 64, i.e. 12 steps); ADMM runs 2 iterations of one such epoch (SGD Nesterov lr 0.01,
@@ -18,7 +22,7 @@ weight decay 1e-4, rho 0.5 then 1.0), then 2 epochs of masked retraining (cosine
 magnitude prunes once and retrains for all 4 epochs: every run trains on 3,072 images in all. A
 control run (sparsity 0, same budget, no pruning) shows what fine-tuning alone does on our JPEGs.
 The dense accuracy is measured on the full 10k test set; the sweep evaluates every run on the same
-fixed subset of 1,000 test images (seed 0).
+fixed subset of 1,000 test images (drawn by --seed).
 
 GPU runs (2026-11-26, one NVIDIA H200, 16 CPU cores, torch 2.11.0+cu130, AMP), the data copied
 to /tmp/data; all 10k test images. The full sweep, 3 passes over the 50k training images per run,
@@ -109,6 +113,7 @@ from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, PruneSettings, TrainS
                                evaluate_accuracy, load_weights, make_eval_loader, model_spec, prepare,
                                prune_model)
 from classify.resnet56 import resnet56  # noqa: E402
+from classify.run_record import file_sha256  # noqa: E402
 from engine import atomic_write_json, resolve_device  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "resnet56_cifar10.json"
@@ -169,7 +174,7 @@ def full_test_accuracy(args: argparse.Namespace, datasets: dict) -> dict:
     loader = make_eval_loader(model_spec("resnet56"), datasets["test"], settings)
     accuracy = evaluate_accuracy(model.to(resolve_device(args.device)), loader, args.device)
     return {"accuracy": accuracy, "images": len(loader.dataset), "seconds": time.perf_counter() - started,
-            "weights": str(args.weights)}
+            "weights": str(args.weights), "weights_sha256": file_sha256(args.weights)}
 
 
 def train_settings(args: argparse.Namespace) -> TrainSettings:
