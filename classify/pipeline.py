@@ -43,7 +43,7 @@ from data.cifar import CIFAR10_CLASSES, CIFARDataset, decode_listing, list_cifar
 from data.mnist import MNISTDataset, mnist_files, read_mnist_files
 from data.seeded_batches import SeededBatchSampler
 from engine import (Trainer, TrainConfig, atomic_torch_save, atomic_write_bytes, distributed,
-                    find_latest_checkpoint, resolve_device, seed_everything, seeded_cpu_stream)
+                    find_latest_checkpoint, held_iteration, resolve_device, seed_everything, seeded_cpu_stream)
 
 ADMM_LR_SCHEDULES = ("constant", "cosine", "shared")
 METHODS = pruning.METHODS
@@ -342,7 +342,7 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader, device: str | torch.
     was_training = model.training
     model.eval()
     correct = total = 0
-    for images, labels in loader:
+    for images, labels in held_iteration(loader):
         logits = model(images.to(device))
         correct += int((logits.argmax(1).cpu() == labels).sum())
         total += len(labels)

@@ -20,7 +20,7 @@ from data.eval_dataset import ImageMeta, InferenceDataset, collate_inference, re
 from detector.layers import ConvBlock
 from detector.model import fused_for_inference
 from detector.postprocess import postprocess, to_original_image
-from engine import atomic_write_bytes, atomic_write_json
+from engine import atomic_write_bytes, atomic_write_json, held_iteration
 
 _PALETTE_SEED = 12345
 
@@ -54,7 +54,8 @@ def detect_loader(model: torch.nn.Module, loader: DataLoader, conf_thresh: float
     device = next(model.parameters()).device
     fast = inference_copy(model)
     with torch.inference_mode():
-        for images, metas in tqdm(loader, desc="detect", unit="batch", disable=not progress):
+        for images, metas in tqdm(held_iteration(loader), total=len(loader), desc="detect", unit="batch",
+                                  disable=not progress):
             outputs = fast(images.to(device, memory_format=torch.channels_last, non_blocking=True))
             for detections, meta in zip(postprocess(outputs, conf_thresh, iou_thresh, max_det), metas):
                 yield meta, to_original_image(detections, meta.transform).cpu()

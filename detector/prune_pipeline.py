@@ -56,8 +56,8 @@ from detector.predict import inference_copy
 from detector.prune_job import RECORDED_ONLY, PruneJob
 from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, distributed,
-                    find_latest_checkpoint, output_folder, remove_stale_temp_files, resolve_device, resolved_paths,
-                    run_folder_lock, seeded_cpu_stream)
+                    find_latest_checkpoint, held_iteration, output_folder, remove_stale_temp_files, resolve_device,
+                    resolved_paths, run_folder_lock, seeded_cpu_stream)
 
 LOG = logging.getLogger("yolo_admm.prune")
 
@@ -146,7 +146,7 @@ class RunContext:
         loader = DataLoader(Subset(dataset, chosen), batch_size=self.job.batch_size or 8,
                             num_workers=self.job.workers, collate_fn=collate_detection)
         with torch.random.fork_rng(devices=[]):  # the dataset draws a seed per image: keep training's RNG as is
-            update_bn(loader, model, device)
+            update_bn(held_iteration(loader), model, device)
 
     def record(self, stage: str, model: torch.nn.Module, folder: Path,
                masks: pruning.Masks | None = None) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from engine.checkpoint import (atomic_torch_save, atomic_write, atomic_write_byt
                                changed_settings, find_latest_checkpoint, load_checkpoint, load_error_summary,
                                output_file, output_folder, remove_stale_temp_files, resolved_paths, save_checkpoint)
 from engine.ema import ModelEMA
+from engine.interrupts import held_interrupts, held_iteration
 from engine.rng import seed_everything, seeded_cpu_stream
 from engine.run_lock import run_folder_lock
 from engine.distributed import resolve_device
@@ -21,6 +22,8 @@ __all__ = [
     "changed_settings",
     "distributed",
     "find_latest_checkpoint",
+    "held_interrupts",
+    "held_iteration",
     "load_checkpoint",
     "load_error_summary",
     "output_file",

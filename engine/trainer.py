@@ -41,6 +41,7 @@ from engine import distributed
 from engine.checkpoint import (atomic_write_bytes, checkpoint_name, find_latest_checkpoint, load_checkpoint,
                                load_error_summary, remove_older_checkpoints, save_checkpoint)
 from engine.ema import ModelEMA, unwrap
+from engine.interrupts import held_iteration
 from engine.rng import capture_rng_state, restore_rng_state
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
@@ -196,8 +197,8 @@ class Trainer:
         sums: dict[str, float] = defaultdict(float)
         batches = pending = 0
         length = _length(self.train_loader)
-        bar = tqdm(self.train_loader, desc=f"{self.config.desc} {self.epoch + 1}/{self.target_epochs}",
-                   disable=not (self.config.progress and distributed.is_main()), leave=False, dynamic_ncols=True)
+        bar = tqdm(held_iteration(self.train_loader), total=length,  # the workers start and stop with Ctrl-C held
+                   desc=f"{self.config.desc} {self.epoch + 1}/{self.target_epochs}", disable=not (self.config.progress and distributed.is_main()), leave=False, dynamic_ncols=True)
         for batch in bar:
             batch = move_to_device(batch, self.device)
             ends_step = pending + 1 == self.config.accumulate or length is None or batches + 1 == length

@@ -38,6 +38,11 @@ USAGE = "usage: yolo-admm TASK MODE [options]\n\ntasks:\n" + "".join(
 # torch.utils.data re-raises a worker's exception with the worker's traceback inside the message.
 _WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):"
 
+# An interrupt that has not ended the task this long after it was raised is raised again: C code
+# that clears errors (PyObject_HasAttr, PyDict_GetItem around a Python __getattr__ or __hash__)
+# drops a KeyboardInterrupt raised in the Python code it calls, without a report.
+RAISE_LOST_INTERRUPT_AFTER_S = 4.0
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -116,6 +121,11 @@ class _InterruptGuard:
     another interrupt was raised since (torchrun's SIGTERM after the terminal's SIGINT, a second
     Ctrl-C) or the task has ended. Interrupts are counted by our handler, which SIGINT gets too
     unless another one than Python's default is installed.
+
+    C code that clears errors drops an interrupt without a report. So the same thread raises the
+    newest interrupt again while the task has not ended `RAISE_LOST_INTERRUPT_AFTER_S` after it
+    was raised (`scripts/interrupt_fuzz.py --early`: about one Ctrl-C in 80 was lost so, and the
+    job trained on).
     """
 
     def __init__(self) -> None:
@@ -124,11 +134,13 @@ class _InterruptGuard:
         self.lock = threading.Lock()
         self.done = False
         self.raised = 0                      # interrupts our handler raised
+        self.raised_at = 0.0                 # time.monotonic() of the newest
 
     def interrupt(self, _signum, _frame) -> None:
         if self.done:                        # the task has ended: nothing left to stop
             return
         self.raised += 1
+        self.raised_at = time.monotonic()
         error = KeyboardInterrupt()
         error.yolo_admm_count = self.raised  # which interrupt, should it be swallowed
         raise error
@@ -150,7 +162,14 @@ class _InterruptGuard:
         multiprocessing.util.register_after_fork(self, _InterruptGuard._as_before)
 
     def _report_or_raise_again(self) -> None:
-        while (unraisable := self.swallowed.get()) is not None:
+        while True:
+            try:
+                unraisable = self.swallowed.get(timeout=RAISE_LOST_INTERRUPT_AFTER_S / 4)
+            except queue.Empty:
+                self._raise_again_if_lost()
+                continue
+            if unraisable is None:
+                return
             interrupted = issubclass(unraisable.exc_type, KeyboardInterrupt)
             if not interrupted:
                 self.previous_hook(unraisable)
@@ -163,6 +182,13 @@ class _InterruptGuard:
                 with self.lock:
                     if not self.done and self.raised == seen:
                         _thread.interrupt_main(signal.SIGTERM)
+
+    def _raise_again_if_lost(self) -> None:
+        """Raise the newest interrupt again if the task has not ended long after it."""
+        with self.lock:
+            if not self.done and self.raised and time.monotonic() - self.raised_at >= RAISE_LOST_INTERRUPT_AFTER_S:
+                self.raised_at = time.monotonic()      # once per period, while the main thread has not run it
+                _thread.interrupt_main(signal.SIGTERM)
 
     def _as_before(self) -> None:
         """In forked DataLoader workers, which lack the thread, and which multiprocessing stops at
