@@ -783,6 +783,66 @@ def test_a_held_ctrl_c_stops_the_block_after_it_and_a_second_one_at_once(ctrl_c_
     assert errors == [] and ran[-1] == "in a thread"
 
 
+def test_a_held_ctrl_c_is_acted_on_when_the_block_fails_or_lands_while_the_handlers_are_put_back(
+        ctrl_c_as_in_a_terminal, monkeypatch):
+    """Found by a review: a terminal's Ctrl-C also stops the DataLoader's workers, the block then
+    fails (torch: "worker exited unexpectedly") and the held Ctrl-C was dropped (exit 1, not 130).
+    And a Ctrl-C handled while the handlers were put back left SIGTERM's hold installed."""
+    from engine import held_interrupts
+
+    with pytest.raises(KeyboardInterrupt) as raised:
+        with held_interrupts():
+            signal.raise_signal(signal.SIGINT)
+            raise RuntimeError("DataLoader worker (pid 1) exited unexpectedly")
+    assert isinstance(raised.value.__context__, RuntimeError)
+
+    real_signal, pending = signal.signal, [signal.SIGINT]
+
+    def lands_while_put_back(number, handler):
+        if handler is signal.default_int_handler and pending:   # Python runs a pending handler first
+            pending.clear()
+            raise KeyboardInterrupt
+        return real_signal(number, handler)
+
+    term = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        monkeypatch.setattr(signal, "signal", lands_while_put_back)
+        with pytest.raises(KeyboardInterrupt):
+            with held_interrupts():
+                pass
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM).__name__ == "<lambda>"      # not the hold
+    finally:
+        signal.signal(signal.SIGTERM, term)
+
+
+def test_held_iteration_holds_the_start_and_the_end_not_the_wait_for_an_item(ctrl_c_as_in_a_terminal):
+    """Found by a review: holding every fetch made a Ctrl-C (or a scheduler's SIGTERM) wait for the
+    next batch, and forever behind a hung worker."""
+    from engine import held_iteration
+
+    class Items:
+        def __init__(self):
+            self.reached = []
+
+        def __len__(self):
+            return 3
+
+        def __iter__(self):
+            for index in range(3):
+                if index == 1:
+                    signal.raise_signal(signal.SIGINT)            # while the second item is made
+                    self.reached.append("after the signal")
+                yield index
+
+    items, fetched = Items(), []
+    with pytest.raises(KeyboardInterrupt):
+        for item in held_iteration(items):
+            fetched.append(item)
+    assert fetched == [0] and items.reached == []                 # at once, not after the item
+
+
 def test_ctrl_c_while_a_data_loader_forks_its_workers_stops_the_loop(ctrl_c_as_in_a_terminal, monkeypatch):
     """Found by `scripts/interrupt_fuzz.py --early`: a Ctrl-C as a DataLoader started or stopped its
     workers was lost (raised inside an at-fork hook, or in multiprocessing between a fork and its
