@@ -783,6 +783,36 @@ def test_a_held_ctrl_c_stops_the_block_after_it_and_a_second_one_at_once(ctrl_c_
     assert errors == [] and ran[-1] == "in a thread"
 
 
+def test_the_trainer_stops_at_a_ctrl_c_while_its_data_loader_forks(ctrl_c_as_in_a_terminal, monkeypatch):
+    """The training loop goes through `held_iteration`: the Ctrl-C stops it before its first step."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from engine import TrainConfig, Trainer
+
+    if not _CTRL_C_AT_FORK["hooks"]:
+        os.register_at_fork(after_in_parent=_ctrl_c_if_armed)
+        _CTRL_C_AT_FORK["hooks"] = True
+    ignored, steps = [], []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+    model = nn.Linear(2, 1)
+    loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4, num_workers=2)
+
+    def loss(module, batch):
+        steps.append(1)
+        return module(batch[0]).square().mean(), {}
+
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss, loader,
+                      TrainConfig(epochs=1, device="cpu", progress=False))
+    _CTRL_C_AT_FORK["armed"] = True
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit()
+    finally:
+        _CTRL_C_AT_FORK["armed"] = False
+    assert steps == [] and ignored == []
+
+
 def test_a_held_ctrl_c_is_acted_on_when_the_block_fails_or_lands_while_the_handlers_are_put_back(
         ctrl_c_as_in_a_terminal, monkeypatch):
     """Found by a review: a terminal's Ctrl-C also stops the DataLoader's workers, the block then
