@@ -6,13 +6,16 @@ right as the job forks a worker (the moment the 1st to 4th new child process sho
 sometimes at a random moment within a second. A try passes when the job exits with 130 and its
 "interrupted" line within --grace seconds; a job still running then lost the interrupt (it is
 killed). Every "Exception ignored in ..." report on stderr is counted too. With --early the SIGINT
-comes instead at a random moment 0.05-2.5 s after the start, mostly while torch is imported.
+comes instead at a random moment 0.05-2.5 s after the start, mostly while torch is imported. With
+--group it goes to the job's whole process group, its DataLoader workers included, as a terminal's
+Ctrl-C does.
 
 Reproduce (from the repository root):
 
     .venv/bin/python scripts/interrupt_fuzz.py --tries 60              # classify train (lenet5)
     .venv/bin/python scripts/interrupt_fuzz.py --tries 30 --task detect
     .venv/bin/python scripts/interrupt_fuzz.py --tries 30 --early
+    .venv/bin/python scripts/interrupt_fuzz.py --tries 30 --group
 
 Linux only (reads /proc/PID/task/PID/children).
 """
@@ -86,10 +89,11 @@ def ignored_exceptions(stderr: str) -> list[str]:
     return found
 
 
-def one_try(command: list[str], folder: Path, rng: random.Random, grace: float, early: bool = False) -> dict:
+def one_try(command: list[str], folder: Path, rng: random.Random, grace: float, early: bool = False,
+            group: bool = False) -> dict:
     """Start the job (`command`, which writes its checkpoints under `folder`/checkpoints), SIGINT it
     after its first epoch at a fork (or at random), or with `early` in its first 2.5 s, and say what
-    happened."""
+    happened. With `group`, the SIGINT goes to the job's process group."""
     checkpoints = folder / "checkpoints"
     out, err = folder / "stdout.txt", folder / "stderr.txt"
     with out.open("wb") as stdout, err.open("wb") as stderr:
@@ -117,7 +121,10 @@ def one_try(command: list[str], folder: Path, rng: random.Random, grace: float, 
         time.sleep(rng.uniform(0.0, 0.003))
         if job.poll() is not None:
             return {"outcome": "ended before the signal", "rc": job.returncode}
-        job.send_signal(signal.SIGINT)
+        if group:
+            os.killpg(job.pid, signal.SIGINT)
+        else:
+            job.send_signal(signal.SIGINT)
         sent = time.monotonic()
         try:
             rc = job.wait(timeout=grace)
@@ -143,6 +150,8 @@ def main() -> int:
     parser.add_argument("--grace", type=float, default=20.0, help="seconds a job may take to stop (default 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--early", action="store_true", help="SIGINT in the first 2.5 s (while importing)")
+    parser.add_argument("--group", action="store_true",
+                        help="SIGINT to the job's process group, workers included, as a terminal sends it")
     args = parser.parse_args()
     # A job started in the background of a script inherits SIGINT ignored; handled here, it is
     # reset to the default for the jobs (as exec does to handled signals), which then act on it.
@@ -161,7 +170,7 @@ def main() -> int:
             folder = Path(scratch) / f"try{number}"
             folder.mkdir()
             result = one_try(job_command(args.task, data, folder / "checkpoints"), folder, rng, args.grace,
-                             args.early)
+                             args.early, args.group)
             counts[result["outcome"]] = counts.get(result["outcome"], 0) + 1
             ignored_total += len(result.get("ignored", []))
             if result["outcome"] == "honoured":
