@@ -197,8 +197,9 @@ class Trainer:
         sums: dict[str, float] = defaultdict(float)
         batches = pending = 0
         length = _length(self.train_loader)
-        bar = tqdm(held_iteration(self.train_loader), total=length,  # the workers start and stop with Ctrl-C held
-                   desc=f"{self.config.desc} {self.epoch + 1}/{self.target_epochs}", disable=not (self.config.progress and distributed.is_main()), leave=False, dynamic_ncols=True)
+        bar = tqdm(held_iteration(self.train_loader), total=length,  # workers start and stop with Ctrl-C held
+                   desc=f"{self.config.desc} {self.epoch + 1}/{self.target_epochs}",
+                   disable=not (self.config.progress and distributed.is_main()), leave=False, dynamic_ncols=True)
         for batch in bar:
             batch = move_to_device(batch, self.device)
             ends_step = pending + 1 == self.config.accumulate or length is None or batches + 1 == length
