@@ -847,6 +847,35 @@ def test_a_held_ctrl_c_is_acted_on_when_the_block_fails_or_lands_while_the_handl
         signal.signal(signal.SIGTERM, term)
 
 
+def test_the_import_hold_puts_every_handler_back_when_a_ctrl_c_lands_meanwhile(ctrl_c_as_in_a_terminal,
+                                                                              monkeypatch):
+    """As in `engine.interrupts` (found by a review there): a handler left behind by the import hold
+    would have swallowed every later SIGTERM of the run."""
+    from yolo_admm.cli import _import_holding_interrupts
+
+    real_signal, pending = signal.signal, [signal.SIGINT]
+
+    def lands_while_put_back(number, handler):
+        if handler is signal.default_int_handler and pending:
+            pending.clear()
+            raise KeyboardInterrupt
+        return real_signal(number, handler)
+
+    def on_sigterm(signum, frame):
+        pass
+
+    term = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        monkeypatch.setattr(signal, "signal", lands_while_put_back)
+        with pytest.raises(KeyboardInterrupt):
+            _import_holding_interrupts("json")
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is on_sigterm                   # not the hold's
+    finally:
+        signal.signal(signal.SIGTERM, term)
+
+
 def test_held_iteration_holds_the_start_and_the_end_not_the_wait_for_an_item(ctrl_c_as_in_a_terminal):
     """Found by a review: holding every fetch made a Ctrl-C (or a scheduler's SIGTERM) wait for the
     next batch, and forever behind a hung worker."""

@@ -25,6 +25,7 @@ import threading
 import time
 import warnings
 from types import ModuleType
+from typing import Callable
 
 TASKS = {
     "detect": ("detector.cli", "Darknet YOLO detectors: predict, eval, train, prune, export"),
@@ -96,22 +97,42 @@ def _import_holding_interrupts(name: str) -> ModuleType:
     """Import module `name` with Ctrl-C and SIGTERM held until the import is done, then raise
     KeyboardInterrupt if one came. Raised inside the import, an interrupt left half-imported
     modules behind (numpy then recursed until RecursionError) or killed the process with SIGINT
-    after its "interrupted" line: 5 of 30 early interrupts ended so in a test before this hold. Only signals that
+    after its "interrupted" line: 5 of 30 early interrupts ended so in a test before this hold (the
+    latter through the string-exec flag, see `_forget_interrupts_of_string_code`). Only signals that
     Python handles are held (an ignored SIGINT stays ignored), and only in the main thread, the one
-    signal handlers run in."""
+    signal handlers run in.
+
+    `engine.interrupts.held_interrupts` holds signals the same way for the training code; it cannot
+    serve here, because importing `engine` imports torch, which is what this hold must cover."""
     if threading.current_thread() is not threading.main_thread():
         return importlib.import_module(name)
     held: list[int] = []
-    handled = [number for number in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(number))]
-    previous = {number: signal.signal(number, lambda signum, _frame: held.append(signum)) for number in handled}
+    previous: dict[int, Callable] = {}
     try:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            if callable(signal.getsignal(number)):
+                previous[number] = signal.signal(number, lambda signum, _frame: held.append(signum))
         module = importlib.import_module(name)
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        _put_back_handlers(previous)
     if held:
         raise KeyboardInterrupt
     return module
+
+
+def _put_back_handlers(previous: dict[int, Callable]) -> None:
+    """Put every handler back, even when a signal that lands meanwhile raises; then raise that
+    (as `engine.interrupts` does: a handler left behind would swallow every later SIGTERM)."""
+    error: BaseException | None = None
+    for number, handler in previous.items():
+        while True:
+            try:
+                signal.signal(number, handler)
+                break
+            except BaseException as raised:  # a pending signal's handler ran (and raised) before the swap
+                error = error or raised
+    if error is not None:
+        raise error
 
 
 class _InterruptGuard:
