@@ -8,7 +8,7 @@
   head by head in cfg order, within a head anchor-major then row then column (the flatten of
   [B, A, Hk, Wk, 5 + C]); columns cx, cy, w, h in network-input pixels, objectness, then class
   probabilities (not multiplied by objectness). Input `images` Float[B, 3, H, W], RGB in [0, 1],
-  H and W fixed at export, B free. The row layout per head (anchors, stride, grid, row range) is
+  H and W fixed at export, B free (the output declares N and 5 + C). The row layout per head (anchors, stride, grid, row range) is
   stored as JSON in the model's metadata under `ONNX_LAYOUT_KEY`. Checked with onnxruntime.
   Initialisers are dense: the file is about the dense fp32 size.
 - **Compact** (`export_compact`, `load_compact`): `pruning.sparse_archive` (bit-packed masks,
@@ -243,6 +243,7 @@ def export_onnx(model: DarknetModel, path: str | os.PathLike, img_size: int | No
         staged = Path(staging) / path.name
         _torch_onnx_export(wrapper, example, staged, opset)
         proto = onnx.load(str(staged))
+    _declare_output_size(proto, output_shape[1:])
     props = {ONNX_LAYOUT_KEY: json.dumps(onnx_layout(model, height, width))}
     if model.class_names is not None:
         props[ONNX_NAMES_KEY] = json.dumps(model.class_names)
@@ -264,6 +265,16 @@ def export_onnx(model: DarknetModel, path: str | os.PathLike, img_size: int | No
             raise RuntimeError(f"{path}: onnxruntime's output differs from PyTorch's by "
                                f"{report['onnxruntime_max_rel_diff']:.3g} (relative); expected <= {ONNX_TOLERANCE}")
     return report
+
+
+def _declare_output_size(proto, rows_and_columns: list[int]) -> None:
+    """Write the output's row and column counts into the graph. The tracer leaves every output dim
+    after the batch symbolic (they are computed from shapes), though H and W are fixed at export;
+    runtimes and converters that plan memory from the declared shape (TensorRT, TFLite) need them."""
+    (output,) = [value for value in proto.graph.output if value.name == ONNX_OUTPUT]
+    for dim, size in zip(output.type.tensor_type.shape.dim[1:], rows_and_columns, strict=True):
+        dim.Clear()
+        dim.dim_value = int(size)
 
 
 def onnxruntime_outputs(path: str | os.PathLike, images: torch.Tensor) -> np.ndarray:

@@ -228,6 +228,14 @@ def test_onnxruntime_equals_pytorch_on_a_batch(pruned, onnx_export, images):
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
 
 
+def test_onnx_file_declares_its_output_size_and_only_the_batch_is_free(onnx_export):
+    """The tracer left the rows and columns symbolic; converters that plan memory need them."""
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_export[0])), strict_mode=True)
+    declared = {value.name: [dim.dim_value or dim.dim_param for dim in value.type.tensor_type.shape.dim]
+                for value in [*proto.graph.input, *proto.graph.output]}
+    assert declared == {"images": ["batch", 3, 160, 160], "detections": ["batch", 375, 9]}
+
+
 def test_onnxruntime_gives_the_same_detections_and_map(tmp_path, shapes):
     """The shipped, trained demo weights pruned to 80% (so that mAP is far from 0) through both
     runtimes. Detections at a deployment threshold are the same boxes (compared by position: outputs
