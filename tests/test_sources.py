@@ -27,9 +27,11 @@ def write_coco(tmp_path: Path) -> Path:
         "categories": [{"id": 7, "name": "cat"}, {"id": 2, "name": "bird"}, {"id": 90, "name": "toaster"}],
         "images": [{"id": 11, "file_name": "a.jpg", "width": 64, "height": 48},
                    {"id": 12, "file_name": "b.jpg", "width": 32, "height": 32}],
-        "annotations": [
-            {"id": 1, "image_id": 11, "category_id": 7, "bbox": [1, 2, 10, 20], "area": 150.5, "iscrowd": 0},
-            {"id": 2, "image_id": 11, "category_id": 90, "bbox": [5, 5, 4, 4], "area": 16, "iscrowd": 1},
+        "annotations": [   # with segmentations as COCO writes them: a polygon, and RLE for a crowd
+            {"id": 1, "image_id": 11, "category_id": 7, "bbox": [1, 2, 10, 20], "area": 150.5, "iscrowd": 0,
+             "segmentation": [[1.0, 2.0, 11.0, 2.0, 11.0, 22.0, 1.0, 22.0]]},
+            {"id": 2, "image_id": 11, "category_id": 90, "bbox": [5, 5, 4, 4], "area": 16, "iscrowd": 1,
+             "segmentation": {"counts": [245, 4, 44, 4, 44, 4, 44, 4, 2687], "size": [48, 64]}},
         ],
     }
     path = tmp_path / "instances.json"
