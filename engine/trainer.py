@@ -66,7 +66,8 @@ class TrainConfig:
         device: "cpu", "cuda", "cuda:1", ...; None picks CUDA when available.
         amp: mixed precision (float16 autocast + GradScaler); only ever active on CUDA.
         accumulate: batches whose mean gradient makes one optimizer step (an epoch's last step
-            may have fewer, when the batches do not divide; their mean all the same).
+            may have fewer, when the batches do not divide; their mean all the same, also from a
+            loader without a length).
         clip_grad_norm: max total L2 norm of the gradients, None for no clipping.
         ema: keep an exponential moving average of the weights (`trainer.ema`).
         ema_decay, ema_tau: its asymptotic decay and ramp length in optimizer steps.
@@ -209,7 +210,8 @@ class Trainer:
                 loss_value = float(distributed.mean_across_ranks(loss.detach()))
                 if not math.isfinite(loss_value):
                     self._stop_on_non_finite(loss_value, batches)
-                self.scaler.scale(loss / self._accumulation_group(batches, length)).backward()
+                divisor = self._accumulation_group(batches, length)
+                self.scaler.scale(loss / divisor).backward()
             pending += 1
             if pending == self.config.accumulate:
                 self._optimizer_step()
@@ -220,6 +222,8 @@ class Trainer:
                 sums[key] += float(value)
             bar.set_postfix(loss=f"{sums['loss'] / batches:.4g}", refresh=False)
         if pending:
+            if divisor != pending:   # no length to foresee the last step by: make its gradient their mean
+                self._scale_gradients(divisor / pending)
             self._optimizer_step()
         return self._mean_logs(sums, batches)
 
@@ -227,9 +231,15 @@ class Trainer:
         """How many batches the optimizer step of batch `batch_index` averages: `accumulate`, or
         fewer for an epoch's last step when `accumulate` does not divide the batches."""
         accumulate = self.config.accumulate
-        if length is None:
+        if length is None or batch_index >= length:     # no length, or one that was wrong
             return accumulate
         return min(accumulate, length - batch_index // accumulate * accumulate)
+
+    def _scale_gradients(self, factor: float) -> None:
+        """Multiply the accumulated gradients by `factor` (before unscaling: it is linear)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
 
     def _gradient_sync(self, ends_step: bool) -> contextlib.AbstractContextManager:
         """Under DDP, skip the gradient all-reduce of batches that only accumulate (`no_sync`)."""

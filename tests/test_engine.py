@@ -316,14 +316,27 @@ def test_the_admm_penalty_is_not_clipped(tmp_path):
     torch.testing.assert_close(before - model.weight.detach(), 0.1 * penalty)
 
 
+class _BatchesWithoutLength(torch.utils.data.IterableDataset):
+    """The batches of a TensorDataset, from an iterable that has no length (as a stream would)."""
+
+    def __init__(self, data: TensorDataset, batch_size: int):
+        self.data, self.batch_size = data, batch_size
+
+    def __iter__(self):
+        return iter(DataLoader(self.data, batch_size=self.batch_size))
+
+
+@pytest.mark.parametrize("lengthless", [False, True])   # True: the last step cannot be foreseen
 @pytest.mark.parametrize("samples", [32, 36])   # 36: the epoch's last step averages one batch of 4, not two
-def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, samples):
+def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, samples, lengthless):
     def run(batch_size: int, accumulate: int) -> torch.Tensor:
         torch.manual_seed(0)
         model = nn.Linear(6, 3)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         data = TensorDataset(torch.randn(samples, 6), torch.randint(0, 3, (samples,)))
         loader = DataLoader(data, batch_size=batch_size)
+        if lengthless and accumulate > 1:
+            loader = DataLoader(_BatchesWithoutLength(data, batch_size), batch_size=None)
         config = TrainConfig(epochs=2, device="cpu", accumulate=accumulate, progress=False)
         Trainer(model, optimizer, cross_entropy, loader, config).fit()
         return model.weight.detach()
