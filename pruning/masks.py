@@ -63,6 +63,15 @@ def _multiply(pairs: list[tuple[Tensor, Tensor]]) -> None:
         torch._foreach_mul_([tensor for tensor, _ in pairs], [factor.to(tensor.dtype) for tensor, factor in pairs])
 
 
+def _ordinary(mask: Tensor) -> Tensor:
+    """``mask``, or a normal copy of it when it was made under ``torch.inference_mode`` (such a
+    tensor has no version counter, which the factor cache reads, and cannot be written outside it)."""
+    if not mask.is_inference():
+        return mask
+    with torch.inference_mode(False):
+        return mask.clone()
+
+
 class Masks:
     """Bool masks (True = kept) per canonical parameter name.
 
@@ -99,7 +108,7 @@ class Masks:
 
     def to(self, device: torch.device | str) -> "Masks":
         """Move the masks in place to ``device``; returns self."""
-        self._masks = {name: mask.to(device) for name, mask in self._masks.items()}
+        self._masks = {name: _ordinary(mask.to(device)) for name, mask in self._masks.items()}
         self._factors = {}
         return self
 
@@ -175,6 +184,6 @@ class Masks:
             if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
                 found = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
                 raise ValueError(f"mask for {name!r} must be a bool Tensor, got {found}")
-            masks[canonical_name(name)] = mask
+            masks[canonical_name(name)] = _ordinary(mask)
         self._masks = masks
         self._factors = {}

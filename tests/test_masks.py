@@ -227,3 +227,22 @@ def test_pack_mask_matches_numpy_packbits_and_round_trips(numel):
         assert torch.equal(unpack_mask(pack_mask(mask.view(7, 11, 13)), (7, 11, 13)), mask.view(7, 11, 13))
         with pytest.raises(ValueError, match=r"packed mask for shape \(1000,\) must be 125 uint8 bytes, got 126"):
             unpack_mask(packed, (1000,))
+
+
+def test_masks_made_under_inference_mode_work_outside_it():
+    """Found by a review: inference tensors have no version counter, which the factor cache reads."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    with torch.inference_mode():
+        masks = magnitude_prune(model, 0.5)
+        again = Masks.from_model(model)
+    assert not any(mask.is_inference() for _, mask in masks.items())
+    for weight in (model[0].weight, model[1].weight):
+        weight.grad = torch.ones_like(weight)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    again.mask_grads(model)
+    again.apply(model)
+    assert torch.equal(model[0].weight != 0, masks["0.weight"])
+    assert torch.equal(model[1].weight.grad != 0, masks["1.weight"])
+    assert int(sum(mask.sum() for _, mask in again.items())) == 40    # half of 80 weights kept
