@@ -121,6 +121,15 @@ def ramp_updates(sparsity: float, ramp_from: float | None, ramp_iters: int | Non
     return ramp_iters
 
 
+def check_minimises(optimizer: torch.optim.Optimizer) -> None:
+    """Raise ValueError when a param group of ``optimizer`` maximises: the penalty gradient
+    ``rho * (W - Z + U)`` is for a descent, and an ascent would push W away from Z (silently)."""
+    for index, group in enumerate(optimizer.param_groups):
+        if group.get("maximize", False):
+            raise ValueError(f"{type(optimizer).__name__} param group {index} has maximize=True; ADMM's penalty "
+                             f"gradient assumes the optimizer minimises (negate the loss instead)")
+
+
 class ADMM:
     """ADMM state (Z, U, rho) over the prunable weights W of one model.
 

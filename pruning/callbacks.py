@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pruning.admm import ADMM
+from pruning.admm import ADMM, check_minimises
 from pruning.masks import Masks
 
 
@@ -29,6 +29,7 @@ class ADMMCallback:
         self._penalty_added = False
 
     def before_step(self, trainer) -> None:
+        check_minimises(trainer.optimizer)
         self.admm.add_penalty_grad()   # after any gradient clipping: rho weighs unclipped
         self._penalty_added = True
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from pruning.admm import ADMM
+from pruning.admm import ADMM, check_minimises
 from pruning.masks import Masks
 
 
@@ -42,10 +42,14 @@ def attach_admm(optimizer: Optimizer, admm: ADMM) -> StepHooks:
 
     The penalty is added once per step, after gradient accumulation and clipping, which is where
     ``ADMM.add_penalty_grad`` belongs in any loop. Not for ``step(closure)`` (LBFGS): the closure
-    computes the gradients again after the hook (a ValueError says so).
+    computes the gradients again after the hook (a ValueError says so), nor for an optimizer that
+    maximises (``check_minimises``).
     """
+    check_minimises(optimizer)
+
     def add_penalty(_optimizer, args, kwargs) -> None:
         refuse_closure(args, kwargs, "add the penalty with admm.add_penalty_grad()")
+        check_minimises(optimizer)
         admm.add_penalty_grad(getattr(optimizer, "grad_scale", None))   # set by GradScaler for fused optimizers
 
     return StepHooks([optimizer.register_step_pre_hook(add_penalty)])
