@@ -267,7 +267,10 @@ class ADMM:
         """
         self._follow_params()
         grads = []
-        for param in self.params:
+        for name, param in zip(self.names, self.params):
+            if not param.requires_grad:     # frozen in place after the ADMM was built
+                raise ValueError(f"ADMM: {name} is frozen now (requires_grad=False), and a gradient made for it "
+                                 f"would still move it; build a new ADMM that excludes it")
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             grads.append(param.grad)

@@ -224,8 +224,10 @@ def test_weights_replaced_after_the_admm_was_built_take_over_its_state():
     admm.update()
     admm.hard_prune()
     assert sum(int(torch.count_nonzero(model[i].weight)) for i in (0, 3, 7)) == admm.k
-    model[0].weight.requires_grad_(False)                      # frozen in place, not replaced: left to the user
+    model[0].weight.requires_grad_(False)                      # frozen in place, not replaced: the update goes on,
     admm.update()
+    with pytest.raises(ValueError, match=r"ADMM: 0.weight is frozen now \(requires_grad=False\)"):
+        admm.add_penalty_grad()                                # but a gradient made for it would still move it
     model[0].weight.requires_grad_(True)
     model[3] = nn.Conv2d(8, 8, 3, padding=1)                   # a new layer of the same shape: followed by name,
     admm.add_penalty_grad()                                    # from the next step on, not the next update
