@@ -8,7 +8,7 @@ it does nothing, so the same program runs single-process unchanged.
 
 Everything else here is a no-op, or the single-process answer, when no process group of more
 than one process is initialised: `rank()` is 0, `world_size()` is 1, `is_main()` is True,
-`barrier()` returns at once and `broadcast_object(x)` returns x.
+`barrier()` returns at once, `broadcast_object(x)` returns x and `all_gather_object(x)` [x].
 """
 from __future__ import annotations
 
@@ -162,6 +162,16 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     holder = [value]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's `value` (any picklable object), in rank order, on every rank; `[value]` when not
+    distributed."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:

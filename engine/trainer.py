@@ -350,12 +350,18 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write `checkpoint_dir/epoch_NNNN.pt` atomically; returns its path.
 
-        Under DDP only rank 0 writes, and every rank waits until the file is there.
+        Under DDP only rank 0 writes, and every rank waits until the file is there. The file holds
+        every rank's random streams (`rng_per_rank`), which can differ (e.g. each rank's CUDA
+        stream, or augmentations that draw more for some images), so each resumes its own.
         """
         if self.config.checkpoint_dir is None:
             raise ValueError("TrainConfig.checkpoint_dir is not set: nowhere to save a checkpoint")
+        rng_per_rank = distributed.all_gather_object(capture_rng_state()) if distributed.is_distributed() else None
         if distributed.is_main():
-            self.last_checkpoint = save_checkpoint(self.state_dict(), self.config.checkpoint_dir)
+            state = self.state_dict()
+            if rng_per_rank is not None:
+                state["rng_per_rank"] = rng_per_rank
+            self.last_checkpoint = save_checkpoint(state, self.config.checkpoint_dir)
             if self.config.keep_last is not None:
                 remove_older_checkpoints(self.config.checkpoint_dir, self.config.keep_last)
         else:
@@ -399,7 +405,9 @@ class Trainer:
             self.ema = ModelEMA(self.model, self.config.ema_decay, self.config.ema_tau, updates=int(state["step"]))
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = list(state.get("history", []))
-        restore_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank")      # a DDP run's; on as many ranks, each takes its own
+        same_world = per_rank is not None and len(per_rank) == distributed.world_size()
+        restore_rng_state(per_rank[distributed.rank()] if same_world else state["rng"])
         self.last_checkpoint = path
         return {"path": path, "callbacks": state.get("callbacks", {})}
 

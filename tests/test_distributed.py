@@ -98,6 +98,32 @@ def stops_together_on_a_nan(root: Path) -> bool:
     return False
 
 
+def dropout_cross_entropy(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+    inputs, labels = batch
+    return nn.functional.cross_entropy(model(nn.functional.dropout(inputs, 0.5)), labels), {}
+
+
+def resumed_with_rank_streams(root: Path) -> dict:
+    """Ranks whose random streams differ (seeded by rank), training with dropout: two epochs in one
+    go, and one epoch then a second resumed (in streams reseeded alike, as in new processes) from
+    rank 0's checkpoint. Returns both runs' weights."""
+    dataset = make_dataset()
+    weights = {}
+    for run, plan in (("straight", (2,)), ("resumed", (1, 2))):
+        loader = DataLoader(dataset, batch_size=4, sampler=distributed.distributed_sampler(dataset, seed=3))
+        model = make_model()
+        torch.manual_seed(1000 + distributed.rank())
+        for epochs in plan:
+            resume = root / run / "rank0" if epochs > 1 and len(plan) > 1 else None
+            if resume is not None:
+                torch.manual_seed(5)
+            config = TrainConfig(epochs=epochs, device="cpu", checkpoint_dir=root / run / f"rank{distributed.rank()}",
+                                 resume=resume, progress=False)
+            Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), dropout_cross_entropy, loader, config).fit()
+        weights[run] = {key: value.clone() for key, value in model.state_dict().items()}
+    return weights
+
+
 def admm_from_rank_seeded_weights() -> dict:
     """ADMM built on weights that differ by rank: its Z and support must still be rank 0's."""
     torch.manual_seed(100 + distributed.rank())
@@ -116,7 +142,8 @@ def worker(local_rank: int, port: int, root: str) -> None:
     device = distributed.init_from_env("cpu", timeout_s=60)
     result = prune_and_retrain(Path(root))
     result.update(device=str(device), rank=distributed.rank(), world=distributed.world_size(),
-                  nan_stops=stops_together_on_a_nan(Path(root)), seeded=admm_from_rank_seeded_weights())
+                  nan_stops=stops_together_on_a_nan(Path(root)), seeded=admm_from_rank_seeded_weights(),
+                  streams=resumed_with_rank_streams(Path(root) / "streams"))
     torch.save(result, Path(root) / f"result_rank{local_rank}.pt")
     dist.barrier()  # every rank is past its last collective
     # Leave without tearing gloo down. Once (one clean-clone run of many) rank 1 died of SIGABRT,
@@ -198,6 +225,18 @@ def test_only_rank_zero_writes_and_every_rank_resumes_from_it(runs):
                                                                            "history.csv"]
     assert sorted(p.name for p in (root / "rank0" / "retrain").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt",
                                                                               "history.csv"]
+
+
+def test_each_rank_resumes_its_own_random_streams(runs):
+    """Rank 0's checkpoint holds every rank's streams: with rank 1 given rank 0's (as before), its
+    dropout masks differed after the resume, and so did the weights."""
+    _, ranks, ddp_root = runs
+    for rank in ranks:
+        straight, resumed = rank["streams"]["straight"], rank["streams"]["resumed"]
+        assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+    saved = torch.load(ddp_root / "streams" / "resumed" / "rank0" / "epoch_0002.pt", weights_only=True)
+    first, second = saved["rng_per_rank"]
+    assert torch.equal(first["torch"], saved["rng"]["torch"]) and not torch.equal(first["torch"], second["torch"])
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(runs):
