@@ -61,6 +61,31 @@ def dense_fp32_bytes(model: nn.Module) -> int:
     return sum(4 * t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
 
+class ExportCheckError(ValueError):
+    """An exported file's outputs differ from the model's beyond the check's tolerance; the file is
+    removed, so that it cannot be shipped by mistake."""
+
+
+def _mismatch(path: Path, runtime: str, difference: float, tolerance: float, model: DarknetModel,
+              images: torch.Tensor) -> ExportCheckError:
+    """The error for a failed check of `path`, with why where the model explains it: outputs that
+    float32 rounding alone moves by more than the tolerance (compared with float64), which a
+    BatchNorm channel of zero running variance fed a constant does (its rounding noise is
+    multiplied by 1/sqrt(eps); `detector.prune_pipeline.silence_constant_channels`)."""
+    with torch.no_grad():
+        single = DecodedDetections(copy.deepcopy(model).float().cpu()).eval()(images.float()).double()
+        double = DecodedDetections(copy.deepcopy(model).double().cpu()).eval()(images.double())
+    own = float(((single - double).abs() / double.abs().clamp(min=1.0)).max())
+    reason = ""
+    if not own <= tolerance:
+        constant = sum(int((module.running_var == 0).sum()) for module in model.modules()
+                       if isinstance(module, nn.BatchNorm2d) and module.running_var is not None)
+        reason = (f"; the model itself is numerically unstable: its float32 and float64 outputs differ by "
+                  f"{own:.3g}" + (f" ({constant} BatchNorm channels have a running variance of 0)" if constant else ""))
+    return ExportCheckError(f"{path}: {runtime}'s outputs differ from the model's by {difference:.3g} (relative), "
+                            f"expected <= {tolerance}{reason}; the file was removed")
+
+
 def require_opencv_darknet_importer(cfg: DarknetCfg | None = None) -> None:
     """ValueError unless this OpenCV can read Darknet files (OpenCV 5 has no Darknet importer) and,
     given `cfg`, that cfg (OpenCV refuses some layers and activations Darknet has, e.g. selu):
@@ -87,7 +112,7 @@ def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = 
         model: a `DarknetModel` (any device); its cfg is written as it was read (`model.cfg.text`).
         path: the `.weights` file to write.
         verify: load both files in OpenCV DNN and compare its output on one random input with the
-            model's (raises RuntimeError beyond OPENCV_TOLERANCE).
+            model's (beyond OPENCV_TOLERANCE: removes the files and raises ExportCheckError).
 
     Returns:
         dict `weights`, `cfg` (paths), `bytes` (the .weights size), `dense_fp32_bytes`, and with
@@ -108,8 +133,9 @@ def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = 
         image = _verify_input(model.net.channels, model.net.height, model.net.width)
         report["opencv_max_rel_diff"] = opencv_difference(model, cfg_path, weights_path, image)
         if not report["opencv_max_rel_diff"] <= OPENCV_TOLERANCE:
-            raise RuntimeError(f"{weights_path}: OpenCV's outputs differ from the model's by "
-                               f"{report['opencv_max_rel_diff']:.3g} (relative); expected <= {OPENCV_TOLERANCE}")
+            for written in (weights_path, cfg_path, weights_path.with_suffix(".names")):
+                written.unlink(missing_ok=True)
+            raise _mismatch(weights_path, "OpenCV", report["opencv_max_rel_diff"], OPENCV_TOLERANCE, model, image)
     return report
 
 
@@ -221,9 +247,10 @@ def export_onnx(model: DarknetModel, path: str | os.PathLike, img_size: int | No
         path: the `.onnx` file.
         img_size: square input side; default the cfg's [net] height x width.
         opset: ONNX opset, >= MIN_OPSET.
-        verify: run the file in onnxruntime on a random batch of 2 and compare with PyTorch
-            (raises RuntimeError where |difference| / max(1, |value|) exceeds ONNX_TOLERANCE: boxes
-            are in pixels, so large inputs earn a proportionally larger absolute slack).
+        verify: run the file in onnxruntime on a random batch of 2 and compare with PyTorch, before
+            it is written (ExportCheckError where |difference| / max(1, |value|) exceeds
+            ONNX_TOLERANCE, and no file at `path`: boxes are in pixels, so large inputs earn a
+            proportionally larger absolute slack).
 
     Returns:
         dict `path`, `bytes`, `opset`, `input_shape`, `output_shape` (batch 1), `dense_fp32_bytes`,
@@ -249,22 +276,31 @@ def export_onnx(model: DarknetModel, path: str | os.PathLike, img_size: int | No
         props[ONNX_NAMES_KEY] = json.dumps(model.class_names)
     onnx.helper.set_model_props(proto, props)
     onnx.checker.check_model(proto)
-    atomic_write_bytes(path, proto.SerializeToString())
-    report = {"path": str(path), "bytes": path.stat().st_size, "opset": opset,
+    serialized = proto.SerializeToString()
+    report = {"path": str(path), "bytes": len(serialized), "opset": opset,
               "input_shape": list(example.shape), "output_shape": output_shape,
               "dense_fp32_bytes": dense_fp32_bytes(model)}
     if verify:
-        images = _verify_input(model.net.channels, height, width, batch=2)
-        with torch.no_grad():
-            expected = wrapper(images).numpy()
-        difference = np.abs(onnxruntime_outputs(path, images).astype(np.float64) - expected)
-        difference[~np.isfinite(difference)] = math.inf        # a NaN on either side is no match
-        report["onnxruntime_max_abs_diff"] = float(difference.max())
-        report["onnxruntime_max_rel_diff"] = float((difference / np.maximum(1.0, np.abs(expected))).max())
-        if not report["onnxruntime_max_rel_diff"] <= ONNX_TOLERANCE:
-            raise RuntimeError(f"{path}: onnxruntime's output differs from PyTorch's by "
-                               f"{report['onnxruntime_max_rel_diff']:.3g} (relative); expected <= {ONNX_TOLERANCE}")
+        report.update(_onnx_difference(serialized, wrapper, model, path, height, width))
+    atomic_write_bytes(path, serialized)
     return report
+
+
+def _onnx_difference(serialized: bytes, wrapper: nn.Module, model: DarknetModel, path: Path,
+                     height: int, width: int) -> dict:
+    """Run the file's bytes in onnxruntime on a random batch of 2 and compare with `wrapper` (the
+    model's eval forward): `onnxruntime_max_abs_diff` and `_max_rel_diff`, or ExportCheckError
+    (any file already at `path` removed)."""
+    images = _verify_input(model.net.channels, height, width, batch=2)
+    with torch.no_grad():
+        expected = wrapper(images).numpy()
+    difference = np.abs(onnxruntime_outputs(serialized, images).astype(np.float64) - expected)
+    difference[~np.isfinite(difference)] = math.inf        # a NaN on either side is no match
+    relative = float((difference / np.maximum(1.0, np.abs(expected))).max())
+    if not relative <= ONNX_TOLERANCE:
+        path.unlink(missing_ok=True)                       # an earlier export's file would pass for this one
+        raise _mismatch(path, "onnxruntime", relative, ONNX_TOLERANCE, model, images)
+    return {"onnxruntime_max_abs_diff": float(difference.max()), "onnxruntime_max_rel_diff": relative}
 
 
 def _declare_output_size(proto, rows_and_columns: list[int]) -> None:
@@ -277,10 +313,12 @@ def _declare_output_size(proto, rows_and_columns: list[int]) -> None:
         dim.dim_value = int(size)
 
 
-def onnxruntime_outputs(path: str | os.PathLike, images: torch.Tensor) -> np.ndarray:
-    """Run an exported file on the CPU: images Float[B, 3, H, W] -> ndarray[B, N, 5 + C]."""
+def onnxruntime_outputs(model: str | os.PathLike | bytes, images: torch.Tensor) -> np.ndarray:
+    """Run an exported file (its path, or its bytes) on the CPU: images Float[B, 3, H, W] ->
+    ndarray[B, N, 5 + C]."""
     ort = _import_optional("onnxruntime")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     return session.run([ONNX_OUTPUT], {ONNX_INPUT: images.detach().cpu().float().numpy()})[0]
 
 

@@ -15,7 +15,8 @@ After stages 3 and 4 the BatchNorm running statistics are recomputed from ``bn_i
 images (plain resize, no augmentation; ``torch.optim.swa_utils.update_bn``): zeroing weights shifts
 every layer's output statistics, and Darknet's BN momentum of 0.01 leaves the old running
 statistics mostly in place through a short retraining, so the evaluated model would otherwise
-normalise with the dense model's statistics.
+normalise with the dense model's statistics. A channel that is constant on those images gets a
+BN scale of 0 (``silence_constant_channels``), so that it outputs its bias without amplified noise.
 5. export of the retrained model: Darknet ``.weights``, ONNX and the compact sparse archive.
 
 Every stage gets a record: mAP50-95, mAP50, nonzero prunable weights, sparsity, compact-archive
@@ -147,6 +148,9 @@ class RunContext:
                             num_workers=self.job.workers, collate_fn=collate_detection)
         with torch.random.fork_rng(devices=[]):  # the dataset draws a seed per image: keep training's RNG as is
             update_bn(held_iteration(loader), model, device)
+        silenced = silence_constant_channels(model)
+        if silenced:
+            LOG.info("BatchNorm: %d channels constant on the calibration images, their scale set to 0", silenced)
 
     def record(self, stage: str, model: torch.nn.Module, folder: Path,
                masks: pruning.Masks | None = None) -> dict[str, Any]:
@@ -271,6 +275,24 @@ def retrain_stage(ctx: RunContext, model: torch.nn.Module, masks: pruning.Masks,
         ctx.recalibrate_batchnorm(model)
     save_state(state_path, model.cpu(), masks.to("cpu"))
     return model
+
+
+@torch.no_grad()
+def silence_constant_channels(model: torch.nn.Module) -> int:
+    """Set the BatchNorm scale to 0 in every channel whose running variance is 0 within float32
+    rounding of its mean; returns how many. Pruning leaves such channels: a convolution whose kept
+    weights all read emptied channels outputs a constant. Normalised, a constant is 0 and the BN
+    outputs its bias, but x - mean is then rounding noise multiplied by 1/sqrt(eps) (316), and in
+    a chain of such channels the noise made outputs that moved by 0.15 between float32 and float64
+    and failed the export checks. With the scale 0 the channel outputs its bias exactly."""
+    rounding = 8 * torch.finfo(torch.float32).eps
+    silenced = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.affine and module.track_running_stats:
+            constant = module.running_var <= (rounding * module.running_mean.abs()) ** 2
+            silenced += int((constant & (module.weight != 0)).sum())
+            module.weight[constant] = 0.0
+    return silenced
 
 
 def sparsity_folder_name(sparsity: float) -> str:

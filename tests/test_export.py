@@ -25,7 +25,7 @@ from data.synthetic import make_shapes_dataset
 from detector import cli_export
 from detector.cfgs import cfg_path
 from detector.evaluate import coco_metrics, to_coco_results
-from detector.export import (COMPACT_CFG_KEY, ONNX_LAYOUT_KEY, darknet_rows, dense_fp32_bytes, export_compact,
+from detector.export import (COMPACT_CFG_KEY, ONNX_LAYOUT_KEY, ExportCheckError, darknet_rows, dense_fp32_bytes, export_compact,
                              export_darknet, export_model, export_onnx, load_compact, onnxruntime_outputs,
                              opencv_difference, opencv_outputs)
 from detector.layers import ConvBlock
@@ -617,8 +617,62 @@ def test_non_finite_weights_are_refused_and_never_pass_a_check(pruned, tmp_path)
     with pytest.raises(ValueError, match=r"export: expected finite weights, found NaN or infinity in 1 tensor\(s\): "
                                          r"layers.0.conv.weight"):
         export_model(broken, tmp_path / "refused", ["compact"])
-    with pytest.raises(RuntimeError, match="OpenCV's outputs differ from the model's by inf"):
+    with pytest.raises(ExportCheckError, match="OpenCV's outputs differ from the model's by inf"):
         export_darknet(broken, tmp_path / "nan.weights")
+    assert not list(tmp_path.glob("nan.*"))                 # .weights, .cfg and .names removed
+
+
+def test_an_onnx_file_that_fails_its_check_is_not_left_in_place(pruned, tmp_path, monkeypatch):
+    """Found by a review: the unverified file stayed (and the CLI printed a traceback); a file of an
+    earlier export at the same path would pass for this one, so it goes too."""
+    import detector.export as export_module
+
+    path = tmp_path / "model.onnx"
+    export_onnx(pruned[0], path)
+    real = export_module.onnxruntime_outputs
+    monkeypatch.setattr(export_module, "onnxruntime_outputs", lambda model, images: real(model, images) + 0.01)
+    with pytest.raises(ExportCheckError, match=r"model.onnx: onnxruntime's outputs differ from the model's by "
+                                               r"0.01 \(relative\), expected <= 0.0001; the file was removed"):
+        export_onnx(pruned[0], path)
+    assert not path.exists()
+
+
+def test_constant_batchnorm_channels_are_silenced_and_stop_amplifying_rounding():
+    """Found by a review: after magnitude-uniform pruning a 1x1 conv read only emptied channels, so
+    its output was a constant and its BN's (x - mean) / sqrt(var + eps) amplified rounding noise by
+    316 per layer; exports then failed their checks. The chain here: an emptied channel outputs its
+    BN bias, two 1x1 convs read only it, each normalised by statistics measured on data."""
+    import copy
+
+    from torch.optim.swa_utils import update_bn
+
+    from detector.prune_pipeline import silence_constant_channels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 2, 3, bias=False), nn.BatchNorm2d(2), nn.LeakyReLU(0.1),
+                          nn.Conv2d(2, 2, 1, bias=False), nn.BatchNorm2d(2), nn.LeakyReLU(0.1),
+                          nn.Conv2d(2, 2, 1, bias=False), nn.BatchNorm2d(2))
+    with torch.no_grad():
+        model[0].weight[1] = 0                                  # emptied: its BN outputs the bias, 26.9
+        model[1].bias[1] = 26.9
+        model[3].weight[0] = torch.tensor([0.0, 0.37]).view(2, 1, 1)   # channel 0 reads only the constant
+        model[6].weight[0] = torch.tensor([0.61, 0.0]).view(2, 1, 1)   # and so does this one
+    update_bn([torch.rand(4, 3, 12, 12) for _ in range(3)], model)
+    model.eval()
+    images = torch.rand(2, 3, 12, 12)
+
+    def float32_against_float64() -> float:
+        with torch.no_grad():
+            double = copy.deepcopy(model).double()
+            return float((model(images).double() - double(images.double())).abs().max())
+
+    assert float32_against_float64() > 1e-2                     # rounding noise times 316, twice
+    assert silence_constant_channels(model) == 3                # the emptied one and the two reading it
+    assert [int((bn.weight == 0).sum()) for bn in (model[1], model[4], model[7])] == [1, 1, 1]
+    assert model[4].weight[1] != 0 and model[7].weight[1] != 0  # the channels that see the images keep theirs
+    assert float32_against_float64() < 1e-4
+    with torch.no_grad():
+        assert torch.equal(model(images)[:, 0], model[7].bias[0].expand(2, 10, 10))
 
 
 def test_first_difference_ignores_how_a_cfg_is_written(tmp_path):
