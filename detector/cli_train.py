@@ -68,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="DataLoader workers (default: 2, or the CPU count when smaller)")
     run.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     run.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     run.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     run.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, history, .weights)")
     run.add_argument("--resume", help="checkpoint file, or a folder meaning its newest checkpoint")
@@ -98,14 +99,19 @@ def train_config(args: argparse.Namespace) -> DetectTrainConfig:
             raise ValueError(f"{flag} must be >= 1, found {value}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a finite number > 0, found {args.lr}")
-    if args.workers < 0 or args.eval_every < 0 or (args.burn_in is not None and args.burn_in < 0):
-        raise ValueError("--workers, --eval-every and --burn-in must be >= 0")
+    if args.momentum is not None and not 0 <= args.momentum < 1:
+        raise ValueError(f"--momentum must be in [0, 1), found {args.momentum}")
+    if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ValueError(f"--weight-decay must be a finite number >= 0, found {args.weight_decay}")
+    for flag, value in {"--workers": args.workers, "--eval-every": args.eval_every, "--burn-in": args.burn_in}.items():
+        if value is not None and value < 0:
+            raise ValueError(f"{flag} must be >= 0, found {value}")
     return DetectTrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, accumulate=args.accumulate, img_size=args.img_size,
         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, burn_in=args.burn_in,
         augment=not args.no_augment, mosaic=args.mosaic, multi_scale=args.multi_scale, ema=args.ema,
         eval_every=args.eval_every, workers=args.workers, device=args.device, amp=not args.no_amp,
-        out_dir=args.out, resume=args.resume)
+        out_dir=args.out, resume=args.resume, progress=args.progress)
 
 
 def run(args: argparse.Namespace) -> int:

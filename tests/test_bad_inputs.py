@@ -366,6 +366,12 @@ CASES = [
     Case("classify-prune-sparsity-1.5",
          lambda ws: ["classify", "prune", "--model", "lenet5", "--data", str(ws.root), "--sparsity", "1.5"],
          ("argument --sparsity: must be in [0, 1)", "found 1.5")),
+    Case("train-momentum-1.5", lambda ws: detect_train(ws, "--momentum", "1.5"),   # found by a review: it trained
+         ("--momentum must be in [0, 1), found 1.5",)),
+    Case("train-weight-decay-negative", lambda ws: detect_train(ws, "--weight-decay", "-1"),
+         ("--weight-decay must be a finite number >= 0, found -1.0",)),
+    Case("train-burn-in-negative", lambda ws: detect_train(ws, "--burn-in", "-1"),
+         ("--burn-in must be >= 0, found -1",)),
     Case("img-size-not-multiple-of-32", lambda ws: detect_train(ws, "--img-size", "100"),
          ("argument --img-size: must be a positive multiple of 32", "found 100")),
     Case("img-size-a-cfg-of-inexact-downsampling-cannot-take",      # 100 -> 50 -> 25 -> 13 -> 7: only 100 tiles
