@@ -279,13 +279,24 @@ def _check_outside_lines(where: str, outside: list[str], lines: int) -> None:
                   stacklevel=3)
 
 
+def read_utf8(path: Path) -> str:
+    """The text of `path` (UTF-8, a byte order mark allowed); ValueError naming the file and the line
+    of the first byte that is not UTF-8 (Python's own error names neither)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = err.object.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}:{line}: expected UTF-8 text, found the byte 0x{err.object[err.start]:02x}, "
+                         f"which is not") from None
+
+
 def read_data_yaml(data_yaml: Path) -> dict:
     """An Ultralytics data yaml as a dict (a UTF-8 byte order mark allowed; `validation:` read as `val:`)."""
-    with open(data_yaml, encoding="utf-8-sig") as f:
-        try:
-            spec = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise ValueError(f"{data_yaml}: not valid yaml ({' '.join(str(err).split())})") from None
+    text = read_utf8(data_yaml)
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{data_yaml}: not valid yaml ({' '.join(str(err).split())})") from None
     if not isinstance(spec, dict):
         raise ValueError(f"{data_yaml}: expected a mapping with 'names' and the splits, found {type(spec).__name__}")
     if spec.get("val") is None and spec.get("validation") is not None:
@@ -345,7 +356,7 @@ def images_below(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> li
 def _listed_images(list_file: Path) -> list[Path]:
     """Image paths from a .txt list, one per line, relative ones taken from the list's folder."""
     paths = []
-    for number, line in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for number, line in enumerate(read_utf8(list_file).splitlines(), 1):
         line = line.strip()
         if not line:
             continue
@@ -439,7 +450,7 @@ def _read_label_file(labels: Path, num_classes: int, box_fields_only: bool = Fal
     polygons become their bounding box; with `box_fields_only` (pose labels) the fields after the
     first five are left out."""
     rows, texts = [], []
-    for number, line in enumerate(labels.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for number, line in enumerate(read_utf8(labels).splitlines(), 1):
         fields = line.split()
         if not fields:
             continue

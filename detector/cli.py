@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import detector
-from data.sources import parse_class_names
+from data.sources import parse_class_names, read_utf8
 from detector.cfg import first_difference
 from detector.export import check_class_names, load_compact
 from engine import resolve_device
@@ -135,9 +135,9 @@ def read_class_names(path: Path | None, num_classes: int) -> list[str]:
         raise ValueError(f"--names {path}: expected a .names file or a data.yaml, found "
                          f"{'a folder' if path.is_dir() else 'nothing'}")
     if path.suffix in (".yaml", ".yml"):
-        names = parse_class_names(yaml.safe_load(path.read_text(encoding="utf-8")), path)
+        names = parse_class_names(yaml.safe_load(read_utf8(path)), path)
     else:
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        names = [line.strip() for line in read_utf8(path).splitlines() if line.strip()]
     if not isinstance(names, list) or len(names) != num_classes:
         raise ValueError(f"{path}: expected {num_classes} class names (the model's classes), "
                          f"found {len(names) if isinstance(names, list) else names!r}")

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import yaml
 
 import pruning
+from data.sources import read_utf8
 from detector.export import FORMATS as EXPORT_FORMATS
 
 METHODS = tuple(pruning.METHODS)
@@ -201,7 +202,7 @@ def read_job_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config file not found")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(read_utf8(path)) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(values, dict):

@@ -366,6 +366,13 @@ CASES = [
     Case("classify-prune-sparsity-1.5",
          lambda ws: ["classify", "prune", "--model", "lenet5", "--data", str(ws.root), "--sparsity", "1.5"],
          ("argument --sparsity: must be in [0, 1)", "found 1.5")),
+    Case("data-yaml-not-utf8",        # found by a review: Python's decoding error named no file
+         lambda ws: detect_eval(ws, "--data", str(ws.write("ds/latin1.yaml", b"train: images/train\nval: images/val\n"
+                                                            b"names: [caf\xe9, b, c, d]\n"))),
+         ("{ds}/latin1.yaml:3: expected UTF-8 text, found the byte 0xe9, which is not",)),
+    Case("label-file-not-utf8", lambda ws: detect_eval(ws),
+         ("{ds}/labels/val/000000.txt:2: expected UTF-8 text, found the byte 0xff",),
+         files={"ds/labels/val/000000.txt": b"0 0.5 0.5 0.2 0.2\n\xff\n"}),
     Case("train-momentum-1.5", lambda ws: detect_train(ws, "--momentum", "1.5"),   # found by a review: it trained
          ("--momentum must be in [0, 1), found 1.5",)),
     Case("train-weight-decay-negative", lambda ws: detect_train(ws, "--weight-decay", "-1"),
