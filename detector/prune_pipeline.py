@@ -306,8 +306,8 @@ def run_sparsity(ctx: RunContext, sparsity: float, dense: dict[str, Any]) -> dic
     folder = ctx.root / sparsity_folder_name(sparsity)
     folder.mkdir(parents=True, exist_ok=True)
     finished = stage_done(folder / "results.json")
-    if finished is not None:
-        return finished
+    if finished is not None and set(ctx.job.export) <= set(finished["exports"]):
+        return finished                      # else a rerun asks for formats it has not written: export them
     started = time.perf_counter()
     model, masks = prune_stage(ctx, sparsity, folder)
     hard = stage_done(folder / "hard_prune.json") or ctx.record("hard_prune", model, folder, masks)
@@ -323,8 +323,9 @@ def run_sparsity(ctx: RunContext, sparsity: float, dense: dict[str, Any]) -> dic
                                img_size=ctx.size, stem="pruned") if ctx.job.export else {}
         if exports:
             atomic_write_json(folder / "export" / "export.json", exports)    # as detect export writes one
+    earlier_s = finished["wall_time_s"] if finished is not None else 0.0
     results = {"target_sparsity": sparsity, "method": ctx.job.method, "stages": [dense, hard, retrained],
-               "exports": exports, "wall_time_s": time.perf_counter() - started}
+               "exports": exports, "wall_time_s": earlier_s + time.perf_counter() - started}
     write_json_on_main(folder / "results.json", results)
     return results
 
@@ -402,7 +403,8 @@ def make_context(job: PruneJob) -> RunContext:
     return RunContext(job, root, train, val, evaluator, size, letterbox)
 
 
-RESUMABLE_CHANGES = {"out", "workers", "device", "progress", "latency_runs", "export"}  # export: of what follows
+RESUMABLE_CHANGES = {"out", "workers", "device", "progress", "latency_runs", "export"}  # a finished run exports anew
+                                                                                        # for a format it lacks
 PATH_SETTINGS = {"cfg", "weights", "data", "train_images", "train_annotations", "val_images", "val_annotations", "out"}
 
 

@@ -325,3 +325,17 @@ def test_a_resumed_run_exports_the_class_names_too(shapes_yaml, tmp_path):
     assert first.class_names == resumed.class_names == list(SHAPE_CLASSES)
     report = json.loads((folder / "export" / "export.json").read_text())     # the report, as detect export's
     assert report["compact"]["path"].endswith("pruned.yaspars") and report["compact"]["value_format"] == "fp16"
+
+
+def test_a_finished_run_asked_for_another_format_exports_it(shapes_yaml, tmp_path):
+    """Found by a review: the rerun returned the finished results and wrote nothing, silently, while
+    its config.yaml claimed the new format."""
+    job = tiny_job(shapes_yaml, tmp_path / "run", admm_iters=1, retrain_epochs=1, export=["compact"])
+    first = run_job(job)["sweep"][0]
+    folder = tmp_path / "run" / "sparsity_0.6"
+    again = run_job(tiny_job(shapes_yaml, tmp_path / "run", admm_iters=1, retrain_epochs=1,
+                             export=["compact", "onnx"]))["sweep"][0]
+    assert (folder / "export" / "pruned.onnx").is_file()
+    assert {"compact", "onnx"} <= set(again["exports"]) and "onnx" not in first["exports"]
+    assert "onnx" in json.loads((folder / "results.json").read_text())["exports"]
+    assert again["stages"] == first["stages"] and again["wall_time_s"] > first["wall_time_s"]
