@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, ClassVar, Union
 
@@ -641,6 +641,23 @@ def parse_cfg(path: str | Path) -> DarknetCfg:
     if not layers:
         raise DarknetError(f"{path}: expected layer sections after [net], found none")
     return DarknetCfg(str(path), net, tuple(layers), text)
+
+
+def with_input_size(cfg: DarknetCfg, width: int, height: int) -> DarknetCfg:
+    """`cfg` with the network input `width` x `height`: its `[net]` record and its text, whose
+    `width=` and `height=` lines (both required) are rewritten, so that files written from it say
+    the size a model was pruned, evaluated and exported at."""
+    if (cfg.net.width, cfg.net.height) == (width, height):
+        return cfg
+    path = Path(cfg.path)
+    net = _read_sections(cfg.text, path)[0]
+    lines = cfg.text.splitlines()
+    for key, value in (("width", width), ("height", height)):
+        lines[net.options[key][1] - 1] = f"{key}={value}"
+    text = "\n".join(lines) + "\n"
+    resized = _parse_net(_Options(_read_sections(text, path)[0], str(path), -1))
+    assert (resized.width, resized.height) == (width, height), "the rewritten [net] must read back as written"
+    return replace(cfg, net=resized, text=text)
 
 
 def first_difference(cfg: DarknetCfg, other: DarknetCfg) -> str | None:

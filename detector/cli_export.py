@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8", action="store_true",
                         help="compact archive: int8 nonzeros with per-tensor scales (lossy) instead of fp16")
     parser.add_argument("--img-size", type=network_size, default=None, metavar="N",
-                        help="ONNX input N x N (multiple of 32); default: the cfg's width x height")
+                        help="export for an N x N input: the ONNX input and the [net] width and height of "
+                             "the written cfg and archive; default: the cfg's width x height")
 
 
 def run(args: argparse.Namespace) -> int:

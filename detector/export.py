@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.cfg import DarknetCfg, DarknetError
+from detector.cfg import DarknetCfg, DarknetError, with_input_size
 from detector.model import DarknetModel, load_darknet
 from detector.postprocess import flatten_heads
 from detector.weights import write_weights
@@ -506,6 +506,8 @@ def export_model(model: DarknetModel, out_dir: str | os.PathLike, formats: Itera
                  masks: Masks | None = None, value_format: str = "fp16", img_size: int | None = None,
                  stem: str = "model") -> dict:
     """Export to several formats in `out_dir`: `stem`.weights + `stem`.cfg, `stem`.onnx, `stem`.yaspars.
+    With `img_size` other than the cfg's, every format is for that size: the ONNX input, and the
+    `[net]` width and height of the cfg written beside the .weights and into the archive.
 
     Returns:
         dict `dense_fp32_bytes` and, per format exported, that exporter's report.
@@ -519,6 +521,11 @@ def export_model(model: DarknetModel, out_dir: str | os.PathLike, formats: Itera
     if broken:
         raise ValueError(f"export: expected finite weights, found NaN or infinity in {len(broken)} tensor(s): "
                          f"{', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}")
+    if img_size is not None and (img_size, img_size) != (model.net.width, model.net.height):
+        _check_input_size(model, img_size, img_size)
+        model = copy.copy(model)                     # the same layers, the cfg of the export's size
+        model.cfg = with_input_size(model.cfg, img_size, img_size)
+        model.net = model.cfg.net
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict = {"dense_fp32_bytes": dense_fp32_bytes(model)}

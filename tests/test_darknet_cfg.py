@@ -283,3 +283,18 @@ def test_a_hash_comment_with_commas_after_mask_or_anchors_is_dropped_as_darknet_
     head = next(layer for layer in detector.parse_cfg(write_cfg(tmp_path, body, size=64)).layers
                 if layer.kind == "yolo")
     assert (head.mask, head.anchors) == ((1,), ((10.0, 20.0), (30.0, 40.0)))
+
+
+def test_with_input_size_rewrites_only_the_net_size_lines(tmp_path):
+    from detector.cfg import first_difference, parse_cfg, with_input_size
+
+    text = ("# a comment\n[network]\nbatch=4\nwidth = 416 # the input\nchannels=3\nheight=416\n\n"
+            "[convolutional]\nfilters=8\nsize=3\nstride=1\npad=1\nactivation=leaky\n")
+    (tmp_path / "a.cfg").write_text(text)
+    resized = with_input_size(parse_cfg(tmp_path / "a.cfg"), 160, 96)
+    assert (resized.net.width, resized.net.height) == (160, 96)
+    assert resized.text.splitlines() == ["# a comment", "[network]", "batch=4", "width=160", "channels=3",
+                                         "height=96", "", "[convolutional]", "filters=8", "size=3", "stride=1",
+                                         "pad=1", "activation=leaky"]
+    (tmp_path / "b.cfg").write_text(resized.text)
+    assert first_difference(parse_cfg(tmp_path / "b.cfg"), resized) is None

@@ -675,6 +675,21 @@ def test_constant_batchnorm_channels_are_silenced_and_stop_amplifying_rounding()
         assert torch.equal(model(images)[:, 0], model[7].bias[0].expand(2, 10, 10))
 
 
+@needs_darknet_importer
+def test_an_export_at_another_size_writes_that_size_into_every_format(pruned, tmp_path):
+    """Found by a review: a prune run at --img-size 160 wrote its ONNX at 160 but a cfg and an
+    archive of the cfg's 320, where its detections were worse than the run had measured."""
+    model, masks = pruned
+    assert (model.net.width, model.net.height) == (160, 160)
+    report = export_model(model, tmp_path, ["darknet", "onnx", "compact"], masks=masks, img_size=96)
+    assert report["onnx"]["input_shape"] == [1, 3, 96, 96]
+    written = detector.load_darknet(tmp_path / "model.cfg", tmp_path / "model.weights")
+    archived = load_compact(tmp_path / "model.yaspars")
+    assert [(m.net.width, m.net.height) for m in (written, archived)] == [(96, 96), (96, 96)]
+    assert report["darknet"]["opencv_max_rel_diff"] <= 1e-3                 # OpenCV ran the files at 96
+    assert (model.net.width, model.cfg.net.height) == (160, 160)            # the model itself is as it was
+
+
 def test_first_difference_ignores_how_a_cfg_is_written(tmp_path):
     from detector.cfg import first_difference, parse_cfg
 
