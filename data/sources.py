@@ -281,7 +281,10 @@ def _check_outside_lines(where: str, outside: list[str], lines: int) -> None:
 
 def read_utf8(path: Path) -> str:
     """The text of `path` (UTF-8, a byte order mark allowed); ValueError naming the file and the line
-    of the first byte that is not UTF-8 (Python's own error names neither)."""
+    of the first byte that is not UTF-8 (Python's own error names neither); FileNotFoundError
+    naming what is there instead of a file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: expected a text file, found {'a folder' if path.is_dir() else 'nothing'}")
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:

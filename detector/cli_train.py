@@ -99,6 +99,8 @@ def train_config(args: argparse.Namespace) -> DetectTrainConfig:
             raise ValueError(f"{flag} must be >= 1, found {value}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a finite number > 0, found {args.lr}")
+    if args.mosaic is not None and not 0 <= args.mosaic <= 1:
+        raise ValueError(f"--mosaic must be a probability in [0, 1], found {args.mosaic}")
     if args.momentum is not None and not 0 <= args.momentum < 1:
         raise ValueError(f"--momentum must be in [0, 1), found {args.momentum}")
     if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
