@@ -3,6 +3,7 @@
     yolo-admm detect export --cfg C --weights W --out DIR [--formats darknet,onnx,compact] [--int8]
     yolo-admm detect export --cfg C --checkpoint RUN/epoch_0010.pt --out DIR
     yolo-admm detect export --cfg C --checkpoint PRUNE_RUN/sparsity_0.8/retrained.pt --out DIR
+    (with --checkpoint, --cfg may be left out where the run's folder records it: config.yaml, args.json)
     yolo-admm detect export --weights model.yaspars --out DIR --formats onnx   (a compact archive: its own cfg)
 
 Writes DIR/model.weights + DIR/model.cfg (Darknet, checked in OpenCV DNN; with class names also
@@ -19,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+import yaml
 
 from detector.cli import load_detector, network_size, read_class_names
 from detector.export import FORMATS, export_model
@@ -38,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="Darknet .weights file or a compact archive (.yaspars) (or give --checkpoint)")
     parser.add_argument("--checkpoint", help="training checkpoint (.pt, or a folder: its newest) whose weights "
                                              "to export, its EMA weights when it has them, as training evaluated; "
-                                             "or a prune run's stage file (sparsity_S/hard_prune.pt, retrained.pt)")
+                                             "or a prune run's stage file (sparsity_S/hard_prune.pt, retrained.pt); "
+                                             "without --cfg, the cfg the run's config.yaml or args.json records")
     parser.add_argument("--formats", type=_formats, default=list(FORMATS), metavar="LIST",
                         help=f"comma-separated, from {','.join(FORMATS)} (default: all)")
     parser.add_argument("--out", type=Path, required=True,
@@ -100,8 +104,11 @@ def load_export_model(cfg: str | None, weights: str | None, checkpoint: str | No
     if weights is None and checkpoint is None:
         raise ValueError("give the weights to export: --weights W.weights or --checkpoint CKPT")
     if weights is None and cfg is None:
+        cfg = recorded_cfg(checkpoint)
+    if weights is None and cfg is None:
         raise ValueError(f"--checkpoint {checkpoint} needs --cfg, the cfg its model was built from (or --weights "
-                         f"with a compact archive of that model, whose cfg it takes)")
+                         f"with a compact archive of that model, whose cfg it takes); no run folder above it "
+                         f"records one")
     model = load_detector(cfg, weights) if weights is not None else load_darknet(cfg)
     if checkpoint is not None:
         try:
@@ -109,6 +116,30 @@ def load_export_model(cfg: str | None, weights: str | None, checkpoint: str | No
         except RuntimeError as err:
             raise ValueError(f"{checkpoint}: its model does not fit {cfg or weights}: {load_error_summary(err)}") from None
     return model.float().eval()
+
+
+RUN_RECORDS = ("config.yaml", "args.json")    # what detect prune and detect train write into their --out
+
+
+def recorded_cfg(checkpoint: str | Path) -> str | None:
+    """The cfg that the run a checkpoint belongs to was built from: the `cfg` that `detect prune`'s
+    config.yaml or `detect train`'s args.json records, in the checkpoint's folder or up to three
+    above it (a prune run's `sparsity_S/retrained.pt`, `sparsity_S/admm/epoch_N.pt`), where that
+    file is still there; None otherwise."""
+    path = Path(checkpoint).resolve()
+    start = path if path.is_dir() else path.parent
+    for folder in [start, *start.parents][:4]:
+        for name in RUN_RECORDS:
+            record = folder / name
+            if record.is_file():
+                text = record.read_text(encoding="utf-8")
+                settings = yaml.safe_load(text) if name.endswith(".yaml") else json.loads(text)
+                cfg = settings.get("cfg") if isinstance(settings, dict) else None
+                if isinstance(cfg, str) and Path(cfg).is_file():
+                    print(f"export: the cfg {cfg}, as {record} records")
+                    return cfg
+                return None
+    return None
 
 
 def checkpoint_weights(checkpoint: str | Path) -> dict:

@@ -339,3 +339,20 @@ def test_a_finished_run_asked_for_another_format_exports_it(shapes_yaml, tmp_pat
     assert {"compact", "onnx"} <= set(again["exports"]) and "onnx" not in first["exports"]
     assert "onnx" in json.loads((folder / "results.json").read_text())["exports"]
     assert again["stages"] == first["stages"] and again["wall_time_s"] > first["wall_time_s"]
+
+
+def test_export_of_a_stage_file_takes_the_cfg_its_run_records(uninterrupted, tmp_path, capsys):
+    """Found by a review: `detect export --checkpoint RUN/sparsity_S/retrained.pt` needed --cfg,
+    which the run's config.yaml records."""
+    from yolo_admm.cli import main
+
+    stage_file = uninterrupted["out"] / "sparsity_0.6" / "retrained.pt"
+    assert main(["detect", "export", "--checkpoint", str(stage_file), "--out", str(tmp_path / "a"),
+                 "--formats", "compact"]) == 0
+    assert f"the cfg {DEMO_CFG}, as {uninterrupted['out'] / 'config.yaml'} records" in capsys.readouterr().out
+    assert load_compact(tmp_path / "a" / "model.yaspars").net.width == 160          # demo-tiny.cfg's own size
+    alone = tmp_path / "alone" / "retrained.pt"
+    alone.parent.mkdir()
+    shutil.copy(stage_file, alone)
+    assert main(["detect", "export", "--checkpoint", str(alone), "--out", str(tmp_path / "b")]) == 2
+    assert "needs --cfg" in capsys.readouterr().err and not (tmp_path / "b").exists()
