@@ -12,7 +12,9 @@ table. Recorded results: 2026-11-27, 2-core CPU, no GPU, torch 1 thread per run,
 (load average about 2.5, see "load_average" per run in the JSON): 0.75 min per run, 6.6 min for the
 whole sweep. The same command with --seed 1 / --seed 2 --out .../resnet56_cifar10_seed{1,2}.json,
 and for ADMM at other rhos with --methods admm-global --no-control and --rho 0.01 --rho-mult 1.778
-(.../resnet56_cifar10_rho0.01.json) or --rho 2 --rho-mult 2 (.../resnet56_cifar10_rho2.json).
+(.../resnet56_cifar10_rho0.01.json) or --rho 2 --rho-mult 2 (.../resnet56_cifar10_rho2.json), and
+at 90% with one ADMM epoch and three retraining epochs, --sparsities 0.9 --methods admm-global
+--no-control --admm-iters 1 --retrain-epochs 3 --seed 0|1|2 (.../resnet56_cifar10_admm1_seed{0,1,2}.json).
 (The first recording, 2026-11-25, ran at load 6-9, where 2 threads trained at 5.8 img/s against
 21 img/s for 1 thread; 53 min for the sweep.)
 
