@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -179,6 +180,8 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
     optimizer = build_optimizer(model, _pick(config.lr, net.learning_rate), _pick(config.momentum, net.momentum),
                                 _pick(config.weight_decay, net.decay))
     burn_in = int(_pick(config.burn_in, net.burn_in))
+    _warn_of_a_burn_in_longer_than_the_run(model, burn_in, config.epochs * -(-len(batches) // accumulate),
+                                           _pick(config.lr, net.learning_rate))
     use_ema = bool(net.ema_alpha > 0) if config.ema is None else config.ema
     ema_decay = _pick(config.ema_decay, net.ema_alpha if net.ema_alpha > 0 else 0.9999)
     train_config = TrainConfig(
@@ -192,6 +195,16 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
     callbacks = [*(callbacks or []), GivenHyperparameters(config.lr, config.momentum, config.weight_decay)]
     return Trainer(model, optimizer, DetectionLoss(model.heads), loader, train_config, callbacks=callbacks,
                    scheduler=darknet_scheduler(optimizer, net, burn_in), evaluate=evaluator)
+
+
+def _warn_of_a_burn_in_longer_than_the_run(model: nn.Module, burn_in: int, steps: int, lr: float) -> None:
+    """A fine-tuning run of a cfg written for training from scratch (yolo-fastest's burn_in=4000)
+    would otherwise learn nothing, silently: the LR ramps as (step / burn_in)^power."""
+    if burn_in > steps > 0:
+        peak = lr * darknet_lr_factor(steps, model.net, burn_in)
+        warnings.warn(f"{model.cfg.path}: burn_in={burn_in} is longer than this run's {steps} optimizer steps, "
+                      f"so the learning rate never exceeds {peak:.2g}; set --burn-in (0 to start at the full rate)",
+                      stacklevel=3)
 
 
 class GivenHyperparameters:

@@ -184,3 +184,20 @@ def test_default_batching_keeps_the_cfgs_batch_per_step_over_processes():
     assert default_batching(64, 8, 1) == (8, 8)
     assert default_batching(64, 8, 2, batch_size=16) == (16, 2)
     assert default_batching(16, 1, 2, accumulate=3) == (8, 3)
+
+
+def test_a_burn_in_longer_than_the_run_is_warned_of(shapes, tmp_path):
+    """Found by a review: fine-tuning yolo-fastest (burn_in=4000) on a small set learned nothing,
+    silently: the learning rate stayed near 1e-17."""
+    import warnings
+
+    from detector.train import build_detector_trainer
+
+    _, source = shapes
+    config = DetectTrainConfig(epochs=2, batch_size=4, eval_every=0, device="cpu", progress=False, workers=0)
+    with pytest.warns(UserWarning, match=r"tiny.cfg: burn_in=15 is longer than this run's 2 optimizer steps, so the "
+                                         r"learning rate never exceeds 6.3e-06; set --burn-in"):
+        build_detector_trainer(tiny_model(tmp_path), source, None, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_detector_trainer(tiny_model(tmp_path), source, None, replace(config, burn_in=2))
