@@ -35,7 +35,7 @@ from detector.train import DetectTrainConfig, fit_detector
 from engine import (atomic_write_json, changed_settings, distributed, find_latest_checkpoint, output_folder,
                     resolved_paths, run_folder_lock, seed_everything)
 
-RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume"}
+RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume", "progress"}
 PATH_FLAGS = {"cfg", "weights", "data", "images", "annotations", "val_images", "val_annotations", "out"}
 
 

@@ -181,6 +181,13 @@ def other_model_weights(ws: Workspace) -> Path:
     return ws.root / "other.weights"
 
 
+def _without_progress(args_json: Path) -> None:
+    """args.json as runs before --no-progress wrote it."""
+    saved = json.loads(args_json.read_text())
+    saved.pop("progress")
+    args_json.write_text(json.dumps(saved))
+
+
 def yaml_with_names(ws: Workspace, names: str) -> Path:
     return ws.write("ds/other.yaml", f"train: images/train\nval: images/val\nnames: [{names}]\n")
 
@@ -420,6 +427,10 @@ CASES = [
          ("--out {out}: expected a new folder or one of a run with the same settings",
           "the checkpoints (epoch_0001.pt) of a run with other settings (--lr 0.01 -> 0.02)",
           "--resume {out}")),
+    Case("same-command-resumes-with-no-progress-and-an-old-args-json",     # found by a review: refused
+         lambda ws: [earlier_run(ws), _without_progress(ws.out / "args.json"),
+                     detect_train(ws, "--no-progress", epochs=2)][2],
+         (), code=0, absent=("error",), stdout=("resuming from", "epoch_0001.pt", "done: 2 epochs")),
     Case("resume-with-another-cfg",
          lambda ws: [earlier_run(ws), other_model_weights(ws),
                      [str(ws.root / "other.cfg") if arg == str(ws.cfg) else arg
