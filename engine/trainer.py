@@ -203,15 +203,14 @@ class Trainer:
                    disable=not (self.config.progress and distributed.is_main()), leave=False, dynamic_ncols=True)
         for batch in bar:
             batch = move_to_device(batch, self.device)
-            ends_step = pending + 1 == self.config.accumulate or length is None or batches + 1 == length
+            ends_step = pending + 1 == self.config.accumulate or length is None or batches + 1 >= length
             with self._gradient_sync(ends_step):
                 with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
                     loss, logs = self.loss_fn(module, batch)
                 loss_value = float(distributed.mean_across_ranks(loss.detach()))
                 if not math.isfinite(loss_value):
                     self._stop_on_non_finite(loss_value, batches)
-                divisor = self._accumulation_group(batches, length)
-                self.scaler.scale(loss / divisor).backward()
+                self.scaler.scale(loss / self.config.accumulate).backward()
             pending += 1
             if pending == self.config.accumulate:
                 self._optimizer_step()
@@ -221,22 +220,15 @@ class Trainer:
             for key, value in logs.items():
                 sums[key] += float(value)
             bar.set_postfix(loss=f"{sums['loss'] / batches:.4g}", refresh=False)
-        if pending:
-            if divisor != pending:   # no length to foresee the last step by: make its gradient their mean
-                self._scale_gradients(divisor / pending)
+        if pending:              # the epoch's last step has fewer batches: their mean, not sum / accumulate
+            self._scale_gradients(self.config.accumulate / pending)
             self._optimizer_step()
         return self._mean_logs(sums, batches)
 
-    def _accumulation_group(self, batch_index: int, length: int | None) -> int:
-        """How many batches the optimizer step of batch `batch_index` averages: `accumulate`, or
-        fewer for an epoch's last step when `accumulate` does not divide the batches."""
-        accumulate = self.config.accumulate
-        if length is None or batch_index >= length:     # no length, or one that was wrong
-            return accumulate
-        return min(accumulate, length - batch_index // accumulate * accumulate)
-
     def _scale_gradients(self, factor: float) -> None:
-        """Multiply the accumulated gradients by `factor` (before unscaling: it is linear)."""
+        """Multiply the accumulated gradients by `factor` (before unscaling: it is linear). Every
+        batch's loss is divided by `accumulate`, whatever the loader's length says (a length that
+        is wrong, or none, cannot then mix divisors within a step); a short last step is rescaled."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, factor)

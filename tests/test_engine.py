@@ -344,6 +344,38 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, samples, lengthl
     assert torch.allclose(run(8, 1), run(4, 2), atol=1e-6)
 
 
+class _BatchesOfAReportedLength:
+    """The batches of a TensorDataset from an iterable whose `len` says `length` (right or wrong)."""
+
+    def __init__(self, data: TensorDataset, batch_size: int, length: int | None):
+        self.data, self.batch_size, self.length = data, batch_size, length
+
+    def __iter__(self):
+        return iter(DataLoader(self.data, batch_size=self.batch_size))
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError("no length")
+        return self.length
+
+
+@pytest.mark.parametrize("reported", [12, 9, 7])      # the loader gives 10 batches
+def test_gradient_accumulation_does_not_trust_a_wrong_length(reported):
+    """Found by a review: with a length that was too short, the steps near the end mixed divisors
+    (a batch weighed 4x its neighbour); every step must still average its own batches."""
+    def run(length: int | None) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Linear(6, 3)
+        data = TensorDataset(torch.randn(40, 6), torch.randint(0, 3, (40,)))
+        config = TrainConfig(epochs=1, device="cpu", accumulate=4, progress=False)
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), cross_entropy,
+                _BatchesOfAReportedLength(data, 4, length), config).fit()
+        return model.weight.detach()
+
+    torch.testing.assert_close(run(reported), run(None), atol=1e-6, rtol=0)
+    torch.testing.assert_close(run(10), run(None), atol=1e-6, rtol=0)
+
+
 def test_a_step_gradscaler_skips_still_advances_the_schedule_without_a_warning(tmp_path):
     """The first batch's loss is so large that its scaled gradients overflow: GradScaler skips that
     optimizer step (the case AMP meets on CUDA; torch's GradScaler does the same on CPU). The LR
