@@ -3,7 +3,8 @@
     yolo-admm detect export --cfg C --weights W --out DIR [--formats darknet,onnx,compact] [--int8]
     yolo-admm detect export --cfg C --checkpoint RUN/epoch_0010.pt --out DIR
     yolo-admm detect export --cfg C --checkpoint PRUNE_RUN/sparsity_0.8/retrained.pt --out DIR
-    (with --checkpoint, --cfg may be left out where the run's folder records it: config.yaml, args.json)
+    (with --checkpoint, --cfg may be left out where the run's folder records it, with its input
+    size: detect prune's config.yaml, detect train's args.json)
     yolo-admm detect export --weights model.yaspars --out DIR --formats onnx   (a compact archive: its own cfg)
 
 Writes DIR/model.weights + DIR/model.cfg (Darknet, checked in OpenCV DNN; with class names also
@@ -42,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="training checkpoint (.pt, or a folder: its newest) whose weights "
                                              "to export, its EMA weights when it has them, as training evaluated; "
                                              "or a prune run's stage file (sparsity_S/hard_prune.pt, retrained.pt); "
-                                             "without --cfg, the cfg the run's config.yaml or args.json records")
+                                             "without --cfg, the cfg (and input size) the run's config.yaml or "
+                                             "args.json records")
     parser.add_argument("--formats", type=_formats, default=list(FORMATS), metavar="LIST",
                         help=f"comma-separated, from {','.join(FORMATS)} (default: all)")
     parser.add_argument("--out", type=Path, required=True,
@@ -59,10 +61,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = load_export_model(args.cfg, args.weights, args.checkpoint)
+    cfg, img_size = args.cfg, args.img_size
+    if cfg is None and args.weights is None and args.checkpoint is not None:
+        record, settings = recorded_run(args.checkpoint) or (None, {})
+        cfg = settings.get("cfg")
+        img_size = img_size or settings.get("img_size")
+        if record is not None:
+            print(f"export: the cfg {cfg}" + (f" at {img_size}x{img_size}" if img_size else "") + f", as {record} records")
+    model = load_export_model(cfg, args.weights, args.checkpoint)
     if args.names is not None:
         model.class_names = read_class_names(args.names, int(model.heads[0].num_classes))
-    inputs = {Path(path).resolve() for path in (args.cfg, args.weights, args.checkpoint, args.names) if path}
+    inputs = {Path(path).resolve() for path in (cfg, args.weights, args.checkpoint, args.names) if path}
     for output in (args.out / f"{EXPORT_STEM}{suffix}" for name in args.formats for suffix in FORMAT_SUFFIXES[name]):
         if output.resolve() in inputs:
             raise ValueError(f"--out {args.out}: this export would overwrite its own input {output}; "
@@ -71,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     masks = Masks.from_model(model)
     json_path = args.out / "export.json"
     earlier = exported_files(json_path)
-    report = export_model(model, args.out, args.formats, masks, "int8" if args.int8 else "fp16", args.img_size,
+    report = export_model(model, args.out, args.formats, masks, "int8" if args.int8 else "fp16", img_size,
                           stem=EXPORT_STEM)
     print(format_report(report))
     atomic_write_json(json_path, report)
@@ -104,8 +113,6 @@ def load_export_model(cfg: str | None, weights: str | None, checkpoint: str | No
     if weights is None and checkpoint is None:
         raise ValueError("give the weights to export: --weights W.weights or --checkpoint CKPT")
     if weights is None and cfg is None:
-        cfg = recorded_cfg(checkpoint)
-    if weights is None and cfg is None:
         raise ValueError(f"--checkpoint {checkpoint} needs --cfg, the cfg its model was built from (or --weights "
                          f"with a compact archive of that model, whose cfg it takes); no run folder above it "
                          f"records one")
@@ -121,24 +128,28 @@ def load_export_model(cfg: str | None, weights: str | None, checkpoint: str | No
 RUN_RECORDS = ("config.yaml", "args.json")    # what detect prune and detect train write into their --out
 
 
-def recorded_cfg(checkpoint: str | Path) -> str | None:
-    """The cfg that the run a checkpoint belongs to was built from: the `cfg` that `detect prune`'s
-    config.yaml or `detect train`'s args.json records, in the checkpoint's folder or up to three
-    above it (a prune run's `sparsity_S/retrained.pt`, `sparsity_S/admm/epoch_N.pt`), where that
-    file is still there; None otherwise."""
+def recorded_run(checkpoint: str | Path) -> tuple[Path, dict] | None:
+    """(the record, its settings) of the run a checkpoint belongs to: `detect prune`'s config.yaml
+    or `detect train`'s args.json in the checkpoint's folder or up to three above it (a prune run's
+    `sparsity_S/retrained.pt`, `sparsity_S/admm/epoch_N.pt`), taken only where the record's `out`
+    is the folder it is in and its `cfg` is an existing file (an unreadable file of that name, or
+    another tool's, is passed over); None when there is none."""
     path = Path(checkpoint).resolve()
     start = path if path.is_dir() else path.parent
     for folder in [start, *start.parents][:4]:
         for name in RUN_RECORDS:
             record = folder / name
-            if record.is_file():
+            try:
                 text = record.read_text(encoding="utf-8")
                 settings = yaml.safe_load(text) if name.endswith(".yaml") else json.loads(text)
-                cfg = settings.get("cfg") if isinstance(settings, dict) else None
-                if isinstance(cfg, str) and Path(cfg).is_file():
-                    print(f"export: the cfg {cfg}, as {record} records")
-                    return cfg
-                return None
+            except (OSError, ValueError, yaml.YAMLError):       # none there, or not a record
+                continue
+            if not isinstance(settings, dict) or not isinstance(settings.get("out"), str):
+                continue
+            cfg = settings.get("cfg")
+            if Path(settings["out"]).resolve() == folder and isinstance(cfg, str) and Path(cfg).is_absolute() \
+                    and Path(cfg).is_file():
+                return record, settings
     return None
 
 

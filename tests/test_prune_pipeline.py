@@ -343,16 +343,20 @@ def test_a_finished_run_asked_for_another_format_exports_it(shapes_yaml, tmp_pat
 
 def test_export_of_a_stage_file_takes_the_cfg_its_run_records(uninterrupted, tmp_path, capsys):
     """Found by a review: `detect export --checkpoint RUN/sparsity_S/retrained.pt` needed --cfg,
-    which the run's config.yaml records."""
+    which the run's config.yaml records, with the input size the run pruned at (96 here, the cfg's
+    160). A record is the run's only where its `out` is its own folder: a config.yaml copied
+    elsewhere, or another tool's, or an unreadable one, is passed over."""
     from yolo_admm.cli import main
 
     stage_file = uninterrupted["out"] / "sparsity_0.6" / "retrained.pt"
     assert main(["detect", "export", "--checkpoint", str(stage_file), "--out", str(tmp_path / "a"),
                  "--formats", "compact"]) == 0
-    assert f"the cfg {DEMO_CFG}, as {uninterrupted['out'] / 'config.yaml'} records" in capsys.readouterr().out
-    assert load_compact(tmp_path / "a" / "model.yaspars").net.width == 160          # demo-tiny.cfg's own size
-    alone = tmp_path / "alone" / "retrained.pt"
-    alone.parent.mkdir()
-    shutil.copy(stage_file, alone)
-    assert main(["detect", "export", "--checkpoint", str(alone), "--out", str(tmp_path / "b")]) == 2
+    assert f"the cfg {DEMO_CFG} at 96x96, as {uninterrupted['out'] / 'config.yaml'} records" in capsys.readouterr().out
+    assert load_compact(tmp_path / "a" / "model.yaspars").net.width == 96
+    elsewhere = tmp_path / "project" / "downloads" / "ckpt" / "retrained.pt"
+    elsewhere.parent.mkdir(parents=True)
+    shutil.copy(stage_file, elsewhere)
+    shutil.copy(uninterrupted["out"] / "config.yaml", tmp_path / "project" / "config.yaml")   # another run's
+    (tmp_path / "project" / "downloads" / "args.json").write_text("{not json")
+    assert main(["detect", "export", "--checkpoint", str(elsewhere), "--out", str(tmp_path / "b")]) == 2
     assert "needs --cfg" in capsys.readouterr().err and not (tmp_path / "b").exists()
