@@ -288,7 +288,8 @@ def read_utf8(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
-        line = err.object.count(b"\n", 0, err.start) + 1
+        before = err.object[:err.start]
+        line = len(before.splitlines()) + (not before or before.endswith((b"\n", b"\r")))   # \n, \r\n or \r
         raise ValueError(f"{path}:{line}: expected UTF-8 text, found the byte 0x{err.object[err.start]:02x}, "
                          f"which is not") from None
 

@@ -392,3 +392,13 @@ def test_a_repeated_line_does_not_hide_labels_in_pixel_coordinates(tmp_path):
     (tmp_path / "data.yaml").write_text("train: images\nval: images\nnames: {'--1': a}\n")
     with pytest.raises(ValueError, match=r"data.yaml: 'names' keys must be 0..0, found \['--1'\]"):
         load_yolo_dataset(tmp_path / "data.yaml", "val")
+
+
+@pytest.mark.parametrize("content, line", [(b"\xff", 1), (b"a\nb\n\xff", 3), (b"a\r\nb\xff", 2), (b"a\rb\r\xff", 3)])
+def test_text_that_is_not_utf8_is_named_with_its_line(tmp_path, content, line):
+    from data.sources import read_utf8
+
+    path = tmp_path / "names.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"names.txt:{line}: expected UTF-8 text, found the byte 0xff, which is not"):
+        read_utf8(path)
