@@ -133,7 +133,7 @@ def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = 
         image = _verify_input(model.net.channels, model.net.height, model.net.width)
         report["opencv_max_rel_diff"] = opencv_difference(model, cfg_path, weights_path, image)
         if not report["opencv_max_rel_diff"] <= OPENCV_TOLERANCE:
-            for written in (weights_path, cfg_path, weights_path.with_suffix(".names")):
+            for written in (weights_path, cfg_path, Path(report.get("names", weights_path))):
                 written.unlink(missing_ok=True)
             raise _mismatch(weights_path, "OpenCV", report["opencv_max_rel_diff"], OPENCV_TOLERANCE, model, image)
     return report
@@ -346,7 +346,7 @@ def export_compact(model: DarknetModel, masks: Masks | None, path: str | os.Path
         compression: "lzma" or "zlib".
         verify: load the file back and check it against the model (`pruning.check_decoded`:
             every tensor as stored, pruned weights zero, values within the format's rounding;
-            raises RuntimeError otherwise), then run the rebuilt model on one random input.
+            raises ExportCheckError otherwise), then run the rebuilt model on one random input.
 
     Returns:
         The archive's report (`bytes`, `sparse_bytes`, `entropy_bound_bytes`, `ratio_to_bound`, ...,
@@ -385,14 +385,14 @@ def compact_difference(model: DarknetModel, state: dict[str, torch.Tensor], path
     model's on one random input. Returns `max_abs_error`, `max_rel_error`, `output_max_rel_diff`.
 
     Raises:
-        RuntimeError: the archive does not decode to the model (names the file and the tensor).
+        ExportCheckError: the archive does not decode to the model (names the file and the tensor).
     """
     decoded = load_sparse_archive(path)
     try:
         errors = check_decoded(state, decoded, value_format, sparse_names)
     except ValueError as err:
         path.unlink()                                   # not to be shipped by mistake
-        raise RuntimeError(f"{path}: the archive does not decode to the model, removed: {err}") from None
+        raise ExportCheckError(f"{path}: the archive does not decode to the model, removed: {err}") from None
     rebuilt = _model_from_archive(decoded, path)
     images = _verify_input(model.net.channels, model.net.height, model.net.width)
     with torch.no_grad():

@@ -280,7 +280,7 @@ def retrain_stage(ctx: RunContext, model: torch.nn.Module, masks: pruning.Masks,
 @torch.no_grad()
 def silence_constant_channels(model: torch.nn.Module) -> int:
     """Set the BatchNorm scale to 0 in every channel whose running variance is 0 within float32
-    rounding of its mean; returns how many. Pruning leaves such channels: a convolution whose kept
+    rounding of its mean (and below the BN's eps); returns how many. Pruning leaves such channels: a convolution whose kept
     weights all read emptied channels outputs a constant. Normalised, a constant is 0 and the BN
     outputs its bias, but x - mean is then rounding noise multiplied by 1/sqrt(eps) (316), and in
     a chain of such channels the noise made outputs that moved by 0.15 between float32 and float64
@@ -289,7 +289,8 @@ def silence_constant_channels(model: torch.nn.Module) -> int:
     silenced = 0
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.affine and module.track_running_stats:
-            constant = module.running_var <= (rounding * module.running_mean.abs()) ** 2
+            constant = (module.running_var <= (rounding * module.running_mean.abs()) ** 2) \
+                & (module.running_var < module.eps)       # a larger spread is a signal, however small
             silenced += int((constant & (module.weight != 0)).sum())
             module.weight[constant] = 0.0
     return silenced
@@ -319,8 +320,10 @@ def run_sparsity(ctx: RunContext, sparsity: float, dense: dict[str, Any]) -> dic
     if distributed.is_main():
         pruning.save_kept_fraction_plot(rows, folder / "layers.png",
                                         f"{ctx.job.method}: {100 * retrained['sparsity']:.1f}% of weights removed")
-        exports = export_model(model.cpu().eval(), folder / "export", ctx.job.export, masks=masks.to("cpu"),
-                               img_size=ctx.size, stem="pruned") if ctx.job.export else {}
+        done = finished["exports"] if finished is not None else {}      # a rerun writes the formats it lacks
+        missing = [name for name in ctx.job.export if name not in done]
+        exports = {**done, **(export_model(model.cpu().eval(), folder / "export", missing, masks=masks.to("cpu"),
+                                           img_size=ctx.size, stem="pruned") if missing else {})}
         if exports:
             atomic_write_json(folder / "export" / "export.json", exports)    # as detect export writes one
     earlier_s = finished["wall_time_s"] if finished is not None else 0.0

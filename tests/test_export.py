@@ -356,7 +356,7 @@ def test_compact_export_checks_the_file_against_the_model_and_reports_the_error(
         return state
 
     monkeypatch.setattr(detector.export, "load_sparse_archive", misdecoded)
-    with pytest.raises(RuntimeError, match=f"c.yaspars: the archive does not decode to the model, removed: {first}: "
+    with pytest.raises(ExportCheckError, match=f"c.yaspars: the archive does not decode to the model, removed: {first}: "
                                            f"expected an error within int8's rounding"):
         export_compact(model, masks, tmp_path / "c.yaspars", "int8")
     assert not (tmp_path / "c.yaspars").exists()
@@ -617,9 +617,15 @@ def test_non_finite_weights_are_refused_and_never_pass_a_check(pruned, tmp_path)
     with pytest.raises(ValueError, match=r"export: expected finite weights, found NaN or infinity in 1 tensor\(s\): "
                                          r"layers.0.conv.weight"):
         export_model(broken, tmp_path / "refused", ["compact"])
+    (tmp_path / "nan.names").write_text("the user's own\n")
+    broken.class_names = None
     with pytest.raises(ExportCheckError, match="OpenCV's outputs differ from the model's by inf"):
         export_darknet(broken, tmp_path / "nan.weights")
-    assert not list(tmp_path.glob("nan.*"))                 # .weights, .cfg and .names removed
+    assert [path.name for path in tmp_path.glob("nan.*")] == ["nan.names"]   # what it wrote is removed, only that
+    broken.class_names = [f"c{i}" for i in range(int(broken.heads[0].num_classes))]
+    with pytest.raises(ExportCheckError):
+        export_darknet(broken, tmp_path / "nan.weights")
+    assert not list(tmp_path.glob("nan.*"))
 
 
 def test_an_onnx_file_that_fails_its_check_is_not_left_in_place(pruned, tmp_path, monkeypatch):
@@ -671,6 +677,10 @@ def test_constant_batchnorm_channels_are_silenced_and_stop_amplifying_rounding()
     assert [int((bn.weight == 0).sum()) for bn in (model[1], model[4], model[7])] == [1, 1, 1]
     assert model[4].weight[1] != 0 and model[7].weight[1] != 0  # the channels that see the images keep theirs
     assert float32_against_float64() < 1e-4
+    signal = nn.BatchNorm2d(1).eval()       # a tiny spread on a large mean, above eps: a signal, kept
+    signal.running_mean.fill_(1e4)
+    signal.running_var.fill_(8e-5)
+    assert silence_constant_channels(signal) == 0 and signal.weight.item() == 1.0
     with torch.no_grad():
         assert torch.equal(model(images)[:, 0], model[7].bias[0].expand(2, 10, 10))
 

@@ -339,6 +339,10 @@ def test_a_finished_run_asked_for_another_format_exports_it(shapes_yaml, tmp_pat
     assert {"compact", "onnx"} <= set(again["exports"]) and "onnx" not in first["exports"]
     assert "onnx" in json.loads((folder / "results.json").read_text())["exports"]
     assert again["stages"] == first["stages"] and again["wall_time_s"] > first["wall_time_s"]
+    third = run_job(tiny_job(shapes_yaml, tmp_path / "run", admm_iters=1, retrain_epochs=1, export=["darknet"]))
+    recorded = json.loads((folder / "export" / "export.json").read_text())
+    assert {"compact", "onnx", "darknet"} <= set(third["sweep"][0]["exports"]) and \
+        {"compact", "onnx", "darknet"} <= set(recorded)             # the earlier formats stay on record
 
 
 def test_export_of_a_stage_file_takes_the_cfg_its_run_records(uninterrupted, tmp_path, capsys):
