@@ -22,8 +22,9 @@ pruned model's mAP within 2 epochs), rho 10 x3 per iteration (10, 30, 90), batch
 After the hard prune and after retraining the pipeline recomputes the BatchNorm running statistics
 on ``--bn-images`` train images (all 128 here; ``--bn-images 0`` reproduces the earlier runs).
 
-Reproduce (13.5 min on a 2-core CPU, no GPU, load 0.8-3.8, torch 2.14.1, 2026-11-26; the four
-commands here were re-run that day, two at a time, after each training phase got its own seed)::
+Reproduce (8.4 min on a 2-core CPU, no GPU, otherwise idle, torch 2.14.1, 2026-11-27; the three
+other commands here are from 2026-11-26, re-run that day two at a time after each training phase
+got its own seed, 13.5 min for this one then)::
 
     nohup .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 > /tmp/prune_yolo_fastest.log 2>&1 &
 
