@@ -16,7 +16,10 @@ from detector.train import DetectTrainConfig, build_optimizer, darknet_lr_factor
 
 from helpers import tiny_yolo_cfg
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# The tests train a few steps of a cfg with burn_in=15: the warning of a burn-in longer than the run
+# is expected there (test_a_burn_in_longer_than_the_run_is_warned_of checks it).
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.filterwarnings("ignore:.*burn_in=15 is longer than this run:UserWarning")]
 
 # A 64x64 detector with one stride-16 head for the 4 classes of data.synthetic. iou_normalizer is
 # raised from yolov4's 0.07 so that boxes converge within a few dozen steps.
