@@ -28,6 +28,12 @@ got its own seed, 13.5 min for this one then)::
 
     nohup .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 > /tmp/prune_yolo_fastest.log 2>&1 &
 
+Other seeds of the two global methods at 50% (2.3 min each, two at once, 2026-11-27)::
+
+    .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
+        --sparsities 0.5 --seed 1 --out-root runs/bench_prune_yolo_fastest_seed1 \
+        --json benchmarks/results/prune_yolo_fastest_seed1.json        (and the same with 2)
+
 A twice longer budget (admm 3 x 2 + retrain 6 epochs; 10.7 min)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
