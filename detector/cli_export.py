@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.int8 and "compact" not in args.formats:
+        raise ValueError(f"--int8 applies to the compact archive only, and --formats {','.join(args.formats)} "
+                         f"writes none: add compact, or leave --int8 out")
     cfg, img_size = args.cfg, args.img_size
     if cfg is None and args.weights is None and args.checkpoint is not None:
         record, settings = recorded_run(args.checkpoint) or (None, {})

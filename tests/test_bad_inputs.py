@@ -438,6 +438,10 @@ CASES = [
          ("{out}/epoch_0001.pt: the checkpoint's weights do not fit the model being trained: size mismatch for "
           "layers.0.conv.weight: [8, 3, 3, 3] in the checkpoint, [12, 3, 3, 3] in the model; ", "(and 4 more)"),
          absent=("Missing key(s)",)),
+    Case("export-int8-without-an-archive",         # found by a review: ignored, silently
+         lambda ws: ["detect", "export", "--cfg", str(ws.cfg), "--weights", str(ws.weights), "--formats", "onnx",
+                     "--int8", "--out", str(ws.out / "int8")],
+         ("--int8 applies to the compact archive only, and --formats onnx writes none",)),
     Case("export-checkpoint-of-another-cfg",
          lambda ws: [earlier_run(ws), other_model_weights(ws),
                      ["detect", "export", "--cfg", str(ws.root / "other.cfg"), "--checkpoint", str(ws.out),
