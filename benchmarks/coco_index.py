@@ -169,7 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:                                     # the child process: one measurement
-        measured = measure_json_load(args.json) if args.measure == "json_load" else measure_loader(args.json, args.workers)
+        if args.measure == "json_load":
+            measured = measure_json_load(args.json)
+        else:
+            measured = measure_loader(args.json, args.workers)
         print(json.dumps(measured))
         return measured
     with tempfile.TemporaryDirectory() as scratch:

@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = settings.get("cfg")
         img_size = img_size or settings.get("img_size")
         if record is not None:
-            print(f"export: the cfg {cfg}" + (f" at {img_size}x{img_size}" if img_size else "") + f", as {record} records")
+            size = f" at {img_size}x{img_size}" if img_size else ""
+            print(f"export: the cfg {cfg}{size}, as {record} records")
     model = load_export_model(cfg, args.weights, args.checkpoint)
     if args.names is not None:
         model.class_names = read_class_names(args.names, int(model.heads[0].num_classes))

@@ -8,9 +8,10 @@
   head by head in cfg order, within a head anchor-major then row then column (the flatten of
   [B, A, Hk, Wk, 5 + C]); columns cx, cy, w, h in network-input pixels, objectness, then class
   probabilities (not multiplied by objectness). Input `images` Float[B, 3, H, W], RGB in [0, 1],
-  H and W fixed at export, B free (the output declares N and 5 + C). The row layout per head (anchors, stride, grid, row range) is
-  stored as JSON in the model's metadata under `ONNX_LAYOUT_KEY`. Checked with onnxruntime.
-  Initialisers are dense: the file is about the dense fp32 size.
+  H and W fixed at export, B free (the output declares N and 5 + C). The row layout per head
+  (anchors, stride, grid, row range) is stored as JSON in the model's metadata under
+  `ONNX_LAYOUT_KEY`. Checked with onnxruntime. Initialisers are dense: the file is about the
+  dense fp32 size.
 - **Compact** (`export_compact`, `load_compact`): `pruning.sparse_archive` (bit-packed masks,
   nonzeros in fp16 or int8 with per-tensor scales, compressed) with the cfg text embedded, so the
   one file rebuilds the model.

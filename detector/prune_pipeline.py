@@ -280,11 +280,12 @@ def retrain_stage(ctx: RunContext, model: torch.nn.Module, masks: pruning.Masks,
 @torch.no_grad()
 def silence_constant_channels(model: torch.nn.Module) -> int:
     """Set the BatchNorm scale to 0 in every channel whose running variance is 0 within float32
-    rounding of its mean (and below the BN's eps); returns how many. Pruning leaves such channels: a convolution whose kept
-    weights all read emptied channels outputs a constant. Normalised, a constant is 0 and the BN
-    outputs its bias, but x - mean is then rounding noise multiplied by 1/sqrt(eps) (316), and in
-    a chain of such channels the noise made outputs that moved by 0.15 between float32 and float64
-    and failed the export checks. With the scale 0 the channel outputs its bias exactly."""
+    rounding of its mean (and below the BN's eps); returns how many. Pruning leaves such channels:
+    a convolution whose kept weights all read emptied channels outputs a constant. Normalised, a
+    constant is 0 and the BN outputs its bias, but x - mean is then rounding noise multiplied by
+    1/sqrt(eps) (316), and in a chain of such channels the noise made outputs that moved by 0.15
+    between float32 and float64 and failed the export checks. With the scale 0 the channel
+    outputs its bias exactly."""
     rounding = 8 * torch.finfo(torch.float32).eps
     silenced = 0
     for module in model.modules():

@@ -66,8 +66,8 @@ class TrainConfig:
         device: "cpu", "cuda", "cuda:1", ...; None picks CUDA when available.
         amp: mixed precision (float16 autocast + GradScaler); only ever active on CUDA.
         accumulate: batches whose mean gradient makes one optimizer step (an epoch's last step
-            may have fewer, when the batches do not divide; their mean all the same, also from a
-            loader without a length).
+            may have fewer, when the batches do not divide; their mean all the same, whatever the
+            loader's length says, or without one).
         clip_grad_norm: max total L2 norm of the gradients, None for no clipping.
         ema: keep an exponential moving average of the weights (`trainer.ema`).
         ema_decay, ema_tau: its asymptotic decay and ramp length in optimizer steps.

@@ -22,7 +22,8 @@ from pruning.sparse_archive import check_decoded, entropy_bound, load_sparse_arc
 from pruning.ultralytics_callbacks import UltralyticsADMM
 
 __all__ = [
-    "ADMM", "ADMMConfig", "SCOPES", "check_minimises", "ramp_updates", "ADMMCallback", "MaskCallback", "MAGNITUDE_SCOPES", "magnitude_prune",
+    "ADMM", "ADMMConfig", "SCOPES", "check_minimises", "ramp_updates", "ADMMCallback", "MaskCallback",
+    "MAGNITUDE_SCOPES", "magnitude_prune",
     "Masks", "pack_mask", "unpack_mask", "METHODS", "Method", "pruning_method", "StepHooks", "attach_admm",
     "attach_masks", "UltralyticsADMM",
     "check_sparsity", "floor_counts", "global_topk_masks", "kept_count",

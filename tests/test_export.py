@@ -25,9 +25,9 @@ from data.synthetic import make_shapes_dataset
 from detector import cli_export
 from detector.cfgs import cfg_path
 from detector.evaluate import coco_metrics, to_coco_results
-from detector.export import (COMPACT_CFG_KEY, ONNX_LAYOUT_KEY, ExportCheckError, darknet_rows, dense_fp32_bytes, export_compact,
-                             export_darknet, export_model, export_onnx, load_compact, onnxruntime_outputs,
-                             opencv_difference, opencv_outputs)
+from detector.export import (COMPACT_CFG_KEY, ONNX_LAYOUT_KEY, ExportCheckError, darknet_rows, dense_fp32_bytes,
+                             export_compact, export_darknet, export_model, export_onnx, load_compact,
+                             onnxruntime_outputs, opencv_difference, opencv_outputs)
 from detector.layers import ConvBlock
 from detector.postprocess import postprocess, select_detections, to_original_image
 from detector.predict import make_loader
