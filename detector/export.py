@@ -81,8 +81,11 @@ def _mismatch(path: Path, runtime: str, difference: float, tolerance: float, mod
     if not own <= tolerance:
         constant = sum(int((module.running_var == 0).sum()) for module in model.modules()
                        if isinstance(module, nn.BatchNorm2d) and module.running_var is not None)
+        hint = (f" ({constant} BatchNorm channels have a running variance of 0: "
+                f"detector.prune_pipeline.silence_constant_channels(model) sets their scale to 0, as detect "
+                f"prune now does)") if constant else ""
         reason = (f"; the model itself is numerically unstable: its float32 and float64 outputs differ by "
-                  f"{own:.3g}" + (f" ({constant} BatchNorm channels have a running variance of 0)" if constant else ""))
+                  f"{own:.3g}{hint}")
     return ExportCheckError(f"{path}: {runtime}'s outputs differ from the model's by {difference:.3g} (relative), "
                             f"expected <= {tolerance}{reason}; the file was removed")
 
