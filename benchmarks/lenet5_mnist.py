@@ -89,9 +89,10 @@ which the JSON records as "weights_sha256" in runs after those below). On it, th
         --rho-mult 1.15 --ramp-from 0.9 --distill 0.5 --admm-lr shared --optimizer sgd --lr 0.01 \\
         --configs admm-global:0.99 --seed 0 --out benchmarks/results/lenet5_mnist_sgd_seed0.json
 
-also with ``--seed 1|...|9 --out .../lenet5_mnist_sgd_seed1|...|9.json`` (seeds 3-5 three side by
+also with ``--seed 1|...|11 --out .../lenet5_mnist_sgd_seed1|...|11.json`` (seeds 3-5 three side by
 side, load ~3; seeds 6-9 two side by side on 2026-11-27 beside a Ctrl-C fuzz, load ~3, 31-32 min
-each, the first runs whose JSON holds the dense hash), and with a weight average in the
+each, the first runs whose JSON holds the dense hash; seeds 10-11 two side by side the same day,
+load ~2, 19.5 min each), and with a weight average in the
 retraining, ``--ema 0.999 --out .../lenet5_mnist_sgd_ema0.999_seed0.json`` and ``--ema 0.9995|0.9998
 --ema-tau 500 --out .../lenet5_mnist_sgd_ema0.9995|0.9998_tau500_seed0.json``.
 
