@@ -151,8 +151,8 @@ def recorded_run(checkpoint: str | Path) -> tuple[Path, dict] | None:
             if not isinstance(settings, dict) or not isinstance(settings.get("out"), str):
                 continue
             cfg = settings.get("cfg")
-            if Path(settings["out"]).resolve() == folder and isinstance(cfg, str) and Path(cfg).is_absolute() \
-                    and Path(cfg).is_file():
+            own_folder = Path(settings["out"]).resolve() == folder
+            if own_folder and isinstance(cfg, str) and Path(cfg).is_absolute() and Path(cfg).is_file():
                 return record, settings
     return None
 

@@ -20,6 +20,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -180,7 +181,7 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
     optimizer = build_optimizer(model, _pick(config.lr, net.learning_rate), _pick(config.momentum, net.momentum),
                                 _pick(config.weight_decay, net.decay))
     burn_in = int(_pick(config.burn_in, net.burn_in))
-    _warn_of_a_burn_in_longer_than_the_run(model, burn_in, config.epochs * -(-len(batches) // accumulate),
+    _warn_of_a_burn_in_longer_than_the_run(model, burn_in, config.epochs * math.ceil(len(batches) / accumulate),
                                            _pick(config.lr, net.learning_rate))
     use_ema = bool(net.ema_alpha > 0) if config.ema is None else config.ema
     ema_decay = _pick(config.ema_decay, net.ema_alpha if net.ema_alpha > 0 else 0.9999)
