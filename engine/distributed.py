@@ -15,7 +15,7 @@ from __future__ import annotations
 import atexit
 import os
 from datetime import timedelta
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -185,6 +185,19 @@ def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
     reduced = values.detach().clone()
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
     return reduced / dist.get_world_size()
+
+
+def average_gradients(parameters: Iterable[nn.Parameter]) -> None:
+    """Replace each gradient by its mean over the ranks, as DDP's all-reduce would have (for the
+    batches that ran under `no_sync` and were not followed by a synchronised one). Every rank must
+    hold gradients for the same parameters."""
+    if not is_distributed():
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    for grad in grads:
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+    if grads:
+        torch._foreach_div_(grads, dist.get_world_size())
 
 
 def shared_seed() -> int:

@@ -197,6 +197,7 @@ class Trainer:
             set_epoch(self.epoch)  # a DistributedSampler's permutation for this epoch
         sums: dict[str, float] = defaultdict(float)
         batches = pending = 0
+        synced = True            # the gradients so far were averaged over the ranks (always, alone)
         length = _length(self.train_loader)
         bar = tqdm(held_iteration(self.train_loader), total=length,  # workers start and stop with Ctrl-C held
                    desc=f"{self.config.desc} {self.epoch + 1}/{self.target_epochs}",
@@ -204,6 +205,7 @@ class Trainer:
         for batch in bar:
             batch = move_to_device(batch, self.device)
             ends_step = pending + 1 == self.config.accumulate or length is None or batches + 1 >= length
+            synced = ends_step or self.ddp_model is None
             with self._gradient_sync(ends_step):
                 with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
                     loss, logs = self.loss_fn(module, batch)
@@ -221,6 +223,8 @@ class Trainer:
                 sums[key] += float(value)
             bar.set_postfix(loss=f"{sums['loss'] / batches:.4g}", refresh=False)
         if pending:              # the epoch's last step has fewer batches: their mean, not sum / accumulate
+            if not synced:       # the loader ended before its length: nothing averaged this step's batches
+                distributed.average_gradients(self.model.parameters())
             self._scale_gradients(self.config.accumulate / pending)
             self._optimizer_step()
         return self._mean_logs(sums, batches)

@@ -124,6 +124,33 @@ def resumed_with_rank_streams(root: Path) -> dict:
     return weights
 
 
+class OverReportedLength:
+    """A loader that yields fewer batches than its length says (as an IterableDataset's guess can)."""
+
+    def __init__(self, loader: DataLoader, extra: int):
+        self.loader, self.extra = loader, extra
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader) + self.extra
+
+
+def weights_after_an_over_reported_epoch() -> dict:
+    """One epoch, 8 batches per rank (each its own shard) with `accumulate` 3 and a length of 10:
+    the last step's 2 batches think more are coming. Its gradients must still be averaged over
+    the ranks, so the ranks end with the same weights."""
+    dataset = make_dataset()
+    loader = DataLoader(dataset, batch_size=4, sampler=distributed.distributed_sampler(dataset, seed=5))
+    model = make_model()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), cross_entropy,
+                      OverReportedLength(loader, extra=2),
+                      TrainConfig(epochs=1, device="cpu", accumulate=3, progress=False))
+    trainer.fit()
+    return {"steps": trainer.step, "weights": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
 def admm_from_rank_seeded_weights() -> dict:
     """ADMM built on weights that differ by rank: its Z and support must still be rank 0's."""
     torch.manual_seed(100 + distributed.rank())
@@ -143,7 +170,8 @@ def worker(local_rank: int, port: int, root: str) -> None:
     result = prune_and_retrain(Path(root))
     result.update(device=str(device), rank=distributed.rank(), world=distributed.world_size(),
                   nan_stops=stops_together_on_a_nan(Path(root)), seeded=admm_from_rank_seeded_weights(),
-                  streams=resumed_with_rank_streams(Path(root) / "streams"))
+                  streams=resumed_with_rank_streams(Path(root) / "streams"),
+                  over_reported=weights_after_an_over_reported_epoch())
     torch.save(result, Path(root) / f"result_rank{local_rank}.pt")
     dist.barrier()  # every rank is past its last collective
     # Leave without tearing gloo down. Once (one clean-clone run of many) rank 1 died of SIGABRT,
@@ -237,6 +265,13 @@ def test_each_rank_resumes_its_own_random_streams(runs):
     saved = torch.load(ddp_root / "streams" / "resumed" / "rank0" / "epoch_0002.pt", weights_only=True)
     first, second = saved["rng_per_rank"]
     assert torch.equal(first["torch"], saved["rng"]["torch"]) and not torch.equal(first["torch"], second["torch"])
+
+
+def test_a_last_step_the_length_did_not_announce_is_still_averaged_over_the_ranks(runs):
+    _, ranks, _ = runs
+    first, second = (rank["over_reported"] for rank in ranks)
+    assert first["steps"] == second["steps"] == 3  # 8 batches: 3 + 3 + 2
+    assert all(torch.equal(first["weights"][key], second["weights"][key]) for key in first["weights"])
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(runs):
