@@ -25,6 +25,7 @@ from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, P
 from classify.run_record import claim_checkpoint_dir, run_identity
 from engine import atomic_write_json, distributed, output_file, output_folder, resolve_device, run_folder_lock
 from yolo_admm.arguments import pattern_list
+from yolo_admm.wording import counted
 
 DEFAULT_RUN_DIR = Path("runs/classify")
 
@@ -222,7 +223,7 @@ def run_train(args: argparse.Namespace) -> int:
         if not distributed.is_main():
             return 0
         out = save_weights(model, args.out)
-        print(f"{args.model}: top-1 {result['accuracy']:.2f}% after {settings.epochs} epochs "
+        print(f"{args.model}: top-1 {result['accuracy']:.2f}% after {counted(settings.epochs, 'epoch')} "
               f"({result['wall_time_s']:.0f} s); weights: {out}")
         if args.json_out is not None:
             atomic_write_json(args.json_out, {**result, "weights": str(out), "run": identity})

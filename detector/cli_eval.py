@@ -22,6 +22,7 @@ from detector.evaluate import CONF_THRESH, MAX_DET, NMS_IOU, EvalResult, evaluat
 from detector.predict import make_loader
 from detector.train import check_classes
 from engine import atomic_write_json, output_file
+from yolo_admm.wording import counted
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     workers = default_workers(device) if args.workers is None else args.workers
     loader = make_loader(dataset, args.batch_size, workers, device)
-    print(f"eval: {len(dataset)} images at {net_w}x{net_h} ({'letterbox' if letterbox else 'resize'}) on {device}")
+    print(f"eval: {counted(len(dataset), 'image')} at {net_w}x{net_h} ({'letterbox' if letterbox else 'resize'}) on {device}")
     result = evaluate(model, loader, source, args.conf, args.iou, args.max_det, per_class=args.per_class,
                       progress=args.progress)
     print(result.summary)

@@ -26,6 +26,7 @@ from data.sources import IMAGE_SUFFIXES, exif_orientation, images_below
 from detector.cli import add_model_arguments, load_model, model_num_classes, read_class_names
 from detector.predict import earlier_entries, predict
 from engine import output_folder
+from yolo_admm.wording import counted
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,5 +121,5 @@ def run(args: argparse.Namespace) -> int:
                                [exif_orientation(Path(image)) for image in images])   # photos as displayed
     json_path = predict(model, dataset, args.out, class_names, args.conf, args.iou, args.max_det,
                         progress=args.progress)
-    print(f"predict: {len(images)} images -> {args.out}/ (detections in {json_path})")
+    print(f"predict: {counted(len(images), 'image')} -> {args.out}/ (detections in {json_path})")
     return 0

@@ -34,6 +34,7 @@ from detector.export import check_class_names, write_class_names
 from detector.train import DetectTrainConfig, fit_detector
 from engine import (atomic_write_json, changed_settings, distributed, find_latest_checkpoint, output_folder,
                     resolved_paths, run_folder_lock, seed_everything)
+from yolo_admm.wording import counted
 
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume", "progress"}
 PATH_FLAGS = {"cfg", "weights", "data", "images", "annotations", "val_images", "val_annotations", "out"}
@@ -135,8 +136,8 @@ def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
         atomic_write_json(args.out / "args.json", recorded_args(args))
     seed_everything(args.seed)
     if distributed.is_main():
-        print(f"train: {len(train_source.records)} images, validation: "
-              f"{len(val_source.records) if val_source else 'none'}; out: {args.out}")
+        print(f"train: {counted(len(train_source.records), 'image')}, validation: "
+              f"{counted(len(val_source.records), 'image') if val_source else 'none'}; out: {args.out}")
     trainer = fit_detector(model, train_source, val_source, config)
     trained = trainer.ema.module if trainer.ema is not None else trainer.model
     weights_path = args.out / f"{Path(args.cfg).stem}.weights"
@@ -146,7 +147,7 @@ def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
     names_path = write_class_names(weights_path.with_suffix(".names"), class_names, data_name) if class_names else None
     last = trainer.history[-1] if trainer.history else {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("train/loss", "eval/map50")))
-    print(f"done: {trainer.epoch} epochs, {trainer.step} steps; {summary}")
+    print(f"done: {counted(trainer.epoch, 'epoch')}, {counted(trainer.step, 'step')}; {summary}")
     print(f"weights: {weights_path}; " + (f"class names: {names_path}; " if names_path else "")
           + f"checkpoint: {trainer.last_checkpoint}")
     return 0

@@ -141,11 +141,13 @@ def train_cli_args(tmp_path, data, epochs: int = 1) -> argparse.Namespace:
                               "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "run")])
 
 
-def test_cli_writes_checkpoint_and_weights_that_load_back(tmp_path, shapes):
+def test_cli_writes_checkpoint_and_weights_that_load_back(tmp_path, shapes, capsys):
     yaml, source = shapes
     args = train_cli_args(tmp_path, yaml)
     cfg, out = args.cfg, args.out
     assert run(args) == 0
+    printed = capsys.readouterr().out   # 8 images at 4 a batch, the cfg's batch=8: one step
+    assert "train: 8 images, validation: 2 images;" in printed and "done: 1 epoch, 1 step;" in printed
     assert (out / "epoch_0001.pt").is_file() and (out / "history.csv").is_file() and (out / "args.json").is_file()
     assert (out / "tiny.names").read_text().splitlines() == source.class_names   # Darknet's .names, beside
     reloaded = load_darknet(cfg, out / "tiny.weights")
