@@ -193,15 +193,24 @@ def check_selection(model: nn.Module, sparsities: Iterable[float], global_budget
     per-layer floors above a global budget (``global_budget``: one top-k over all layers) at any
     of ``sparsities``."""
     named = prunable_parameters(model, include, exclude)
-    floors = sum(layer_floors(named, min_density))
+    per_layer_floors = layer_floors(named, min_density)
+    floors = sum(per_layer_floors)
     if layer_sparsity:
         per_name_values(list(named), layer_sparsity, 0.0, "layer_sparsity")
     total = sum(param.numel() for param in named.values())
     for sparsity in sparsities:
         budget = kept_count(total, sparsity)
-        if budget == 0 and not floors:
+        if global_budget and budget == 0 and not floors:
             raise ValueError(f"sparsity {sparsity} keeps none of the {total} prunable weights; expected a sparsity "
                              f"that keeps at least one")
+        if not global_budget:
+            ratios = per_name_values(list(named), layer_sparsity or {}, sparsity, "layer_sparsity")
+            if not any(max(kept_count(param.numel(), ratio), floor)
+                       for param, ratio, floor in zip(named.values(), ratios, per_layer_floors)):
+                which = (f"layer_sparsity {dict(layer_sparsity)} (else sparsity {sparsity})" if layer_sparsity
+                         else f"sparsity {sparsity}")
+                raise ValueError(f"{which} keeps none of the {total} prunable weights; expected a sparsity that "
+                                 f"keeps at least one")
         if global_budget and floors > budget:
             raise ValueError(f"min_density keeps {floors} weights at least, more than the {budget} of {total} "
                              f"that sparsity {sparsity} leaves")

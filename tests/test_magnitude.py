@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+import pruning
 from pruning import check_selection, kept_count, magnitude_prune
 
 
@@ -83,3 +84,18 @@ def test_check_selection_warns_where_a_floor_overrides_a_layer_ratio():
         warnings.simplefilter("error")
         check_selection(model, [0.5], global_budget=False, min_density=0.2)    # the ratios keep more
         check_selection(model, [0.99], global_budget=True, min_density=0.005)  # one budget: floors fit in it
+
+
+def test_check_selection_refuses_layer_ratios_that_keep_no_weight_before_any_work():
+    """Found by a review: per-layer ratios that round every layer to 0 kept weights passed the
+    check (its one budget over all layers keeps 4), and ADMM refused them only when built."""
+    model = nn.Sequential(*[nn.Linear(20, 10, bias=False) for _ in range(10)])   # 10 layers of 200
+    check_selection(model, [0.998], global_budget=True)                          # 4 of 2000 kept
+    with pytest.raises(ValueError, match="sparsity 0.998 keeps none of the 2000 prunable weights"):
+        check_selection(model, [0.998], global_budget=False)                     # round(0.4) per layer
+    with pytest.raises(ValueError, match=r"layer_sparsity \{'\*': 0.999\} \(else sparsity 0.5\) keeps none"):
+        check_selection(model, [0.5], global_budget=False, layer_sparsity={"*": 0.999})
+    with pytest.warns(UserWarning, match="the floor wins, so 20 of 2000 weights are kept, not the 0"):
+        check_selection(model, [0.998], global_budget=False, min_density=0.01)    # floors keep 2 a layer
+    with pytest.raises(ValueError, match="keeps none"):
+        pruning.ADMM(model, pruning.ADMMConfig(sparsity=0.998, scope="layerwise"))  # what it anticipates
