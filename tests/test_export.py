@@ -643,6 +643,27 @@ def test_an_onnx_file_that_fails_its_check_is_not_left_in_place(pruned, tmp_path
     assert not path.exists()
 
 
+def test_a_failed_check_names_the_models_own_instability_where_that_explains_it(pruned, images):
+    """The diagnosis of `_mismatch`: the model's float32 and float64 outputs compared at the check's
+    tolerance, and the BatchNorm channels of zero running variance counted. A tolerance below
+    float32's rounding stands in for an unstable model; the physics is the next test's."""
+    import copy
+
+    from detector.export import _mismatch
+
+    model = copy.deepcopy(pruned[0])
+    with torch.no_grad():
+        model.layers[0].bn.running_var[:2] = 0
+    stable = _mismatch(Path("m.onnx"), "onnxruntime", 0.5, 1e-2, model, images[:1])
+    assert str(stable) == ("m.onnx: onnxruntime's outputs differ from the model's by 0.5 (relative), expected <= "
+                           "0.01; the file was removed")
+    unstable = str(_mismatch(Path("m.onnx"), "onnxruntime", 0.5, 1e-12, model, images[:1]))
+    assert "; the model itself is numerically unstable: its float32 and float64 outputs differ by " in unstable
+    assert ("(2 BatchNorm channels with a running variance of 0: detector.prune_pipeline."
+            "silence_constant_channels(model) sets their scale to 0") in unstable
+    assert "BatchNorm" not in str(_mismatch(Path("m.onnx"), "OpenCV", 0.5, 1e-12, pruned[0], images[:1]))
+
+
 def test_constant_batchnorm_channels_are_silenced_and_stop_amplifying_rounding():
     """Found by a review: after magnitude-uniform pruning a 1x1 conv read only emptied channels, so
     its output was a constant and its BN's (x - mean) / sqrt(var + eps) amplified rounding noise by
