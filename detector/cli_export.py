@@ -30,6 +30,7 @@ from detector.model import DarknetModel, load_darknet
 from engine import atomic_write_json, load_error_summary, output_folder
 from engine.checkpoint import checked_trainer_checkpoint, checkpoint_file, read_checkpoint_file
 from pruning.masks import Masks
+from pruning.sparse_archive import is_sparse_archive
 
 STAGE_FILE_KEYS = {"model", "masks"}     # detect prune's sparsity_S/hard_prune.pt and retrained.pt
 EXPORT_STEM = "model"
@@ -120,6 +121,10 @@ def load_export_model(cfg: str | None, weights: str | None, checkpoint: str | No
         raise ValueError(f"--checkpoint {checkpoint} needs --cfg, the cfg its model was built from (or --weights "
                          f"with a compact archive of that model, whose cfg it takes); no run folder above it "
                          f"records one")
+    if weights is not None and checkpoint is not None and Path(weights).is_file() and not is_sparse_archive(weights):
+        raise ValueError(f"--weights {weights} and --checkpoint {checkpoint} both give the weights to export (the "
+                         f"checkpoint's would replace these); with --checkpoint, --weights may only be a compact "
+                         f"archive, for its cfg: leave one of them out")
     model = load_detector(cfg, weights) if weights is not None else load_darknet(cfg)
     if checkpoint is not None:
         try:

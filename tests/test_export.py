@@ -461,6 +461,13 @@ def test_cli_exports_a_trainer_checkpoints_ema(pruned, tmp_path):
     zeroed = int(masks["layers.0.conv.weight"].sum())
     report = json.loads((tmp_path / "out" / "export.json").read_text())
     assert report["compact"]["nonzero"] == masks.stats()["kept"] - zeroed
+    detector.write_weights(tmp_path / "other.weights", model)
+    both = parser.parse_args(["--cfg", str(DEMO_CFG), "--weights", str(tmp_path / "other.weights"),
+                              "--checkpoint", str(path), "--out", str(tmp_path / "both"), "--formats", "compact"])
+    with pytest.raises(ValueError, match=r"other.weights and --checkpoint .*epoch_0003.pt both give the weights to "
+                                         r"export .* --weights may only be a compact archive"):
+        cli_export.run(both)
+    assert not (tmp_path / "both").exists()
 
 
 def test_predict_eval_and_export_take_a_compact_archive_without_its_cfg(pruned, shapes, tmp_path, capsys):
