@@ -27,6 +27,7 @@ interleaved runs of 48 samples, 2026-11-26).
 """
 from __future__ import annotations
 
+import random
 import warnings
 from dataclasses import replace
 from typing import Sequence
@@ -87,7 +88,9 @@ class DetectionTrainDataset(Dataset):
             transform = self.mosaic_transform
             picks = rng.integers(0, len(self.records), MOSAIC_PARTNERS)
             extra["mosaic_metadata"] = [self._as_mosaic_item(int(i)) for i in picks]
-        transform.set_random_seed(seed)
+        # One stream for all the transforms: set_random_seed(seed) gives each its own generator seeded
+        # alike, so each drew the same numbers (the flip's coin was the x-shift and the brightness).
+        transform.set_random_state(np.random.default_rng([seed, 1]), random.Random(seed))
         out = transform(image=image, bboxes=boxes, class_labels=classes, **extra)
         labels = _labels(out["bboxes"], out["class_labels"], out["image"].shape[:2])   # normalised: any side
         image_tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))

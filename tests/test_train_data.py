@@ -154,6 +154,34 @@ def test_same_seed_same_sample_and_colour_jitter_changes_pixels(tmp_path):
     assert not torch.equal(first[0], plain)
 
 
+def test_flip_shift_and_brightness_are_drawn_independently(tmp_path):
+    """Found by a review: every transform took the same seed, so each drew the same first random
+    number: a flipped image was always shifted one way and darker, an unflipped one the other way
+    and brighter. Two grey boxes side by side (class 0 left of class 1) over 200 seeds, scale fixed
+    at 1: flipped samples (class 0 now on the right) shift both ways and are as often bright as dark."""
+    image = np.zeros((64, 64, 3), np.uint8)
+    boxes = [[16, 26, 28, 38], [36, 26, 48, 38]]                 # centred pair: mean x-centre 32
+    for x1, y1, x2, y2 in boxes:
+        image[y1:y2, x1:x2] = 100                                # below 255 / 1.5: brightness never clips
+    cv2.imwrite(str(tmp_path / "pair.png"), image)
+    source = DetectionSource([record(tmp_path / "pair.png", (64, 64), boxes, classes=[0, 1])], ["a", "b"], [1, 2])
+    config = AugmentConfig(64, scale=(1.0, 1.0), translate=0.2, flip=0.5, hue=0.0, saturation=1.0, exposure=1.5)
+    dataset = DetectionTrainDataset(source, config)
+    shifts, brightness, flipped = [], [], []
+    for seed in range(200):
+        out, labels = dataset[(0, seed, None)]
+        assert labels[:, 0].tolist() == [0.0, 1.0]
+        centres = labels[:, 1] * 64
+        shifts.append(float(centres.mean()) - 32)
+        flipped.append(bool(centres[0] > centres[1]))
+        brightness.append(float(out.float().max()))            # the boxes' grey times the brightness factor
+    shifts, brightness, flipped = np.array(shifts), np.array(brightness), np.array(flipped)
+    assert 0.3 < flipped.mean() < 0.7
+    assert (shifts[flipped] < -2).mean() > 0.2 and (shifts[flipped] > 2).mean() > 0.2
+    bright = brightness > np.median(brightness)
+    assert abs(np.corrcoef(flipped, bright)[0, 1]) < 0.3
+
+
 def test_mosaic_partners_are_read_only_for_samples_that_use_them(tmp_path, monkeypatch):
     import data.train_dataset as train_dataset
 
