@@ -65,11 +65,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0, help="torch's seed: shuffles, augmentation, dropout")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "finetune_sanity.json", help="result JSON")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     train, val = load_yolo_dataset(DATA, "train"), load_yolo_dataset(DATA, "val")
     model = load_darknet(CFG, WEIGHTS)
     evaluator = ValidationMap(val, SIZE, letterbox=False, batch_size=16, workers=0, device=torch.device("cpu"))
@@ -94,6 +95,7 @@ def main() -> None:
         "benchmark": "finetune_sanity", "date": datetime.date.today().isoformat(), "machine": "2-core CPU, no GPU",
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "settings": {"cfg": CFG.name, "img_size": SIZE, "epochs": args.epochs, "lr": args.lr, "burn_in": 0,
+                     "seed": args.seed,
                      "batch_size": args.batch_size, "accumulate": 32 // args.batch_size,
                      "augment": "cfg [net]: hue .1, saturation 1.5, exposure 1.5, flip; scale 0.75-1.25, translate 0.1",
                      "train_images": len(train.records), "val_images": len(val.records)},
