@@ -4,13 +4,11 @@ Each ground-truth box goes to the anchor, over *all* anchors of the `[yolo]` sec
 best matches it (IoU of the two boxes centred on the same point, so only width and height count).
 The head whose `mask` holds that anchor predicts the box from the grid cell containing its centre.
 Every *other* anchor of the head whose shape IoU with the box exceeds `iou_thresh` predicts it too
-(yolov4 uses 0.213; `iou_thresh >= 1` turns this off). Where several boxes claim the same
-(image, anchor, cell) slot, the last one wins, for the class target (one-hot) and the box.
-Darknet differs there: a later box only sets its own class's target to 1 and keeps the earlier
-boxes' classes (`delta_yolo_class` returns early once the slot has deltas), so the target is
-multi-hot; and its box deltas add up over the boxes (`delta_yolo_box` with accumulate). Such
-slots are rare: 0.4% of the positive slots of yolov4 on coco128's training images, 1.5% of
-yolo-fastest's (without augmentation; a review measured it).
+(yolov4 uses 0.213; `iou_thresh >= 1` turns this off). Every claim is kept: where several boxes
+claim the same (image, anchor, cell) slot, the slot appears once per box, and the loss merges them
+as Darknet does (`detector.loss`: the box deltas add up, the class target is multi-hot). Such
+slots are not rare on small models: 5.3% of yolo-fastest-1.1's claims on coco128 at 320 share a
+slot (without augmentation; a review measured it), 0.7% of yolov4's at 608.
 
 Reference: AlexeyAB/darknet, src/yolo_layer.c (`process_batch`, the truth loop).
 """
@@ -24,10 +22,11 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Assignment:
-    """The positive slots of one head; all fields are `Tensor[P]` (int64), one row per positive.
+    """The claims of one head; all fields are `Tensor[P]` (int64), one row per (box, slot) claim.
 
     `batch`, `anchor` (position in the head's `mask`), `grid_y`, `grid_x` index the head's output
-    `Tensor[B, A, H, W, 5 + C]`; `target` is the row of the `targets` tensor the slot learns.
+    `Tensor[B, A, H, W, 5 + C]`; `target` is the row of the `targets` tensor that claims the slot.
+    A slot claimed by several boxes appears once per box.
     """
 
     batch: Tensor
@@ -38,6 +37,12 @@ class Assignment:
 
     def __len__(self) -> int:
         return int(self.target.numel())
+
+    def flat_slots(self, num_anchors: int, grid_hw: tuple[int, int]) -> Tensor:
+        """Tensor[P]: each claim's slot as an index into the head's output flattened to
+        `[B * A * H * W, 5 + C]`."""
+        grid_h, grid_w = grid_hw
+        return ((self.batch * num_anchors + self.anchor) * grid_h + self.grid_y) * grid_w + self.grid_x
 
 
 def anchor_shape_iou(box_wh: Tensor, anchor_wh: Tensor) -> Tensor:
@@ -69,7 +74,8 @@ def assign_targets(targets: Tensor, all_anchors: Tensor, mask: list[int], grid_h
         iou_thresh: extra anchors of this head whose shape IoU exceeds it are positive too.
 
     Returns:
-        The head's `Assignment`, one row per distinct (image, anchor, cell) slot.
+        The head's `Assignment`, one row per claim: per box, its best anchor first (if this head
+        has it), then its other anchors above `iou_thresh` in mask order, as Darknet visits them.
     """
     device = targets.device
     grid_h, grid_w = grid_hw
@@ -92,15 +98,5 @@ def assign_targets(targets: Tensor, all_anchors: Tensor, mask: list[int], grid_h
     batch = rows[:, 0].long()
     grid_x = (rows[:, 2] * grid_w).long().clamp(0, grid_w - 1)
     grid_y = (rows[:, 3] * grid_h).long().clamp(0, grid_h - 1)
-    keep = _last_claim_per_slot(((batch * len(mask) + anchor_pos) * grid_h + grid_y) * grid_w + grid_x)
-    return Assignment(batch[keep], anchor_pos[keep], grid_y[keep], grid_x[keep], target_idx[keep])
+    return Assignment(batch, anchor_pos, grid_y, grid_x, target_idx)
 
-
-def _last_claim_per_slot(slot: Tensor) -> Tensor:
-    """Indices (ascending) of the last occurrence of each distinct value of `slot` (Tensor[P])."""
-    if slot.numel() == 0:
-        return slot.new_zeros(0)
-    unique, inverse = torch.unique(slot, return_inverse=True)
-    position = torch.arange(slot.numel(), device=slot.device)
-    last = torch.full_like(unique, -1).scatter_reduce(0, inverse, position, reduce="amax")
-    return torch.sort(last).values

@@ -4,11 +4,15 @@ Per head, with its `[yolo]` options (`head.loss_options`):
 - **Assignment** (`detector.assign`): each box to its best-shaped anchor over all anchors, plus
   this head's other anchors with shape IoU > `iou_thresh`.
 - **Box**: `iou_loss` (ciou, giou, diou, iou or mse) between the decoded prediction and the box,
-  times `iou_normalizer`, at the assigned slots.
-- **Objectness**: target 1 at assigned slots, 0 elsewhere, except that predictions whose decoded
-  box has IoU > `ignore_thresh` with some box of their image are left out; times `obj_normalizer`.
-- **Classes**: one-hot targets (smoothed to y(1 - eps) + eps/2 by `label_smooth_eps`) at assigned
-  slots, times `cls_normalizer`.
+  times `iou_normalizer`, for every box at every slot it claims. A slot claimed by several boxes
+  sums their box terms and divides the sum by the number of classes among them (Darknet's
+  accumulated box deltas and `averages_yolo_deltas`).
+- **Objectness**: target 1 at claimed slots, 0 elsewhere, except that a prediction is left out
+  whose decoded box has IoU > `ignore_thresh` with some box of its image while one of its class
+  probabilities exceeds 0.25 (`compare_yolo_class`); times `obj_normalizer`.
+- **Classes**: at each claimed slot, target 1 for the class of every box that claims it, 0 for the
+  others (multi-hot, as `delta_yolo_class` leaves it; smoothed to y(1 - eps) + eps/2 by
+  `label_smooth_eps`), times `cls_normalizer`.
 
 Gradients are Darknet's, so that the cfg's normalisers and `[net]` learning rates carry over:
 - Darknet's delta on objectness and classes is (target - output). Where the head applies the
@@ -31,14 +35,16 @@ size. We return the sum over all heads, slots and images divided by the number o
 with the cfg's `learning_rate` takes Darknet's step (the engine averages over accumulated
 batches, which plays `subdivisions`).
 
-The IoU-family gradient is the exact one (torchvision's losses under autograd). Darknet's
-`dx_box_iou` differs: its IoU part of the w, h delta is twice the derivative ("we do not divide
-by 2" there), and its CIoU aspect term drops the 1/(w^2 + h^2) factor. So with the same
-`iou_normalizer` our size regression pulls about half as hard as Darknet's.
+The IoU-family gradient is torchvision's losses under autograd, with one of Darknet's scales:
+`dx_box_iou` gives the w, h delta of the IoU part twice the derivative ("we do not divide by 2"
+there), so an extra IoU term carries that second half to w and h (`iou_normalizer` was tuned with
+it: without it, size regression pulled about half as hard as Darknet's). Two slips of
+`dx_box_iou` are not copied: the sign of one term of the centre-distance penalty's x, y delta,
+and the CIoU aspect term's missing 1/(w^2 + h^2) factor (both small at trained weights; a review
+measured 0.6-1.3% of the gradient's norm on yolo-fastest-1.1).
 
 Not supported (a warning says so when a cfg asks): `objectness_smooth`, `truth_thresh < 1`,
-`focal_loss`, `counters_per_class`, `iou_thresh_kind` other than iou. Darknet's newest versions
-also require a class probability > 0.25 before ignoring a prediction; we ignore on IoU alone.
+`focal_loss`, `counters_per_class`, `iou_thresh_kind` other than iou.
 
 Reference: AlexeyAB/darknet src/yolo_layer.c; Zheng et al., "Distance-IoU Loss", AAAI 2020.
 """
@@ -57,6 +63,7 @@ from detector.assign import Assignment, assign_targets
 from detector.head import decode
 
 IOU_LOSSES = ("ciou", "diou", "giou", "iou", "mse")
+IGNORE_CLASS_PROBABILITY = 0.25   # Darknet ignores an overlapping prediction only if a class is above it
 UNSUPPORTED_OPTIONS = {"objectness_smooth": 0, "focal_loss": 0, "counters_per_class": None}
 
 
@@ -85,7 +92,7 @@ class YoloLoss:
 
         Returns:
             (scalar loss: sum over heads / batch size, logs: "box", "obj", "cls" (same scale),
-            "positives" (assigned slots), "iou" (mean IoU of the assigned predictions)).
+            "positives" (box-to-slot claims), "iou" (their mean IoU with their boxes)).
         """
         if len(raw_outputs) != len(self.heads):
             raise ValueError(f"YoloLoss: expected {len(self.heads)} head outputs, found {len(raw_outputs)}")
@@ -136,8 +143,8 @@ def head_loss(raw: Tensor, head, targets: Tensor,
         input_hw: network input (height, width) in pixels.
 
     Returns:
-        ({"box", "obj", "cls"}: scalar Tensors, the assignment, Tensor[P] IoU of each assigned
-        prediction with its box).
+        ({"box", "obj", "cls"}: scalar Tensors, the assignment (one row per claim), Tensor[P] IoU
+        of each claim's prediction with its box).
     """
     options = head.loss_options
     decoded = decode(raw, head)  # [B, A, H, W, 5 + C], boxes in input pixels
@@ -145,27 +152,38 @@ def head_loss(raw: Tensor, head, targets: Tensor,
     pred_boxes = decoded[..., :4] / scale  # normalised cxcywh
     assigned = assign_targets(targets, head.all_anchors, list(head.mask), raw.shape[2:4], input_hw,
                               float(options["iou_thresh"]))
-    slot = (assigned.batch, assigned.anchor, assigned.grid_y, assigned.grid_x)
+    claim = (assigned.batch, assigned.anchor, assigned.grid_y, assigned.grid_x)
     truth = targets[assigned.target]  # [P, 6]
-    raw_at_slots = raw[slot]  # [P, 5 + C]
+    slots, slot_of_claim = torch.unique(assigned.flat_slots(raw.shape[1], raw.shape[2:4]), return_inverse=True)
+    classes_at_slot = raw.new_zeros(len(slots), head.num_classes)  # [S, C]: 1 for each claiming box's class
+    classes_at_slot[slot_of_claim, truth[:, 1].long()] = 1.0
 
-    box = _box_term(raw_at_slots[:, :4], pred_boxes[slot], truth, head, assigned, raw.shape[2:4], input_hw).sum()
+    box_per_claim = _box_term(raw[claim][:, :4], pred_boxes[claim], truth, head, assigned, raw.shape[2:4], input_hw)
+    box = (box_per_claim / classes_at_slot.sum(dim=1)[slot_of_claim]).sum()
 
     obj_target = torch.zeros_like(raw[..., 4])
-    obj_weight = (~ignored_predictions(pred_boxes.detach(), targets, float(options["ignore_thresh"]))).float()
-    obj_target[slot] = 1.0
-    obj_weight[slot] = 1.0
+    obj_weight = (~ignored_predictions(pred_boxes.detach(), targets, float(options["ignore_thresh"]),
+                                       _has_a_likely_class(raw.detach(), head))).float()
+    obj_target[claim] = 1.0
+    obj_weight[claim] = 1.0
     obj = float(options["obj_normalizer"]) * (obj_weight * _probability_loss(raw[..., 4], obj_target, head)).sum()
 
     eps = float(options.get("label_smooth_eps", 0.0))
-    cls_target = F.one_hot(truth[:, 1].long(), head.num_classes).float() * (1.0 - eps) + 0.5 * eps
-    cls = float(options["cls_normalizer"]) * _probability_loss(raw_at_slots[:, 5:], cls_target, head).sum()
+    cls_target = classes_at_slot * (1.0 - eps) + 0.5 * eps
+    raw_classes = raw.reshape(-1, raw.shape[-1])[slots, 5:]  # [S, C]
+    cls = float(options["cls_normalizer"]) * _probability_loss(raw_classes, cls_target, head).sum()
 
     with torch.no_grad():
-        ious = _elementwise_iou(_xyxy(pred_boxes[slot]), _xyxy(truth[:, 2:6]))
+        ious = _elementwise_iou(_xyxy(pred_boxes[claim]), _xyxy(truth[:, 2:6]))
     head_scale = float(options.get("delta_normalizer", 1.0))
     parts = {"box": head_scale * box, "obj": head_scale * obj, "cls": head_scale * cls}
     return parts, assigned, ious
+
+
+def _has_a_likely_class(raw: Tensor, head) -> Tensor:
+    """bool Tensor[B, A, H, W]: predictions with some class probability above 0.25."""
+    classes = raw[..., 5:] if head.new_coords else torch.sigmoid(raw[..., 5:])
+    return classes.amax(dim=-1) > IGNORE_CLASS_PROBABILITY
 
 
 def _probability_loss(raw: Tensor, target: Tensor, head) -> Tensor:
@@ -195,7 +213,8 @@ def _box_term(raw_box: Tensor, pred_box: Tensor, truth: Tensor, head, assigned: 
             loss = darknet_mse_loss(raw, pred_box, truth[:, 2:6], anchors, cells, raw.new_tensor(grid_hw[::-1]),
                                     bool(head.new_coords))
         else:
-            loss = iou_kind_loss(darknet_box_surrogate(raw, pred_box, bool(head.new_coords)), truth[:, 2:6], kind)
+            box = darknet_box_surrogate(raw, pred_box, bool(head.new_coords))
+            loss = iou_kind_loss(box, truth[:, 2:6], kind) + darknet_second_half_of_size_iou(box, truth[:, 2:6])
         return normalizer * loss
 
     max_delta = float(options.get("max_delta", float("inf")))
@@ -238,6 +257,15 @@ def darknet_box_surrogate(raw_box: Tensor, pred_box: Tensor, new_coords: bool) -
     return pred_box.detach() + carrier - carrier.detach()
 
 
+def darknet_second_half_of_size_iou(pred: Tensor, truth: Tensor) -> Tensor:
+    """Tensor[P] of zeros whose gradient on the w, h of `pred` is that of 1 - IoU (x, y held):
+    added to an IoU-family loss, the IoU part's w, h gradient is twice the derivative, as in
+    Darknet's `dx_box_iou`. `pred`, `truth`: Tensor[P, 4], normalised cxcywh."""
+    size_only = torch.cat([pred[:, :2].detach(), pred[:, 2:]], dim=1)
+    iou_loss = 1.0 - _elementwise_iou(_xyxy(size_only), _xyxy(truth))
+    return iou_loss - iou_loss.detach()
+
+
 def iou_kind_loss(pred: Tensor, truth: Tensor, kind: str) -> Tensor:
     """1 - (C/D/G)IoU per row of normalised cxcywh `pred` and `truth` (Tensor[P, 4]) -> Tensor[P]."""
     pred_xyxy, truth_xyxy = _xyxy(pred), _xyxy(truth)
@@ -274,12 +302,15 @@ def darknet_mse_loss(raw_box: Tensor, pred_box: Tensor, truth: Tensor, anchors: 
     return 0.5 * (2.0 - truth[:, 2] * truth[:, 3]) * error
 
 
-def ignored_predictions(pred_boxes: Tensor, targets: Tensor, ignore_thresh: float) -> Tensor:
+def ignored_predictions(pred_boxes: Tensor, targets: Tensor, ignore_thresh: float,
+                        candidates: Tensor | None = None) -> Tensor:
     """Predictions that overlap a box of their image by IoU > ignore_thresh.
 
     Args:
         pred_boxes: Tensor[B, A, H, W, 4], normalised cxcywh.
         targets: Tensor[N, 6] as in `YoloLoss.__call__`.
+        candidates: bool Tensor[B, A, H, W], the predictions that may be ignored at all (Darknet:
+            those with a class probability above 0.25); None: all.
 
     Returns:
         bool Tensor[B, A, H, W].
@@ -291,7 +322,7 @@ def ignored_predictions(pred_boxes: Tensor, targets: Tensor, ignore_thresh: floa
         preds = _xyxy(pred_boxes[image].reshape(-1, 4))  # [A*H*W, 4]
         best = box_iou(preds, truth).max(dim=1).values
         ignored[image] = (best > ignore_thresh).reshape(ignored.shape[1:])
-    return ignored
+    return ignored if candidates is None else ignored & candidates
 
 
 def _xyxy(boxes: Tensor) -> Tensor:

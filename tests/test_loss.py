@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from torchvision.ops import complete_box_iou_loss
+from torchvision.ops import box_iou, complete_box_iou_loss
 
 from detector import decode, load_darknet
 from detector.assign import anchor_shape_iou, assign_targets
@@ -76,13 +76,14 @@ def test_best_anchor_over_all_heads_and_extra_anchor_above_iou_thresh():
     assert len(fine) == 0
 
 
-def test_same_slot_last_box_wins_and_edges_clamp():
+def test_every_claim_of_a_slot_is_kept_and_edges_clamp():
     anchors = torch.tensor([[10.0, 10], [20, 20]])
     targets = targets_of([(1, 0, 0.55, 0.55, 9, 9), (1, 2, 0.6, 0.6, 11, 11), (0, 1, 1.0, 0.0, 20, 20)])
     got = assign_targets(targets, anchors, [0, 1], (4, 4), (INPUT, INPUT), iou_thresh=1.0)
     rows = sorted(zip(got.batch.tolist(), got.anchor.tolist(), got.grid_y.tolist(), got.grid_x.tolist(),
                       got.target.tolist()))
-    assert rows == [(0, 1, 0, 3, 2), (1, 0, 2, 2, 1)]
+    assert rows == [(0, 1, 0, 3, 2), (1, 0, 2, 2, 0), (1, 0, 2, 2, 1)]   # both boxes claim (1, 0, 2, 2)
+    assert got.flat_slots(2, (4, 4)).tolist() == [((1 * 2 + 0) * 4 + 2) * 4 + 2] * 2 + [(1 * 4 + 0) * 4 + 3]
 
 
 # ----------------------------------------------------------------------------- loss
@@ -188,6 +189,7 @@ def test_ignore_thresh_leaves_out_good_unassigned_predictions(make_model):
         raws[0][0, 0, 1, 1, :4] = raws[0][0, 0, 1, 0, :4]
         raws[0][0, 0, 1, 1, 0] -= 2.0
         raws[0][0, 0, 1, 1, 4] = 0.0
+        raws[0][0, 0, 1, 1, 6] = 2.0     # class 1 at 0.88: Darknet ignores only predictions with a class > 0.25
     box = decode(raws[0].detach(), model.heads[0])[0, 0, 1, 1, :4]
     truth = torch.tensor([0.30 * INPUT, 0.60 * INPUT, 30, 30])
     overlap = (30 - (box[0] - truth[0])) * 30
@@ -199,10 +201,17 @@ def test_ignore_thresh_leaves_out_good_unassigned_predictions(make_model):
             head.loss_options["ignore_thresh"] = thresh
         obj[thresh] = YoloLoss(model.heads)([r.detach() for r in raws], targets, (INPUT, INPUT))[1]["obj"]
     assert obj[0.5] - obj[0.2] == pytest.approx(math.log(2), abs=1e-4)
+    for head in model.heads:
+        head.loss_options["ignore_thresh"] = 0.2
+    with torch.no_grad():
+        raws[0][0, 0, 1, 1, 6] = -1.2    # 0.23: no likely class, so it stays a negative at any threshold
+    unlikely = YoloLoss(model.heads)([r.detach() for r in raws], targets, (INPUT, INPUT))[1]["obj"]
+    assert unlikely == pytest.approx(obj[0.5], abs=1e-6)
 
 
 def test_box_gradient_takes_darknets_path(make_model):
-    """d loss / d raw = iou_normalizer * d(1 - CIoU)/d(box in input units) * (1 for x, y; exp(raw) for w, h) / B."""
+    """d loss / d raw = iou_normalizer * d(1 - CIoU)/d(box in input units) * (1 for x, y; exp(raw) for w, h) / B,
+    plus once more the w, h derivative of 1 - IoU (Darknet's dx_box_iou does not halve it)."""
     model = make_model()
     head = model.heads[0]
     targets = targets_of([(0, 1, 0.30, 0.60, 30, 30)])
@@ -215,8 +224,38 @@ def test_box_gradient_takes_darknets_path(make_model):
     truth = targets[0, 2:6]
     xyxy = lambda b: torch.cat([b[:2] - b[2:] / 2, b[:2] + b[2:] / 2])[None]  # noqa: E731
     complete_box_iou_loss(xyxy(box), xyxy(truth)).sum().backward()
-    expected = 0.07 * box.grad * torch.tensor([1, 1, math.exp(0.25), math.exp(-0.1)])
+    size = box.detach().clone().requires_grad_()
+    (1 - box_iou(xyxy(size), xyxy(truth))).sum().backward()
+    derivative = box.grad + torch.cat([torch.zeros(2), size.grad[2:]])
+    expected = 0.07 * derivative * torch.tensor([1, 1, math.exp(0.25), math.exp(-0.1)])
     torch.testing.assert_close(raws[0].grad[0, 0, 1, 0, :4], expected, rtol=1e-4, atol=1e-7)
+    assert (size.grad[2:].abs() > 0.1 * box.grad[2:].abs()).all()     # the extra half is not negligible here
+
+
+def slot_gradient(model, rows) -> torch.Tensor:
+    """The gradient on the fine head's raw output at slot (image 0, anchor 0, cell y=2, x=2) of the
+    loss of boxes `rows` (batch, class, cx, cy, w_px, h_px), all on that slot; raw outputs 0.2."""
+    raws = [torch.full((1, 2, 2, 2, 5 + CLASSES), 0.2), torch.full((1, 2, 4, 4, 5 + CLASSES), 0.2)]
+    raws = [r.requires_grad_() for r in raws]
+    YoloLoss(model.heads)(raws, targets_of(rows), (INPUT, INPUT))[0].backward()
+    return raws[1].grad[0, 0, 2, 2]
+
+
+def test_boxes_sharing_a_slot_add_their_box_terms_over_their_classes_and_make_a_multi_hot_target(make_model):
+    """As Darknet: every box's delta adds to the slot's (`delta_yolo_box` accumulates), divided by the
+    number of classes among them (`averages_yolo_deltas`); the class target keeps each box's class.
+    Before, the last box took the slot: the first one's box and class were lost."""
+    model = make_model()
+    first, second = (0, 0, 0.58, 0.58, 10, 12), (0, 2, 0.60, 0.62, 11, 9)    # both: anchor 0, cell (2, 2)
+    alone = [slot_gradient(model, [row]) for row in (first, second)]
+    both = slot_gradient(model, [first, second])
+    torch.testing.assert_close(both[:4], (alone[0][:4] + alone[1][:4]) / 2)  # two classes: the mean
+    torch.testing.assert_close(both[4], alone[0][4])                          # objectness: one target 1
+    probability = torch.sigmoid(torch.tensor(0.2))
+    torch.testing.assert_close(both[5:], torch.stack([probability - 1, probability, probability - 1]))
+    same_class = (0, 0, 0.60, 0.62, 11, 9)
+    together = slot_gradient(model, [first, same_class])
+    torch.testing.assert_close(together[:4], alone[0][:4] + slot_gradient(model, [same_class])[:4])  # one class: the sum
 
 
 def test_mse_box_gradient_is_darknets_delta(make_model):
