@@ -14,8 +14,8 @@ pixels and classes as model class indices, and which turns back into a COCO grou
 Bad input, YOLO txt: a label line that is not numbers, has a class outside 0..nc-1 or a value that
 is not finite, or an image file PIL cannot read, is an error naming the file (and line). Label
 coordinates outside [0, 1] are clipped as Darknet does, with one warning per split naming the
-first such line; when every label line of a split is outside (pixel coordinates, say), it is an
-error. A split where no image has a label file gets a warning (the labels folder is elsewhere?).
+first such line; when every label line of a split is outside by more than rounding (pixel
+coordinates, say), it is an error. A split where no image has a label file gets a warning (the labels folder is elsewhere?).
 
 Image ids: the COCO json's own ids; for YOLO txt, the integer file stem when every stem is a unique
 number (COCO's 000000000139.jpg -> 139, so results match the official ids), else 1, 2, ... in order.
@@ -44,6 +44,7 @@ import yaml
 from PIL import Image
 
 IMAGE_SUFFIXES = (".bmp", ".dng", ".jp2", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm")
+ROUNDING_SLACK = 0.01   # label coordinates this far outside [0, 1] are rounding, not another unit
 
 
 @dataclass
@@ -266,16 +267,18 @@ def load_yolo_dataset(data_yaml: str | Path, split: str = "val") -> DetectionSou
     return DetectionSource(records, names, list(range(1, len(names) + 1)))
 
 
-def _check_outside_lines(where: str, outside: list[str], lines: int) -> None:
-    """Warn about label lines with coordinates outside [0, 1]; an error when that is all of them."""
+def _check_outside_lines(where: str, outside: list[tuple[str, float]], lines: int) -> None:
+    """Warn about label lines with coordinates outside [0, 1]; an error when all of them are, by more
+    than rounding (`ROUNDING_SLACK`: a lone line at 1.000001 is a rounded box, not pixels)."""
     if not outside:
         return
     expected = "expected cx cy w h normalised to the image size (0..1)"
-    if len(outside) == lines:
+    first = outside[0][0]
+    if len(outside) == lines and all(overshoot > ROUNDING_SLACK for _, overshoot in outside):
         raise ValueError(f"{where}: every one of its {lines} label lines has coordinates outside [0, 1] "
-                         f"({expected}; pixel coordinates?), e.g. {outside[0]}")
+                         f"({expected}; pixel coordinates?), e.g. {first}")
     warnings.warn(f"{where}: {len(outside)} of {lines} label lines have coordinates outside [0, 1] ({expected}); "
-                  f"their boxes were clipped to the image, or dropped when entirely outside; first: {outside[0]}",
+                  f"their boxes were clipped to the image, or dropped when entirely outside; first: {first}",
                   stacklevel=3)
 
 
@@ -390,9 +393,11 @@ def label_path(image_path: Path) -> Path:
 
 
 def _yolo_record(image_id: int, image_path: Path, num_classes: int,
-                 box_fields_only: bool = False) -> tuple[DetectionRecord, int | None, list[str], list[str]]:
+                 box_fields_only: bool = False) -> tuple[DetectionRecord, int | None, list[tuple[str, float]],
+                                                         list[str]]:
     """(the record, its label file's line count or None without a label file, its lines with
-    coordinates outside [0, 1] and its lines that repeat an earlier one, as "file:line: 'text'")."""
+    coordinates outside [0, 1] with how far outside, and its lines that repeat an earlier one;
+    lines as "file:line: 'text'")."""
     width, height, orientation = displayed_size(image_path)
     labels = label_path(image_path)
     rows, texts = _read_label_file(labels, num_classes, box_fields_only) if labels.is_file() \
@@ -401,7 +406,8 @@ def _yolo_record(image_id: int, image_path: Path, num_classes: int,
     repeats = [texts[i] for i in np.setdiff1d(np.arange(len(rows)), keep)]
     rows, texts = rows[keep], [texts[i] for i in keep]
     line_count = len(texts) if labels.is_file() else None       # the lines kept: those `outside` is of
-    outside = [texts[i] for i in np.flatnonzero(((rows[:, 1:] < 0) | (rows[:, 1:] > 1)).any(axis=1))]
+    overshoot = np.maximum(-rows[:, 1:], rows[:, 1:] - 1).max(axis=1, initial=0.0)
+    outside = [(texts[i], float(overshoot[i])) for i in np.flatnonzero(overshoot > 0)]
     scale = np.array([width, height, width, height], np.float32)
     cx, cy, w, h = rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4]
     boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1) * scale

@@ -159,6 +159,20 @@ def test_yolo_dataset_reads_labels_relative_to_yaml_path(tmp_path, names_yaml):
     assert not labelled.iscrowd.any()
 
 
+def test_a_split_whose_every_line_is_outside_only_by_rounding_warns_and_is_not_refused(tmp_path):
+    """Found by a review: one label line at w 1.000001 made its split an error ("pixel coordinates?")."""
+    write_image(tmp_path / "images" / "val" / "1.jpg", 40, 40)
+    (tmp_path / "labels" / "val").mkdir(parents=True)
+    (tmp_path / "labels" / "val" / "1.txt").write_text("0 0.5 0.5 1.000001 0.2\n")
+    (tmp_path / "data.yaml").write_text("val: images/val\nnames: [a]\n")
+    with pytest.warns(UserWarning, match=r"1 of 1 label lines have coordinates outside \[0, 1\]"):
+        source = load_yolo_dataset(tmp_path / "data.yaml")
+    np.testing.assert_allclose(source.records[0].boxes, [[0, 16, 40, 24]], atol=1e-4)
+    (tmp_path / "labels" / "val" / "1.txt").write_text("0 0.5 0.5 1.02 0.2\n")   # beyond rounding
+    with pytest.raises(ValueError, match="every one of its 1 label lines has coordinates outside"):
+        load_yolo_dataset(tmp_path / "data.yaml")
+
+
 def test_yolo_dataset_to_coco_uses_box_areas(tmp_path):
     with pytest.warns(UserWarning, match="coordinates outside"):
         src = load_yolo_dataset(write_yolo_dataset(tmp_path / "ds", "names: [dog, person]\n"))
