@@ -6,9 +6,10 @@ The head whose `mask` holds that anchor predicts the box from the grid cell cont
 Every *other* anchor of the head whose shape IoU with the box exceeds `iou_thresh` predicts it too
 (yolov4 uses 0.213; `iou_thresh >= 1` turns this off). Every claim is kept: where several boxes
 claim the same (image, anchor, cell) slot, the slot appears once per box, and the loss merges them
-as Darknet does (`detector.loss`: the box deltas add up, the class target is multi-hot). Such
-slots are not rare on small models: 5.3% of yolo-fastest-1.1's claims on coco128 at 320 share a
-slot (without augmentation; a review measured it), 0.7% of yolov4's at 608.
+as Darknet does (`detector.loss`: the box deltas add up, averaged over the boxes' classes where
+`iou_thresh` < 1, and the class target is multi-hot). Such slots are not rare on small models: 5.3%
+of yolo-fastest-1.1's claims on coco128 at 320 share a slot (without augmentation; a review
+measured it), 0.7% of yolov4's at 608.
 
 Reference: AlexeyAB/darknet, src/yolo_layer.c (`process_batch`, the truth loop).
 """

@@ -5,8 +5,10 @@ Per head, with its `[yolo]` options (`head.loss_options`):
   this head's other anchors with shape IoU > `iou_thresh`.
 - **Box**: `iou_loss` (ciou, giou, diou, iou or mse) between the decoded prediction and the box,
   times `iou_normalizer`, for every box at every slot it claims. A slot claimed by several boxes
-  sums their box terms and divides the sum by the number of classes among them (Darknet's
-  accumulated box deltas and `averages_yolo_deltas`).
+  sums their box terms (Darknet accumulates the box deltas) and, where `iou_thresh` < 1, divides
+  the sum by the number of classes among them (`averages_yolo_deltas`, which Darknet runs only
+  then). Darknet counts the classes whose delta is positive, which with `label_smooth_eps` can
+  include classes of no box; we count the boxes' classes.
 - **Objectness**: target 1 at claimed slots, 0 elsewhere, except that a prediction is left out
   whose decoded box has IoU > `ignore_thresh` with some box of its image while one of its class
   probabilities exceeds 0.25 (`compare_yolo_class`); times `obj_normalizer`.
@@ -36,9 +38,9 @@ with the cfg's `learning_rate` takes Darknet's step (the engine averages over ac
 batches, which plays `subdivisions`).
 
 The IoU-family gradient is torchvision's losses under autograd, with one of Darknet's scales:
-`dx_box_iou` gives the w, h delta of the IoU part twice the derivative ("we do not divide by 2"
-there), so an extra IoU term carries that second half to w and h (`iou_normalizer` was tuned with
-it: without it, size regression pulled about half as hard as Darknet's). Two slips of
+`dx_box_iou` gives the w, h delta of the IoU part (of GIoU, for giou) twice the derivative ("we do
+not divide by 2" there), so an extra term carries that second half to w and h (`iou_normalizer`
+was tuned with it: without it, size regression pulled about half as hard as Darknet's). Two slips of
 `dx_box_iou` are not copied: the sign of one term of the centre-distance penalty's x, y delta,
 and the CIoU aspect term's missing 1/(w^2 + h^2) factor (both small at trained weights; a review
 measured 0.6-1.3% of the gradient's norm on yolo-fastest-1.1).
@@ -159,7 +161,9 @@ def head_loss(raw: Tensor, head, targets: Tensor,
     classes_at_slot[slot_of_claim, truth[:, 1].long()] = 1.0
 
     box_per_claim = _box_term(raw[claim][:, :4], pred_boxes[claim], truth, head, assigned, raw.shape[2:4], input_hw)
-    box = (box_per_claim / classes_at_slot.sum(dim=1)[slot_of_claim]).sum()
+    if float(options["iou_thresh"]) < 1.0:
+        box_per_claim = box_per_claim / classes_at_slot.sum(dim=1)[slot_of_claim]
+    box = box_per_claim.sum()
 
     obj_target = torch.zeros_like(raw[..., 4])
     obj_weight = (~ignored_predictions(pred_boxes.detach(), targets, float(options["ignore_thresh"]),
@@ -214,7 +218,8 @@ def _box_term(raw_box: Tensor, pred_box: Tensor, truth: Tensor, head, assigned: 
                                     bool(head.new_coords))
         else:
             box = darknet_box_surrogate(raw, pred_box, bool(head.new_coords))
-            loss = iou_kind_loss(box, truth[:, 2:6], kind) + darknet_second_half_of_size_iou(box, truth[:, 2:6])
+            loss = iou_kind_loss(box, truth[:, 2:6], kind) + darknet_second_half_of_size_gradient(box, truth[:, 2:6],
+                                                                                                   kind)
         return normalizer * loss
 
     max_delta = float(options.get("max_delta", float("inf")))
@@ -257,13 +262,14 @@ def darknet_box_surrogate(raw_box: Tensor, pred_box: Tensor, new_coords: bool) -
     return pred_box.detach() + carrier - carrier.detach()
 
 
-def darknet_second_half_of_size_iou(pred: Tensor, truth: Tensor) -> Tensor:
-    """Tensor[P] of zeros whose gradient on the w, h of `pred` is that of 1 - IoU (x, y held):
-    added to an IoU-family loss, the IoU part's w, h gradient is twice the derivative, as in
-    Darknet's `dx_box_iou`. `pred`, `truth`: Tensor[P, 4], normalised cxcywh."""
+def darknet_second_half_of_size_gradient(pred: Tensor, truth: Tensor, kind: str) -> Tensor:
+    """Tensor[P] of zeros whose gradient on the w, h of `pred` is that of 1 - IoU (giou: 1 - GIoU;
+    x, y held): added to the `kind` loss, that part's w, h gradient is twice the derivative, as in
+    Darknet's `dx_box_iou` (which adds the DIoU and CIoU penalties after doubling, the GIoU term
+    before). `pred`, `truth`: Tensor[P, 4], normalised cxcywh."""
     size_only = torch.cat([pred[:, :2].detach(), pred[:, 2:]], dim=1)
-    iou_loss = 1.0 - _elementwise_iou(_xyxy(size_only), _xyxy(truth))
-    return iou_loss - iou_loss.detach()
+    part = iou_kind_loss(size_only, truth, "giou" if kind == "giou" else "iou")
+    return part - part.detach()
 
 
 def iou_kind_loss(pred: Tensor, truth: Tensor, kind: str) -> Tensor:

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from torchvision.ops import box_iou, complete_box_iou_loss
+from torchvision.ops import box_iou, complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
 from detector import decode, load_darknet
 from detector.assign import anchor_shape_iou, assign_targets
@@ -189,7 +189,8 @@ def test_ignore_thresh_leaves_out_good_unassigned_predictions(make_model):
         raws[0][0, 0, 1, 1, :4] = raws[0][0, 0, 1, 0, :4]
         raws[0][0, 0, 1, 1, 0] -= 2.0
         raws[0][0, 0, 1, 1, 4] = 0.0
-        raws[0][0, 0, 1, 1, 6] = 2.0     # class 1 at 0.88: Darknet ignores only predictions with a class > 0.25
+        raws[0][0, 0, 1, 1, 7] = 2.0     # class 2 at 0.88 (the box's is 1): Darknet ignores only predictions
+                                         # with some class > 0.25, whichever
     box = decode(raws[0].detach(), model.heads[0])[0, 0, 1, 1, :4]
     truth = torch.tensor([0.30 * INPUT, 0.60 * INPUT, 30, 30])
     overlap = (30 - (box[0] - truth[0])) * 30
@@ -204,15 +205,21 @@ def test_ignore_thresh_leaves_out_good_unassigned_predictions(make_model):
     for head in model.heads:
         head.loss_options["ignore_thresh"] = 0.2
     with torch.no_grad():
-        raws[0][0, 0, 1, 1, 6] = -1.2    # 0.23: no likely class, so it stays a negative at any threshold
+        raws[0][0, 0, 1, 1, 7] = -1.2    # 0.23: no likely class, so it stays a negative at any threshold
     unlikely = YoloLoss(model.heads)([r.detach() for r in raws], targets, (INPUT, INPUT))[1]["obj"]
     assert unlikely == pytest.approx(obj[0.5], abs=1e-6)
 
 
-def test_box_gradient_takes_darknets_path(make_model):
+@pytest.mark.parametrize("kind, loss_of, doubled", [
+    ("ciou", complete_box_iou_loss, "iou"), ("diou", distance_box_iou_loss, "iou"),
+    ("giou", generalized_box_iou_loss, "giou")])
+def test_box_gradient_takes_darknets_path(make_model, kind, loss_of, doubled):
     """d loss / d raw = iou_normalizer * d(1 - CIoU)/d(box in input units) * (1 for x, y; exp(raw) for w, h) / B,
-    plus once more the w, h derivative of 1 - IoU (Darknet's dx_box_iou does not halve it)."""
+    plus once more the w, h derivative of 1 - IoU (of 1 - GIoU for giou; Darknet's dx_box_iou does not
+    halve it)."""
     model = make_model()
+    for each in model.heads:
+        each.loss_options["iou_loss"] = kind
     head = model.heads[0]
     targets = targets_of([(0, 1, 0.30, 0.60, 30, 30)])
     raws = [torch.zeros(1, 2, 2, 2, 5 + CLASSES), torch.zeros(1, 2, 4, 4, 5 + CLASSES)]
@@ -223,9 +230,10 @@ def test_box_gradient_takes_darknets_path(make_model):
     box = (decode(raws[0].detach(), head)[0, 0, 1, 0, :4] / INPUT).requires_grad_()
     truth = targets[0, 2:6]
     xyxy = lambda b: torch.cat([b[:2] - b[2:] / 2, b[:2] + b[2:] / 2])[None]  # noqa: E731
-    complete_box_iou_loss(xyxy(box), xyxy(truth)).sum().backward()
+    loss_of(xyxy(box), xyxy(truth)).sum().backward()
     size = box.detach().clone().requires_grad_()
-    (1 - box_iou(xyxy(size), xyxy(truth))).sum().backward()
+    part = 1 - box_iou(xyxy(size), xyxy(truth)) if doubled == "iou" else generalized_box_iou_loss(xyxy(size), xyxy(truth))
+    part.sum().backward()
     derivative = box.grad + torch.cat([torch.zeros(2), size.grad[2:]])
     expected = 0.07 * derivative * torch.tensor([1, 1, math.exp(0.25), math.exp(-0.1)])
     torch.testing.assert_close(raws[0].grad[0, 0, 1, 0, :4], expected, rtol=1e-4, atol=1e-7)
@@ -256,6 +264,10 @@ def test_boxes_sharing_a_slot_add_their_box_terms_over_their_classes_and_make_a_
     same_class = (0, 0, 0.60, 0.62, 11, 9)
     together = slot_gradient(model, [first, same_class])
     torch.testing.assert_close(together[:4], alone[0][:4] + slot_gradient(model, [same_class])[:4])  # one class: the sum
+    for head in model.heads:           # Darknet averages only where iou_thresh < 1 (yolov3, yolov4-tiny: 1)
+        head.loss_options["iou_thresh"] = 1.0
+    alone = [slot_gradient(model, [row]) for row in (first, second)]
+    torch.testing.assert_close(slot_gradient(model, [first, second])[:4], alone[0][:4] + alone[1][:4])
 
 
 def test_mse_box_gradient_is_darknets_delta(make_model):
