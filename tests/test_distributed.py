@@ -138,11 +138,12 @@ class OverReportedLength:
 
 
 def weights_after_an_over_reported_epoch() -> dict:
-    """One epoch, 8 batches per rank (each its own shard) with `accumulate` 3 and a length of 10:
-    the last step's 2 batches think more are coming. Its gradients must still be averaged over
-    the ranks, so the ranks end with the same weights."""
+    """One epoch of 8 batches (global batch 8, each rank its shard) with `accumulate` 3 and a
+    length of 10: the last step's 2 batches think more are coming. Its gradients must still be
+    averaged over the ranks, so the ranks end with the weights one process gets."""
     dataset = make_dataset()
-    loader = DataLoader(dataset, batch_size=4, sampler=distributed.distributed_sampler(dataset, seed=5))
+    loader = DataLoader(dataset, batch_size=GLOBAL_BATCH // distributed.world_size(),
+                        sampler=distributed.distributed_sampler(dataset, seed=5))
     model = make_model()
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), cross_entropy,
                       OverReportedLength(loader, extra=2),
@@ -204,6 +205,7 @@ def runs(tmp_path_factory) -> tuple[dict, list[dict], Path]:
     torch.set_num_threads(1)
     try:
         single = prune_and_retrain(tmp_path_factory.mktemp("single"))
+        single["over_reported"] = weights_after_an_over_reported_epoch()
     finally:
         torch.set_num_threads(threads)
     return single, ranks, ddp_root
@@ -268,10 +270,12 @@ def test_each_rank_resumes_its_own_random_streams(runs):
 
 
 def test_a_last_step_the_length_did_not_announce_is_still_averaged_over_the_ranks(runs):
-    _, ranks, _ = runs
+    single, ranks, _ = runs
     first, second = (rank["over_reported"] for rank in ranks)
-    assert first["steps"] == second["steps"] == 3  # 8 batches: 3 + 3 + 2
-    assert all(torch.equal(first["weights"][key], second["weights"][key]) for key in first["weights"])
+    assert first["steps"] == second["steps"] == single["over_reported"]["steps"] == 3  # 8 batches: 3 + 3 + 2
+    for key, value in single["over_reported"]["weights"].items():
+        assert torch.equal(first["weights"][key], second["weights"][key]), key
+        torch.testing.assert_close(first["weights"][key], value, rtol=1e-5, atol=1e-6)
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(runs):
