@@ -275,7 +275,8 @@ def _check_outside_lines(where: str, outside: list[tuple[str, float]], lines: in
     expected = "expected cx cy w h normalised to the image size (0..1)"
     first = outside[0][0]
     if len(outside) == lines and all(overshoot > ROUNDING_SLACK for _, overshoot in outside):
-        raise ValueError(f"{where}: every one of its {lines} label lines has coordinates outside [0, 1] "
+        which = "its one label line has" if lines == 1 else f"every one of its {lines} label lines has"
+        raise ValueError(f"{where}: {which} coordinates outside [0, 1] "
                          f"({expected}; pixel coordinates?), e.g. {first}")
     warnings.warn(f"{where}: {len(outside)} of {lines} label lines have coordinates outside [0, 1] ({expected}); "
                   f"their boxes were clipped to the image, or dropped when entirely outside; first: {first}",

@@ -61,7 +61,7 @@ class DetectionTrainDataset(Dataset):
         self.class_names = list(source.class_names)
         self.records = clean_records(source.records)
         if not self.records:
-            raise ValueError(f"DetectionTrainDataset: none of the {len(source.records)} images is usable")
+            raise ValueError(f"DetectionTrainDataset: none of the {_images(len(source.records))} is usable")
         self.config = config
         # The mosaic coin is tossed here rather than inside albumentations, so that the three
         # partner images are read and decoded only for the samples that use them.
@@ -114,11 +114,15 @@ class DetectionTrainDataset(Dataset):
                 warnings.warn(f"skipping unreadable training image {record.path}: {err}", stacklevel=2)
                 continue
             return candidate, image, _boxes_in_image(record, image.shape[:2]), record.classes.copy()
-        raise ValueError(f"DetectionTrainDataset: none of the {len(self.records)} images could be read")
+        raise ValueError(f"DetectionTrainDataset: none of the {_images(len(self.records))} could be read")
 
     def _as_mosaic_item(self, index: int) -> dict:
         _, image, boxes, classes = self._load(index)
         return {"image": image, "bboxes": boxes, "class_labels": classes}
+
+
+def _images(count: int) -> str:
+    return f"{count} image" if count == 1 else f"{count} images"
 
 
 def clean_records(records: Sequence[DetectionRecord]) -> list[DetectionRecord]:

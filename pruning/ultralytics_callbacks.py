@@ -184,7 +184,8 @@ class UltralyticsADMM:
         self._detach()
         if self.masks is None:
             raise RuntimeError(
-                f"training ended after {self._epochs_ended} epochs, before the cut at the end of epoch"
+                f"training ended after {self._epochs_ended} epoch{'' if self._epochs_ended == 1 else 's'}, "
+                f"before the cut at the end of epoch"
                 f" {self.admm_epochs} (a time limit or a stop?): {trainer.save_dir} holds unpruned weights, and"
                 f" Ultralytics has stripped last.pt for good; train again with epochs >= {self.admm_epochs}"
             )
