@@ -22,13 +22,15 @@ pruned model's mAP within 2 epochs), rho 10 x3 per iteration (10, 30, 90), batch
 After the hard prune and after retraining the pipeline recomputes the BatchNorm running statistics
 on ``--bn-images`` train images (all 128 here; ``--bn-images 0`` reproduces the earlier runs).
 
-Reproduce (8.4 min on a 2-core CPU, no GPU, otherwise idle, torch 2.14.1, 2026-11-27; the three
-other commands here are from 2026-11-26, re-run that day two at a time after each training phase
-got its own seed, 13.5 min for this one then)::
+Reproduce (9.9 min on a 2-core CPU, no GPU, beside the seed runs below and other jobs, load 2-2.6,
+torch 2.14.1, 2026-11-27, after that day's augmentation fix and loss changes; the three other
+grids here are from 2026-11-26's code, re-run that day two at a time after each training phase got
+its own seed, 13.5 min for this one then)::
 
     nohup .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 > /tmp/prune_yolo_fastest.log 2>&1 &
 
-Other seeds of the two global methods at 50% (2.3 min each, two at once, 2026-11-27)::
+Other seeds of the two global methods at 50% (2.6-2.8 min each, one after the other beside the
+main grid, 2026-11-27)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
         --sparsities 0.5 --seed 1 --out-root runs/bench_prune_yolo_fastest_seed1 \
