@@ -248,14 +248,16 @@ def load_yolo_dataset(data_yaml: str | Path, split: str = "val") -> DetectionSou
     if not image_paths:
         raise ValueError(f"{data_yaml}: split {split!r} has no images")
     box_fields_only = spec.get("kpt_shape") is not None      # pose labels: class cx cy w h, then keypoints
-    records, labelled, outside, lines, repeated = [], 0, [], 0, []
+    records, labelled, outside, lines, repeated, empty = [], 0, [], 0, [], []
     for image_id, path in zip(_image_ids(image_paths), image_paths):
-        record, label_lines, outside_lines, repeats = _yolo_record(image_id, path, len(names), box_fields_only)
+        record, label_lines, outside_lines, repeats, empties = _yolo_record(image_id, path, len(names),
+                                                                            box_fields_only)
         records.append(record)
         labelled += label_lines is not None
         lines += label_lines or 0
         outside += outside_lines
         repeated += repeats
+        empty += empties
     where = f"{data_yaml}: split {split!r}"
     if not labelled:
         warnings.warn(f"{where}: none of its {len(records)} images has a label file (expected e.g. "
@@ -263,6 +265,9 @@ def load_yolo_dataset(data_yaml: str | Path, split: str = "val") -> DetectionSou
     if repeated:
         warnings.warn(f"{where}: {len(repeated)} label lines repeat an earlier line of their file and were "
                       f"dropped (one object each, as Ultralytics takes them); first: {repeated[0]}", stacklevel=2)
+    if empty:
+        warnings.warn(f"{where}: {len(empty)} label lines have a width or height of 0 and were dropped (no "
+                      f"box to learn or score); first: {empty[0]}", stacklevel=2)
     _check_outside_lines(where, outside, lines)
     return DetectionSource(records, names, list(range(1, len(names) + 1)))
 
@@ -395,10 +400,10 @@ def label_path(image_path: Path) -> Path:
 
 def _yolo_record(image_id: int, image_path: Path, num_classes: int,
                  box_fields_only: bool = False) -> tuple[DetectionRecord, int | None, list[tuple[str, float]],
-                                                         list[str]]:
+                                                         list[str], list[str]]:
     """(the record, its label file's line count or None without a label file, its lines with
-    coordinates outside [0, 1] with how far outside, and its lines that repeat an earlier one;
-    lines as "file:line: 'text'")."""
+    coordinates outside [0, 1] with how far outside, its lines that repeat an earlier one, and its
+    lines of zero width or height; lines as "file:line: 'text'")."""
     width, height, orientation = displayed_size(image_path)
     labels = label_path(image_path)
     rows, texts = _read_label_file(labels, num_classes, box_fields_only) if labels.is_file() \
@@ -417,7 +422,8 @@ def _yolo_record(image_id: int, image_path: Path, num_classes: int,
     record = DetectionRecord(image_id, image_path, width, height, boxes[valid].astype(np.float32),
                              rows[valid, 0].astype(np.int64), np.zeros(int(valid.sum()), bool),
                              orientation=orientation)
-    return record, line_count, outside, repeats
+    empty = [texts[i] for i in np.flatnonzero((rows[:, 3] == 0) | (rows[:, 4] == 0))]
+    return record, line_count, outside, repeats, empty
 
 
 EXIF_ORIENTATION_TAG = 0x0112

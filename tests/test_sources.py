@@ -173,6 +173,17 @@ def test_a_split_whose_every_line_is_outside_only_by_rounding_warns_and_is_not_r
         load_yolo_dataset(tmp_path / "data.yaml")
 
 
+def test_label_lines_of_zero_width_or_height_are_dropped_with_a_warning(tmp_path):
+    """Found by a review: they were dropped silently (a ground truth fewer, in training and in mAP)."""
+    write_image(tmp_path / "images" / "val" / "1.jpg", 40, 40)
+    (tmp_path / "labels" / "val").mkdir(parents=True)
+    (tmp_path / "labels" / "val" / "1.txt").write_text("0 0.5 0.5 0.2 0.2\n0 0.3 0.3 0 0.2\n0 0.6 0.6 0.1 0\n")
+    (tmp_path / "data.yaml").write_text("val: images/val\nnames: [a]\n")
+    with pytest.warns(UserWarning, match=r"2 label lines have a width or height of 0 and were dropped .*1.txt:2"):
+        source = load_yolo_dataset(tmp_path / "data.yaml")
+    np.testing.assert_allclose(source.records[0].boxes, [[16, 16, 24, 24]], atol=1e-4)
+
+
 def test_yolo_dataset_to_coco_uses_box_areas(tmp_path):
     with pytest.warns(UserWarning, match="coordinates outside"):
         src = load_yolo_dataset(write_yolo_dataset(tmp_path / "ds", "names: [dog, person]\n"))
