@@ -323,6 +323,23 @@ def test_max_delta_clips_each_images_delta_whatever_scales_the_loss_later(make_m
         torch.testing.assert_close(box_grad("max_delta=0.001", scale), image_delta.clamp(-0.001, 0.001) / 2)
 
 
+def test_cls_normalizer_leaves_the_class_gradient_alone(make_model):
+    """Darknet's delta_yolo_class applies cls_normalizer only with counters_per_class; yolov4-csp.cfg
+    sets 0.5, which before scaled our class term by half."""
+    targets = targets_of(TARGETS)
+    images = torch.rand(2, 3, INPUT, INPUT)
+    grads = {}
+    for extra in ("", "cls_normalizer=0.5"):
+        model = make_model(yolo_extra=extra)
+        assert model.heads[0].loss_options["cls_normalizer"] == (0.5 if extra else 1.0)
+        raws = [r.detach().requires_grad_() for r in model(images)]
+        YoloLoss(model.heads)(raws, targets, (INPUT, INPUT))[0].backward()
+        grads[extra] = [r.grad for r in raws]
+    for plain, other in zip(grads[""], grads["cls_normalizer=0.5"]):
+        assert plain[..., 5:].abs().sum() > 0
+        torch.testing.assert_close(other, plain)
+
+
 def test_delta_normalizer_scales_the_heads_whole_gradient(make_model):
     """Darknet's GPU backward multiplies each [yolo] layer's delta by its delta_normalizer."""
     targets = targets_of(TARGETS)
