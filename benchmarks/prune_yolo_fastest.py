@@ -24,8 +24,7 @@ on ``--bn-images`` train images (all 128 here; ``--bn-images 0`` reproduces the 
 
 Reproduce (9.9 min on a 2-core CPU, no GPU, beside the seed runs below and other jobs, load 2-2.6,
 torch 2.14.1, 2026-11-27, after that day's augmentation fix and loss changes; the three other
-grids here are from 2026-11-26's code, re-run that day two at a time after each training phase got
-its own seed, 13.5 min for this one then)::
+grids here re-run the same day with the same code, two at a time, load 2-4)::
 
     nohup .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 > /tmp/prune_yolo_fastest.log 2>&1 &
 
@@ -36,13 +35,13 @@ main grid, 2026-11-27)::
         --sparsities 0.5 --seed 1 --out-root runs/bench_prune_yolo_fastest_seed1 \
         --json benchmarks/results/prune_yolo_fastest_seed1.json        (and the same with 2)
 
-A twice longer budget (admm 3 x 2 + retrain 6 epochs; 10.7 min)::
+A twice longer budget (admm 3 x 2 + retrain 6 epochs; 12.9 min)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
         --epochs-per-iter 2 --retrain-epochs 6 --out-root runs/bench_prune_yolo_fastest_long \
         --json benchmarks/results/prune_yolo_fastest_long.json
 
-Progressive ADMM (the Z-step's sparsity rising from 30% over 2 of the 3 iterations; 2.7 min)::
+Progressive ADMM (the Z-step's sparsity rising from 30% over 2 of the 3 iterations; 4.9 min)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global --ramp-from 0.3 \
         --out-root runs/bench_prune_yolo_fastest_ramp --json benchmarks/results/prune_yolo_fastest_ramp.json
@@ -50,7 +49,7 @@ Progressive ADMM (the Z-step's sparsity rising from 30% over 2 of the 3 iteratio
 Protected variant: the two 1x1 convs feeding the YOLO heads (``layers.120``, ``layers.129``) never
 pruned and every other layer kept at >= 20% density; sparsity then counts the remaining prunable
 weights, so 50% / 70% of them is 41.4% / 57.9% of all conv weights. Reproduce
-benchmarks/results/prune_yolo_fastest_protected.json (6.4 min on the same 2-core CPU, 2026-11-26)::
+benchmarks/results/prune_yolo_fastest_protected.json (6.8 min on the same 2-core CPU, 2026-11-27)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
         --exclude 'layers.120.*,layers.129.*' --min-density 0.2 --out-root runs/bench_prune_yolo_fastest_protected \
