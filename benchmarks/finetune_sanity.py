@@ -12,7 +12,7 @@ Reproduce: ``.venv/bin/python benchmarks/finetune_sanity.py --threads 1`` (5 epo
 writes benchmarks/results/finetune_sanity.json) and, for contrast, ``... --threads 1 --lr 1e-3
 --out benchmarks/results/finetune_sanity_lr1e-3.json`` (the cfg's initial learning rate, 100x the
 1e-5 its schedule ends at); other seeds: ``--seed 1 --out benchmarks/results/finetune_sanity_seed1.json``
-(and ``_lr1e-3_seed1``, 2 likewise). Measured on a 2-core CPU, no GPU, two runs at once (47 s of
+(and ``_lr1e-3_seed1``, 2 likewise). Measured on a 2-core CPU, no GPU, two runs at once (43-51 s of
 training each), torch 2.14.1, 2026-11-27.
 """
 from __future__ import annotations

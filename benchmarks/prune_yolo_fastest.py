@@ -22,7 +22,7 @@ pruned model's mAP within 2 epochs), rho 10 x3 per iteration (10, 30, 90), batch
 After the hard prune and after retraining the pipeline recomputes the BatchNorm running statistics
 on ``--bn-images`` train images (all 128 here; ``--bn-images 0`` reproduces the earlier runs).
 
-Reproduce (9.9 min on a 2-core CPU, no GPU, beside the seed runs below and other jobs, load 2-2.6,
+Reproduce (9.9 min on a 2-core CPU, no GPU, beside the seed runs below and other jobs, load 1-2.6,
 torch 2.14.1, 2026-11-27, after that day's augmentation fix and loss changes; the three other
 grids here re-run the same day with the same code, two at a time, load 2-4)::
 
