@@ -628,10 +628,16 @@ def test_ctrl_c_while_the_task_is_imported_waits_for_the_import(tmp_path, monkey
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(yolo_admm.cli.TASKS, "interrupting", ("interrupting_task", "a task whose import is cut"))
     monkeypatch.delitem(sys.modules, "interrupting_task", raising=False)
-    assert main(["interrupting"]) == 130                                 # the task itself never ran
+    # Ctrl-C as an interactive Python takes it, whatever the suite inherited: a suite started in the
+    # background by a script (`&`) inherits SIGINT ignored, and an ignored Ctrl-C stays ignored (below).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(["interrupting"]) == 130                             # the task itself never ran
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # Ctrl-C as before
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert capsys.readouterr().err == "yolo-admm interrupting: interrupted\n"
     assert sys.modules.pop("interrupting_task").IMPORTED_WHOLE             # the import went on to its end
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # Ctrl-C as before
 
 
 
