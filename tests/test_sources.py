@@ -159,28 +159,29 @@ def test_yolo_dataset_reads_labels_relative_to_yaml_path(tmp_path, names_yaml):
     assert not labelled.iscrowd.any()
 
 
+def one_image_dataset(root: Path, labels: str) -> Path:
+    """data.yaml of a val split of one 40x40 image whose label file holds `labels`."""
+    write_image(root / "images" / "val" / "1.jpg", 40, 40)
+    (root / "labels" / "val").mkdir(parents=True, exist_ok=True)
+    (root / "labels" / "val" / "1.txt").write_text(labels)
+    (root / "data.yaml").write_text("val: images/val\nnames: [a]\n")
+    return root / "data.yaml"
+
+
 def test_a_split_whose_every_line_is_outside_only_by_rounding_warns_and_is_not_refused(tmp_path):
     """Found by a review: one label line at w 1.000001 made its split an error ("pixel coordinates?")."""
-    write_image(tmp_path / "images" / "val" / "1.jpg", 40, 40)
-    (tmp_path / "labels" / "val").mkdir(parents=True)
-    (tmp_path / "labels" / "val" / "1.txt").write_text("0 0.5 0.5 1.000001 0.2\n")
-    (tmp_path / "data.yaml").write_text("val: images/val\nnames: [a]\n")
     with pytest.warns(UserWarning, match=r"1 of 1 label lines have coordinates outside \[0, 1\]"):
-        source = load_yolo_dataset(tmp_path / "data.yaml")
+        source = load_yolo_dataset(one_image_dataset(tmp_path, "0 0.5 0.5 1.000001 0.2\n"))
     np.testing.assert_allclose(source.records[0].boxes, [[0, 16, 40, 24]], atol=1e-4)
-    (tmp_path / "labels" / "val" / "1.txt").write_text("0 0.5 0.5 1.02 0.2\n")   # beyond rounding
     with pytest.raises(ValueError, match="its one label line has coordinates outside"):
-        load_yolo_dataset(tmp_path / "data.yaml")
+        load_yolo_dataset(one_image_dataset(tmp_path, "0 0.5 0.5 1.02 0.2\n"))     # beyond rounding
 
 
 def test_label_lines_of_zero_width_or_height_are_dropped_with_a_warning(tmp_path):
     """Found by a review: they were dropped silently (a ground truth fewer, in training and in mAP)."""
-    write_image(tmp_path / "images" / "val" / "1.jpg", 40, 40)
-    (tmp_path / "labels" / "val").mkdir(parents=True)
-    (tmp_path / "labels" / "val" / "1.txt").write_text("0 0.5 0.5 0.2 0.2\n0 0.3 0.3 0 0.2\n0 0.6 0.6 0.1 0\n")
-    (tmp_path / "data.yaml").write_text("val: images/val\nnames: [a]\n")
+    data = one_image_dataset(tmp_path, "0 0.5 0.5 0.2 0.2\n0 0.3 0.3 0 0.2\n0 0.6 0.6 0.1 0\n")
     with pytest.warns(UserWarning, match=r"2 label lines have a width or height of 0 and were dropped .*1.txt:2"):
-        source = load_yolo_dataset(tmp_path / "data.yaml")
+        source = load_yolo_dataset(data)
     np.testing.assert_allclose(source.records[0].boxes, [[16, 16, 24, 24]], atol=1e-4)
 
 
