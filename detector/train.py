@@ -181,6 +181,7 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
     optimizer = build_optimizer(model, _pick(config.lr, net.learning_rate), _pick(config.momentum, net.momentum),
                                 _pick(config.weight_decay, net.decay))
     burn_in = int(_pick(config.burn_in, net.burn_in))
+    _warn_of_layer_training_options(model.cfg)
     _warn_of_a_burn_in_longer_than_the_run(model, burn_in, config.epochs * math.ceil(len(batches) / accumulate),
                                            _pick(config.lr, net.learning_rate))
     use_ema = bool(net.ema_alpha > 0) if config.ema is None else config.ema
@@ -196,6 +197,23 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
     callbacks = [*(callbacks or []), GivenHyperparameters(config.lr, config.momentum, config.weight_decay)]
     return Trainer(model, optimizer, DetectionLoss(model.heads), loader, train_config, callbacks=callbacks,
                    scheduler=darknet_scheduler(optimizer, net, burn_in), evaluate=evaluator)
+
+
+# Per-layer options with which Darknet trains a layer otherwise (freezes, scales its rate, clips it),
+# and the value at which each changes nothing.
+LAYER_TRAINING_DEFAULTS = {"stopbackward": 0.0, "train_only_bn": 0.0, "dont_update": 0.0, "burnin_update": 0.0,
+                           "onlyforward": 0.0, "learning_rate": 1.0, "clip": 0.0}
+
+
+def _warn_of_layer_training_options(cfg) -> None:
+    """A transfer-learning cfg's `stopbackward=1` or per-layer `learning_rate` would freeze or damp
+    layers in Darknet; this trainer trains every layer at the [net] rate: say so, naming them."""
+    found = [f"{section.source}: {key}={value:g}" for section in cfg.layers
+             for key, value in section.training.items() if value != LAYER_TRAINING_DEFAULTS.get(key, value)]
+    if found:
+        warnings.warn(f"{len(found)} per-layer training option(s) of the cfg are not applied: every layer trains, "
+                      f"at the [net] learning rate ({'; '.join(found[:3])}{'; ...' if len(found) > 3 else ''})",
+                      stacklevel=3)
 
 
 def _warn_of_a_burn_in_longer_than_the_run(model: nn.Module, burn_in: int, steps: int, lr: float) -> None:

@@ -206,3 +206,25 @@ def test_a_burn_in_longer_than_the_run_is_warned_of(shapes, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_detector_trainer(tiny_model(tmp_path), source, None, replace(config, burn_in=2))
+
+
+def test_per_layer_training_options_darknet_would_apply_are_warned_of(shapes, tmp_path):
+    """Found by a review: a cfg's stopbackward=1 (Darknet freezes the layers before it) or per-layer
+    learning_rate were parsed and then dropped silently; every layer trained at the full rate."""
+    import warnings
+
+    from detector.train import build_detector_trainer
+
+    _, source = shapes
+    config = DetectTrainConfig(epochs=2, batch_size=4, eval_every=0, device="cpu", progress=False, workers=0,
+                               burn_in=0)
+    path = tmp_path / "frozen.cfg"
+    path.write_text(TINY_CFG.replace("[convolutional]\n", "[convolutional]\nstopbackward=1\nlearning_rate=0.1\n", 1))
+    with pytest.warns(UserWarning, match=r"2 per-layer training option\(s\) of the cfg are not applied: every layer "
+                                         r"trains, at the \[net\] learning rate \(.*frozen.cfg:\d+ \[convolutional\]: "
+                                         r"stopbackward=1; .*learning_rate=0.1\)"):
+        build_detector_trainer(load_darknet(path), source, None, config)
+    path.write_text(TINY_CFG.replace("[convolutional]\n", "[convolutional]\nstopbackward=0\nlearning_rate=1\n", 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_detector_trainer(load_darknet(path), source, None, config)     # the values that change nothing
