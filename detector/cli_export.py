@@ -40,7 +40,8 @@ EXPORT_NAMES = {f"{EXPORT_STEM}{suffix}" for suffixes in FORMAT_SUFFIXES.values(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", help="Darknet .cfg file (not needed with a compact archive, which carries its cfg)")
-    parser.add_argument("--weights", help="Darknet .weights file or a compact archive (.yaspars) (or give --checkpoint)")
+    parser.add_argument("--weights", help="Darknet .weights file or a compact archive (.yaspars) (or give --checkpoint; "
+                                          "with --checkpoint, only an archive, for its cfg)")
     parser.add_argument("--checkpoint", help="training checkpoint (.pt, or a folder: its newest) whose weights "
                                              "to export, its EMA weights when it has them, as training evaluated; "
                                              "or a prune run's stage file (sparsity_S/hard_prune.pt, retrained.pt); "
