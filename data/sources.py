@@ -263,13 +263,19 @@ def load_yolo_dataset(data_yaml: str | Path, split: str = "val") -> DetectionSou
         warnings.warn(f"{where}: none of its {len(records)} images has a label file (expected e.g. "
                       f"{label_path(image_paths[0])}); all are used as images without objects", stacklevel=2)
     if repeated:
-        warnings.warn(f"{where}: {len(repeated)} label lines repeat an earlier line of their file and were "
-                      f"dropped (one object each, as Ultralytics takes them); first: {repeated[0]}", stacklevel=2)
+        warnings.warn(f"{where}: {_label_lines(len(repeated), 'repeat', 'repeats')} an earlier line of their file "
+                      f"and were dropped (one object each, as Ultralytics takes them); first: {repeated[0]}",
+                      stacklevel=2)
     if empty:
-        warnings.warn(f"{where}: {len(empty)} label lines have a width or height of 0 and were dropped (no "
-                      f"box to learn or score); first: {empty[0]}", stacklevel=2)
+        warnings.warn(f"{where}: {_label_lines(len(empty), 'have', 'has')} no area in the image (a width or height "
+                      f"of 0, or below float32's resolution) and were dropped; first: {empty[0]}", stacklevel=2)
     _check_outside_lines(where, outside, lines)
     return DetectionSource(records, names, list(range(1, len(names) + 1)))
+
+
+def _label_lines(count: int, plural_verb: str, singular_verb: str) -> str:
+    """"1 label line has", "2 label lines have"."""
+    return f"1 label line {singular_verb}" if count == 1 else f"{count} label lines {plural_verb}"
 
 
 def _check_outside_lines(where: str, outside: list[tuple[str, float]], lines: int) -> None:
@@ -403,7 +409,7 @@ def _yolo_record(image_id: int, image_path: Path, num_classes: int,
                                                          list[str], list[str]]:
     """(the record, its label file's line count or None without a label file, its lines with
     coordinates outside [0, 1] with how far outside, its lines that repeat an earlier one, and its
-    lines of zero width or height; lines as "file:line: 'text'")."""
+    lines inside [0, 1] whose box has no area; lines as "file:line: 'text'")."""
     width, height, orientation = displayed_size(image_path)
     labels = label_path(image_path)
     rows, texts = _read_label_file(labels, num_classes, box_fields_only) if labels.is_file() \
@@ -422,7 +428,7 @@ def _yolo_record(image_id: int, image_path: Path, num_classes: int,
     record = DetectionRecord(image_id, image_path, width, height, boxes[valid].astype(np.float32),
                              rows[valid, 0].astype(np.int64), np.zeros(int(valid.sum()), bool),
                              orientation=orientation)
-    empty = [texts[i] for i in np.flatnonzero((rows[:, 3] == 0) | (rows[:, 4] == 0))]
+    empty = [texts[i] for i in np.flatnonzero(~valid & (overshoot <= 0))]   # those outside have their warning
     return record, line_count, outside, repeats, empty
 
 

@@ -179,10 +179,12 @@ def test_a_split_whose_every_line_is_outside_only_by_rounding_warns_and_is_not_r
 
 def test_label_lines_of_zero_width_or_height_are_dropped_with_a_warning(tmp_path):
     """Found by a review: they were dropped silently (a ground truth fewer, in training and in mAP)."""
-    data = one_image_dataset(tmp_path, "0 0.5 0.5 0.2 0.2\n0 0.3 0.3 0 0.2\n0 0.6 0.6 0.1 0\n")
-    with pytest.warns(UserWarning, match=r"2 label lines have a width or height of 0 and were dropped .*1.txt:2"):
+    data = one_image_dataset(tmp_path, "0 0.5 0.5 0.2 0.2\n0 0.3 0.3 0 0.2\n0 0.6 0.6 0.1 0\n0 0.5 0.5 1e-9 0.2\n")
+    with pytest.warns(UserWarning, match=r"3 label lines have no area in the image .* were dropped; first: .*1.txt:2"):
         source = load_yolo_dataset(data)
     np.testing.assert_allclose(source.records[0].boxes, [[16, 16, 24, 24]], atol=1e-4)
+    with pytest.warns(UserWarning, match=r"1 label line has no area in the image"):
+        load_yolo_dataset(one_image_dataset(tmp_path, "0 0.5 0.5 0.2 0.2\n0 0.3 0.3 0 0.2\n"))
 
 
 def test_yolo_dataset_to_coco_uses_box_areas(tmp_path):
@@ -333,7 +335,7 @@ def test_yolo_datasets_as_exporters_and_editors_leave_them(tmp_path):
     (root / "train" / "images" / "linked").symlink_to(tmp_path / "more" / "images")
     (root / "data.yaml").write_text("\ufefftrain: ../train/images\nvalidation: ../valid/images\n"
                                     "kpt_shape: [2, 2]\nnc: '1'\nnames: {'0': square}\n", encoding="utf-8")
-    with pytest.warns(UserWarning, match=r"1 label lines repeat an earlier line.*a.txt:2"):
+    with pytest.warns(UserWarning, match=r"1 label line repeats an earlier line.*a.txt:2"):
         val = load_yolo_dataset(root / "data.yaml", "val")
     assert val.class_names == ["square"] and [r.path.name for r in val.records] == ["a.jpg"]
     np.testing.assert_allclose(val.records[0].boxes, [[10, 10, 30, 30]])   # the box, not the keypoints'
