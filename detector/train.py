@@ -35,6 +35,7 @@ from data.eval_dataset import InferenceDataset
 from data.sources import DetectionSource
 from data.seeded_batches import SeededBatchSampler
 from data.train_dataset import DetectionTrainDataset, collate_detection, multi_scale_sizes
+from detector.cfg import ConvolutionalSection
 from detector.evaluate import evaluate
 from detector.loss import YoloLoss
 from detector.predict import make_loader
@@ -199,17 +200,23 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
                    scheduler=darknet_scheduler(optimizer, net, burn_in), evaluate=evaluator)
 
 
-# Per-layer options with which Darknet trains a layer otherwise (freezes, scales its rate, clips it),
-# and the value at which each changes nothing.
-LAYER_TRAINING_DEFAULTS = {"stopbackward": 0.0, "train_only_bn": 0.0, "dont_update": 0.0, "burnin_update": 0.0,
-                           "onlyforward": 0.0, "learning_rate": 1.0, "clip": 0.0}
+# Per-layer options with which Darknet trains a layer otherwise (freezes, scales its rate, clips it):
+# the flags it reads as integers, and the two numbers it reads on layers with weights, at the values
+# that change nothing.
+LAYER_TRAINING_FLAGS = ("stopbackward", "train_only_bn", "dont_update", "burnin_update", "onlyforward")
+LAYER_WEIGHT_OPTIONS = {"learning_rate": 1.0, "clip": 0.0}
 
 
 def _warn_of_layer_training_options(cfg) -> None:
     """A transfer-learning cfg's `stopbackward=1` or per-layer `learning_rate` would freeze or damp
     layers in Darknet; this trainer trains every layer at the [net] rate: say so, naming them."""
-    found = [f"{section.source}: {key}={value:g}" for section in cfg.layers
-             for key, value in section.training.items() if value != LAYER_TRAINING_DEFAULTS.get(key, value)]
+    found = []
+    for section in cfg.layers:
+        for key, value in section.training.items():
+            changes = int(value) != 0 if key in LAYER_TRAINING_FLAGS else (
+                isinstance(section, ConvolutionalSection) and value != LAYER_WEIGHT_OPTIONS[key])
+            if changes:
+                found.append(f"{section.source}: {key}={value:.12g}")
     if found:
         warnings.warn(f"{len(found)} per-layer training option(s) of the cfg are not applied: every layer trains, "
                       f"at the [net] learning rate ({'; '.join(found[:3])}{'; ...' if len(found) > 3 else ''})",
