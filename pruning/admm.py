@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from pruning.masks import Masks
 from pruning.projection import check_one_device, check_sparsity, global_topk_masks, kept_count, layerwise_topk_masks
-from pruning.selection import canonical_parameters, layer_floors, per_name_values, prunable_parameters
+from pruning.selection import (canonical_parameters, keeps_no_weight, layer_floors, layerwise_kept, per_name_values,
+                               prunable_parameters)
 
 SCOPES = ("global", "layerwise")
 
@@ -177,14 +178,10 @@ class ADMM:
                 raise ValueError(f"min_density keeps {sum(self.floors)} weights at least, more than the {kept} of "
                                  f"{self.numel} that sparsity {self.config.sparsity} leaves")
         else:
-            kept = sum(max(kept_count(param.numel(), ratio), floor)
-                       for param, ratio, floor in zip(self.params, self.ratios, self.floors))
+            kept = sum(layerwise_kept([param.numel() for param in self.params], self.ratios, self.floors))
         if kept == 0:
-            which = (f"layer_sparsity {self.config.layer_sparsity} (else sparsity {self.config.sparsity})"
-                     if self.config.scope == "layerwise" and self.config.layer_sparsity else
-                     f"sparsity {self.config.sparsity}")
-            raise ValueError(f"{which} keeps none of the {self.numel} prunable weights; expected a sparsity that "
-                             f"keeps at least one")
+            raise keeps_no_weight(self.numel, self.config.sparsity,
+                                  self.config.layer_sparsity if self.config.scope == "layerwise" else None)
 
     def ramp_fraction(self, update: int) -> float:
         """How far the target has risen at Z-step number ``update`` (0: the initial projection):

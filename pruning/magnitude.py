@@ -13,7 +13,7 @@ from torch import nn
 
 from pruning.masks import Masks
 from pruning.projection import check_sparsity, global_topk_masks, kept_count, layerwise_topk_masks
-from pruning.selection import layer_floors, prunable_parameters
+from pruning.selection import keeps_no_weight, layer_floors, prunable_parameters
 
 MAGNITUDE_SCOPES = ("global", "uniform")
 
@@ -49,8 +49,7 @@ def magnitude_prune(
     else:
         masks = layerwise_topk_masks(weights, [sparsity] * len(weights), floors)
     if not any(bool(mask.any()) for mask in masks):
-        raise ValueError(f"sparsity {sparsity} keeps none of the {sum(w.numel() for w in weights)} prunable "
-                         f"weights; expected a sparsity that keeps at least one")
+        raise keeps_no_weight(sum(weight.numel() for weight in weights), sparsity)
     result = Masks(dict(zip(named, masks)))
     result.apply(model)
     return result

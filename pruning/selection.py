@@ -198,24 +198,33 @@ def check_selection(model: nn.Module, sparsities: Iterable[float], global_budget
     if layer_sparsity:
         per_name_values(list(named), layer_sparsity, 0.0, "layer_sparsity")
     total = sum(param.numel() for param in named.values())
+    numels = [param.numel() for param in named.values()]
     for sparsity in sparsities:
         budget = kept_count(total, sparsity)
         if global_budget and budget == 0 and not floors:
-            raise ValueError(f"sparsity {sparsity} keeps none of the {total} prunable weights; expected a sparsity "
-                             f"that keeps at least one")
+            raise keeps_no_weight(total, sparsity)
         if not global_budget:
             ratios = per_name_values(list(named), layer_sparsity or {}, sparsity, "layer_sparsity")
-            if not any(max(kept_count(param.numel(), ratio), floor)
-                       for param, ratio, floor in zip(named.values(), ratios, per_layer_floors)):
-                which = (f"layer_sparsity {dict(layer_sparsity)} (else sparsity {sparsity})" if layer_sparsity
-                         else f"sparsity {sparsity}")
-                raise ValueError(f"{which} keeps none of the {total} prunable weights; expected a sparsity that "
-                                 f"keeps at least one")
+            if not any(layerwise_kept(numels, ratios, per_layer_floors)):
+                raise keeps_no_weight(total, sparsity, layer_sparsity)
         if global_budget and floors > budget:
             raise ValueError(f"min_density keeps {floors} weights at least, more than the {budget} of {total} "
                              f"that sparsity {sparsity} leaves")
         if not global_budget:
             warn_floors_above_ratios(named, sparsity, min_density, layer_sparsity)
+
+
+def layerwise_kept(numels: Sequence[int], ratios: Sequence[float], floors: Sequence[int]) -> list[int]:
+    """What per-layer pruning keeps of each layer: the count its ratio keeps, or its floor where
+    that is more."""
+    return [max(kept_count(numel, ratio), floor) for numel, ratio, floor in zip(numels, ratios, floors)]
+
+
+def keeps_no_weight(total: int, sparsity: float, layer_sparsity: Mapping[str, float] | None = None) -> ValueError:
+    """The error for a setting that would keep none of the `total` prunable weights."""
+    which = f"layer_sparsity {dict(layer_sparsity)} (else sparsity {sparsity})" if layer_sparsity else \
+        f"sparsity {sparsity}"
+    return ValueError(f"{which} keeps none of the {total} prunable weights; expected a sparsity that keeps at least one")
 
 
 def warn_floors_above_ratios(named: Mapping[str, nn.Parameter], sparsity: float,
@@ -229,7 +238,7 @@ def warn_floors_above_ratios(named: Mapping[str, nn.Parameter], sparsity: float,
     floors = layer_floors(named, min_density)
     above = [name for name, kept, floor in zip(named, by_ratio, floors) if floor > kept]
     if above:
-        kept = sum(max(kept, floor) for kept, floor in zip(by_ratio, floors))
+        kept = sum(layerwise_kept(numels, ratios, floors))
         warnings.warn(f"min_density keeps more than the layer's sparsity leaves in {len(above)} layer(s) "
                       f"({', '.join(above[:3])}{', ...' if len(above) > 3 else ''}): there the floor wins, so "
                       f"{kept} of {sum(numels)} weights are kept, not the {sum(by_ratio)} the ratios leave "
