@@ -51,9 +51,11 @@ ACTIVATIONS = ("linear", "leaky", "relu", "mish", "swish", "logistic", "tanh", "
 SHORTCUT_ACTIVATIONS = tuple(name for name in ACTIVATIONS if name != "hard_mish")
 
 # Options Darknet reads for every layer section (parser.c, end of parse_network_cfg_custom); they
-# only steer training, so they are kept as given.
-_LAYER_TRAINING_KEYS = ("clip", "onlyforward", "dont_update", "burnin_update", "stopbackward",
-                        "train_only_bn", "learning_rate")
+# only steer training, so they are kept as given: flags it reads as integers, and two numbers it
+# applies to layers with weights, with the values at which they change nothing.
+LAYER_TRAINING_FLAGS = ("stopbackward", "train_only_bn", "dont_update", "burnin_update", "onlyforward")
+LAYER_WEIGHT_OPTIONS = {"learning_rate": 1.0, "clip": 0.0}
+_LAYER_TRAINING_KEYS = LAYER_TRAINING_FLAGS + tuple(LAYER_WEIGHT_OPTIONS)
 
 # [net] keys Darknet's parse_net_options knows besides the typed ones of NetConfig: kept verbatim.
 _NET_OTHER_KEYS = frozenset((

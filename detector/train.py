@@ -35,7 +35,7 @@ from data.eval_dataset import InferenceDataset
 from data.sources import DetectionSource
 from data.seeded_batches import SeededBatchSampler
 from data.train_dataset import DetectionTrainDataset, collate_detection, multi_scale_sizes
-from detector.cfg import ConvolutionalSection
+from detector.cfg import LAYER_TRAINING_FLAGS, LAYER_WEIGHT_OPTIONS, ConvolutionalSection, DarknetCfg
 from detector.evaluate import evaluate
 from detector.loss import YoloLoss
 from detector.predict import make_loader
@@ -200,14 +200,7 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
                    scheduler=darknet_scheduler(optimizer, net, burn_in), evaluate=evaluator)
 
 
-# Per-layer options with which Darknet trains a layer otherwise (freezes, scales its rate, clips it):
-# the flags it reads as integers, and the two numbers it reads on layers with weights, at the values
-# that change nothing.
-LAYER_TRAINING_FLAGS = ("stopbackward", "train_only_bn", "dont_update", "burnin_update", "onlyforward")
-LAYER_WEIGHT_OPTIONS = {"learning_rate": 1.0, "clip": 0.0}
-
-
-def _warn_of_layer_training_options(cfg) -> None:
+def _warn_of_layer_training_options(cfg: DarknetCfg) -> None:
     """A transfer-learning cfg's `stopbackward=1` or per-layer `learning_rate` would freeze or damp
     layers in Darknet; this trainer trains every layer at the [net] rate: say so, naming them."""
     found = []

@@ -229,10 +229,3 @@ def test_per_layer_training_options_darknet_would_apply_are_warned_of(shapes, tm
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_detector_trainer(load_darknet(path), source, None, config)     # the values that change nothing
-
-
-def test_the_per_layer_training_options_warned_of_are_those_the_cfg_parser_keeps():
-    from detector.cfg import _LAYER_TRAINING_KEYS
-    from detector.train import LAYER_TRAINING_FLAGS, LAYER_WEIGHT_OPTIONS
-
-    assert set(_LAYER_TRAINING_KEYS) == set(LAYER_TRAINING_FLAGS) | set(LAYER_WEIGHT_OPTIONS)
