@@ -15,7 +15,8 @@ Bad input, YOLO txt: a label line that is not numbers, has a class outside 0..nc
 is not finite, or an image file PIL cannot read, is an error naming the file (and line). Label
 coordinates outside [0, 1] are clipped as Darknet does, with one warning per split naming the
 first such line; when every label line of a split is outside by more than rounding (pixel
-coordinates, say), it is an error. A split where no image has a label file gets a warning (the labels folder is elsewhere?).
+coordinates, say), it is an error. Lines whose box has no area are dropped with a warning. A split
+where no image has a label file gets a warning (the labels folder is elsewhere?).
 
 Image ids: the COCO json's own ids; for YOLO txt, the integer file stem when every stem is a unique
 number (COCO's 000000000139.jpg -> 139, so results match the official ids), else 1, 2, ... in order.

@@ -42,7 +42,6 @@ from detector.weights import write_weights
 from engine import atomic_write_bytes
 from pruning.masks import Masks
 from pruning.sparse_archive import check_decoded, load_sparse_archive, save_sparse_archive
-from yolo_admm.wording import counted
 
 FORMATS = ("darknet", "onnx", "compact")
 ONNX_INPUT, ONNX_OUTPUT = "images", "detections"
@@ -82,7 +81,8 @@ def _mismatch(path: Path, runtime: str, difference: float, tolerance: float, mod
     if not own <= tolerance:
         constant = sum(int((module.running_var == 0).sum()) for module in model.modules()
                        if isinstance(module, nn.BatchNorm2d) and module.running_var is not None)
-        hint = (f" ({counted(constant, 'BatchNorm channel')} with a running variance of 0: "
+        channels = "1 BatchNorm channel" if constant == 1 else f"{constant} BatchNorm channels"
+        hint = (f" ({channels} with a running variance of 0: "
                 f"detector.prune_pipeline.silence_constant_channels(model) sets their scale to 0, as detect "
                 f"prune now does)") if constant else ""
         reason = (f"; the model itself is numerically unstable: its float32 and float64 outputs differ by "

@@ -327,9 +327,9 @@ def run_sparsity(ctx: RunContext, sparsity: float, dense: dict[str, Any]) -> dic
                                            img_size=ctx.size, stem="pruned") if missing else {})}
         if exports:
             atomic_write_json(folder / "export" / "export.json", exports)    # as detect export writes one
-    earlier_s = finished["wall_time_s"] if finished is not None else 0.0
+    earlier_wall_s = finished["wall_time_s"] if finished is not None else 0.0      # a rerun's first run
     results = {"target_sparsity": sparsity, "method": ctx.job.method, "stages": [dense, hard, retrained],
-               "exports": exports, "wall_time_s": earlier_s + time.perf_counter() - started}
+               "exports": exports, "wall_time_s": earlier_wall_s + time.perf_counter() - started}
     write_json_on_main(folder / "results.json", results)
     return results
 
