@@ -21,6 +21,7 @@ import argparse
 import datetime
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from data.sources import load_yolo_dataset
 from data.train_dataset import DetectionTrainDataset, collate_detection
 from detector import load_darknet
 from detector.loss import YoloLoss
-from detector.train import DetectTrainConfig, ValidationMap, fit_detector
+from detector.train import DetectTrainConfig, ValidationMap, darknet_augmentation, fit_detector
 from engine import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def main() -> None:
         "settings": {"cfg": CFG.name, "img_size": SIZE, "epochs": args.epochs, "lr": args.lr, "burn_in": 0,
                      "seed": args.seed,
                      "batch_size": args.batch_size, "accumulate": 32 // args.batch_size,
-                     "augment": "cfg [net]: hue .1, saturation 1.5, exposure 1.5, flip; scale 0.75-1.25, translate 0.1",
+                     "augment": asdict(darknet_augmentation(model.cfg, SIZE)),
                      "train_images": len(train.records), "val_images": len(val.records)},
         "val_loss_per_image": losses,
         "before": before, "after": after, "after_over_before_map50": round(ratio, 4), "goal": ">= 0.90",

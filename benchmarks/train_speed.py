@@ -52,18 +52,17 @@ CUDA_CASES = CPU_CASES + [("yolov4", 608, False), ("yolov4", 608, True)]
 
 def measure_one(name: str, size: int, amp: bool, batch: int, steps: int, warmup: int, device: str) -> dict:
     """Time `steps` training steps of one model (in this process)."""
-    from data.augment import AugmentConfig
     from data.sources import load_yolo_dataset
     from data.train_dataset import DetectionTrainDataset, collate_detection
     from detector import load_darknet
     from detector.loss import YoloLoss
-    from detector.train import build_optimizer
+    from detector.train import build_optimizer, darknet_augmentation
     from pruning import ADMM, ADMMConfig
 
     torch.manual_seed(0)
     model = load_darknet(SHARED / "darknet" / f"{name}.cfg").to(device).train()
     source = load_yolo_dataset(SHARED / "coco128" / "coco128.yaml", "train")
-    dataset = DetectionTrainDataset(source, AugmentConfig.from_net(model.net, size))
+    dataset = DetectionTrainDataset(source, darknet_augmentation(model.cfg, size))
     started = time.perf_counter()
     batches = [collate_detection([dataset[(i * batch + j) % len(dataset)] for j in range(batch)])
                for i in range(warmup + steps)]

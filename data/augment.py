@@ -3,13 +3,20 @@
 `build_train_transform(AugmentConfig(...))` runs, in order:
 1. mosaic (`albumentations.Mosaic`, 2x2 images; with probability `mosaic`; the dataset passes the
    three partner images as `mosaic_metadata`),
-2. fit to `size` x `size`: plain resize, or letterbox on a grey border (`letterbox`),
-3. scale and translate (`Affine`),
-4. horizontal flip,
-5. colour jitter: hue shift in [-hue, hue] of the colour circle, saturation and brightness
+2. Darknet's `jitter` (`CropAndPad`): each side of the image is cropped or padded by its own random
+   fraction in [-jitter, jitter] of the image's width (left, right) or height (top, bottom), as
+   Darknet's `load_data_detection` draws pleft, pright, ptop and pbot. So the content is zoomed by
+   1 / (1 + 2 jitter) .. 1 / (1 - 2 jitter) per axis, which also changes its aspect ratio, and shifted.
+   Darknet pads with the image's mean colour, this pads with grey.
+3. fit to `size` x `size`: plain resize (stretch, as Darknet), or letterbox on a grey border (`letterbox`),
+4. Darknet's `resize` (`Affine`, only when resize != 1): a zoom of the same factor in x and y, in
+   [1/resize, resize] (in [resize, 1] for resize < 1: zoom out only). Darknet draws the two corners'
+   shifts apart, so its zoom also moves the image; jitter's shift is the only one here.
+5. horizontal flip,
+6. colour jitter: hue shift in [-hue, hue] of the colour circle, saturation and brightness
    (Darknet's exposure) factors in [1/s, s] and [1/e, e].
 
-`build_plain_transform(size, letterbox)` is step 2 alone (no augmentation). Both take and return
+`build_plain_transform(size, letterbox)` is step 3 alone (no augmentation). Both take and return
 uint8 RGB images with `bboxes` in pixel xyxy (albumentations "pascal_voc") and `class_labels`;
 boxes leaving the image are clipped, and dropped when narrower or lower than `min_box_size` px.
 A mosaic shows about a quarter of each of its 4 images (a `size` x `size` crop of their 2 x 2
@@ -45,9 +52,10 @@ class AugmentConfig:
         saturation: saturation factor range [1/saturation, saturation] (Darknet `saturation`, >= 1).
         exposure: brightness factor range [1/exposure, exposure] (Darknet `exposure`, >= 1).
         flip: probability of a horizontal flip (Darknet `flip=1` flips half the images).
-        scale: range of the random zoom factor, drawn for x and y apart, so that it also changes the
-            aspect ratio (as Darknet's `jitter` does).
-        translate: max shift as a fraction of `size`, in x and in y.
+        jitter: each side is cropped or padded by up to this fraction of the image's width or height,
+            drawn apart (Darknet's `[yolo] jitter`, in [0, 0.5)).
+        resize: a zoom in [1/resize, resize] of the same factor in x and y (Darknet's `[yolo]
+            resize`; 1: none; below 1: zoom out only, in [resize, 1]).
         mosaic: probability of a 2x2 mosaic (Darknet `mosaic=1` uses it on half the batches).
         min_box_size: boxes smaller than this (px, after augmentation) in width or height are dropped.
     """
@@ -58,8 +66,8 @@ class AugmentConfig:
     saturation: float = 1.5
     exposure: float = 1.5
     flip: float = 0.5
-    scale: tuple[float, float] = (0.75, 1.25)
-    translate: float = 0.1
+    jitter: float = 0.2
+    resize: float = 1.0
     mosaic: float = 0.0
     min_box_size: float = 2.0
 
@@ -73,16 +81,18 @@ class AugmentConfig:
             problems.append(f"saturation and exposure must be >= 1, found {self.saturation}, {self.exposure}")
         if not (0.0 <= self.flip <= 1.0 and 0.0 <= self.mosaic <= 1.0):
             problems.append(f"flip and mosaic are probabilities in [0, 1], found {self.flip}, {self.mosaic}")
-        if not 0.0 < self.scale[0] <= self.scale[1] or not 0.0 <= self.translate < 1.0:
-            problems.append(f"scale must be 0 < low <= high and translate in [0, 1), found "
-                            f"{self.scale}, {self.translate}")
+        if not 0.0 <= self.jitter < 0.5:
+            problems.append(f"jitter must be in [0, 0.5) (a side may lose up to that fraction), found {self.jitter}")
+        if not self.resize > 0.0:
+            problems.append(f"resize must be > 0, found {self.resize}")
         if problems:
             raise ValueError("AugmentConfig: " + "; ".join(problems))
 
     @classmethod
     def from_net(cls, net, size: int | None = None, **overrides) -> "AugmentConfig":
         """Defaults from a Darknet `[net]` (`detector.NetConfig`): hue, saturation, exposure,
-        flip, mosaic, letter_box and width; keyword arguments override any field."""
+        flip, mosaic, letter_box and width; keyword arguments override any field (`jitter` and
+        `resize` are options of Darknet's `[yolo]`, which the caller passes this way)."""
         from_cfg = {
             "size": int(size if size is not None else net.width),
             "letterbox": bool(getattr(net, "letter_box", False)),
@@ -115,10 +125,14 @@ def build_train_transform(config: AugmentConfig) -> A.Compose:
                              f"lacks; upgrade albumentations or set mosaic to 0")
         steps.append(A.Mosaic(grid_yx=(2, 2), target_size=(config.size, config.size),
                               cell_shape=(config.size, config.size), fill=FILL, p=config.mosaic))
+    if config.jitter > 0:
+        steps.append(A.CropAndPad(percent=(-config.jitter, config.jitter), sample_independently=True,
+                                  keep_size=False, border_mode=cv2.BORDER_CONSTANT, fill=FILL, p=1.0))
     steps += _fit_steps(config.size, config.letterbox)
+    if config.resize != 1:
+        zoom = (config.resize, 1.0) if config.resize < 1 else (1 / config.resize, config.resize)
+        steps.append(A.Affine(scale=zoom, keep_ratio=True, border_mode=cv2.BORDER_CONSTANT, fill=FILL, p=1.0))
     steps += [
-        A.Affine(scale=config.scale, translate_percent=(-config.translate, config.translate),
-                 border_mode=cv2.BORDER_CONSTANT, fill=FILL, p=1.0),
         A.HorizontalFlip(p=config.flip),
         A.ColorJitter(brightness=(1 / config.exposure, config.exposure), contrast=(1.0, 1.0),
                       saturation=(1 / config.saturation, config.saturation),

@@ -195,10 +195,13 @@ def _resized(image: Tensor, side: int) -> Tensor:
     return resized[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
-def multi_scale_sizes(size: int, low: float = 0.7, high: float = 1.3) -> list[int]:
-    """Multiples of 32 within [low * size, high * size] (Darknet's `random=1` range), always incl.
-    size: the sides `SeededBatchSampler` draws from for multi-scale training."""
-    first, last = int(np.ceil(low * size / 32)), int(high * size // 32)
+def multi_scale_sizes(size: int, coefficient: float = 1.4) -> list[int]:
+    """Multiples of 32 within [size / coefficient, size * coefficient], always incl. size: the sides
+    `SeededBatchSampler` draws from for multi-scale training. Darknet's `[yolo] random=1` draws from
+    the same range with coefficient 1.4 (without the +32 its rounding adds to the side)."""
+    if not coefficient >= 1:
+        raise ValueError(f"multi_scale_sizes: coefficient must be >= 1, found {coefficient}")
+    first, last = int(np.ceil(size / coefficient / 32)), int(size * coefficient // 32)
     return sorted({32 * k for k in range(max(first, 1), last + 1)} | {size})
 
 

@@ -32,9 +32,9 @@ def _comma_list(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file of settings: keys as the long flags, with _ (progress: false for "
                         "--no-progress), and in the YAML only: augment (default true), mosaic (probability, "
-                        "default 0), amp (default true), latency_runs (default 10), layer_sparsity (pattern: "
-                        "sparsity, for admm-layerwise); its relative paths are from the current folder; the "
-                        "flags override it")
+                        "default 0), multi_scale (default false: one input size), amp (default true), "
+                        "latency_runs (default 10), layer_sparsity (pattern: sparsity, for admm-layerwise); its "
+                        "relative paths are from the current folder; the flags override it")
     parser.add_argument("--cfg", help="Darknet .cfg of the pretrained detector")
     parser.add_argument("--weights", help="its Darknet .weights (without: the cfg's random initial weights, with a "
                         "warning)")

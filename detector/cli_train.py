@@ -59,9 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--momentum", type=float, help="SGD momentum (default: [net] momentum)")
     run.add_argument("--weight-decay", type=float, help="weight decay on conv weights (default: [net] decay)")
     run.add_argument("--burn-in", type=int, help="warm-up optimizer steps (default: [net] burn_in)")
-    run.add_argument("--no-augment", action="store_true", help="no augmentation: no colour, flip, scale nor mosaic")
+    run.add_argument("--no-augment", action="store_true",
+                     help="no augmentation: no colour, flip, jitter, resize nor mosaic")
     run.add_argument("--mosaic", type=float, help="mosaic probability (default: 0.5 if [net] mosaic=1, else 0)")
-    run.add_argument("--multi-scale", action="store_true", help="random input size per batch, 0.7x..1.3x")
+    run.add_argument("--multi-scale", action=argparse.BooleanOptionalAction, default=None,
+                     help="a random input side per batch, /1.4..x1.4 (default: on when the cfg's last [yolo] "
+                          "sets random, which also sets the range when it is not 1)")
     run.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                      help="EMA of the weights (default: on when [net] ema_alpha > 0)")
     run.add_argument("--eval-every", type=int, default=1, help="validation mAP every N epochs (0: never; default 1)")

@@ -24,7 +24,7 @@ RECORDED_ONLY = "processes"     # what a run folder's config.yaml adds: the numb
 class PruneJob:
     """Everything one `detect prune` run needs. A YAML config's keys are these names, and each
     command-line flag is one of them with '-' for '_'; ``layer_sparsity``, ``augment``, ``mosaic``,
-    ``amp`` and ``latency_runs`` are set in the YAML only.
+    ``multi_scale``, ``amp`` and ``latency_runs`` are set in the YAML only.
 
     Which weights: ``include``/``exclude`` are parameter-name patterns (globs, or ``re:`` regexes;
     default every conv weight), ``min_density`` keeps at least that fraction of every layer (a
@@ -62,6 +62,7 @@ class PruneJob:
     img_size: int | None = None
     augment: bool = True
     mosaic: float | None = 0.0
+    multi_scale: bool = False
     workers: int = 0
     device: str | None = None
     amp: bool = True
@@ -142,7 +143,7 @@ NUMBER_SETTINGS: dict[str, NumberSetting] = {
     "workers": NumberSetting(int, 0), "latency_runs": NumberSetting(int, 1), "bn_images": NumberSetting(int, 0),
     "seed": NumberSetting(int),
 }
-BOOL_SETTINGS = ("augment", "amp", "progress")
+BOOL_SETTINGS = ("augment", "multi_scale", "amp", "progress")
 
 
 def _as_list(value: Any) -> list:

@@ -129,8 +129,8 @@ class RunContext:
         job = self.job
         return DetectTrainConfig(
             epochs=epochs, batch_size=job.batch_size, img_size=self.size, lr=job.lr, burn_in=job.burn_in,
-            augment=job.augment, mosaic=job.mosaic, ema=False, eval_every=0, workers=job.workers,
-            device=job.device, amp=job.amp, out_dir=checkpoint_dir, progress=job.progress,
+            augment=job.augment, mosaic=job.mosaic, multi_scale=job.multi_scale, ema=False, eval_every=0,
+            workers=job.workers, device=job.device, amp=job.amp, out_dir=checkpoint_dir, progress=job.progress,
             resume=checkpoint_dir if find_latest_checkpoint(checkpoint_dir) else None)
 
     @torch.no_grad()

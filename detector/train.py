@@ -35,7 +35,7 @@ from data.eval_dataset import InferenceDataset
 from data.sources import DetectionSource
 from data.seeded_batches import SeededBatchSampler
 from data.train_dataset import DetectionTrainDataset, collate_detection, multi_scale_sizes
-from detector.cfg import LAYER_TRAINING_FLAGS, LAYER_WEIGHT_OPTIONS, ConvolutionalSection, DarknetCfg
+from detector.cfg import LAYER_TRAINING_FLAGS, LAYER_WEIGHT_OPTIONS, ConvolutionalSection, DarknetCfg, YoloSection
 from detector.evaluate import evaluate
 from detector.loss import YoloLoss
 from detector.predict import make_loader
@@ -55,9 +55,12 @@ class DetectTrainConfig:
         accumulate: forward passes per optimizer step (default: batch / batch_size).
         img_size: square input side, a multiple of 32 (default: [net] width).
         lr, momentum, weight_decay, burn_in: override [net] learning_rate, momentum, decay, burn_in.
-        augment: colour / flip / scale-translate augmentation (False: resize or letterbox only).
+        augment: colour / flip / jitter augmentation (False: resize or letterbox only); the jitter
+            and resize come from the cfg's last [yolo], as Darknet reads them from its last layer.
         mosaic: mosaic probability (default: 0.5 when [net] mosaic=1, else 0).
-        multi_scale: draw each batch's side from 0.7x..1.3x img_size (multiples of 32).
+        multi_scale: draw each batch's side from img_size / c .. img_size * c (multiples of 32),
+            c = 1.4 (default: on when the last [yolo] sets random; random=c with c != 1 sets c,
+            as in Darknet, which draws a side every 10 iterations where this draws one per batch).
         ema: keep an EMA of the weights (default: when [net] ema_alpha > 0); ema_decay likewise.
         eval_every: validation mAP every this many epochs (0: never).
         workers: DataLoader worker processes (per process under torchrun).
@@ -74,7 +77,7 @@ class DetectTrainConfig:
     burn_in: int | None = None
     augment: bool = True
     mosaic: float | None = None
-    multi_scale: bool = False
+    multi_scale: bool | None = None
     ema: bool | None = None
     ema_decay: float | None = None
     eval_every: int = 1
@@ -171,12 +174,12 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
     size = int(config.img_size or net.width)
     batch_size, accumulate = default_batching(net.batch, net.subdivisions, distributed.world_size(),
                                               config.batch_size, config.accumulate)
-    augment = AugmentConfig.from_net(net, size, **({} if config.mosaic is None else {"mosaic": config.mosaic}))
+    augment = darknet_augmentation(model.cfg, size, config.mosaic)
     dataset = DetectionTrainDataset(train_source, augment, augment=config.augment)
     order = distributed.distributed_sampler(dataset, shuffle=True) if distributed.is_distributed() \
         else RandomSampler(dataset)
-    batches = SeededBatchSampler(order, batch_size, sides=multi_scale_sizes(size) if config.multi_scale else None,
-                                 stream=distributed.rank())
+    sides = multi_scale_sides(size, float(_last_yolo(model.cfg).loss_options["random"]), config.multi_scale)
+    batches = SeededBatchSampler(order, batch_size, sides=sides, stream=distributed.rank())
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=config.workers, collate_fn=collate_detection,
                         pin_memory=device.type == "cuda")
     optimizer = build_optimizer(model, _pick(config.lr, net.learning_rate), _pick(config.momentum, net.momentum),
@@ -198,6 +201,36 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
     callbacks = [*(callbacks or []), GivenHyperparameters(config.lr, config.momentum, config.weight_decay)]
     return Trainer(model, optimizer, DetectionLoss(model.heads), loader, train_config, callbacks=callbacks,
                    scheduler=darknet_scheduler(optimizer, net, burn_in), evaluate=evaluator)
+
+
+def darknet_augmentation(cfg: DarknetCfg, size: int, mosaic: float | None = None) -> AugmentConfig:
+    """The training augmentation of a cfg: colour, flip, mosaic and letter_box from [net], jitter and
+    resize from the last [yolo] (Darknet reads them from its last layer); `mosaic` overrides [net].
+
+    Raises:
+        ValueError: jitter >= 0.5, which could crop an image away, naming the cfg's file and line.
+    """
+    section = _last_yolo(cfg)
+    jitter, resize = float(section.loss_options["jitter"]), float(section.loss_options["resize"])
+    if jitter >= 0.5:
+        raise ValueError(f"{section.source}: jitter={jitter:g} can crop an image away (each side loses up to "
+                         f"that fraction); training needs jitter < 0.5")
+    overrides = {} if mosaic is None else {"mosaic": mosaic}
+    return AugmentConfig.from_net(cfg.net, size, jitter=jitter, resize=resize, **overrides)
+
+
+def _last_yolo(cfg: DarknetCfg) -> YoloSection:
+    return [section for section in cfg.layers if isinstance(section, YoloSection)][-1]
+
+
+def multi_scale_sides(size: int, random: float, multi_scale: bool | None) -> list[int] | None:
+    """The sides a batch draws from (None: always `size`). `random` is the last [yolo]'s option:
+    Darknet resizes when it is not 0, by up to 1.4x either way for random=1 and by up to random (or
+    1 / random) otherwise. `multi_scale` True or False overrides the cfg; True with random=0 uses 1.4."""
+    if not (random != 0 if multi_scale is None else multi_scale):
+        return None
+    coefficient = 1.4 if random in (0.0, 1.0) else max(abs(random), 1 / abs(random))
+    return multi_scale_sizes(size, coefficient)
 
 
 def _warn_of_layer_training_options(cfg: DarknetCfg) -> None:

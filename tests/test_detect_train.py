@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,6 +207,47 @@ def test_a_burn_in_longer_than_the_run_is_warned_of(shapes, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_detector_trainer(tiny_model(tmp_path), source, None, replace(config, burn_in=2))
+
+
+def test_jitter_resize_and_random_come_from_the_last_yolo_layer(tmp_path):
+    """Found by a review: `[yolo] jitter`, `resize` and `random` were parsed and then unused.
+    Darknet reads them from its last layer; a jitter that can crop an image away is refused."""
+    from detector.train import darknet_augmentation
+
+    text = (Path(cli_train.__file__).parent / "cfgs" / "demo-tiny.cfg").read_text()
+    head, _, tail = text.rpartition("jitter=.2")
+    path = tmp_path / "last.cfg"
+    path.write_text(head + "jitter=.35\nresize=1.5" + tail)
+    augment = darknet_augmentation(load_darknet(path).cfg, 320)
+    assert (augment.size, augment.jitter, augment.resize) == (320, 0.35, 1.5)
+    assert darknet_augmentation(load_darknet(path).cfg, 320, mosaic=1.0).mosaic == 1.0
+    path.write_text(head + "jitter=.5" + tail)
+    with pytest.raises(ValueError, match=r"last.cfg:167 \[yolo\]: jitter=0.5 can crop an image away"):
+        darknet_augmentation(load_darknet(path).cfg, 320)
+
+
+@pytest.mark.parametrize("random, multi_scale, sides", [
+    (0.0, None, None), (1.0, None, [256, 288, 320, 352, 384, 416, 448]), (1.0, False, None),
+    (0.0, True, [256, 288, 320, 352, 384, 416, 448]), (1.2, None, [288, 320, 352, 384]),
+    (0.8, None, [256, 288, 320, 352, 384])])
+def test_multi_scale_follows_the_cfgs_random_unless_told(random, multi_scale, sides):
+    from detector.train import multi_scale_sides
+
+    assert multi_scale_sides(320, random, multi_scale) == sides
+
+
+def test_a_cfg_with_random_trains_on_batches_of_several_sides(shapes, tmp_path):
+    from detector.train import build_detector_trainer
+
+    _, source = shapes
+    path = tmp_path / "random.cfg"
+    path.write_text(TINY_CFG.replace("[yolo]\n", "[yolo]\nrandom=1\n", 1).replace("width=64", "width=128")
+                    .replace("height=64", "height=128"))
+    config = DetectTrainConfig(epochs=1, batch_size=4, eval_every=0, device="cpu", progress=False, workers=0, burn_in=0)
+    trainer = build_detector_trainer(load_darknet(path), source, None, config)
+    assert trainer.train_loader.batch_sampler.sides == [96, 128, 160]                # 128 / 1.4 .. 128 * 1.4
+    fixed = build_detector_trainer(load_darknet(path), source, None, replace(config, multi_scale=False))
+    assert fixed.train_loader.batch_sampler.sides is None
 
 
 def test_per_layer_training_options_darknet_would_apply_are_warned_of(shapes, tmp_path):

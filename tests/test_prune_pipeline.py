@@ -232,12 +232,15 @@ def test_bad_settings_name_what_is_wrong(shapes_yaml, tmp_path):
                                     ("batch_size", -2, "batch_size must be >= 1, found -2"),
                                     ("lr", -0.1, r"lr must be > 0.0, found -0.1"),
                                     ("amp", "no", "amp must be true or false, found 'no'"),
+                                    ("multi_scale", "yes", "multi_scale must be true or false, found 'yes'"),
                                     ("export", "onnx,tflite", r"unknown export format\(s\) \['tflite'\]")]:
         with pytest.raises(ValueError, match=message):      # before any work, so no run folder records it
             tiny_job(shapes_yaml, tmp_path, **{setting: value})
     assert tiny_job(shapes_yaml, tmp_path, sparsity="0.5, 0.7", export="onnx,compact").sparsity == [0.5, 0.7]
     assert tiny_job(shapes_yaml, tmp_path, min_density={"layers.0.*": 0.5}).min_density == {"layers.0.*": 0.5}
     assert tiny_job(shapes_yaml, tmp_path, export=None).export == []
+    assert tiny_job(shapes_yaml, tmp_path).multi_scale is False
+    assert tiny_job(shapes_yaml, tmp_path, multi_scale=True).multi_scale is True
     job_yaml = tmp_path / "bad.yaml"
     job_yaml.write_text(f"cfg: {DEMO_CFG}\ndata: {shapes_yaml}\nrho: high\n")
     with pytest.raises(ValueError, match=r"bad.yaml \(or a flag over it\): rho must be a number, found 'high'"):

@@ -121,7 +121,7 @@ def test_augmented_boxes_follow_the_pixels(tmp_path, mosaic):
     size limit are dropped) is left without a box."""
     specs = [((96, 64), [[10, 8, 40, 30], [55, 30, 90, 60]]), ((64, 96), [[20, 40, 50, 90]]),
              ((80, 80), [[5, 5, 35, 75], [45, 20, 75, 35]]), ((64, 64), [[16, 16, 48, 48]])]
-    config = AugmentConfig(64, scale=(0.6, 1.4), translate=0.2, flip=0.5, mosaic=mosaic, **NO_COLOUR)
+    config = AugmentConfig(64, jitter=0.3, resize=1.4, flip=0.5, mosaic=mosaic, **NO_COLOUR)
     dataset = DetectionTrainDataset(rectangles_source(tmp_path, specs), config)
     torch.manual_seed(0)
     boxes_seen = 0
@@ -157,15 +157,15 @@ def test_same_seed_same_sample_and_colour_jitter_changes_pixels(tmp_path):
 def test_flip_shift_and_brightness_are_drawn_independently(tmp_path):
     """Found by a review: every transform took the same seed, so each drew the same first random
     number: a flipped image was always shifted one way and darker, an unflipped one the other way
-    and brighter. Two grey boxes side by side (class 0 left of class 1) over 200 seeds, scale fixed
-    at 1: flipped samples (class 0 now on the right) shift both ways and are as often bright as dark."""
+    and brighter. Two grey boxes side by side (class 0 left of class 1) over 200 seeds: flipped
+    samples (class 0 now on the right) shift both ways and are as often bright as dark."""
     image = np.zeros((64, 64, 3), np.uint8)
     boxes = [[16, 26, 28, 38], [36, 26, 48, 38]]                 # centred pair: mean x-centre 32
     for x1, y1, x2, y2 in boxes:
         image[y1:y2, x1:x2] = 100                                # below 255 / 1.5: brightness never clips
     cv2.imwrite(str(tmp_path / "pair.png"), image)
     source = DetectionSource([record(tmp_path / "pair.png", (64, 64), boxes, classes=[0, 1])], ["a", "b"], [1, 2])
-    config = AugmentConfig(64, scale=(1.0, 1.0), translate=0.2, flip=0.5, hue=0.0, saturation=1.0, exposure=1.5)
+    config = AugmentConfig(64, jitter=0.2, flip=0.5, hue=0.0, saturation=1.0, exposure=1.5)
     dataset = DetectionTrainDataset(source, config)
     shifts, brightness, flipped = [], [], []
     for seed in range(200):
@@ -180,6 +180,37 @@ def test_flip_shift_and_brightness_are_drawn_independently(tmp_path):
     assert (shifts[flipped] < -2).mean() > 0.2 and (shifts[flipped] > 2).mean() > 0.2
     bright = brightness > np.median(brightness)
     assert abs(np.corrcoef(flipped, bright)[0, 1]) < 0.3
+
+
+def zooms_of_a_centred_box(tmp_path, config: AugmentConfig, seeds: int = 300) -> np.ndarray:
+    """(x zoom, y zoom) per seed: a 10 px box at the centre of a 100 x 100 image, its augmented
+    size over its size without augmentation (the crop never reaches it: jitter < 0.45)."""
+    source = rectangles_source(tmp_path, [((100, 100), [[45, 45, 55, 55]])])
+    plain = DetectionTrainDataset(source, AugmentConfig(64), augment=False)[0][1][0, 3:5]
+    dataset = DetectionTrainDataset(source, config)
+    return np.array([(dataset[(0, seed, None)][1][0, 3:5] / plain).tolist() for seed in range(seeds)])
+
+
+def test_jitter_crops_or_pads_each_side_apart_as_darknet_does(tmp_path):
+    """Found by a review: `[yolo] jitter` was parsed and unused, and a fixed zoom of 0.75-1.25 ran
+    instead. Darknet crops or pads each side by its own fraction in [-jitter, jitter], so jitter .3
+    (yolov4) zooms by 1 / (1 + 0.6) .. 1 / (1 - 0.6) = 0.62-2.5 per axis, x and y apart."""
+    zooms = zooms_of_a_centred_box(tmp_path, AugmentConfig(64, jitter=0.3, flip=0.0, **NO_COLOUR))
+    assert zooms.min() >= 0.6 and zooms.max() <= 2.6
+    assert (zooms < 0.7).mean() > 0.01 and (zooms > 1.8).mean() > 0.01       # both tails, in x and in y
+    assert abs(np.corrcoef(zooms[:, 0], zooms[:, 1])[0, 1]) < 0.2           # the aspect ratio changes
+    assert np.median(zooms) == pytest.approx(1.0, abs=0.1)
+    still = zooms_of_a_centred_box(tmp_path, AugmentConfig(64, jitter=0.0, flip=0.0, **NO_COLOUR), seeds=5)
+    np.testing.assert_allclose(still, 1.0, atol=1e-6)
+
+
+def test_resize_zooms_x_and_y_alike_within_its_range(tmp_path):
+    zooms = zooms_of_a_centred_box(tmp_path, AugmentConfig(64, jitter=0.0, resize=1.5, flip=0.0, **NO_COLOUR))
+    np.testing.assert_allclose(zooms[:, 0], zooms[:, 1], atol=0.02)
+    assert zooms.min() >= 1 / 1.5 - 0.02 and zooms.max() <= 1.5 + 0.02
+    assert zooms.min() < 0.75 and zooms.max() > 1.35
+    out = zooms_of_a_centred_box(tmp_path, AugmentConfig(64, jitter=0.0, resize=0.5, flip=0.0, **NO_COLOUR))
+    assert out.min() < 0.6 and out.max() <= 1.0 + 0.02                    # below 1: zoom out only
 
 
 def test_mosaic_partners_are_read_only_for_samples_that_use_them(tmp_path, monkeypatch):
@@ -201,7 +232,8 @@ def test_mosaic_partners_are_read_only_for_samples_that_use_them(tmp_path, monke
 
 
 def test_multi_scale_batches_share_one_drawn_side(tmp_path):
-    assert multi_scale_sizes(320) == [224, 256, 288, 320, 352, 384, 416]
+    assert multi_scale_sizes(320) == [256, 288, 320, 352, 384, 416, 448]              # 320 / 1.4 .. 320 * 1.4
+    assert multi_scale_sizes(320, 1.2) == [288, 320, 352, 384]
     source = rectangles_source(tmp_path, [((64, 64), [[8, 8, 40, 40]]), ((64, 64), [])])
     dataset = DetectionTrainDataset(source, AugmentConfig(64), augment=False)
     torch.manual_seed(0)
@@ -219,8 +251,7 @@ def test_a_box_that_multi_scale_shrinks_below_the_size_limit_is_dropped(tmp_path
     """Found by a review: the 2 px limit was applied at the network size, before the batch's side
     shrank the image (a 2.03 px box at 608 came out 1.54 px at 448)."""
     source = rectangles_source(tmp_path, [((64, 64), [[8, 8, 11, 40], [20, 20, 50, 50]])])   # 3 px wide
-    dataset = DetectionTrainDataset(source, AugmentConfig(64, scale=(1.0, 1.0), translate=0.0, flip=0.0,
-                                                          min_box_size=2.0, **NO_COLOUR))
+    dataset = DetectionTrainDataset(source, AugmentConfig(64, jitter=0.0, flip=0.0, min_box_size=2.0, **NO_COLOUR))
     assert len(dataset[(0, 0, 64)][1]) == 2
     assert len(dataset[(0, 0, 96)][1]) == 2
     small = dataset[(0, 0, 32)][1]                             # 1.5 px at side 32
@@ -235,7 +266,7 @@ def test_augmentation_does_not_depend_on_the_loaders_workers(tmp_path):
     generator, so a run resumed with another --workers trained on other samples."""
     source = rectangles_source(tmp_path, [((64, 48), [[8, 8, 40, 40]]), ((48, 64), [[4, 10, 30, 50]]),
                                           ((64, 64), [[20, 20, 60, 50]]), ((40, 64), [])] * 2)
-    dataset = DetectionTrainDataset(source, AugmentConfig(64, mosaic=0.5, translate=0.2))
+    dataset = DetectionTrainDataset(source, AugmentConfig(64, mosaic=0.5, jitter=0.3, resize=1.5))
 
     def epoch(workers: int) -> list:
         torch.manual_seed(3)
@@ -283,11 +314,13 @@ def test_seeded_batch_sampler_counts_and_passes_the_epoch_on():
 def test_augment_config_from_net_and_validation():
     class Net:  # the [net] fields AugmentConfig reads
         width, letter_box, hue, saturation, exposure, flip, mosaic = 320, True, 0.1, 1.5, 1.4, False, True
-    config = AugmentConfig.from_net(Net(), translate=0.05)
+    config = AugmentConfig.from_net(Net(), jitter=0.05)
     assert (config.size, config.letterbox, config.hue, config.saturation, config.exposure) == (320, True, 0.1, 1.5, 1.4)
-    assert config.flip == 0.0 and config.mosaic == 0.5 and config.translate == 0.05
+    assert config.flip == 0.0 and config.mosaic == 0.5 and config.jitter == 0.05
     with pytest.raises(ValueError, match="multiple of 32"):
         AugmentConfig(100)
+    with pytest.raises(ValueError, match=r"jitter must be in \[0, 0.5\).*found 0.5; resize must be > 0, found 0"):
+        AugmentConfig(64, jitter=0.5, resize=0)
     with pytest.raises(ValueError, match="unknown settings"):
         AugmentConfig.from_net(Net(), colour=1)
 
