@@ -2,7 +2,9 @@
 
 `build_train_transform(AugmentConfig(...))` runs, in order:
 1. mosaic (`albumentations.Mosaic`, 2x2 images; with probability `mosaic`; the dataset passes the
-   three partner images as `mosaic_metadata`),
+   three partner images as `mosaic_metadata`; the seams fall in [0.2, 0.8] of the side, as Darknet
+   cuts; Darknet also augments each of the four images on its own, where the steps below augment
+   the whole mosaic),
 2. Darknet's `jitter` (`CropAndPad`): each side of the image is cropped or padded by its own random
    fraction in [-jitter, jitter] of the image's width (left, right) or height (top, bottom), as
    Darknet's `load_data_detection` draws pleft, pright, ptop and pbot. So the content is zoomed by
@@ -39,6 +41,7 @@ import cv2  # noqa: E402
 from data.geometry import LETTERBOX_FILL
 
 FILL = int(round(LETTERBOX_FILL * 255))  # grey, as Darknet's letterbox border
+MOSAIC_CENTRE_RANGE = (0.2, 0.8)         # the seams fall in 0.2-0.8 of the side, as Darknet's cut_x, cut_y
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,8 @@ def build_train_transform(config: AugmentConfig) -> A.Compose:
             raise ValueError(f"mosaic needs albumentations.Mosaic, which albumentations {A.__version__} "
                              f"lacks; upgrade albumentations or set mosaic to 0")
         steps.append(A.Mosaic(grid_yx=(2, 2), target_size=(config.size, config.size),
-                              cell_shape=(config.size, config.size), fill=FILL, p=config.mosaic))
+                              cell_shape=(config.size, config.size), center_range=MOSAIC_CENTRE_RANGE, fill=FILL,
+                              p=config.mosaic))
     if config.jitter > 0:
         steps.append(A.CropAndPad(percent=(-config.jitter, config.jitter), sample_independently=True,
                                   keep_size=False, border_mode=cv2.BORDER_CONSTANT, fill=FILL, p=1.0))

@@ -213,6 +213,30 @@ def test_resize_zooms_x_and_y_alike_within_its_range(tmp_path):
     assert out.min() < 0.6 and out.max() <= 1.0 + 0.02                    # below 1: zoom out only
 
 
+def test_the_mosaic_seams_fall_where_darknets_do(tmp_path):
+    """Darknet cuts its mosaic at x and y drawn in [0.2, 0.8] of the side (albumentations' default
+    was [0.3, 0.7]). Sixteen images of distinct flat greys: the seam is the first column (row) where
+    the mosaic's top row (left column) changes colour."""
+    records = []
+    for index in range(16):
+        path = tmp_path / f"{index:02d}.png"
+        cv2.imwrite(str(path), np.full((64, 64, 3), 10 + 15 * index, np.uint8))
+        records.append(record(path, (64, 64), [], image_id=index + 1))
+    dataset = DetectionTrainDataset(DetectionSource(records, ["a", "b"], [1, 2]),
+                                    AugmentConfig(64, mosaic=1.0, jitter=0.0, flip=0.0, **NO_COLOUR))
+    seams = []
+    for seed in range(150):
+        image = dataset[(seed % 16, seed, None)][0][0].float()
+        for line in (image[0], image[:, 0]):
+            changes = torch.nonzero((line - line[0]).abs() > 4)
+            if len(changes):
+                seams.append(int(changes[0]) / 64)
+    seams = np.array(seams)
+    assert len(seams) > 200
+    assert seams.min() >= 0.18 and seams.max() <= 0.82
+    assert (seams < 0.27).mean() > 0.05 and (seams > 0.73).mean() > 0.05
+
+
 def test_mosaic_partners_are_read_only_for_samples_that_use_them(tmp_path, monkeypatch):
     import data.train_dataset as train_dataset
 
