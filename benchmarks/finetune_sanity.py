@@ -5,15 +5,15 @@
 2. The loss of the pretrained model on coco128-val with its true labels, with x/y swapped labels and,
    for scale, of a randomly initialised model: a loss or label-format mismatch shows here at once.
 3. `detect train` machinery (`detector.train.fit_detector`) for a few epochs on coco128 train at a
-   low learning rate (the cfg's augmentation, batch 8 x 4 accumulated = the cfg's batch 32), then
-   the coco128-val mAP50 again. Goal: after >= 90% of before.
+   low learning rate (the cfg's augmentation, with its [yolo] jitter; batch 8 x 4 accumulated = the
+   cfg's batch 32), then the coco128-val mAP50 again. Goal: after >= 90% of before.
 
 Reproduce: ``.venv/bin/python benchmarks/finetune_sanity.py --threads 1`` (5 epochs at lr 1e-4;
 writes benchmarks/results/finetune_sanity.json) and, for contrast, ``... --threads 1 --lr 1e-3
 --out benchmarks/results/finetune_sanity_lr1e-3.json`` (the cfg's initial learning rate, 100x the
 1e-5 its schedule ends at); other seeds: ``--seed 1 --out benchmarks/results/finetune_sanity_seed1.json``
-(and ``_lr1e-3_seed1``, 2 likewise). Measured on a 2-core CPU, no GPU, two runs at once (43-51 s of
-training each), torch 2.14.1, 2026-11-27.
+(and ``_lr1e-3_seed1``, 2 likewise). Measured on a 2-core CPU, no GPU, one run at a time beside
+another benchmark (43-47 s of training each), torch 2.14.1, 2026-11-27, after that day's jitter change.
 """
 from __future__ import annotations
 
