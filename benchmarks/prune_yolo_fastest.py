@@ -41,6 +41,12 @@ A twice longer budget (admm 3 x 2 + retrain 6 epochs; 8.4 min)::
         --epochs-per-iter 2 --retrain-epochs 6 --out-root runs/bench_prune_yolo_fastest_long \
         --json benchmarks/results/prune_yolo_fastest_long.json
 
+Smaller rho, admm-global at 50% (1.2-1.3 min each, two at a time, 2026-11-27; the JSONs only)::
+
+    .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global --sparsities 0.5 \
+        --rho 1 --seed 0 --out-root runs/bench_prune_yolo_fastest_rho1_seed0 \
+        --json benchmarks/results/prune_yolo_fastest_rho1_seed0.json    (and seeds 1, 2; and --rho 3)
+
 Progressive ADMM (the Z-step's sparsity rising from 30% over 2 of the 3 iterations; 2.3 min)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global --ramp-from 0.3 \
