@@ -1,24 +1,25 @@
 """Training augmentation for detection: an albumentations pipeline with boxes, from Darknet's [net].
 
-`build_train_transform(AugmentConfig(...))` runs, in order:
-1. mosaic (`albumentations.Mosaic`, 2x2 images; with probability `mosaic`; the dataset passes the
-   three partner images as `mosaic_metadata`; the seams fall in [0.2, 0.8] of the side, as Darknet
-   cuts; Darknet also augments each of the four images on its own, where the steps below augment
-   the whole mosaic),
-2. Darknet's `jitter` (`CropAndPad`): each side of the image is cropped or padded by its own random
+`build_train_transform(AugmentConfig(...))` augments one image, in order:
+1. Darknet's `jitter` (`CropAndPad`): each side of the image is cropped or padded by its own random
    fraction in [-jitter, jitter] of the image's width (left, right) or height (top, bottom), as
    Darknet's `load_data_detection` draws pleft, pright, ptop and pbot. So the content is zoomed by
    1 / (1 + 2 jitter) .. 1 / (1 - 2 jitter) per axis, which also changes its aspect ratio, and shifted.
    Darknet pads with the image's mean colour, this pads with grey.
-3. fit to `size` x `size`: plain resize (stretch, as Darknet), or letterbox on a grey border (`letterbox`),
-4. Darknet's `resize` (`Affine`, only when resize != 1): a zoom of the same factor in x and y, in
+2. fit to `size` x `size`: plain resize (stretch, as Darknet), or letterbox on a grey border (`letterbox`),
+3. Darknet's `resize` (`Affine`, only when resize != 1): a zoom of the same factor in x and y, in
    [1/resize, resize] (in [resize, 1] for resize < 1: zoom out only). Darknet draws the two corners'
    shifts apart, so its zoom also moves the image; jitter's shift is the only one here.
-5. horizontal flip,
-6. colour jitter: hue shift in [-hue, hue] of the colour circle, saturation and brightness
+4. horizontal flip,
+5. colour jitter: hue shift in [-hue, hue] of the colour circle, saturation and brightness
    (Darknet's exposure) factors in [1/s, s] and [1/e, e].
 
-`build_plain_transform(size, letterbox)` is step 3 alone (no augmentation). Both take and return
+`build_mosaic_transform(config)` joins four such augmented `size` x `size` images (the dataset
+passes three as `mosaic_metadata`) into a 2x2 mosaic (`albumentations.Mosaic`), cut at seams that
+fall in [0.2, 0.8] of the side: as Darknet, which augments each of a mosaic's images on its own.
+The dataset uses it with probability `mosaic`.
+
+`build_plain_transform(size, letterbox)` is step 2 alone (no augmentation). All take and return
 uint8 RGB images with `bboxes` in pixel xyxy (albumentations "pascal_voc") and `class_labels`;
 boxes leaving the image are clipped, and dropped when narrower or lower than `min_box_size` px.
 A mosaic shows about a quarter of each of its 4 images (a `size` x `size` crop of their 2 x 2
@@ -120,15 +121,8 @@ def build_plain_transform(size: int, letterbox: bool, min_box_size: float = PLAI
 
 
 def build_train_transform(config: AugmentConfig) -> A.Compose:
-    """The augmentation pipeline described in the module docstring."""
+    """One image's augmentation, as the module docstring lists it (`config.mosaic` is the dataset's)."""
     steps = []
-    if config.mosaic > 0:
-        if not hasattr(A, "Mosaic"):
-            raise ValueError(f"mosaic needs albumentations.Mosaic, which albumentations {A.__version__} "
-                             f"lacks; upgrade albumentations or set mosaic to 0")
-        steps.append(A.Mosaic(grid_yx=(2, 2), target_size=(config.size, config.size),
-                              cell_shape=(config.size, config.size), center_range=MOSAIC_CENTRE_RANGE, fill=FILL,
-                              p=config.mosaic))
     if config.jitter > 0:
         steps.append(A.CropAndPad(percent=(-config.jitter, config.jitter), sample_independently=True,
                                   keep_size=False, border_mode=cv2.BORDER_CONSTANT, fill=FILL, p=1.0))
@@ -143,6 +137,17 @@ def build_train_transform(config: AugmentConfig) -> A.Compose:
                       hue=(-config.hue, config.hue), p=1.0),
     ]
     return A.Compose(steps, bbox_params=_bbox_params(config.min_box_size))
+
+
+def build_mosaic_transform(config: AugmentConfig) -> A.Compose:
+    """A 2x2 mosaic of four images already augmented to `size` x `size` (the first as `image`, the
+    other three as `mosaic_metadata` dicts of image, bboxes and class_labels)."""
+    if not hasattr(A, "Mosaic"):
+        raise ValueError(f"mosaic needs albumentations.Mosaic, which albumentations {A.__version__} "
+                         f"lacks; upgrade albumentations or set mosaic to 0")
+    mosaic = A.Mosaic(grid_yx=(2, 2), target_size=(config.size, config.size), cell_shape=(config.size, config.size),
+                      center_range=MOSAIC_CENTRE_RANGE, fill=FILL, p=1.0)
+    return A.Compose([mosaic], bbox_params=_bbox_params(config.min_box_size))
 
 
 def _fit_steps(size: int, letterbox: bool) -> list:

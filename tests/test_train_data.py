@@ -237,6 +237,24 @@ def test_the_mosaic_seams_fall_where_darknets_do(tmp_path):
     assert (seams < 0.27).mean() > 0.05 and (seams > 0.73).mean() > 0.05
 
 
+def test_each_image_of_a_mosaic_is_augmented_on_its_own(tmp_path):
+    """As Darknet: a mosaic's four images each get their own brightness (and flip and jitter), where
+    one augmentation of the whole mosaic would light its four corners alike. Four flat greys of 100."""
+    records = []
+    for index in range(4):
+        path = tmp_path / f"{index}.png"
+        cv2.imwrite(str(path), np.full((64, 64, 3), 100, np.uint8))
+        records.append(record(path, (64, 64), [], image_id=index + 1))
+    config = AugmentConfig(64, mosaic=1.0, jitter=0.0, flip=0.0, hue=0.0, saturation=1.0, exposure=2.0)
+    dataset = DetectionTrainDataset(DetectionSource(records, ["a", "b"], [1, 2]), config)
+    differ = []
+    for seed in range(40):
+        image = dataset[(seed % 4, seed, None)][0].float()
+        corners = torch.stack([image[:, 0, 0], image[:, 0, -1], image[:, -1, 0], image[:, -1, -1]])
+        differ.append(float(corners.max() - corners.min()) > 4)
+    assert np.mean(differ) > 0.8
+
+
 def test_mosaic_partners_are_read_only_for_samples_that_use_them(tmp_path, monkeypatch):
     import data.train_dataset as train_dataset
 
