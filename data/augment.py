@@ -1,17 +1,20 @@
 """Training augmentation for detection: an albumentations pipeline with boxes, from Darknet's [net].
 
 `build_train_transform(AugmentConfig(...))` augments one image, in order:
-1. Darknet's `jitter` (`CropAndPad`): each side of the image is cropped or padded by its own random
-   fraction in [-jitter, jitter] of the image's width (left, right) or height (top, bottom), as
-   Darknet's `load_data_detection` draws pleft, pright, ptop and pbot. So the content is zoomed by
-   1 / (1 + 2 jitter) .. 1 / (1 - 2 jitter) per axis, which also changes its aspect ratio, and shifted.
+1. Darknet's crop (`DarknetCrop`), as `load_data_detection` draws pleft, pright, ptop and pbot:
+   - `jitter`: each side is cropped or padded by its own random fraction in [-jitter, jitter] of the
+     image's width (left, right) or height (top, bottom). So the content is zoomed by
+     1 / (1 + 2 jitter) .. 1 / (1 - 2 jitter) per axis, which also changes its aspect ratio, and shifted;
+   - `resize` (when not 1): the left and top sides move by one more random amount, the right and
+     bottom sides by another, each in [-(r - 1) / 2, (1 - 1 / r) / 2] of the width or height for
+     r = resize > 1 (a pad where negative; for resize < 1, r = 1 / resize and pads only): a zoom
+     of both axes alike, with a shift;
+   - `letterbox`: the crop is widened or heightened, about the image's centre, to the network's
+     (square) aspect ratio, so that the stretch below keeps the image's own aspect.
    Darknet pads with the image's mean colour, this pads with grey.
-2. fit to `size` x `size`: plain resize (stretch, as Darknet), or letterbox on a grey border (`letterbox`),
-3. Darknet's `resize` (`Affine`, only when resize != 1): a zoom of the same factor in x and y, in
-   [1/resize, resize] (in [resize, 1] for resize < 1: zoom out only). Darknet draws the two corners'
-   shifts apart, so its zoom also moves the image; jitter's shift is the only one here.
-4. horizontal flip,
-5. colour jitter: hue shift in [-hue, hue] of the colour circle, saturation and brightness
+2. stretch to `size` x `size`,
+3. horizontal flip,
+4. colour jitter: hue shift in [-hue, hue] of the colour circle, saturation and brightness
    (Darknet's exposure) factors in [1/s, s] and [1/e, e].
 
 `build_mosaic_transform(config)` joins four such augmented `size` x `size` images (the dataset
@@ -19,9 +22,12 @@ passes three as `mosaic_metadata`) into a 2x2 mosaic (`albumentations.Mosaic`), 
 fall in [0.2, 0.8] of the side: as Darknet, which augments each of a mosaic's images on its own.
 The dataset uses it with probability `mosaic`.
 
-`build_plain_transform(size, letterbox)` is step 2 alone (no augmentation). All take and return
-uint8 RGB images with `bboxes` in pixel xyxy (albumentations "pascal_voc") and `class_labels`;
-boxes leaving the image are clipped, and dropped when narrower or lower than `min_box_size` px.
+`build_plain_transform(size, letterbox)` is the fit alone (resize, or letterbox on a grey border;
+no augmentation). All take and return uint8 RGB images with `bboxes` in pixel xyxy (albumentations
+"pascal_voc") and `class_labels`; boxes leaving the image are clipped after each step and dropped
+when they have no area left. The training transforms leave the `min_box_size` limit to the
+dataset, which applies it once to the output: a limit after each step would measure a box in the
+source image's pixels, and drop small boxes of an image that the stretch then enlarges.
 A mosaic shows about a quarter of each of its 4 images (a `size` x `size` crop of their 2 x 2
 grid of `size` x `size` cells), so most of their boxes fall outside it (about 2 in 3 on coco128).
 The training letterbox rounds its scaled size (albumentations) where the evaluation's floors it
@@ -58,8 +64,9 @@ class AugmentConfig:
         flip: probability of a horizontal flip (Darknet `flip=1` flips half the images).
         jitter: each side is cropped or padded by up to this fraction of the image's width or height,
             drawn apart (Darknet's `[yolo] jitter`, in [0, 0.5)).
-        resize: a zoom in [1/resize, resize] of the same factor in x and y (Darknet's `[yolo]
-            resize`; 1: none; below 1: zoom out only, in [resize, 1]).
+        resize: Darknet's `[yolo] resize`, a zoom of both axes alike with a shift (1: none; below
+            1: zoom out only); with jitter, a crop must keep part of the image:
+            jitter + (1 - 1 / resize) / 2 < 0.5.
         mosaic: probability of a 2x2 mosaic (Darknet `mosaic=1` uses it on half the batches).
         min_box_size: boxes smaller than this (px, after augmentation) in width or height are dropped.
     """
@@ -89,6 +96,10 @@ class AugmentConfig:
             problems.append(f"jitter must be in [0, 0.5) (a side may lose up to that fraction), found {self.jitter}")
         if not self.resize > 0.0:
             problems.append(f"resize must be > 0, found {self.resize}")
+        elif self.jitter + largest_resize_crop(self.resize) >= 0.5:
+            problems.append(f"jitter + (1 - 1 / resize) / 2 must be < 0.5 (a crop keeps part of the image), found "
+                            f"{self.jitter + largest_resize_crop(self.resize):.4g} for jitter {self.jitter}, "
+                            f"resize {self.resize}")
         if problems:
             raise ValueError("AugmentConfig: " + "; ".join(problems))
 
@@ -115,28 +126,72 @@ class AugmentConfig:
 PLAIN_MIN_BOX_SIZE = 1.0         # px: without augmentation, only boxes a resize shrinks below a pixel go
 
 
+class DarknetCrop(A.CropAndPad):
+    """Darknet's random crop of a training image, step 1 of the module docstring. Its jitter draws
+    are CropAndPad's own (`percent=(-jitter, jitter)`, each side apart); the resize and letterbox
+    terms are added to them, in pixels, as `load_data_detection` adds them. Keeps the cropped size;
+    a stretch to the network's size follows."""
+
+    def __init__(self, jitter: float, resize: float = 1.0, letterbox: bool = False):
+        super().__init__(percent=(-jitter, jitter), sample_independently=True, keep_size=False,
+                         border_mode=cv2.BORDER_CONSTANT, fill=FILL, p=1.0)
+        self.resize, self.letterbox = float(resize), bool(letterbox)
+
+    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
+        height, width = params["shape"][:2]
+        top, right, bottom, left = self._get_percent_params()           # CropAndPad's order; > 0 pads
+        pads = [top * height, right * width, bottom * height, left * width]
+        pads = [float(int(pad)) for pad in pads]                           # as CropAndPad truncates
+        if self.resize != 1:
+            low, high = _resize_crop_range(self.resize)       # of the width or height; > 0 crops, as Darknet's
+            first, second = self.py_random.random(), self.py_random.random()   # left and top / right and bottom
+            for side, draw, extent in ((0, first, height), (1, second, width), (2, second, height), (3, first, width)):
+                pads[side] -= (low + draw * (high - low)) * extent
+        if self.letterbox:                                    # widen or heighten to a square, about the centre
+            if width > height:
+                pads[0] += (width - height) / 2
+                pads[2] += (width - height) / 2
+            else:
+                pads[1] += (height - width) / 2
+                pads[3] += (height - width) / 2
+        self.px = [int(pad) for pad in pads]                  # truncated, as Darknet's int offsets
+        try:
+            return super().get_params_dependent_on_data(params, data)
+        finally:
+            self.px = None
+
+
+def _resize_crop_range(resize: float) -> tuple[float, float]:
+    """(low, high): Darknet's `resize` moves a side by a fraction of the width or height drawn in
+    this range (> 0 crops): [(1 - r) / 2, (1 - 1 / r) / 2] for r = resize >= 1; for resize < 1,
+    r = 1 / resize and [(1 - r) / 2, 0] (pads only)."""
+    if resize >= 1:
+        return (1 - resize) / 2, (1 - 1 / resize) / 2
+    return (1 - 1 / resize) / 2, 0.0
+
+
+def largest_resize_crop(resize: float) -> float:
+    """The largest fraction of the width or height that `resize` crops from one side (0 below 1)."""
+    return max(_resize_crop_range(resize)[1], 0.0)
+
+
 def build_plain_transform(size: int, letterbox: bool, min_box_size: float = PLAIN_MIN_BOX_SIZE) -> A.Compose:
     """Fit to `size` x `size` (resize or letterbox) without any augmentation."""
     return A.Compose(_fit_steps(size, letterbox), bbox_params=_bbox_params(min_box_size))
 
 
 def build_train_transform(config: AugmentConfig) -> A.Compose:
-    """One image's augmentation, as the module docstring lists it (`config.mosaic` is the dataset's)."""
-    steps = []
-    if config.jitter > 0:
-        steps.append(A.CropAndPad(percent=(-config.jitter, config.jitter), sample_independently=True,
-                                  keep_size=False, border_mode=cv2.BORDER_CONSTANT, fill=FILL, p=1.0))
-    steps += _fit_steps(config.size, config.letterbox)
-    if config.resize != 1:
-        zoom = (config.resize, 1.0) if config.resize < 1 else (1 / config.resize, config.resize)
-        steps.append(A.Affine(scale=zoom, keep_ratio=True, border_mode=cv2.BORDER_CONSTANT, fill=FILL, p=1.0))
-    steps += [
+    """One image's augmentation, as the module docstring lists it (`config.mosaic` is the dataset's;
+    `config.min_box_size` too, which it applies to the output)."""
+    steps = [
+        DarknetCrop(config.jitter, config.resize, config.letterbox),
+        A.Resize(config.size, config.size, interpolation=cv2.INTER_LINEAR),
         A.HorizontalFlip(p=config.flip),
         A.ColorJitter(brightness=(1 / config.exposure, config.exposure), contrast=(1.0, 1.0),
                       saturation=(1 / config.saturation, config.saturation),
                       hue=(-config.hue, config.hue), p=1.0),
     ]
-    return A.Compose(steps, bbox_params=_bbox_params(config.min_box_size))
+    return A.Compose(steps, bbox_params=_bbox_params(0.0))
 
 
 def build_mosaic_transform(config: AugmentConfig) -> A.Compose:
@@ -147,7 +202,7 @@ def build_mosaic_transform(config: AugmentConfig) -> A.Compose:
                          f"lacks; upgrade albumentations or set mosaic to 0")
     mosaic = A.Mosaic(grid_yx=(2, 2), target_size=(config.size, config.size), cell_shape=(config.size, config.size),
                       center_range=MOSAIC_CENTRE_RANGE, fill=FILL, p=1.0)
-    return A.Compose([mosaic], bbox_params=_bbox_params(config.min_box_size))
+    return A.Compose([mosaic], bbox_params=_bbox_params(0.0))
 
 
 def _fit_steps(size: int, letterbox: bool) -> list:

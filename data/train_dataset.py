@@ -5,9 +5,9 @@
 normalised to the image; `collate_detection` turns a list of these into the batch of
 docs/contracts.md: `images` float Tensor[B, 3, S, S] in [0, 1] and `targets` Tensor[N, 6] =
 (batch_index, class, cx, cy, w, h). Indexed by `(i, seed, side)`, as `data.SeededBatchSampler`
-does, it augments with that seed and returns the image at side x side (multi-scale training; the
-uint8 image is resized and rounded, where the `MultiScaleCollate` of before resized the batch in
-float, so multi-scale pixels differ from then by rounding).
+does, it augments with that seed to side x side (multi-scale training: the image is augmented at
+that side, as Darknet loads its images at the size it draws, where until 2026-11-27 it was
+augmented at S and then resized).
 
 Edge cases, each reported once:
 - images without boxes are ordinary samples;
@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 import warnings
 from dataclasses import replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from data.augment import (PLAIN_MIN_BOX_SIZE, AugmentConfig, build_mosaic_transf
 from data.eval_dataset import read_annotated_image
 from data.seeded_batches import draw_seed
 from data.sources import DetectionRecord, DetectionSource
+
+if TYPE_CHECKING:
+    import albumentations as A
 
 MIN_BOX_PIXELS = 1.0
 MOSAIC_PARTNERS = 3
@@ -66,16 +69,9 @@ class DetectionTrainDataset(Dataset):
         if not self.records:
             raise ValueError(f"DetectionTrainDataset: none of the {_images(len(source.records))} is usable")
         self.config = config
-        # The mosaic coin is tossed here rather than inside albumentations, so that the three
-        # partner images are read and decoded only for the samples that use them.
-        self.mosaic_transform = None
+        self.augment = augment
         self.min_box_size = config.min_box_size if augment else PLAIN_MIN_BOX_SIZE
-        if not augment:
-            self.transform = build_plain_transform(config.size, config.letterbox)
-        else:
-            self.transform = build_train_transform(config)
-            if config.mosaic > 0:
-                self.mosaic_transform = build_mosaic_transform(config)
+        self._transforms: dict[int, tuple[A.Compose, A.Compose | None]] = {}
         self._unreadable: set[int] = set()
 
     def __len__(self) -> int:
@@ -83,25 +79,38 @@ class DetectionTrainDataset(Dataset):
 
     def __getitem__(self, item: int | tuple[int, int, int | None]) -> tuple[Tensor, Tensor]:
         index, seed, side = item if isinstance(item, tuple) else (item, draw_seed(), None)
+        side = self.config.size if side is None else int(side)
+        transform, mosaic_transform = self._transforms_at(side)
         rng = np.random.default_rng(seed)
         index, image, boxes, classes = self._load(index)
         # One stream for all the transforms: set_random_seed(seed) gives each its own generator seeded
         # alike, so each drew the same numbers (the flip's coin was the x-shift and the brightness).
         stream = (np.random.default_rng([seed, 1]), random.Random(seed))
-        self.transform.set_random_state(*stream)
-        out = self.transform(image=image, bboxes=boxes, class_labels=classes)
-        if self.mosaic_transform is not None and rng.random() < self.config.mosaic:
+        transform.set_random_state(*stream)
+        out = transform(image=image, bboxes=boxes, class_labels=classes)
+        # The coin is tossed here rather than inside albumentations, so that the three partner
+        # images are read and decoded only for the samples that use them.
+        if mosaic_transform is not None and rng.random() < self.config.mosaic:
             # As Darknet: each of the four images is augmented on its own, then they are joined.
             picks = rng.integers(0, len(self.records), MOSAIC_PARTNERS)
-            partners = [self.transform(**self._as_item(int(i))) for i in picks]
-            self.mosaic_transform.set_random_state(*stream)
-            out = self.mosaic_transform(**_item(out), mosaic_metadata=[_item(p) for p in partners])
-        labels = _labels(out["bboxes"], out["class_labels"], out["image"].shape[:2])   # normalised: any side
-        image_tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
-        if side is not None and side != image_tensor.shape[-1]:
-            image_tensor = _resized(image_tensor, side)
-            labels = _at_least(labels, self.min_box_size / side)      # as the transform's filter, at this side
-        return image_tensor, labels
+            partners = [transform(**self._as_item(int(i))) for i in picks]
+            mosaic_transform.set_random_state(*stream)
+            out = mosaic_transform(**_item(out), mosaic_metadata=[_item(p) for p in partners])
+        labels = _labels(out["bboxes"], out["class_labels"], out["image"].shape[:2])   # normalised
+        labels = _at_least(labels, self.min_box_size / side)
+        return torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))), labels
+
+    def _transforms_at(self, side: int) -> tuple[A.Compose, A.Compose | None]:
+        """(transform, mosaic transform or None) to `side` x `side`: a multi-scale batch's images are
+        augmented at their side, as Darknet loads them at its new size, not enlarged afterwards."""
+        if side not in self._transforms:
+            if not self.augment:
+                self._transforms[side] = (build_plain_transform(side, self.config.letterbox), None)
+            else:
+                config = replace(self.config, size=side)
+                self._transforms[side] = (build_train_transform(config),
+                                          build_mosaic_transform(config) if config.mosaic > 0 else None)
+        return self._transforms[side]
 
     def _load(self, index: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         """(index actually read, uint8 RGB image, xyxy boxes in its pixels, classes), skipping
@@ -198,16 +207,11 @@ def _at_least(labels: Tensor, extent: float) -> Tensor:
     return labels[(labels[:, 3] >= extent) & (labels[:, 4] >= extent)]
 
 
-def _resized(image: Tensor, side: int) -> Tensor:
-    """uint8 image Tensor[3, H, W] resized bilinearly to [3, side, side] (multi-scale training)."""
-    resized = F.interpolate(image[None].float(), size=(side, side), mode="bilinear", align_corners=False)
-    return resized[0].round_().clamp_(0, 255).to(torch.uint8)
-
-
 def multi_scale_sizes(size: int, coefficient: float = 1.4) -> list[int]:
     """Multiples of 32 within [size / coefficient, size * coefficient], always incl. size: the sides
-    `SeededBatchSampler` draws from for multi-scale training. Darknet's `[yolo] random=1` draws from
-    the same range with coefficient 1.4 (without the +32 its rounding adds to the side)."""
+    `SeededBatchSampler` draws from, uniformly, for multi-scale training. Darknet's `[yolo] random=1`
+    draws a factor in [1/1.4, 1.4] instead and rounds the side up, to one more multiple of 32, with
+    smaller sides that round above `size` set to `size`: 480-896 at 608, half of the draws 608."""
     if not coefficient >= 1:
         raise ValueError(f"multi_scale_sizes: coefficient must be >= 1, found {coefficient}")
     first, last = int(np.ceil(size / coefficient / 32)), int(size * coefficient // 32)

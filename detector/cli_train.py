@@ -31,7 +31,7 @@ import detector
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset, read_data_yaml
 from detector.cli import network_size
 from detector.export import check_class_names, write_class_names
-from detector.train import DetectTrainConfig, fit_detector
+from detector.train import DetectTrainConfig, check_training_options, fit_detector
 from engine import (atomic_write_json, changed_settings, distributed, find_latest_checkpoint, output_folder,
                     resolved_paths, run_folder_lock, seed_everything)
 from yolo_admm.wording import counted
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--weight-decay", type=float, help="weight decay on conv weights (default: [net] decay)")
     run.add_argument("--burn-in", type=int, help="warm-up optimizer steps (default: [net] burn_in)")
     run.add_argument("--no-augment", action="store_true",
-                     help="no augmentation: no colour, flip, jitter, resize nor mosaic")
+                     help="no augmentation: no colour, flip, jitter, resize nor mosaic (multi-scale is apart)")
     run.add_argument("--mosaic", type=float, help="mosaic probability (default: 0.5 if [net] mosaic=1, else 0)")
     run.add_argument("--multi-scale", action=argparse.BooleanOptionalAction, default=None,
                      help="a random input side per batch, /1.4..x1.4 (default: on when the cfg's last [yolo] "
@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
 def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
     """Train (or resume) into --out, which this job holds; rank 0 writes the weights and prints."""
+    check_training_options(detector.parse_cfg(args.cfg), config.img_size, config.augment, config.multi_scale)
     config.resume = resume_point(args)
     train_source, val_source = load_sources(args)
     data_name = str(args.data or args.annotations)  # where the class names come from, for messages

@@ -55,7 +55,8 @@ from detector.export import (check_class_names, dense_fp32_bytes, export_compact
                              require_opencv_darknet_importer)
 from detector.predict import inference_copy
 from detector.prune_job import RECORDED_ONLY, PruneJob
-from detector.train import DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes
+from detector.train import (DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes,
+                            check_training_options)
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, distributed,
                     find_latest_checkpoint, held_iteration, output_folder, remove_stale_temp_files, resolve_device,
                     resolved_paths, run_folder_lock, seeded_cpu_stream)
@@ -384,9 +385,12 @@ def check_weight_patterns(job: PruneJob) -> None:
 
 def check_job(job: PruneJob) -> None:
     """What the cfg alone can refuse, before the run folder is made or written: an export that
-    this OpenCV cannot check, and the weight patterns and floors (`check_weight_patterns`)."""
+    this OpenCV cannot check, the training options of its last [yolo] (`check_training_options`),
+    and the weight patterns and floors (`check_weight_patterns`)."""
+    cfg = detector.parse_cfg(job.cfg)
     if "darknet" in job.export:  # fail before the training, not after it
-        require_opencv_darknet_importer(detector.parse_cfg(job.cfg))
+        require_opencv_darknet_importer(cfg)
+    check_training_options(cfg, job.img_size, job.augment, job.multi_scale)
     check_weight_patterns(job)
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from data.augment import AugmentConfig
+from data.augment import AugmentConfig, largest_resize_crop
 from data.eval_dataset import InferenceDataset
 from data.sources import DetectionSource
 from data.seeded_batches import SeededBatchSampler
@@ -42,6 +42,8 @@ from detector.predict import make_loader
 from engine import Trainer, TrainConfig, distributed, resolve_device
 
 DEFAULT_BURN_IN_POWER = 4.0
+DARKNET_MULTI_SCALE = 1.4      # Darknet's resize factor for random=1, either way
+MAX_MULTI_SCALE = 2.0          # a larger random factor is refused
 POLICIES = ("constant", "steps", "step", "exp", "poly")
 
 
@@ -58,9 +60,10 @@ class DetectTrainConfig:
         augment: colour / flip / jitter augmentation (False: resize or letterbox only); the jitter
             and resize come from the cfg's last [yolo], as Darknet reads them from its last layer.
         mosaic: mosaic probability (default: 0.5 when [net] mosaic=1, else 0).
-        multi_scale: draw each batch's side from img_size / c .. img_size * c (multiples of 32),
-            c = 1.4 (default: on when the last [yolo] sets random; random=c with c != 1 sets c,
-            as in Darknet, which draws a side every 10 iterations where this draws one per batch).
+        multi_scale: draw each batch's side from img_size / c .. img_size * c (multiples of 32,
+            uniformly), c = 1.4 (default: on when the last [yolo] sets random; random=c with c != 1
+            sets c, as in Darknet, which draws a side every 10 iterations where this draws one per
+            batch, and draws a factor and rounds the side up: see `data.multi_scale_sizes`).
         ema: keep an EMA of the weights (default: when [net] ema_alpha > 0); ema_decay likewise.
         eval_every: validation mAP every this many epochs (0: never).
         workers: DataLoader worker processes (per process under torchrun).
@@ -174,11 +177,11 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
     size = int(config.img_size or net.width)
     batch_size, accumulate = default_batching(net.batch, net.subdivisions, distributed.world_size(),
                                               config.batch_size, config.accumulate)
-    augment = darknet_augmentation(model.cfg, size, config.mosaic)
+    augment = darknet_augmentation(model.cfg, size, config.mosaic, config.augment)
     dataset = DetectionTrainDataset(train_source, augment, augment=config.augment)
     order = distributed.distributed_sampler(dataset, shuffle=True) if distributed.is_distributed() \
         else RandomSampler(dataset)
-    sides = multi_scale_sides(size, float(_last_yolo(model.cfg).loss_options["random"]), config.multi_scale)
+    sides = multi_scale_sides(model.cfg, size, config.multi_scale)
     batches = SeededBatchSampler(order, batch_size, sides=sides, stream=distributed.rank())
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=config.workers, collate_fn=collate_detection,
                         pin_memory=device.type == "cuda")
@@ -203,19 +206,31 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
                    scheduler=darknet_scheduler(optimizer, net, burn_in), evaluate=evaluator)
 
 
-def darknet_augmentation(cfg: DarknetCfg, size: int, mosaic: float | None = None) -> AugmentConfig:
+def check_training_options(cfg: DarknetCfg, size: int | None, augment: bool, multi_scale: bool | None) -> None:
+    """What the last [yolo]'s jitter, resize and random can refuse, before any work (see
+    `darknet_augmentation` and `multi_scale_sides`)."""
+    darknet_augmentation(cfg, size or cfg.net.width, augment=augment)
+    multi_scale_sides(cfg, size or cfg.net.width, multi_scale)
+
+
+def darknet_augmentation(cfg: DarknetCfg, size: int, mosaic: float | None = None,
+                         augment: bool = True) -> AugmentConfig:
     """The training augmentation of a cfg: colour, flip, mosaic and letter_box from [net], jitter and
     resize from the last [yolo] (Darknet reads them from its last layer); `mosaic` overrides [net].
+    Without `augment` only the size and letter_box count, and the last [yolo] is not read.
 
     Raises:
-        ValueError: jitter >= 0.5, which could crop an image away, naming the cfg's file and line.
+        ValueError: a jitter and resize whose crop can take a whole image away, naming the cfg's
+            file and the [yolo]'s line.
     """
+    overrides = {} if mosaic is None else {"mosaic": mosaic}
+    if not augment:
+        return AugmentConfig.from_net(cfg.net, size, **overrides)
     section = _last_yolo(cfg)
     jitter, resize = float(section.loss_options["jitter"]), float(section.loss_options["resize"])
-    if jitter >= 0.5:
-        raise ValueError(f"{section.source}: jitter={jitter:g} can crop an image away (each side loses up to "
-                         f"that fraction); training needs jitter < 0.5")
-    overrides = {} if mosaic is None else {"mosaic": mosaic}
+    if not (0 <= jitter < 0.5 and resize > 0 and jitter + largest_resize_crop(resize) < 0.5):
+        raise ValueError(f"{section.source}: jitter={jitter:g} with resize={resize:g} can crop an image away; "
+                         f"training needs jitter < 0.5, resize > 0 and jitter + (1 - 1 / resize) / 2 < 0.5")
     return AugmentConfig.from_net(cfg.net, size, jitter=jitter, resize=resize, **overrides)
 
 
@@ -223,14 +238,34 @@ def _last_yolo(cfg: DarknetCfg) -> YoloSection:
     return [section for section in cfg.layers if isinstance(section, YoloSection)][-1]
 
 
-def multi_scale_sides(size: int, random: float, multi_scale: bool | None) -> list[int] | None:
-    """The sides a batch draws from (None: always `size`). `random` is the last [yolo]'s option:
-    Darknet resizes when it is not 0, by up to 1.4x either way for random=1 and by up to random (or
-    1 / random) otherwise. `multi_scale` True or False overrides the cfg; True with random=0 uses 1.4."""
+def multi_scale_sides(cfg: DarknetCfg, size: int, multi_scale: bool | None) -> list[int] | None:
+    """The sides a batch draws from (None: always `size`), from the last [yolo]'s random unless
+    `multi_scale` is True or False (`multi_scale_coefficient`).
+
+    Raises:
+        ValueError: a random it cannot use, naming the cfg's file and the [yolo]'s line.
+    """
+    section = _last_yolo(cfg)
+    try:
+        coefficient = multi_scale_coefficient(float(section.loss_options["random"]), multi_scale)
+    except ValueError as err:
+        raise ValueError(f"{section.source}: {err}") from None
+    return None if coefficient is None else multi_scale_sizes(size, coefficient)
+
+
+def multi_scale_coefficient(random: float, multi_scale: bool | None) -> float | None:
+    """c for sides in [size / c, size * c], or None for one size. Darknet resizes when the last
+    [yolo]'s random is not 0: by up to 1.4x either way for random=1, by up to random (or 1 / random)
+    otherwise. `multi_scale` True or False overrides the cfg; True with random=0 uses 1.4."""
     if not (random != 0 if multi_scale is None else multi_scale):
         return None
-    coefficient = 1.4 if random in (0.0, 1.0) else max(abs(random), 1 / abs(random))
-    return multi_scale_sizes(size, coefficient)
+    if random in (0.0, 1.0):
+        return DARKNET_MULTI_SCALE
+    if not (random > 0 and max(random, 1 / random) <= MAX_MULTI_SCALE):
+        raise ValueError(f"random={random:g}: expected 0 (one input size), 1 (sizes from / {DARKNET_MULTI_SCALE:g} "
+                         f"to x {DARKNET_MULTI_SCALE:g}) or a factor c within [{1 / MAX_MULTI_SCALE:g}, "
+                         f"{MAX_MULTI_SCALE:g}] (sizes from / c to x c)")
+    return max(random, 1 / random)
 
 
 def _warn_of_layer_training_options(cfg: DarknetCfg) -> None:

@@ -209,34 +209,53 @@ def test_a_burn_in_longer_than_the_run_is_warned_of(shapes, tmp_path):
         build_detector_trainer(tiny_model(tmp_path), source, None, replace(config, burn_in=2))
 
 
+def demo_cfg_with_last_yolo(tmp_path, options: str, replacing: str = "jitter=.2") -> Path:
+    """The demo cfg with its last [yolo]'s line `replacing` replaced by `options` (its [yolo] header
+    is line 167)."""
+    text = (Path(cli_train.__file__).parent / "cfgs" / "demo-tiny.cfg").read_text()
+    head, _, tail = text.rpartition(replacing)
+    path = tmp_path / "last.cfg"
+    path.write_text(head + options + tail)
+    return path
+
+
 def test_jitter_resize_and_random_come_from_the_last_yolo_layer(tmp_path):
     """Found by a review: `[yolo] jitter`, `resize` and `random` were parsed and then unused.
-    Darknet reads them from its last layer; a jitter that can crop an image away is refused."""
+    Darknet reads them from its last layer; a crop that can take an image away is refused, and
+    only when augmenting."""
     from detector.train import darknet_augmentation
 
-    text = (Path(cli_train.__file__).parent / "cfgs" / "demo-tiny.cfg").read_text()
-    head, _, tail = text.rpartition("jitter=.2")
-    path = tmp_path / "last.cfg"
-    path.write_text(head + "jitter=.35\nresize=1.5" + tail)
-    augment = darknet_augmentation(load_darknet(path).cfg, 320)
-    assert (augment.size, augment.jitter, augment.resize) == (320, 0.35, 1.5)
-    assert darknet_augmentation(load_darknet(path).cfg, 320, mosaic=1.0).mosaic == 1.0
-    path.write_text(head + "jitter=.5" + tail)
-    with pytest.raises(ValueError, match=r"last.cfg:167 \[yolo\]: jitter=0.5 can crop an image away"):
-        darknet_augmentation(load_darknet(path).cfg, 320)
+    cfg = load_darknet(demo_cfg_with_last_yolo(tmp_path, "jitter=.3\nresize=1.5")).cfg     # yolov4-tiny's
+    augment = darknet_augmentation(cfg, 320)
+    assert (augment.size, augment.jitter, augment.resize) == (320, 0.3, 1.5)
+    assert darknet_augmentation(cfg, 320, mosaic=1.0).mosaic == 1.0
+    for options in ("jitter=.5", "jitter=.35\nresize=1.5", "resize=0"):
+        cfg = load_darknet(demo_cfg_with_last_yolo(tmp_path, options)).cfg
+        with pytest.raises(ValueError, match=r"last.cfg:167 \[yolo\]: jitter=.* with resize=.* can crop an image away"):
+            darknet_augmentation(cfg, 320)
+        assert darknet_augmentation(cfg, 320, augment=False).size == 320       # unused without augmentation
 
 
-@pytest.mark.parametrize("random, multi_scale, sides", [
-    (0.0, None, None), (1.0, None, [256, 288, 320, 352, 384, 416, 448]), (1.0, False, None),
-    (0.0, True, [256, 288, 320, 352, 384, 416, 448]), (1.2, None, [288, 320, 352, 384]),
-    (0.8, None, [256, 288, 320, 352, 384])])
-def test_multi_scale_follows_the_cfgs_random_unless_told(random, multi_scale, sides):
+@pytest.mark.parametrize("random, multi_scale, coefficient", [
+    (0.0, None, None), (1.0, None, 1.4), (1.0, False, None), (0.0, True, 1.4), (1.2, None, 1.2),
+    (0.8, None, 1.25), (0.5, None, 2.0), (-1.0, False, None)])
+def test_multi_scale_follows_the_cfgs_random_unless_told(random, multi_scale, coefficient):
+    from detector.train import multi_scale_coefficient
+
+    assert multi_scale_coefficient(random, multi_scale) == coefficient
+
+
+@pytest.mark.parametrize("random", [-1, 0.05, 3])
+def test_a_random_that_multi_scale_cannot_use_is_refused_naming_its_line(tmp_path, random):
     from detector.train import multi_scale_sides
 
-    assert multi_scale_sides(320, random, multi_scale) == sides
+    cfg = load_darknet(demo_cfg_with_last_yolo(tmp_path, f"random={random}", replacing="random=0")).cfg
+    with pytest.raises(ValueError, match=rf"last.cfg:167 \[yolo\]: random={random}: expected 0 \(one input size\)"):
+        multi_scale_sides(cfg, 320, None)
+    assert multi_scale_sides(cfg, 320, False) is None
 
 
-def test_a_cfg_with_random_trains_on_batches_of_several_sides(shapes, tmp_path):
+def test_a_cfg_with_random_draws_batches_of_several_sides(shapes, tmp_path):
     from detector.train import build_detector_trainer
 
     _, source = shapes
@@ -246,8 +265,20 @@ def test_a_cfg_with_random_trains_on_batches_of_several_sides(shapes, tmp_path):
     config = DetectTrainConfig(epochs=1, batch_size=4, eval_every=0, device="cpu", progress=False, workers=0, burn_in=0)
     trainer = build_detector_trainer(load_darknet(path), source, None, config)
     assert trainer.train_loader.batch_sampler.sides == [96, 128, 160]                # 128 / 1.4 .. 128 * 1.4
+    assert {images.shape[-1] for images, _ in trainer.train_loader} <= {96, 128, 160}
     fixed = build_detector_trainer(load_darknet(path), source, None, replace(config, multi_scale=False))
     assert fixed.train_loader.batch_sampler.sides is None
+
+
+def test_a_jitter_that_can_crop_an_image_away_stops_training_before_any_work(shapes, tmp_path, capsys):
+    from yolo_admm.cli import main
+
+    data, _ = shapes
+    path = demo_cfg_with_last_yolo(tmp_path, "jitter=.5")
+    out = tmp_path / "run"
+    assert main(["detect", "train", "--cfg", str(path), "--data", str(data), "--out", str(out), "--epochs", "1"]) == 2
+    assert "last.cfg:167 [yolo]: jitter=0.5 with resize=1 can crop an image away" in capsys.readouterr().err
+    assert [path.name for path in out.iterdir()] == [".yolo-admm.lock"]         # no args.json, no checkpoint
 
 
 def test_per_layer_training_options_darknet_would_apply_are_warned_of(shapes, tmp_path):

@@ -367,3 +367,14 @@ def test_export_of_a_stage_file_takes_the_cfg_its_run_records(uninterrupted, tmp
     (tmp_path / "project" / "downloads" / "args.json").write_text("{not json")
     assert main(["detect", "export", "--checkpoint", str(elsewhere), "--out", str(tmp_path / "b")]) == 2
     assert "needs --cfg" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_a_jitter_that_can_crop_an_image_away_stops_a_prune_before_any_work(shapes_yaml, tmp_path):
+    """Found by a review: the trainer refused it only after the dense evaluation had been written."""
+    text = Path(DEMO_CFG).read_text()
+    head, _, tail = text.rpartition("jitter=.2")
+    cfg = tmp_path / "jitter.cfg"
+    cfg.write_text(head + "jitter=.5" + tail)
+    with pytest.raises(ValueError, match=r"jitter.cfg:167 \[yolo\]: jitter=0.5 with resize=1 can crop an image away"):
+        run_job(tiny_job(shapes_yaml, tmp_path / "run", cfg=str(cfg)))
+    assert not (tmp_path / "run").exists()
