@@ -130,12 +130,17 @@ class DarknetCrop(A.CropAndPad):
     """Darknet's random crop of a training image, step 1 of the module docstring. Its jitter draws
     are CropAndPad's own (`percent=(-jitter, jitter)`, each side apart); the resize and letterbox
     terms are added to them, in pixels, as `load_data_detection` adds them. Keeps the cropped size;
-    a stretch to the network's size follows."""
+    a stretch to the network's size follows. The offsets of a call pass through `self.px`, so one
+    instance must not be called from two threads at once (DataLoader workers are processes)."""
 
-    def __init__(self, jitter: float, resize: float = 1.0, letterbox: bool = False):
+    def __init__(self, jitter: float, resize: float = 1.0, letterbox: bool = False, p: float = 1.0):
         super().__init__(percent=(-jitter, jitter), sample_independently=True, keep_size=False,
-                         border_mode=cv2.BORDER_CONSTANT, fill=FILL, p=1.0)
-        self.resize, self.letterbox = float(resize), bool(letterbox)
+                         border_mode=cv2.BORDER_CONSTANT, fill=FILL, p=p)
+        self.jitter, self.resize, self.letterbox = float(jitter), float(resize), bool(letterbox)
+
+    def get_transform_init_args(self) -> dict:
+        """What `albumentations.to_dict` records, so that `from_dict` rebuilds it."""
+        return {"jitter": self.jitter, "resize": self.resize, "letterbox": self.letterbox}
 
     def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
         height, width = params["shape"][:2]

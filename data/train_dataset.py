@@ -97,7 +97,7 @@ class DetectionTrainDataset(Dataset):
             mosaic_transform.set_random_state(*stream)
             out = mosaic_transform(**_item(out), mosaic_metadata=[_item(p) for p in partners])
         labels = _labels(out["bboxes"], out["class_labels"], out["image"].shape[:2])   # normalised
-        labels = _at_least(labels, self.min_box_size / side)
+        labels = _at_least(labels, self.min_box_size, side)
         return torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))), labels
 
     def _transforms_at(self, side: int) -> tuple[A.Compose, A.Compose | None]:
@@ -202,9 +202,11 @@ class MultiScaleCollate:
         return images, targets
 
 
-def _at_least(labels: Tensor, extent: float) -> Tensor:
-    """The rows of `labels` (Tensor[n, 5]: class, cx, cy, w, h normalised) with w and h >= `extent`."""
-    return labels[(labels[:, 3] >= extent) & (labels[:, 4] >= extent)]
+def _at_least(labels: Tensor, pixels: float, side: int) -> Tensor:
+    """The rows of `labels` (Tensor[n, 5]: class, cx, cy, w, h normalised to `side`) whose w and h
+    are at least `pixels` (within float32's rounding: a box of exactly that size stays)."""
+    limit = pixels - 1e-3
+    return labels[(labels[:, 3] * side >= limit) & (labels[:, 4] * side >= limit)]
 
 
 def multi_scale_sizes(size: int, coefficient: float = 1.4) -> list[int]:

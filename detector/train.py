@@ -220,17 +220,19 @@ def darknet_augmentation(cfg: DarknetCfg, size: int, mosaic: float | None = None
     Without `augment` only the size and letter_box count, and the last [yolo] is not read.
 
     Raises:
-        ValueError: a jitter and resize whose crop can take a whole image away, naming the cfg's
-            file and the [yolo]'s line.
+        ValueError: a resize <= 0, or a jitter and resize whose crop can take a whole image away,
+            naming the cfg's file and the [yolo]'s line.
     """
     overrides = {} if mosaic is None else {"mosaic": mosaic}
     if not augment:
         return AugmentConfig.from_net(cfg.net, size, **overrides)
     section = _last_yolo(cfg)
     jitter, resize = float(section.loss_options["jitter"]), float(section.loss_options["resize"])
-    if not (0 <= jitter < 0.5 and resize > 0 and jitter + largest_resize_crop(resize) < 0.5):
+    if not resize > 0:
+        raise ValueError(f"{section.source}: resize={resize:g}: expected a zoom factor > 0 (1: none)")
+    if not (0 <= jitter < 0.5 and jitter + largest_resize_crop(resize) < 0.5):
         raise ValueError(f"{section.source}: jitter={jitter:g} with resize={resize:g} can crop an image away; "
-                         f"training needs jitter < 0.5, resize > 0 and jitter + (1 - 1 / resize) / 2 < 0.5")
+                         f"training needs jitter < 0.5 and jitter + (1 - 1 / resize) / 2 < 0.5")
     return AugmentConfig.from_net(cfg.net, size, jitter=jitter, resize=resize, **overrides)
 
 

@@ -229,9 +229,11 @@ def test_jitter_resize_and_random_come_from_the_last_yolo_layer(tmp_path):
     augment = darknet_augmentation(cfg, 320)
     assert (augment.size, augment.jitter, augment.resize) == (320, 0.3, 1.5)
     assert darknet_augmentation(cfg, 320, mosaic=1.0).mosaic == 1.0
-    for options in ("jitter=.5", "jitter=.35\nresize=1.5", "resize=0"):
+    for options, message in (("jitter=.5", "jitter=0.5 with resize=1 can crop an image away"),
+                             ("jitter=.35\nresize=1.5", "jitter=0.35 with resize=1.5 can crop an image away"),
+                             ("resize=0", r"resize=0: expected a zoom factor > 0")):
         cfg = load_darknet(demo_cfg_with_last_yolo(tmp_path, options)).cfg
-        with pytest.raises(ValueError, match=r"last.cfg:167 \[yolo\]: jitter=.* with resize=.* can crop an image away"):
+        with pytest.raises(ValueError, match=r"last.cfg:167 \[yolo\]: " + message):
             darknet_augmentation(cfg, 320)
         assert darknet_augmentation(cfg, 320, augment=False).size == 320       # unused without augmentation
 
@@ -265,7 +267,6 @@ def test_a_cfg_with_random_draws_batches_of_several_sides(shapes, tmp_path):
     config = DetectTrainConfig(epochs=1, batch_size=4, eval_every=0, device="cpu", progress=False, workers=0, burn_in=0)
     trainer = build_detector_trainer(load_darknet(path), source, None, config)
     assert trainer.train_loader.batch_sampler.sides == [96, 128, 160]                # 128 / 1.4 .. 128 * 1.4
-    assert {images.shape[-1] for images, _ in trainer.train_loader} <= {96, 128, 160}
     fixed = build_detector_trainer(load_darknet(path), source, None, replace(config, multi_scale=False))
     assert fixed.train_loader.batch_sampler.sides is None
 

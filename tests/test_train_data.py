@@ -255,6 +255,26 @@ def test_a_multi_scale_side_is_augmented_at_that_side_not_enlarged(tmp_path):
     source = DetectionSource([record(tmp_path / "board.png", (96, 96), [[8, 8, 40, 40]])], ["a", "b"], [1, 2])
     image = DetectionTrainDataset(source, AugmentConfig(64), augment=False)[(0, 0, 96)][0]
     assert torch.equal(image[0], torch.from_numpy(board))
+    for mosaic in (0.0, 1.0):                                   # augmented, alone or in a mosaic
+        augmented = DetectionTrainDataset(source, AugmentConfig(64, mosaic=mosaic))
+        assert [augmented[(0, seed, side)][0].shape[-1] for seed, side in enumerate((32, 96, None))] == [32, 96, 64]
+
+
+def test_a_box_of_exactly_the_size_limit_stays():
+    from data.train_dataset import _at_least, _labels
+
+    for side in range(32, 640, 32):
+        labels = _labels(np.array([[3.3, 5, 5.3, 9], [3.3, 5, 5.2, 9]], np.float32), np.array([0, 1]), (side, side))
+        assert _at_least(labels, 2.0, side)[:, 0].tolist() == [0.0], side
+
+
+def test_the_darknet_crop_is_rebuilt_from_its_albumentations_dict():
+    import albumentations as A
+
+    from data.augment import DarknetCrop
+
+    rebuilt = A.from_dict(A.to_dict(DarknetCrop(0.3, 1.5, letterbox=True)))
+    assert (rebuilt.jitter, rebuilt.resize, rebuilt.letterbox, rebuilt.percent) == (0.3, 1.5, True, (-0.3, 0.3))
 
 
 def test_the_mosaic_seams_fall_where_darknets_do(tmp_path):
