@@ -30,8 +30,8 @@ dataset, which applies it once to the output: a limit after each step would meas
 source image's pixels, and drop small boxes of an image that the stretch then enlarges.
 A mosaic shows about a quarter of each of its 4 images (a `size` x `size` crop of their 2 x 2
 grid of `size` x `size` cells), so most of their boxes fall outside it (about 2 in 3 on coco128).
-The training letterbox rounds its scaled size (albumentations) where the evaluation's floors it
-(Darknet): the two can place an image 1 px apart.
+The training letterbox pads the image to a square by whole pixels and then stretches it, where
+the evaluation's scales it and then pads (Darknet): the two can place an image 1 px apart.
 """
 from __future__ import annotations
 
