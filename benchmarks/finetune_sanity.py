@@ -13,7 +13,8 @@ writes benchmarks/results/finetune_sanity.json) and, for contrast, ``... --threa
 --out benchmarks/results/finetune_sanity_lr1e-3.json`` (the cfg's initial learning rate, 100x the
 1e-5 its schedule ends at); other seeds: ``--seed 1 --out benchmarks/results/finetune_sanity_seed1.json``
 (and ``_lr1e-3_seed1``, 2 likewise). Measured on a 2-core CPU, no GPU, one run at a time beside
-another benchmark (43-47 s of training each), torch 2.14.1, 2026-11-27, after that day's jitter change.
+another benchmark (43-47 s of training each), torch 2.14.1, 2026-11-27, after that day's jitter change
+and the 2 px box limit on the output.
 """
 from __future__ import annotations
 

@@ -22,32 +22,32 @@ pruned model's mAP within 2 epochs), rho 10 x3 per iteration (10, 30, 90), batch
 After the hard prune and after retraining the pipeline recomputes the BatchNorm running statistics
 on ``--bn-images`` train images (all 128 here; ``--bn-images 0`` reproduces the earlier runs).
 
-Reproduce (9.6 min on a 2-core CPU, no GPU, beside other benchmarks, load 0.7-3.6, torch 2.14.1,
-2026-11-27, after that day's augmentation fix, loss changes and the cfg's [yolo] jitter; the seed
-runs and the three other grids here re-run the same day with the same code, one at a time, each
-beside another job)::
+Reproduce (9.5 min on a 2-core CPU, no GPU, beside other benchmarks, load 1.4-3.4, torch 2.14.1,
+2026-11-27, after that day's augmentation fix, loss changes, the cfg's [yolo] jitter and the 2 px
+box limit on the output; the seed and rho runs and the three other grids here re-run the same day
+with the same code, one at a time, each beside another job)::
 
     nohup .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 > /tmp/prune_yolo_fastest.log 2>&1 &
 
-Other seeds of the two global methods at 50% (2.2-2.4 min each, one after the other, 2026-11-27)::
+Other seeds of the two global methods at 50% (2.4-2.5 min each, one after the other, 2026-11-27)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
         --sparsities 0.5 --seed 1 --out-root runs/bench_prune_yolo_fastest_seed1 \
         --json benchmarks/results/prune_yolo_fastest_seed1.json        (and the same with 2)
 
-A twice longer budget (admm 3 x 2 + retrain 6 epochs; 8.4 min)::
+A twice longer budget (admm 3 x 2 + retrain 6 epochs; 8.8 min)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
         --epochs-per-iter 2 --retrain-epochs 6 --out-root runs/bench_prune_yolo_fastest_long \
         --json benchmarks/results/prune_yolo_fastest_long.json
 
-Smaller rho, admm-global at 50% (1.2-1.3 min each, two at a time, 2026-11-27; the JSONs only)::
+Smaller rho, admm-global at 50% (1.3-1.4 min each, 2026-11-27; the JSONs only)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global --sparsities 0.5 \
         --rho 1 --seed 0 --out-root runs/bench_prune_yolo_fastest_rho1_seed0 \
         --json benchmarks/results/prune_yolo_fastest_rho1_seed0.json    (and seeds 1, 2; and --rho 3)
 
-Progressive ADMM (the Z-step's sparsity rising from 30% over 2 of the 3 iterations; 2.3 min)::
+Progressive ADMM (the Z-step's sparsity rising from 30% over 2 of the 3 iterations; 2.7 min)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global --ramp-from 0.3 \
         --out-root runs/bench_prune_yolo_fastest_ramp --json benchmarks/results/prune_yolo_fastest_ramp.json
@@ -55,7 +55,7 @@ Progressive ADMM (the Z-step's sparsity rising from 30% over 2 of the 3 iteratio
 Protected variant: the two 1x1 convs feeding the YOLO heads (``layers.120``, ``layers.129``) never
 pruned and every other layer kept at >= 20% density; sparsity then counts the remaining prunable
 weights, so 50% / 70% of them is 41.4% / 57.9% of all conv weights. Reproduce
-benchmarks/results/prune_yolo_fastest_protected.json (4.6 min on the same 2-core CPU, 2026-11-27)::
+benchmarks/results/prune_yolo_fastest_protected.json (5.2 min on the same 2-core CPU, 2026-11-27)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
         --exclude 'layers.120.*,layers.129.*' --min-density 0.2 --out-root runs/bench_prune_yolo_fastest_protected \
