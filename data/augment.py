@@ -92,14 +92,7 @@ class AugmentConfig:
             problems.append(f"saturation and exposure must be >= 1, found {self.saturation}, {self.exposure}")
         if not (0.0 <= self.flip <= 1.0 and 0.0 <= self.mosaic <= 1.0):
             problems.append(f"flip and mosaic are probabilities in [0, 1], found {self.flip}, {self.mosaic}")
-        if not 0.0 <= self.jitter < 0.5:
-            problems.append(f"jitter must be in [0, 0.5) (a side may lose up to that fraction), found {self.jitter}")
-        if not self.resize > 0.0:
-            problems.append(f"resize must be > 0, found {self.resize}")
-        elif self.jitter + largest_resize_crop(self.resize) >= 0.5:
-            problems.append(f"jitter + (1 - 1 / resize) / 2 must be < 0.5 (a crop keeps part of the image), found "
-                            f"{self.jitter + largest_resize_crop(self.resize):.4g} for jitter {self.jitter}, "
-                            f"resize {self.resize}")
+        problems += crop_problems(self.jitter, self.resize)
         if problems:
             raise ValueError("AugmentConfig: " + "; ".join(problems))
 
@@ -175,9 +168,18 @@ def _resize_crop_range(resize: float) -> tuple[float, float]:
     return (1 - 1 / resize) / 2, 0.0
 
 
-def largest_resize_crop(resize: float) -> float:
-    """The largest fraction of the width or height that `resize` crops from one side (0 below 1)."""
-    return max(_resize_crop_range(resize)[1], 0.0)
+def crop_problems(jitter: float, resize: float) -> list[str]:
+    """What is wrong with Darknet's `jitter` and `resize` for `DarknetCrop` (empty: nothing): a
+    resize must be > 0, and a crop must keep part of the image, which needs
+    jitter + (1 - 1 / resize) / 2 < 0.5 (each side may lose that fraction)."""
+    if not resize > 0:
+        return [f"resize={resize:g}: expected a zoom factor > 0 (1: none)"]
+    if not jitter >= 0:
+        return [f"jitter={jitter:g}: expected a fraction >= 0"]
+    if jitter + max(_resize_crop_range(resize)[1], 0.0) >= 0.5:
+        return [f"jitter={jitter:g} with resize={resize:g} can crop an image away; training needs jitter < 0.5 "
+                f"and jitter + (1 - 1 / resize) / 2 < 0.5"]
+    return []
 
 
 def build_plain_transform(size: int, letterbox: bool, min_box_size: float = PLAIN_MIN_BOX_SIZE) -> A.Compose:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from data.augment import AugmentConfig, largest_resize_crop
+from data.augment import AugmentConfig, crop_problems
 from data.eval_dataset import InferenceDataset
 from data.sources import DetectionSource
 from data.seeded_batches import SeededBatchSampler
@@ -228,11 +228,9 @@ def darknet_augmentation(cfg: DarknetCfg, size: int, mosaic: float | None = None
         return AugmentConfig.from_net(cfg.net, size, **overrides)
     section = _last_yolo(cfg)
     jitter, resize = float(section.loss_options["jitter"]), float(section.loss_options["resize"])
-    if not resize > 0:
-        raise ValueError(f"{section.source}: resize={resize:g}: expected a zoom factor > 0 (1: none)")
-    if not (0 <= jitter < 0.5 and jitter + largest_resize_crop(resize) < 0.5):
-        raise ValueError(f"{section.source}: jitter={jitter:g} with resize={resize:g} can crop an image away; "
-                         f"training needs jitter < 0.5 and jitter + (1 - 1 / resize) / 2 < 0.5")
+    problems = crop_problems(jitter, resize)                       # AugmentConfig's own check, with the line
+    if problems:
+        raise ValueError(f"{section.source}: {'; '.join(problems)}")
     return AugmentConfig.from_net(cfg.net, size, jitter=jitter, resize=resize, **overrides)
 
 

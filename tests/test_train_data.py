@@ -425,8 +425,12 @@ def test_augment_config_from_net_and_validation():
     assert config.flip == 0.0 and config.mosaic == 0.5 and config.jitter == 0.05
     with pytest.raises(ValueError, match="multiple of 32"):
         AugmentConfig(100)
-    with pytest.raises(ValueError, match=r"jitter must be in \[0, 0.5\).*found 0.5; resize must be > 0, found 0"):
-        AugmentConfig(64, jitter=0.5, resize=0)
+    with pytest.raises(ValueError, match=r"AugmentConfig: jitter=0.5 with resize=1 can crop an image away"):
+        AugmentConfig(64, jitter=0.5)
+    with pytest.raises(ValueError, match=r"hue must be in \[0, 0.5\], found 0.6; resize=0: expected a zoom factor > 0"):
+        AugmentConfig(64, hue=0.6, resize=0)
+    with pytest.raises(ValueError, match=r"jitter=-0.1: expected a fraction >= 0"):
+        AugmentConfig(64, jitter=-0.1)
     with pytest.raises(ValueError, match="unknown settings"):
         AugmentConfig.from_net(Net(), colour=1)
 
