@@ -28,7 +28,7 @@ first; 21 min)::
 Run folders: ``runs/bench_ultralytics/{data,dense,finetune,<method>_<sparsity>}``; the dense model is
 trained once and reused, and a run whose ``results.csv`` has all its epochs is read, not trained
 again. Writes benchmarks/results/prune_ultralytics.json (rewritten after every run) with each run's
-mAP after every epoch (from ``results.csv``) and prints the README table.
+mAP after every epoch (from ``results.csv``) and prints the table of docs/results.md.
 """
 from __future__ import annotations
 

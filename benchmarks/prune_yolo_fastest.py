@@ -62,7 +62,7 @@ benchmarks/results/prune_yolo_fastest_protected.json (5.2 min on the same 2-core
         --json benchmarks/results/prune_yolo_fastest_protected.json
 
 Writes benchmarks/results/prune_yolo_fastest.json and prune_yolo_fastest.png beside it, and prints
-the README table.
+the table of docs/results.md.
 """
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def goal_check(dense: dict[str, Any], methods: dict[str, dict[str, Any]]) -> dic
 
 
 def markdown_table(dense: dict[str, Any], methods: dict[str, dict[str, Any]]) -> str:
-    """README table: one row per (sparsity, method), mAP after hard prune and after retraining."""
+    """The table of docs/results.md: one row per (sparsity, method), mAP after hard prune and after retraining."""
     lines = ["| sparsity | method | mAP50 hard prune | mAP50 retrained | % of dense mAP50 | mAP50-95 retrained "
              "| measured sparsity | compact size | wall time |",
              "|---|---|---|---|---|---|---|---|---|",
