@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from classify.pipeline import OPTIMIZERS, PruneSettings, TrainSettings, model_spec, settings_dict
-from engine import atomic_write_json, changed_settings, distributed
+from engine import atomic_write_json, changed_settings, describe_changes, distributed
 
 RUN_RECORD = "run.json"
 UNRECORDED = "(not recorded)"
@@ -98,7 +98,7 @@ def _problem(folder: Path, resume: bool, identity: dict[str, Any]) -> str | None
         saved["weights_sha256"] = identity["weights_sha256"]
     changed = changed_settings(saved, identity)
     if changed:
-        details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
+        details = describe_changes(changed)
         return (f"--checkpoint-dir {folder}: holds a run with other settings ({details}); "
                 f"resume it with the same settings, or choose another folder")
     return None

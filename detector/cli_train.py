@@ -32,8 +32,8 @@ from data.sources import DetectionSource, load_coco_json, load_yolo_dataset, rea
 from detector.cli import network_size
 from detector.export import check_class_names, write_class_names
 from detector.train import DetectTrainConfig, check_training_options, fit_detector
-from engine import (atomic_write_json, changed_settings, distributed, find_latest_checkpoint, output_folder,
-                    resolved_paths, run_folder_lock, seed_everything)
+from engine import (atomic_write_json, changed_settings, describe_changes, distributed, find_latest_checkpoint,
+                    output_folder, resolved_paths, run_folder_lock, seed_everything)
 from yolo_admm.wording import counted
 
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume", "progress"}
@@ -192,7 +192,7 @@ def resume_point(args: argparse.Namespace) -> str | None:
     current = recorded_args(args)
     changed = changed_settings(saved, current, ignore=RESUMABLE_FLAGS)
     if changed:
-        details = ", ".join(f"--{key.replace('_', '-')} {old!r} -> {new!r}" for key, old, new in changed)
+        details = describe_changes(changed, as_flags=True)
         raise ValueError(f"--out {args.out}: expected a new folder or one of a run with the same settings, found "
                          f"the checkpoints ({latest.name}) of a run with other settings ({details}); choose "
                          f"another --out, or continue that run with --resume {args.out}")

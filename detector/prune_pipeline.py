@@ -57,9 +57,9 @@ from detector.predict import inference_copy
 from detector.prune_job import RECORDED_ONLY, PruneJob
 from detector.train import (DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes,
                             check_training_options)
-from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, distributed,
-                    find_latest_checkpoint, held_iteration, output_folder, remove_stale_temp_files, resolve_device,
-                    resolved_paths, run_folder_lock, seeded_cpu_stream)
+from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, describe_changes,
+                    distributed, find_latest_checkpoint, held_iteration, output_folder, remove_stale_temp_files,
+                    resolve_device, resolved_paths, run_folder_lock, seeded_cpu_stream)
 
 LOG = logging.getLogger("yolo_admm.prune")
 
@@ -428,7 +428,7 @@ def write_or_check_config(job: PruneJob, path: Path) -> None:
         before.setdefault(RECORDED_ONLY, 1)
         changed = changed_settings(before, settings, ignore=RESUMABLE_CHANGES)
         if changed:
-            details = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed)
+            details = describe_changes(changed)
             raise ValueError(f"{path}: this run folder holds a run with other settings ({details}); "
                              f"resume with the same settings or choose another --out")
     if distributed.is_main():

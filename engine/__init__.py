@@ -1,8 +1,9 @@
 """The shared training engine: one loop with hooks, AMP, EMA, accumulation, checkpoints, resume and DDP."""
 from engine import distributed
 from engine.checkpoint import (atomic_torch_save, atomic_write, atomic_write_bytes, atomic_write_json,
-                               changed_settings, find_latest_checkpoint, load_checkpoint, load_error_summary,
-                               output_file, output_folder, remove_stale_temp_files, resolved_paths, save_checkpoint)
+                               changed_settings, describe_changes, find_latest_checkpoint, load_checkpoint,
+                               load_error_summary, output_file, output_folder, remove_stale_temp_files, resolved_paths,
+                               save_checkpoint)
 from engine.ema import ModelEMA
 from engine.interrupts import held_interrupts, held_iteration
 from engine.rng import seed_everything, seeded_cpu_stream
@@ -20,6 +21,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "changed_settings",
+    "describe_changes",
     "distributed",
     "find_latest_checkpoint",
     "held_interrupts",

@@ -10,7 +10,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -180,6 +180,19 @@ def changed_settings(before: Mapping[str, Any], now: Mapping[str, Any],
         elif old != new:
             changes.append((key, old, new))
     return changes
+
+
+def describe_changes(changes: Iterable[tuple[str, Any, Any]], as_flags: bool = False) -> str:
+    """`changed_settings`' result for an error message: "name: before -> now" (as_flags: "--name
+    before -> now"), joined by "; ", with None shown as "not given" (an option left to its default
+    or, for a setting an older run did not record, one it did not have)."""
+    def shown(value: Any) -> str:
+        return "not given" if value is None else repr(value)
+
+    def name(key: str) -> str:
+        return f"--{key.replace('_', '-')} " if as_flags else f"{key}: "
+
+    return "; ".join(f"{name(key)}{shown(old)} -> {shown(new)}" for key, old, new in changes)
 
 
 def resolved_paths(settings: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any]:

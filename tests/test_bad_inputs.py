@@ -520,7 +520,7 @@ def test_a_resume_may_spell_its_paths_otherwise(base: Path, tmp_path: Path, caps
     assert main(relative[0]) == 0 and "resuming from" in capsys.readouterr().out
     assert main(relative[1]) == 0
     assert main(detect_prune(ws, "--lr", "0.5")) == 2
-    assert "other settings (lr: None -> 0.5)" in capsys.readouterr().err        # and a real change is refused
+    assert "other settings (lr: not given -> 0.5)" in capsys.readouterr().err        # and a real change is refused
 
 
 def test_the_command_says_its_version(capsys):

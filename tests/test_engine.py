@@ -527,6 +527,13 @@ def test_changed_settings_lists_what_a_resume_would_change():
     assert engine.changed_settings(now, now) == []
 
 
+def test_describe_changes_says_which_settings_were_not_given():
+    changes = [("multi_scale", False, None), ("lr", 0.01, 0.02), ("new_flag", None, "x")]
+    assert engine.describe_changes(changes) == ("multi_scale: False -> not given; lr: 0.01 -> 0.02; "
+                                                "new_flag: not given -> 'x'")
+    assert engine.describe_changes(changes[:1], as_flags=True) == "--multi-scale False -> not given"
+
+
 def test_a_callback_state_that_does_not_fit_names_the_checkpoint(tmp_path):
     def refuse(state: dict) -> None:
         raise ValueError("ADMM state has sparsity=0.9, this run has 0.8")
