@@ -34,14 +34,21 @@ class DarknetError(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    """Where a section starts: cfg file, 1-based line of its `[header]`, section name."""
+    """Where a section starts: cfg file, 1-based line of its `[header]`, section name; and the line
+    of each option written in it."""
 
     path: str
     line: int
     section: str
+    option_lines: tuple[tuple[str, int], ...] = field(default=(), compare=False, repr=False)
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line} [{self.section}]"
+
+    def of(self, key: str) -> str:
+        """"path:line [section]" with the line of option `key`, or the header's where it is not written."""
+        line = dict(self.option_lines).get(key, self.line)
+        return f"{self.path}:{line} [{self.section}]"
 
 
 ACTIVATIONS = ("linear", "leaky", "relu", "mish", "swish", "logistic", "tanh", "relu6", "elu", "selu",
@@ -212,7 +219,7 @@ class _Options:
     rest, as Darknet's `option_unused` would report them."""
 
     def __init__(self, raw: _RawSection, path: str, index: int):
-        self.source = Source(path, raw.line, raw.name)
+        self.source = Source(path, raw.line, raw.name, tuple((key, line) for key, (_, line, _) in raw.options.items()))
         self.index = index
         self._raw = raw
         self._unused = set(raw.options)

@@ -126,7 +126,7 @@ def darknet_lr_factor(iteration: int, net, burn_in: int) -> float:
         return float(net.options.get("gamma", 1.0)) ** iteration
     if policy == "poly":
         return max(0.0, 1.0 - iteration / max(net.max_batches, 1)) ** power
-    raise ValueError(f"{net.source}: policy={policy} is not supported for training; expected one of {POLICIES}")
+    raise ValueError(f"{net.source.of('policy')}: policy={policy} is not supported for training; expected one of {POLICIES}")
 
 
 def darknet_scheduler(optimizer: torch.optim.Optimizer, net, burn_in: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -221,7 +221,7 @@ def darknet_augmentation(cfg: DarknetCfg, size: int, mosaic: float | None = None
 
     Raises:
         ValueError: a resize <= 0, or a jitter and resize whose crop can take a whole image away,
-            naming the cfg's file and the [yolo]'s line.
+            naming the cfg's file and the option's line.
     """
     overrides = {} if mosaic is None else {"mosaic": mosaic}
     if not augment:
@@ -230,7 +230,8 @@ def darknet_augmentation(cfg: DarknetCfg, size: int, mosaic: float | None = None
     jitter, resize = float(section.loss_options["jitter"]), float(section.loss_options["resize"])
     problems = crop_problems(jitter, resize)                       # AugmentConfig's own check, with the line
     if problems:
-        raise ValueError(f"{section.source}: {'; '.join(problems)}")
+        blamed = "jitter" if resize > 0 else "resize"              # the option crop_problems names first
+        raise ValueError(f"{section.source.of(blamed)}: {'; '.join(problems)}")
     return AugmentConfig.from_net(cfg.net, size, jitter=jitter, resize=resize, **overrides)
 
 
@@ -243,13 +244,13 @@ def multi_scale_sides(cfg: DarknetCfg, size: int, multi_scale: bool | None) -> l
     `multi_scale` is True or False (`multi_scale_coefficient`).
 
     Raises:
-        ValueError: a random it cannot use, naming the cfg's file and the [yolo]'s line.
+        ValueError: a random it cannot use, naming the cfg's file and the option's line.
     """
     section = _last_yolo(cfg)
     try:
         coefficient = multi_scale_coefficient(float(section.loss_options["random"]), multi_scale)
     except ValueError as err:
-        raise ValueError(f"{section.source}: {err}") from None
+        raise ValueError(f"{section.source.of('random')}: {err}") from None
     return None if coefficient is None else multi_scale_sizes(size, coefficient)
 
 
@@ -277,7 +278,7 @@ def _warn_of_layer_training_options(cfg: DarknetCfg) -> None:
             changes = int(value) != 0 if key in LAYER_TRAINING_FLAGS else (
                 isinstance(section, ConvolutionalSection) and value != LAYER_WEIGHT_OPTIONS[key])
             if changes:
-                found.append(f"{section.source}: {key}={value:.12g}")
+                found.append(f"{section.source.of(key)}: {key}={value:.12g}")
     if found:
         warnings.warn(f"{len(found)} per-layer training option(s) of the cfg are not applied: every layer trains, "
                       f"at the [net] learning rate ({'; '.join(found[:3])}{'; ...' if len(found) > 3 else ''})",

@@ -76,7 +76,8 @@ def test_darknet_lr_schedule(tmp_path):
     assert darknet_lr_factor(15, net, burn_in=15) == 1.0
     assert darknet_lr_factor(47, net, burn_in=15) == 1.0
     assert darknet_lr_factor(48, net, burn_in=15) == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="policy=sgdr"):
+    policy_line = Path(net.source.path).read_text().splitlines().index("policy=steps") + 1
+    with pytest.raises(ValueError, match=rf"\.cfg:{policy_line} \[net\]: policy=sgdr is not supported"):
         darknet_lr_factor(20, replace(net, policy="sgdr"), burn_in=0)
 
 
@@ -211,7 +212,7 @@ def test_a_burn_in_longer_than_the_run_is_warned_of(shapes, tmp_path):
 
 def demo_cfg_with_last_yolo(tmp_path, options: str, replacing: str = "jitter=.2") -> Path:
     """The demo cfg with its last [yolo]'s line `replacing` replaced by `options` (its [yolo] header
-    is line 167)."""
+    is line 167, jitter line 172, random line 175)."""
     text = (Path(cli_train.__file__).parent / "cfgs" / "demo-tiny.cfg").read_text()
     head, _, tail = text.rpartition(replacing)
     path = tmp_path / "last.cfg"
@@ -229,11 +230,12 @@ def test_jitter_resize_and_random_come_from_the_last_yolo_layer(tmp_path):
     augment = darknet_augmentation(cfg, 320)
     assert (augment.size, augment.jitter, augment.resize) == (320, 0.3, 1.5)
     assert darknet_augmentation(cfg, 320, mosaic=1.0).mosaic == 1.0
-    for options, message in (("jitter=.5", "jitter=0.5 with resize=1 can crop an image away"),
-                             ("jitter=.35\nresize=1.5", "jitter=0.35 with resize=1.5 can crop an image away"),
-                             ("resize=0", r"resize=0: expected a zoom factor > 0")):
+    for options, line, message in (("jitter=.5", 172, "jitter=0.5 with resize=1 can crop an image away"),
+                                   ("jitter=.35\nresize=1.5", 172, "jitter=0.35 with resize=1.5 can crop an image away"),
+                                   ("jitter=.2\nresize=0", 173, r"resize=0: expected a zoom factor > 0"),
+                                   ("resize=2.5", 167, "jitter=0.2 with resize=2.5 can crop")):   # jitter unwritten
         cfg = load_darknet(demo_cfg_with_last_yolo(tmp_path, options)).cfg
-        with pytest.raises(ValueError, match=r"last.cfg:167 \[yolo\]: " + message):
+        with pytest.raises(ValueError, match=rf"last.cfg:{line} \[yolo\]: " + message):
             darknet_augmentation(cfg, 320)
         assert darknet_augmentation(cfg, 320, augment=False).size == 320       # unused without augmentation
 
@@ -252,7 +254,7 @@ def test_a_random_that_multi_scale_cannot_use_is_refused_naming_its_line(tmp_pat
     from detector.train import multi_scale_sides
 
     cfg = load_darknet(demo_cfg_with_last_yolo(tmp_path, f"random={random}", replacing="random=0")).cfg
-    with pytest.raises(ValueError, match=rf"last.cfg:167 \[yolo\]: random={random}: expected 0 \(one input size\)"):
+    with pytest.raises(ValueError, match=rf"last.cfg:175 \[yolo\]: random={random}: expected 0 \(one input size\)"):
         multi_scale_sides(cfg, 320, None)
     assert multi_scale_sides(cfg, 320, False) is None
 
@@ -278,7 +280,7 @@ def test_a_jitter_that_can_crop_an_image_away_stops_training_before_any_work(sha
     path = demo_cfg_with_last_yolo(tmp_path, "jitter=.5")
     out = tmp_path / "run"
     assert main(["detect", "train", "--cfg", str(path), "--data", str(data), "--out", str(out), "--epochs", "1"]) == 2
-    assert "last.cfg:167 [yolo]: jitter=0.5 with resize=1 can crop an image away" in capsys.readouterr().err
+    assert "last.cfg:172 [yolo]: jitter=0.5 with resize=1 can crop an image away" in capsys.readouterr().err
     assert [path.name for path in out.iterdir()] == [".yolo-admm.lock"]         # no args.json, no checkpoint
 
 
@@ -294,9 +296,11 @@ def test_per_layer_training_options_darknet_would_apply_are_warned_of(shapes, tm
                                burn_in=0)
     path = tmp_path / "frozen.cfg"
     path.write_text(TINY_CFG.replace("[convolutional]\n", "[convolutional]\nstopbackward=1\nlearning_rate=0.1\n", 1))
-    with pytest.warns(UserWarning, match=r"2 per-layer training option\(s\) of the cfg are not applied: every layer "
-                                         r"trains, at the \[net\] learning rate \(.*frozen.cfg:\d+ \[convolutional\]: "
-                                         r"stopbackward=1; .*learning_rate=0.1\)"):
+    header = path.read_text().splitlines().index("[convolutional]") + 1          # each option's own line is named
+    with pytest.warns(UserWarning, match=rf"2 per-layer training option\(s\) of the cfg are not applied: every layer "
+                                         rf"trains, at the \[net\] learning rate \(.*frozen.cfg:{header + 1} "
+                                         rf"\[convolutional\]: stopbackward=1; .*frozen.cfg:{header + 2} "
+                                         rf"\[convolutional\]: learning_rate=0.1\)"):
         build_detector_trainer(load_darknet(path), source, None, config)
     path.write_text(TINY_CFG.replace("[convolutional]\n", "[convolutional]\nstopbackward=0\nlearning_rate=1\n", 1)
                     .replace("[yolo]\n", "[yolo]\nlearning_rate=0.1\n", 1))     # a [yolo] has no weights to scale
