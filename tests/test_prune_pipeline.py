@@ -375,6 +375,6 @@ def test_a_jitter_that_can_crop_an_image_away_stops_a_prune_before_any_work(shap
     head, _, tail = text.rpartition("jitter=.2")
     cfg = tmp_path / "jitter.cfg"
     cfg.write_text(head + "jitter=.5" + tail)
-    with pytest.raises(ValueError, match=r"jitter.cfg:167 \[yolo\]: jitter=0.5 with resize=1 can crop an image away"):
+    with pytest.raises(ValueError, match=r"jitter.cfg:172 \[yolo\]: jitter=0.5 with resize=1 can crop an image away"):
         run_job(tiny_job(shapes_yaml, tmp_path / "run", cfg=str(cfg)))
     assert not (tmp_path / "run").exists()
