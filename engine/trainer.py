@@ -165,14 +165,10 @@ class Trainer:
         total = self.config.epochs if epochs is None else epochs
         self.target_epochs = total
         if self._resume_pending:
-            callback_states = self._load_resume_state()
-        else:
-            callback_states = None
-            if self.epoch == 0 and self.step == 0:
-                self._refuse_earlier_checkpoints()
+            self._load_callback_states(self._load_resume_state())   # before on_train_start, which uses them
+        elif self.epoch == 0 and self.step == 0:
+            self._refuse_earlier_checkpoints()
         self._call("on_train_start")
-        if callback_states is not None:
-            self._load_callback_states(callback_states)
         while self.epoch < total:
             started = time.perf_counter()
             train_logs = self._train_one_epoch()

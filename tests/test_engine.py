@@ -79,6 +79,32 @@ def make_trainer(tmp_path, callbacks, resume=None, **config) -> Trainer:
                    scheduler=scheduler, evaluate=lambda m: {"w": float(m[0].weight.sum())})
 
 
+def test_a_resume_applies_the_checkpoints_masks_not_the_callbacks_own(tmp_path):
+    """Found by a review: `on_train_start` ran before the callback states were loaded, so a
+    MaskCallback built with other masks (say, of a model pruned again, unseeded) zeroed kept weights
+    and their momentum before the checkpoint's masks replaced its own."""
+    import pruning
+
+    def masked_trainer(folder, crash_epoch, resume=None, other_masks=False):
+        trainer = make_trainer(folder, [], resume=resume, epochs=4)
+        masks = pruning.magnitude_prune(trainer.model, 0.6)
+        if other_masks:
+            masks = pruning.Masks({name: ~mask for name, mask in masks.items()})
+        trainer.callbacks += [pruning.MaskCallback(masks), CrashInEpoch(crash_epoch)]
+        return trainer
+
+    reference = masked_trainer(tmp_path / "a", crash_epoch=-1)
+    reference.fit()
+    with pytest.raises(KeyboardInterrupt):
+        masked_trainer(tmp_path / "b", crash_epoch=2).fit()
+    resumed = masked_trainer(tmp_path / "b", crash_epoch=-1, resume=tmp_path / "b" / "ckpt", other_masks=True)
+    resumed.fit()
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    for key, value in reference.ema.module.state_dict().items():
+        assert torch.equal(value, resumed.ema.module.state_dict()[key]), key
+
+
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     reference = make_trainer(tmp_path / "a", [StepCounter()])
     reference.fit()
