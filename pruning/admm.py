@@ -29,6 +29,7 @@ Reference:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -74,9 +75,18 @@ class ADMMConfig:
     ramp_updates: int = 0
 
     def __post_init__(self) -> None:
-        check_sparsity(self.sparsity)
+        """Check every setting, and store numbers as Python floats (a numpy number would reach the
+        state dict, which `torch.load(weights_only=True)` then refuses, and the JSON reports)."""
+        self.sparsity = check_sparsity(self.sparsity)
+        self.rho, self.rho_multiplier = _real(self.rho, "rho"), _real(self.rho_multiplier, "rho_multiplier")
+        if self.rho_max is not None:
+            self.rho_max = _real(self.rho_max, "rho_max")
+        if isinstance(self.min_density, Mapping):
+            self.min_density = {pattern: _real(value, "min_density") for pattern, value in self.min_density.items()}
+        else:
+            self.min_density = _real(self.min_density, "min_density")
         if self.ramp_from is not None:
-            check_sparsity(self.ramp_from, "ramp_from")
+            self.ramp_from = check_sparsity(self.ramp_from, "ramp_from")
             if not self.ramp_from < self.sparsity:
                 raise ValueError(f"ramp_from must be below sparsity ({self.sparsity!r}), got {self.ramp_from!r}")
             if isinstance(self.ramp_updates, bool) or not isinstance(self.ramp_updates, int) or self.ramp_updates < 1:
@@ -86,8 +96,8 @@ class ADMMConfig:
         if self.layer_sparsity is not None:
             if self.scope != "layerwise":
                 raise ValueError(f"layer_sparsity needs scope='layerwise', got scope={self.scope!r}")
-            for pattern, value in self.layer_sparsity.items():
-                check_sparsity(value, f"layer_sparsity[{pattern!r}]")
+            self.layer_sparsity = {pattern: check_sparsity(value, f"layer_sparsity[{pattern!r}]")
+                                   for pattern, value in self.layer_sparsity.items()}
         if not (math.isfinite(self.rho) and self.rho > 0):
             raise ValueError(f"rho must be a finite number > 0, got {self.rho!r}")
         if not self.rho_multiplier >= 1.0:
@@ -98,6 +108,13 @@ class ADMMConfig:
         for density in densities:
             if not 0.0 <= density <= 1.0:
                 raise ValueError(f"min_density must be in [0, 1], got {density!r}")
+
+
+def _real(value, what: str) -> float:
+    """`value` as a float, or ValueError naming `what` when it is not a real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    return float(value)
 
 
 def ramp_updates(sparsity: float, ramp_from: float | None, ramp_iters: int | None, admm_iters: int) -> int:

@@ -1,6 +1,7 @@
 """ADMM: config validation, selection, W-step gradient, Z/U-step, convergence, resume, callback."""
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -157,8 +158,21 @@ def test_a_sparsity_that_keeps_no_weight_is_refused(scope):
             ADMM(small_convnet(), ADMMConfig(sparsity=0.5, scope=scope, layer_sparsity={"*": 0.9999}))
 
 
-def test_numpy_numbers_are_numbers():
-    assert ADMMConfig(sparsity=np.float32(0.5), ramp_from=np.float64(0.25), ramp_updates=2).sparsity == 0.5
+def test_numpy_numbers_are_numbers(tmp_path):
+    """Found by a review: numpy numbers were kept as given, so they reached the state dict, which
+    `torch.load(weights_only=True)` (an Ultralytics resume) refused, and `update()`'s JSON stats."""
+    config = ADMMConfig(sparsity=np.float32(0.5), ramp_from=np.float64(0.25), ramp_updates=2, rho=np.float32(0.1),
+                        rho_multiplier=np.float64(2), rho_max=np.float32(1), min_density=np.float32(0.01))
+    assert config.sparsity == 0.5 and config.rho == pytest.approx(0.1)
+    numbers = (config.sparsity, config.ramp_from, config.rho, config.rho_multiplier, config.rho_max, config.min_density)
+    assert all(type(value) is float for value in numbers)
+    layerwise = ADMMConfig(sparsity=0.5, scope="layerwise", layer_sparsity={"0.*": np.float32(0.25)},
+                           min_density={"0.*": np.float64(0.1)})
+    assert type(layerwise.layer_sparsity["0.*"]) is float and type(layerwise.min_density["0.*"]) is float
+    admm = ADMM(small_convnet(), config)
+    json.dumps(admm.update())
+    torch.save(admm.state_dict(), tmp_path / "admm.pt")
+    ADMM(small_convnet(), config).load_state_dict(torch.load(tmp_path / "admm.pt", weights_only=True))
 
 
 # ---- W-step ----------------------------------------------------------------------------------
