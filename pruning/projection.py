@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -47,7 +48,8 @@ def kept_count(numel: int, sparsity: float) -> int:
 def floor_counts(numels: Sequence[int], min_densities: Sequence[float]) -> list[int]:
     """Minimum kept entries per tensor: ``ceil(density * numel)``, and at least 1 when density > 0.
 
-    A tiny tolerance absorbs float noise (``0.3 * 10`` keeps 3, not 4).
+    The product is exact, with the density as its shortest decimal (``0.3 * 10`` keeps 3, not 4, and
+    ``0.55 * 44630900`` keeps 24546995 at any size, where a fixed float tolerance runs out).
     """
     if len(numels) != len(min_densities):
         raise ValueError(f"floor_counts: {len(numels)} tensors but {len(min_densities)} min densities")
@@ -55,7 +57,7 @@ def floor_counts(numels: Sequence[int], min_densities: Sequence[float]) -> list[
     for numel, density in zip(numels, min_densities):
         if not 0.0 <= density <= 1.0:
             raise ValueError(f"min_density must be in [0, 1], got {density!r}")
-        floor = math.ceil(density * numel - 1e-9)
+        floor = math.ceil(Fraction(repr(float(density))) * numel)
         floors.append(min(numel, max(floor, 1) if density > 0 else 0))
     return floors
 

@@ -110,6 +110,9 @@ def test_kept_count_and_floor_counts():
     assert kept_count(10, 0.8) == 2
     assert kept_count(1000, 0.0) == 1000
     assert floor_counts([10, 100, 5], [0.3, 1e-12, 0.0]) == [3, 1, 0]
+    # found by a review: a 1e-9 tolerance ran out above ~40M entries, so a floor of 1 - sparsity
+    # exceeded the budget it equals
+    assert floor_counts([44_630_900, 7, 3], [0.55, 1 / 7, 0.7]) == [kept_count(44_630_900, 0.45), 1, 3]
 
 
 @pytest.mark.parametrize("bad", [1.0, -0.1, 1.5, "0.5", True, float("nan")])
