@@ -477,7 +477,7 @@ def _parse_maxpool(opts: _Options) -> MaxpoolSection:
     stride = _square_stride(opts)
     for key, value in (("maxpool_depth", 0), ("antialiasing", 0)):
         opts.only(key, value)
-    size = opts.integer("size", stride, minimum=1)
+    size = opts.integer("size", opts.integer("stride", 1, minimum=1), minimum=1)   # Darknet: `stride`, not stride_x
     section = MaxpoolSection(source=opts.source, size=size, stride=stride,
                              padding=opts.integer("padding", size - 1, minimum=0),
                              training=opts.training())

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.cfg import DarknetCfg, DarknetError, with_input_size
+from detector.cfg import (ConvolutionalSection, DarknetCfg, DarknetError, MaxpoolSection, ShortcutSection,
+                          with_input_size)
 from detector.model import DarknetModel, load_darknet
 from detector.postprocess import flatten_heads
 from detector.weights import write_weights
@@ -108,6 +109,33 @@ def require_opencv_darknet_importer(cfg: DarknetCfg | None = None) -> None:
         raise ValueError(f"{cfg.path}: OpenCV's Darknet importer cannot read this cfg, so a Darknet export of it "
                          f"cannot be checked against it; leave 'darknet' out of the export formats: "
                          f"{first_line.strip()}") from error
+    otherwise = read_otherwise_by_opencv(cfg)
+    if otherwise:
+        raise ValueError(f"{otherwise}, so a Darknet export of this cfg cannot be checked against it; leave "
+                         f"'darknet' out of the export formats")
+
+
+def read_otherwise_by_opencv(cfg: DarknetCfg) -> str | None:
+    """Where OpenCV 4's Darknet importer builds another network than Darknet from `cfg`, said with
+    the option's place, or None: a [shortcut] from several layers (OpenCV adds the first only),
+    stride_x / stride_y (OpenCV ignores them), and a [maxpool] without `stride` or, with a stride
+    other than 2, without `size` (OpenCV's defaults are 2 and 2; Darknet's stride 1 and size = stride)."""
+    for section in cfg.layers:
+        written = dict(section.source.option_lines)
+        if isinstance(section, ShortcutSection) and len(section.layers) > 1:
+            return f"{section.source.of('from')}: OpenCV's importer adds only the first of a [shortcut]'s layers"
+        if isinstance(section, (ConvolutionalSection, MaxpoolSection)):
+            for key in ("stride_x", "stride_y"):
+                if key in written:
+                    return f"{section.source.of(key)}: OpenCV's importer ignores {key}"
+        if isinstance(section, MaxpoolSection):
+            if "stride" not in written:
+                return (f"{section.source}: a [maxpool] without stride has stride 1 in Darknet and 2 in OpenCV's "
+                        f"importer")
+            if "size" not in written and section.stride != 2:
+                return (f"{section.source.of('stride')}: a [maxpool] without size has size = stride "
+                        f"({section.stride}) in Darknet and 2 in OpenCV's importer")
+    return None
 
 
 def export_darknet(model: DarknetModel, path: str | os.PathLike, verify: bool = True) -> dict:
@@ -199,6 +227,8 @@ def opencv_difference(model: DarknetModel, cfg_path: str | os.PathLike, weights_
             module.eps = OPENCV_BN_EPS
     reference = [darknet_rows(out) for out in _eval_outputs(reference_model, images)]
     theirs = opencv_outputs(cfg_path, weights_path, images)
+    if [out.shape for out in theirs] != [tuple(out.shape) for out in reference]:
+        return math.inf                                 # another network: no number measures it
     height, width = images.shape[-2:]
     worst = 0.0
     for ours, cv_out in zip(reference, theirs):
@@ -229,7 +259,7 @@ def onnx_layout(model: DarknetModel, height: int, width: int) -> dict:
     """What the rows and columns of the ONNX output mean (stored in the file's metadata)."""
     heads, start = [], 0
     for head in model.heads:
-        grid = [int(height // head.stride), int(width // head.stride)]
+        grid = [round(height / head.stride), round(width / head.stride)]        # a stride of 52 / 7 is inexact
         stop = start + head.num_anchors * grid[0] * grid[1]
         heads.append({"rows": [start, stop], "anchors": head.anchors.tolist(), "stride": float(head.stride),
                       "grid": grid, "row_order": ["anchor", "row", "column"]})

@@ -240,6 +240,10 @@ def _build_dropout(section: DropoutSection, ctx: BuildContext) -> BuiltLayer:
 
 def _build_yolo(section: YoloSection, ctx: BuildContext) -> BuiltLayer:
     src = ctx.shape_of(ctx.index - 1, section)
+    first = next((earlier for earlier in ctx.sections if isinstance(earlier, YoloSection)), None)
+    if first is not None and first.classes != section.classes:      # one output row layout for all heads
+        raise ctx.error(section, f"expected classes={first.classes} as in the first [yolo] ({first.source}), "
+                                 f"found classes={section.classes}")
     expected = len(section.mask) * (5 + section.classes)
     if src.channels != expected:
         raise ctx.error(section, f"expected the layer before to output {expected} channels "

@@ -1,6 +1,7 @@
 """`DarknetModel`: a Darknet cfg as a PyTorch module, and `load_darknet` to build and load one."""
 from __future__ import annotations
 
+import math
 import copy
 from pathlib import Path
 
@@ -69,7 +70,9 @@ class DarknetModel(nn.Module):
         the cfg's stride, which is right at the cfg's own size only."""
         for index, head, output in zip(self._head_indices, self.heads, outputs):
             grid_h, grid_w = output.shape[2], output.shape[3]
-            if grid_h * head.stride != x.shape[2] or grid_w * head.stride != x.shape[3]:
+            tiles = (math.isclose(grid_h * head.stride, x.shape[2], rel_tol=1e-9)      # a stride of 31 / 15
+                     and math.isclose(grid_w * head.stride, x.shape[3], rel_tol=1e-9))  # is not exact in floats
+            if not tiles:
                 raise ValueError(
                     f"{self.cfg.path}: at input {x.shape[2]}x{x.shape[3]} layer {index} ([yolo]) has a "
                     f"{grid_h}x{grid_w} grid, which does not tile the input with its stride {head.stride:g} (fixed "

@@ -126,7 +126,8 @@ def darknet_lr_factor(iteration: int, net, burn_in: int) -> float:
         return float(net.options.get("gamma", 1.0)) ** iteration
     if policy == "poly":
         return max(0.0, 1.0 - iteration / max(net.max_batches, 1)) ** power
-    raise ValueError(f"{net.source.of('policy')}: policy={policy} is not supported for training; expected one of {POLICIES}")
+    raise ValueError(f"{net.source.of('policy')}: policy={policy} is not supported for training; "
+                     f"expected one of {POLICIES}")
 
 
 def darknet_scheduler(optimizer: torch.optim.Optimizer, net, burn_in: int) -> torch.optim.lr_scheduler.LambdaLR:

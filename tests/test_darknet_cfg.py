@@ -99,6 +99,27 @@ def test_maxpool_size2_stride1_pads_right_and_bottom_like_darknet(shared_data, t
     assert torch.equal(pool(x)[0, 0], expected)
 
 
+@pytest.mark.parametrize("options, size, stride", [("stride_x=2\nstride_y=2\n", 1, 2), ("stride=2\n", 2, 2),
+                                                  ("stride=3\n", 3, 3), ("size=3\nstride_x=2\nstride_y=2\n", 3, 2)])
+def test_a_maxpools_default_size_is_its_stride_option_not_stride_x(tmp_path, options, size, stride):
+    """Found by a review: the default size came from stride_x. Darknet's parser reads `stride`
+    (default 1), then stride_x / stride_y, and `size` defaults to `stride`."""
+    (section,) = detector.parse_cfg(write_cfg(tmp_path, "[maxpool]\n" + options)).layers
+    assert (section.size, section.stride) == (size, stride)
+
+
+def test_odd_cfg_sizes_run_though_their_head_stride_is_inexact_in_floats(tmp_path):
+    """Found by a review: a stride of 31 / 15 times 15 is not 31 in floats, so a model refused its own
+    31x31 input (likewise 27, 55, 99, 107)."""
+    body = ("[convolutional]\nfilters=8\nsize=3\nstride=2\npad=0\nactivation=leaky\n\n"
+            "[convolutional]\nfilters=6\nsize=1\nstride=1\nactivation=linear\n\n"
+            "[yolo]\nmask=0\nanchors=10,20\nclasses=1\nnum=1\n")
+    for size in (27, 31, 55, 99, 107):
+        model = detector.load_darknet(write_cfg(tmp_path, body, size=size)).eval()
+        grid = (size - 3) // 2 + 1
+        assert model(torch.zeros(1, 3, size, size))[0].shape[2:4] == (grid, grid)
+
+
 def test_route_groups_take_the_group_id_chunk_of_each_input(tmp_path):
     body = ("[convolutional]\nfilters=4\nsize=1\nactivation=linear\n\n"
             "[convolutional]\nfilters=6\nsize=1\nactivation=linear\n\n"
@@ -259,6 +280,13 @@ def test_build_errors_name_the_layer_and_what_was_expected(tmp_path):
               "[convolutional]\nfilters=3\ngroups=2\n")
     with pytest.raises(DarknetError, match=r":11 \[convolutional\] \(layer 1\): groups=2 must"):
         build_layers(detector.parse_cfg(write_cfg(tmp_path, groups, channels=4)))
+    # found by a review: heads of other class counts built, then failed joining their rows
+    two_heads = ("[convolutional]\nfilters=14\nsize=1\n\n[yolo]\nclasses=2\nmask=0,1\nnum=2\nanchors=1,1,2,2\n\n"
+                 "[route]\nlayers=-2\n\n[convolutional]\nfilters=16\nsize=1\n\n"
+                 "[yolo]\nclasses=3\nmask=0,1\nnum=2\nanchors=1,1,2,2\n")
+    with pytest.raises(DarknetError, match=r":23 \[yolo\] \(layer 4\): expected classes=2 as in the first \[yolo\] "
+                                           r"\(.*t.cfg:10 \[yolo\]\), found classes=3"):
+        build_layers(detector.parse_cfg(write_cfg(tmp_path, two_heads)))
 
 
 def test_missing_files_and_bad_net_section(tmp_path):

@@ -133,6 +133,41 @@ def test_a_cfg_opencv_cannot_run_is_a_clear_error(tmp_path):
         export_darknet(model, tmp_path / "out" / "model.weights", verify=True)
 
 
+@pytest.mark.parametrize("layer, message", [
+    ("[shortcut]\nfrom=-2,-3\nactivation=linear\n", r"h.cfg:31 \[shortcut\]: OpenCV's importer adds only the first"),
+    ("[maxpool]\nsize=2\n", r"h.cfg:14 \[maxpool\]: a \[maxpool\] without stride has stride 1 in Darknet"),
+    ("[maxpool]\nstride=1\n", r"h.cfg:15 \[maxpool\]: a \[maxpool\] without size has size = stride \(1\)"),
+    ("[maxpool]\nsize=2\nstride=2\nstride_x=2\n", r"h.cfg:17 \[maxpool\]: OpenCV's importer ignores stride_x")])
+def test_a_darknet_export_opencv_would_read_as_another_network_is_refused_before_writing(tmp_path, layer, message):
+    """Found by a review: OpenCV's importer reads these legal cfgs otherwise than Darknet; the check
+    then blamed a correct model, or failed on mismatched shapes and left the files behind."""
+    conv = "[convolutional]\nbatch_normalize=1\nfilters=8\nsize=3\nstride=1\npad=1\nactivation=leaky\n\n"
+    (tmp_path / "h.cfg").write_text(
+        "[net]\nwidth=64\nheight=64\nchannels=3\n\n" + conv + layer + "\n"
+        + "[convolutional]\nsize=1\nstride=32\npad=1\nfilters=27\nactivation=linear\n\n"
+        + "[yolo]\nmask=0,1,2\nanchors=10,14, 23,27, 37,58\nclasses=4\nnum=3\n")
+    if "shortcut" in layer:                                   # adds layers 1 and 0 to layer 2
+        (tmp_path / "h.cfg").write_text((tmp_path / "h.cfg").read_text().replace(conv, conv * 3, 1))
+    model = detector.load_darknet(tmp_path / "h.cfg")
+    with pytest.raises(ValueError, match=message + r".*leave 'darknet' out of the export formats"):
+        export_darknet(model, tmp_path / "out" / "model.weights", verify=True)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_onnx_layout_grids_follow_the_outputs_when_the_stride_is_inexact(tmp_path):
+    """Found by a review: at 52x52 with three stride-2 convs the 7x7 grid's stride is 52 / 7, and
+    int(52 // (52 / 7)) gave 6."""
+    conv = "[convolutional]\nfilters=8\nsize=3\nstride=2\npad=1\nactivation=leaky\n\n"
+    (tmp_path / "w52.cfg").write_text("[net]\nwidth=52\nheight=52\nchannels=3\n\n" + conv * 3
+                                      + "[convolutional]\nsize=1\nstride=1\nfilters=18\nactivation=linear\n\n"
+                                      + "[yolo]\nmask=0,1\nanchors=10,14, 23,27\nclasses=4\nnum=2\n")
+    model = detector.load_darknet(tmp_path / "w52.cfg")
+    report = export_onnx(model, tmp_path / "model.onnx", verify=False)
+    layout = json.loads({p.key: p.value for p in onnx.load(tmp_path / "model.onnx").metadata_props}[ONNX_LAYOUT_KEY])
+    (head,) = layout["heads"]
+    assert head["grid"] == [7, 7] and head["rows"] == [0, 2 * 7 * 7] == [0, report["output_shape"][1]]
+
+
 def test_an_onnx_size_the_model_cannot_decode_leaves_no_file(tmp_path):
     """width=100 with five stride-2 convs decodes with stride 25 only at 100x100; at 800 (a multiple
     of 32 and of 25) the 25x25 grid's true stride is 32: refused before anything is written."""
