@@ -1,7 +1,9 @@
 """Compact single-file export of a pruned state_dict, and the entropy bound it is measured against.
 
-Layout (little-endian): 8-byte magic ``YASPARS1``, 8-byte header length, a UTF-8 JSON header,
-then the compressed blobs it points to (``[offset, length]`` from the end of the header).
+Layout (little-endian): 8-byte magic ``YASPARS2``, 8-byte header length, the CRC-32 of the header
+(4 bytes), a UTF-8 JSON header, then the compressed blobs it points to (``[offset, length]`` from
+the end of the header). Archives of the first layout, magic ``YASPARS1`` and no header CRC, still
+load.
 
 - A *sparse* tensor (by default every floating tensor with >= 2 dims, i.e. conv/linear
   weights) is stored as its nonzero mask, bit-packed (``np.packbits`` order), plus its nonzero
@@ -32,7 +34,8 @@ from torch import Tensor
 from pruning.atomic_file import write_bytes_atomically
 from pruning.masks import pack_mask, unpack_mask
 
-MAGIC = b"YASPARS1"
+MAGIC = b"YASPARS2"
+FIRST_MAGIC = b"YASPARS1"                # the first layout: no CRC of the header
 VALUE_FORMATS = ("fp16", "int8")
 _COMPRESSORS = {
     "lzma": (
@@ -208,11 +211,12 @@ def save_sparse_archive(
         dtype = str(tensor.dtype).removeprefix("torch.")
         entries.append({"name": name, "dtype": dtype, "shape": list(tensor.shape), **fields, "blobs": blob_index})
     header = json.dumps({"compression": compression, "tensors": entries}).encode("utf-8")
-    write_bytes_atomically(path, MAGIC + len(header).to_bytes(8, "little") + header + bytes(payload))
+    prefix = MAGIC + len(header).to_bytes(8, "little") + zlib.crc32(header).to_bytes(4, "little")
+    write_bytes_atomically(path, prefix + header + bytes(payload))
     bound = entropy_bound(state_dict, value_format, sorted(sparse))["bytes"]
     return {
         "path": str(path),
-        "bytes": len(MAGIC) + 8 + len(header) + len(payload),
+        "bytes": len(prefix) + len(header) + len(payload),
         "sparse_bytes": sizes["sparse"],
         "dense_bytes": sizes["dense"],
         "entropy_bound_bytes": bound,
@@ -278,18 +282,22 @@ def is_sparse_archive(path: str | os.PathLike) -> bool:
     """Whether the file at `path` starts as a sparse archive does (False where there is no file)."""
     try:
         with open(path, "rb") as stream:
-            return stream.read(len(MAGIC)) == MAGIC
+            return stream.read(len(MAGIC)) in (MAGIC, FIRST_MAGIC)
     except OSError:
         return False
 
 
 def _read_header(path: Path, data: bytes) -> tuple[dict, int]:
-    if data[: len(MAGIC)] != MAGIC:
-        raise ValueError(f"{path}: not a sparse archive: expected magic {MAGIC!r}, found {data[:len(MAGIC)]!r}")
+    magic = data[: len(MAGIC)]
+    if magic not in (MAGIC, FIRST_MAGIC):
+        raise ValueError(f"{path}: not a sparse archive: expected magic {MAGIC!r}, found {magic!r}")
     header_length = int.from_bytes(data[len(MAGIC): len(MAGIC) + 8], "little")
-    start = len(MAGIC) + 8
+    start = len(MAGIC) + 8 + (4 if magic == MAGIC else 0)
     if start + header_length > len(data):
         raise ValueError(f"{path}: truncated: header of {header_length} bytes, file has {len(data)}")
+    stored_crc = data[start - 4: start] if magic == MAGIC else None
+    if stored_crc is not None and zlib.crc32(data[start: start + header_length]).to_bytes(4, "little") != stored_crc:
+        raise ValueError(f"{path}: the header fails its CRC-32 check: the file is damaged")
     try:
         header = json.loads(data[start: start + header_length].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -3,11 +3,26 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 
 import pytest
 import torch
 
 from pruning import check_decoded, entropy_bound, load_sparse_archive, save_sparse_archive
+
+
+def split_archive(data: bytes) -> tuple[dict, bytes]:
+    """An archive's JSON header and its payload (the blobs)."""
+    header_length = int.from_bytes(data[8:16], "little")
+    return json.loads(data[20:20 + header_length]), bytes(data[20 + header_length:])
+
+
+def join_archive(header, payload: bytes, first_layout: bool = False) -> bytes:
+    """An archive of `header` (written as JSON) and `payload`; `first_layout`: YASPARS1, no header CRC."""
+    raw = json.dumps(header).encode()
+    if first_layout:
+        return b"YASPARS1" + len(raw).to_bytes(8, "little") + raw + payload
+    return b"YASPARS2" + len(raw).to_bytes(8, "little") + zlib.crc32(raw).to_bytes(4, "little") + raw + payload
 
 
 def sparse_normal(shape, density: float, generator: torch.Generator, std: float = 0.05) -> torch.Tensor:
@@ -89,17 +104,15 @@ def test_bad_input_and_bad_files_raise_clear_errors(tmp_path):
     save_sparse_archive({"w": torch.randn(64, 64), "b": torch.randn(64)}, path)
     data = path.read_bytes()
     (tmp_path / "bad_magic.yasp").write_bytes(b"NOTMAGIC" + data[8:])
-    with pytest.raises(ValueError, match=r"bad_magic.yasp: not a sparse archive: expected magic b'YASPARS1'"):
+    with pytest.raises(ValueError, match=r"bad_magic.yasp: not a sparse archive: expected magic b'YASPARS2'"):
         load_sparse_archive(tmp_path / "bad_magic.yasp")
     (tmp_path / "truncated.yasp").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"truncated.yasp: tensor '\w+' cannot be rebuilt: ValueError: truncated: blob"):
         load_sparse_archive(tmp_path / "truncated.yasp")
-    header_length = int.from_bytes(data[8:16], "little")
-    header = json.loads(data[16:16 + header_length])
+    header, payload = split_archive(data)
 
     def write_with_header(name: str, changed: dict):
-        raw = json.dumps(changed).encode()
-        (tmp_path / name).write_bytes(data[:8] + len(raw).to_bytes(8, "little") + raw + data[16 + header_length:])
+        (tmp_path / name).write_bytes(join_archive(changed, payload))
         return tmp_path / name
     with pytest.raises(ValueError, match=r"no_list.yasp: corrupt header: expected a 'tensors' list, found None"):
         load_sparse_archive(write_with_header("no_list.yasp", {"compression": header["compression"]}))
@@ -118,13 +131,13 @@ def test_a_flipped_bit_is_caught_by_the_blobs_crc(tmp_path):
     path = tmp_path / "model.yasp"
     save_sparse_archive({"w": torch.randn(64, 64), "b": torch.randn(64)}, path)
     data = bytearray(path.read_bytes())
+    header, payload = split_archive(data)
     header_length = int.from_bytes(data[8:16], "little")
-    header = json.loads(data[16:16 + header_length])
     offset, length, _ = next(entry for entry in header["tensors"] if entry["name"] == "b")["blobs"]["data"]
     flipped = 0
     for bit in range(8 * length):                      # every single-bit flip of the blob: caught, or harmless
         damaged = bytearray(data)
-        damaged[16 + header_length + offset + bit // 8] ^= 1 << (bit % 8)
+        damaged[20 + header_length + offset + bit // 8] ^= 1 << (bit % 8)
         (tmp_path / "damaged.yasp").write_bytes(damaged)
         try:
             loaded = load_sparse_archive(tmp_path / "damaged.yasp")
@@ -134,11 +147,27 @@ def test_a_flipped_bit_is_caught_by_the_blobs_crc(tmp_path):
             continue
         assert torch.equal(loaded["b"], load_sparse_archive(path)["b"]), f"bit {bit}: loaded with other values"
     assert flipped > 0.9 * 8 * length
-    old_style = json.dumps({**header, "tensors": [{**entry, "blobs": {k: v[:2] for k, v in entry["blobs"].items()}}
-                                                  for entry in header["tensors"]]}).encode()
-    (tmp_path / "old.yasp").write_bytes(bytes(data[:8]) + len(old_style).to_bytes(8, "little") + old_style
-                                        + bytes(data[16 + header_length:]))
+    old_style = {**header, "tensors": [{**entry, "blobs": {k: v[:2] for k, v in entry["blobs"].items()}}
+                                       for entry in header["tensors"]]}
+    (tmp_path / "old.yasp").write_bytes(join_archive(old_style, payload, first_layout=True))
     assert torch.equal(load_sparse_archive(tmp_path / "old.yasp")["b"], load_sparse_archive(path)["b"])  # no CRC: loads
+
+
+def test_a_changed_header_is_caught_by_its_crc(tmp_path):
+    """Found by a review: the JSON header had no checksum, so one changed digit of an int8 scale
+    loaded silently and moved the detector's boxes by up to 144 px."""
+    path = tmp_path / "model.yasp"
+    save_sparse_archive({"w": torch.randn(16, 16)}, path, value_format="int8")
+    data = path.read_bytes()
+    header, payload = split_archive(data)
+    scale = json.dumps(header["tensors"][0]["scale"]).encode()
+    damaged = data.replace(scale, scale[:-1] + (b"1" if scale[-1:] != b"1" else b"2"), 1)
+    assert damaged != data and len(damaged) == len(data)
+    (tmp_path / "damaged.yasp").write_bytes(damaged)
+    with pytest.raises(ValueError, match=r"damaged.yasp: the header fails its CRC-32 check: the file is damaged"):
+        load_sparse_archive(tmp_path / "damaged.yasp")
+    (tmp_path / "first.yasp").write_bytes(join_archive(header, payload, first_layout=True))  # YASPARS1 still loads
+    assert torch.equal(load_sparse_archive(tmp_path / "first.yasp")["w"], load_sparse_archive(path)["w"])
 
 
 def test_int8_stores_the_weights_it_rounds_to_zero_as_pruned(tmp_path):
