@@ -5,8 +5,10 @@ pixels and classes as model class indices, and which turns back into a COCO grou
 (`to_coco()`) for pycocotools.
 
 - `load_coco_json(images_dir, annotations_json)`: model class i is the i-th category by sorted id
-  (for COCO's 80 categories this is Darknet's coco.names order). Annotations are kept as they are,
-  with their `area` (the segmentation area COCO uses for the small/medium/large split) and `iscrowd`.
+  (for COCO's 80 categories this is Darknet's coco.names order). Annotations keep their `area` (the
+  segmentation area COCO uses for the small/medium/large split) and `iscrowd`; boxes are clipped to
+  their image, as detections are, and those left without area dropped, each with one warning per
+  json (a box that overhangs its image could never be matched exactly).
 - `load_yolo_dataset(data_yaml, split)`: Ultralytics-style data yaml. Category id of class i is i+1.
   Boxes are clipped to the image and degenerate ones dropped; an image without a label file (or
   with an empty one) is a background image without objects.
@@ -45,6 +47,7 @@ import yaml
 from PIL import Image
 
 IMAGE_SUFFIXES = (".bmp", ".dng", ".jp2", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm")
+OVERHANG_SLACK_PIXELS = 1.0   # COCO boxes this far past their image are rounding: clipped without a word
 ROUNDING_SLACK = 0.01   # label coordinates this far outside [0, 1] are rounding, not another unit
 
 
@@ -140,6 +143,7 @@ def load_coco_json(images_dir: str | Path, annotations_json: str | Path) -> Dete
     class_of_category = {c["id"]: i for i, c in enumerate(categories)}
     objects = _group_coco_annotations(coco["annotations"], class_of_category, annotations_json)
     records, seen_ids = [], set()
+    overhanging = without_area = 0
     for image in coco["images"]:
         _check_entry(image, {"id": int, "file_name": str, "width": int, "height": int}, "image", annotations_json)
         if image["width"] <= 0 or image["height"] <= 0:
@@ -153,13 +157,26 @@ def load_coco_json(images_dir: str | Path, annotations_json: str | Path) -> Dete
         if not path.is_file():
             raise FileNotFoundError(f"{annotations_json}: image id {image['id']} -> {path}: not found")
         boxes, classes, iscrowd, areas = objects.pop(image["id"], ([], [], [], []))
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        scale = np.array([image["width"], image["height"]] * 2, np.float32)
+        clipped = np.clip(boxes, 0, scale)
+        valid = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+        overhanging += int(((np.abs(clipped - boxes) > OVERHANG_SLACK_PIXELS).any(axis=1) & valid).sum())
+        without_area += int((~valid).sum())
         records.append(DetectionRecord(
             image_id=int(image["id"]), path=path, width=int(image["width"]), height=int(image["height"]),
-            boxes=np.asarray(boxes, np.float32).reshape(-1, 4), classes=np.asarray(classes, np.int64),
-            iscrowd=np.asarray(iscrowd, bool), areas=np.asarray(areas, np.float32)))
+            boxes=clipped[valid], classes=np.asarray(classes, np.int64).reshape(-1)[valid],
+            iscrowd=np.asarray(iscrowd, bool).reshape(-1)[valid],
+            areas=np.asarray(areas, np.float32).reshape(-1)[valid]))
     if objects:
         raise ValueError(f"{annotations_json}: annotations refer to image ids not in 'images': "
                          f"{sorted(objects)[:5]}")
+    if overhanging:
+        warnings.warn(f"{annotations_json}: annotations whose box reaches more than {OVERHANG_SLACK_PIXELS:g} px "
+                      f"outside its image: {overhanging}; they were clipped to the image", stacklevel=2)
+    if without_area:
+        warnings.warn(f"{annotations_json}: annotations whose box has no area in its image (a width or height "
+                      f"of 0, or entirely outside): {without_area}; they were dropped", stacklevel=2)
     return DetectionSource(records, [str(c["name"]) for c in categories], [int(c["id"]) for c in categories])
 
 
