@@ -7,6 +7,7 @@ the images of a `DetectionSource`.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,15 +52,23 @@ def read_rgb(path: str | Path, orientation: int = 1) -> np.ndarray:
 
 def read_annotated_image(path: str | Path, orientation: int, annotated_wh: tuple[int, int]) -> np.ndarray:
     """`read_rgb(path, orientation)`, turned by the file's own EXIF orientation when the annotation's
-    `annotated_wh` is that of the displayed image rather than the stored one (a COCO json written by
-    a tool that applied the tag). Another size is left to the caller, who scales the annotation to
+    `annotated_wh` has the shape of the displayed image rather than of the stored one (a COCO json
+    written by a tool that applied the tag; the file may have been resized since, so the aspect
+    ratio decides, not the size). Another size is left to the caller, who scales the annotation to
     the image (training) or the detections to the annotation (evaluation), so both agree."""
     image = read_rgb(path, orientation)
     if orientation == 1 and (image.shape[1], image.shape[0]) != tuple(annotated_wh):
         tag = exif_orientation(Path(path))
-        if tag in TRANSPOSING_ORIENTATIONS and (image.shape[0], image.shape[1]) == tuple(annotated_wh):
+        if tag in TRANSPOSING_ORIENTATIONS and _closer_turned(image.shape[1], image.shape[0], *annotated_wh):
             return read_rgb(path, tag)
     return image
+
+
+def _closer_turned(width: int, height: int, annotated_w: int, annotated_h: int) -> bool:
+    """Whether an annotation of `annotated_w` x `annotated_h` is closer in aspect ratio to the stored
+    `width` x `height` turned by 90 degrees than to it as stored (a square is never turned)."""
+    annotated = math.log(annotated_w / annotated_h)
+    return abs(annotated - math.log(height / width)) < abs(annotated - math.log(width / height))
 
 
 def to_network_input(image: np.ndarray, net_w: int, net_h: int, letterbox: bool) -> tuple[torch.Tensor, FitTransform]:

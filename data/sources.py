@@ -26,8 +26,8 @@ Image sizes come from the file header (PIL). EXIF orientation: YOLO txt labels a
 as displayed, so those images are turned by their EXIF orientation tag when read, as Ultralytics and
 Darknet (built with OpenCV) do, and their sizes are the turned ones (`DetectionRecord.orientation`);
 COCO json boxes are taken in stored pixel order, as the COCO annotations are, unless the json's
-width and height are those of the displayed image and not the stored one (orientations 5-8; with
-2-4 the sizes agree and the stored pixels are used). A file of another size than its json entry says
+width and height have the shape of the displayed image and not of the stored one (orientations
+5-8, also after a resize; with 2-4 the shapes agree and the stored pixels are used). A file of another size than its json entry says
 (resized after annotating) is scaled to the annotation in training and in evaluation alike
 (`data.read_annotated_image`).
 """

@@ -387,11 +387,14 @@ def test_coco_images_whose_files_differ_from_the_json_agree_in_training_and_eval
     exif = stored.getexif()
     exif[0x0112] = 6
     stored.save(images / "turned.png", exif=exif)            # annotated as displayed: 20 x 40
+    stored.resize((20, 10), Image.NEAREST).save(images / "turned_half.png", exif=exif)   # and then halved
     coco = {"categories": [{"id": 1, "name": "box"}],
             "images": [{"id": 1, "file_name": "small.jpg", "width": 64, "height": 48},
-                       {"id": 2, "file_name": "turned.png", "width": 20, "height": 40}],
+                       {"id": 2, "file_name": "turned.png", "width": 20, "height": 40},
+                       {"id": 3, "file_name": "turned_half.png", "width": 20, "height": 40}],
             "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [16, 8, 32, 24]},
-                            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [2, 5, 10, 10]}]}
+                            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [2, 5, 10, 10]},
+                            {"id": 3, "image_id": 3, "category_id": 1, "bbox": [2, 5, 10, 10]}]}
     (tmp_path / "instances.json").write_text(json.dumps(coco))
     source = load_coco_json(images, tmp_path / "instances.json")
     evaluation = InferenceDataset.from_source(source, 64, 64, letterbox=False)
@@ -404,6 +407,11 @@ def test_coco_images_whose_files_differ_from_the_json_agree_in_training_and_eval
     image, labels = train[1]
     assert image[:, 10:22, 8:36].float().mean() > 250              # the square where the json says (y 8..24, x 6..38)
     np.testing.assert_allclose(labels[0, 1:].numpy(), [7 / 20, 10 / 40, 10 / 20, 10 / 40], atol=1e-6)
+    # found by a review: a turned file resized after annotating was read as stored (only an exact
+    # size match turned it), its pixels stretched into the annotation's frame
+    half, half_labels = train[2]
+    assert half[:, 10:22, 8:36].float().mean() > 200 and half.float().mean() < 100      # blurred by the upscale
+    np.testing.assert_allclose(half_labels[0, 1:].numpy(), labels[0, 1:].numpy())
 
 
 @pytest.mark.parametrize("orientation", [3, 6])
