@@ -57,6 +57,7 @@ from detector.predict import inference_copy
 from detector.prune_job import RECORDED_ONLY, PruneJob
 from detector.train import (DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes,
                             check_training_options)
+from detector.weights import WeightsHeader
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, describe_changes,
                     distributed, find_latest_checkpoint, held_iteration, output_folder, remove_stale_temp_files,
                     resolve_device, resolved_paths, run_folder_lock, seeded_cpu_stream)
@@ -194,8 +195,12 @@ def stage_done(path: Path) -> dict[str, Any] | None:
 
 
 def save_state(path: Path, model: torch.nn.Module, masks: pruning.Masks) -> None:
+    """A stage's model and masks, and the `.weights` header the model was read with (so that a
+    resumed run exports the same file)."""
     if distributed.is_main():
-        atomic_torch_save({"model": model.state_dict(), "masks": masks.state_dict()}, path)
+        header = getattr(model, "weights_header", None)
+        atomic_torch_save({"model": model.state_dict(), "masks": masks.state_dict(),
+                           "weights_header": None if header is None else asdict(header)}, path)
 
 
 def load_state(path: Path, ctx: RunContext) -> tuple[torch.nn.Module, pruning.Masks]:
@@ -209,6 +214,8 @@ def load_state(path: Path, ctx: RunContext) -> tuple[torch.nn.Module, pruning.Ma
                          f"delete it to run that stage again") from error
     model = ctx.named(detector.load_darknet(ctx.job.cfg))
     model.load_state_dict(state["model"])
+    if state.get("weights_header") is not None:                 # states of older runs have none
+        model.weights_header = WeightsHeader(**state["weights_header"])
     masks = pruning.Masks({name: mask for name, mask in state["masks"].items()})
     return model, masks
 
@@ -298,6 +305,11 @@ def silence_constant_channels(model: torch.nn.Module) -> int:
     return silenced
 
 
+def exported_files_exist(report: dict[str, Any]) -> bool:
+    """Whether every file an export report names (`path`; `weights`, `cfg`, `names`) is still there."""
+    return all(Path(report[key]).is_file() for key in ("path", "weights", "cfg", "names") if key in report)
+
+
 def sparsity_folder_name(sparsity: float) -> str:
     """``sparsity_<s>`` with Python's shortest exact repr of ``s`` (0.8 -> ``sparsity_0.8``): one
     folder per distinct value, so no two runs of a sweep can share one."""
@@ -309,8 +321,10 @@ def run_sparsity(ctx: RunContext, sparsity: float, dense: dict[str, Any]) -> dic
     folder = ctx.root / sparsity_folder_name(sparsity)
     folder.mkdir(parents=True, exist_ok=True)
     finished = stage_done(folder / "results.json")
-    if finished is not None and set(ctx.job.export) <= set(finished["exports"]):
-        return finished                      # else a rerun asks for formats it has not written: export them
+    done = {} if finished is None else {name: report for name, report in finished["exports"].items()
+                                        if not isinstance(report, dict) or exported_files_exist(report)}
+    if finished is not None and set(ctx.job.export) <= set(done):
+        return finished          # else a rerun asks for formats it has not written (or whose files are gone)
     started = time.perf_counter()
     model, masks = prune_stage(ctx, sparsity, folder)
     hard = stage_done(folder / "hard_prune.json") or ctx.record("hard_prune", model, folder, masks)
@@ -322,7 +336,6 @@ def run_sparsity(ctx: RunContext, sparsity: float, dense: dict[str, Any]) -> dic
     if distributed.is_main():
         pruning.save_kept_fraction_plot(rows, folder / "layers.png",
                                         f"{ctx.job.method}: {100 * retrained['sparsity']:.1f}% of weights removed")
-        done = finished["exports"] if finished is not None else {}      # a rerun writes the formats it lacks
         missing = [name for name in ctx.job.export if name not in done]
         exports = {**done, **(export_model(model.cpu().eval(), folder / "export", missing, masks=masks.to("cpu"),
                                            img_size=ctx.size, stem="pruned") if missing else {})}

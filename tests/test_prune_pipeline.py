@@ -139,6 +139,22 @@ def test_killed_run_resumes_to_the_same_result(kill_point, shapes_yaml, uninterr
         torch.testing.assert_close(resumed["model"][name], weight, rtol=0, atol=1e-6, msg=name)
 
 
+def test_a_stage_state_keeps_the_weights_header_so_a_resumed_run_exports_the_same_file(tmp_path):
+    """Found by a review: a resumed run rebuilt its model from the cfg alone, so its exported
+    `.weights` had `seen` 0 where the uninterrupted run kept the source file's."""
+    from types import SimpleNamespace
+
+    from detector.weights import WeightsHeader
+
+    model = load_darknet(DEMO_CFG)
+    model.weights_header = WeightsHeader(major=0, minor=1, revision=0, seen=14231680)   # as a source file had
+    masks = pruning.magnitude_prune(model, 0.5)
+    prune_pipeline.save_state(tmp_path / "hard_prune.pt", model, masks)
+    context = SimpleNamespace(job=SimpleNamespace(cfg=DEMO_CFG), named=lambda built: built)
+    loaded, _ = prune_pipeline.load_state(tmp_path / "hard_prune.pt", context)
+    assert loaded.weights_header == model.weights_header
+
+
 def test_every_sparsity_of_a_sweep_gets_its_own_folder():
     names = [prune_pipeline.sparsity_folder_name(s) for s in (0.6, 0.6004, 0.999, 0.9991, 0.9995, 0.5)]
     assert names[0] == "sparsity_0.6" and names[-1] == "sparsity_0.5"
@@ -346,6 +362,9 @@ def test_a_finished_run_asked_for_another_format_exports_it(shapes_yaml, tmp_pat
     recorded = json.loads((folder / "export" / "export.json").read_text())
     assert {"compact", "onnx", "darknet"} <= set(third["sweep"][0]["exports"]) and \
         {"compact", "onnx", "darknet"} <= set(recorded)             # the earlier formats stay on record
+    (folder / "export" / "pruned.onnx").unlink()                 # found by a review: a deleted file stayed gone
+    run_job(tiny_job(shapes_yaml, tmp_path / "run", admm_iters=1, retrain_epochs=1, export=["onnx"]))
+    assert (folder / "export" / "pruned.onnx").is_file()
 
 
 def test_export_of_a_stage_file_takes_the_cfg_its_run_records(uninterrupted, tmp_path, capsys):
