@@ -33,6 +33,7 @@ from pruning.masks import Masks
 from pruning.sparse_archive import is_sparse_archive
 
 STAGE_FILE_KEYS = {"model", "masks"}     # detect prune's sparsity_S/hard_prune.pt and retrained.pt
+STAGE_FILE_OPTIONAL_KEYS = {"weights_header"}
 EXPORT_STEM = "model"
 FORMAT_SUFFIXES = {"darknet": (".weights", ".cfg", ".names"), "onnx": (".onnx",), "compact": (".yaspars",)}
 EXPORT_NAMES = {f"{EXPORT_STEM}{suffix}" for suffixes in FORMAT_SUFFIXES.values() for suffix in suffixes}  # run's
@@ -168,7 +169,7 @@ def checkpoint_weights(checkpoint: str | Path) -> dict:
     writes hard_prune.pt and retrained.pt) or a trainer checkpoint (its EMA when it has one)."""
     path = checkpoint_file(checkpoint)
     saved = read_checkpoint_file(path)
-    if isinstance(saved, dict) and set(saved) == STAGE_FILE_KEYS:
+    if isinstance(saved, dict) and STAGE_FILE_KEYS <= set(saved) <= STAGE_FILE_KEYS | STAGE_FILE_OPTIONAL_KEYS:
         return saved["model"]
     state = checked_trainer_checkpoint(saved, path)
     ema = state.get("ema")
