@@ -43,7 +43,8 @@ from data.cifar import CIFAR10_CLASSES, CIFARDataset, decode_listing, list_cifar
 from data.mnist import MNISTDataset, mnist_files, read_mnist_files
 from data.seeded_batches import SeededBatchSampler
 from engine import (Trainer, TrainConfig, atomic_torch_save, atomic_write_bytes, distributed,
-                    find_latest_checkpoint, held_iteration, resolve_device, seed_everything, seeded_cpu_stream)
+                    find_latest_checkpoint, held_iteration, resolve_device, seed_everything, seeded_cpu_stream,
+                    unreadable_detail)
 
 ADMM_LR_SCHEDULES = ("constant", "cosine", "shared")
 METHODS = pruning.METHODS
@@ -252,8 +253,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{path}: not a readable weights file: expected a state dict or checkpoint of tensors "
                          f"that torch.load(weights_only=True) reads, found a file it cannot unpickle") from err
     except Exception as err:  # torch raises several unrelated types for a corrupt file
-        first_line = (str(err).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{path}: not a readable weights file ({type(err).__name__}: {first_line})") from err
+        raise ValueError(f"{path}: not a readable weights file, damaged or cut short? "
+                         f"({unreadable_detail(err)})") from err
     state = saved.get("model", saved.get("state_dict", saved)) if isinstance(saved, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a dict of tensors (optionally under 'model' or 'state_dict')")

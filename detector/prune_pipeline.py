@@ -60,7 +60,7 @@ from detector.train import (DetectTrainConfig, ValidationMap, build_detector_tra
 from detector.weights import WeightsHeader
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, describe_changes,
                     distributed, find_latest_checkpoint, held_iteration, output_folder, remove_stale_temp_files,
-                    resolve_device, resolved_paths, run_folder_lock, seeded_cpu_stream)
+                    resolve_device, resolved_paths, run_folder_lock, seeded_cpu_stream, unreadable_detail)
 
 LOG = logging.getLogger("yolo_admm.prune")
 
@@ -209,8 +209,7 @@ def load_state(path: Path, ctx: RunContext) -> tuple[torch.nn.Module, pruning.Ma
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:  # a damaged file
         if isinstance(error, torch.OutOfMemoryError):
             raise
-        detail = next(iter(str(error).splitlines()), "") or "empty or cut short"
-        raise ValueError(f"{path}: damaged stage state ({type(error).__name__}: {detail}); "
+        raise ValueError(f"{path}: damaged stage state ({unreadable_detail(error)}); "
                          f"delete it to run that stage again") from error
     model = ctx.named(detector.load_darknet(ctx.job.cfg))
     model.load_state_dict(state["model"])

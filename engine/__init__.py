@@ -3,7 +3,7 @@ from engine import distributed
 from engine.checkpoint import (atomic_torch_save, atomic_write, atomic_write_bytes, atomic_write_json,
                                changed_settings, describe_changes, find_latest_checkpoint, load_checkpoint,
                                load_error_summary, output_file, output_folder, remove_stale_temp_files, resolved_paths,
-                               save_checkpoint)
+                               save_checkpoint, unreadable_detail)
 from engine.ema import ModelEMA
 from engine.interrupts import held_interrupts, held_iteration
 from engine.rng import seed_everything, seeded_cpu_stream
@@ -38,4 +38,5 @@ __all__ = [
     "save_checkpoint",
     "seed_everything",
     "seeded_cpu_stream",
+    "unreadable_detail",
 ]

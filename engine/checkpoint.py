@@ -95,8 +95,16 @@ def read_checkpoint_file(path: Path, map_location: str | torch.device = "cpu") -
             (int(match.group(1)), entry.name) for entry in path.parent.iterdir()
             if (match := CHECKPOINT_PATTERN.match(entry.name)) and int(match.group(1)) < int(damaged.group(1)))
         hint = f"; delete it to resume from {older[-1][1]}" if older else ""
-        detail = (str(err).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {detail}){hint}") from err
+        raise ValueError(f"{path}: not a readable checkpoint, damaged or cut short? ({unreadable_detail(err)})"
+                         f"{hint}") from err
+
+
+def unreadable_detail(error: BaseException) -> str:
+    """"Type: first sentence" of a `torch.load` error, at most 200 characters (torch's own messages
+    run to several sentences of advice, which a one-line error cut mid-sentence)."""
+    text = " ".join(str(error).split())
+    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0] or "empty or cut short"
+    return f"{type(error).__name__}: {first if len(first) <= 200 else first[:197] + '...'}"
 
 
 def checked_trainer_checkpoint(state: Any, path: Path) -> dict[str, Any]:

@@ -485,13 +485,21 @@ def test_an_unreadable_newest_checkpoint_says_which_to_resume_from(tmp_path):
 
     torch.save({"epoch": 2, "step": 4, "model": {}}, tmp_path / "epoch_0002.pt")
     (tmp_path / "epoch_0003.pt").write_bytes(b"cut short")
-    with pytest.raises(ValueError, match=r"epoch_0003.pt: not a readable checkpoint .*delete it to resume from "
+    with pytest.raises(ValueError, match=r"epoch_0003.pt: not a readable checkpoint.*delete it to resume from "
                                          r"epoch_0002.pt"):
         load_checkpoint(tmp_path)
     (tmp_path / "epoch_0004.pt").write_bytes(b"x")            # a newer one is no way back from epoch 3
     (tmp_path / "epoch_0001.pt").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"delete it to resume from epoch_0002.pt$"):
         load_checkpoint(tmp_path / "epoch_0003.pt")
+    # found by a review: torch's several sentences of advice were cut mid-sentence at 200 characters
+    whole = (tmp_path / "epoch_0002.pt").read_bytes()
+    (tmp_path / "epoch_0003.pt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(tmp_path / "epoch_0003.pt")
+    message = str(error.value)
+    assert "epoch_0003.pt: not a readable checkpoint, damaged or cut short? (RuntimeError: " in message
+    assert message.endswith(".); delete it to resume from epoch_0002.pt") and "likelihood" not in message
 
 
 def test_atomic_writes_replace_whole_files_with_normal_permissions(tmp_path):
