@@ -205,6 +205,8 @@ def join_torchrun(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.epochs < 1:                                   # 0 would write the untrained weights as trained
+        raise ValueError(f"--epochs must be >= 1, found {args.epochs}")
     args.out = args.out or DEFAULT_RUN_DIR / f"{args.model}-dense.pt"
     check_output_files(args)
     check_checkpoint_dir(args)

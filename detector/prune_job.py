@@ -93,6 +93,8 @@ class PruneJob:
             raise ValueError(f"img_size must be a positive multiple of 32, found {self.img_size}")
         if self.layer_sparsity and self.method != "admm-layerwise":
             raise ValueError(f"layer_sparsity is for method admm-layerwise; method {self.method!r} would ignore it")
+        for pattern, value in (self.layer_sparsity or {}).items():
+            pruning.check_sparsity(value, f"layer_sparsity[{pattern!r}]")
         if self.ramp_from is not None and method.kind != "admm":
             raise ValueError(f"ramp_from is for the ADMM methods; method {self.method!r} prunes at once")
         for value in self.sparsity:

@@ -239,6 +239,8 @@ def test_bad_settings_name_what_is_wrong(shapes_yaml, tmp_path):
         tiny_job(shapes_yaml, tmp_path, ramp_from=0.7)
     with pytest.raises(ValueError, match="layer_sparsity is for method admm-layerwise; method 'admm-global' would"):
         tiny_job(shapes_yaml, tmp_path, layer_sparsity={"layers.0.*": 0.5})
+    with pytest.raises(ValueError, match=r"layer_sparsity\['layers.0.\*'\] must be in \[0, 1\) .*got 2.0"):
+        tiny_job(shapes_yaml, tmp_path, method="admm-layerwise", layer_sparsity={"layers.0.*": 2.0})  # was "sparsity"
     with pytest.raises(ValueError, match="ramp_from is for the ADMM methods"):
         tiny_job(shapes_yaml, tmp_path, ramp_from=0.2, method="magnitude-global")
     for setting, value, message in [("rho", "high", "rho must be a number, found 'high'"),
