@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="learning rate (default: the cfg's [net] learning_rate)")
     parser.add_argument("--burn-in", type=int, help="warm-up optimizer steps (default 0: the model is pretrained)")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default: [net] batch/subdivisions)")
-    parser.add_argument("--img-size", type=network_size, help="network input side (default: the cfg's width)")
+    parser.add_argument("--img-size", type=network_size,
+                        help="network input side (default: the cfg's width, which must equal its height)")
     parser.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--bn-images", type=int, help="training images whose statistics replace the BatchNorm running "

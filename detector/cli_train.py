@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=int, help="images per forward pass (default: [net] batch/subdivisions)")
     run.add_argument("--accumulate", type=int,
                      help="forward passes per optimizer step (default: [net] batch / batch size)")
-    run.add_argument("--img-size", type=network_size, metavar="N", help="input N x N (default: [net] width)")
+    run.add_argument("--img-size", type=network_size, metavar="N",
+                     help="input N x N (default: [net] width, which must equal its height)")
     run.add_argument("--lr", type=float, help="learning rate (default: [net] learning_rate)")
     run.add_argument("--momentum", type=float, help="SGD momentum (default: [net] momentum)")
     run.add_argument("--weight-decay", type=float, help="weight decay on conv weights (default: [net] decay)")

@@ -56,7 +56,7 @@ from detector.export import (check_class_names, dense_fp32_bytes, export_compact
 from detector.predict import inference_copy
 from detector.prune_job import RECORDED_ONLY, PruneJob
 from detector.train import (DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes,
-                            check_training_options)
+                            check_training_options, training_side)
 from detector.weights import WeightsHeader
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, describe_changes,
                     distributed, find_latest_checkpoint, held_iteration, output_folder, remove_stale_temp_files,
@@ -416,7 +416,7 @@ def make_context(job: PruneJob) -> RunContext:
     if "darknet" in job.export:  # its .names file: refused now, not after the training
         check_class_names(train.class_names, str(job.data or job.train_annotations))
     net = cfg.net
-    size = int(job.img_size or net.width)
+    size = training_side(cfg, job.img_size)
     letterbox = bool(net.letter_box)
     evaluator = ValidationMap(val, size, letterbox, batch_size=8, workers=job.workers,
                               device=resolve_device(job.device))

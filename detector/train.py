@@ -175,7 +175,7 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
     net = model.net
     check_classes(model.cfg.path, int(model.heads[0].num_classes), train_source, val_source)
     device = distributed.init_from_env(resolve_device(config.device))  # joins torchrun's group, if any
-    size = int(config.img_size or net.width)
+    size = training_side(model.cfg, config.img_size)
     batch_size, accumulate = default_batching(net.batch, net.subdivisions, distributed.world_size(),
                                               config.batch_size, config.accumulate)
     augment = darknet_augmentation(model.cfg, size, config.mosaic, config.augment)
@@ -208,10 +208,22 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
 
 
 def check_training_options(cfg: DarknetCfg, size: int | None, augment: bool, multi_scale: bool | None) -> None:
-    """What the last [yolo]'s jitter, resize and random can refuse, before any work (see
-    `darknet_augmentation` and `multi_scale_sides`)."""
-    darknet_augmentation(cfg, size or cfg.net.width, augment=augment)
-    multi_scale_sides(cfg, size or cfg.net.width, multi_scale)
+    """What the input size and the last [yolo]'s jitter, resize and random can refuse, before any
+    work (see `training_side`, `darknet_augmentation` and `multi_scale_sides`)."""
+    side = training_side(cfg, size)
+    darknet_augmentation(cfg, side, augment=augment)
+    multi_scale_sides(cfg, side, multi_scale)
+
+
+def training_side(cfg: DarknetCfg, size: int | None) -> int:
+    """The side of the square inputs training uses: `size`, else the cfg's [net] width, which must
+    then equal its height (a non-square cfg would otherwise train, evaluate and export square without
+    a word)."""
+    if size is None and cfg.net.width != cfg.net.height:
+        raise ValueError(f"{cfg.net.source.of('height')}: expected a square [net] (training uses square inputs), "
+                         f"found width={cfg.net.width} height={cfg.net.height}; choose the side with --img-size, "
+                         f"which the exports then take too")
+    return int(size or cfg.net.width)
 
 
 def darknet_augmentation(cfg: DarknetCfg, size: int, mosaic: float | None = None,

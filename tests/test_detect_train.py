@@ -273,6 +273,25 @@ def test_a_cfg_with_random_draws_batches_of_several_sides(shapes, tmp_path):
     assert fixed.train_loader.batch_sampler.sides is None
 
 
+def test_a_non_square_cfg_trains_and_prunes_only_at_a_side_given(shapes, tmp_path, capsys):
+    """Found by a review: a cfg of width=320 height=256 trained, evaluated and exported at 320x320
+    without a word, where eval, predict and export take 320x256."""
+    from yolo_admm.cli import main
+
+    data, _ = shapes
+    text = (Path(cli_train.__file__).parent / "cfgs" / "demo-tiny.cfg").read_text()
+    path = tmp_path / "wide.cfg"
+    path.write_text(text.replace("height=160", "height=128", 1))
+    height_line = path.read_text().splitlines().index("height=128") + 1
+    expected = (f"wide.cfg:{height_line} [net]: expected a square [net] (training uses square inputs), found "
+                f"width=160 height=128; choose the side with --img-size")
+    for command in (["detect", "train", "--cfg", str(path), "--data", str(data), "--out", str(tmp_path / "t")],
+                    ["detect", "prune", "--cfg", str(path), "--data", str(data), "--out", str(tmp_path / "p")]):
+        assert main(command) == 2
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "p" / "dense.json").exists()
+
+
 def test_a_jitter_that_can_crop_an_image_away_stops_training_before_any_work(shapes, tmp_path, capsys):
     from yolo_admm.cli import main
 
