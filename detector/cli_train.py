@@ -36,7 +36,8 @@ from engine import (atomic_write_json, changed_settings, describe_changes, distr
                     output_folder, resolved_paths, run_folder_lock, seed_everything)
 from yolo_admm.wording import counted
 
-RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume", "progress"}
+RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume", "progress",
+                   "out"}                                 # a run folder copied or moved resumes where it is
 PATH_FLAGS = {"cfg", "weights", "data", "images", "annotations", "val_images", "val_annotations", "out"}
 
 

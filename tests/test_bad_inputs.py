@@ -431,6 +431,11 @@ CASES = [
          lambda ws: [earlier_run(ws), _without_progress(ws.out / "args.json"),
                      detect_train(ws, "--no-progress", epochs=2)][2],
          (), code=0, absent=("error",), stdout=("resuming from", "epoch_0001.pt", "done: 2 epochs")),
+    Case("a-copied-run-folder-resumes-where-it-is",                   # found by a review: refused (--out changed)
+         lambda ws: [earlier_run(ws),
+                     shutil.copytree(ws.out, ws.root / "copy", ignore=shutil.ignore_patterns("*.lock")),
+                     detect_train(ws, out=ws.root / "copy", epochs=2)][2],
+         (), code=0, absent=("error",), stdout=("resuming from", "epoch_0001.pt", "done: 2 epochs")),
     Case("resume-with-another-cfg",
          lambda ws: [earlier_run(ws), other_model_weights(ws),
                      [str(ws.root / "other.cfg") if arg == str(ws.cfg) else arg
