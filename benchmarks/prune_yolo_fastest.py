@@ -180,7 +180,7 @@ def markdown_table(dense: dict[str, Any], methods: dict[str, dict[str, Any]]) ->
              "| measured sparsity | compact size | wall time |",
              "|---|---|---|---|---|---|---|---|---|",
              f"| 0 | dense | {dense['map50']:.3f} | - | 100% | {dense['map50_95']:.3f} | 0% | "
-             f"{dense['compact_bytes'] / 1024:.0f} KB | - |"]
+             f"{dense['compact_bytes'] / 1024:.0f} KiB | - |"]
     ratios = sorted({ratio for entries in methods.values() for ratio in entries}, key=float)
     for ratio in ratios:
         for method, entries in methods.items():
@@ -190,7 +190,7 @@ def markdown_table(dense: dict[str, Any], methods: dict[str, dict[str, Any]]) ->
             lines.append(f"| {float(ratio):.0%} | {method} | {e['hard_prune']['map50']:.3f} | "
                          f"{e['retrained']['map50']:.3f} | {e['map50_kept_of_dense']:.1%} | "
                          f"{e['retrained']['map50_95']:.3f} | {e['measured_sparsity']:.1%} | "
-                         f"{e['compact_bytes'] / 1024:.0f} KB | {e['wall_time_s'] / 60:.1f} min |")
+                         f"{e['compact_bytes'] / 1024:.0f} KiB | {e['wall_time_s'] / 60:.1f} min |")
     return "\n".join(lines)
 
 

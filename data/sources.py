@@ -282,11 +282,13 @@ def load_yolo_dataset(data_yaml: str | Path, split: str = "val") -> DetectionSou
                       f"{label_path(image_paths[0])}); all are used as images without objects", stacklevel=2)
     if repeated:
         warnings.warn(f"{where}: {_label_lines(len(repeated), 'repeat', 'repeats')} an earlier line of their file "
-                      f"and were dropped (one object each, as Ultralytics takes them); first: {repeated[0]}",
+                      f"and {_were(len(repeated))} dropped (one object each, as Ultralytics takes them); "
+                      f"first: {repeated[0]}",
                       stacklevel=2)
     if empty:
         warnings.warn(f"{where}: {_label_lines(len(empty), 'have', 'has')} no area in the image (a width or height "
-                      f"of 0, or below float32's resolution) and were dropped; first: {empty[0]}", stacklevel=2)
+                      f"of 0, or below float32's resolution) and {_were(len(empty))} dropped; first: {empty[0]}",
+                      stacklevel=2)
     _check_outside_lines(where, outside, lines)
     return DetectionSource(records, names, list(range(1, len(names) + 1)))
 
@@ -294,6 +296,10 @@ def load_yolo_dataset(data_yaml: str | Path, split: str = "val") -> DetectionSou
 def _label_lines(count: int, plural_verb: str, singular_verb: str) -> str:
     """"1 label line has", "2 label lines have"."""
     return f"1 label line {singular_verb}" if count == 1 else f"{count} label lines {plural_verb}"
+
+
+def _were(count: int) -> str:
+    return "was" if count == 1 else "were"
 
 
 def _check_outside_lines(where: str, outside: list[tuple[str, float]], lines: int) -> None:
@@ -307,7 +313,8 @@ def _check_outside_lines(where: str, outside: list[tuple[str, float]], lines: in
         which = "its one label line has" if lines == 1 else f"every one of its {lines} label lines has"
         raise ValueError(f"{where}: {which} coordinates outside [0, 1] "
                          f"({expected}; pixel coordinates?), e.g. {first}")
-    warnings.warn(f"{where}: {len(outside)} of {lines} label lines have coordinates outside [0, 1] ({expected}); "
+    warnings.warn(f"{where}: {len(outside)} of {lines} label lines {'has' if len(outside) == 1 else 'have'} "
+                  f"coordinates outside [0, 1] ({expected}); "
                   f"their boxes were clipped to the image, or dropped when entirely outside; first: {first}",
                   stacklevel=3)
 

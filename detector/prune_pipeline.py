@@ -61,6 +61,7 @@ from detector.weights import WeightsHeader
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, describe_changes,
                     distributed, find_latest_checkpoint, held_iteration, output_folder, remove_stale_temp_files,
                     resolve_device, resolved_paths, run_folder_lock, seeded_cpu_stream, unreadable_detail)
+from yolo_admm.wording import counted
 
 LOG = logging.getLogger("yolo_admm.prune")
 
@@ -152,7 +153,8 @@ class RunContext:
             update_bn(held_iteration(loader), model, device)
         silenced = silence_constant_channels(model)
         if silenced:
-            LOG.info("BatchNorm: %d channels constant on the calibration images, their scale set to 0", silenced)
+            LOG.info("BatchNorm: %s constant on the calibration images, their scale set to 0",
+                     counted(silenced, "channel"))
 
     def record(self, stage: str, model: torch.nn.Module, folder: Path,
                masks: pruning.Masks | None = None) -> dict[str, Any]:
@@ -356,7 +358,7 @@ def format_stage_table(sweep: list[dict[str, Any]]) -> str:
         for record in result["stages"]:
             lines.append(f"{result['target_sparsity']:>7.2f} {record['stage']:<11} {record['map50_95']:>9.4f} "
                          f"{record['map50']:>7.4f} {record['nonzero_prunable']:>10,d} "
-                         f"{100 * record['sparsity']:>8.2f}% {record['compact_bytes'] / 1024:>8.1f}KB "
+                         f"{100 * record['sparsity']:>8.2f}% {record['compact_bytes'] / 1024:>7.1f}KiB "
                          f"{record['cpu_latency_ms']:>7.2f}")
     return "\n".join(lines)
 

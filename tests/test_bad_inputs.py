@@ -361,7 +361,7 @@ CASES = [
           "expected e.g. {ds}/labels/val/000000.txt"), code=0, absent=("error",),
          files={"ds/labels/val/000000.txt": None, "ds/labels/val/000001.txt": None}),
     Case("label-outside-the-image-warns", detect_eval,
-         ("warning: {data}: split 'val': 1 of 3 label lines have coordinates outside [0, 1]",
+         ("warning: {data}: split 'val': 1 of 3 label lines has coordinates outside [0, 1]",
           "{ds}/labels/val/000000.txt:2: '1 1.3 0.5 0.2 0.2'"), code=0, absent=("error",),
          files={"ds/labels/val/000000.txt": "0 0.5 0.5 0.2 0.2\n1 1.3 0.5 0.2 0.2\n",
                 "ds/labels/val/000001.txt": "3 0.4 0.4 0.3 0.3\n"}),

@@ -173,7 +173,7 @@ def write_yolo_dataset(root: Path, names_yaml: str) -> Path:
 
 @pytest.mark.parametrize("names_yaml", ["names: [dog, person]\n", "names:\n  0: dog\n  1: person\n"])
 def test_yolo_dataset_reads_labels_relative_to_yaml_path(tmp_path, names_yaml):
-    with pytest.warns(UserWarning, match=r"1 of 4 label lines have coordinates outside \[0, 1\].*042.txt:3"):
+    with pytest.warns(UserWarning, match=r"1 of 4 label lines has coordinates outside \[0, 1\].*042.txt:3"):
         src = load_yolo_dataset(write_yolo_dataset(tmp_path / "ds", names_yaml), split="val")
     assert src.class_names == ["dog", "person"] and src.category_ids == [1, 2]
     empty, labelled = src.records  # sorted by path: ...007.png before ...042.jpg
@@ -195,7 +195,7 @@ def one_image_dataset(root: Path, labels: str) -> Path:
 
 def test_a_split_whose_every_line_is_outside_only_by_rounding_warns_and_is_not_refused(tmp_path):
     """Found by a review: one label line at w 1.000001 made its split an error ("pixel coordinates?")."""
-    with pytest.warns(UserWarning, match=r"1 of 1 label lines have coordinates outside \[0, 1\]"):
+    with pytest.warns(UserWarning, match=r"1 of 1 label lines has coordinates outside \[0, 1\]"):
         source = load_yolo_dataset(one_image_dataset(tmp_path, "0 0.5 0.5 1.000001 0.2\n"))
     np.testing.assert_allclose(source.records[0].boxes, [[0, 16, 40, 24]], atol=1e-4)
     with pytest.raises(ValueError, match="its one label line has coordinates outside"):
