@@ -24,7 +24,7 @@ from PIL import Image
 from data.eval_dataset import InferenceDataset
 from data.sources import IMAGE_SUFFIXES, exif_orientation, images_below
 from detector.cli import add_model_arguments, load_model, model_num_classes, read_class_names
-from detector.predict import earlier_entries, predict
+from detector.predict import annotated_names, earlier_entries, predict
 from engine import output_folder
 from yolo_admm.wording import counted
 
@@ -98,11 +98,19 @@ def readable_images(images: list[Path]) -> list[Path]:
 
 def check_out_folder(out: Path, images: list[Path]) -> None:
     """--out must not be the folder of an input image (the one holding it, or a link to it, and the
-    one its file is in): its annotated copy would replace it."""
+    one its file is in): its annotated copy would replace it. Nor may an annotated copy replace a
+    file there that an earlier predict did not write (its detections.json does not list it)."""
     inputs = {image.parent.resolve() for image in images} | {image.resolve().parent for image in images}
     if out.resolve() in inputs:
         raise ValueError(f"--out {out}: expected a folder that holds none of the input images, found one that does "
                          f"(their annotated copies would replace them); choose another --out")
+    ours = annotated_copies(out)
+    foreign = [name for name in annotated_names(images)
+               if os.path.lexists(out / name) and os.path.realpath(out / name) not in ours]
+    if foreign:
+        raise ValueError(f"--out {out}: expected a folder whose files of these names an earlier predict wrote, found "
+                         f"{counted(len(foreign), 'other file')} that the annotated images would replace (e.g. "
+                         f"{foreign[0]}); choose another --out")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -150,6 +150,12 @@ def earlier_entries(json_path: Path) -> list[dict]:
             and entry["annotated"].endswith(".jpg") and Path(entry["annotated"]).name == entry["annotated"]]
 
 
+def annotated_names(paths: Sequence[Path]) -> list[str]:
+    """The names `predict` gives the annotated copies of `paths`, in order."""
+    used: set[str] = set()
+    return [_unique_name(Path(path), used) for path in paths]
+
+
 def _unique_name(path: Path, used: set[str]) -> str:
     """`<stem>.jpg`, with _1, _2... added when an earlier image had the same stem."""
     name, index = f"{path.stem}.jpg", 0

@@ -202,6 +202,13 @@ def test_cli_predict_writes_annotated_images_and_json(tmp_path, rectangle_model)
         assert red[0] == pytest.approx(0, abs=1.5) and red[1] == pytest.approx(0, abs=1.5)
         annotated = cv2.imread(str(tmp_path / "out" / result["annotated"]))
         assert annotated.shape == (result["height"], result["width"], 3)
+    again = ["detect", "predict", "--cfg", "m.cfg", "--weights", "w", str(images), "--names", str(names)]
+    assert yolo_admm_main([*again, "--out", str(tmp_path / "out")]) == 0           # its own files: replaced
+    # found by a review: a file of the user's with an annotated image's name was replaced without a word
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "2.jpg").write_text("important")
+    assert yolo_admm_main([*again, "--out", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine" / "2.jpg").read_text() == "important"
 
 
 def test_cli_predict_on_folders_as_users_keep_them(tmp_path, rectangle_model, capsys, monkeypatch):
