@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -231,7 +232,7 @@ def test_jitter_resize_and_random_come_from_the_last_yolo_layer(tmp_path):
     assert (augment.size, augment.jitter, augment.resize) == (320, 0.3, 1.5)
     assert darknet_augmentation(cfg, 320, mosaic=1.0).mosaic == 1.0
     for options, line, message in (("jitter=.5", 172, "jitter=0.5 with resize=1 can crop an image away"),
-                                   ("jitter=.35\nresize=1.5", 172, "jitter=0.35 with resize=1.5 can crop an image away"),
+                                   ("jitter=.35\nresize=1.5", 172, "jitter=0.35 with resize=1.5 can crop"),
                                    ("jitter=.2\nresize=0", 173, r"resize=0: expected a zoom factor > 0"),
                                    ("resize=2.5", 167, "jitter=0.2 with resize=2.5 can crop")):   # jitter unwritten
         cfg = load_darknet(demo_cfg_with_last_yolo(tmp_path, options)).cfg
@@ -301,6 +302,22 @@ def test_a_jitter_that_can_crop_an_image_away_stops_training_before_any_work(sha
     assert main(["detect", "train", "--cfg", str(path), "--data", str(data), "--out", str(out), "--epochs", "1"]) == 2
     assert "last.cfg:172 [yolo]: jitter=0.5 with resize=1 can crop an image away" in capsys.readouterr().err
     assert [path.name for path in out.iterdir()] == [".yolo-admm.lock"]         # no args.json, no checkpoint
+
+
+def test_a_cfg_left_at_its_testing_batch_of_1_is_warned_of(shapes, tmp_path):
+    """Found by a review: yolov3-tiny.cfg's active lines are its '# Testing' batch=1, so training took
+    one image per step without a word."""
+    from detector.train import build_detector_trainer
+
+    _, source = shapes
+    path = tmp_path / "testing.cfg"
+    path.write_text(TINY_CFG.replace("batch=8\n", "batch=1\n", 1))
+    config = DetectTrainConfig(epochs=1, eval_every=0, device="cpu", progress=False, workers=0, burn_in=0)
+    with pytest.warns(UserWarning, match=r"testing.cfg:\d+ \[net\]: \[net\] batch=1, the testing setting"):
+        build_detector_trainer(load_darknet(path), source, None, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_detector_trainer(load_darknet(path), source, None, replace(config, batch_size=4, accumulate=1))
 
 
 def test_per_layer_training_options_darknet_would_apply_are_warned_of(shapes, tmp_path):
