@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
     train = modes.add_parser("train", help="dense training")
     add_common_arguments(train)
-    train.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
+    train.add_argument("--epochs", type=int, default=10, help="training epochs (default 10; 0 writes the initial weights, seeded by --seed)")
     add_training_arguments(train)
     train.add_argument("--out", type=Path, default=None,
                        help=f"write the weights here (default: {DEFAULT_RUN_DIR}/MODEL-dense.pt)")
@@ -205,8 +205,6 @@ def join_torchrun(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    if args.epochs < 1:                                   # 0 would write the untrained weights as trained
-        raise ValueError(f"--epochs must be >= 1, found {args.epochs}")
     args.out = args.out or DEFAULT_RUN_DIR / f"{args.model}-dense.pt"
     check_output_files(args)
     check_checkpoint_dir(args)
