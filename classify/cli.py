@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
     train = modes.add_parser("train", help="dense training")
     add_common_arguments(train)
-    train.add_argument("--epochs", type=int, default=10, help="training epochs (default 10; 0 writes the initial weights, seeded by --seed)")
+    train.add_argument("--epochs", type=int, default=10,
+                       help="training epochs (default 10; 0 writes the initial weights, seeded by --seed)")
     add_training_arguments(train)
     train.add_argument("--out", type=Path, default=None,
                        help=f"write the weights here (default: {DEFAULT_RUN_DIR}/MODEL-dense.pt)")
