@@ -41,16 +41,22 @@ def sparsity_fraction(text: str) -> float:
     return value
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+WEIGHTS_HELP = {"train": "a state dict or checkpoint to start from (default: new weights)",
+                "eval": "the state dict or checkpoint to evaluate",
+                "prune": "the state dict or checkpoint to prune (the dense model)"}
+BATCH_HELP = {"train": "training batch (default: 128); evaluation takes batches of at least 256",
+              "eval": "evaluation batch (at least 256)",
+              "prune": "training batch (default: 128); evaluation takes batches of at least 256"}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
     """Options every mode takes: model, data, weights, batching, device, test subset, seed."""
     parser.add_argument("--model", required=True, choices=list(MODELS), help="classifier to use")
     parser.add_argument("--data", required=True, type=Path,
                         help="dataset directory: MNIST IDX .gz files (lenet5), "
                              "or CIFAR-10 train/ and test/ class folders (resnet56)")
-    parser.add_argument("--weights", type=Path, default=None,
-                        help="a state dict or checkpoint: what train starts from, eval evaluates, prune prunes")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="training batch (default: 128); evaluation takes batches of at least 256")
+    parser.add_argument("--weights", type=Path, default=None, help=WEIGHTS_HELP[mode])
+    parser.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP[mode])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--eval-samples", type=int, default=None, metavar="N",
                         help="evaluate on a fixed seeded subset of N test images (default: all)")
@@ -152,16 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yolo-admm classify", description="LeNet-5 / ResNet-56 classifiers.")
     modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
     train = modes.add_parser("train", help="dense training")
-    add_common_arguments(train)
+    add_common_arguments(train, "train")
     train.add_argument("--epochs", type=int, default=10,
                        help="training epochs (default 10; 0 writes the initial weights, seeded by --seed)")
     add_training_arguments(train)
     train.add_argument("--out", type=Path, default=None,
                        help=f"write the weights here (default: {DEFAULT_RUN_DIR}/MODEL-dense.pt)")
     evaluate = modes.add_parser("eval", help="top-1 accuracy on the test set")
-    add_common_arguments(evaluate)
+    add_common_arguments(evaluate, "eval")
     prune = modes.add_parser("prune", help="dense eval -> prune -> masked retrain -> eval")
-    add_common_arguments(prune)
+    add_common_arguments(prune, "prune")
     add_prune_arguments(prune)
     add_training_arguments(prune)
     prune.add_argument("--out", type=Path, default=None, help="write the pruned weights here (default: not saved)")
