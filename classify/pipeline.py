@@ -424,9 +424,11 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
 
     Returns a JSON-able dict: accuracies in % (`dense_accuracy`, `accuracy_after_hard_prune`,
     `pruned_accuracy`), the sparsity measured on the final weights over every Conv/Linear weight
-    (excluded ones too), `mask_violations` (nonzero weights at pruned positions: 0 when the masks held), the per-layer
-    table, the ADMM residual history, per-phase training histories (seconds per epoch included)
-    and the times (`run_times`).
+    (excluded ones too: `sparsity`, `params`, `kept`) and over the prunable ones, those the method
+    chose from (`prunable_sparsity`, `prunable_params`, `prunable_kept`), `mask_violations`
+    (nonzero weights at pruned positions: 0 when the masks held), the per-layer table, the ADMM
+    residual history, per-phase training histories (seconds per epoch included) and the times
+    (`run_times`).
     """
     started = time.perf_counter()
     seed_everything(settings.seed)
@@ -465,11 +467,16 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
     pruned_accuracy = evaluate_accuracy(model, loaders[1], device)
     rows = pruning.layer_table(model)
     totals = pruning.table_totals(rows)
+    weights = dict(model.named_parameters())
+    prunable_params = sum(weights[name].numel() for name in masks)
+    prunable_kept = sum(int(torch.count_nonzero(weights[name])) for name in masks)
     return {
         "model": model_name, "method": prune.method, "target_sparsity": prune.sparsity,
         "dense_accuracy": dense_accuracy, "accuracy_after_hard_prune": hard_accuracy,
         "pruned_accuracy": pruned_accuracy, "sparsity": totals["sparsity"], "params": totals["params"],
-        "kept": totals["kept"], "mask_violations": count_mask_violations(model, masks), "layers": rows,
+        "kept": totals["kept"], "prunable_sparsity": 1.0 - prunable_kept / prunable_params if prunable_params else 0.0,
+        "prunable_params": prunable_params, "prunable_kept": prunable_kept,
+        "mask_violations": count_mask_violations(model, masks), "layers": rows,
         "admm_updates": admm_updates, "history": histories,
         "epochs": {"admm": prune.admm_epochs if kind == "admm" else 0, "retrain": retrain_epochs},
         "train_images_per_epoch": epoch_images(loaders[0]) * distributed.world_size(),  # all ranks' shares

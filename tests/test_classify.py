@@ -600,6 +600,10 @@ def test_classify_prune_takes_weight_patterns_and_a_floor(tmp_path, method):
     assert kept["fc2.weight"] == 5000                                 # excluded: all 500 x 10 kept
     assert kept["fc1.weight"] >= 18000        # 4.5% of 400,000 at least (without the floor: about 15,000)
     assert sum(kept.values()) - 5000 == round(0.05 * (LENET5_PRUNABLE_WEIGHTS - 5000))  # the budget over the rest
+    result = json.loads(out.read_text())                  # found by a review: only the all-weights sparsity was there
+    assert result["prunable_params"] == LENET5_PRUNABLE_WEIGHTS - 5000
+    assert result["prunable_kept"] == round(0.05 * (LENET5_PRUNABLE_WEIGHTS - 5000))
+    assert result["prunable_sparsity"] == pytest.approx(0.95, abs=1e-5) and result["sparsity"] < 0.945
     with pytest.raises(ValueError, match=r"min_density must be in \[0, 1\]"):
         PruneSettings(sparsity=0.5, min_density=1.5)
 
