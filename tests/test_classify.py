@@ -604,6 +604,7 @@ def test_classify_prune_takes_weight_patterns_and_a_floor(tmp_path, method):
     assert result["prunable_params"] == LENET5_PRUNABLE_WEIGHTS - 5000
     assert result["prunable_kept"] == round(0.05 * (LENET5_PRUNABLE_WEIGHTS - 5000))
     assert result["prunable_sparsity"] == pytest.approx(0.95, abs=1e-5) and result["sparsity"] < 0.945
+    assert result["load_time_s"] > 0                      # wall_time_s leaves out reading the data and weights
     with pytest.raises(ValueError, match=r"min_density must be in \[0, 1\]"):
         PruneSettings(sparsity=0.5, min_density=1.5)
 
