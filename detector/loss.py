@@ -7,8 +7,10 @@ Per head, with its `[yolo]` options (`head.loss_options`):
   times `iou_normalizer`, for every box at every slot it claims. A slot claimed by several boxes
   sums their box terms (Darknet accumulates the box deltas) and, where `iou_thresh` < 1, divides
   the sum by the number of classes among them (`averages_yolo_deltas`, which Darknet runs only
-  then). Darknet counts the classes whose delta is positive, which with `label_smooth_eps` can
-  include classes of no box; we count the boxes' classes.
+  then). Darknet counts the classes whose delta is positive, which with `label_smooth_eps` takes
+  in every class scored below eps / 2, nearly all of them once class scores are low: it then
+  divides the box delta of every claimed slot by about the number of classes (80x on COCO, by a
+  review's reimplementation). We count the boxes' classes; no shipped cfg sets both options.
 - **Objectness**: target 1 at claimed slots, 0 elsewhere, except that a prediction is left out
   whose decoded box has IoU > `ignore_thresh` with some box of its image while one of its class
   probabilities exceeds 0.25 (`compare_yolo_class`); times `obj_normalizer`.
@@ -74,6 +76,8 @@ from detector.head import decode
 IOU_LOSSES = ("ciou", "diou", "giou", "iou", "mse")
 IGNORE_CLASS_PROBABILITY = 0.25   # Darknet ignores an overlapping prediction only if a class is above it
 UNSUPPORTED_OPTIONS = {"objectness_smooth": 0, "focal_loss": 0, "counters_per_class": None}
+UNSUPPORTED_CONSEQUENCES = {   # what Darknet trains otherwise (yolov4-csp sets objectness_smooth on two heads)
+    "objectness_smooth": " (Darknet then trains an assigned anchor's objectness towards its IoU, or 0, not 1)"}
 
 
 class YoloLoss:
@@ -230,7 +234,7 @@ def _box_term(raw_box: Tensor, pred_box: Tensor, truth: Tensor, head, assigned: 
         return normalizer * loss
 
     max_delta = float(options.get("max_delta", float("inf")))
-    if max_delta == float("inf"):
+    if max_delta == float("inf") or kind == "mse":      # Darknet clips the IoU losses' delta only
         return loss_of(raw_box)
     return clipped_delta_loss(raw_box, loss_of, max_delta)
 
@@ -357,7 +361,7 @@ def _check_loss_options(index: int, options: dict) -> None:
     kind = str(options.get("iou_loss", "mse")).lower()
     if kind not in IOU_LOSSES:
         raise ValueError(f"[yolo] head {index}: iou_loss={kind!r} is not supported; expected one of {IOU_LOSSES}")
-    ignored = [key for key, default in UNSUPPORTED_OPTIONS.items()
+    ignored = [key + UNSUPPORTED_CONSEQUENCES.get(key, "") for key, default in UNSUPPORTED_OPTIONS.items()
                if options.get(key, default) not in (default, 0, "0", None)]
     if float(options.get("truth_thresh", 1.0)) < 1.0:
         ignored.append("truth_thresh<1")

@@ -304,6 +304,31 @@ def test_max_delta_clips_box_gradient(make_model):
     torch.testing.assert_close(grads["max_delta=0.001"], grads[""].clamp(-0.001, 0.001))
 
 
+def test_options_the_loss_does_not_implement_are_named_with_what_darknet_does(make_model):
+    with pytest.warns(UserWarning) as warned:
+        YoloLoss(make_model(yolo_extra="objectness_smooth=1\nfocal_loss=1").heads)
+    assert [str(w.message) for w in warned] == [
+        f"[yolo] head {index}: objectness_smooth (Darknet then trains an assigned anchor's objectness towards its "
+        f"IoU, or 0, not 1), focal_loss not implemented by YoloLoss; ignored" for index in (0, 1)]
+
+
+def test_max_delta_leaves_the_mse_box_loss_alone_as_darknet_does(tmp_path):
+    """Found by a review: Darknet's delta_yolo_box clips to max_delta in its IoU branch only."""
+    targets = targets_of([(0, 1, 0.30, 0.60, 30, 30)])
+    grads = {}
+    for extra in ("", "max_delta=0.001"):
+        path = tmp_path / f"mse{len(extra)}.cfg"
+        path.write_text(tiny_cfg(extra).replace("iou_loss=ciou", "iou_loss=mse"))
+        model = load_darknet(path).train()
+        raws = [torch.zeros(1, 2, 2, 2, 5 + CLASSES), torch.zeros(1, 2, 4, 4, 5 + CLASSES)]
+        raws[0][0, 0, 1, 0, 2:4] = 2.0
+        raws = [r.requires_grad_() for r in raws]
+        YoloLoss(model.heads)(raws, targets, (INPUT, INPUT))[0].backward()
+        grads[extra] = raws[0].grad[0, 0, 1, 0, :4]
+    assert grads[""].abs().max() > 0.001
+    torch.testing.assert_close(grads["max_delta=0.001"], grads[""])
+
+
 def test_max_delta_clips_each_images_delta_whatever_scales_the_loss_later(make_model):
     """Found by a review: the clip acted on the incoming gradient, so an AMP GradScaler's 2^16 (or
     gradient accumulation) moved it; under AMP yolov4's max_delta=5 all but froze box regression."""
