@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 import yaml
@@ -55,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--names", type=Path, default=None,
                         help="class names to ship with the model (a Darknet .names file or a data.yaml): a .names "
                              "file beside the .weights, the ONNX metadata and the archive (default: those a "
-                             "compact archive given as --weights carries)")
+                             "compact archive given as --weights carries, or those of the data.yaml a run "
+                             "recorded, for its --checkpoint without --cfg)")
     parser.add_argument("--int8", action="store_true",
                         help="compact archive: int8 nonzeros with per-tensor scales (lossy) instead of fp16")
     parser.add_argument("--img-size", type=network_size, default=None, metavar="N",
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if args.int8 and "compact" not in args.formats:
         raise ValueError(f"--int8 applies to the compact archive only, and --formats {','.join(args.formats)} "
                          f"writes none: add compact, or leave --int8 out")
-    cfg, img_size = args.cfg, args.img_size
+    cfg, img_size, settings = args.cfg, args.img_size, {}
     if cfg is None and args.weights is None and args.checkpoint is not None:
         record, settings = recorded_run(args.checkpoint) or (None, {})
         cfg = settings.get("cfg")
@@ -78,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_export_model(cfg, args.weights, args.checkpoint)
     if args.names is not None:
         model.class_names = read_class_names(args.names, int(model.heads[0].num_classes))
+    elif settings and isinstance(settings.get("data"), str):          # a run's own checkpoint, its cfg taken
+        model.class_names = recorded_class_names(Path(settings["data"]), int(model.heads[0].num_classes))
     inputs = {Path(path).resolve() for path in (cfg, args.weights, args.checkpoint, args.names) if path}
     for output in (args.out / f"{EXPORT_STEM}{suffix}" for name in args.formats for suffix in FORMAT_SUFFIXES[name]):
         if output.resolve() in inputs:
@@ -134,6 +138,18 @@ def load_export_model(cfg: str | None, weights: str | None, checkpoint: str | No
         except RuntimeError as err:
             raise ValueError(f"{checkpoint}: its model does not fit {cfg or weights}: {load_error_summary(err)}") from None
     return model.float().eval()
+
+
+def recorded_class_names(data: Path, num_classes: int) -> list[str] | None:
+    """The class names of the data.yaml a run trained on, or None (with a warning) where it is gone
+    or does not fit the model: the export then carries none, as without a run."""
+    try:
+        names = read_class_names(data, num_classes)
+    except (OSError, ValueError) as error:
+        warnings.warn(f"the run's data {data}: {error}; exporting without class names (give --names)", stacklevel=2)
+        return None
+    print(f"export: the class names of {data}, as the run records")
+    return names
 
 
 RUN_RECORDS = ("config.yaml", "args.json")    # what detect prune and detect train write into their --out

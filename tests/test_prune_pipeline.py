@@ -379,8 +379,12 @@ def test_export_of_a_stage_file_takes_the_cfg_its_run_records(uninterrupted, tmp
     stage_file = uninterrupted["out"] / "sparsity_0.6" / "retrained.pt"
     assert main(["detect", "export", "--checkpoint", str(stage_file), "--out", str(tmp_path / "a"),
                  "--formats", "compact"]) == 0
-    assert f"the cfg {DEMO_CFG} at 96x96, as {uninterrupted['out'] / 'config.yaml'} records" in capsys.readouterr().out
-    assert load_compact(tmp_path / "a" / "model.yaspars").net.width == 96
+    printed = capsys.readouterr().out
+    assert f"the cfg {DEMO_CFG} at 96x96, as {uninterrupted['out'] / 'config.yaml'} records" in printed
+    rebuilt = load_compact(tmp_path / "a" / "model.yaspars")
+    assert rebuilt.net.width == 96
+    assert rebuilt.class_names == list(SHAPE_CLASSES)       # found by a review: exported without the run's names
+    assert "the class names of" in printed
     elsewhere = tmp_path / "project" / "downloads" / "ckpt" / "retrained.pt"
     elsewhere.parent.mkdir(parents=True)
     shutil.copy(stage_file, elsewhere)
