@@ -11,7 +11,7 @@
      of both axes alike, with a shift;
    - `letterbox`: the crop is widened or heightened, about the image's centre, to the network's
      (square) aspect ratio, so that the stretch below keeps the image's own aspect.
-   Darknet pads with the image's mean colour, this pads with grey.
+   Padding takes the image's mean colour, as Darknet's does.
 2. stretch to `size` x `size`,
 3. horizontal flip,
 4. colour jitter: hue shift in [-hue, hue] of the colour circle, saturation and brightness
@@ -122,8 +122,9 @@ PLAIN_MIN_BOX_SIZE = 1.0         # px: without augmentation, only boxes a resize
 class DarknetCrop(A.CropAndPad):
     """Darknet's random crop of a training image, step 1 of the module docstring. Its jitter draws
     are CropAndPad's own (`percent=(-jitter, jitter)`, each side apart); the resize and letterbox
-    terms are added to them, in pixels, as `load_data_detection` adds them. Keeps the cropped size;
-    a stretch to the network's size follows. The offsets of a call pass through `self.px`, so one
+    terms are added to them, in pixels, as `load_data_detection` adds them, and a padded side takes
+    the image's mean colour (Darknet's `cv::mean`). Keeps the cropped size; a stretch to the
+    network's size follows. The offsets of a call pass through `self.px`, so one
     instance must not be called from two threads at once (DataLoader workers are processes)."""
 
     def __init__(self, jitter: float, resize: float = 1.0, letterbox: bool = False, p: float = 1.0):
@@ -154,9 +155,13 @@ class DarknetCrop(A.CropAndPad):
                 pads[3] += (height - width) / 2
         self.px = [int(pad) for pad in pads]                  # truncated, as Darknet's int offsets
         try:
-            return super().get_params_dependent_on_data(params, data)
+            chosen = super().get_params_dependent_on_data(params, data)
         finally:
             self.px = None
+        if chosen["pad_params"] is not None:
+            image = data["image"]
+            chosen["fill"] = tuple(float(v) for v in image.reshape(-1, image.shape[-1]).mean(axis=0))
+        return chosen
 
 
 def _resize_crop_range(resize: float) -> tuple[float, float]:

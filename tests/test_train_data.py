@@ -277,6 +277,24 @@ def test_the_darknet_crop_is_rebuilt_from_its_albumentations_dict():
     assert (rebuilt.jitter, rebuilt.resize, rebuilt.letterbox, rebuilt.percent) == (0.3, 1.5, True, (-0.3, 0.3))
 
 
+def test_the_darknet_crop_pads_with_the_images_mean_colour():
+    """As Darknet's `cv::mean` fill (it padded with grey before)."""
+    import albumentations as A
+
+    from data.augment import DarknetCrop
+
+    crop = A.Compose([DarknetCrop(0.3)])
+    image = np.full((40, 60, 3), (200, 50, 10), np.uint8)
+    image[:10, :10] = 0                                      # mean (191.7, 47.9, 9.6)
+    padded = 0
+    for seed in range(8):
+        crop.set_random_seed(seed)
+        colours = {tuple(c) for c in np.unique(crop(image=image)["image"].reshape(-1, 3), axis=0)}
+        assert colours <= {(0, 0, 0), (200, 50, 10), (192, 48, 10)}
+        padded += (192, 48, 10) in colours
+    assert padded >= 4
+
+
 def test_the_mosaic_seams_fall_where_darknets_do(tmp_path):
     """Darknet cuts its mosaic at x and y drawn in [0.2, 0.8] of the side (albumentations' default
     was [0.3, 0.7]). Sixteen images of distinct flat greys: the seam is the first column (row) where
