@@ -80,8 +80,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                              "run, so a new run refuses one with checkpoints")
     parser.add_argument("--resume", action="store_true",
                         help="continue each phase from its newest checkpoint in --checkpoint-dir (the same "
-                             "settings only; --device, --workers, --eval-every, --no-progress, --out and "
-                             "--json-out may change)")
+                             "settings only; --device, --workers, --eval-every, --no-progress, --out, "
+                             "--json-out and --checkpoint-dir itself may change)")
     parser.add_argument("--eval-every", type=int, default=1, metavar="N",
                         help="test-set accuracy every N epochs (default 1; 0: only the final accuracies, which "
                              "is faster; N does not change the training)")

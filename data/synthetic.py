@@ -44,7 +44,8 @@ def make_shapes_dataset(root: str | os.PathLike, n_train: int, n_val: int, img_s
             then replaced whole); the new dataset is built beside it and moved in at the end, so an
             interrupted run never leaves a partial dataset at `root`.
         n_train, n_val: number of images per split (>= 0, not both 0).
-        img_size: image side in pixels (>= 32).
+        img_size: image side in pixels (>= 32, and size_range[0] x img_size >= 8: at least 80 with the
+            default size_range).
         seed: master seed; image i of split s uses the seed sequence (seed, s, i).
         max_objects: each image holds up to max_objects shapes (at least one in practice).
         size_range: (min, max) shape extent (see `shape_vertices`) as a fraction of img_size, drawn
