@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DataLoader worker processes (default: 0 on CPU, where the forward pass "
                              "already uses every core; min(4, CPU count) on CUDA)")
     parser.add_argument("--per-class", action="store_true", help="also print AP50-95 and AP50 per class")
-    parser.add_argument("--json-out", type=Path, help="write the headline metrics to this JSON file")
+    parser.add_argument("--json-out", type=Path,
+                        help="write the headline metrics to this JSON file: map50_95, map50, map75, ap_small, "
+                             "ap_medium, ap_large, images")
 
 
 def load_source(args: argparse.Namespace) -> DetectionSource:
