@@ -22,14 +22,14 @@ pruned model's mAP within 2 epochs), rho 10 x3 per iteration (10, 30, 90), batch
 After the hard prune and after retraining the pipeline recomputes the BatchNorm running statistics
 on ``--bn-images`` train images (all 128 here; ``--bn-images 0`` reproduces the earlier runs).
 
-Reproduce (9.5 min on a 2-core CPU, no GPU, beside other benchmarks, load 1.4-3.4, torch 2.14.1,
-2026-11-27, after that day's augmentation fix, loss changes, the cfg's [yolo] jitter and the 2 px
-box limit on the output; the seed and rho runs and the three other grids here re-run the same day
-with the same code, one at a time, each beside another job)::
+Reproduce (11.0 min on a 2-core CPU, no GPU, beside a review's small runs, load about 1.1, torch
+2.14.1, 2026-11-27, with the code of commit a32b612: the crop pads with the image's mean colour;
+the seed runs the same; the rho runs and the three other grids here are from commit b2e40fd, the
+same day, with grey padding, one at a time, each beside another job)::
 
     nohup .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 > /tmp/prune_yolo_fastest.log 2>&1 &
 
-Other seeds of the two global methods at 50% (2.4-2.5 min each, one after the other, 2026-11-27)::
+Other seeds of the two global methods at 50% (2.8-3.0 min each, one after the other, 2026-11-27)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
         --sparsities 0.5 --seed 1 --out-root runs/bench_prune_yolo_fastest_seed1 \
