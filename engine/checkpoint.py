@@ -223,6 +223,12 @@ def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     return max(numbered)[1] if numbered else None
 
 
+def checkpoint_epoch(path: str | os.PathLike) -> int:
+    """The epoch in an `epoch_NNNN.pt` name (-1 for another name)."""
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    return int(match.group(1)) if match else -1
+
+
 def remove_older_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
     """Delete all but the `keep` newest `epoch_NNNN.pt` in `directory`, and the temporary files that
     writes killed half-way left there; returns the deleted paths. (Call it after a save, with no

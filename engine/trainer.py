@@ -38,8 +38,8 @@ from torch import nn
 from tqdm import tqdm
 
 from engine import distributed
-from engine.checkpoint import (atomic_write_bytes, checkpoint_name, find_latest_checkpoint, load_checkpoint,
-                               load_error_summary, remove_older_checkpoints, save_checkpoint)
+from engine.checkpoint import (atomic_write_bytes, checkpoint_epoch, checkpoint_name, find_latest_checkpoint,
+                               load_checkpoint, load_error_summary, remove_older_checkpoints, save_checkpoint)
 from engine.ema import ModelEMA, unwrap
 from engine.interrupts import held_iteration
 from engine.rng import capture_rng_state, restore_rng_state
@@ -166,6 +166,7 @@ class Trainer:
         self.target_epochs = total
         if self._resume_pending:
             self._load_callback_states(self._load_resume_state())   # before on_train_start, which uses them
+            self._refuse_later_checkpoints()
         elif self.epoch == 0 and self.step == 0:
             self._refuse_earlier_checkpoints()
         self._call("on_train_start")
@@ -371,6 +372,18 @@ class Trainer:
         if latest is not None:
             raise ValueError(f"{folder}: holds the checkpoints of an earlier run (newest: {Path(latest).name}); "
                              f"resume that run, or train into a folder without checkpoints")
+
+    def _refuse_later_checkpoints(self) -> None:
+        """A resumed run must not write into a folder that holds checkpoints past its resume point
+        (another run's, or this run's abandoned future): keeping the newest by epoch would delete the
+        checkpoints it writes, and a later resume would continue those. Rank 0 looks; every rank raises."""
+        folder = self.config.checkpoint_dir
+        latest = find_latest_checkpoint(folder) if folder is not None and distributed.is_main() else None
+        latest = distributed.broadcast_object(latest)
+        if latest is not None and checkpoint_epoch(latest) > self.epoch:
+            raise ValueError(f"{folder}: holds checkpoints past the resumed epoch {self.epoch} (newest: "
+                             f"{Path(latest).name}), which keeping the newest would prefer to this run's; "
+                             f"resume from the newest, or write into a folder without them")
 
     def _load_resume_state(self) -> dict[str, Any]:
         """Restore everything but the callbacks from `config.resume`; returns the callbacks' states."""

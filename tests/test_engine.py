@@ -105,6 +105,21 @@ def test_a_resume_applies_the_checkpoints_masks_not_the_callbacks_own(tmp_path):
         assert torch.equal(value, resumed.ema.module.state_dict()[key]), key
 
 
+def test_a_resume_into_a_folder_with_later_checkpoints_is_refused(tmp_path):
+    """Found by a review: resuming epoch 3 of one run into a folder holding epochs 4 and 5 of another
+    wrote epoch_0004.pt, epoch_0005.pt over theirs, or with epochs 8, 9 there deleted its own at once
+    (the newest are kept), and a later resume continued the other run."""
+    make_trainer(tmp_path / "a", [], epochs=3).fit()
+    make_trainer(tmp_path / "c", [], epochs=5).fit()
+    before = sorted(p.name for p in (tmp_path / "c" / "ckpt").iterdir())
+    resumed = make_trainer(tmp_path / "c", [], resume=tmp_path / "a" / "ckpt" / "epoch_0003.pt", epochs=6)
+    with pytest.raises(ValueError, match=r"ckpt: holds checkpoints past the resumed epoch 3 \(newest: "
+                                         r"epoch_0005.pt\)"):
+        resumed.fit()
+    assert sorted(p.name for p in (tmp_path / "c" / "ckpt").iterdir()) == before
+    make_trainer(tmp_path / "c", [], resume=tmp_path / "c" / "ckpt", epochs=6).fit()    # its own newest: resumes
+
+
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     reference = make_trainer(tmp_path / "a", [StepCounter()])
     reference.fit()
