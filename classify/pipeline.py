@@ -467,7 +467,7 @@ def prune_model(model_name: str, model: nn.Module, datasets: Mapping[str, Datase
     pruned_accuracy = evaluate_accuracy(model, loaders[1], device)
     rows = pruning.layer_table(model)
     totals = pruning.table_totals(rows)
-    weights = dict(model.named_parameters())
+    weights = pruning.prunable_parameters(model)             # canonical names, as the masks' (DDP, compile)
     prunable_params = sum(weights[name].numel() for name in masks)
     prunable_kept = sum(int(torch.count_nonzero(weights[name])) for name in masks)
     return {

@@ -590,6 +590,17 @@ def test_tiny_magnitude_uniform_prunes_every_layer_alike(tmp_path):
     assert result["epochs"] == {"admm": 0, "retrain": 1} and result["mask_violations"] == 0
 
 
+def test_prune_model_measures_a_wrapped_model_by_its_own_names(tmp_path):
+    """Found by a review: the prunable sparsity looked the masks' names up among a DataParallel
+    model's `module.` names, and the run failed at its very end."""
+    write_mnist_like(tmp_path / "mnist", n_train=64, n_test=20)
+    model, datasets = prepare("lenet5", tmp_path / "mnist")
+    result = prune_model("lenet5", torch.nn.DataParallel(model), datasets,
+                         PruneSettings(sparsity=0.9, method="magnitude-global", retrain_epochs=0),
+                         TrainSettings(batch_size=32, progress=False))
+    assert result["prunable_sparsity"] == pytest.approx(0.9, abs=1e-5) and result["mask_violations"] == 0
+
+
 @pytest.mark.parametrize("method", ["admm-global", "magnitude-global"])
 def test_classify_prune_takes_weight_patterns_and_a_floor(tmp_path, method):
     out = tmp_path / "floored.json"
