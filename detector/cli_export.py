@@ -28,6 +28,7 @@ import yaml
 from detector.cli import load_detector, network_size, read_class_names
 from detector.export import FORMATS, export_model
 from detector.model import DarknetModel, load_darknet
+from detector.weights import WeightsHeader
 from engine import atomic_write_json, load_error_summary, output_folder
 from engine.checkpoint import checked_trainer_checkpoint, checkpoint_file, read_checkpoint_file
 from pruning.masks import Masks
@@ -134,7 +135,10 @@ def load_export_model(cfg: str | None, weights: str | None, checkpoint: str | No
     model = load_detector(cfg, weights) if weights is not None else load_darknet(cfg)
     if checkpoint is not None:
         try:
-            model.load_state_dict(checkpoint_weights(checkpoint))
+            weights_state, header = checkpoint_weights(checkpoint)
+            model.load_state_dict(weights_state)
+            if header is not None:                              # a prune stage file's: its source's .weights
+                model.weights_header = header
         except RuntimeError as err:
             raise ValueError(f"{checkpoint}: its model does not fit {cfg or weights}: {load_error_summary(err)}") from None
     return model.float().eval()
@@ -180,16 +184,18 @@ def recorded_run(checkpoint: str | Path) -> tuple[Path, dict] | None:
     return None
 
 
-def checkpoint_weights(checkpoint: str | Path) -> dict:
+def checkpoint_weights(checkpoint: str | Path) -> tuple[dict, WeightsHeader | None]:
     """The state dict to export from a prune run's stage file ({"model", "masks"}, as `detect prune`
-    writes hard_prune.pt and retrained.pt) or a trainer checkpoint (its EMA when it has one)."""
+    writes hard_prune.pt and retrained.pt) or a trainer checkpoint (its EMA when it has one), and the
+    `.weights` header a stage file records (that of the file its model was read from), else None."""
     path = checkpoint_file(checkpoint)
     saved = read_checkpoint_file(path)
     if isinstance(saved, dict) and STAGE_FILE_KEYS <= set(saved) <= STAGE_FILE_KEYS | STAGE_FILE_OPTIONAL_KEYS:
-        return saved["model"]
+        header = saved.get("weights_header")
+        return saved["model"], WeightsHeader(**header) if isinstance(header, dict) else None
     state = checked_trainer_checkpoint(saved, path)
     ema = state.get("ema")
-    return ema["module"] if isinstance(ema, dict) and "module" in ema else state["model"]
+    return (ema["module"] if isinstance(ema, dict) and "module" in ema else state["model"]), None
 
 
 def format_report(report: dict) -> str:

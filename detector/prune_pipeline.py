@@ -306,9 +306,12 @@ def silence_constant_channels(model: torch.nn.Module) -> int:
     return silenced
 
 
-def exported_files_exist(report: dict[str, Any]) -> bool:
-    """Whether every file an export report names (`path`; `weights`, `cfg`, `names`) is still there."""
-    return all(Path(report[key]).is_file() for key in ("path", "weights", "cfg", "names") if key in report)
+def exported_files_exist(report: dict[str, Any], folder: Path) -> bool:
+    """Whether every file an export report names (`path`; `weights`, `cfg`, `names`) is still in
+    `folder` (by name: the run folder may have moved, or the report's paths be relative to another
+    working folder)."""
+    return all((folder / Path(report[key]).name).is_file() for key in ("path", "weights", "cfg", "names")
+               if key in report)
 
 
 def sparsity_folder_name(sparsity: float) -> str:
@@ -323,7 +326,8 @@ def run_sparsity(ctx: RunContext, sparsity: float, dense: dict[str, Any]) -> dic
     folder.mkdir(parents=True, exist_ok=True)
     finished = stage_done(folder / "results.json")
     done = {} if finished is None else {name: report for name, report in finished["exports"].items()
-                                        if not isinstance(report, dict) or exported_files_exist(report)}
+                                        if not isinstance(report, dict)
+                                        or exported_files_exist(report, folder / "export")}
     if finished is not None and set(ctx.job.export) <= set(done):
         return finished          # else a rerun asks for formats it has not written (or whose files are gone)
     started = time.perf_counter()

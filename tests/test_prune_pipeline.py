@@ -153,6 +153,8 @@ def test_a_stage_state_keeps_the_weights_header_so_a_resumed_run_exports_the_sam
     context = SimpleNamespace(job=SimpleNamespace(cfg=DEMO_CFG), named=lambda built: built)
     loaded, _ = prune_pipeline.load_state(tmp_path / "hard_prune.pt", context)
     assert loaded.weights_header == model.weights_header
+    from detector.cli_export import load_export_model                   # and detect export of the stage file
+    assert load_export_model(DEMO_CFG, None, str(tmp_path / "hard_prune.pt")).weights_header == model.weights_header
 
 
 def test_every_sparsity_of_a_sweep_gets_its_own_folder():
@@ -346,6 +348,19 @@ def test_a_resumed_run_exports_the_class_names_too(shapes_yaml, tmp_path):
     assert first.class_names == resumed.class_names == list(SHAPE_CLASSES)
     report = json.loads((folder / "export" / "export.json").read_text())     # the report, as detect export's
     assert report["compact"]["path"].endswith("pruned.yaspars") and report["compact"]["value_format"] == "fp16"
+
+
+def test_a_finished_run_run_again_from_another_folder_does_not_export_again(shapes_yaml, tmp_path, monkeypatch):
+    """Found by a review: the exports' paths were checked as recorded, relative to the folder the run
+    was started from, so a rerun elsewhere (or of a moved run folder) exported every format again."""
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    run_job(tiny_job(shapes_yaml, Path("run"), admm_iters=1, retrain_epochs=1, export=["compact"]))
+    archive = tmp_path / "run" / "sparsity_0.6" / "export" / "pruned.yaspars"
+    written = archive.stat().st_mtime_ns
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run_job(tiny_job(shapes_yaml, tmp_path / "run", admm_iters=1, retrain_epochs=1, export=["compact"]))
+    assert archive.stat().st_mtime_ns == written
 
 
 def test_a_finished_run_asked_for_another_format_exports_it(shapes_yaml, tmp_path):
