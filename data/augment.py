@@ -160,7 +160,8 @@ class DarknetCrop(A.CropAndPad):
             self.px = None
         if chosen["pad_params"] is not None:
             image = data["image"]
-            chosen["fill"] = tuple(float(v) for v in image.reshape(-1, image.shape[-1]).mean(axis=0))
+            chosen["fill"] = (float(image.mean()) if image.ndim == 2 else
+                              tuple(float(v) for v in image.reshape(-1, image.shape[-1]).mean(axis=0)))
         return chosen
 
 

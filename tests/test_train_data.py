@@ -293,6 +293,9 @@ def test_the_darknet_crop_pads_with_the_images_mean_colour():
         assert colours <= {(0, 0, 0), (200, 50, 10), (192, 48, 10)}
         padded += (192, 48, 10) in colours
     assert padded >= 4
+    grey = image[..., 0]                                     # a one-channel image pads with its mean too
+    crop.set_random_seed(0)
+    assert set(np.unique(crop(image=grey)["image"])) <= {0, 192, 200}
 
 
 def test_the_mosaic_seams_fall_where_darknets_do(tmp_path):
