@@ -27,7 +27,7 @@ from detector.cfgs import cfg_path
 from detector.evaluate import coco_metrics, to_coco_results
 from detector.export import (COMPACT_CFG_KEY, ONNX_LAYOUT_KEY, ExportCheckError, darknet_rows, dense_fp32_bytes,
                              export_compact, export_darknet, export_model, export_onnx, load_compact,
-                             onnxruntime_outputs, opencv_difference, opencv_outputs)
+                             onnxruntime_outputs, opencv_difference, opencv_outputs, read_otherwise_by_opencv)
 from detector.layers import ConvBlock
 from detector.postprocess import postprocess, select_detections, to_original_image
 from detector.predict import make_loader
@@ -137,7 +137,8 @@ def test_a_cfg_opencv_cannot_run_is_a_clear_error(tmp_path):
     ("[shortcut]\nfrom=-2,-3\nactivation=linear\n", r"h.cfg:31 \[shortcut\]: OpenCV's importer adds only the first"),
     ("[maxpool]\nsize=2\n", r"h.cfg:14 \[maxpool\]: a \[maxpool\] without stride has stride 1 in Darknet"),
     ("[maxpool]\nstride=1\n", r"h.cfg:15 \[maxpool\]: a \[maxpool\] without size has size = stride \(1\)"),
-    ("[maxpool]\nsize=2\nstride=2\nstride_x=2\n", r"h.cfg:17 \[maxpool\]: OpenCV's importer ignores stride_x")])
+    ("[maxpool]\nsize=2\nstride=1\nstride_x=2\nstride_y=2\n",
+     r"h.cfg:17 \[maxpool\]: OpenCV's importer ignores stride_x and takes stride 1")])
 def test_a_darknet_export_opencv_would_read_as_another_network_is_refused_before_writing(tmp_path, layer, message):
     """Found by a review: OpenCV's importer reads these legal cfgs otherwise than Darknet; the check
     then blamed a correct model, or failed on mismatched shapes and left the files behind."""
@@ -152,6 +153,10 @@ def test_a_darknet_export_opencv_would_read_as_another_network_is_refused_before
     with pytest.raises(ValueError, match=message + r".*leave 'darknet' out of the export formats"):
         export_darknet(model, tmp_path / "out" / "model.weights", verify=True)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    # and where OpenCV reads the same network, nothing is refused (found by a later review)
+    (tmp_path / "same.cfg").write_text((tmp_path / "h.cfg").read_text().replace(layer, "[maxpool]\nsize=2\nstride=2\n"
+                                                                                "stride_x=2\nstride_y=2\n"))
+    assert read_otherwise_by_opencv(detector.parse_cfg(tmp_path / "same.cfg")) is None
 
 
 def test_onnx_layout_grids_follow_the_outputs_when_the_stride_is_inexact(tmp_path):
