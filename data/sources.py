@@ -6,9 +6,10 @@ pixels and classes as model class indices, and which turns back into a COCO grou
 
 - `load_coco_json(images_dir, annotations_json)`: model class i is the i-th category by sorted id
   (for COCO's 80 categories this is Darknet's coco.names order). Annotations keep their `area` (the
-  segmentation area COCO uses for the small/medium/large split) and `iscrowd`; boxes are clipped to
-  their image, as detections are, and those left without area dropped, each with one warning per
-  json (a box that overhangs its image could never be matched exactly).
+  segmentation area COCO uses for the small/medium/large split; without one, the clipped box's) and
+  `iscrowd`; boxes are clipped to their image, as detections are (one warning per json counts
+  those that reached past it by more than a pixel: such a box could never be matched exactly).
+  Boxes without area are kept, as pycocotools counts them (no detection can match one).
 - `load_yolo_dataset(data_yaml, split)`: Ultralytics-style data yaml. Category id of class i is i+1.
   Boxes are clipped to the image and degenerate ones dropped; an image without a label file (or
   with an empty one) is a background image without objects.
@@ -27,9 +28,9 @@ as displayed, so those images are turned by their EXIF orientation tag when read
 Darknet (built with OpenCV) do, and their sizes are the turned ones (`DetectionRecord.orientation`);
 COCO json boxes are taken in stored pixel order, as the COCO annotations are, unless the json's
 width and height have the shape of the displayed image and not of the stored one (orientations
-5-8, also after a resize; with 2-4 the shapes agree and the stored pixels are used). A file of another size than its json entry says
-(resized after annotating) is scaled to the annotation in training and in evaluation alike
-(`data.read_annotated_image`).
+5-8, also after a resize; with 2-4 the shapes agree and the stored pixels are used). A file of
+another size than its json entry says (resized after annotating) is scaled to the annotation in
+training and in evaluation alike (`data.read_annotated_image`).
 """
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def load_coco_json(images_dir: str | Path, annotations_json: str | Path) -> Dete
     class_of_category = {c["id"]: i for i, c in enumerate(categories)}
     objects = _group_coco_annotations(coco["annotations"], class_of_category, annotations_json)
     records, seen_ids = [], set()
-    overhanging = without_area = 0
+    overhanging = 0
     for image in coco["images"]:
         _check_entry(image, {"id": int, "file_name": str, "width": int, "height": int}, "image", annotations_json)
         if image["width"] <= 0 or image["height"] <= 0:
@@ -160,23 +161,19 @@ def load_coco_json(images_dir: str | Path, annotations_json: str | Path) -> Dete
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         scale = np.array([image["width"], image["height"]] * 2, np.float32)
         clipped = np.clip(boxes, 0, scale)
-        valid = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-        overhanging += int(((np.abs(clipped - boxes) > OVERHANG_SLACK_PIXELS).any(axis=1) & valid).sum())
-        without_area += int((~valid).sum())
+        overhanging += int((np.abs(clipped - boxes) > OVERHANG_SLACK_PIXELS).any(axis=1).sum())
+        areas = np.asarray(areas, np.float32).reshape(-1)
+        areas = np.where(np.isnan(areas), (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1]), areas)
         records.append(DetectionRecord(
             image_id=int(image["id"]), path=path, width=int(image["width"]), height=int(image["height"]),
-            boxes=clipped[valid], classes=np.asarray(classes, np.int64).reshape(-1)[valid],
-            iscrowd=np.asarray(iscrowd, bool).reshape(-1)[valid],
-            areas=np.asarray(areas, np.float32).reshape(-1)[valid]))
+            boxes=clipped, classes=np.asarray(classes, np.int64), iscrowd=np.asarray(iscrowd, bool),
+            areas=areas.astype(np.float32)))
     if objects:
         raise ValueError(f"{annotations_json}: annotations refer to image ids not in 'images': "
                          f"{sorted(objects)[:5]}")
     if overhanging:
         warnings.warn(f"{annotations_json}: annotations whose box reaches more than {OVERHANG_SLACK_PIXELS:g} px "
                       f"outside its image: {overhanging}; they were clipped to the image", stacklevel=2)
-    if without_area:
-        warnings.warn(f"{annotations_json}: annotations whose box has no area in its image (a width or height "
-                      f"of 0, or entirely outside): {without_area}; they were dropped", stacklevel=2)
     return DetectionSource(records, [str(c["name"]) for c in categories], [int(c["id"]) for c in categories])
 
 
@@ -238,7 +235,7 @@ def _group_coco_annotations(annotations: list[dict], class_of_category: dict[int
         boxes.append((x, y, x + w, y + h))
         classes.append(class_of_category[ann["category_id"]])
         iscrowd.append(bool(ann.get("iscrowd", 0)))
-        areas.append(float(ann.get("area", w * h)))
+        areas.append(float(ann["area"]) if "area" in ann else math.nan)      # nan: the clipped box's area
     return grouped
 
 
