@@ -192,8 +192,9 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
     _warn_of_layer_training_options(model.cfg)
     if net.batch == 1 and config.batch_size is None and config.accumulate is None:
         warnings.warn(f"{net.source.of('batch')}: [net] batch=1, the testing setting many Darknet cfgs leave active "
-                      f"(their training batch commented out below it?): each optimizer step sees one image; give "
-                      f"--batch-size and --accumulate, or the cfg's training batch and subdivisions", stacklevel=3)
+                      f"(their training batch commented out below it?): each optimizer step sees one image; set "
+                      f"the cfg's training batch and subdivisions (or, in detect train, --batch-size and "
+                      f"--accumulate)", stacklevel=3)
     _warn_of_a_burn_in_longer_than_the_run(model, burn_in, config.epochs * math.ceil(len(batches) / accumulate),
                                            _pick(config.lr, net.learning_rate))
     use_ema = bool(net.ema_alpha > 0) if config.ema is None else config.ema
