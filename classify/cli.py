@@ -275,9 +275,9 @@ def run_prune(args: argparse.Namespace) -> int:
     identity = run_identity("prune", args.model, args.data, args.weights, settings, prune)
     with run_folder_lock(settings.checkpoint_dir, "--checkpoint-dir"):   # one job per folder
         claim_checkpoint_dir(settings, identity)
-        loading = time.perf_counter()
+        load_started = time.perf_counter()
         model, datasets = prepare(args.model, args.data, args.weights, seed=args.seed)
-        load_time_s = time.perf_counter() - loading          # decoding CIFAR-10's JPEGs: longer than a short prune
+        load_time_s = time.perf_counter() - load_started         # decoding CIFAR-10's JPEGs: longer than a short prune
         result = prune_model(args.model, model, datasets, prune, settings)
         if distributed.is_main():
             report_prune(args, model, {**result, "load_time_s": load_time_s, "run": identity})

@@ -34,21 +34,25 @@ class DarknetError(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    """Where a section starts: cfg file, 1-based line of its `[header]`, section name; and the line
-    of each option written in it."""
+    """Where a section starts: cfg file, 1-based line of its `[header]`, section name; and each
+    option written in it, with its line and its value as read (without a trailing comment)."""
 
     path: str
     line: int
     section: str
-    option_lines: tuple[tuple[str, int], ...] = field(default=(), compare=False, repr=False)
+    options: tuple[tuple[str, int, str], ...] = field(default=(), compare=False, repr=False)
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line} [{self.section}]"
 
     def of(self, key: str) -> str:
         """"path:line [section]" with the line of option `key`, or the header's where it is not written."""
-        line = dict(self.option_lines).get(key, self.line)
+        line = next((line for name, line, _ in self.options if name == key), self.line)
         return f"{self.path}:{line} [{self.section}]"
+
+    def written(self, key: str) -> str | None:
+        """Option `key`'s value as written (without a trailing comment), or None where it is not."""
+        return next((value for name, _, value in self.options if name == key), None)
 
 
 ACTIVATIONS = ("linear", "leaky", "relu", "mish", "swish", "logistic", "tanh", "relu6", "elu", "selu",
@@ -219,7 +223,8 @@ class _Options:
     rest, as Darknet's `option_unused` would report them."""
 
     def __init__(self, raw: _RawSection, path: str, index: int):
-        self.source = Source(path, raw.line, raw.name, tuple((key, line) for key, (_, line, _) in raw.options.items()))
+        self.source = Source(path, raw.line, raw.name,
+                             tuple((key, line, value) for key, (value, line, _) in raw.options.items()))
         self.index = index
         self._raw = raw
         self._unused = set(raw.options)

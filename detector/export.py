@@ -25,7 +25,6 @@ import copy
 import json
 import math
 import os
-import re
 import tempfile
 import warnings
 from collections.abc import Iterable
@@ -116,38 +115,27 @@ def require_opencv_darknet_importer(cfg: DarknetCfg | None = None) -> None:
                          f"'darknet' out of the export formats")
 
 
-def _written_number(cfg: DarknetCfg, line: int | None) -> int | None:
-    """The integer an option's line of `cfg.text` sets (its 1-based `line`), or None where there is none."""
-    if line is None:
-        return None
-    value = "".join(cfg.text.splitlines()[line - 1].split()).partition("=")[2]
-    try:
-        return int(re.split(r"[#;]", value, maxsplit=1)[0])
-    except ValueError:
-        return None
-
-
 def read_otherwise_by_opencv(cfg: DarknetCfg) -> str | None:
     """Where OpenCV 4's Darknet importer builds another network than Darknet from `cfg`, said with
     the option's place, or None: a [shortcut] from several layers (OpenCV adds the first only),
     stride_x / stride_y (OpenCV ignores them), and a [maxpool] without `stride` or, with a stride
     other than 2, without `size` (OpenCV's defaults are 2 and 2; Darknet's stride 1 and size = stride)."""
     for section in cfg.layers:
-        written = dict(section.source.option_lines)
+        written = section.source.written
         if isinstance(section, ShortcutSection) and len(section.layers) > 1:
             return f"{section.source.of('from')}: OpenCV's importer adds only the first of a [shortcut]'s layers"
         if isinstance(section, (ConvolutionalSection, MaxpoolSection)):
-            plain = _written_number(cfg, written.get("stride"))
-            opencv_stride = plain if plain is not None else (2 if isinstance(section, MaxpoolSection) else 1)
+            plain = written("stride")                               # an integer: the parser read it so
+            opencv_stride = int(plain) if plain is not None else (2 if isinstance(section, MaxpoolSection) else 1)
             for key in ("stride_x", "stride_y"):
-                if key in written and section.stride != opencv_stride:
+                if written(key) is not None and section.stride != opencv_stride:
                     return (f"{section.source.of(key)}: OpenCV's importer ignores {key} and takes stride "
                             f"{opencv_stride}")
         if isinstance(section, MaxpoolSection):
-            if "stride" not in written:
+            if plain is None:
                 return (f"{section.source}: a [maxpool] without stride has stride 1 in Darknet and 2 in OpenCV's "
                         f"importer")
-            if "size" not in written and section.stride != 2:
+            if written("size") is None and section.stride != 2:
                 return (f"{section.source.of('stride')}: a [maxpool] without size has size = stride "
                         f"({section.stride}) in Darknet and 2 in OpenCV's importer")
     return None
