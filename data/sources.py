@@ -127,20 +127,8 @@ def load_coco_json(images_dir: str | Path, annotations_json: str | Path) -> Dete
     images_dir, annotations_json = Path(images_dir), Path(annotations_json)
     if not images_dir.is_dir():
         raise FileNotFoundError(f"{images_dir}: images folder not found")
-    if not annotations_json.is_file():
-        raise FileNotFoundError(f"{annotations_json}: COCO annotations json not found")
-    with open(annotations_json, encoding="utf-8") as f:
-        try:
-            coco = json.load(f, object_hook=_without_segmentation)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{annotations_json}: not valid json ({err})") from None
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(coco.get(key) if isinstance(coco, dict) else None, list):
-            raise ValueError(f"{annotations_json}: expected a COCO instances json with a "
-                             f"'{key}' list, found none")
-    for category in coco["categories"]:
-        _check_entry(category, {"id": int, "name": str}, "category", annotations_json)
-    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    coco = _read_coco_json(annotations_json)
+    categories = coco["categories"]
     class_of_category = {c["id"]: i for i, c in enumerate(categories)}
     objects = _group_coco_annotations(coco["annotations"], class_of_category, annotations_json)
     records, seen_ids = [], set()
@@ -175,6 +163,32 @@ def load_coco_json(images_dir: str | Path, annotations_json: str | Path) -> Dete
         warnings.warn(f"{annotations_json}: annotations whose box reaches more than {OVERHANG_SLACK_PIXELS:g} px "
                       f"outside its image: {overhanging}; they were clipped to the image", stacklevel=2)
     return DetectionSource(records, [str(c["name"]) for c in categories], [int(c["id"]) for c in categories])
+
+
+def coco_class_names(annotations_json: str | Path) -> list[str]:
+    """The class names of a COCO instances json, in model class order (its categories by sorted id),
+    as `load_coco_json` gives them; errors as there."""
+    return [str(c["name"]) for c in _read_coco_json(Path(annotations_json))["categories"]]
+
+
+def _read_coco_json(annotations_json: Path) -> dict:
+    """A COCO instances json without its segmentations, checked to have 'images', 'annotations' and
+    'categories' lists and every category an integer id and a name; categories sorted by id."""
+    if not annotations_json.is_file():
+        raise FileNotFoundError(f"{annotations_json}: COCO annotations json not found")
+    with open(annotations_json, encoding="utf-8") as f:
+        try:
+            coco = json.load(f, object_hook=_without_segmentation)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{annotations_json}: not valid json ({err})") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key) if isinstance(coco, dict) else None, list):
+            raise ValueError(f"{annotations_json}: expected a COCO instances json with a "
+                             f"'{key}' list, found none")
+    for category in coco["categories"]:
+        _check_entry(category, {"id": int, "name": str}, "category", annotations_json)
+    coco["categories"] = sorted(coco["categories"], key=lambda c: c["id"])
+    return coco
 
 
 def _without_segmentation(entry: dict) -> dict:

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import detector
-from data.sources import parse_class_names, read_utf8
+from data.sources import coco_class_names, parse_class_names, read_utf8
 from detector.cfg import first_difference
 from detector.export import check_class_names, load_compact
 from engine import resolve_device
@@ -128,14 +128,17 @@ def load_detector(cfg: str | None, weights: str) -> detector.DarknetModel:
 
 
 def read_class_names(path: Path | None, num_classes: int) -> list[str]:
-    """Names from a .names file or a data.yaml's `names` (list or dict); indices when `path` is None."""
+    """Names from a .names file, a data.yaml's `names` (list or dict) or a COCO instances json's
+    categories (by sorted id); indices when `path` is None."""
     if path is None:
         return [str(i) for i in range(num_classes)]
     if not path.is_file():
-        raise ValueError(f"--names {path}: expected a .names file or a data.yaml, found "
+        raise ValueError(f"--names {path}: expected a .names file, a data.yaml or a COCO json, found "
                          f"{'a folder' if path.is_dir() else 'nothing'}")
     if path.suffix in (".yaml", ".yml"):
         names = parse_class_names(yaml.safe_load(read_utf8(path)), path)
+    elif path.suffix == ".json":
+        names = coco_class_names(path)
     else:
         names = [line.strip() for line in read_utf8(path).splitlines() if line.strip()]
     if not isinstance(names, list) or len(names) != num_classes:

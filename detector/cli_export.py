@@ -9,9 +9,9 @@
 
 Writes DIR/model.weights + DIR/model.cfg (Darknet, checked in OpenCV DNN; with class names also
 DIR/model.names), DIR/model.onnx (decoding included, checked in onnxruntime) and DIR/model.yaspars
-(compact sparse archive, fp16 or --int8 nonzeros), with the class names (--names, or those of an
-archive given as --weights) in each; prints their sizes against the dense fp32 model and the
-archive's entropy bound, and writes the numbers to DIR/export.json. The sparsity pattern is read
+(compact sparse archive, fp16 or --int8 nonzeros), with the class names (--names, those of an
+archive given as --weights, or those of the data a run records) in each; prints their sizes against
+the dense fp32 model and the archive's entropy bound, and writes the numbers to DIR/export.json. The sparsity pattern is read
 from the weights' zeros. An export may not overwrite its own inputs. An export into DIR replaces
 the one before it: once the new files are written, the files the earlier DIR/export.json lists
 and this export did not write again are removed (this export's inputs excepted).
@@ -55,9 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder; an export there replaces the files of the one before (by its export.json)")
     parser.add_argument("--names", type=Path, default=None,
-                        help="class names to ship with the model (a Darknet .names file or a data.yaml): a .names "
-                             "file beside the .weights, the ONNX metadata and the archive (default: those a "
-                             "compact archive given as --weights carries, or those of the data.yaml a run "
+                        help="class names to ship with the model (a Darknet .names file, a data.yaml or a COCO json): "
+                             "a .names file beside the .weights, the ONNX metadata and the archive (default: those "
+                             "a compact archive given as --weights carries, or those of the training data a run "
                              "recorded, for its --checkpoint without --cfg)")
     parser.add_argument("--int8", action="store_true",
                         help="compact archive: int8 nonzeros with per-tensor scales (lossy) instead of fp16")
@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_export_model(cfg, args.weights, args.checkpoint)
     if args.names is not None:
         model.class_names = read_class_names(args.names, int(model.heads[0].num_classes))
-    elif settings and isinstance(settings.get("data"), str):          # a run's own checkpoint, its cfg taken
-        model.class_names = recorded_class_names(Path(settings["data"]), int(model.heads[0].num_classes))
+    elif recorded_data(settings) is not None:                         # a run's own checkpoint, its cfg taken
+        model.class_names = recorded_class_names(recorded_data(settings), int(model.heads[0].num_classes))
     inputs = {Path(path).resolve() for path in (cfg, args.weights, args.checkpoint, args.names) if path}
     for output in (args.out / f"{EXPORT_STEM}{suffix}" for name in args.formats for suffix in FORMAT_SUFFIXES[name]):
         if output.resolve() in inputs:
@@ -144,9 +144,18 @@ def load_export_model(cfg: str | None, weights: str | None, checkpoint: str | No
     return model.float().eval()
 
 
+def recorded_data(settings: dict) -> Path | None:
+    """The training data a run's record names (`data`: a data.yaml; `train_annotations` of `detect
+    prune` or `annotations` of `detect train`: a COCO json), or None."""
+    for key in ("data", "train_annotations", "annotations"):
+        if isinstance(settings.get(key), str):
+            return Path(settings[key])
+    return None
+
+
 def recorded_class_names(data: Path, num_classes: int) -> list[str] | None:
-    """The class names of the data.yaml a run trained on, or None (with a warning) where it is gone
-    or does not fit the model: the export then carries none, as without a run."""
+    """The class names of the data.yaml or COCO json a run trained on, or None (with a warning) where
+    it is gone or does not fit the model: the export then carries none, as without a run."""
     try:
         names = read_class_names(data, num_classes)
     except (OSError, ValueError) as error:

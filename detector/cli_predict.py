@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iou", type=float, default=0.45, help="per-class NMS IoU threshold (default: 0.45)")
     parser.add_argument("--max-det", type=int, default=100, help="detections kept per image (default: 100)")
     parser.add_argument("--names", type=Path,
-                        help="class names: a Darknet .names file (one per line) or a data.yaml (default: those a "
-                             "compact archive carries, else class indices)")
+                        help="class names: a Darknet .names file (one per line), a data.yaml or a COCO json (default: "
+                             "those a compact archive carries, else class indices)")
 
 
 UNREAD_IMAGE_SUFFIXES = (".gif", ".jfif", ".heic", ".heif", ".avif", ".jxl", ".svg", ".ico")

@@ -249,7 +249,7 @@ def test_cli_predict_on_folders_as_users_keep_them(tmp_path, rectangle_model, ca
     shutil.rmtree(photos / "annotated")
     capsys.readouterr()
     assert yolo_admm_main([*command, "--names", str(tmp_path / "none.names")]) == 2
-    assert f"--names {tmp_path}/none.names: expected a .names file or a data.yaml, found nothing" in \
+    assert f"--names {tmp_path}/none.names: expected a .names file, a data.yaml or a COCO json, found nothing" in \
         capsys.readouterr().err
 
     real_read, reads = predict_module.read_rgb, []

@@ -418,3 +418,33 @@ def test_a_jitter_that_can_crop_an_image_away_stops_a_prune_before_any_work(shap
     with pytest.raises(ValueError, match=r"jitter.cfg:172 \[yolo\]: jitter=0.5 with resize=1 can crop an image away"):
         run_job(tiny_job(shapes_yaml, tmp_path / "run", cfg=str(cfg)))
     assert not (tmp_path / "run").exists()
+
+
+def test_export_of_a_coco_json_runs_stage_file_takes_the_jsons_class_names(uninterrupted, shapes_yaml, tmp_path,
+                                                                           capsys):
+    """A run trained on a COCO json records `train_annotations`, not `data`: `detect export` of its
+    checkpoint exported without class names. It takes the json's categories, as `--names` does."""
+    import yaml
+
+    from data.sources import load_yolo_dataset
+    from yolo_admm.cli import main
+
+    coco = load_yolo_dataset(shapes_yaml, "train").to_coco()
+    names = [f"{category['name']}_json" for category in coco["categories"]]
+    for category, name in zip(coco["categories"], names):
+        category["name"] = name
+    (tmp_path / "train.json").write_text(json.dumps(coco))
+    run = tmp_path / "coco_run"
+    shutil.copytree(uninterrupted["out"], run)
+    settings = yaml.safe_load((run / "config.yaml").read_text())
+    del settings["data"]
+    settings.update(out=str(run), train_annotations=str(tmp_path / "train.json"))
+    (run / "config.yaml").write_text(yaml.safe_dump(settings))
+    stage_file = run / "sparsity_0.6" / "retrained.pt"
+    assert main(["detect", "export", "--checkpoint", str(stage_file), "--out", str(tmp_path / "a"),
+                 "--formats", "compact"]) == 0
+    assert f"the class names of {tmp_path / 'train.json'}, as the run records" in capsys.readouterr().out
+    assert load_compact(tmp_path / "a" / "model.yaspars").class_names == names
+    assert main(["detect", "export", "--cfg", DEMO_CFG, "--checkpoint", str(stage_file), "--names",
+                 str(tmp_path / "train.json"), "--out", str(tmp_path / "b"), "--formats", "compact"]) == 0
+    assert load_compact(tmp_path / "b" / "model.yaspars").class_names == names
