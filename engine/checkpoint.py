@@ -99,10 +99,15 @@ def read_checkpoint_file(path: Path, map_location: str | torch.device = "cpu") -
                          f"{hint}") from err
 
 
+WEIGHTS_ONLY_CAUSE = "WeightsUnpickler error: "      # where torch's weights-only refusal names its cause
+
+
 def unreadable_detail(error: BaseException) -> str:
     """"Type: first sentence" of a `torch.load` error, at most 200 characters (torch's own messages
-    run to several sentences of advice, which a one-line error cut mid-sentence)."""
+    run to several sentences of advice, which a one-line error cut mid-sentence). For a weights-only
+    load, the sentence that names what it refused ("Unsupported global: ..."), after its advice."""
     text = " ".join(str(error).split())
+    text = text.split(WEIGHTS_ONLY_CAUSE, 1)[-1]
     first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0] or "empty or cut short"
     return f"{type(error).__name__}: {first if len(first) <= 200 else first[:197] + '...'}"
 

@@ -517,6 +517,22 @@ def test_an_unreadable_newest_checkpoint_says_which_to_resume_from(tmp_path):
     assert message.endswith(".); delete it to resume from epoch_0002.pt") and "likelihood" not in message
 
 
+def test_a_weights_only_refusal_is_told_by_what_it_refused(tmp_path):
+    """torch's weights-only refusal opens with two sentences of advice; its first sentence alone
+    ("Weights only load failed.") did not say why. The detail is the sentence naming the cause."""
+    import pickle
+
+    import numpy as np
+
+    torch.save({"rho": np.float64(0.5)}, tmp_path / "state.pt")
+    with pytest.raises(pickle.UnpicklingError) as error:
+        torch.load(tmp_path / "state.pt", weights_only=True)
+    detail = engine.unreadable_detail(error.value)
+    assert detail.startswith("UnpicklingError: Unsupported global: GLOBAL numpy") and detail.endswith(
+        "was not an allowed global by default."), detail
+    assert engine.unreadable_detail(EOFError("Ran out of input")) == "EOFError: Ran out of input"
+
+
 def test_atomic_writes_replace_whole_files_with_normal_permissions(tmp_path):
     import json
     import os
