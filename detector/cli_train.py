@@ -8,7 +8,9 @@
 Optimiser, schedule and augmentation default to the cfg's [net] (see `detector.train`); the flags
 override them. Writes to --out: a checkpoint per epoch (`epoch_NNNN.pt`, what --resume takes; the two newest are kept),
 `history.csv`, `args.json`, and the trained model as Darknet `.weights` (`<cfg name>.weights`;
-the EMA weights when EMA is on) with the training data's class names beside it (`<cfg name>.names`,
+the EMA weights when EMA is on; the header's version that of --weights, its `seen` the optimizer
+steps taken times the cfg's [net] batch, as Darknet counts after `-clear`, so that Darknet continuing
+from the file takes up the LR schedule where this run left it) with the training data's class names beside it (`<cfg name>.names`,
 one per line, as Darknet reads them; left out, with a warning at the start, when a name cannot be
 such a line).
 
@@ -25,6 +27,7 @@ import json
 import math
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import detector
@@ -32,6 +35,7 @@ from data.sources import DetectionSource, load_coco_json, load_yolo_dataset, rea
 from detector.cli import network_size
 from detector.export import check_class_names, write_class_names
 from detector.train import DetectTrainConfig, check_training_options, fit_detector
+from detector.weights import WeightsHeader
 from engine import (atomic_write_json, changed_settings, describe_changes, distributed, find_latest_checkpoint,
                     output_folder, resolved_paths, run_folder_lock, seed_everything)
 from yolo_admm.wording import counted
@@ -149,7 +153,7 @@ def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
     weights_path = args.out / f"{Path(args.cfg).stem}.weights"
     if not distributed.is_main():
         return 0
-    detector.write_weights(weights_path, trained)
+    detector.write_weights(weights_path, trained, trained_header(model.weights_header, trainer.step, model.net.batch))
     names_path = write_class_names(weights_path.with_suffix(".names"), class_names, data_name) if class_names else None
     last = trainer.history[-1] if trainer.history else {}
     summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("train/loss", "eval/map50")))
@@ -157,6 +161,12 @@ def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
     print(f"weights: {weights_path}; " + (f"class names: {names_path}; " if names_path else "")
           + f"checkpoint: {trainer.last_checkpoint}")
     return 0
+
+
+def trained_header(source: WeightsHeader | None, steps: int, batch: int) -> WeightsHeader:
+    """The `.weights` header of a trained model: the version of the file it started from (Darknet
+    0.2.5's without one), `seen` as Darknet counts it from a `-clear` start (`steps` x `batch`)."""
+    return replace(source or WeightsHeader(), seen=steps * batch)
 
 
 def writable_class_names(source: DetectionSource, data_name: str) -> list[str] | None:

@@ -162,6 +162,22 @@ def test_cli_writes_checkpoint_and_weights_that_load_back(tmp_path, shapes, caps
         run(train_cli_args(tmp_path, yaml, epochs=0))
 
 
+def test_the_trained_weights_header_keeps_the_source_version_and_counts_the_schedule(tmp_path, shapes):
+    """The `.weights` of `detect train` had Darknet 0.2.5's header with `seen` 0 whatever it started
+    from: Darknet continuing from it restarted burn-in. `seen` is the steps x the cfg's batch (8)."""
+    from detector import WeightsHeader, read_weights, write_weights
+
+    yaml, _ = shapes
+    args = train_cli_args(tmp_path, yaml, epochs=2)
+    write_weights(tmp_path / "start.weights", load_darknet(args.cfg), WeightsHeader(0, 1, 0, seen=123456))
+    args.weights = str(tmp_path / "start.weights")
+    assert run(args) == 0                                   # 8 images at 4 a batch, batch=8: a step per epoch
+    header = read_weights(args.out / "tiny.weights", load_darknet(args.cfg))
+    assert header == WeightsHeader(0, 1, 0, seen=16)        # 32-bit seen, as the 0.1 file it came from
+    assert header.nbytes == 16 and (args.out / "tiny.weights").stat().st_size == \
+        (tmp_path / "start.weights").stat().st_size
+
+
 def test_class_names_a_names_file_cannot_hold_are_warned_of_before_training(tmp_path, shapes, monkeypatch):
     yaml, source = shapes
     odd = yaml.parent / "odd.yaml"
