@@ -13,7 +13,11 @@ Per head, with its `[yolo]` options (`head.loss_options`):
   review's reimplementation). We count the boxes' classes; no shipped cfg sets both options.
 - **Objectness**: target 1 at claimed slots, 0 elsewhere, except that a prediction is left out
   whose decoded box has IoU > `ignore_thresh` with some box of its image while one of its class
-  probabilities exceeds 0.25 (`compare_yolo_class`); times `obj_normalizer`.
+  probabilities exceeds 0.25 (`compare_yolo_class`); times `obj_normalizer`. With
+  `objectness_smooth` (yolov4-csp's last two heads), every prediction, claimed or not, is trained
+  towards that best IoU where it exceeds `ignore_thresh` and towards 0 elsewhere: Darknet sets
+  every prediction's objectness delta first and lets a claim replace it only where it is exactly 0,
+  which a logistic output never gives, so a claimed slot is not trained towards 1.
 - **Classes**: at each claimed slot, target 1 for the class of every box that claims it, 0 for the
   others (multi-hot, as `delta_yolo_class` leaves it; smoothed to y(1 - eps) + eps/2 by
   `label_smooth_eps`). `cls_normalizer` does not scale it: `delta_yolo_class` applies it only
@@ -54,8 +58,8 @@ switched off in a restatement of Darknet's deltas, the parameter gradient of thi
 pretrained yolo-fastest-1.1 on coco128 equals it to 1e-5 (relative), shared slots, the class gate
 and `iou_thresh` 1 included; with them on, the cosine is 0.99992-0.99998.
 
-Not supported (a warning says so when a cfg asks): `objectness_smooth`, `truth_thresh < 1`,
-`focal_loss`, `counters_per_class`, `iou_thresh_kind` other than iou.
+Not supported (a warning says so when a cfg asks): `truth_thresh < 1`, `focal_loss`,
+`counters_per_class`, `iou_thresh_kind` other than iou.
 
 Reference: AlexeyAB/darknet src/yolo_layer.c; Zheng et al., "Distance-IoU Loss", AAAI 2020.
 """
@@ -75,9 +79,7 @@ from detector.head import decode
 
 IOU_LOSSES = ("ciou", "diou", "giou", "iou", "mse")
 IGNORE_CLASS_PROBABILITY = 0.25   # Darknet ignores an overlapping prediction only if a class is above it
-UNSUPPORTED_OPTIONS = {"objectness_smooth": 0, "focal_loss": 0, "counters_per_class": None}
-UNSUPPORTED_CONSEQUENCES = {   # what Darknet trains otherwise (yolov4-csp sets objectness_smooth on two heads)
-    "objectness_smooth": " (Darknet then trains an assigned anchor's objectness towards its IoU, or 0, not 1)"}
+UNSUPPORTED_OPTIONS = {"focal_loss": 0, "counters_per_class": None}
 
 
 class YoloLoss:
@@ -176,11 +178,17 @@ def head_loss(raw: Tensor, head, targets: Tensor,
         box_per_claim = box_per_claim / classes_at_slot.sum(dim=1)[slot_of_claim]
     box = box_per_claim.sum()
 
-    obj_target = torch.zeros_like(raw[..., 4])
-    obj_weight = (~ignored_predictions(pred_boxes.detach(), targets, float(options["ignore_thresh"]),
-                                       _has_a_likely_class(raw.detach(), head))).float()
-    obj_target[claim] = 1.0
-    obj_weight[claim] = 1.0
+    # Darknet's best_match_iou: the best IoU with a box of the image, for predictions with a likely class
+    best_match_iou = best_box_iou(pred_boxes.detach(), targets) * _has_a_likely_class(raw.detach(), head)
+    overlapping = best_match_iou > float(options["ignore_thresh"])
+    if options.get("objectness_smooth"):
+        obj_target = torch.where(overlapping, best_match_iou, 0.0)
+        obj_weight = torch.ones_like(obj_target)
+    else:
+        obj_target = torch.zeros_like(raw[..., 4])
+        obj_weight = (~overlapping).float()
+        obj_target[claim] = 1.0
+        obj_weight[claim] = 1.0
     obj = float(options["obj_normalizer"]) * (obj_weight * _probability_loss(raw[..., 4], obj_target, head)).sum()
 
     eps = float(options.get("label_smooth_eps", 0.0))
@@ -319,27 +327,23 @@ def darknet_mse_loss(raw_box: Tensor, pred_box: Tensor, truth: Tensor, anchors: 
     return 0.5 * (2.0 - truth[:, 2] * truth[:, 3]) * error
 
 
-def ignored_predictions(pred_boxes: Tensor, targets: Tensor, ignore_thresh: float,
-                        candidates: Tensor | None = None) -> Tensor:
-    """Predictions that overlap a box of their image by IoU > ignore_thresh.
+def best_box_iou(pred_boxes: Tensor, targets: Tensor) -> Tensor:
+    """Each prediction's largest IoU with a box of its image (0 in an image without boxes).
 
     Args:
         pred_boxes: Tensor[B, A, H, W, 4], normalised cxcywh.
         targets: Tensor[N, 6] as in `YoloLoss.__call__`.
-        candidates: bool Tensor[B, A, H, W], the predictions that may be ignored at all (Darknet:
-            those with a class probability above 0.25); None: all.
 
     Returns:
-        bool Tensor[B, A, H, W].
+        Tensor[B, A, H, W].
     """
-    ignored = torch.zeros(pred_boxes.shape[:-1], dtype=torch.bool, device=pred_boxes.device)
+    best = pred_boxes.new_zeros(pred_boxes.shape[:-1])
     image_of_target = targets[:, 0].long()
     for image in torch.unique(image_of_target).tolist():
         truth = _xyxy(targets[image_of_target == image, 2:6])  # [T, 4]
         preds = _xyxy(pred_boxes[image].reshape(-1, 4))  # [A*H*W, 4]
-        best = box_iou(preds, truth).max(dim=1).values
-        ignored[image] = (best > ignore_thresh).reshape(ignored.shape[1:])
-    return ignored if candidates is None else ignored & candidates
+        best[image] = box_iou(preds, truth).max(dim=1).values.reshape(best.shape[1:])
+    return best
 
 
 def _xyxy(boxes: Tensor) -> Tensor:
@@ -361,7 +365,7 @@ def _check_loss_options(index: int, options: dict) -> None:
     kind = str(options.get("iou_loss", "mse")).lower()
     if kind not in IOU_LOSSES:
         raise ValueError(f"[yolo] head {index}: iou_loss={kind!r} is not supported; expected one of {IOU_LOSSES}")
-    ignored = [key + UNSUPPORTED_CONSEQUENCES.get(key, "") for key, default in UNSUPPORTED_OPTIONS.items()
+    ignored = [key for key, default in UNSUPPORTED_OPTIONS.items()
                if options.get(key, default) not in (default, 0, "0", None)]
     if float(options.get("truth_thresh", 1.0)) < 1.0:
         ignored.append("truth_thresh<1")

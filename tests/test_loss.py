@@ -304,12 +304,47 @@ def test_max_delta_clips_box_gradient(make_model):
     torch.testing.assert_close(grads["max_delta=0.001"], grads[""].clamp(-0.001, 0.001))
 
 
-def test_options_the_loss_does_not_implement_are_named_with_what_darknet_does(make_model):
+def test_options_the_loss_does_not_implement_are_named(make_model):
     with pytest.warns(UserWarning) as warned:
-        YoloLoss(make_model(yolo_extra="objectness_smooth=1\nfocal_loss=1").heads)
+        YoloLoss(make_model(yolo_extra="objectness_smooth=1\nfocal_loss=1\ntruth_thresh=0.9").heads)
     assert [str(w.message) for w in warned] == [
-        f"[yolo] head {index}: objectness_smooth (Darknet then trains an assigned anchor's objectness towards its "
-        f"IoU, or 0, not 1), focal_loss not implemented by YoloLoss; ignored" for index in (0, 1)]
+        f"[yolo] head {index}: focal_loss, truth_thresh<1 not implemented by YoloLoss; ignored" for index in (0, 1)]
+
+
+def test_objectness_smooth_trains_every_prediction_towards_its_best_iou_or_0_as_darknet_does(make_model):
+    """With `objectness_smooth`, Darknet's objectness delta is (best_match_iou - output) where that
+    IoU exceeds ignore_thresh and (0 - output) elsewhere, claimed slots included (a claim replaces
+    the delta only where it is exactly 0). BCE with logits: the logit's gradient is output - target."""
+    model = make_model(yolo_extra="objectness_smooth=1")
+    targets = targets_of([(0, 1, 0.30, 0.60, 30, 30)])          # claimed: coarse head, anchor 0, cell (1, 0)
+    raws = perfect_raw(model, targets, batch=1)
+    with torch.no_grad():
+        raws[0][0, 0, 1, 1, :4] = raws[0][0, 0, 1, 0, :4]         # unclaimed, overlapping the box
+        raws[0][0, 0, 1, 1, 0] -= 2.0
+        raws[0][0, 0, 1, 1, 4] = 0.0
+        raws[0][0, 0, 1, 1, 7] = 2.0                               # a likely class
+        raws[0][0, 1, 1, 0, 2:4] = -2.0                            # claimed (anchor 3 > iou_thresh): an 8 px box
+        raws[0][0, 1, 1, 0, 4] = 0.5
+    decoded = decode(raws[0].detach(), model.heads[0])[0, :, 1, :, :4]       # [A, W, 4] in input pixels
+    truth = torch.tensor([[0.30 * INPUT - 15, 0.60 * INPUT - 15, 0.30 * INPUT + 15, 0.60 * INPUT + 15]])
+    iou = box_iou(torch.cat([decoded[..., :2] - decoded[..., 2:] / 2, decoded[..., :2] + decoded[..., 2:] / 2],
+                            -1).reshape(-1, 4), truth).reshape(2, 2)  # [anchor, x]
+    for head in model.heads:
+        head.loss_options["ignore_thresh"] = 0.2
+    assert iou[0, 1] > 0.2 and iou[1, 0] < 0.2 and iou[0, 0] > 0.999
+    raws = [r.detach().requires_grad_() for r in raws]
+    YoloLoss(model.heads)(raws, targets, (INPUT, INPUT))[0].backward()
+    obj_grad = raws[0].grad[0, :, 1, :, 4]
+    assert obj_grad[0, 1] == pytest.approx(0.5 - float(iou[0, 1]), abs=1e-5)            # towards its IoU
+    assert obj_grad[1, 0] == pytest.approx(float(torch.sigmoid(torch.tensor(0.5))), abs=1e-5)  # claimed: towards 0
+    assert abs(float(obj_grad[0, 0])) < 1e-5                                            # claimed, IoU 1: towards 1
+    plain = make_model()
+    raws_plain = [r.detach().requires_grad_() for r in raws]
+    for head in plain.heads:
+        head.loss_options["ignore_thresh"] = 0.2
+    YoloLoss(plain.heads)(raws_plain, targets, (INPUT, INPUT))[0].backward()
+    assert raws_plain[0].grad[0, 0, 1, 1, 4] == 0                                       # ignored without it
+    assert raws_plain[0].grad[0, 1, 1, 0, 4] == pytest.approx(float(torch.sigmoid(torch.tensor(0.5))) - 1, abs=1e-5)
 
 
 def test_max_delta_leaves_the_mse_box_loss_alone_as_darknet_does(tmp_path):
