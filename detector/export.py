@@ -377,8 +377,9 @@ def export_compact(model: DarknetModel, masks: Masks | None, path: str | os.Path
 
     Args:
         model: a `DarknetModel` (not wrapped), pruned: zero wherever `masks` is False.
-        masks: the pruning masks; their tensors are stored sparse (mask + nonzeros). None: every
-            conv weight is stored sparse, its mask read from its nonzeros.
+        masks: the pruning masks, checked (each names a tensor of the model, fits it, and the
+            weights it prunes are zero), or None. Either way every conv weight is stored sparse
+            (its nonzeros and where they are), those that masks leave out (`--exclude`) too.
         path: the archive file.
         value_format: "fp16" (exact for fp16-representable weights) or "int8" (per-tensor scale).
         compression: "lzma" or "zlib".
@@ -395,16 +396,16 @@ def export_compact(model: DarknetModel, masks: Masks | None, path: str | os.Path
         random input (|difference| / max(1, |value|), as for ONNX; reported, not bounded).
     """
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    sparse_names = _check_masks(state, masks) if masks is not None else None
+    if masks is not None:
+        _check_masks(state, masks)
     for key in (COMPACT_CFG_KEY, COMPACT_NAMES_KEY):
         if key in state:
             raise ValueError(f"the model has a tensor named {key!r}, an entry of the archive's own")
     state[COMPACT_CFG_KEY] = _text_tensor(model.cfg.text)
     if model.class_names is not None:
         state[COMPACT_NAMES_KEY] = _text_tensor(json.dumps(model.class_names))
-    report = save_sparse_archive(state, path, value_format, compression, sparse_names)
-    names = sparse_names if sparse_names is not None else [n for n, t in state.items()
-                                                          if t.is_floating_point() and t.dim() >= 2]
+    names = [name for name, tensor in state.items() if tensor.is_floating_point() and tensor.dim() >= 2]
+    report = save_sparse_archive(state, path, value_format, compression, names)
     params = sum(state[name].numel() for name in names)
     nonzero = report["nonzero"]                     # as stored: int8 rounds the smallest weights to 0
     dense = dense_fp32_bytes(model)
@@ -442,8 +443,8 @@ def compact_difference(model: DarknetModel, state: dict[str, torch.Tensor], path
     return {**errors, "output_max_rel_diff": float(relative.max())}
 
 
-def _check_masks(state: dict[str, torch.Tensor], masks: Masks) -> list[str]:
-    """The masked tensor names, after checking each exists, fits, and is zero where pruned."""
+def _check_masks(state: dict[str, torch.Tensor], masks: Masks) -> None:
+    """Check that each mask names a tensor of `state`, fits it, and that it is zero where pruned."""
     for name, mask in masks.items():
         if name not in state:
             raise ValueError(f"mask {name!r} names no tensor of the model's state_dict "
@@ -455,7 +456,6 @@ def _check_masks(state: dict[str, torch.Tensor], masks: Masks) -> list[str]:
         if stray:
             raise ValueError(f"{name}: {stray} weights are nonzero where the mask prunes them; "
                              f"apply the masks (masks.apply(model)) before exporting")
-    return list(masks)
 
 
 def load_compact(path: str | os.PathLike, cfg_path: str | os.PathLike | None = None) -> DarknetModel:

@@ -414,7 +414,23 @@ def test_compact_export_refuses_weights_outside_the_masks(pruned, tmp_path):
     assert not (tmp_path / "bad.yaspars").exists()
 
 
-def test_load_compact_rejects_an_archive_without_a_cfg(pruned, tmp_path):
+def test_conv_weights_the_masks_leave_out_are_stored_compactly_too(pruned, tmp_path):
+    """Found by a review: with `--exclude`, the conv weights outside the masks went into the archive
+    as raw fp32, so that a pruned model's archive outgrew the dense model's."""
+    model, masks = pruned
+    names = list(masks)
+    partial = Masks({name: masks[name] for name in names[1:]})       # one conv weight excluded, dense
+    unpruned_first = detector.load_darknet(DEMO_CFG)
+    unpruned_first.load_state_dict(model.state_dict())
+    first = dict(unpruned_first.named_parameters())[names[0]]
+    with torch.no_grad():
+        first.add_(0.01)
+    full = export_compact(unpruned_first, None, tmp_path / "none.yaspars")
+    excluded = export_compact(unpruned_first, partial, tmp_path / "partial.yaspars")
+    assert excluded["bytes"] == full["bytes"] and excluded["params"] == full["params"]
+    assert excluded["nonzero"] == sum(int(m.sum()) for _, m in partial.items()) + first.numel()
+    assert excluded["max_abs_error"] < 1e-3 and excluded["value_format"] == "fp16"
+
     save_sparse_archive(pruned[0].state_dict(), tmp_path / "bare.yaspars")
     with pytest.raises(ValueError, match=COMPACT_CFG_KEY):
         load_compact(tmp_path / "bare.yaspars")
