@@ -99,8 +99,12 @@ class PruneJob:
             raise ValueError(f"ramp_from is for the ADMM methods; method {self.method!r} prunes at once")
         for value in self.sparsity:
             pruning.ramp_updates(value, self.ramp_from, self.ramp_iters, self.admm_iters)  # validates
-        if self.data is None and not (self.train_images and self.train_annotations
-                                      and self.val_images and self.val_annotations):
+        coco = {"train_images": self.train_images, "train_annotations": self.train_annotations,
+                "val_images": self.val_images, "val_annotations": self.val_annotations}
+        if self.data is not None and any(coco.values()):
+            raise ValueError(f"prune: give --data data.yaml or the COCO json options, not both: data is {self.data}, "
+                             f"{', '.join(f'{key} {value}' for key, value in coco.items() if value)}")
+        if self.data is None and not all(coco.values()):
             raise ValueError("prune: give --data data.yaml, or all of --train-images/--train-annotations/"
                              "--val-images/--val-annotations (COCO json)")
 

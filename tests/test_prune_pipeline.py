@@ -211,6 +211,17 @@ def test_include_and_exclude_flags_reach_the_job():
                                             job.exclude)) == ["layers.0.conv.weight"]
 
 
+def test_a_data_yaml_and_coco_json_options_together_are_refused(tmp_path):
+    """Found by a review: `--data` won silently over the COCO json options (from --config, say)."""
+    (tmp_path / "job.yaml").write_text("data: shapes/data.yaml\n")
+    parser = argparse.ArgumentParser()
+    cli_prune.add_arguments(parser)
+    with pytest.raises(ValueError, match=r"give --data data.yaml or the COCO json options, not both: data is "
+                                         r"shapes/data.yaml, train_annotations train.json$"):
+        cli_prune.job_of(parser.parse_args(["--cfg", DEMO_CFG, "--config", str(tmp_path / "job.yaml"),
+                                            "--train-annotations", "train.json"]))
+
+
 def test_resume_with_other_settings_is_refused(shapes_yaml, uninterrupted, tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(admm_iters: 2 -> 3\)"):
         run_job(tiny_job(shapes_yaml, uninterrupted["out"], admm_iters=3))
