@@ -273,7 +273,7 @@ def load_yolo_dataset(data_yaml: str | Path, split: str = "val") -> DetectionSou
         raise ValueError(f"{data_yaml}: split {split!r} not found; the yaml has "
                          f"{[k for k in ('train', 'val', 'test') if spec.get(k)]}")
     root = data_yaml.parent / str(spec.get("path") or ".")
-    image_paths = _split_images(spec[split], root.resolve(), data_yaml)
+    image_paths = _split_images(spec[split], root.resolve(), data_yaml, split)
     if not image_paths:
         raise ValueError(f"{data_yaml}: split {split!r} has no images")
     box_fields_only = spec.get("kpt_shape") is not None      # pose labels: class cx cy w h, then keypoints
@@ -372,13 +372,21 @@ def parse_class_names(spec: dict, data_yaml: Path) -> list[str]:
         raise ValueError(f"{data_yaml}: expected 'names' as a non-empty list or dict, found {names!r}")
     if "nc" in spec and _whole_number(spec["nc"]) != len(names):
         raise ValueError(f"{data_yaml}: nc is {spec['nc']!r} but 'names' has {len(names)} entries")
+    for index, name in enumerate(names):
+        if not isinstance(name, (str, int, float)) or isinstance(name, bool) or str(name) == "":
+            raise ValueError(f"{data_yaml}: 'names' entry {index}: expected a class name, found {name!r}")
     return [str(n) for n in names]
 
 
-def _split_images(entry: str | list, root: Path, data_yaml: Path) -> list[Path]:
-    """Image files of a split entry (folder, .txt list or list of these), in sorted order."""
+def _split_images(entry: str | list, root: Path, data_yaml: Path, split: str) -> list[Path]:
+    """Image files of a split entry (folder, .txt list or list of these), in sorted order, each once
+    (a warning counts those listed more than once)."""
     paths: list[Path] = []
     for item in entry if isinstance(entry, list) else [entry]:
+        if not isinstance(item, (str, int)) or isinstance(item, bool):
+            raise ValueError(f"{data_yaml}: split {split!r}: entry {item!r}: expected the path of a folder of "
+                             f"images or of a .txt list, found {type(item).__name__}")
+        item = str(item)
         location = Path(item) if Path(item).is_absolute() else root / item
         if not location.exists() and str(item).startswith("../") and (root / str(item)[3:]).exists():
             location = root / str(item)[3:]         # Roboflow's exports write ../train/images beside the yaml
@@ -389,7 +397,14 @@ def _split_images(entry: str | list, root: Path, data_yaml: Path) -> list[Path]:
         else:
             raise FileNotFoundError(f"{data_yaml}: split entry {item!r} -> {location}: "
                                     f"expected a folder of images or a .txt list, found nothing")
-    return sorted(set(paths))
+    unique = sorted(set(paths))
+    if len(unique) < len(paths):
+        repeated = len(paths) - len(unique)
+        warnings.warn(f"{data_yaml}: split {split!r} lists {repeated} {'image' if repeated == 1 else 'images'} "
+                      f"more than once (repeated lines of a .txt list, or overlapping folders); each image is "
+                      f"used once",
+                      stacklevel=3)
+    return unique
 
 
 def images_below(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:

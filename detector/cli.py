@@ -11,10 +11,9 @@ import importlib
 from pathlib import Path
 
 import torch
-import yaml
 
 import detector
-from data.sources import coco_class_names, parse_class_names, read_utf8
+from data.sources import coco_class_names, parse_class_names, read_data_yaml, read_utf8
 from detector.cfg import first_difference
 from detector.export import check_class_names, load_compact
 from engine import resolve_device
@@ -136,7 +135,7 @@ def read_class_names(path: Path | None, num_classes: int) -> list[str]:
         raise ValueError(f"--names {path}: expected a .names file, a data.yaml or a COCO json, found "
                          f"{'a folder' if path.is_dir() else 'nothing'}")
     if path.suffix in (".yaml", ".yml"):
-        names = parse_class_names(yaml.safe_load(read_utf8(path)), path)
+        names = parse_class_names(read_data_yaml(path), path)
     elif path.suffix == ".json":
         names = coco_class_names(path)
     else:

@@ -251,6 +251,9 @@ def test_cli_predict_on_folders_as_users_keep_them(tmp_path, rectangle_model, ca
     assert yolo_admm_main([*command, "--names", str(tmp_path / "none.names")]) == 2
     assert f"--names {tmp_path}/none.names: expected a .names file, a data.yaml or a COCO json, found nothing" in \
         capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("names: [a, b\n")          # found by a review: a bare yaml traceback
+    assert yolo_admm_main([*command, "--names", str(tmp_path / "bad.yaml")]) == 2
+    assert f"{tmp_path}/bad.yaml: not valid yaml (while parsing a flow sequence" in capsys.readouterr().err
 
     real_read, reads = predict_module.read_rgb, []
 

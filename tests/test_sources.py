@@ -268,6 +268,29 @@ def test_yolo_dataset_bad_yaml_errors(tmp_path):
     with pytest.raises(ValueError, match=r"data.yaml: not valid yaml \(while parsing a flow sequence") as error:
         load_yolo_dataset(yaml_path)
     assert "\n" not in str(error.value)             # one line, as every error of the command line
+    # found by a review: these were bare TypeErrors, and an empty name became the class "None"
+    for entry, found in (("[images/val, ~]", "None: expected the path .* found NoneType"),
+                         ("{a: b}", r"\{'a': 'b'\}: expected the path .* found dict")):
+        yaml_path.write_text(f"path: ..\nval: {entry}\nnames: [dog]\n")
+        with pytest.raises(ValueError, match=f"data.yaml: split 'val': entry {found}"):
+            load_yolo_dataset(yaml_path)
+    yaml_path.write_text("path: ..\nval: images/val\nnames:\n  - dog\n  -\n")
+    with pytest.raises(ValueError, match="data.yaml: 'names' entry 1: expected a class name, found None"):
+        load_yolo_dataset(yaml_path)
+
+
+def test_a_split_listing_an_image_twice_uses_it_once_and_says_so(tmp_path):
+    root = tmp_path / "ds"
+    yaml_path = write_yolo_dataset(root, "names: [dog, person]\n")
+    (root / "val.txt").write_text("images/val/000000000042.jpg\n" * 3 + "images/val/000000000007.png\n")
+    yaml_path.write_text("path: ..\nval: val.txt\nnames: [dog, person]\n")
+    with pytest.warns(UserWarning) as warned:
+        src = load_yolo_dataset(yaml_path)
+    assert [r.image_id for r in src.records] == [7, 42]
+    assert any(f"{yaml_path}: split 'val' lists 2 images more than once" in str(w.message) for w in warned)
+    yaml_path.write_text("path: ..\nval: 2017\nnames: [dog, person]\n")   # a folder named by a number
+    (root / "images" / "val").rename(root / "2017")
+    assert len(load_yolo_dataset(yaml_path).records) == 2
 
 
 def test_label_path_replaces_the_last_images_folder():
