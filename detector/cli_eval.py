@@ -20,7 +20,7 @@ from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from detector.cli import add_model_arguments, load_model, model_num_classes
 from detector.evaluate import CONF_THRESH, MAX_DET, NMS_IOU, EvalResult, evaluate
 from detector.predict import make_loader
-from detector.train import check_classes
+from detector.train import check_classes, check_same_classes
 from engine import atomic_write_json, output_file
 from yolo_admm.wording import counted
 
@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     source = load_source(args)
     model, net_w, net_h, letterbox = load_model(args)
     check_classes(args.cfg or args.weights, model_num_classes(model), source)
+    check_same_classes(getattr(model, "class_names", None), f"the class names of {args.weights}", source.class_names,
+                       str(args.data or args.annotations), reordered_only=True)
     dataset = InferenceDataset.from_source(source, net_w, net_h, letterbox)
     device = next(model.parameters()).device
     workers = default_workers(device) if args.workers is None else args.workers

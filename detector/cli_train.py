@@ -6,13 +6,14 @@
     yolo-admm detect train --cfg C --data data.yaml --epochs 20 --out runs/train --resume runs/train
 
 Optimiser, schedule and augmentation default to the cfg's [net] (see `detector.train`); the flags
-override them. Writes to --out: a checkpoint per epoch (`epoch_NNNN.pt`, what --resume takes; the two newest are kept),
-`history.csv`, `args.json`, and the trained model as Darknet `.weights` (`<cfg name>.weights`;
-the EMA weights when EMA is on; the header's version that of --weights, its `seen` the optimizer
-steps taken times the cfg's [net] batch, as Darknet counts after `-clear`, so that Darknet continuing
-from the file takes up the LR schedule where this run left it) with the training data's class names beside it (`<cfg name>.names`,
-one per line, as Darknet reads them; left out, with a warning at the start, when a name cannot be
-such a line).
+override them. Writes to --out: a checkpoint per epoch (`epoch_NNNN.pt`, what --resume takes; the
+two newest are kept), `history.csv`, `args.json`, and the trained model as Darknet `.weights`
+(`<cfg name>.weights`; the EMA weights when EMA is on; the header's version that of --weights, its
+`seen` the optimizer steps taken times the cfg's [net] batch, as Darknet counts after `-clear`, so
+that Darknet continuing from the file takes up the LR schedule where this run left it) with the
+training data's class names beside it (`<cfg name>.names`, one per line, as Darknet reads them;
+left out, with a warning at the start, when a name cannot be such a line). Two COCO jsons must list
+the same categories.
 
 Running the same command again (after Ctrl-C, say) resumes from the newest checkpoint in --out;
 --out holding the checkpoints of a run with other settings is an error, never overwritten.
@@ -34,7 +35,7 @@ import detector
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset, read_data_yaml
 from detector.cli import network_size
 from detector.export import check_class_names, write_class_names
-from detector.train import DetectTrainConfig, check_training_options, fit_detector
+from detector.train import DetectTrainConfig, check_same_classes, check_training_options, fit_detector
 from detector.weights import WeightsHeader
 from engine import (atomic_write_json, changed_settings, describe_changes, distributed, find_latest_checkpoint,
                     output_folder, resolved_paths, run_folder_lock, seed_everything)
@@ -98,7 +99,9 @@ def load_sources(args: argparse.Namespace) -> tuple[DetectionSource, DetectionSo
     if bool(args.val_images) != bool(args.val_annotations):
         raise ValueError("--val-images and --val-annotations go together")
     val = load_coco_json(args.val_images, args.val_annotations) if args.val_images else None
-    return load_coco_json(args.images, args.annotations), val
+    train = load_coco_json(args.images, args.annotations)
+    check_same_classes(train.class_names, args.annotations, val and val.class_names, str(args.val_annotations))
+    return train, val
 
 
 def train_config(args: argparse.Namespace) -> DetectTrainConfig:

@@ -56,7 +56,7 @@ from detector.export import (check_class_names, dense_fp32_bytes, export_compact
 from detector.predict import inference_copy
 from detector.prune_job import RECORDED_ONLY, PruneJob
 from detector.train import (DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes,
-                            check_training_options, training_side)
+                            check_same_classes, check_training_options, training_side)
 from detector.weights import WeightsHeader
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, describe_changes,
                     distributed, find_latest_checkpoint, held_iteration, output_folder, remove_stale_temp_files,
@@ -419,6 +419,8 @@ def make_context(job: PruneJob) -> RunContext:
     heads = [layer for layer in cfg.layers if layer.kind == "yolo"]
     if heads:  # before the dense evaluation, not after it
         check_classes(job.cfg, heads[0].classes, train, val)
+    if job.data is None:                # two COCO jsons: their categories may differ
+        check_same_classes(train.class_names, str(job.train_annotations), val.class_names, str(job.val_annotations))
     if "darknet" in job.export:  # its .names file: refused now, not after the training
         check_class_names(train.class_names, str(job.data or job.train_annotations))
     net = cfg.net

@@ -25,6 +25,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from functools import partial
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -359,6 +360,25 @@ def default_batching(batch: int, subdivisions: int, processes: int, batch_size: 
     if accumulate is None:
         accumulate = max(round(batch / (batch_size * processes)), 1)
     return int(batch_size), int(accumulate)
+
+
+def check_same_classes(names: Sequence[str] | None, names_from: str, other: Sequence[str] | None, other_from: str,
+                       reordered_only: bool = False) -> None:
+    """Raise ValueError naming both when `other` lists other class names than `names` (with
+    `reordered_only`, only when they are the same names in another order: a model's classes read
+    with names spelled otherwise, such as Darknet's coco.names against COCO's json, are not refused).
+    Either None: nothing to compare."""
+    if names is None or other is None or list(names) == list(other):
+        return
+    reordered = sorted(names) == sorted(other)
+    if reordered_only and not reordered:
+        return
+    index = next((i for i, (a, b) in enumerate(zip(names, other)) if a != b), min(len(names), len(other)))
+    found = repr(other[index]) if index < len(other) else "no class"
+    expected = repr(names[index]) if index < len(names) else "no class"
+    raise ValueError(f"{other_from}: class {index} is {found}, but {expected} in {names_from} "
+                     f"({'the same classes in another order' if reordered else 'other classes'}); expected the "
+                     f"classes of {names_from} in their order: a class index means one class to the model")
 
 
 def check_classes(cfg_path: str | os.PathLike, num_classes: int, *sources: DetectionSource | None) -> None:

@@ -186,6 +186,26 @@ def test_cli_eval_class_count_mismatch(tmp_path, rectangle_model, capsys):
     assert code == 2 and "predicts 2 classes but the dataset has 3" in capsys.readouterr().err
 
 
+def test_cli_eval_refuses_a_dataset_with_the_models_classes_in_another_order(tmp_path, monkeypatch, capsys):
+    """Found by a review: a model carrying its class names (a compact archive) scored a dataset with
+    the same names in another order, silently near 0. Names spelled otherwise (Darknet's coco.names
+    against COCO's json) are not refused."""
+    data_yaml = write_rectangle_dataset(tmp_path / "ds", count=2)
+    model = RectangleFinder(160, 128, letter_box=True)
+    monkeypatch.setattr(detector, "load_darknet", lambda cfg, weights=None: model, raising=False)
+    monkeypatch.chdir(tmp_path)
+    for name in ("m.cfg", "m.weights"):
+        (tmp_path / name).write_bytes(b"")
+    command = ["detect", "eval", "--cfg", "m.cfg", "--weights", "m.weights", "--data", str(data_yaml), "--workers", "0"]
+    for names in (["red", "green"], ["rouge", "vert"], None):
+        model.class_names = names
+        assert yolo_admm_main(command) == 0
+    model.class_names = ["green", "red"]
+    assert yolo_admm_main(command) == 2
+    assert (f"{data_yaml}: class 0 is 'red', but 'green' in the class names of m.weights (the same classes in "
+            f"another order)") in capsys.readouterr().err
+
+
 def test_cli_predict_writes_annotated_images_and_json(tmp_path, rectangle_model):
     write_rectangle_dataset(tmp_path / "ds", count=3)
     names = tmp_path / "rg.names"

@@ -12,7 +12,7 @@ import torch
 
 import pruning
 from data.synthetic import SHAPE_CLASSES, make_shapes_dataset
-from detector import cli_prune, load_darknet, prune_pipeline
+from detector import cli_prune, cli_train, load_darknet, prune_pipeline
 from detector.export import export_compact, load_compact
 from detector.prune_job import PruneJob, read_job_yaml
 from detector.prune_pipeline import run_job
@@ -220,6 +220,33 @@ def test_a_data_yaml_and_coco_json_options_together_are_refused(tmp_path):
                                          r"shapes/data.yaml, train_annotations train.json$"):
         cli_prune.job_of(parser.parse_args(["--cfg", DEMO_CFG, "--config", str(tmp_path / "job.yaml"),
                                             "--train-annotations", "train.json"]))
+
+
+def test_coco_jsons_whose_categories_differ_are_refused_before_any_work(shapes_yaml, tmp_path):
+    """Found by a review: a validation json listing the training json's categories in another id
+    order scored the dense model at mAP50 0.09 instead of 0.94, silently. `detect train` too."""
+    from data.sources import load_yolo_dataset
+
+    root = Path(shapes_yaml).parent
+    for split in ("train", "val"):
+        coco = load_yolo_dataset(shapes_yaml, split).to_coco()
+        if split == "val":
+            for category in coco["categories"]:                      # the same names, sorted the other way
+                category["id"] = 10 - category["id"]
+            for annotation in coco["annotations"]:
+                annotation["category_id"] = 10 - annotation["category_id"]
+        (tmp_path / f"{split}.json").write_text(json.dumps(coco))
+    coco_job = dict(train_images=str(root / "images" / "train"), train_annotations=str(tmp_path / "train.json"),
+                    val_images=str(root / "images" / "val"), val_annotations=str(tmp_path / "val.json"))
+    message = (rf"{tmp_path}/val.json: class 0 is '{SHAPE_CLASSES[-1]}', but '{SHAPE_CLASSES[0]}' in "
+               rf"{tmp_path}/train.json \(the same classes in another order\)")
+    with pytest.raises(ValueError, match=message):
+        run_job(tiny_job(None, tmp_path / "run", **coco_job))
+    assert not (tmp_path / "run" / "dense").exists()
+    args = argparse.Namespace(data=None, images=coco_job["train_images"], annotations=coco_job["train_annotations"],
+                              val_images=coco_job["val_images"], val_annotations=coco_job["val_annotations"])
+    with pytest.raises(ValueError, match=message):
+        cli_train.load_sources(args)
 
 
 def test_resume_with_other_settings_is_refused(shapes_yaml, uninterrupted, tmp_path):
