@@ -373,8 +373,9 @@ def parse_class_names(spec: dict, data_yaml: Path) -> list[str]:
     if "nc" in spec and _whole_number(spec["nc"]) != len(names):
         raise ValueError(f"{data_yaml}: nc is {spec['nc']!r} but 'names' has {len(names)} entries")
     for index, name in enumerate(names):
-        if not isinstance(name, (str, int, float)) or isinstance(name, bool) or str(name) == "":
-            raise ValueError(f"{data_yaml}: 'names' entry {index}: expected a class name, found {name!r}")
+        if not isinstance(name, (str, int, float)) or isinstance(name, bool):
+            hint = " (yaml reads an unquoted yes, no, on or off as a truth value: quote it)" * isinstance(name, bool)
+            raise ValueError(f"{data_yaml}: 'names' entry {index}: expected a class name, found {name!r}{hint}")
     return [str(n) for n in names]
 
 

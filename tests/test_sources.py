@@ -277,6 +277,9 @@ def test_yolo_dataset_bad_yaml_errors(tmp_path):
     yaml_path.write_text("path: ..\nval: images/val\nnames:\n  - dog\n  -\n")
     with pytest.raises(ValueError, match="data.yaml: 'names' entry 1: expected a class name, found None"):
         load_yolo_dataset(yaml_path)
+    yaml_path.write_text("path: ..\nval: images/val\nnames: [dog, no]\n")
+    with pytest.raises(ValueError, match=r"'names' entry 1: expected a class name, found False \(yaml reads"):
+        load_yolo_dataset(yaml_path)
 
 
 def test_a_split_listing_an_image_twice_uses_it_once_and_says_so(tmp_path):
