@@ -99,10 +99,11 @@ NOT_WEIGHTS = {   # file types given as --weights by mistake, by suffix: what th
 }
 
 
-def load_detector(cfg: str | None, weights: str) -> detector.DarknetModel:
+def load_detector(cfg: str | None, weights: str, partial: bool = False) -> detector.DarknetModel:
     """The model of a Darknet cfg and .weights file, or of a compact archive (`detect export`'s
     model.yaspars), which carries its cfg: `cfg` may then be None, and where given must set up the same
     model and training (`detector.cfg.first_difference`: comments and layout do not count).
+    `partial`: accept .weights of the first layers only (`detector.read_weights`).
 
     Raises:
         FileNotFoundError: no file at `weights`.
@@ -123,7 +124,23 @@ def load_detector(cfg: str | None, weights: str) -> detector.DarknetModel:
         return model
     if cfg is None:
         raise ValueError(f"--weights {weights}: Darknet .weights need --cfg (only a compact archive carries its cfg)")
-    return detector.load_darknet(cfg, weights)
+    return detector.load_darknet(cfg, weights, partial)
+
+
+def load_to_train(cfg: str, weights: str | None, partial: bool = False) -> detector.DarknetModel:
+    """The model of the cfg file `cfg` (which a training or pruning run records and writes out) with
+    the weights to start from: a Darknet .weights file (with `partial`, also one of the first layers
+    only, as `darknet partial` writes yolov4.conv.137), a compact archive of the same cfg (a pruned
+    model pruned or fine-tuned again; see `load_detector`), or None (the cfg's initialisation). Other
+    files given as weights (ONNX, a PyTorch checkpoint) are refused by what they are."""
+    if weights is None:
+        return detector.load_darknet(cfg)
+    start = load_detector(cfg, weights, partial)
+    if start.weights_header is not None:                # read from .weights into a model of `cfg`
+        return start
+    model = detector.load_darknet(cfg)
+    model.load_state_dict(start.state_dict())
+    return model
 
 
 def read_class_names(path: Path | None, num_classes: int) -> list[str]:

@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "latency_runs (default 10), layer_sparsity (pattern: sparsity, for admm-layerwise); its "
                         "relative paths are from the current folder; the flags override it")
     parser.add_argument("--cfg", help="Darknet .cfg of the pretrained detector")
-    parser.add_argument("--weights", help="its Darknet .weights (without: the cfg's random initial weights, with a "
-                        "warning)")
+    parser.add_argument("--weights", help="its Darknet .weights, or a compact archive of the same cfg (without: "
+                        "the cfg's random initial weights, with a warning)")
     parser.add_argument("--data", help="Ultralytics data.yaml with train and val splits")
     parser.add_argument("--train-images", help="COCO json alternative: training image folder")
     parser.add_argument("--train-annotations", help="COCO json alternative: training instances json")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import detector
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset, read_data_yaml
-from detector.cli import network_size
+from detector.cli import load_to_train, network_size
 from detector.export import check_class_names, write_class_names
 from detector.train import DetectTrainConfig, check_same_classes, check_training_options, fit_detector
 from detector.weights import WeightsHeader
@@ -48,7 +48,9 @@ PATH_FLAGS = {"cfg", "weights", "data", "images", "annotations", "val_images", "
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", required=True, help="Darknet .cfg file")
-    parser.add_argument("--weights", help="Darknet .weights to start from (default: random initialisation)")
+    parser.add_argument("--weights", help="Darknet .weights to start from, also of the first layers only (darknet "
+                        "partial's yolov4.conv.137), or a compact archive of the same cfg (default: random "
+                        "initialisation)")
     dataset = parser.add_argument_group("dataset (--data, or --images with --annotations)")
     dataset.add_argument("--data", help="Ultralytics data.yaml: trains on 'train', validates on 'val' if present")
     dataset.add_argument("--images", help="training images folder of a COCO json")
@@ -144,7 +146,7 @@ def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
     train_source, val_source = load_sources(args)
     data_name = str(args.data or args.annotations)  # where the class names come from, for messages
     class_names = writable_class_names(train_source, data_name)
-    model = detector.load_darknet(args.cfg, args.weights)
+    model = load_to_train(args.cfg, args.weights, partial=True)
     if distributed.is_main():
         atomic_write_json(args.out / "args.json", recorded_args(args))
     seed_everything(args.seed)

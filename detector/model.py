@@ -133,12 +133,13 @@ def fused_for_inference(model: nn.Module) -> nn.Module:
     return fused
 
 
-def load_darknet(cfg_path: str | Path, weights_path: str | Path | None = None) -> DarknetModel:
+def load_darknet(cfg_path: str | Path, weights_path: str | Path | None = None, partial: bool = False) -> DarknetModel:
     """Build the model of a Darknet cfg and load its `.weights`, if given.
 
     Args:
         cfg_path: the `.cfg` file.
         weights_path: the `.weights` file; None keeps PyTorch's default initialisation.
+        partial: accept weights for the first layers only (`read_weights`), to train from.
 
     Returns:
         A `DarknetModel` on the CPU in eval mode, float32.
@@ -150,5 +151,5 @@ def load_darknet(cfg_path: str | Path, weights_path: str | Path | None = None) -
     """
     model = DarknetModel(parse_cfg(cfg_path))
     if weights_path is not None:
-        model.weights_header = read_weights(weights_path, model)
+        model.weights_header = read_weights(weights_path, model, partial)
     return model.eval()

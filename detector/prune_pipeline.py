@@ -51,6 +51,7 @@ import pruning
 from data.augment import AugmentConfig
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from data.train_dataset import DetectionTrainDataset, collate_detection
+from detector.cli import load_to_train
 from detector.export import (check_class_names, dense_fp32_bytes, export_compact, export_model,
                              require_opencv_darknet_importer)
 from detector.predict import inference_copy
@@ -121,7 +122,7 @@ class RunContext:
         without weights, the same random initialisation (from the job's seed) at every call.
         Building it (on the CPU) leaves torch's random streams as they were."""
         with seeded_cpu_stream(self.job.seed):
-            return self.named(detector.load_darknet(self.job.cfg, self.job.weights))
+            return self.named(load_to_train(self.job.cfg, self.job.weights))
 
     def named(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` with the training data's class names, which its exports carry."""

@@ -9,10 +9,14 @@ Layout (AlexeyAB/darknet `src/parser.c`, `load_weights_upto` / `save_weights_upt
   weights [filters, channels/groups, size, size]. No other supported layer holds weights.
 
 Reading checks the size before touching the model: a file that is shorter or longer than the cfg
-needs is an error naming the layer that runs out (or what is left over) and both byte counts.
+needs is an error naming the layer that runs out (or what is left over) and both byte counts. Only
+where asked (`partial=True`, to start training from it) may a file end at a layer boundary: the
+first layers of a model, as `darknet partial` writes them (yolov4.conv.137); the others keep their
+initialisation, with a warning that counts them.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -91,28 +95,39 @@ def _read_header(path: Path, file_size: int) -> WeightsHeader:
 
 
 def _check_size(path: Path, model: DarknetModel, spans: list[_LayerSpan], file_size: int,
-                header_bytes: int) -> None:
+                header_bytes: int, partial: bool) -> list[_LayerSpan]:
+    """The spans the file holds: all of them, or with `partial` those before a layer boundary at
+    which the file ends; DarknetError naming the layer and the byte counts otherwise."""
     expected = spans[-1].stop if spans else header_bytes
     cfg = model.cfg.path
     if file_size < expected:
         short = next(span for span in spans if span.stop > file_size)
+        if partial and file_size == short.start:
+            return [span for span in spans if span.stop <= file_size]
+        where = f"ends where {short.describe()} starts" if file_size == short.start else \
+            f"ends inside {short.describe()}"
+        hint = ("a partial file, as `darknet partial` writes? detect train starts from one"
+                if file_size == short.start else "truncated file, or weights for another cfg?")
         raise DarknetError(
-            f"{path}: file ends inside {short.describe()}: that layer needs bytes "
+            f"{path}: file {where}: that layer needs bytes "
             f"{short.start}..{short.stop}, the file has {file_size} bytes; {cfg} needs "
-            f"{expected} bytes in total (truncated file, or weights for another cfg?)")
+            f"{expected} bytes in total ({hint})")
     if file_size > expected:
         last = spans[-1].describe() if spans else "the header"
         raise DarknetError(
             f"{path}: file has {file_size} bytes but {cfg} needs exactly {expected}: "
             f"{file_size - expected} bytes are left after {last} (weights for another cfg?)")
+    return spans
 
 
-def read_weights(path: str | Path, model: DarknetModel) -> WeightsHeader:
+def read_weights(path: str | Path, model: DarknetModel, partial: bool = False) -> WeightsHeader:
     """Load a Darknet `.weights` file into `model`, in place.
 
     Args:
         path: the `.weights` file.
         model: a `DarknetModel` built from the cfg the weights belong to (any device/dtype).
+        partial: accept a file of the first layers only (ending at a layer boundary), as `darknet
+            partial` writes for training: the other layers are left as they are, with a warning.
 
     Returns:
         The file's header (version and `seen`).
@@ -127,10 +142,15 @@ def read_weights(path: str | Path, model: DarknetModel) -> WeightsHeader:
     file_size = path.stat().st_size
     header = _read_header(path, file_size)
     spans = _layout(model, header.nbytes)
-    _check_size(path, model, spans, file_size, header.nbytes)
+    held = _check_size(path, model, spans, file_size, header.nbytes, partial)
+    if len(held) < len(spans):
+        last = f"up to {held[-1].describe()}" if held else "none"
+        warnings.warn(f"{path}: weights for the first {len(held)} of {len(spans)} convolutional layers ({last}), "
+                      f"a partial file as `darknet partial` writes: the other {len(spans) - len(held)} keep "
+                      f"their initialisation", stacklevel=3)
     with path.open("rb") as f, torch.no_grad():
         f.seek(header.nbytes)
-        for span in spans:
+        for span in held:
             for tensor in span.block.darknet_tensors():
                 values = np.empty(tensor.numel(), dtype="<f4")
                 f.readinto(values)

@@ -126,6 +126,29 @@ def test_truncated_file_names_the_layer_that_ran_out(small, tmp_path):
         detector.load_darknet(cfg, cut)
 
 
+def test_a_file_of_the_first_layers_loads_only_where_asked_as_darknet_partial_writes_them(small, tmp_path):
+    """`darknet partial` writes the first layers of a model (yolov4.conv.137), to train a model of
+    other classes from: `partial=True` loads them, with a warning, and leaves the rest as they are."""
+    cfg, weights = small
+    full = detector.load_darknet(cfg, weights)
+    first = tmp_path / "first.weights"
+    first.write_bytes(weights.read_bytes()[:HEADER64 + 4 * LAYER0])
+    with pytest.raises(DarknetError, match=rf"{first}: file ends where layer 1 \({cfg}:14 \[convolutional\]\) starts: .*"
+                                           r"\(a partial file, as `darknet partial` writes\? detect train starts"):
+        detector.load_darknet(cfg, first)
+    torch.manual_seed(3)
+    fresh = detector.load_darknet(cfg)
+    torch.manual_seed(3)
+    with pytest.warns(UserWarning, match=r"first.weights: weights for the first 1 of 2 convolutional layers "
+                                         r"\(up to layer 0 .*the other 1 keep their initialisation"):
+        started = detector.load_darknet(cfg, first, partial=True)
+    assert torch.equal(started.layers[0].conv.weight, full.layers[0].conv.weight)
+    assert torch.equal(started.layers[1].conv.weight, fresh.layers[1].conv.weight)
+    first.write_bytes(weights.read_bytes()[:HEADER64 + 4 * LAYER0 + 8])
+    with pytest.raises(DarknetError, match="file ends inside layer 1"):       # mid-layer: cut short
+        detector.load_darknet(cfg, first, partial=True)
+
+
 def test_oversized_file_says_how_much_is_left_over(small, tmp_path):
     cfg, weights = small
     long = tmp_path / "long.weights"

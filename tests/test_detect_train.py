@@ -178,6 +178,38 @@ def test_the_trained_weights_header_keeps_the_source_version_and_counts_the_sche
         (tmp_path / "start.weights").stat().st_size
 
 
+def test_training_starts_from_a_partial_file_or_an_archive_and_refuses_other_files_by_what_they_are(tmp_path, shapes):
+    """Found by a review: `detect train --weights` read any file as .weights ("file ends inside layer
+    6" for a compact archive), and refused `darknet partial`'s first-layers files, with which Darknet
+    trains a model of other classes."""
+    from detector import write_weights
+    from detector.cli import load_to_train
+    from detector.export import export_compact
+
+    yaml, _ = shapes
+    args = train_cli_args(tmp_path, yaml)
+    start = load_darknet(args.cfg)
+    write_weights(tmp_path / "full.weights", start)
+    first_conv = start.layers[0].conv
+    first_bytes = 20 + 4 * sum(t.numel() for t in start.layers[0].darknet_tensors())
+    (tmp_path / "first.weights").write_bytes((tmp_path / "full.weights").read_bytes()[:first_bytes])
+    args.weights = str(tmp_path / "first.weights")
+    with pytest.warns(UserWarning, match="weights for the first 1 of"):
+        assert run(args) == 0
+    export_compact(start, None, tmp_path / "start.yaspars")
+    args = train_cli_args(tmp_path, yaml)
+    args.weights, args.out = str(tmp_path / "start.yaspars"), tmp_path / "from_archive"
+    assert run(args) == 0 and (args.out / "tiny.weights").is_file()
+    from_archive = load_to_train(args.cfg, args.weights)
+    assert from_archive.cfg.path == args.cfg and torch.equal(from_archive.layers[0].conv.weight,
+                                                             first_conv.weight.half().float())   # fp16 archive
+    (tmp_path / "model.pt").write_bytes(b"not weights")
+    args = train_cli_args(tmp_path, yaml)
+    args.weights, args.out = str(tmp_path / "model.pt"), tmp_path / "from_pt"
+    with pytest.raises(ValueError, match=r"model.pt: a PyTorch checkpoint .*; expected Darknet .weights"):
+        run(args)
+
+
 def test_class_names_a_names_file_cannot_hold_are_warned_of_before_training(tmp_path, shapes, monkeypatch):
     yaml, source = shapes
     odd = yaml.parent / "odd.yaml"
