@@ -674,6 +674,15 @@ def with_input_size(cfg: DarknetCfg, width: int, height: int) -> DarknetCfg:
     return replace(cfg, net=resized, text=text)
 
 
+def check_rgb_input(net: NetConfig) -> None:
+    """DarknetError naming the [net] channels line unless the network takes 3 channels: images are
+    read as RGB for training, evaluation and prediction (a model of other input exports all the same)."""
+    if net.channels != 3:
+        raise DarknetError(f"{net.source.of('channels')}: channels={net.channels}; expected channels=3: training, "
+                           f"evaluation and prediction read images as RGB (a model of {net.channels}-channel "
+                           f"input can be exported, not run on images here)")
+
+
 def first_difference(cfg: DarknetCfg, other: DarknetCfg) -> str | None:
     """Where `cfg` first sets up another model or training than `other`: its section's place
     ("path:line [section]"), or None where the two are the same. How the files are written does

@@ -14,7 +14,7 @@ import torch
 
 import detector
 from data.sources import coco_class_names, parse_class_names, read_data_yaml, read_utf8
-from detector.cfg import first_difference
+from detector.cfg import check_rgb_input, first_difference
 from detector.export import check_class_names, load_compact
 from engine import resolve_device
 from pruning.sparse_archive import is_sparse_archive
@@ -83,6 +83,7 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int, int, boo
     and letterbox is the cfg's [net] letter_box.
     """
     model = load_detector(args.cfg, args.weights)
+    check_rgb_input(model.net)
     net_w, net_h = (args.img_size, args.img_size) if args.img_size else (model.net.width, model.net.height)
     if not model.accepts_size(net_h, net_w):
         raise ValueError(f"{args.cfg or args.weights}: the network input would be {net_w}x{net_h}; expected "

@@ -36,7 +36,8 @@ from data.eval_dataset import InferenceDataset
 from data.sources import DetectionSource
 from data.seeded_batches import SeededBatchSampler
 from data.train_dataset import DetectionTrainDataset, collate_detection, multi_scale_sizes
-from detector.cfg import LAYER_TRAINING_FLAGS, LAYER_WEIGHT_OPTIONS, ConvolutionalSection, DarknetCfg, YoloSection
+from detector.cfg import (LAYER_TRAINING_FLAGS, LAYER_WEIGHT_OPTIONS, ConvolutionalSection, DarknetCfg, YoloSection,
+                          check_rgb_input)
 from detector.evaluate import evaluate
 from detector.loss import YoloLoss
 from detector.predict import make_loader
@@ -215,7 +216,9 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
 
 def check_training_options(cfg: DarknetCfg, size: int | None, augment: bool, multi_scale: bool | None) -> None:
     """What the input size and the last [yolo]'s jitter, resize and random can refuse, before any
-    work (see `training_side`, `darknet_augmentation` and `multi_scale_sides`)."""
+    work (see `training_side`, `darknet_augmentation` and `multi_scale_sides`), and input of other
+    than 3 channels (`check_rgb_input`)."""
+    check_rgb_input(cfg.net)
     side = training_side(cfg, size)
     darknet_augmentation(cfg, side, augment=augment)
     multi_scale_sides(cfg, side, multi_scale)

@@ -210,6 +210,28 @@ def test_training_starts_from_a_partial_file_or_an_archive_and_refuses_other_fil
         run(args)
 
 
+def test_a_cfg_of_other_than_3_input_channels_is_refused_where_images_are_read(tmp_path, shapes, capsys):
+    """Found by a review: a channels=1 cfg parsed and built, then every command that reads images
+    failed on its first batch ("expected input Tensor[B, 1, H, W]"), after making the run folder."""
+    from detector import write_weights
+    from yolo_admm.cli import main
+
+    yaml, _ = shapes
+    args = train_cli_args(tmp_path, yaml)
+    Path(args.cfg).write_text(TINY_CFG.replace("channels=3", "channels=1"))
+    message = f"{args.cfg}:6 [net]: channels=1; expected channels=3: training, evaluation and prediction read images"
+    with pytest.raises(ValueError, match=message.replace("[", "\\[")):
+        run(args)
+    assert not args.out.exists()
+    write_weights(tmp_path / "gray.weights", load_darknet(args.cfg))
+    images, annotated = str(Path(yaml).parent / "images" / "val"), str(tmp_path / "annotated")
+    for command in (["detect", "eval", "--data", str(yaml)], ["detect", "predict", images, "--out", annotated]):
+        assert main([*command, "--cfg", args.cfg, "--weights", str(tmp_path / "gray.weights")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["detect", "export", "--cfg", args.cfg, "--weights", str(tmp_path / "gray.weights"),
+                 "--formats", "compact", "--out", str(tmp_path / "export")]) == 0             # exports all the same
+
+
 def test_class_names_a_names_file_cannot_hold_are_warned_of_before_training(tmp_path, shapes, monkeypatch):
     yaml, source = shapes
     odd = yaml.parent / "odd.yaml"
@@ -349,7 +371,7 @@ def test_a_jitter_that_can_crop_an_image_away_stops_training_before_any_work(sha
     out = tmp_path / "run"
     assert main(["detect", "train", "--cfg", str(path), "--data", str(data), "--out", str(out), "--epochs", "1"]) == 2
     assert "last.cfg:172 [yolo]: jitter=0.5 with resize=1 can crop an image away" in capsys.readouterr().err
-    assert [path.name for path in out.iterdir()] == [".yolo-admm.lock"]         # no args.json, no checkpoint
+    assert not out.exists()                                    # refused before the run folder is made
 
 
 def test_a_cfg_left_at_its_testing_batch_of_1_is_warned_of(shapes, tmp_path):

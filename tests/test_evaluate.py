@@ -65,7 +65,7 @@ class RectangleFinder(torch.nn.Module):
     def __init__(self, width: int, height: int, letter_box: bool):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
-        self.net = SimpleNamespace(width=width, height=height, letter_box=int(letter_box))
+        self.net = SimpleNamespace(width=width, height=height, channels=3, letter_box=int(letter_box))
         self.heads = [SimpleNamespace(num_classes=2)]
         self.class_names = None
 
@@ -142,7 +142,7 @@ def rectangle_model(monkeypatch, tmp_path):
         (tmp_path / name).write_bytes(b"")
     loaded = []
 
-    def fake_load_darknet(cfg, weights=None):
+    def fake_load_darknet(cfg, weights=None, partial=False):
         loaded.append((cfg, weights))
         return RectangleFinder(160, 128, letter_box=True)
 
@@ -192,7 +192,7 @@ def test_cli_eval_refuses_a_dataset_with_the_models_classes_in_another_order(tmp
     against COCO's json) are not refused."""
     data_yaml = write_rectangle_dataset(tmp_path / "ds", count=2)
     model = RectangleFinder(160, 128, letter_box=True)
-    monkeypatch.setattr(detector, "load_darknet", lambda cfg, weights=None: model, raising=False)
+    monkeypatch.setattr(detector, "load_darknet", lambda cfg, weights=None, partial=False: model, raising=False)
     monkeypatch.chdir(tmp_path)
     for name in ("m.cfg", "m.weights"):
         (tmp_path / name).write_bytes(b"")
