@@ -19,7 +19,8 @@ Running the same command again (after Ctrl-C, say) resumes from the newest check
 --out holding the checkpoints of a run with other settings is an error, never overwritten.
 Settings that may change on such a resume: those in `RESUMABLE_FLAGS`. An explicit --resume
 continues from that checkpoint with the flags given now: --lr, --momentum and --weight-decay, when
-given, replace the checkpoint's (the LR schedule's position carries on).
+given, replace the checkpoint's (the LR schedule's position carries on); other settings than its
+run recorded (args.json beside the checkpoint) are refused there too, --weights aside.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ from yolo_admm.wording import counted
 
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume", "progress",
                    "out"}                                 # a run folder copied or moved resumes where it is
+EXPLICIT_RESUME_FLAGS = {"lr", "momentum", "weight_decay",     # what an explicit --resume may change besides
+                         "weights"}                             # (the checkpoint holds the model)
 PATH_FLAGS = {"cfg", "weights", "data", "images", "annotations", "val_images", "val_annotations", "out"}
 
 
@@ -200,22 +203,52 @@ def resume_point(args: argparse.Namespace) -> str | None:
     Raises:
         ValueError: --out holds checkpoints of a run with other settings.
     """
-    latest = None if args.resume else find_latest_checkpoint(args.out)
-    if latest is None:
+    if args.resume:
+        check_explicit_resume(args)
         return args.resume
-    saved_path = args.out / "args.json"
-    saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else {}
-    saved = {"processes": 1, **resolved_paths(saved, PATH_FLAGS)}      # older runs: paths as given, no count
-    current = recorded_args(args)
-    changed = changed_settings(saved, current, ignore=RESUMABLE_FLAGS)
+    latest = find_latest_checkpoint(args.out)
+    if latest is None:
+        return None
+    changed = changed_settings(recorded_settings(args.out) or {"processes": 1}, recorded_args(args),
+                               ignore=RESUMABLE_FLAGS)
     if changed:
         details = describe_changes(changed, as_flags=True)
+        on_purpose = all(name in EXPLICIT_RESUME_FLAGS for name, _, _ in changed)
         raise ValueError(f"--out {args.out}: expected a new folder or one of a run with the same settings, found "
                          f"the checkpoints ({latest.name}) of a run with other settings ({details}); choose "
-                         f"another --out, or continue that run with --resume {args.out}")
+                         f"another --out" + (f", or continue that run with --resume {args.out}" if on_purpose else ""))
     if distributed.is_main():
         print(f"resuming from {latest} (this command already ran in --out {args.out})")
     return str(args.out)
+
+
+def check_explicit_resume(args: argparse.Namespace) -> None:
+    """ValueError when the run --resume continues (the args.json beside its checkpoint, where there
+    is one) had other settings than these flags, beyond `RESUMABLE_FLAGS` and `EXPLICIT_RESUME_FLAGS`:
+    another dataset, batch, input size or number of processes would continue another run."""
+    resume = Path(args.resume)
+    saved = recorded_settings(resume if resume.is_dir() else resume.parent)
+    changed = [] if saved is None else changed_settings(saved, recorded_args(args),
+                                                        ignore=RESUMABLE_FLAGS | EXPLICIT_RESUME_FLAGS)
+    if changed:
+        raise ValueError(f"--resume {args.resume}: its run had other settings ({describe_changes(changed, True)}); "
+                         f"an explicit resume may change --lr, --momentum and --weight-decay besides what a rerun "
+                         f"may; to train on with other settings, start a new run from its weights (detect export "
+                         f"--checkpoint {args.resume} --formats darknet, then --weights)")
+
+
+def recorded_settings(folder: Path) -> dict | None:
+    """The settings a `detect train` run recorded in `folder`/args.json (paths resolved; runs from
+    before the process count was recorded ran one), or None where there is no such file."""
+    path = folder / "args.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: unreadable run record ({err}); expected the args.json detect train "
+                         f"writes") from None
+    return {"processes": 1, **resolved_paths(saved, PATH_FLAGS)}
 
 
 def interrupted_hint(args: argparse.Namespace) -> str:

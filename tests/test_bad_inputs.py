@@ -440,6 +440,11 @@ CASES = [
          lambda ws: [earlier_run(ws), other_model_weights(ws),
                      [str(ws.root / "other.cfg") if arg == str(ws.cfg) else arg
                       for arg in detect_train(ws, "--resume", str(ws.out), out=ws.root / "other-run")]][2],
+         ("--resume {out}: its run had other settings (--cfg '{cfg}' -> '{root}/other.cfg')",)),
+    Case("resume-a-bare-checkpoint-with-another-cfg",              # no args.json beside it to compare with
+         lambda ws: [earlier_run(ws), (ws.out / "args.json").unlink(), other_model_weights(ws),
+                     [str(ws.root / "other.cfg") if arg == str(ws.cfg) else arg
+                      for arg in detect_train(ws, "--resume", str(ws.out), out=ws.root / "other-run")]][3],
          ("{out}/epoch_0001.pt: the checkpoint's weights do not fit the model being trained: size mismatch for "
           "layers.0.conv.weight: [8, 3, 3, 3] in the checkpoint, [12, 3, 3, 3] in the model; ", "(and 4 more)"),
          absent=("Missing key(s)",)),
@@ -572,7 +577,17 @@ def test_a_resume_with_another_number_of_processes_is_refused(base: Path, tmp_pa
                           .replace("processes: 1", "processes: 2"))       # as a 2-process run writes it
     capsys.readouterr()
     assert main(detect_train(ws, out=ws.out / "train")) == 2
-    assert "other settings (--processes 2 -> 1)" in capsys.readouterr().err
+    refusal = capsys.readouterr().err
+    assert "other settings (--processes 2 -> 1); choose another --out\n" in refusal     # no --resume hint: refused too
+    train = ws.out / "train"            # found by a review: an explicit --resume continued with any settings
+    assert main(detect_train(ws, "--resume", str(train), out=train, epochs=2)) == 2
+    assert (f"--resume {train}: its run had other settings (--processes 2 -> 1); an explicit resume may change "
+            f"--lr, --momentum and --weight-decay") in capsys.readouterr().err
+    assert main(detect_train(ws, "--resume", str(train / "epoch_0001.pt"), "--batch-size", "1",
+                             out=ws.out / "elsewhere", epochs=2)) == 2
+    assert "its run had other settings (--batch-size 2 -> 1; --processes 2 -> 1)" in capsys.readouterr().err
+    (train / "args.json").write_text((train / "args.json").read_text().replace('"processes": 2', '"processes": 1'))
+    assert main(detect_train(ws, "--resume", str(train), "--lr", "0.001", out=train, epochs=2)) == 0   # on purpose
     assert main(detect_prune(ws)) == 2
     assert "other settings (processes: 2 -> 1)" in capsys.readouterr().err
     config = ws.out / "prune" / "config.yaml"                             # still usable as a --config
