@@ -109,7 +109,7 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
 def test_a_refusal_every_rank_raises_is_printed_by_rank_0_only(held_folder, capsys, monkeypatch):
     """Found by a fuzz: a second torchrun on a held folder printed the refusal once per rank."""
     folder, _ = held_folder
-    argv = ["detect", "train", "--cfg", str(DEMO_CFG), "--data", "none.yaml", "--out", str(folder)]   # cfg checked first
+    argv = ["detect", "train", "--cfg", str(DEMO_CFG), "--data", "none.yaml", "--out", str(folder)]  # cfg read first
     for rank, printed in (("1", False), ("0", True)):
         monkeypatch.setenv("RANK", rank)
         assert main(argv) == 2
