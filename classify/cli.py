@@ -56,7 +56,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
     parser.add_argument("--data", required=True, type=Path,
                         help="dataset directory: MNIST IDX .gz files (lenet5), "
                              "or CIFAR-10 train/ and test/ class folders (resnet56)")
-    parser.add_argument("--weights", type=Path, default=None, help=WEIGHTS_HELP[mode])
+    parser.add_argument("--weights", type=Path, default=None, required=mode == "eval", help=WEIGHTS_HELP[mode])
     parser.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP[mode])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--eval-samples", type=int, default=None, metavar="N",
@@ -239,8 +239,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    if args.weights is None:
-        raise ValueError("eval needs --weights (a trained model to evaluate)")
     settings = train_settings(args)
     model, datasets = prepare(args.model, args.data, args.weights, splits=("test",))
     model.to(resolve_device(settings.device))
