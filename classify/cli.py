@@ -25,7 +25,7 @@ from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, P
                                prune_model, save_prune_plots, save_weights, train_model)
 from classify.run_record import claim_checkpoint_dir, run_identity
 from engine import atomic_write_json, distributed, output_file, output_folder, resolve_device, run_folder_lock
-from yolo_admm.arguments import pattern_list
+from yolo_admm.arguments import parse_arguments, pattern_list
 from yolo_admm.wording import counted
 
 DEFAULT_RUN_DIR = Path("runs/classify")
@@ -302,7 +302,7 @@ RUNNERS = {"train": run_train, "eval": run_eval, "prune": run_prune}
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (the words after `classify`) and run the mode; returns the exit status."""
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_arguments(build_parser(), argv)
     except SystemExit as exit_request:  # --help, or a usage error argparse already printed
         return int(exit_request.code or 0)
     try:

@@ -18,6 +18,7 @@ from detector.cfg import check_rgb_input, first_difference
 from detector.export import check_class_names, load_compact
 from engine import resolve_device
 from pruning.sparse_archive import is_sparse_archive
+from yolo_admm.arguments import parse_arguments
 
 MODES = {
     "predict": ("detector.cli_predict", "detect objects in images: annotated images + detections JSON"),
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """Parse `argv` (the words after `detect`) and run the chosen mode; returns the exit status."""
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_arguments(build_parser(), argv)
     except SystemExit as exit_request:  # --help, or a usage error argparse already printed
         return int(exit_request.code or 0)
     try:

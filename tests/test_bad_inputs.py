@@ -1058,3 +1058,17 @@ def test_warnings_print_once_under_torchrun(capsys, monkeypatch):
         monkeypatch.setenv("RANK", rank)
         show(UserWarning("3 image(s) in no class folder"), UserWarning, "cifar.py", 42)
         assert capsys.readouterr().err == expected, rank
+
+
+def test_under_torchrun_rank_0_alone_prints_argument_errors_and_other_ranks_name_themselves(capsys, monkeypatch):
+    """Found by a review: under torchrun every rank printed the same argument error, and errors of
+    other ranks did not say which rank they came from."""
+    monkeypatch.setenv("RANK", "1")
+    for argv in (["classify", "prune", "--model", "lenet5", "--data", "d", "--sparsity", "2"],
+                 ["detect", "eval", "--conf"]):
+        assert main(argv) == 2 and capsys.readouterr().err == "", argv
+    assert main(["detect", "train", "--cfg", "none.cfg", "--data", "d.yaml", "--out", "o", "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err == "yolo-admm detect: error (rank 1): --batch-size must be >= 1, found 0\n"
+    monkeypatch.setenv("RANK", "0")
+    assert main(["classify", "prune", "--model", "lenet5", "--data", "d", "--sparsity", "2"]) == 2
+    assert "--sparsity: must be in [0, 1)" in capsys.readouterr().err

@@ -1,7 +1,27 @@
-"""argparse types shared by the `detect` and `classify` command lines."""
+"""argparse types and parsing shared by the `detect` and `classify` command lines."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import os
+
+
+def is_rank0() -> bool:
+    """True unless torchrun's RANK names another process than rank 0 (read as an integer)."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, whose usage errors (SystemExit) only rank 0 prints under torchrun:
+    every rank parses the same words and fails alike."""
+    if is_rank0():
+        return parser.parse_args(argv)
+    with contextlib.redirect_stderr(io.StringIO()):
+        return parser.parse_args(argv)
 
 
 def pattern_list(text: str) -> list[str]:

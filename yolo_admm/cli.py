@@ -27,6 +27,8 @@ import warnings
 from types import ModuleType
 from typing import Callable
 
+from yolo_admm.arguments import is_rank0
+
 TASKS = {
     "detect": ("detector.cli", "Darknet YOLO detectors: predict, eval, train, prune, export"),
     "classify": ("classify.cli", "classifiers (LeNet-5, ResNet-56): train, eval, prune"),
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _warning_printer(task)
             return _run_task(task, module, rest)
     except KeyboardInterrupt:                  # while importing, or outside the task's own handling
-        if _is_rank0():
+        if is_rank0():
             print(f"yolo-admm {task}: interrupted", file=sys.stderr)
         return 130
     finally:
@@ -271,7 +273,7 @@ def _run_task(task: str, module, rest: list[str]) -> int:
         return module.main(rest)
     except KeyboardInterrupt as interrupt:
         hint = f": {interrupt}" if str(interrupt) else ""
-        if _is_rank0():                               # under torchrun every rank is interrupted: one says so
+        if is_rank0():                               # under torchrun every rank is interrupted: one says so
             print(f"yolo-admm {task}: interrupted{hint}", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
@@ -290,8 +292,9 @@ def _run_task(task: str, module, rest: list[str]) -> int:
         # Bad input: the message names the file, line or layer. YOLO_ADMM_DEBUG=1 shows the traceback.
         if os.environ.get("YOLO_ADMM_DEBUG"):
             raise
-        if _is_rank0() or not isinstance(err, EveryRankError):        # the same on every rank: said once
-            print(f"yolo-admm {task}: error: {_strip_worker_traceback(str(err))}", file=sys.stderr)
+        if is_rank0() or not isinstance(err, EveryRankError):        # the same on every rank: said once
+            where = "" if is_rank0() else f" (rank {os.environ.get('RANK')})"   # a rank's own, or each rank's
+            print(f"yolo-admm {task}: error{where}: {_strip_worker_traceback(str(err))}", file=sys.stderr)
         return 2
 
 
@@ -349,19 +352,11 @@ def stop_when_orphaned(rank: str, interval_s: float = 2.0) -> threading.Thread:
     return thread
 
 
-def _is_rank0() -> bool:
-    """True unless torchrun's RANK names another process than rank 0 (read as an integer)."""
-    try:
-        return int(os.environ.get("RANK", "0")) == 0
-    except ValueError:
-        return True
-
-
 def _warning_printer(task: str):
     """A `warnings.showwarning` that prints `yolo-admm TASK: warning: MESSAGE` to stderr; under
     torchrun on rank 0 only, as every rank loads the same data and settings and would repeat it."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        if _is_rank0():
+        if is_rank0():
             print(f"yolo-admm {task}: warning: {message}", file=file or sys.stderr)
     return show
 
