@@ -26,6 +26,11 @@ if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
     sed -n '2,/^set -/{/^#/s/^# \{0,1\}//p}' "$0"
     exit 0
 fi
+if ! "$PY" -c "import torch, albumentations, pycocotools" 2>/dev/null; then
+    echo "$0: $PY lacks the project's packages (torch, albumentations, pycocotools); run 'make venv' in $ROOT" \
+        "first, or set PYTHON to a python that has them" >&2
+    exit 2
+fi
 
 if [ $# -eq 0 ]; then
     cd "$ROOT"

@@ -72,3 +72,19 @@ def test_the_script_has_a_help():
     assert completed.returncode == 0 and completed.stderr == ""
     assert "offline demo" in completed.stdout and "paths are from the current folder" in completed.stdout
     assert "#" not in completed.stdout and "set -" not in completed.stdout
+
+
+def test_the_script_without_the_projects_packages_says_so_in_one_line(tmp_path):
+    """Found by a review: in a clone without .venv it ran the system python3, which stopped with a
+    ModuleNotFoundError traceback."""
+    bare = tmp_path / "python"
+    bare.write_text("#!/bin/sh\nexit 1\n")             # a python that imports nothing
+    bare.chmod(0o755)
+    completed = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "PYTHON": str(bare)})
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert completed.stderr.strip().endswith("lacks the project's packages (torch, albumentations, pycocotools); "
+                                             "run 'make venv' in " + str(REPO) + " first, or set PYTHON to a python "
+                                             "that has them")
+    assert subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHON": str(bare)}).returncode == 0      # its help needs none
