@@ -227,8 +227,11 @@ def format_report(report: dict) -> str:
         c = report["compact"]
         bound = ("no entropy bound (constant tensors)" if c["ratio_to_bound"] is None else
                  f"{c['ratio_to_bound']:.3f} x their entropy bound ({c['entropy_bound_bytes']:,.0f} bytes)")
-        lines.append(f"compact: {c['nonzero']:,} of {c['params']:,} weights kept (sparsity {c['sparsity']:.3f}), "
-                     f"{c['value_format']} values; masks + values {c['sparse_bytes']:,} bytes = {bound}")
+        rounded = ""
+        if c.get("rounded_to_zero"):                # int8 stores the smallest weights as 0
+            rounded = f"; {c['value_format']} rounded {c['rounded_to_zero']:,} more to 0"
+        lines.append(f"compact: {c['nonzero']:,} of {c['params']:,} weights kept (sparsity {c['sparsity']:.3f}"
+                     f"{rounded}), {c['value_format']} values; masks + values {c['sparse_bytes']:,} bytes = {bound}")
         if "max_rel_error" in c:
             lines.append(f"compact: stored weights within {c['max_rel_error']:.2g} of each tensor's max |w| "
                          f"(largest error {c['max_abs_error']:.2g}); the outputs on a random input within "

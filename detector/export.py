@@ -390,7 +390,8 @@ def export_compact(model: DarknetModel, masks: Masks | None, path: str | os.Path
     Returns:
         The archive's report (`bytes`, `sparse_bytes`, `entropy_bound_bytes`, `ratio_to_bound`, ...,
         see `pruning.save_sparse_archive`) plus `dense_fp32_bytes`, `ratio_to_dense` (bytes / dense),
-        `params` and `nonzero` (of the sparse tensors, as stored) and `sparsity`; with verify,
+        `params` and `nonzero` (of the sparse tensors, as stored) and `sparsity`, `rounded_to_zero`
+        (nonzero weights the value format stores as 0: int8's below half its step); with verify,
         `max_abs_error` and `max_rel_error` of the stored weights (0 for fp16-representable
         weights) and `output_max_rel_diff`, what that error does to the decoded detections on the
         random input (|difference| / max(1, |value|), as for ONNX; reported, not bounded).
@@ -408,10 +409,11 @@ def export_compact(model: DarknetModel, masks: Masks | None, path: str | os.Path
     report = save_sparse_archive(state, path, value_format, compression, names)
     params = sum(state[name].numel() for name in names)
     nonzero = report["nonzero"]                     # as stored: int8 rounds the smallest weights to 0
+    rounded_to_zero = sum(int(state[name].count_nonzero()) for name in names) - nonzero
     dense = dense_fp32_bytes(model)
     report.update(dense_fp32_bytes=dense, ratio_to_dense=report["bytes"] / dense, params=params,
                   nonzero=nonzero, sparsity=1.0 - nonzero / params if params else 0.0,
-                  value_format=value_format)
+                  rounded_to_zero=rounded_to_zero, value_format=value_format)
     if verify:
         report.update(compact_difference(model, state, Path(path), value_format, names))
     return report

@@ -369,6 +369,14 @@ def test_int8_archive_is_smaller_and_close(pruned, tmp_path, images):
     fp16 = export_compact(model, masks, tmp_path / "a.yaspars", "fp16")
     int8 = export_compact(model, masks, tmp_path / "b.yaspars", "int8")
     assert int8["bytes"] < fp16["bytes"]
+    assert fp16["rounded_to_zero"] == int8["rounded_to_zero"] == 0      # the kept weights are the largest
+    dense = detector.load_darknet(DEMO_CFG)                   # a dense model's smallest weights round to 0
+    _randomize(dense, seed=1)
+    dense_int8 = export_compact(dense, None, tmp_path / "dense.yaspars", "int8")
+    assert dense_int8["rounded_to_zero"] > 0 and dense_int8["nonzero"] + dense_int8["rounded_to_zero"] == \
+        dense_int8["params"]
+    assert f"(sparsity {dense_int8['sparsity']:.3f}; int8 rounded {dense_int8['rounded_to_zero']:,} more to 0)" in \
+        cli_export.format_report({"dense_fp32_bytes": dense_int8["dense_fp32_bytes"], "compact": dense_int8})
     rebuilt = load_compact(tmp_path / "b.yaspars")
     for name in masks:
         weight, back = model.state_dict()[name], rebuilt.state_dict()[name]
