@@ -39,10 +39,11 @@ from torch import Tensor, nn
 
 from pruning.masks import Masks
 from pruning.projection import check_one_device, check_sparsity, global_topk_masks, kept_count, layerwise_topk_masks
-from pruning.selection import (canonical_parameters, keeps_no_weight, layer_floors, layerwise_kept, per_name_values,
-                               prunable_parameters)
+from pruning.selection import (as_patterns, canonical_parameters, keeps_no_weight, layer_floors, layerwise_kept,
+                               per_name_values, prunable_parameters)
 
 SCOPES = ("global", "layerwise")
+HALF_DTYPES = (torch.float16, torch.bfloat16)    # weights whose penalty is formed before it meets the gradient
 
 
 @dataclass
@@ -78,6 +79,8 @@ class ADMMConfig:
         """Check every setting, and store numbers as Python floats (a numpy number would reach the
         state dict, which `torch.load(weights_only=True)` then refuses, and the JSON reports)."""
         self.sparsity = check_sparsity(self.sparsity)
+        self.include = None if self.include is None else as_patterns(self.include, "include")   # "x": one pattern
+        self.exclude = None if self.exclude is None else as_patterns(self.exclude, "exclude")
         self.rho, self.rho_multiplier = _real(self.rho, "rho"), _real(self.rho_multiplier, "rho_multiplier")
         if self.rho_max is not None:
             self.rho_max = _real(self.rho_max, "rho_max")
@@ -180,7 +183,7 @@ class ADMM:
         self._check_budget()
         self.rho = config.rho
         self.iteration = 0
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():     # ordinary tensors even if built under it
             self.support: list[Tensor] = self.project([param.detach() for param in self.params], self.ramp_fraction(0))
             self.Z: list[Tensor] = [param.detach() * mask for param, mask in zip(self.params, self.support)]
             self.U: list[Tensor] = [torch.zeros_like(z) for z in self.Z]
@@ -277,7 +280,9 @@ class ADMM:
         Call after backward (and after AMP unscaling), before ``optimizer.step()``. Gradients still
         multiplied by an AMP loss scale take the penalty times ``grad_scale`` (a scalar tensor), so
         that unscaling them later leaves exactly ``rho * (W - Z + U)``; that path builds the penalty
-        in one transient float copy of the prunable weights (the scale stays on the device: no sync).
+        in one transient copy of the prunable weights (the scale stays on the device: no sync), as
+        16-bit weights always do: adding rho W and rho (U - Z) one after the other would round a
+        small loss gradient away where they cancel (kept weights, W ~ Z - U).
         """
         self._follow_params()
         grads = []
@@ -288,10 +293,11 @@ class ADMM:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             grads.append(param.grad)
-        if grad_scale is None:
-            torch._foreach_add_(grads, self.params, alpha=self.rho)
-            torch._foreach_add_(grads, self._offset, alpha=self.rho)
+        if grad_scale is None and not any(param.dtype in HALF_DTYPES for param in self.params):
+            torch._foreach_add_(grads, self.params, alpha=self.rho)       # no copy of the weights; in 16 bits
+            torch._foreach_add_(grads, self._offset, alpha=self.rho)      # grad + rho W would round the loss's away
             return
+        grad_scale = torch.ones((), device=self.params[0].device) if grad_scale is None else grad_scale
         penalty = torch._foreach_add(self.params, self._offset)            # W - Z + U
         torch._foreach_mul_(penalty, grad_scale.to(self.params[0].device) * self.rho)
         torch._foreach_add_(grads, penalty)

@@ -56,7 +56,9 @@ def name_matches(name: str, pattern: str) -> bool:
     return fnmatchcase(name, pattern)
 
 
-def _as_patterns(patterns: str | Iterable[str] | None, what: str) -> list[str]:
+def as_patterns(patterns: str | Iterable[str] | None, what: str) -> list[str]:
+    """`patterns` as a list of strings (one string is one pattern; None: none); ValueError naming
+    `what` for an entry that is not a string."""
     if patterns is None:
         return []
     if isinstance(patterns, str):
@@ -106,8 +108,8 @@ def prunable_parameters(
     Raises:
         ValueError: no prunable parameter is left, or an include or exclude pattern matches nothing.
     """
-    include_patterns = _as_patterns(include, "include")
-    exclude_patterns = _as_patterns(exclude, "exclude")
+    include_patterns = as_patterns(include, "include")
+    exclude_patterns = as_patterns(exclude, "exclude")
     name_of = {id(param): name for name, param in canonical_parameters(model).items()}
     candidates = {}
     for module in model.modules():                                # shared modules are listed once
