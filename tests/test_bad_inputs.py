@@ -614,14 +614,16 @@ def test_torchrun_stops_are_one_line_each(monkeypatch, capsys):
     assert capsys.readouterr().err == "yolo-admm fake: interrupted\n"
     assert signal.getsignal(signal.SIGTERM) == before                     # put back when the task ends
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["fake"]) == 130 and capsys.readouterr().err == ""          # rank 0 alone says so
 
     def peer_gone(argv):
         raise dist.DistBackendError("[../third_party/gloo/...] Connection closed by peer [127.0.0.1]:29500\nmore")
     fake.main = peer_gone
     assert main(["fake"]) == 2
-    assert capsys.readouterr().err == ("yolo-admm fake: error: another process of this run stopped ([../third_party/"
-                                       "gloo/...] Connection closed by peer [127.0.0.1]:29500); its own message says why\n")
+    assert capsys.readouterr().err == ("yolo-admm fake: error (rank 1): another process of this run stopped ([../"
+                                       "third_party/gloo/...] Connection closed by peer [127.0.0.1]:29500); its own "
+                                       "message says why\n")
 
 
 def test_ctrl_c_while_the_task_is_imported_is_one_line(capsys, monkeypatch):
@@ -1054,6 +1056,7 @@ def test_warnings_print_once_under_torchrun(capsys, monkeypatch):
     from yolo_admm.cli import _warning_printer
 
     show = _warning_printer("classify")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, expected in (("1", ""), ("0", "yolo-admm classify: warning: 3 image(s) in no class folder\n")):
         monkeypatch.setenv("RANK", rank)
         show(UserWarning("3 image(s) in no class folder"), UserWarning, "cifar.py", 42)
@@ -1063,7 +1066,9 @@ def test_warnings_print_once_under_torchrun(capsys, monkeypatch):
 def test_under_torchrun_rank_0_alone_prints_argument_errors_and_other_ranks_name_themselves(capsys, monkeypatch):
     """Found by a review: under torchrun every rank printed the same argument error, and errors of
     other ranks did not say which rank they came from."""
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("RANK", "1")                        # a RANK alone is no torchrun run: it prints
+    assert main(["detect", "eval", "--conf"]) == 2 and "expected one argument" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
     for argv in (["classify", "prune", "--model", "lenet5", "--data", "d", "--sparsity", "2"],
                  ["detect", "eval", "--conf"]):
         assert main(argv) == 2 and capsys.readouterr().err == "", argv

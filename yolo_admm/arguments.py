@@ -8,7 +8,10 @@ import os
 
 
 def is_rank0() -> bool:
-    """True unless torchrun's RANK names another process than rank 0 (read as an integer)."""
+    """True unless torchrun's RANK (with its WORLD_SIZE: a RANK alone is no torchrun run) names
+    another process than rank 0 (read as an integer)."""
+    if "WORLD_SIZE" not in os.environ:
+        return True
     try:
         return int(os.environ.get("RANK", "0")) == 0
     except ValueError:

@@ -279,23 +279,28 @@ def _run_task(task: str, module, rest: list[str]) -> int:
     except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
         if _is_peer_failure(err) and not os.environ.get("YOLO_ADMM_DEBUG"):
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            print(f"yolo-admm {task}: error: another process of this run stopped ({first_line}); "
+            print(f"{_error_label(task)}: another process of this run stopped ({first_line}); "
                   f"its own message says why", file=sys.stderr)
             return 2
         if not (_is_out_of_memory(err) or isinstance(err, NonFiniteLossError)):
             raise
         if os.environ.get("YOLO_ADMM_DEBUG"):
             raise
-        print(f"yolo-admm {task}: error: {_runtime_message(err)}", file=sys.stderr)
+        print(f"{_error_label(task)}: {_runtime_message(err)}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as err:
         # Bad input: the message names the file, line or layer. YOLO_ADMM_DEBUG=1 shows the traceback.
         if os.environ.get("YOLO_ADMM_DEBUG"):
             raise
         if is_rank0() or not isinstance(err, EveryRankError):        # the same on every rank: said once
-            where = "" if is_rank0() else f" (rank {os.environ.get('RANK')})"   # a rank's own, or each rank's
-            print(f"yolo-admm {task}: error{where}: {_strip_worker_traceback(str(err))}", file=sys.stderr)
+            print(f"{_error_label(task)}: {_strip_worker_traceback(str(err))}", file=sys.stderr)
         return 2
+
+
+def _error_label(task: str) -> str:
+    """"yolo-admm TASK: error", with "(rank N)" under torchrun on ranks other than 0 (a rank's own
+    error, or one each rank meets)."""
+    return f"yolo-admm {task}: error" + ("" if is_rank0() else f" (rank {os.environ.get('RANK')})")
 
 
 def _is_peer_failure(err: BaseException) -> bool:
