@@ -56,7 +56,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, mode: str) -> None:
     parser.add_argument("--data", required=True, type=Path,
                         help="dataset directory: MNIST IDX .gz files (lenet5), "
                              "or CIFAR-10 train/ and test/ class folders (resnet56)")
-    parser.add_argument("--weights", type=Path, default=None, required=mode == "eval", help=WEIGHTS_HELP[mode])
+    parser.add_argument("--weights", type=Path, default=None, required=mode in ("eval", "prune"),
+                        help=WEIGHTS_HELP[mode])
     parser.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP[mode])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--eval-samples", type=int, default=None, metavar="N",
@@ -256,8 +257,6 @@ def weight_sparsity(model: nn.Module) -> float:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    if args.weights is None:
-        raise ValueError("prune needs --weights (the dense model to prune)")
     check_output_files(args)
     check_checkpoint_dir(args)
     join_torchrun(args)

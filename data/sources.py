@@ -39,6 +39,7 @@ import math
 import os
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -400,7 +401,7 @@ def _split_images(entry: str | list, root: Path, data_yaml: Path, split: str) ->
                                     f"expected a folder of images or a .txt list, found nothing")
     unique = sorted(set(paths))
     if len(unique) < len(paths):
-        repeated = len(paths) - len(unique)
+        repeated = sum(count > 1 for count in Counter(paths).values())
         warnings.warn(f"{data_yaml}: split {split!r} lists {repeated} {'image' if repeated == 1 else 'images'} "
                       f"more than once (repeated lines of a .txt list, or overlapping folders); each image is "
                       f"used once",

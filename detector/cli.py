@@ -14,7 +14,7 @@ import torch
 
 import detector
 from data.sources import coco_class_names, parse_class_names, read_data_yaml, read_utf8
-from detector.cfg import check_rgb_input, first_difference
+from detector.cfg import check_rgb_input, first_difference, with_input_size
 from detector.export import check_class_names, load_compact
 from engine import resolve_device
 from pruning.sparse_archive import is_sparse_archive
@@ -132,16 +132,23 @@ def load_detector(cfg: str | None, weights: str, partial: bool = False) -> detec
 def load_to_train(cfg: str, weights: str | None, partial: bool = False) -> detector.DarknetModel:
     """The model of the cfg file `cfg` (which a training or pruning run records and writes out) with
     the weights to start from: a Darknet .weights file (with `partial`, also one of the first layers
-    only, as `darknet partial` writes yolov4.conv.137), a compact archive of the same cfg (a pruned
-    model pruned or fine-tuned again; see `load_detector`), or None (the cfg's initialisation). Other
-    files given as weights (ONNX, a PyTorch checkpoint) are refused by what they are."""
+    only, as `darknet partial` writes yolov4.conv.137), a compact archive of the same model (its cfg
+    may differ from `cfg` in the input size only, which an export may set: a pruned model pruned or
+    fine-tuned again), or None (the cfg's initialisation). Other files given as weights (ONNX, a
+    PyTorch checkpoint) are refused by what they are (`load_detector`)."""
     if weights is None:
         return detector.load_darknet(cfg)
-    start = load_detector(cfg, weights, partial)
-    if start.weights_header is not None:                # read from .weights into a model of `cfg`
-        return start
+    if not (is_sparse_archive(weights) or Path(weights).suffix == ".yaspars"):
+        return load_detector(cfg, weights, partial)
+    archive = load_detector(None, weights)
     model = detector.load_darknet(cfg)
-    model.load_state_dict(start.state_dict())
+    net = model.net
+    difference = first_difference(model.cfg, with_input_size(archive.cfg, net.width, net.height))
+    if difference is not None:
+        raise ValueError(f"--weights {weights}: a compact archive of another model than --cfg {cfg} (first at "
+                         f"{difference}); write its own cfg with `detect export --weights {weights} --formats "
+                         f"darknet --out DIR` and give DIR/model.cfg as --cfg")
+    model.load_state_dict(archive.state_dict())
     return model
 
 

@@ -135,10 +135,9 @@ def load_export_model(cfg: str | None, weights: str | None, checkpoint: str | No
     model = load_detector(cfg, weights) if weights is not None else load_darknet(cfg)
     if checkpoint is not None:
         try:
-            weights_state, header = checkpoint_weights(checkpoint)
+            weights_state, header = checkpoint_weights(checkpoint, model.net.batch)
             model.load_state_dict(weights_state)
-            if header is not None:                              # a prune stage file's: its source's .weights
-                model.weights_header = header
+            model.weights_header = header
         except RuntimeError as err:
             raise ValueError(f"{checkpoint}: its model does not fit {cfg or weights}: {load_error_summary(err)}") from None
     return model.float().eval()
@@ -193,10 +192,12 @@ def recorded_run(checkpoint: str | Path) -> tuple[Path, dict] | None:
     return None
 
 
-def checkpoint_weights(checkpoint: str | Path) -> tuple[dict, WeightsHeader | None]:
+def checkpoint_weights(checkpoint: str | Path, batch: int) -> tuple[dict, WeightsHeader | None]:
     """The state dict to export from a prune run's stage file ({"model", "masks"}, as `detect prune`
     writes hard_prune.pt and retrained.pt) or a trainer checkpoint (its EMA when it has one), and the
-    `.weights` header a stage file records (that of the file its model was read from), else None."""
+    `.weights` header: a stage file's records that of the file its model was read from (None for
+    older runs); a trainer checkpoint's counts `seen` as `detect train` does, its optimizer steps x
+    the cfg's [net] `batch`."""
     path = checkpoint_file(checkpoint)
     saved = read_checkpoint_file(path)
     if isinstance(saved, dict) and STAGE_FILE_KEYS <= set(saved) <= STAGE_FILE_KEYS | STAGE_FILE_OPTIONAL_KEYS:
@@ -204,7 +205,8 @@ def checkpoint_weights(checkpoint: str | Path) -> tuple[dict, WeightsHeader | No
         return saved["model"], WeightsHeader(**header) if isinstance(header, dict) else None
     state = checked_trainer_checkpoint(saved, path)
     ema = state.get("ema")
-    return (ema["module"] if isinstance(ema, dict) and "module" in ema else state["model"]), None
+    weights = ema["module"] if isinstance(ema, dict) and "module" in ema else state["model"]
+    return weights, WeightsHeader(seen=int(state["step"]) * int(batch))
 
 
 def format_report(report: dict) -> str:

@@ -97,7 +97,7 @@ def load_sources(args: argparse.Namespace) -> tuple[DetectionSource, DetectionSo
         raise ValueError("give either --data, or --images with --annotations, not both")
     if args.data:
         train = load_yolo_dataset(args.data, "train")  # checks the yaml
-        has_val = bool(read_data_yaml(Path(args.data)).get("val"))
+        has_val = read_data_yaml(Path(args.data)).get("val") is not None
         return train, load_yolo_dataset(args.data, "val") if has_val else None
     if not (args.images and args.annotations):
         raise ValueError("a dataset is needed: --data data.yaml, or --images DIR --annotations train.json")
@@ -234,7 +234,8 @@ def check_explicit_resume(args: argparse.Namespace) -> None:
         raise ValueError(f"--resume {args.resume}: its run had other settings ({describe_changes(changed, True)}); "
                          f"an explicit resume may change --lr, --momentum and --weight-decay besides what a rerun "
                          f"may; to train on with other settings, start a new run from its weights (detect export "
-                         f"--checkpoint {args.resume} --formats darknet, then --weights)")
+                         f"--checkpoint {args.resume} --formats darknet --out DIR, then --weights "
+                         f"DIR/model.weights)")
 
 
 def recorded_settings(folder: Path) -> dict | None:

@@ -102,7 +102,7 @@ def _check_size(path: Path, model: DarknetModel, spans: list[_LayerSpan], file_s
     cfg = model.cfg.path
     if file_size < expected:
         short = next(span for span in spans if span.stop > file_size)
-        if partial and file_size == short.start:
+        if partial and file_size == short.start and short is not spans[0]:      # some layers, not none
             return [span for span in spans if span.stop <= file_size]
         where = f"ends where {short.describe()} starts" if file_size == short.start else \
             f"ends inside {short.describe()}"

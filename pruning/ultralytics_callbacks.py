@@ -315,6 +315,8 @@ class UltralyticsADMM:
 
 
 def _flat_settings(settings: dict) -> dict:
-    """``{"config": {...}, "admm_iters": ...}`` as one level: ``{"config.rho": ..., "admm_iters": ...}``."""
-    config = {f"config.{key}": value for key, value in settings["config"].items()}
+    """``{"config": {...}, "admm_iters": ...}`` as one level: ``{"config.rho": ..., "admm_iters": ...}``,
+    with an include or exclude pattern saved as one string (before ADMMConfig listed it) as a list."""
+    config = {f"config.{key}": [value] if key in ("include", "exclude") and isinstance(value, str) else value
+              for key, value in settings["config"].items()}
     return {**config, **{key: value for key, value in settings.items() if key != "config"}}

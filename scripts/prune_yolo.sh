@@ -26,6 +26,10 @@ if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
     sed -n '2,/^set -/{/^#/s/^# \{0,1\}//p}' "$0"
     exit 0
 fi
+if [ $# -ne 0 ] && [ $# -lt 3 ]; then
+    echo "usage: $0 [CFG WEIGHTS COCO_DIR [FLAGS...]]   (no arguments: the offline demo; --help: more)" >&2
+    exit 2
+fi
 if ! "$PY" -c "import torch, albumentations, pycocotools" 2>/dev/null; then
     echo "$0: $PY lacks the project's packages (torch, albumentations, pycocotools); run 'make venv' in $ROOT" \
         "first, or set PYTHON to a python that has them" >&2
@@ -46,10 +50,6 @@ if [ $# -eq 0 ]; then
     exec "$PY" -m yolo_admm detect prune --config configs/demo.yaml --weights "$WEIGHTS" --data "$DATA/data.yaml"
 fi
 
-if [ $# -lt 3 ]; then
-    echo "usage: $0 [CFG WEIGHTS COCO_DIR [FLAGS...]]   (no arguments: the offline demo; --help: more)" >&2
-    exit 2
-fi
 CFG=$1 WEIGHTS=$2 COCO=$3
 shift 3
 exec "$PY" -m yolo_admm detect prune --config "$ROOT/configs/coco.yaml" --cfg "$CFG" --weights "$WEIGHTS" \

@@ -382,6 +382,9 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "w.pt: weights file not found" in capsys.readouterr().err
     assert yolo_admm_main(["classify", "eval", "--model", "lenet5", "--data", str(tmp_path / "mnist")]) == 2
     assert "the following arguments are required: --weights" in capsys.readouterr().err   # as its --help says
+    assert yolo_admm_main(["classify", "prune", "--model", "lenet5", "--data", str(tmp_path / "mnist"),
+                           "--sparsity", "0.5"]) == 2
+    assert "the following arguments are required: --weights" in capsys.readouterr().err
     assert yolo_admm_main(["classify", "train", "--model", "lenet5", "--data", str(tmp_path / "mnist"), "--resume"]) == 2
     assert "resume needs a checkpoint_dir (--checkpoint-dir)" in capsys.readouterr().err
     assert yolo_admm_main(["classify", "train", "--model", "lenet5", "--data", str(tmp_path / "mnist"),

@@ -147,6 +147,9 @@ def test_a_file_of_the_first_layers_loads_only_where_asked_as_darknet_partial_wr
     first.write_bytes(weights.read_bytes()[:HEADER64 + 4 * LAYER0 + 8])
     with pytest.raises(DarknetError, match="file ends inside layer 1"):       # mid-layer: cut short
         detector.load_darknet(cfg, first, partial=True)
+    first.write_bytes(weights.read_bytes()[:HEADER64])
+    with pytest.raises(DarknetError, match="file ends where layer 0 .* starts"):   # no layer at all
+        detector.load_darknet(cfg, first, partial=True)
 
 
 def test_oversized_file_says_how_much_is_left_over(small, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -176,6 +177,10 @@ def test_the_trained_weights_header_keeps_the_source_version_and_counts_the_sche
     assert header == WeightsHeader(0, 1, 0, seen=16)        # 32-bit seen, as the 0.1 file it came from
     assert header.nbytes == 16 and (args.out / "tiny.weights").stat().st_size == \
         (tmp_path / "start.weights").stat().st_size
+    from yolo_admm.cli import main                          # found by a review: an export of its checkpoint had 0
+    assert main(["detect", "export", "--checkpoint", str(args.out), "--formats", "darknet", "--out",
+                 str(tmp_path / "export")]) == 0
+    assert read_weights(tmp_path / "export" / "model.weights", load_darknet(args.cfg)).seen == 16
 
 
 def test_training_starts_from_a_partial_file_or_an_archive_and_refuses_other_files_by_what_they_are(tmp_path, shapes):
@@ -183,6 +188,7 @@ def test_training_starts_from_a_partial_file_or_an_archive_and_refuses_other_fil
     6" for a compact archive), and refused `darknet partial`'s first-layers files, with which Darknet
     trains a model of other classes."""
     from detector import write_weights
+    from detector.cfg import with_input_size
     from detector.cli import load_to_train
     from detector.export import export_compact
 
@@ -196,13 +202,21 @@ def test_training_starts_from_a_partial_file_or_an_archive_and_refuses_other_fil
     args.weights = str(tmp_path / "first.weights")
     with pytest.warns(UserWarning, match="weights for the first 1 of"):
         assert run(args) == 0
-    export_compact(start, None, tmp_path / "start.yaspars")
+    exported = load_darknet(args.cfg)
+    exported.load_state_dict(start.state_dict())
+    exported.cfg = with_input_size(exported.cfg, 96, 96)       # exported at another input size: the same model
+    export_compact(exported, None, tmp_path / "start.yaspars")
     args = train_cli_args(tmp_path, yaml)
     args.weights, args.out = str(tmp_path / "start.yaspars"), tmp_path / "from_archive"
     assert run(args) == 0 and (args.out / "tiny.weights").is_file()
     from_archive = load_to_train(args.cfg, args.weights)
     assert from_archive.cfg.path == args.cfg and torch.equal(from_archive.layers[0].conv.weight,
                                                              first_conv.weight.half().float())   # fp16 archive
+    export_compact(load_darknet(args.cfg), None, tmp_path / "other.yaspars")          # of the tiny cfg
+    (tmp_path / "other.cfg").write_text(TINY_CFG.replace("filters=16", "filters=8", 1))
+    with pytest.raises(ValueError, match=r"other.yaspars: a compact archive of another model than --cfg .*other.cfg "
+                                         r"\(first at .*; write its own cfg with `detect export --weights"):
+        load_to_train(str(tmp_path / "other.cfg"), str(tmp_path / "other.yaspars"))
     (tmp_path / "model.pt").write_bytes(b"not weights")
     args = train_cli_args(tmp_path, yaml)
     args.weights, args.out = str(tmp_path / "model.pt"), tmp_path / "from_pt"
@@ -413,3 +427,17 @@ def test_per_layer_training_options_darknet_would_apply_are_warned_of(shapes, tm
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_detector_trainer(load_darknet(path), source, None, config)     # the values that change nothing
+
+
+def test_a_validation_folder_named_0_is_validated_on(tmp_path, shapes):
+    """Found by a review: `val: 0` (a folder named 0) read as no validation split."""
+    yaml, _ = shapes
+    root = Path(yaml).parent
+    shutil.copytree(root / "images" / "val", root.parent / "numbered" / "0")
+    (root.parent / "numbered" / "data.yaml").write_text(f"path: .\ntrain: {root / 'images' / 'train'}\nval: 0\n"
+                                                       f"names: {list(load_yolo_dataset(yaml, 'train').class_names)}\n")
+    args = argparse.Namespace(data=str(root.parent / "numbered" / "data.yaml"), images=None, annotations=None,
+                              val_images=None, val_annotations=None)
+    with pytest.warns(UserWarning, match="none of its 2 images has a label file"):      # labels stay in labels/val
+        train, val = cli_train.load_sources(args)
+    assert val is not None and len(val.records) == 2

@@ -313,3 +313,18 @@ def test_too_few_epochs_for_the_admm_phase_is_a_clear_error(yolo_class, data_yam
 def test_bad_schedule_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         UltralyticsADMM(ADMMConfig(sparsity=0.5), **kwargs)
+
+
+def test_a_state_saved_with_one_pattern_as_a_string_resumes_as_its_list(tmp_path):
+    """Found by a review: ADMMConfig now lists a pattern given as a string; a state saved before it
+    recorded the string, and its resume was refused as another run's."""
+    from pathlib import Path
+
+    pruner = UltralyticsADMM(ADMMConfig(sparsity=0.5, exclude="model.22.*"), admm_iters=1)
+    saved = pruner._settings()
+    assert saved["config"]["exclude"] == ["model.22.*"]
+    saved["config"]["exclude"] = "model.22.*"                  # as the state of an earlier version holds it
+    pruner._check_settings(saved, Path(STATE_FILE))
+    saved["config"]["exclude"] = "model.21.*"
+    with pytest.raises(ValueError, match=r"other settings \(config.exclude: \['model.21.\*'\] -> \['model.22.\*'\]\)"):
+        pruner._check_settings(saved, Path(STATE_FILE))
