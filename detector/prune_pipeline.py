@@ -29,6 +29,7 @@ done is sent to every rank (the run folder must be the same shared folder for ev
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -67,6 +68,21 @@ from yolo_admm.wording import counted
 LOG = logging.getLogger("yolo_admm.prune")
 
 # ---------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def dropout_off(model: torch.nn.Module):
+    """Within the block, every ``nn.Dropout`` of ``model`` passes its input unchanged (probability 0),
+    in training mode too; the probabilities are restored after it."""
+    dropouts = [module for module in model.modules() if isinstance(module, torch.nn.Dropout)]
+    probabilities = [module.p for module in dropouts]
+    for module in dropouts:
+        module.p = 0.0
+    try:
+        yield
+    finally:
+        for module, probability in zip(dropouts, probabilities):
+            module.p = probability
+
+
 def write_json_on_main(path: Path, payload: Any) -> Path:
     """Write ``payload`` as indented JSON, atomically (under torchrun: on rank 0 only)."""
     return atomic_write_json(path, payload) if distributed.is_main() else path
@@ -141,7 +157,10 @@ class RunContext:
     def recalibrate_batchnorm(self, model: torch.nn.Module) -> None:
         """Replace the BN running statistics of ``model`` by their average over ``job.bn_images``
         training images drawn with the job's seed (every rank draws the same ones), fitted to the
-        network input without augmentation; unreadable images are skipped as in training."""
+        network input without augmentation, with the cfg's ``[dropout]`` layers passing their input
+        as in evaluation (their masks would come from torch's global stream, which a data loader's
+        worker seeds and a resume move: statistics would differ run to run); unreadable images are
+        skipped as in training."""
         if self.job.bn_images == 0:
             return
         dataset = DetectionTrainDataset(self.train, AugmentConfig(self.size, self.letterbox), augment=False)
@@ -150,7 +169,7 @@ class RunContext:
         device = next(model.parameters()).device
         loader = DataLoader(Subset(dataset, chosen), batch_size=self.job.batch_size or 8,
                             num_workers=self.job.workers, collate_fn=collate_detection)
-        with torch.random.fork_rng(devices=[]):  # the dataset draws a seed per image: keep training's RNG as is
+        with torch.random.fork_rng(devices=[]), dropout_off(model):  # the dataset draws a seed per image
             update_bn(held_iteration(loader), model, device)
         silenced = silence_constant_channels(model)
         if silenced:

@@ -486,3 +486,24 @@ def test_export_of_a_coco_json_runs_stage_file_takes_the_jsons_class_names(unint
     assert main(["detect", "export", "--cfg", DEMO_CFG, "--checkpoint", str(stage_file), "--names",
                  str(tmp_path / "train.json"), "--out", str(tmp_path / "b"), "--formats", "compact"]) == 0
     assert load_compact(tmp_path / "b" / "model.yaspars").class_names == names
+
+
+def test_batchnorm_recalibration_passes_dropout_layers_through_whatever_the_random_stream(shapes_yaml, tmp_path):
+    """Found by a review: update_bn ran yolo-fastest's [dropout] layers in training mode, with masks
+    from torch's global stream, which a data loader's workers and a resume move: the statistics, and
+    so every stage after them, changed with --workers and after a killed magnitude run resumed."""
+    from helpers import tiny_yolo_cfg
+
+    text = tiny_yolo_cfg("width=96\nheight=96\nchannels=3\nbatch=4\n", (8, 16, 16, 16, 16))
+    first_pool = text.index("[maxpool]\nsize=2\nstride=2\n") + len("[maxpool]\nsize=2\nstride=2\n")
+    cfg = tmp_path / "dropout.cfg"
+    cfg.write_text(text[:first_pool] + "\n[dropout]\nprobability=0.5\n" + text[first_pool:])
+    ctx = prune_pipeline.make_context(tiny_job(shapes_yaml, tmp_path / "run", cfg=str(cfg), bn_images=8))
+    statistics = []
+    for seed in (1, 2):
+        model = ctx.load_model()
+        torch.manual_seed(seed)                                      # another state of the global stream
+        ctx.recalibrate_batchnorm(model)
+        statistics.append({name: value.clone() for name, value in model.state_dict().items() if "running" in name})
+        assert [module.p for module in model.modules() if isinstance(module, torch.nn.Dropout)] == [0.5]
+    assert statistics[0].keys() and all(torch.equal(statistics[0][k], statistics[1][k]) for k in statistics[0])
