@@ -197,8 +197,9 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
                       f"(their training batch commented out below it?): each optimizer step sees one image; set "
                       f"the cfg's training batch and subdivisions (or, in detect train, --batch-size and "
                       f"--accumulate)", stacklevel=3)
-    _warn_of_a_burn_in_longer_than_the_run(model, burn_in, config.epochs * math.ceil(len(batches) / accumulate),
-                                           _pick(config.lr, net.learning_rate))
+    _warn_of_a_burn_in_longer_than_the_run(
+        "the given burn_in" if config.burn_in is not None else net.source.of("burn_in"), burn_in, model.net,
+        config.epochs * math.ceil(len(batches) / accumulate), _pick(config.lr, net.learning_rate))
     use_ema = bool(net.ema_alpha > 0) if config.ema is None else config.ema
     ema_decay = _pick(config.ema_decay, net.ema_alpha if net.ema_alpha > 0 else 0.9999)
     train_config = TrainConfig(
@@ -307,12 +308,13 @@ def _warn_of_layer_training_options(cfg: DarknetCfg) -> None:
                       stacklevel=3)
 
 
-def _warn_of_a_burn_in_longer_than_the_run(model: nn.Module, burn_in: int, steps: int, lr: float) -> None:
+def _warn_of_a_burn_in_longer_than_the_run(where: str, burn_in: int, net, steps: int, lr: float) -> None:
     """A fine-tuning run of a cfg written for training from scratch (yolo-fastest's burn_in=4000)
-    would otherwise learn nothing, silently: the LR ramps as (step / burn_in)^power."""
+    would otherwise learn nothing, silently: the LR ramps as (step / burn_in)^power. `where` names
+    the burn_in: its cfg line, or the setting that replaced it."""
     if burn_in > steps > 0:
-        peak = lr * darknet_lr_factor(steps, model.net, burn_in)
-        warnings.warn(f"{model.cfg.path}: burn_in={burn_in} is longer than this run's {steps} optimizer steps, "
+        peak = lr * darknet_lr_factor(steps, net, burn_in)
+        warnings.warn(f"{where}: burn_in={burn_in} is longer than this run's {steps} optimizer steps, "
                       f"so the learning rate never exceeds {peak:.2g}; set --burn-in (0 to start at the full rate)",
                       stacklevel=3)
 

@@ -287,9 +287,11 @@ def test_a_burn_in_longer_than_the_run_is_warned_of(shapes, tmp_path):
 
     _, source = shapes
     config = DetectTrainConfig(epochs=2, batch_size=4, eval_every=0, device="cpu", progress=False, workers=0)
-    with pytest.warns(UserWarning, match=r"tiny.cfg: burn_in=15 is longer than this run's 2 optimizer steps, so the "
-                                         r"learning rate never exceeds 6.3e-06; set --burn-in"):
+    with pytest.warns(UserWarning, match=r"tiny.cfg:10 \[net\]: burn_in=15 is longer than this run's 2 optimizer "
+                                         r"steps, so the learning rate never exceeds 6.3e-06; set --burn-in"):
         build_detector_trainer(tiny_model(tmp_path), source, None, config)
+    with pytest.warns(UserWarning, match=r"^the given burn_in: burn_in=30 is longer"):   # a review: blamed the cfg
+        build_detector_trainer(tiny_model(tmp_path), source, None, replace(config, burn_in=30))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_detector_trainer(tiny_model(tmp_path), source, None, replace(config, burn_in=2))
