@@ -685,12 +685,19 @@ def check_rgb_input(net: NetConfig) -> None:
 
 def first_difference(cfg: DarknetCfg, other: DarknetCfg) -> str | None:
     """Where `cfg` first sets up another model or training than `other`: its section's place
-    ("path:line [section]"), or None where the two are the same. How the files are written does
-    not count (comments, blank lines, spacing, the order of a section's options)."""
+    ("path:line [section]", the line of the first setting that differs where it is written) and,
+    for sections of one kind, that setting with both values ("width 320 against 160"); None where
+    the two are the same. How the files are written does not count (comments, blank lines,
+    spacing, the order of a section's options)."""
     sections, others = (cfg.net, *cfg.layers), (other.net, *other.layers)
     for section, counterpart in zip(sections, others):
         if _settings(section) != _settings(counterpart):
-            return str(section.source)
+            if type(section) is not type(counterpart):
+                return f"{section.source}, against [{counterpart.source.section}]"
+            name = next(f.name for f in fields(section)
+                        if f.name != "source" and getattr(section, f.name) != getattr(counterpart, f.name))
+            mine, theirs = getattr(section, name), getattr(counterpart, name)
+            return f"{section.source.of(name)}: {name} {mine!r} against {theirs!r}"
     if len(sections) > len(others):
         return str(sections[len(others)].source)
     if len(sections) < len(others):

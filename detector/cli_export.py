@@ -30,7 +30,7 @@ from detector.export import FORMATS, export_model
 from detector.model import DarknetModel, load_darknet
 from detector.weights import WeightsHeader
 from engine import atomic_write_json, load_error_summary, output_folder
-from engine.checkpoint import checked_trainer_checkpoint, checkpoint_file, read_checkpoint_file
+from engine.checkpoint import checked_trainer_checkpoint, checkpoint_file, find_latest_checkpoint, read_checkpoint_file
 from pruning.masks import Masks
 from pruning.sparse_archive import is_sparse_archive
 
@@ -198,7 +198,7 @@ def checkpoint_weights(checkpoint: str | Path, batch: int) -> tuple[dict, Weight
     `.weights` header: a stage file's records that of the file its model was read from (None for
     older runs); a trainer checkpoint's counts `seen` as `detect train` does, its optimizer steps x
     the cfg's [net] `batch`."""
-    path = checkpoint_file(checkpoint)
+    path = prune_run_checkpoint(Path(checkpoint))
     saved = read_checkpoint_file(path)
     if isinstance(saved, dict) and STAGE_FILE_KEYS <= set(saved) <= STAGE_FILE_KEYS | STAGE_FILE_OPTIONAL_KEYS:
         header = saved.get("weights_header")
@@ -207,6 +207,25 @@ def checkpoint_weights(checkpoint: str | Path, batch: int) -> tuple[dict, Weight
     ema = state.get("ema")
     weights = ema["module"] if isinstance(ema, dict) and "module" in ema else state["model"]
     return weights, WeightsHeader(seen=int(state["step"]) * int(batch))
+
+
+def prune_run_checkpoint(path: Path) -> Path:
+    """The checkpoint file `path` names (`engine.checkpoint_file`), where a prune run's folders are
+    read as a user means them: a sparsity folder, which holds no epoch checkpoint, is its
+    `retrained.pt`, the run's final model (said so); a checkpoint of its `retrain/` folder is taken
+    with a warning that it comes before the run's final BatchNorm recalibration."""
+    if path.is_dir() and find_latest_checkpoint(path) is None and (path / RETRAINED_STAGE_FILE).is_file():
+        print(f"export: {path / RETRAINED_STAGE_FILE}, the final model of this prune run's sparsity folder")
+        return path / RETRAINED_STAGE_FILE
+    file = checkpoint_file(path)
+    final = file.parent.parent / RETRAINED_STAGE_FILE
+    if file.parent.name == "retrain" and final.is_file():
+        warnings.warn(f"{file}: a checkpoint of the retraining, before the run's final BatchNorm recalibration; "
+                      f"the model the run measured and exported is {final}", stacklevel=2)
+    return file
+
+
+RETRAINED_STAGE_FILE = "retrained.pt"      # a prune run's final model, in each sparsity_S folder
 
 
 def format_report(report: dict) -> str:

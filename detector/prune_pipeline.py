@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import pickle
+import tempfile
 import time
 import zipfile
 import zlib
@@ -186,13 +187,14 @@ class RunContext:
     def _measure(self, stage: str, model: torch.nn.Module, folder: Path,
                  masks: pruning.Masks | None) -> dict[str, Any]:
         metrics = self.evaluator(model.eval())
-        archive = folder / f".{stage}.size.yolo-admm"
-        export_compact(model, masks, archive, verify=False)    # the size of the archive the export writes
+        with tempfile.TemporaryDirectory() as scratch:          # not in the run folder, where a kill would leave it
+            archive = Path(scratch) / f"{stage}.yaspars"
+            export_compact(model, masks, archive, verify=False)    # the size of the archive the export writes
+            compact_bytes = archive.stat().st_size
         record = {"stage": stage, "map50_95": metrics["map50_95"], "map50": metrics["map50"],
-                  **nonzero_stats(model), "compact_bytes": archive.stat().st_size,
+                  **nonzero_stats(model), "compact_bytes": compact_bytes,
                   "dense_fp32_bytes": dense_fp32_bytes(model),
                   "cpu_latency_ms": cpu_latency_ms(model, self.size, self.job.latency_runs)}
-        archive.unlink()
         write_json_on_main(folder / f"{stage}.json", record)
         LOG.info("%s: mAP50-95 %.4f  mAP50 %.4f  sparsity %.2f%%", stage, record["map50_95"], record["map50"],
                  100 * record["sparsity"])

@@ -82,7 +82,8 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def save_kept_fraction_plot(rows: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> Path:
-    """Bar chart of each layer's kept fraction against its depth (row order), written atomically as PNG.
+    """Bar chart of each layer's kept fraction against its depth (row order: the n-th prunable layer,
+    not the model's layer number), written atomically as PNG.
 
     Uses matplotlib's Agg canvas directly, so no global backend is set.
     """
@@ -96,7 +97,7 @@ def save_kept_fraction_plot(rows: Sequence[dict], path: str | os.PathLike, title
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     axes.bar(range(len(rows)), [row["kept_pct"] / 100.0 for row in rows], width=0.8, color="tab:blue")
-    axes.set_xlabel("layer index (depth)")
+    axes.set_xlabel("prunable layer, in depth order (its row in the layer table)")
     axes.set_ylabel("kept fraction")
     axes.set_ylim(0.0, 1.0)
     axes.set_xlim(-0.6, len(rows) - 0.4)

@@ -564,10 +564,9 @@ def test_predict_eval_and_export_take_a_compact_archive_without_its_cfg(pruned, 
         assert main(argv) == 2
     err = capsys.readouterr().err
     lines = DEMO_CFG.read_text().splitlines()
-    section = max(number for number, line in enumerate(lines[:lines.index("activation=leaky")], start=1)
-                  if line.startswith("["))
     assert (f"a compact archive carries its own cfg, which differs from --cfg {other} "
-            f"(first at {other}:{section} [convolutional])") in err
+            f"(first at {other}:{lines.index('activation=leaky') + 1} [convolutional]: activation 'mish' against "
+            f"'leaky')") in err
     assert "Darknet .weights need --cfg (only a compact archive carries its cfg)" in err
     (tmp_path / "model.onnx").write_bytes(b"an onnx file")
     assert main(["detect", "predict", "--weights", str(tmp_path / "model.onnx"), val]) == 2
@@ -811,12 +810,13 @@ def test_first_difference_ignores_how_a_cfg_is_written(tmp_path):
         assert first_difference(parse_cfg(tmp_path / name), original) is None, name
 
     lines = text.splitlines()
-    header = lines.index("[convolutional]") + 1
     (tmp_path / "mish.cfg").write_text(text.replace("activation=leaky", "activation=mish", 1))
-    assert first_difference(parse_cfg(tmp_path / "mish.cfg"), original) == f"{tmp_path / 'mish.cfg'}:{header} [convolutional]"
+    assert first_difference(parse_cfg(tmp_path / "mish.cfg"), original) == \
+        f"{tmp_path / 'mish.cfg'}:{lines.index('activation=leaky') + 1} [convolutional]: activation 'mish' " \
+        f"against 'leaky'"
     (tmp_path / "net.cfg").write_text(text.replace("momentum=0.9\n", "momentum=0.95\n", 1))
     assert first_difference(parse_cfg(tmp_path / "net.cfg"), original) == \
-        f"{tmp_path / 'net.cfg'}:{lines.index('[net]') + 1} [net]"
+        f"{tmp_path / 'net.cfg'}:{lines.index('momentum=0.9') + 1} [net]: momentum 0.95 against 0.9"
 
     (tmp_path / "longer.cfg").write_text(text + "\n[dropout]\nprobability=0.1\n")
     assert first_difference(parse_cfg(tmp_path / "longer.cfg"), original) == \

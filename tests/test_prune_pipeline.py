@@ -438,6 +438,16 @@ def test_export_of_a_stage_file_takes_the_cfg_its_run_records(uninterrupted, tmp
     assert rebuilt.net.width == 96
     assert rebuilt.class_names == list(SHAPE_CLASSES)       # found by a review: exported without the run's names
     assert "the class names of" in printed
+    folder = uninterrupted["out"] / "sparsity_0.6"             # found by a review: "no checkpoint (epoch_NNNN.pt)"
+    assert main(["detect", "export", "--checkpoint", str(folder), "--out", str(tmp_path / "c"),
+                 "--formats", "compact"]) == 0
+    assert f"export: {folder / 'retrained.pt'}, the final model of this prune run's sparsity folder" in \
+        capsys.readouterr().out
+    assert (tmp_path / "c" / "model.yaspars").read_bytes() == (tmp_path / "a" / "model.yaspars").read_bytes()
+    assert main(["detect", "export", "--checkpoint", str(folder / "retrain"), "--out", str(tmp_path / "d"),
+                 "--formats", "compact"]) == 0
+    assert (f"a checkpoint of the retraining, before the run's final BatchNorm recalibration; the model the run "
+            f"measured and exported is {folder / 'retrained.pt'}") in capsys.readouterr().err
     elsewhere = tmp_path / "project" / "downloads" / "ckpt" / "retrained.pt"
     elsewhere.parent.mkdir(parents=True)
     shutil.copy(stage_file, elsewhere)
@@ -507,3 +517,19 @@ def test_batchnorm_recalibration_passes_dropout_layers_through_whatever_the_rand
         statistics.append({name: value.clone() for name, value in model.state_dict().items() if "running" in name})
         assert [module.p for module in model.modules() if isinstance(module, torch.nn.Dropout)] == [0.5]
     assert statistics[0].keys() and all(torch.equal(statistics[0][k], statistics[1][k]) for k in statistics[0])
+
+
+def test_a_run_stopped_while_it_measures_a_stage_leaves_no_scratch_archive(shapes_yaml, tmp_path, monkeypatch):
+    """Found by a review: the size probe of each stage's archive was written into the run folder and
+    removed after it, so a kill in between left a hidden 0.7 MB file that only a resume removed."""
+    real = prune_pipeline.export_compact
+
+    def written_then_stopped(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prune_pipeline, "export_compact", written_then_stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(tiny_job(shapes_yaml, tmp_path / "run"))
+    left = sorted(path.name for path in (tmp_path / "run").rglob("*") if path.is_file())
+    assert left and not [name for name in left if name.endswith((".yaspars", ".yolo-admm", ".tmp"))], left
