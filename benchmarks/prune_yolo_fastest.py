@@ -22,33 +22,32 @@ pruned model's mAP within 2 epochs), rho 10 x3 per iteration (10, 30, 90), batch
 After the hard prune and after retraining the pipeline recomputes the BatchNorm running statistics
 on ``--bn-images`` train images (all 128 here; ``--bn-images 0`` reproduces the earlier runs).
 
-Reproduce (11.0 min on a 2-core CPU, no GPU, beside a review's small runs, load about 1.1, torch
-2.14.1, 2026-11-27, with the code of commit a32b612: the crop pads with the image's mean colour;
-the seed runs the same; the rho runs and the three other grids here were re-run with commit
-5bfa9d3, the same day, one at a time beside another session's tests, load 0.4-3.9, their
---out-root under /tmp/bench_runs/)::
+Reproduce (11.1 min on a 2-core CPU, no GPU, torch 2.14.1, 2026-11-27, with the code of commit
+61992c3: the BatchNorm recalibration passes the [dropout] layers through; every run below was
+recorded with it, two at a time, one thread each, load 1.7-4.2, their --out-root under
+/tmp/bench_runs2/)::
 
     nohup .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 > /tmp/prune_yolo_fastest.log 2>&1 &
 
-Other seeds of the two global methods at 50% (2.8-3.0 min each, one after the other, 2026-11-27)::
+Other seeds of the two global methods at 50% (2.4-4.1 min each, 2026-11-27)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
         --sparsities 0.5 --seed 1 --out-root runs/bench_prune_yolo_fastest_seed1 \
         --json benchmarks/results/prune_yolo_fastest_seed1.json        (and the same with 2)
 
-A twice longer budget (admm 3 x 2 + retrain 6 epochs; 13.8 min at load up to 3.9)::
+A twice longer budget (admm 3 x 2 + retrain 6 epochs; 9.3 min)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
         --epochs-per-iter 2 --retrain-epochs 6 --out-root runs/bench_prune_yolo_fastest_long \
         --json benchmarks/results/prune_yolo_fastest_long.json
 
-Smaller rho, admm-global at 50% (1.4-2.1 min each, 2026-11-27; the JSONs only)::
+Smaller rho, admm-global at 50% (1.2-1.3 min each, 2026-11-27; the JSONs only)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global --sparsities 0.5 \
         --rho 1 --seed 0 --out-root runs/bench_prune_yolo_fastest_rho1_seed0 \
         --json benchmarks/results/prune_yolo_fastest_rho1_seed0.json    (and seeds 1, 2; and --rho 3)
 
-Progressive ADMM (the Z-step's sparsity rising from 30% over 2 of the 3 iterations; 3.5 min)::
+Progressive ADMM (the Z-step's sparsity rising from 30% over 2 of the 3 iterations; 2.5 min)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global --ramp-from 0.3 \
         --out-root runs/bench_prune_yolo_fastest_ramp --json benchmarks/results/prune_yolo_fastest_ramp.json
@@ -56,7 +55,7 @@ Progressive ADMM (the Z-step's sparsity rising from 30% over 2 of the 3 iteratio
 Protected variant: the two 1x1 convs feeding the YOLO heads (``layers.120``, ``layers.129``) never
 pruned and every other layer kept at >= 20% density; sparsity then counts the remaining prunable
 weights, so 50% / 70% of them is 41.4% / 57.9% of all conv weights. Reproduce
-benchmarks/results/prune_yolo_fastest_protected.json (6.6 min on the same 2-core CPU, 2026-11-27)::
+benchmarks/results/prune_yolo_fastest_protected.json (5.2 min on the same 2-core CPU, 2026-11-27)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
         --exclude 'layers.120.*,layers.129.*' --min-density 0.2 --out-root runs/bench_prune_yolo_fastest_protected \
