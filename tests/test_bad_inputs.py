@@ -1072,6 +1072,7 @@ def test_under_torchrun_rank_0_alone_prints_argument_errors_and_other_ranks_name
     for argv in (["classify", "prune", "--model", "lenet5", "--data", "d", "--sparsity", "2"],
                  ["detect", "eval", "--conf"]):
         assert main(argv) == 2 and capsys.readouterr().err == "", argv
+    assert main(["detect", "eval", "--help"]) == 0 and capsys.readouterr() == ("", "")    # nor its help
     assert main(["detect", "train", "--cfg", "none.cfg", "--data", "d.yaml", "--out", "o", "--batch-size", "0"]) == 2
     assert capsys.readouterr().err == "yolo-admm detect: error (rank 1): --batch-size must be >= 1, found 0\n"
     monkeypatch.setenv("RANK", "0")

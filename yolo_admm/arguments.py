@@ -19,11 +19,11 @@ def is_rank0() -> bool:
 
 
 def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """`parser.parse_args(argv)`, whose usage errors (SystemExit) only rank 0 prints under torchrun:
-    every rank parses the same words and fails alike."""
+    """`parser.parse_args(argv)`, whose usage errors and --help (SystemExit) only rank 0 prints under
+    torchrun: every rank parses the same words and fails, or helps, alike."""
     if is_rank0():
         return parser.parse_args(argv)
-    with contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         return parser.parse_args(argv)
 
 
