@@ -136,7 +136,7 @@ def _encode_sparse(name: str, tensor: Tensor, value_format: str) -> tuple[dict, 
     flat = tensor.detach().cpu().reshape(-1)
     mask = flat != 0
     symbols, scale = quantise_nonzeros(flat[mask], value_format, name)
-    if value_format == "int8" and not bool((symbols != 0).all()):   # below scale / 2: stored as zeros
+    if not bool((symbols != 0).all()):     # int8: below scale / 2; fp16: below its smallest subnormal
         mask[mask.nonzero().squeeze(1)[symbols == 0]] = False
         symbols = symbols[symbols != 0]
     blobs = {"mask": pack_mask(mask).numpy().tobytes()}
@@ -187,7 +187,8 @@ def save_sparse_archive(
         dict ``path``, ``bytes`` (file size), ``sparse_bytes`` (compressed masks + values),
         ``dense_bytes``, ``entropy_bound_bytes`` (see ``entropy_bound``), ``ratio_to_bound``
         (sparse_bytes / bound; None when the bound is 0), ``nonzero`` (the sparse tensors' stored
-        nonzeros: with int8, weights below scale / 2 are stored as pruned).
+        nonzeros: weights the format rounds to 0, with int8 those below scale / 2, with fp16 those
+        below 2^-25, are stored as pruned).
     """
     if value_format not in VALUE_FORMATS:
         raise ValueError(f"unknown value format {value_format!r}: expected one of {', '.join(VALUE_FORMATS)}")

@@ -170,10 +170,12 @@ def test_a_changed_header_is_caught_by_its_crc(tmp_path):
     assert torch.equal(load_sparse_archive(tmp_path / "first.yasp")["w"], load_sparse_archive(path)["w"])
 
 
-def test_int8_stores_the_weights_it_rounds_to_zero_as_pruned(tmp_path):
-    """Found by a review: such weights kept their mask bit, so the archive counted them as kept."""
-    weight = torch.tensor([[1.0, 0.001, 0.0, -0.5]])
-    info = save_sparse_archive({"w": weight}, tmp_path / "q.yasp", value_format="int8")
+@pytest.mark.parametrize("value_format, small", [("int8", 0.001), ("fp16", 1e-9)])
+def test_the_weights_a_format_rounds_to_zero_are_stored_as_pruned(tmp_path, value_format, small):
+    """Found by a review: such weights kept their mask bit, so the archive counted them as kept
+    (int8 below half its step; fp16, a later review, below its smallest subnormal)."""
+    weight = torch.tensor([[1.0, small, 0.0, -0.5]])
+    info = save_sparse_archive({"w": weight}, tmp_path / "q.yasp", value_format=value_format)
     assert info["nonzero"] == 2
     assert torch.equal(load_sparse_archive(tmp_path / "q.yasp")["w"] != 0, torch.tensor([[True, False, False, True]]))
 
