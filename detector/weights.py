@@ -106,7 +106,8 @@ def _check_size(path: Path, model: DarknetModel, spans: list[_LayerSpan], file_s
             return [span for span in spans if span.stop <= file_size]
         where = f"ends where {short.describe()} starts" if file_size == short.start else \
             f"ends inside {short.describe()}"
-        hint = ("a partial file, as `darknet partial` writes? detect train starts from one"
+        hint = ("a header without weights" if short is spans[0] and file_size == short.start else
+                "a partial file, as `darknet partial` writes? detect train starts from one"
                 if file_size == short.start else "truncated file, or weights for another cfg?")
         raise DarknetError(
             f"{path}: file {where}: that layer needs bytes "
