@@ -375,7 +375,9 @@ def parse_class_names(spec: dict, data_yaml: Path) -> list[str]:
         raise ValueError(f"{data_yaml}: nc is {spec['nc']!r} but 'names' has {len(names)} entries")
     for index, name in enumerate(names):
         if not isinstance(name, (str, int, float)) or isinstance(name, bool):
-            hint = " (yaml reads an unquoted yes, no, on or off as a truth value: quote it)" * isinstance(name, bool)
+            hint = ""
+            if isinstance(name, bool):
+                hint = " (yaml reads an unquoted yes, no, on or off as a truth value: quote it)"
             raise ValueError(f"{data_yaml}: 'names' entry {index}: expected a class name, found {name!r}{hint}")
     return [str(n) for n in names]
 

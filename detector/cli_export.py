@@ -11,10 +11,11 @@ Writes DIR/model.weights + DIR/model.cfg (Darknet, checked in OpenCV DNN; with c
 DIR/model.names), DIR/model.onnx (decoding included, checked in onnxruntime) and DIR/model.yaspars
 (compact sparse archive, fp16 or --int8 nonzeros), with the class names (--names, those of an
 archive given as --weights, or those of the data a run records) in each; prints their sizes against
-the dense fp32 model and the archive's entropy bound, and writes the numbers to DIR/export.json. The sparsity pattern is read
-from the weights' zeros. An export may not overwrite its own inputs. An export into DIR replaces
-the one before it: once the new files are written, the files the earlier DIR/export.json lists
-and this export did not write again are removed (this export's inputs excepted).
+the dense fp32 model and the archive's entropy bound, and writes the numbers to DIR/export.json.
+The sparsity pattern is read from the weights' zeros. An export may not overwrite its own inputs.
+An export into DIR replaces the one before it: once the new files are written, the files the
+earlier DIR/export.json lists and this export did not write again are removed (this export's
+inputs excepted).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from detector.cli import load_detector, network_size, read_class_names
+from detector.cli import network_size, read_class_names
+from detector.loading import load_detector
 from detector.export import FORMATS, export_model
 from detector.model import DarknetModel, load_darknet
 from detector.weights import WeightsHeader
@@ -81,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_export_model(cfg, args.weights, args.checkpoint)
     if args.names is not None:
         model.class_names = read_class_names(args.names, int(model.heads[0].num_classes))
-    elif recorded_data(settings) is not None:                         # a run's own checkpoint, its cfg taken
-        model.class_names = recorded_class_names(recorded_data(settings), int(model.heads[0].num_classes))
+    elif (data := recorded_data(settings)) is not None:               # a run's own checkpoint, its cfg taken
+        model.class_names = recorded_class_names(data, int(model.heads[0].num_classes))
     inputs = {Path(path).resolve() for path in (cfg, args.weights, args.checkpoint, args.names) if path}
     for output in (args.out / f"{EXPORT_STEM}{suffix}" for name in args.formats for suffix in FORMAT_SUFFIXES[name]):
         if output.resolve() in inputs:
@@ -249,7 +251,7 @@ def format_report(report: dict) -> str:
         bound = ("no entropy bound (constant tensors)" if c["ratio_to_bound"] is None else
                  f"{c['ratio_to_bound']:.3f} x their entropy bound ({c['entropy_bound_bytes']:,.0f} bytes)")
         rounded = ""
-        if c.get("rounded_to_zero"):                # int8 stores the smallest weights as 0
+        if c.get("rounded_to_zero"):                # the format stores the smallest weights as 0
             rounded = f"; {c['value_format']} rounded {c['rounded_to_zero']:,} more to 0"
         lines.append(f"compact: {c['nonzero']:,} of {c['params']:,} weights kept (sparsity {c['sparsity']:.3f}"
                      f"{rounded}), {c['value_format']} values; masks + values {c['sparse_bytes']:,} bytes = {bound}")

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import detector
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset, read_data_yaml
-from detector.cli import load_to_train, network_size
+from detector.cli import network_size
 from detector.export import check_class_names, write_class_names
+from detector.loading import load_to_train
 from detector.train import DetectTrainConfig, check_same_classes, check_training_options, fit_detector
 from detector.weights import WeightsHeader
 from engine import (atomic_write_json, changed_settings, describe_changes, distributed, find_latest_checkpoint,

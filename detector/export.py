@@ -391,7 +391,8 @@ def export_compact(model: DarknetModel, masks: Masks | None, path: str | os.Path
         The archive's report (`bytes`, `sparse_bytes`, `entropy_bound_bytes`, `ratio_to_bound`, ...,
         see `pruning.save_sparse_archive`) plus `dense_fp32_bytes`, `ratio_to_dense` (bytes / dense),
         `params` and `nonzero` (of the sparse tensors, as stored) and `sparsity`, `rounded_to_zero`
-        (nonzero weights the value format stores as 0: int8's below half its step); with verify,
+        (nonzero weights the value format stores as 0: int8's below half its step, fp16's below
+        2^-25); with verify,
         `max_abs_error` and `max_rel_error` of the stored weights (0 for fp16-representable
         weights) and `output_max_rel_diff`, what that error does to the decoded detections on the
         random input (|difference| / max(1, |value|), as for ONNX; reported, not bounded).
@@ -408,7 +409,7 @@ def export_compact(model: DarknetModel, masks: Masks | None, path: str | os.Path
     names = [name for name, tensor in state.items() if tensor.is_floating_point() and tensor.dim() >= 2]
     report = save_sparse_archive(state, path, value_format, compression, names)
     params = sum(state[name].numel() for name in names)
-    nonzero = report["nonzero"]                     # as stored: int8 rounds the smallest weights to 0
+    nonzero = report["nonzero"]                     # as stored: the format may round the smallest to 0
     rounded_to_zero = sum(int(state[name].count_nonzero()) for name in names) - nonzero
     dense = dense_fp32_bytes(model)
     report.update(dense_fp32_bytes=dense, ratio_to_dense=report["bytes"] / dense, params=params,

@@ -53,10 +53,10 @@ import pruning
 from data.augment import AugmentConfig
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from data.train_dataset import DetectionTrainDataset, collate_detection
-from detector.cli import load_to_train
 from detector.export import (check_class_names, dense_fp32_bytes, export_compact, export_model,
                              require_opencv_darknet_importer)
 from detector.predict import inference_copy
+from detector.loading import load_to_train
 from detector.prune_job import RECORDED_ONLY, PruneJob
 from detector.train import (DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes,
                             check_same_classes, check_training_options, training_side)

@@ -294,12 +294,12 @@ class ADMM:
                 param.grad = torch.zeros_like(param)
             grads.append(param.grad)
         if grad_scale is None and not any(param.dtype in HALF_DTYPES for param in self.params):
-            torch._foreach_add_(grads, self.params, alpha=self.rho)       # no copy of the weights; in 16 bits
-            torch._foreach_add_(grads, self._offset, alpha=self.rho)      # grad + rho W would round the loss's away
+            torch._foreach_add_(grads, self.params, alpha=self.rho)       # in place: no copy of the weights
+            torch._foreach_add_(grads, self._offset, alpha=self.rho)
             return
-        grad_scale = torch.ones((), device=self.params[0].device) if grad_scale is None else grad_scale
         penalty = torch._foreach_add(self.params, self._offset)            # W - Z + U
-        torch._foreach_mul_(penalty, grad_scale.to(self.params[0].device) * self.rho)
+        scale = self.rho if grad_scale is None else grad_scale.to(self.params[0].device) * self.rho
+        torch._foreach_mul_(penalty, scale)
         torch._foreach_add_(grads, penalty)
 
     @torch.no_grad()

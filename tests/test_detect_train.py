@@ -189,7 +189,7 @@ def test_training_starts_from_a_partial_file_or_an_archive_and_refuses_other_fil
     trains a model of other classes."""
     from detector import write_weights
     from detector.cfg import with_input_size
-    from detector.cli import load_to_train
+    from detector.loading import load_to_train
     from detector.export import export_compact
 
     yaml, _ = shapes

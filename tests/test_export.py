@@ -631,7 +631,7 @@ def test_an_archive_with_a_newer_text_entry_loads_with_a_warning(pruned, tmp_pat
 def test_a_missing_or_damaged_archive_and_a_bad_embedded_cfg_are_named(pruned, tmp_path):
     """Found by a review: a mistyped archive path was told to add --cfg, and an embedded cfg that
     no longer parses was reported under a temporary file's name."""
-    from detector.cli import load_detector
+    from detector.loading import load_detector
 
     with pytest.raises(FileNotFoundError, match=r"--weights .*missing.yaspars: expected a Darknet .weights file "
                                                 r"or a compact archive, found no file"):
