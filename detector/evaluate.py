@@ -118,12 +118,13 @@ def _per_class_ap(evaluator: COCOeval, gt: COCO) -> tuple[ClassAP, ...]:
 
 def evaluate(model: torch.nn.Module, loader: DataLoader, source: DetectionSource,
              conf_thresh: float = CONF_THRESH, iou_thresh: float = NMS_IOU, max_det: int = MAX_DET,
-             per_class: bool = False, progress: bool = True) -> EvalResult:
+             per_class: bool = False, progress: bool = True, device: torch.device | None = None) -> EvalResult:
     """COCO mAP of `model` on `source`, whose images `loader` yields (a DataLoader of
-    `data.InferenceDataset.from_source(source, ...)` with `collate_inference`).
+    `data.InferenceDataset.from_source(source, ...)` with `collate_inference`), run on `device`
+    (default: the device of the model's parameters).
 
     Defaults are Darknet's `detector map`: conf 0.005, NMS IoU 0.45; at most 100 detections per image.
     """
-    detections = detect_loader(model, loader, conf_thresh, iou_thresh, max_det, progress)
+    detections = detect_loader(model, loader, conf_thresh, iou_thresh, max_det, progress, device)
     results = to_coco_results(detections, source.category_ids)
     return coco_metrics(source.to_coco(), results, per_class)

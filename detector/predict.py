@@ -47,12 +47,14 @@ def make_loader(dataset: InferenceDataset, batch_size: int, workers: int, device
 
 
 def detect_loader(model: torch.nn.Module, loader: DataLoader, conf_thresh: float, iou_thresh: float,
-                  max_det: int, progress: bool = True) -> Iterator[tuple[ImageMeta, torch.Tensor]]:
+                  max_det: int, progress: bool = True,
+                  device: torch.device | None = None) -> Iterator[tuple[ImageMeta, torch.Tensor]]:
     """Yield (meta, Tensor[M, 6] (x1, y1, x2, y2, score, class) in original-image pixels, on CPU)
-    for every image of `loader`, in order. Runs an `inference_copy` of the model on the device of
-    its parameters; `model` itself (and its train/eval mode) is left as it is."""
-    device = next(model.parameters()).device
-    fast = inference_copy(model)
+    for every image of `loader`, in order. Runs an `inference_copy` of the model on `device`
+    (default: the device of its parameters); `model` itself (its device and train/eval mode) is
+    left as it is."""
+    device = device or next(model.parameters()).device
+    fast = inference_copy(model).to(device)
     with torch.inference_mode():
         for images, metas in tqdm(held_iteration(loader), total=len(loader), desc="detect", unit="batch",
                                   disable=not progress):

@@ -133,6 +133,7 @@ class RunContext:
     evaluator: ValidationMap
     size: int
     letterbox: bool
+    device: torch.device          # where this process trains, evaluates and recalibrates
 
     def load_model(self) -> torch.nn.Module:
         """The job's model, with the training data's class names (so that its exports carry them);
@@ -161,17 +162,17 @@ class RunContext:
         network input without augmentation, with the cfg's ``[dropout]`` layers passing their input
         as in evaluation (their masks would come from torch's global stream, which a data loader's
         worker seeds and a resume move: statistics would differ run to run); unreadable images are
-        skipped as in training."""
+        skipped as in training. Runs on the run's device; ``model`` is left there."""
         if self.job.bn_images == 0:
             return
         dataset = DetectionTrainDataset(self.train, AugmentConfig(self.size, self.letterbox), augment=False)
         generator = torch.Generator().manual_seed(self.job.seed)
         chosen = torch.randperm(len(dataset), generator=generator)[:self.job.bn_images].sort().values.tolist()
-        device = next(model.parameters()).device
+        model.to(self.device)     # a magnitude prune's model is still where it was built, on the CPU
         loader = DataLoader(Subset(dataset, chosen), batch_size=self.job.batch_size or 8,
                             num_workers=self.job.workers, collate_fn=collate_detection)
         with torch.random.fork_rng(devices=[]), dropout_off(model):  # the dataset draws a seed per image
-            update_bn(held_iteration(loader), model, device)
+            update_bn(held_iteration(loader), model, self.device)
         silenced = silence_constant_channels(model)
         if silenced:
             LOG.info("BatchNorm: %s constant on the calibration images, their scale set to 0",
@@ -448,9 +449,9 @@ def make_context(job: PruneJob) -> RunContext:
     net = cfg.net
     size = training_side(cfg, job.img_size)
     letterbox = bool(net.letter_box)
-    evaluator = ValidationMap(val, size, letterbox, batch_size=8, workers=job.workers,
-                              device=resolve_device(job.device))
-    return RunContext(job, root, train, val, evaluator, size, letterbox)
+    device = resolve_device(job.device)     # under torchrun, cuda is this rank's GPU (init_from_env set it)
+    evaluator = ValidationMap(val, size, letterbox, batch_size=8, workers=job.workers, device=device)
+    return RunContext(job, root, train, val, evaluator, size, letterbox, device)
 
 
 RESUMABLE_CHANGES = {"out", "workers", "device", "progress", "latency_runs", "export"}  # a finished run exports anew

@@ -154,16 +154,18 @@ class DetectionLoss:
 
 
 class ValidationMap:
-    """`evaluate(model) -> {"map50", "map50_95", ...}` on a validation source (for `engine.Trainer`)."""
+    """`evaluate(model) -> {"map50", "map50_95", ...}` on a validation source (for `engine.Trainer`),
+    run on `device` wherever the model is."""
 
     def __init__(self, source: DetectionSource, size: int, letterbox: bool, batch_size: int,
                  workers: int, device: torch.device):
         self.source = source
+        self.device = device
         dataset = InferenceDataset.from_source(source, size, size, letterbox)
         self.loader = make_loader(dataset, batch_size, workers, device)
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        return evaluate(model, self.loader, self.source, progress=False).metrics()
+        return evaluate(model, self.loader, self.source, progress=False, device=self.device).metrics()
 
 
 def build_detector_trainer(model: nn.Module, train_source: DetectionSource,

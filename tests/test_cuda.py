@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pruning
 from data.synthetic import make_shapes_dataset
-from detector import prune_pipeline
+from detector import predict, prune_pipeline
 from detector.prune_job import PruneJob
 from detector.prune_pipeline import run_job
 from engine import TrainConfig, Trainer
@@ -125,14 +125,35 @@ def test_masked_amp_training_with_ema_on_cuda_then_resumed_on_cpu(tmp_path):
         assert torch.count_nonzero(cpu_params[name].detach()[~mask.cpu()]) == 0, name
 
 
-def test_detect_prune_pipeline_on_cuda_with_amp(tmp_path):
+def spy_on_evaluation_and_recalibration_devices(monkeypatch) -> set[str]:
+    """The device types the pipeline's evaluations and BatchNorm recalibrations run on."""
+    devices: set[str] = set()
+    real_postprocess, real_update_bn = predict.postprocess, prune_pipeline.update_bn
+
+    def postprocess(outputs, *args):
+        devices.add(f"eval:{outputs[0].device.type}")
+        return real_postprocess(outputs, *args)
+
+    def update_bn(loader, model, device):
+        devices.add(f"bn:{next(model.parameters()).device.type}")
+        return real_update_bn(loader, model, device)
+
+    monkeypatch.setattr(predict, "postprocess", postprocess)
+    monkeypatch.setattr(prune_pipeline, "update_bn", update_bn)
+    return devices
+
+
+@pytest.mark.parametrize("method", ["admm-global", "magnitude-global"])
+def test_detect_prune_pipeline_on_cuda_with_amp(tmp_path, monkeypatch, method):
     make_shapes_dataset(tmp_path / "shapes", n_train=12, n_val=6, img_size=96, seed=3)
     out = tmp_path / "run"
     job = PruneJob(cfg=DEMO_CFG, data=str(tmp_path / "shapes" / "data.yaml"), out=str(out), sparsity=[0.6],
-                   img_size=96, batch_size=4, admm_iters=2, epochs_per_iter=1, retrain_epochs=2, rho=1e-2,
-                   lr=1e-3, export=["compact"], latency_runs=1, progress=False, device="cuda", amp=True,
+                   method=method, img_size=96, batch_size=4, admm_iters=2, epochs_per_iter=1, retrain_epochs=2,
+                   rho=1e-2, lr=1e-3, export=["compact"], latency_runs=1, progress=False, device="cuda", amp=True,
                    bn_images=8, seed=0)
+    devices = spy_on_evaluation_and_recalibration_devices(monkeypatch)
     results = run_job(job)
+    assert devices == {"eval:cuda", "bn:cuda"}      # every stage's mAP and statistics, not the CPU's
     stages = results["sweep"][0]["stages"]
     assert [record["stage"] for record in stages] == ["dense", "hard_prune", "retrained"]
     for record in stages:
