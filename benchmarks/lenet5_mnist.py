@@ -146,7 +146,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None,
                         help="of the pruning runs (default: the optimizer's, see classify prune --lr)")
     parser.add_argument("--ramp-from", type=float, default=None,
-                        help="progressive ADMM for the admm-* configs: first Z-step's sparsity (default: none)")
+                        help="progressive ADMM for the admm-* configs: the initial Z's sparsity (default: none)")
     parser.add_argument("--distill", type=float, default=0.0,
                         help="weight of distillation from the dense model, for every method (default: 0, off)")
     parser.add_argument("--distill-temperature", type=float, default=4.0)

@@ -266,7 +266,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bn-images", type=int, default=256,
                         help="BatchNorm statistics recomputed on this many train images after pruning (0: off)")
     parser.add_argument("--ramp-from", type=float, default=None,
-                        help="progressive ADMM for the admm-* methods: first Z-step's sparsity (default: none)")
+                        help="progressive ADMM for the admm-* methods: the initial Z's sparsity (default: none)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out-root", type=Path, default=REPO / "runs" / "bench_prune_yolo_fastest")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "prune_yolo_fastest.json", help="result JSON")

@@ -163,7 +163,7 @@ class PruneSettings:
     include: list[str] | None = None  # parameter-name patterns that may be pruned (None: every Conv/Linear weight)
     exclude: list[str] | None = None  # parameter-name patterns never pruned
     min_density: float | Mapping[str, float] = 0.0  # keep at least this fraction of every (or each matched) layer
-    ramp_from: float | None = None  # progressive sparsity: the first Z-step's target (None: none)
+    ramp_from: float | None = None  # progressive sparsity: the initial Z's sparsity (None: none)
     ramp_iters: int | None = None   # ADMM iterations to reach `sparsity` (None: two thirds of them)
     distill: float = 0.0            # weight of distillation from the dense model (0: labels only)
     distill_temperature: float = 4.0
@@ -176,6 +176,9 @@ class PruneSettings:
         if self.admm_iters < 1 or self.epochs_per_iter < 1 or self.retrain_epochs < 0:
             raise ValueError(f"need admm_iters >= 1, epochs_per_iter >= 1, retrain_epochs >= 0; found "
                              f"{self.admm_iters}, {self.epochs_per_iter}, {self.retrain_epochs}")
+        if not (0.0 < self.rho < math.inf and self.rho_mult >= 1.0 and (self.rho_max is None or self.rho_max >= self.rho)):
+            raise ValueError(f"need rho finite and > 0, rho_mult >= 1 and rho_max >= rho; found rho {self.rho}, "
+                             f"rho_mult {self.rho_mult}, rho_max {self.rho_max}")  # ADMMConfig's, before the work
         if self.ramp_from is not None and pruning.pruning_method(self.method).kind != "admm":
             raise ValueError(f"ramp_from is for the ADMM methods; method {self.method!r} prunes at once")
         pruning.ramp_updates(self.sparsity, self.ramp_from, self.ramp_iters, self.admm_iters)  # validates

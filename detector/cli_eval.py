@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conf", type=float, default=CONF_THRESH,
                         help=f"score threshold, objectness x class (default: {CONF_THRESH}, as Darknet's detector map)")
     parser.add_argument("--iou", type=float, default=NMS_IOU, help=f"per-class NMS IoU threshold (default: {NMS_IOU})")
-    parser.add_argument("--max-det", type=int, default=MAX_DET, help=f"detections kept per image (default: {MAX_DET})")
+    parser.add_argument("--max-det", type=int, default=MAX_DET,
+                        help=f"detections kept per image, 1 to {MAX_DET} (default: {MAX_DET}; COCO's mAP scores "
+                             f"the best {MAX_DET} of each image)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader worker processes (default: 0 on CPU, where the forward pass "
@@ -78,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_det < 1 or args.batch_size < 1 or (args.workers or 0) < 0:
         raise ValueError(f"--max-det and --batch-size must be >= 1 and --workers >= 0, found "
                          f"{args.max_det}, {args.batch_size}, {args.workers}")
+    if args.max_det > MAX_DET:         # pycocotools' summary reads maxDets=100 whatever else is scored
+        raise ValueError(f"--max-det must be at most {MAX_DET}, found {args.max_det}: COCO's mAP scores the best "
+                         f"{MAX_DET} detections of each image, so more would not count")
     if args.json_out is not None:
         output_file(args.json_out, "--json-out")
     source = load_source(args)

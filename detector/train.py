@@ -128,13 +128,20 @@ def darknet_lr_factor(iteration: int, net, burn_in: int) -> float:
         return float(net.options.get("gamma", 1.0)) ** iteration
     if policy == "poly":
         return max(0.0, 1.0 - iteration / max(net.max_batches, 1)) ** power
-    raise ValueError(f"{net.source.of('policy')}: policy={policy} is not supported for training; "
-                     f"expected one of {POLICIES}")
+    check_lr_policy(net)
+    raise AssertionError(f"policy {policy} in POLICIES without a rate")
+
+
+def check_lr_policy(net) -> None:
+    """ValueError naming the cfg's line when its [net] policy is one training does not follow."""
+    if net.policy not in POLICIES:
+        raise ValueError(f"{net.source.of('policy')}: policy={net.policy} is not supported for training; "
+                         f"expected one of {', '.join(POLICIES)}")
 
 
 def darknet_scheduler(optimizer: torch.optim.Optimizer, net, burn_in: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR stepped once per optimizer step that follows `darknet_lr_factor`."""
-    darknet_lr_factor(max(burn_in, 1), net, burn_in)  # reject an unsupported policy now, not mid-run
+    check_lr_policy(net)  # now, not mid-run
     return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_factor_after, net=net, burn_in=burn_in))
 
 
@@ -219,9 +226,10 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
 
 def check_training_options(cfg: DarknetCfg, size: int | None, augment: bool, multi_scale: bool | None) -> None:
     """What the input size and the last [yolo]'s jitter, resize and random can refuse, before any
-    work (see `training_side`, `darknet_augmentation` and `multi_scale_sides`), and input of other
-    than 3 channels (`check_rgb_input`)."""
+    work (see `training_side`, `darknet_augmentation` and `multi_scale_sides`), input of other
+    than 3 channels (`check_rgb_input`) and a learning-rate policy training does not follow."""
     check_rgb_input(cfg.net)
+    check_lr_policy(cfg.net)
     side = training_side(cfg, size)
     darknet_augmentation(cfg, side, augment=augment)
     multi_scale_sides(cfg, side, multi_scale)

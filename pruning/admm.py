@@ -13,9 +13,9 @@ together (Lee et al., IJCIS 2023); ``scope="layerwise"`` gives each layer its ow
 (Zhang et al., ECCV 2018). When rho grows, U (the dual scaled by 1/rho) is rescaled by
 rho_old / rho_new so the unscaled dual rho * U is unchanged (Boyd et al. 2011, sec. 3.4.1).
 
-Progressive sparsity (optional, ``ramp_from``): the Z-step's target starts at ``ramp_from`` and
-rises to ``sparsity`` along the cubic curve of Zhu & Gupta (2017) over the first ``ramp_updates``
-updates, then stays there; ``hard_prune`` always cuts at ``sparsity``. Going straight to 99%
+Progressive sparsity (optional, ``ramp_from``): the initial Z has sparsity ``ramp_from``, and the
+Z-step's target rises to ``sparsity`` along the cubic curve of Zhu & Gupta (2017) over the first
+``ramp_updates`` updates, then stays there; ``hard_prune`` always cuts at ``sparsity``. Going straight to 99%
 removal projects onto a set far from the dense weights; the ramp lets the W-steps follow.
 
 Under ``torch.distributed`` (several processes training one model with DDP) every rank computes
@@ -52,7 +52,7 @@ class ADMMConfig:
 
     Attributes:
         sparsity: fraction of prunable weights removed, in [0, 1).
-        ramp_from: progressive sparsity: the first Z-step's target, below ``sparsity`` (None: no ramp).
+        ramp_from: progressive sparsity: the initial Z's sparsity, below ``sparsity`` (None: no ramp).
         ramp_updates: number of updates over which the target rises from ``ramp_from`` to ``sparsity``.
         scope: "global" (one budget over all layers) or "layerwise" (a ratio per layer).
         layer_sparsity: layerwise only: pattern -> sparsity; layers no pattern matches use ``sparsity``.

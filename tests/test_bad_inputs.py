@@ -311,6 +311,8 @@ CASES = [
          lambda ws: detect_eval(ws, cfg=ws.write("bad.cfg", TINY_CFG.replace("filters=16", "filters=1x6", 1))),
          (f"{{root}}/bad.cfg:{FILTERS_LINE} [convolutional] (layer 2)", "option 'filters'",
           "expected an integer, found '1x6'")),
+    Case("eval-max-det-above-coco-s-100", lambda ws: detect_eval(ws, "--max-det", "300"),    # were not scored
+         ("--max-det must be at most 100, found 300: COCO's mAP scores the best 100 detections of each image",)),
     # --- data
     Case("classes-disagree-train", lambda ws: detect_train(ws, data=yaml_with_names(ws, "a, b, c, d, e")),
          ("{cfg}: the model predicts 4 classes but the dataset has 5 (a, b, c, d, e)",

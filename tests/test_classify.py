@@ -414,6 +414,7 @@ def test_cli_refuses_what_a_review_found_accepted(tmp_path, capsys):
                                         "that does not compile (unterminated character set"),
         ([*prune, "--exclude", ","], "argument --exclude: expected comma-separated patterns, found none in ','"),
         ([*prune, "--distill", "0.5", "--distill-temperature", "inf"], "distill_temperature finite and > 0"),
+        ([*prune, "--rho-mult", "0.5"], "rho_mult >= 1 and rho_max >= rho; found rho 0.001, rho_mult 0.5"),
         ([*prune, "--ramp-iters", "2"], "ramp_iters (2) is the length of a ramp, and there is none"),
         ([*prune[:-1], "0.9999999"], "sparsity 0.9999999 keeps none of the 430500 prunable weights"),
         ([*train, "--lr", "inf"], "lr must be a finite number > 0, found inf"),

@@ -289,6 +289,7 @@ def test_bad_settings_name_what_is_wrong(shapes_yaml, tmp_path):
                                     ("min_density", {"layers.0.*": 1.5}, r"min_density must be in \[0, 1\]"),
                                     ("batch_size", -2, "batch_size must be >= 1, found -2"),
                                     ("lr", -0.1, r"lr must be > 0.0, found -0.1"),
+                                    ("rho_mult", 0.5, r"rho_mult must be >= 1.0, found 0.5"),  # ADMM refused it late
                                     ("amp", "no", "amp must be true or false, found 'no'"),
                                     ("multi_scale", "yes", "multi_scale must be true or false, found 'yes'"),
                                     ("export", "onnx,tflite", r"unknown export format\(s\) \['tflite'\]")]:
@@ -360,6 +361,18 @@ def test_the_run_log_never_writes_through_a_link(tmp_path):
         handler.close()
     assert (tmp_path / "precious.txt").read_text() == "precious log\n"
     assert not (tmp_path / "log.txt").is_symlink() and "a stage line" in (tmp_path / "log.txt").read_text()
+
+
+def test_an_lr_policy_training_cannot_follow_is_refused_before_the_dense_stage(shapes_yaml, tmp_path):
+    """Found by a review: a cfg's policy=sgdr was refused when the ADMM trainer was built, after
+    the dense stage, whose record then locked the run folder against the corrected cfg."""
+    cfg = tmp_path / "sgdr.cfg"
+    text = Path(DEMO_CFG).read_text()
+    cfg.write_text(text.replace("policy=steps", "policy=sgdr"))
+    line = text.splitlines().index("policy=steps") + 1
+    with pytest.raises(ValueError, match=rf"sgdr.cfg:{line} \[net\]: policy=sgdr is not supported for training"):
+        run_job(tiny_job(shapes_yaml, tmp_path / "run", cfg=str(cfg)))
+    assert not (tmp_path / "run").exists()
 
 
 def test_class_names_a_darknet_export_cannot_write_are_refused_before_the_dense_stage(shapes_yaml, tmp_path):
