@@ -17,10 +17,10 @@ import torch
 
 from data.eval_dataset import InferenceDataset
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
+from detector.class_checks import check_classes, check_same_classes
 from detector.cli import add_model_arguments, load_model, model_num_classes
 from detector.evaluate import CONF_THRESH, MAX_DET, NMS_IOU, EvalResult, evaluate
 from detector.predict import make_loader
-from detector.train import check_classes, check_same_classes
 from engine import atomic_write_json, output_file
 from yolo_admm.wording import counted
 

@@ -34,10 +34,11 @@ from pathlib import Path
 
 import detector
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset, read_data_yaml
+from detector.class_checks import check_same_classes
 from detector.cli import network_size
 from detector.export import check_class_names, write_class_names
 from detector.loading import load_to_train
-from detector.train import DetectTrainConfig, check_same_classes, check_training_options, fit_detector
+from detector.train import DetectTrainConfig, check_training_options, fit_detector
 from detector.weights import WeightsHeader
 from engine import (atomic_write_json, changed_settings, describe_changes, distributed, find_latest_checkpoint,
                     output_folder, resolved_paths, run_folder_lock, seed_everything)

@@ -73,7 +73,7 @@ def _mismatch(path: Path, runtime: str, difference: float, tolerance: float, mod
     """The error for a failed check of `path`, with why where the model explains it: outputs that
     float32 rounding alone moves by more than the tolerance (compared with float64), which a
     BatchNorm channel of zero running variance fed a constant does (its rounding noise is
-    multiplied by 1/sqrt(eps); `detector.prune_pipeline.silence_constant_channels`)."""
+    multiplied by 1/sqrt(eps); `detector.batchnorm.silence_constant_channels`)."""
     with torch.no_grad():
         single = DecodedDetections(copy.deepcopy(model).float().cpu()).eval()(images.float()).double()
         double = DecodedDetections(copy.deepcopy(model).double().cpu()).eval()(images.double())
@@ -84,7 +84,7 @@ def _mismatch(path: Path, runtime: str, difference: float, tolerance: float, mod
                        if isinstance(module, nn.BatchNorm2d) and module.running_var is not None)
         channels = "1 BatchNorm channel" if constant == 1 else f"{constant} BatchNorm channels"
         hint = (f" ({channels} with a running variance of 0: "
-                f"detector.prune_pipeline.silence_constant_channels(model) sets their scale to 0, as detect "
+                f"detector.batchnorm.silence_constant_channels(model) sets their scale to 0, as detect "
                 f"prune now does)") if constant else ""
         reason = (f"; the model itself is numerically unstable: its float32 and float64 outputs differ by "
                   f"{own:.3g}{hint}")

@@ -16,7 +16,7 @@ images (plain resize, no augmentation; ``torch.optim.swa_utils.update_bn``): zer
 every layer's output statistics, and Darknet's BN momentum of 0.01 leaves the old running
 statistics mostly in place through a short retraining, so the evaluated model would otherwise
 normalise with the dense model's statistics. A channel that is constant on those images gets a
-BN scale of 0 (``silence_constant_channels``), so that it outputs its bias without amplified noise.
+BN scale of 0 (``detector.batchnorm.silence_constant_channels``), so that it outputs its bias without amplified noise.
 5. export of the retrained model: Darknet ``.weights``, ONNX and the compact sparse archive.
 
 Every stage gets a record: mAP50-95, mAP50, nonzero prunable weights, sparsity, compact-archive
@@ -29,7 +29,6 @@ done is sent to every rank (the run folder must be the same shared folder for ev
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -45,7 +44,6 @@ from typing import Any
 
 import torch
 import yaml
-from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Subset
 
 import detector
@@ -53,13 +51,15 @@ import pruning
 from data.augment import AugmentConfig
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset
 from data.train_dataset import DetectionTrainDataset, collate_detection
+from detector.batchnorm import recompute_batchnorm_statistics
+from detector.class_checks import check_classes, check_same_classes
 from detector.export import (check_class_names, dense_fp32_bytes, export_compact, export_model,
                              require_opencv_darknet_importer)
 from detector.predict import inference_copy
 from detector.loading import load_to_train
 from detector.prune_job import RECORDED_ONLY, PruneJob
-from detector.train import (DetectTrainConfig, ValidationMap, build_detector_trainer, check_classes,
-                            check_same_classes, check_training_options, training_side)
+from detector.train import (DetectTrainConfig, ValidationMap, build_detector_trainer, check_training_options,
+                            training_side)
 from detector.weights import WeightsHeader
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, describe_changes,
                     distributed, find_latest_checkpoint, held_iteration, output_folder, remove_stale_temp_files,
@@ -69,21 +69,6 @@ from yolo_admm.wording import counted
 LOG = logging.getLogger("yolo_admm.prune")
 
 # ---------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def dropout_off(model: torch.nn.Module):
-    """Within the block, every ``nn.Dropout`` of ``model`` passes its input unchanged (probability 0),
-    in training mode too; the probabilities are restored after it."""
-    dropouts = [module for module in model.modules() if isinstance(module, torch.nn.Dropout)]
-    probabilities = [module.p for module in dropouts]
-    for module in dropouts:
-        module.p = 0.0
-    try:
-        yield
-    finally:
-        for module, probability in zip(dropouts, probabilities):
-            module.p = probability
-
-
 def write_json_on_main(path: Path, payload: Any) -> Path:
     """Write ``payload`` as indented JSON, atomically (under torchrun: on rank 0 only)."""
     return atomic_write_json(path, payload) if distributed.is_main() else path
@@ -171,9 +156,7 @@ class RunContext:
         model.to(self.device)     # a magnitude prune's model is still where it was built, on the CPU
         loader = DataLoader(Subset(dataset, chosen), batch_size=self.job.batch_size or 8,
                             num_workers=self.job.workers, collate_fn=collate_detection)
-        with torch.random.fork_rng(devices=[]), dropout_off(model):  # the dataset draws a seed per image
-            update_bn(held_iteration(loader), model, self.device)
-        silenced = silence_constant_channels(model)
+        silenced = recompute_batchnorm_statistics(model, held_iteration(loader), self.device)
         if silenced:
             LOG.info("BatchNorm: %s constant on the calibration images, their scale set to 0",
                      counted(silenced, "channel"))
@@ -307,26 +290,6 @@ def retrain_stage(ctx: RunContext, model: torch.nn.Module, masks: pruning.Masks,
         ctx.recalibrate_batchnorm(model)
     save_state(state_path, model.cpu(), masks.to("cpu"))
     return model
-
-
-@torch.no_grad()
-def silence_constant_channels(model: torch.nn.Module) -> int:
-    """Set the BatchNorm scale to 0 in every channel whose running variance is 0 within float32
-    rounding of its mean (and below the BN's eps); returns how many. Pruning leaves such channels:
-    a convolution whose kept weights all read emptied channels outputs a constant. Normalised, a
-    constant is 0 and the BN outputs its bias, but x - mean is then rounding noise multiplied by
-    1/sqrt(eps) (316), and in a chain of such channels the noise made outputs that moved by 0.15
-    between float32 and float64 and failed the export checks. With the scale 0 the channel
-    outputs its bias exactly."""
-    rounding = 8 * torch.finfo(torch.float32).eps
-    silenced = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.affine and module.track_running_stats:
-            constant = (module.running_var <= (rounding * module.running_mean.abs()) ** 2) \
-                & (module.running_var < module.eps)       # a larger spread is a signal, however small
-            silenced += int((constant & (module.weight != 0)).sum())
-            module.weight[constant] = 0.0
-    return silenced
 
 
 def exported_files_exist(report: dict[str, Any], folder: Path) -> bool:

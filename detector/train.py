@@ -25,7 +25,6 @@ import os
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -38,6 +37,7 @@ from data.seeded_batches import SeededBatchSampler
 from data.train_dataset import DetectionTrainDataset, collate_detection, multi_scale_sizes
 from detector.cfg import (LAYER_TRAINING_FLAGS, LAYER_WEIGHT_OPTIONS, ConvolutionalSection, DarknetCfg, YoloSection,
                           check_rgb_input)
+from detector.class_checks import check_classes
 from detector.evaluate import evaluate
 from detector.loss import YoloLoss
 from detector.predict import make_loader
@@ -375,39 +375,3 @@ def default_batching(batch: int, subdivisions: int, processes: int, batch_size: 
     if accumulate is None:
         accumulate = max(round(batch / (batch_size * processes)), 1)
     return int(batch_size), int(accumulate)
-
-
-def check_same_classes(names: Sequence[str] | None, names_from: str, other: Sequence[str] | None, other_from: str,
-                       reordered_only: bool = False) -> None:
-    """Raise ValueError naming both when `other` lists other class names than `names` (with
-    `reordered_only`, only when they are the same names in another order: a model's classes read
-    with names spelled otherwise, such as Darknet's coco.names against COCO's json, are not refused).
-    Either None: nothing to compare."""
-    if names is None or other is None or list(names) == list(other):
-        return
-    reordered = sorted(names) == sorted(other)
-    if reordered_only and not reordered:
-        return
-    index = next((i for i, (a, b) in enumerate(zip(names, other)) if a != b), min(len(names), len(other)))
-    found = repr(other[index]) if index < len(other) else "no class"
-    expected = repr(names[index]) if index < len(names) else "no class"
-    raise ValueError(f"{other_from}: class {index} is {found}, but {expected} in {names_from} "
-                     f"({'the same classes in another order' if reordered else 'other classes'}); expected the "
-                     f"classes of {names_from} in their order: a class index means one class to the model")
-
-
-def check_classes(cfg_path: str | os.PathLike, num_classes: int, *sources: DetectionSource | None) -> None:
-    """Raise ValueError naming the cfg when a dataset's number of classes is not the model's."""
-    for source in sources:
-        if source is not None and len(source.class_names) != num_classes:
-            names = ", ".join(source.class_names[:5]) + (", ..." if len(source.class_names) > 5 else "")
-            used = {int(c) for record in source.records for c in record.classes}
-            unused = [name for index, name in enumerate(source.class_names) if index not in used]
-            hint = ""
-            if len(source.class_names) > num_classes and unused:
-                hint = (f"; {len(unused)} of them label no object ({', '.join(unused[:3])}"
-                        f"{', ...' if len(unused) > 3 else ''}), such as the supercategory a Roboflow COCO export "
-                        f"lists first")
-            raise ValueError(f"{cfg_path}: the model predicts {num_classes} classes but the dataset has "
-                             f"{len(source.class_names)} ({names}); expected the same classes as the [yolo] "
-                             f"layers{hint}")

@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import torch
 
-from pruning.atomic_file import check_writable, write_atomically
+from pruning.atomic_file import write_atomically
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)\.pt$")
 TEMP_FILE_PATTERN = re.compile(r"^\..+\.\w{8}\.tmp$")   # what atomic_write's mkstemp names: .NAME.XXXXXXXX.tmp
@@ -120,48 +118,6 @@ def checked_trainer_checkpoint(state: Any, path: Path) -> dict[str, Any]:
     return state
 
 
-def output_folder(path: str | os.PathLike, flag: str) -> Path:
-    """Create the output folder `path` of option `flag` now, before any long work, and return it
-    (a probe file created and removed in it shows that it takes files).
-
-    Raises:
-        ValueError: it cannot be created or written (names the flag, the path and why).
-    """
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-        why = f"expected a folder at {blocker}, found a file" if blocker is not None else err.strerror or str(err)
-        raise ValueError(f"{flag} {path}: cannot create this output folder: {why}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: expected a writable folder, found one without write permission")
-    try:
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".yolo-admm-probe."):
-            pass                                    # what access() cannot tell: /proc, a read-only mount
-    except OSError as err:
-        raise ValueError(f"{flag} {path}: expected a folder that takes new files, found one that does not "
-                         f"(creating one failed: {err.strerror or err})") from None
-    return path
-
-
-def output_file(path: str | os.PathLike, flag: str) -> Path:
-    """Check, before any long work, that the output file `path` of option `flag` can be written:
-    it is a file or nothing yet (or a symbolic link to one, which the write replaces), and its folder
-    exists or is created now and takes new files. Returns `path`.
-
-    Raises:
-        ValueError: it is a folder, a device, a pipe or a socket, or its folder cannot take it.
-    """
-    path = Path(path)
-    try:
-        check_writable(path)
-    except ValueError as err:
-        raise ValueError(f"{flag} {err}") from None
-    output_folder(path.parent, f"{flag} {path}: its folder")
-    return path
-
-
 _SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) "
                             r"from checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)\.?")
 
@@ -176,43 +132,6 @@ def load_error_summary(error: RuntimeError, shown: int = 2) -> str:
         return str(error).strip()
     more = f" (and {len(details) - shown} more)" if len(details) > shown else ""
     return "; ".join(detail if len(detail) <= 200 else detail[:197] + "..." for detail in details[:shown]) + more
-
-
-def changed_settings(before: Mapping[str, Any], now: Mapping[str, Any],
-                     ignore: Collection[str] = ()) -> list[tuple[str, Any, Any]]:
-    """(name, before, now) for each setting of `now` whose value in `before` differs, sorted by name,
-    those in `ignore` aside: what a resumed run would change. Nested mappings compare key by key
-    (name "outer.inner"); a setting `before` lacks counts as None there."""
-    changes = []
-    for key in sorted(now):
-        if key in ignore:
-            continue
-        old, new = before.get(key), now.get(key)
-        if isinstance(old, Mapping) and isinstance(new, Mapping):
-            changes += [(f"{key}.{name}", a, b) for name, a, b in changed_settings(old, new)]
-        elif old != new:
-            changes.append((key, old, new))
-    return changes
-
-
-def describe_changes(changes: Iterable[tuple[str, Any, Any]], as_flags: bool = False) -> str:
-    """`changed_settings`' result for an error message: "name: before -> now" (as_flags: "--name
-    before -> now"), joined by "; ", with None shown as "not given" (an option left to its default
-    or, for a setting an older run did not record, one it did not have)."""
-    def shown(value: Any) -> str:
-        return "not given" if value is None else repr(value)
-
-    def name(key: str) -> str:
-        return f"--{key.replace('_', '-')} " if as_flags else f"{key}: "
-
-    return "; ".join(f"{name(key)}{shown(old)} -> {shown(new)}" for key, old, new in changes)
-
-
-def resolved_paths(settings: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any]:
-    """`settings` with the values of `keys` that are set made absolute paths, so that a resumed run
-    given a file by another spelling (relative, absolute) compares equal to the run it continues."""
-    return {key: str(Path(value).resolve()) if key in keys and value not in (None, "") else value
-            for key, value in settings.items()}
 
 
 def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:

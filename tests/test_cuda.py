@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pruning
 from data.synthetic import make_shapes_dataset
-from detector import predict, prune_pipeline
+from detector import batchnorm, predict, prune_pipeline
 from detector.prune_job import PruneJob
 from detector.prune_pipeline import run_job
 from engine import TrainConfig, Trainer
@@ -128,7 +128,7 @@ def test_masked_amp_training_with_ema_on_cuda_then_resumed_on_cpu(tmp_path):
 def spy_on_evaluation_and_recalibration_devices(monkeypatch) -> set[str]:
     """The device types the pipeline's evaluations and BatchNorm recalibrations run on."""
     devices: set[str] = set()
-    real_postprocess, real_update_bn = predict.postprocess, prune_pipeline.update_bn
+    real_postprocess, real_update_bn = predict.postprocess, batchnorm.update_bn
 
     def postprocess(outputs, *args):
         devices.add(f"eval:{outputs[0].device.type}")
@@ -139,7 +139,7 @@ def spy_on_evaluation_and_recalibration_devices(monkeypatch) -> set[str]:
         return real_update_bn(loader, model, device)
 
     monkeypatch.setattr(predict, "postprocess", postprocess)
-    monkeypatch.setattr(prune_pipeline, "update_bn", update_bn)
+    monkeypatch.setattr(batchnorm, "update_bn", update_bn)
     return devices
 
 

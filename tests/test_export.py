@@ -729,7 +729,7 @@ def test_a_failed_check_names_the_models_own_instability_where_that_explains_it(
                            "0.01; the file was removed")
     unstable = str(_mismatch(Path("m.onnx"), "onnxruntime", 0.5, 1e-12, model, images[:1]))
     assert "; the model itself is numerically unstable: its float32 and float64 outputs differ by " in unstable
-    assert ("(2 BatchNorm channels with a running variance of 0: detector.prune_pipeline."
+    assert ("(2 BatchNorm channels with a running variance of 0: detector.batchnorm."
             "silence_constant_channels(model) sets their scale to 0") in unstable
     assert "BatchNorm" not in str(_mismatch(Path("m.onnx"), "OpenCV", 0.5, 1e-12, pruned[0], images[:1]))
 
@@ -743,7 +743,7 @@ def test_constant_batchnorm_channels_are_silenced_and_stop_amplifying_rounding()
 
     from torch.optim.swa_utils import update_bn
 
-    from detector.prune_pipeline import silence_constant_channels
+    from detector.batchnorm import silence_constant_channels
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 2, 3, bias=False), nn.BatchNorm2d(2), nn.LeakyReLU(0.1),

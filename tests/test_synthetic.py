@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 import yaml
 
+from data import load_yolo_dataset
 from data.synthetic import (SHAPE_CLASSES, coverage_box, make_shapes_dataset, render_image, shape_coverage,
                             shape_vertices)
+from detector import load_darknet
+from detector.cfgs import cfg_path
 
 
 def _files(root):
@@ -133,10 +136,7 @@ def test_bad_arguments_raise_value_error(tmp_path, kwargs, message):
 
 
 def test_loads_through_data_load_yolo_dataset(dataset):
-    data = pytest.importorskip("data")
-    if not hasattr(data, "load_yolo_dataset"):
-        pytest.skip("data.load_yolo_dataset is not there yet")
-    source = data.load_yolo_dataset(dataset / "data.yaml", split="val")
+    source = load_yolo_dataset(dataset / "data.yaml", split="val")
     assert source.class_names == list(SHAPE_CLASSES)
     assert len(source.records) == 6
     for record in source.records:
@@ -150,10 +150,7 @@ def test_loads_through_data_load_yolo_dataset(dataset):
 
 def test_demo_cfg_fits_the_dataset():
     """detector/cfgs/demo-tiny.cfg: the dataset's classes, anchors fitted to its boxes, < 2 MB of weights."""
-    detector = pytest.importorskip("detector")
-    from detector.cfgs import cfg_path
-
-    model = detector.load_darknet(cfg_path("demo-tiny.cfg"))
+    model = load_darknet(cfg_path("demo-tiny.cfg"))
     assert (model.net.width, model.net.height) == (160, 160)
     assert [head.num_classes for head in model.heads] == [len(SHAPE_CLASSES)] * 2
     assert sorted(head.stride for head in model.heads) == [16, 32]
