@@ -28,10 +28,10 @@ import yaml
 
 from detector.cli import network_size, read_class_names
 from detector.loading import load_detector
-from detector.export import FORMATS, export_model
+from detector.export import FORMAT_SUFFIXES, FORMATS, check_export, export_model, export_targets
 from detector.model import DarknetModel, load_darknet
 from detector.weights import WeightsHeader
-from engine import atomic_write_json, load_error_summary, output_folder
+from engine import atomic_write_json, load_error_summary, output_folder, remove_stale_temp_files
 from engine.checkpoint import checked_trainer_checkpoint, checkpoint_file, find_latest_checkpoint, read_checkpoint_file
 from pruning.masks import Masks
 from pruning.sparse_archive import is_sparse_archive
@@ -39,7 +39,6 @@ from pruning.sparse_archive import is_sparse_archive
 STAGE_FILE_KEYS = {"model", "masks"}     # detect prune's sparsity_S/hard_prune.pt and retrained.pt
 STAGE_FILE_OPTIONAL_KEYS = {"weights_header"}
 EXPORT_STEM = "model"
-FORMAT_SUFFIXES = {"darknet": (".weights", ".cfg", ".names"), "onnx": (".onnx",), "compact": (".yaspars",)}
 EXPORT_NAMES = {f"{EXPORT_STEM}{suffix}" for suffixes in FORMAT_SUFFIXES.values() for suffix in suffixes}  # run's
 
 
@@ -85,17 +84,19 @@ def run(args: argparse.Namespace) -> int:
         model.class_names = read_class_names(args.names, int(model.heads[0].num_classes))
     elif (data := recorded_data(settings)) is not None:               # a run's own checkpoint, its cfg taken
         model.class_names = recorded_class_names(data, int(model.heads[0].num_classes))
+    value_format = "int8" if args.int8 else "fp16"
+    check_export(model, args.formats, value_format, img_size)
     inputs = {Path(path).resolve() for path in (cfg, args.weights, args.checkpoint, args.names) if path}
-    for output in (args.out / f"{EXPORT_STEM}{suffix}" for name in args.formats for suffix in FORMAT_SUFFIXES[name]):
+    for output in export_targets(args.out, args.formats, EXPORT_STEM):
         if output.resolve() in inputs:
             raise ValueError(f"--out {args.out}: this export would overwrite its own input {output}; "
                              f"export into another folder")
     output_folder(args.out, "--out")                # after the inputs are known good: no empty folder
+    remove_stale_temp_files(args.out)               # what an export a kill cut short left
     masks = Masks.from_model(model)
     json_path = args.out / "export.json"
     earlier = exported_files(json_path)
-    report = export_model(model, args.out, args.formats, masks, "int8" if args.int8 else "fp16", img_size,
-                          stem=EXPORT_STEM)
+    report = export_model(model, args.out, args.formats, masks, value_format, img_size, stem=EXPORT_STEM)
     print(format_report(report))
     atomic_write_json(json_path, report)
     print(f"report written to {json_path}")
@@ -129,7 +130,8 @@ def load_export_model(cfg: str | None, weights: str | None, checkpoint: str | No
     if weights is None and cfg is None:
         raise ValueError(f"--checkpoint {checkpoint} needs --cfg, the cfg its model was built from (or --weights "
                          f"with a compact archive of that model, whose cfg it takes); no run folder above it "
-                         f"records one")
+                         f"records one (a run's config.yaml or args.json counts only in the folder the run wrote "
+                         f"it to, not in one moved or copied since)")
     if weights is not None and checkpoint is not None and Path(weights).is_file() and not is_sparse_archive(weights):
         raise ValueError(f"--weights {weights} and --checkpoint {checkpoint} both give the weights to export (the "
                          f"checkpoint's would replace these); with --checkpoint, --weights may only be a compact "

@@ -40,11 +40,14 @@ from detector.cfg import (ConvolutionalSection, DarknetCfg, DarknetError, Maxpoo
 from detector.model import DarknetModel, load_darknet
 from detector.postprocess import flatten_heads
 from detector.weights import write_weights
-from engine import atomic_write_bytes
+from engine import atomic_write_bytes, load_error_summary
+from pruning.atomic_file import check_writable
 from pruning.masks import Masks
 from pruning.sparse_archive import check_decoded, load_sparse_archive, save_sparse_archive
 
 FORMATS = ("darknet", "onnx", "compact")
+FORMAT_SUFFIXES = {"darknet": (".weights", ".cfg", ".names"), "onnx": (".onnx",), "compact": (".yaspars",)}
+FLOAT16_MAX = float(torch.finfo(torch.float16).max)    # 65504
 ONNX_INPUT, ONNX_OUTPUT = "images", "detections"
 ONNX_LAYOUT_KEY = "yolo_admm.layout"
 ONNX_NAMES_KEY = "yolo_admm.names"  # metadata: the class names as a JSON list, where the model has them
@@ -526,7 +529,7 @@ def _model_from_archive(state: dict[str, torch.Tensor], path: Path,
         model.load_state_dict({name: tensor.float() if tensor.is_floating_point() else tensor
                                for name, tensor in state.items()})
     except RuntimeError as err:
-        raise ValueError(f"{path}: the tensors do not fit the embedded cfg: {err}") from None
+        raise ValueError(f"{path}: the tensors do not fit the embedded cfg: {load_error_summary(err)}") from None
     if names_tensor is not None:
         model.class_names = _archive_names(names_tensor, path, int(model.heads[0].num_classes))
     return model.eval()
@@ -546,37 +549,87 @@ def _archive_names(tensor: torch.Tensor, path: Path, num_classes: int) -> list[s
 def export_model(model: DarknetModel, out_dir: str | os.PathLike, formats: Iterable[str] = FORMATS,
                  masks: Masks | None = None, value_format: str = "fp16", img_size: int | None = None,
                  stem: str = "model") -> dict:
-    """Export to several formats in `out_dir`: `stem`.weights + `stem`.cfg, `stem`.onnx, `stem`.yaspars.
-    With `img_size` other than the cfg's, every format is for that size: the ONNX input, and the
-    `[net]` width and height of the cfg written beside the .weights and into the archive.
+    """Export to several formats in `out_dir`: `stem`.weights + `stem`.cfg (+ `stem`.names, with
+    class names), `stem`.onnx, `stem`.yaspars. With `img_size` other than the cfg's, every format is
+    for that size: the ONNX input, and the `[net]` width and height of the cfg written beside the
+    .weights and into the archive.
+
+    The files are written and checked in a hidden folder in `out_dir` (`.STEM.XXXXXXXX.tmp`), then
+    moved into place together: a failed check or an interrupt leaves an earlier export there as it
+    was, not some files of each model.
 
     Returns:
         dict `dense_fp32_bytes` and, per format exported, that exporter's report.
+    Raises:
+        ValueError: what `check_export` refuses, before anything is written.
     """
     formats = list(formats)
+    model = check_export(model, formats, value_format, img_size)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for target in export_targets(out_dir, formats, stem):
+        check_writable(target)                       # a folder in a file's place: now, not after the others
+    with tempfile.TemporaryDirectory(prefix=f".{stem}.", suffix=".tmp", dir=out_dir) as staging:
+        staged = Path(staging)
+        report: dict = {"dense_fp32_bytes": dense_fp32_bytes(model)}
+        if "darknet" in formats:
+            report["darknet"] = export_darknet(model, staged / f"{stem}.weights")
+        if "onnx" in formats:
+            report["onnx"] = export_onnx(model, staged / f"{stem}.onnx", img_size)
+        if "compact" in formats:
+            report["compact"] = export_compact(model, masks, staged / f"{stem}.yaspars", value_format)
+        for written in sorted(staged.iterdir()):
+            os.replace(written, out_dir / written.name)
+    return _moved_paths(report, staged, out_dir)
+
+
+def export_targets(out_dir: Path, formats: Iterable[str], stem: str = "model") -> list[Path]:
+    """The files `export_model` writes into `out_dir` for `formats` (a Darknet export's .names only
+    when the model has class names)."""
+    return [out_dir / f"{stem}{suffix}" for name in formats for suffix in FORMAT_SUFFIXES[name]]
+
+
+def check_export(model: DarknetModel, formats: list[str], value_format: str = "fp16",
+                 img_size: int | None = None) -> DarknetModel:
+    """What `export_model` refuses before writing anything: unknown formats, weights that are not
+    finite, an input size the model cannot take, a cfg OpenCV's Darknet importer would read
+    otherwise (with "darknet"), and weights beyond float16's range in an fp16 archive. Returns the
+    model to export: `model`, or with `img_size` a copy whose cfg has that input size."""
     unknown = [name for name in formats if name not in FORMATS]
     if unknown or not formats:
         raise ValueError(f"export formats: expected some of {', '.join(FORMATS)}, found {formats}")
-    broken = [name for name, tensor in model.state_dict().items()
+    state = model.state_dict()
+    broken = [name for name, tensor in state.items()
               if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
     if broken:
         raise ValueError(f"export: expected finite weights, found NaN or infinity in {len(broken)} tensor(s): "
                          f"{', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}")
+    if "compact" in formats and value_format == "fp16":
+        largest = max(((float(tensor.abs().max()), name) for name, tensor in state.items()
+                       if tensor.is_floating_point() and tensor.dim() >= 2 and tensor.numel()), default=(0.0, ""))
+        if largest[0] > FLOAT16_MAX:
+            raise ValueError(f"export: {largest[1]} holds |w| = {largest[0]:.4g}, beyond float16's {FLOAT16_MAX:g}, "
+                             f"so the compact archive cannot store it as fp16; expected smaller weights, or the "
+                             f"int8 format (detect export --int8), which scales each tensor")
+    if "darknet" in formats:
+        require_opencv_darknet_importer(model.cfg)
     if img_size is not None and (img_size, img_size) != (model.net.width, model.net.height):
         _check_input_size(model, img_size, img_size)
         model = copy.copy(model)                     # the same layers, the cfg of the export's size
         model.cfg = with_input_size(model.cfg, img_size, img_size)
         model.net = model.cfg.net
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report: dict = {"dense_fp32_bytes": dense_fp32_bytes(model)}
-    if "darknet" in formats:
-        report["darknet"] = export_darknet(model, out_dir / f"{stem}.weights")
-    if "onnx" in formats:
-        report["onnx"] = export_onnx(model, out_dir / f"{stem}.onnx", img_size)
-    if "compact" in formats:
-        report["compact"] = export_compact(model, masks, out_dir / f"{stem}.yaspars", value_format)
-    return report
+    return model
+
+
+def _moved_paths(report: dict, staged: Path, out_dir: Path) -> dict:
+    """`report` with every path it gives in `staged` given in `out_dir` instead."""
+    def moved(value):
+        if isinstance(value, dict):
+            return {key: moved(item) for key, item in value.items()}
+        if isinstance(value, str) and Path(value).parent == staged:
+            return str(out_dir / Path(value).name)
+        return value
+    return moved(report)
 
 
 def _eval_outputs(model: DarknetModel, images: torch.Tensor) -> list[torch.Tensor]:

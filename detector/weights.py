@@ -135,7 +135,8 @@ def read_weights(path: str | Path, model: DarknetModel, partial: bool = False) -
 
     Raises:
         FileNotFoundError: no such file.
-        DarknetError: the file size does not match the cfg (nothing is loaded then).
+        DarknetError: the file size does not match the cfg, or a layer's values are not all finite
+            (nothing is loaded then).
     """
     path = Path(path)
     if not path.is_file():
@@ -149,14 +150,33 @@ def read_weights(path: str | Path, model: DarknetModel, partial: bool = False) -
         warnings.warn(f"{path}: weights for the first {len(held)} of {len(spans)} convolutional layers ({last}), "
                       f"a partial file as `darknet partial` writes: the other {len(spans) - len(held)} keep "
                       f"their initialisation", stacklevel=3)
-    with path.open("rb") as f, torch.no_grad():
+    read = []
+    with path.open("rb") as f:
         f.seek(header.nbytes)
         for span in held:
-            for tensor in span.block.darknet_tensors():
-                values = np.empty(tensor.numel(), dtype="<f4")
-                f.readinto(values)
-                tensor.copy_(torch.from_numpy(values).view_as(tensor))
+            start = f.tell()
+            layer = [(tensor, _read_floats(f, tensor.numel())) for tensor in span.block.darknet_tensors()]
+            _check_finite(path, span, start, layer)
+            read += layer
+    with torch.no_grad():                    # only once the whole file is known good
+        for tensor, values in read:
+            tensor.copy_(torch.from_numpy(values).view_as(tensor))
     return header
+
+
+def _read_floats(handle: BinaryIO, count: int) -> np.ndarray:
+    values = np.empty(count, dtype="<f4")
+    handle.readinto(values)
+    return values
+
+
+def _check_finite(path: Path, span: _LayerSpan, start: int, read: list[tuple[torch.Tensor, np.ndarray]]) -> None:
+    """DarknetError naming the file and the layer when the values read for it hold NaN or infinity."""
+    bad = sum(int(values.size - np.isfinite(values).sum()) for _, values in read)
+    if bad:
+        end = start + 4 * sum(values.size for _, values in read)
+        raise DarknetError(f"{path}: bytes {start}..{end} ({span.describe()}) hold {bad} NaN or infinite "
+                           f"value(s); expected finite weights (a damaged file, or one a diverging training wrote)")
 
 
 def write_weights(path: str | Path, model: DarknetModel,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -166,10 +167,15 @@ def remove_older_checkpoints(directory: str | os.PathLike, keep: int) -> list[Pa
 
 
 def remove_stale_temp_files(directory: str | os.PathLike, recursive: bool = False) -> list[Path]:
-    """Delete the temporary files of atomic writes that a kill interrupted (`.NAME.XXXXXXXX.tmp`) in
-    `directory` (and below it, if `recursive`); returns them. Only while nothing writes there."""
+    """Delete the temporary files of atomic writes that a kill interrupted (`.NAME.XXXXXXXX.tmp`),
+    and the staging folders of exports (`detector.export.export_model`, named alike), in `directory`
+    (and below it, if `recursive`); returns them. Only while nothing writes there."""
     entries = Path(directory).rglob(".*.tmp") if recursive else Path(directory).glob(".*.tmp")
-    stale = [entry for entry in entries if TEMP_FILE_PATTERN.match(entry.name) and entry.is_file()]
+    stale = [entry for entry in entries if TEMP_FILE_PATTERN.match(entry.name) and not entry.is_symlink()
+             and (entry.is_file() or entry.is_dir())]
     for entry in stale:
-        entry.unlink(missing_ok=True)
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
     return stale

@@ -75,7 +75,7 @@ def quantise_nonzeros(values: Tensor, value_format: str, name: str) -> tuple[Ten
         if not bool(torch.isfinite(half).all()):
             raise ValueError(
                 f"{name}: values are not finite in float16 (max |w| = {values.abs().max():.4g});"
-                " expected |w| <= 65504 (else use int8)"
+                " expected |w| <= 65504 (the int8 format scales each tensor instead)"
             )
         return half, None
     if value_format == "int8":
@@ -329,6 +329,11 @@ def load_sparse_archive(path: str | os.PathLike) -> dict[str, Tensor]:
             if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
                 raise                                   # not the archive's fault
             raise ValueError(f"{path}: tensor {name!r} cannot be rebuilt: {type(error).__name__}: {error}") from error
+    end = payload_start + max((offset + length for entry in entries for offset, length, *_ in entry["blobs"].values()),
+                              default=0)
+    if end != len(data):
+        raise ValueError(f"{path}: {len(data) - end} bytes after the archive's last tensor; expected the file to "
+                         f"end there (something appended to it?)")
     return state_dict
 
 

@@ -550,6 +550,9 @@ def test_a_refused_export_predict_or_prune_leaves_no_empty_folder(base: Path, tm
                  "--out", str(tmp_path / "p")]) == 2
     assert not (tmp_path / "e").exists() and not (tmp_path / "p").exists()
     selu = ws.write("selu.cfg", ws.cfg.read_text().replace("activation=leaky", "activation=selu", 1))
+    assert main(["detect", "export", "--cfg", str(selu), "--weights", str(ws.weights), "--formats", "darknet",
+                 "--out", str(tmp_path / "e")]) == 2                  # found by a review: left an empty folder
+    assert not (tmp_path / "e").exists()
     for refused in (["--include", "re:(conv"], ["--exclude", "*"],     # not a regex; leaves nothing to prune
                     ["--cfg", str(selu), "--export", "darknet"]):     # an export OpenCV 4 could not check
         assert main(detect_prune(ws, *refused, out=tmp_path / "q")) == 2

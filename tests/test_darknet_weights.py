@@ -126,6 +126,24 @@ def test_truncated_file_names_the_layer_that_ran_out(small, tmp_path):
         detector.load_darknet(cfg, cut)
 
 
+def test_nan_or_infinity_in_a_layer_is_refused_naming_it_and_nothing_is_loaded(small, tmp_path):
+    """Found by a review: a NaN in a .weights file loaded silently; predict found nothing and eval
+    scored 0 without a word."""
+    cfg, weights = small
+    values = np.arange(LAYER0 + LAYER1, dtype="<f4")
+    for bad in (np.nan, np.inf):
+        values[LAYER0 + 3] = bad                    # in layer 1's bias
+        broken = tmp_path / "broken.weights"
+        broken.write_bytes(weights.read_bytes()[:HEADER64] + values.tobytes())
+        model = detector.load_darknet(cfg)
+        before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        with pytest.raises(DarknetError, match=rf"broken.weights: bytes {HEADER64 + 4 * LAYER0}\.\."
+                                               rf"{HEADER64 + 4 * (LAYER0 + LAYER1)} \(layer 1 \(.*small.cfg:14 "
+                                               rf"\[convolutional\]\)\) hold 1 NaN or infinite value\(s\)"):
+            detector.read_weights(broken, model)
+        assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
 def test_a_file_of_the_first_layers_loads_only_where_asked_as_darknet_partial_writes_them(small, tmp_path):
     """`darknet partial` writes the first layers of a model (yolov4.conv.137), to train a model of
     other classes from: `partial=True` loads them, with a warning, and leaves the rest as they are."""

@@ -8,6 +8,7 @@ of the generated shapes dataset.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 from pathlib import Path
@@ -346,6 +347,69 @@ def test_a_rebuilt_model_exports_to_darknet_with_the_cfg_it_was_built_from(prune
     assert (tmp_path / "kept.cfg").read_text() == DEMO_CFG.read_text()
 
 
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+@pytest.mark.parametrize("failure", [ExportCheckError("the archive's check failed"), KeyboardInterrupt()])
+def test_an_export_that_fails_or_is_interrupted_leaves_the_earlier_export_whole(pruned, tmp_path, monkeypatch,
+                                                                              failure):
+    """Found by a review: the formats were written one by one under their final names, so a failed
+    or interrupted export left the new model's .weights and ONNX beside the earlier archive."""
+    import detector.export as export_module
+
+    model, masks = pruned
+    export_model(model, tmp_path, ["darknet", "onnx", "compact"], masks, stem="m")
+    before = _snapshot(tmp_path)
+
+    def failing(*_args, **_kwargs):
+        raise failure
+
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.layers[0].conv.weight.mul_(2.0)
+    monkeypatch.setattr(export_module, "export_compact", failing)   # the last format, after the other two
+    with pytest.raises(type(failure)):
+        export_model(changed, tmp_path, ["darknet", "onnx", "compact"], masks, stem="m")
+    assert _snapshot(tmp_path) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(before)     # no staging folder left
+
+
+def test_what_an_export_cannot_write_is_refused_before_it_writes_anything(pruned, tmp_path):
+    """Found by a review: a folder at the archive's name, or a weight beyond float16's range, was
+    found only after the .weights and ONNX files had been written."""
+    model, masks = pruned
+    (tmp_path / "m.yaspars").mkdir()
+    with pytest.raises(ValueError, match=r"m.yaspars: expected a file to write, found a folder"):
+        export_model(model, tmp_path, ["darknet", "onnx", "compact"], masks, stem="m")
+    assert [path.name for path in tmp_path.iterdir()] == ["m.yaspars"]
+    large = copy.deepcopy(model)
+    with torch.no_grad():
+        large.layers[2].conv.weight[0, 0, 0, 0] = 1e5
+    with pytest.raises(ValueError, match=r"export: layers.2.conv.weight holds \|w\| = 1e\+05, beyond float16's "
+                                         r"65504, .* or the int8 format \(detect export --int8\)"):
+        export_model(large, tmp_path / "big", ["darknet", "compact"], stem="m")
+    assert not (tmp_path / "big").exists()
+    assert export_model(large, tmp_path / "big", ["compact"], value_format="int8", stem="m")["compact"]["bytes"] > 0
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(pruned, tmp_path, capsys):
+    from engine import remove_stale_temp_files
+
+    model, _ = pruned
+    export_darknet(model, tmp_path / "in.weights", verify=False)
+    staging = tmp_path / "out" / ".model.k3j_x9q2.tmp"
+    staging.mkdir(parents=True)
+    (staging / "model.weights").write_bytes(b"half written")
+    assert remove_stale_temp_files(tmp_path / "out") == [staging] and not staging.exists()
+    staging.mkdir()
+    parser = argparse.ArgumentParser()
+    cli_export.add_arguments(parser)
+    assert cli_export.run(parser.parse_args(["--cfg", str(tmp_path / "in.cfg"), "--weights", str(tmp_path / "in.weights"),
+                                             "--out", str(tmp_path / "out"), "--formats", "compact"])) == 0
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["export.json", "model.yaspars"]
+
+
 def test_an_export_writes_the_cfg_as_it_was_read_not_as_the_file_is_now(tmp_path):
     cfg = tmp_path / "tiny.cfg"
     cfg.write_text(DEMO_CFG.read_text())
@@ -645,6 +709,20 @@ def test_a_missing_or_damaged_archive_and_a_bad_embedded_cfg_are_named(pruned, t
     save_sparse_archive(state, tmp_path / "old.yaspars")
     with pytest.raises(detector.DarknetError, match=r"old.yaspars \(its embedded cfg\):\d+ \[convolutional\]"):
         load_detector(None, str(tmp_path / "old.yaspars"))
+    good = tmp_path / "good.yaspars"
+    export_compact(pruned[0], pruned[1], good, verify=False)
+    (tmp_path / "appended.yaspars").write_bytes(good.read_bytes() + b"garbage")    # found by a review: ignored
+    with pytest.raises(ValueError, match=r"appended.yaspars: 7 bytes after the archive's last tensor; expected the "
+                                         r"file to end there"):
+        load_detector(None, str(tmp_path / "appended.yaspars"))
+    state = dict(pruned[0].state_dict())
+    state[COMPACT_CFG_KEY] = torch.frombuffer(bytearray(DEMO_CFG.read_text().replace("classes=4", "classes=5")
+                                                        .replace("filters=27", "filters=30").encode()), dtype=torch.uint8)
+    save_sparse_archive(state, tmp_path / "other.yaspars")
+    with pytest.raises(ValueError) as refused:           # found by a review: torch's message, a line per tensor
+        load_detector(None, str(tmp_path / "other.yaspars"))
+    assert "\n" not in str(refused.value) and "the tensors do not fit the embedded cfg: size mismatch for" in \
+        str(refused.value) and "(and 2 more)" in str(refused.value)
 
 
 def test_cli_needs_weights_or_a_checkpoint(tmp_path):
@@ -678,7 +756,6 @@ def test_pruned_yolo_fastest_exports_to_every_format(shared_data, tmp_path):
 def test_non_finite_weights_are_refused_and_never_pass_a_check(pruned, tmp_path):
     """Found by a review: NaN compares false, so a NaN output passed OpenCV's check as a
     difference of 0."""
-    import copy
 
     model, _ = pruned
     broken = copy.deepcopy(model)
@@ -717,7 +794,6 @@ def test_a_failed_check_names_the_models_own_instability_where_that_explains_it(
     """The diagnosis of `_mismatch`: the model's float32 and float64 outputs compared at the check's
     tolerance, and the BatchNorm channels of zero running variance counted. A tolerance below
     float32's rounding stands in for an unstable model; the physics is the next test's."""
-    import copy
 
     from detector.export import _mismatch
 
@@ -739,7 +815,6 @@ def test_constant_batchnorm_channels_are_silenced_and_stop_amplifying_rounding()
     its output was a constant and its BN's (x - mean) / sqrt(var + eps) amplified rounding noise by
     316 per layer; exports then failed their checks. The chain here: an emptied channel outputs its
     BN bias, two 1x1 convs read only it, each normalised by statistics measured on data."""
-    import copy
 
     from torch.optim.swa_utils import update_bn
 
