@@ -468,11 +468,21 @@ def run_job(job: PruneJob) -> dict[str, Any]:
                 remove_stale_temp_files(folder, recursive=folder != root)
         handler = log_to_file(root / "log.txt") if distributed.is_main() else None
         try:
+            if distributed.is_main():
+                processes = distributed.world_size()
+                LOG.info("%s %s: %s, %d process%s", "resuming" if stage_records(root) else "starting", root,
+                         job.method, processes, "" if processes == 1 else "es")
             return _run_stages(job)
         finally:
             if handler is not None:
                 LOG.removeHandler(handler)
                 handler.close()
+
+
+def stage_records(root: Path) -> list[Path]:
+    """The stage records and checkpoints an earlier run left in ``root`` (what a rerun resumes from)."""
+    return [path for pattern in ("dense.json", "sparsity_*/*.json", "sparsity_*/*.pt", "sparsity_*/*/epoch_*.pt")
+            for path in root.glob(pattern)]
 
 
 def _run_stages(job: PruneJob) -> dict[str, Any]:

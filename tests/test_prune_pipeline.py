@@ -133,6 +133,8 @@ def test_killed_run_resumes_to_the_same_result(kill_point, shapes_yaml, uninterr
     run_job(tiny_job(shapes_yaml, tmp_path, workers=2 if kill_point.endswith("workers") else 0))
     resumed, expected = final_state(tmp_path), uninterrupted["state"]
     assert resumed["metrics"] == expected["metrics"]
+    log = (tmp_path / "log.txt").read_text()
+    assert f"starting {tmp_path}: admm-global, 1 process" in log and f"resuming {tmp_path}:" in log   # which run
     for name, mask in expected["masks"].items():
         assert torch.equal(resumed["masks"][name], mask), name
     for name, weight in expected["model"].items():
