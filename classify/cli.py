@@ -42,9 +42,10 @@ def sparsity_fraction(text: str) -> float:
     return value
 
 
-WEIGHTS_HELP = {"train": "a state dict or checkpoint to start from (default: new weights)",
-                "eval": "the state dict or checkpoint to evaluate",
-                "prune": "the state dict or checkpoint to prune (the dense model)"}
+CHECKPOINT_EMA = "; a checkpoint of an --ema run gives its average, the weights that run evaluated"
+WEIGHTS_HELP = {"train": "a state dict or checkpoint to start from (default: new weights)" + CHECKPOINT_EMA,
+                "eval": "the state dict or checkpoint to evaluate" + CHECKPOINT_EMA,
+                "prune": "the state dict or checkpoint to prune (the dense model)" + CHECKPOINT_EMA}
 BATCH_HELP = {"train": "training batch (default: 128); evaluation takes batches of at least 256",
               "eval": "evaluation batch (at least 256)",
               "prune": "training batch (default: 128); evaluation takes batches of at least 256"}
@@ -134,7 +135,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rho-mult", type=float, default=ADMM_ONLY_DEFAULTS["rho_mult"],
                         help="rho multiplier after each ADMM iteration (default: 1)")
     parser.add_argument("--rho-max", type=float, default=ADMM_ONLY_DEFAULTS["rho_max"],
-                        help="cap on rho (default: none)")
+                        help="cap on rho (default: none but float32's largest value)")
     parser.add_argument("--admm-lr", choices=ADMM_LR_SCHEDULES, default=ADMM_ONLY_DEFAULTS["admm_lr"],
                         help="ADMM's learning rate: constant in the ADMM phase then a cosine decay over retraining "
                              "(default); cosine: a decay to zero over each phase; shared: one cosine decay over both "

@@ -43,8 +43,8 @@ from data.cifar import CIFAR10_CLASSES, CIFARDataset, decode_listing, list_cifar
 from data.mnist import MNISTDataset, mnist_files, read_mnist_files
 from data.seeded_batches import SeededBatchSampler
 from engine import (Trainer, TrainConfig, atomic_torch_save, atomic_write_bytes, distributed,
-                    find_latest_checkpoint, held_iteration, resolve_device, seed_everything, seeded_cpu_stream,
-                    unreadable_detail)
+                    find_latest_checkpoint, held_iteration, load_error_summary, resolve_device, seed_everything,
+                    seeded_cpu_stream, unreadable_detail)
 
 ADMM_LR_SCHEDULES = ("constant", "cosine", "shared")
 METHODS = pruning.METHODS
@@ -176,9 +176,11 @@ class PruneSettings:
         if self.admm_iters < 1 or self.epochs_per_iter < 1 or self.retrain_epochs < 0:
             raise ValueError(f"need admm_iters >= 1, epochs_per_iter >= 1, retrain_epochs >= 0; found "
                              f"{self.admm_iters}, {self.epochs_per_iter}, {self.retrain_epochs}")
-        if not (0.0 < self.rho < math.inf and self.rho_mult >= 1.0 and (self.rho_max is None or self.rho_max >= self.rho)):
-            raise ValueError(f"need rho finite and > 0, rho_mult >= 1 and rho_max >= rho; found rho {self.rho}, "
-                             f"rho_mult {self.rho_mult}, rho_max {self.rho_max}")  # ADMMConfig's, before the work
+        if not (0.0 < self.rho <= pruning.RHO_LIMIT and 1.0 <= self.rho_mult < math.inf
+                and (self.rho_max is None or self.rho <= self.rho_max <= pruning.RHO_LIMIT)):
+            raise ValueError(f"need rho and rho_max in (0, {pruning.RHO_LIMIT:.4g}], rho_max >= rho and rho_mult "
+                             f"finite and >= 1; found rho {self.rho}, rho_mult {self.rho_mult}, rho_max "
+                             f"{self.rho_max}")                             # ADMMConfig's, before the work
         if self.ramp_from is not None and pruning.pruning_method(self.method).kind != "admm":
             raise ValueError(f"ramp_from is for the ADMM methods; method {self.method!r} prunes at once")
         pruning.ramp_updates(self.sparsity, self.ramp_from, self.ramp_iters, self.admm_iters)  # validates
@@ -239,11 +241,13 @@ def build_model(model_name: str, seed: int = 0) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load weights saved as a plain state dict, a trainer checkpoint ({"model": ...}) or a
+    """Load weights saved as a plain state dict, a trainer checkpoint ({"model": ...}, its EMA
+    average where it has one: the weights its run evaluated and wrote to --out) or a
     {"state_dict": ...} file whose keys may carry DataParallel's `module.` prefix.
 
     The names must match the model's exactly (BatchNorm's `num_batches_tracked`, absent from old
-    files, excepted). Raises FileNotFoundError / ValueError naming the file and the mismatch.
+    files, excepted), and the values must be finite. Raises FileNotFoundError / ValueError naming
+    the file and the mismatch.
     """
     path = Path(path)
     if not path.is_file():
@@ -258,7 +262,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     except Exception as err:  # torch raises several unrelated types for a corrupt file
         raise ValueError(f"{path}: not a readable weights file, damaged or cut short? "
                          f"({unreadable_detail(err)})") from err
-    state = saved.get("model", saved.get("state_dict", saved)) if isinstance(saved, dict) else None
+    state = saved_state_dict(saved)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a dict of tensors (optionally under 'model' or 'state_dict')")
     state = {pruning.canonical_name(key): value for key, value in state.items()}  # DDP / torch.compile prefixes
@@ -267,11 +271,26 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if expected != found:
         raise ValueError(f"{path}: parameter names differ from {type(model).__name__}: missing "
                          f"{sorted(expected - found)[:5]}, unexpected {sorted(found - expected)[:5]}")
+    broken = [key for key, value in state.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+    if broken:
+        raise ValueError(f"{path}: expected finite weights, found NaN or infinity in {', '.join(broken[:3])}"
+                         f"{' and more' if len(broken) > 3 else ''}")
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatch
-        raise ValueError(f"{path}: {err}") from None
+        raise ValueError(f"{path}: expected the shapes of {type(model).__name__}: {load_error_summary(err)}") from None
     return model
+
+
+def saved_state_dict(saved: Any) -> Any:
+    """The weights of what a weights file held: a trainer checkpoint's EMA average where it has one,
+    else its "model"; a {"state_dict": ...} file's; or the dict itself (None for what is no dict)."""
+    if not isinstance(saved, dict):
+        return None
+    ema = saved.get("ema")
+    if isinstance(ema, dict) and isinstance(ema.get("module"), dict):
+        return ema["module"]
+    return saved.get("model", saved.get("state_dict", saved))
 
 
 def make_train_loader(spec: ModelSpec, train_set: Dataset, settings: TrainSettings) -> DataLoader:

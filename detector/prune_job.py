@@ -140,8 +140,9 @@ class NumberSetting(NamedTuple):
 NUMBER_SETTINGS: dict[str, NumberSetting] = {
     "admm_iters": NumberSetting(int, 1), "epochs_per_iter": NumberSetting(int, 1),
     "retrain_epochs": NumberSetting(int, 0), "ramp_iters": NumberSetting(int, 1, optional=True),
-    "rho": NumberSetting(float, 0.0, low_inclusive=False), "rho_mult": NumberSetting(float, 1.0),
-    "rho_max": NumberSetting(float, 0.0, low_inclusive=False),
+    "rho": NumberSetting(float, 0.0, low_inclusive=False, high=pruning.RHO_LIMIT),
+    "rho_mult": NumberSetting(float, 1.0),
+    "rho_max": NumberSetting(float, 0.0, low_inclusive=False, high=pruning.RHO_LIMIT),
     "ramp_from": NumberSetting(float, 0.0, high=1.0, optional=True),
     "lr": NumberSetting(float, 0.0, low_inclusive=False, optional=True),
     "burn_in": NumberSetting(int, 0, optional=True), "batch_size": NumberSetting(int, 1, optional=True),

@@ -2,7 +2,7 @@
 
 Imports only torch (matplotlib lazily, for the plot). See docs/contracts.md, section ``pruning``.
 """
-from pruning.admm import ADMM, SCOPES, ADMMConfig, check_minimises, ramp_updates
+from pruning.admm import ADMM, RHO_LIMIT, SCOPES, ADMMConfig, check_minimises, ramp_updates
 from pruning.callbacks import ADMMCallback, MaskCallback
 from pruning.magnitude import MAGNITUDE_SCOPES, magnitude_prune
 from pruning.masks import Masks, pack_mask, unpack_mask
@@ -22,7 +22,7 @@ from pruning.sparse_archive import check_decoded, entropy_bound, load_sparse_arc
 from pruning.ultralytics_callbacks import UltralyticsADMM
 
 __all__ = [
-    "ADMM", "ADMMConfig", "SCOPES", "check_minimises", "ramp_updates", "ADMMCallback", "MaskCallback",
+    "ADMM", "ADMMConfig", "RHO_LIMIT", "SCOPES", "check_minimises", "ramp_updates", "ADMMCallback", "MaskCallback",
     "MAGNITUDE_SCOPES", "magnitude_prune",
     "Masks", "pack_mask", "unpack_mask", "METHODS", "Method", "pruning_method", "StepHooks", "attach_admm",
     "attach_masks", "UltralyticsADMM",

@@ -44,6 +44,7 @@ from pruning.selection import (as_patterns, canonical_parameters, keeps_no_weigh
 
 SCOPES = ("global", "layerwise")
 HALF_DTYPES = (torch.float16, torch.bfloat16)    # weights whose penalty is formed before it meets the gradient
+RHO_LIMIT = float(torch.finfo(torch.float32).max)   # rho multiplies float32 weights: a larger one overflows
 
 
 @dataclass
@@ -58,7 +59,7 @@ class ADMMConfig:
         layer_sparsity: layerwise only: pattern -> sparsity; layers no pattern matches use ``sparsity``.
         rho: initial penalty weight, > 0.
         rho_multiplier: rho is multiplied by this after every ``update()`` (>= 1; 1 = constant).
-        rho_max: cap on rho (None: no cap).
+        rho_max: cap on rho (None: float32's largest value, `RHO_LIMIT`).
         include, exclude: parameter-name patterns (see ``selection.prunable_parameters``).
         min_density: per-layer floor: fraction of each layer always kept (number, or pattern -> number).
     """
@@ -101,12 +102,13 @@ class ADMMConfig:
                 raise ValueError(f"layer_sparsity needs scope='layerwise', got scope={self.scope!r}")
             self.layer_sparsity = {pattern: check_sparsity(value, f"layer_sparsity[{pattern!r}]")
                                    for pattern, value in self.layer_sparsity.items()}
-        if not (math.isfinite(self.rho) and self.rho > 0):
-            raise ValueError(f"rho must be a finite number > 0, got {self.rho!r}")
-        if not self.rho_multiplier >= 1.0:
-            raise ValueError(f"rho_multiplier must be >= 1, got {self.rho_multiplier!r}")
-        if self.rho_max is not None and not self.rho_max >= self.rho:
-            raise ValueError(f"rho_max must be >= rho ({self.rho!r}), got {self.rho_max!r}")
+        if not 0 < self.rho <= RHO_LIMIT:
+            raise ValueError(f"rho must be a number in (0, {RHO_LIMIT:.4g}] (it multiplies float32 weights), "
+                             f"got {self.rho!r}")
+        if not 1.0 <= self.rho_multiplier < math.inf:
+            raise ValueError(f"rho_multiplier must be a finite number >= 1, got {self.rho_multiplier!r}")
+        if self.rho_max is not None and not self.rho <= self.rho_max <= RHO_LIMIT:
+            raise ValueError(f"rho_max must be in [rho ({self.rho!r}), {RHO_LIMIT:.4g}], got {self.rho_max!r}")
         densities = self.min_density.values() if isinstance(self.min_density, Mapping) else [self.min_density]
         for density in densities:
             if not 0.0 <= density <= 1.0:
@@ -315,9 +317,8 @@ class ADMM:
         scratch = torch._foreach_add([param.detach() for param in self.params], self.U)   # W + U
         torch._foreach_copy_(self.support, self.project(scratch, self.ramp_fraction(self.iteration + 1)))
         rho = self.rho
-        self.rho = rho * self.config.rho_multiplier
-        if self.config.rho_max is not None:
-            self.rho = min(self.rho, self.config.rho_max)
+        cap = RHO_LIMIT if self.config.rho_max is None else self.config.rho_max
+        self.rho = min(rho * self.config.rho_multiplier, cap)
         primal, dual = [], []
         for param, z, u, offset, buffer, mask in zip(self.params, self.Z, self.U, self._offset, scratch, self.support):
             new_z = buffer.mul_(mask)                                    # projection of W + U

@@ -14,6 +14,7 @@ from pruning import (
     ADMM,
     ADMMCallback,
     ADMMConfig,
+    RHO_LIMIT,
     global_topk_masks,
     kept_count,
     prunable_parameters,
@@ -53,9 +54,11 @@ def test_config_rejects_sparsity_outside_unit_interval_naming_it(sparsity):
         ({"scope": "per-layer"}, "unknown ADMM scope 'per-layer': expected one of global, layerwise"),
         ({"layer_sparsity": {"0.weight": 0.5}}, "layer_sparsity needs scope='layerwise'"),
         ({"scope": "layerwise", "layer_sparsity": {"0.weight": 1.0}}, r"layer_sparsity\['0.weight'\]"),
-        ({"rho": 0.0}, "rho must be a finite number > 0, got 0.0"),
-        ({"rho_multiplier": 0.5}, "rho_multiplier must be >= 1, got 0.5"),
-        ({"rho": 1.0, "rho_max": 0.5}, "rho_max must be >= rho"),
+        ({"rho": 0.0}, r"rho must be a number in \(0, 3.403e\+38\] \(it multiplies float32 weights\), got 0.0"),
+        ({"rho": 1e39}, r"rho must be a number in \(0, 3.403e\+38\]"),      # found by a review: a traceback
+        ({"rho_multiplier": 0.5}, "rho_multiplier must be a finite number >= 1, got 0.5"),
+        ({"rho_multiplier": math.inf}, "rho_multiplier must be a finite number >= 1, got inf"),
+        ({"rho": 1.0, "rho_max": 0.5}, r"rho_max must be in \[rho \(1.0\), 3.403e\+38\], got 0.5"),
         ({"min_density": 2.0}, r"min_density must be in \[0, 1\], got 2.0"),
     ],
 )
@@ -288,6 +291,18 @@ def test_an_update_whose_projection_fails_leaves_rho_as_it_was(monkeypatch):
     with pytest.raises(RuntimeError):
         admm.update()
     assert (admm.rho, admm.iteration) == (1.0, 0)
+
+
+def test_an_uncapped_rho_stops_growing_where_float32_ends():
+    """Found by a review: --rho-mult 1e300 overflowed float32 at the second update (a traceback)."""
+    model = small_convnet()
+    admm = ADMM(model, ADMMConfig(sparsity=0.5, rho=1e30, rho_multiplier=1e300))
+    admm.update()
+    assert admm.rho == RHO_LIMIT
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    admm.add_penalty_grad()                  # multiplies float32 gradients by rho: no overflow error
+    admm.update()
+    assert admm.rho == RHO_LIMIT
 
 
 def test_update_is_projection_then_dual_step_with_rescaled_u():

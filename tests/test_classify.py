@@ -99,6 +99,28 @@ def test_load_weights_names_the_file_and_the_mismatch(tmp_path):
     assert "\n" not in str(error.value) and "weights_only=False" not in str(error.value)   # not torch's paragraph
 
 
+def test_load_weights_takes_a_checkpoints_average_and_refuses_what_would_mislead(tmp_path):
+    """Found by a review: a checkpoint of an --ema run gave its raw weights (not those its run
+    evaluated), NaN weights loaded silently, and a shape mismatch printed torch's lines."""
+    raw, average = LeNet5().state_dict(), LeNet5().state_dict()
+    torch.save({"epoch": 1, "step": 8, "model": raw, "ema": {"module": average, "updates": 8, "decay": 0.9}},
+               tmp_path / "epoch_0001.pt")
+    loaded = load_weights(LeNet5(), tmp_path / "epoch_0001.pt").state_dict()
+    assert all(torch.equal(loaded[name], average[name]) for name in average)
+    assert not torch.equal(loaded["fc1.weight"], raw["fc1.weight"])
+    broken = {name: value.clone() for name, value in raw.items()}
+    broken["fc1.weight"][3, 4] = float("nan")
+    torch.save(broken, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"nan.pt: expected finite weights, found NaN or infinity in fc1.weight$"):
+        load_weights(LeNet5(), tmp_path / "nan.pt")
+    torch.save(resnet56(num_classes=100).state_dict(), tmp_path / "r100.pt")
+    with pytest.raises(ValueError) as error:
+        load_weights(resnet56(), tmp_path / "r100.pt")
+    assert "\n" not in str(error.value) and str(error.value).startswith(
+        f"{tmp_path / 'r100.pt'}: expected the shapes of CifarResNet: size mismatch for linear.weight: [100, 64] in "
+        f"the checkpoint, [10, 64] in the model; size mismatch for linear.bias")
+
+
 # ------------------------------------------------------------------------------------ data
 def test_mnist_reader_round_trip_and_bad_files(tmp_path):
     images = np.random.default_rng(1).integers(0, 256, (5, 28, 28))
@@ -414,7 +436,8 @@ def test_cli_refuses_what_a_review_found_accepted(tmp_path, capsys):
                                         "that does not compile (unterminated character set"),
         ([*prune, "--exclude", ","], "argument --exclude: expected comma-separated patterns, found none in ','"),
         ([*prune, "--distill", "0.5", "--distill-temperature", "inf"], "distill_temperature finite and > 0"),
-        ([*prune, "--rho-mult", "0.5"], "rho_mult >= 1 and rho_max >= rho; found rho 0.001, rho_mult 0.5"),
+        ([*prune, "--rho-mult", "0.5"], "rho_mult finite and >= 1; found rho 0.001, rho_mult 0.5"),
+        ([*prune, "--rho", "1e39"], "need rho and rho_max in (0, 3.403e+38], rho_max >= rho"),   # was a traceback
         ([*prune, "--ramp-iters", "2"], "ramp_iters (2) is the length of a ramp, and there is none"),
         ([*prune[:-1], "0.9999999"], "sparsity 0.9999999 keeps none of the 430500 prunable weights"),
         ([*train, "--lr", "inf"], "lr must be a finite number > 0, found inf"),

@@ -292,6 +292,7 @@ def test_bad_settings_name_what_is_wrong(shapes_yaml, tmp_path):
                                     ("batch_size", -2, "batch_size must be >= 1, found -2"),
                                     ("lr", -0.1, r"lr must be > 0.0, found -0.1"),
                                     ("rho_mult", 0.5, r"rho_mult must be >= 1.0, found 0.5"),  # ADMM refused it late
+                                    ("rho", 1e39, r"rho must be > 0.0 and <= 3.40282.*e\+38, found 1e\+39"),
                                     ("amp", "no", "amp must be true or false, found 'no'"),
                                     ("multi_scale", "yes", "multi_scale must be true or false, found 'yes'"),
                                     ("export", "onnx,tflite", r"unknown export format\(s\) \['tflite'\]")]:
