@@ -47,6 +47,8 @@ DEFAULT_BURN_IN_POWER = 4.0
 DARKNET_MULTI_SCALE = 1.4      # Darknet's resize factor for random=1, either way
 MAX_MULTI_SCALE = 2.0          # a larger random factor is refused
 POLICIES = ("constant", "steps", "step", "exp", "poly")
+UNAPPLIED_NET_OPTIONS = ("adam", "blur", "gaussian_noise", "mixup", "cutmix")   # Darknet trains with them; we do not
+DECAYED_GROUP = 0             # build_optimizer's parameter group of the conv weights, the ones with weight decay
 
 
 @dataclass
@@ -99,7 +101,8 @@ def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: 
     """SGD with weight decay on the conv weights (parameters with >1 dimension) only."""
     decayed = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     others = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
+    groups = [{"params": decayed, "weight_decay": weight_decay},             # DECAYED_GROUP
+              {"params": others, "weight_decay": 0.0}]
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 
@@ -201,6 +204,7 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
                                 _pick(config.weight_decay, net.decay))
     burn_in = int(_pick(config.burn_in, net.burn_in))
     _warn_of_layer_training_options(model.cfg)
+    _warn_of_net_training_options(model.net)
     if net.batch == 1 and config.batch_size is None and config.accumulate is None:
         warnings.warn(f"{net.source.of('batch')}: [net] batch=1, the testing setting many Darknet cfgs leave active "
                       f"(their training batch commented out below it?): each optimizer step sees one image; set "
@@ -318,6 +322,24 @@ def _warn_of_layer_training_options(cfg: DarknetCfg) -> None:
                       stacklevel=3)
 
 
+def _warn_of_net_training_options(net) -> None:
+    """[net] options Darknet trains with that this trainer does not apply (the Adam optimizer, and
+    the blur, Gaussian-noise, mixup and cutmix augmentations): say so, naming their lines."""
+    found = [f"{net.source.of(key)}: {key}={net.source.written(key)}" for key in UNAPPLIED_NET_OPTIONS
+             if net.source.written(key) is not None and _number_or_none(net.source.written(key)) != 0]
+    if found:
+        warnings.warn(f"{len(found)} [net] training option(s) of the cfg are not applied: this trainer uses SGD "
+                      f"and Darknet's colour, flip, jitter, resize and mosaic augmentation only "
+                      f"({'; '.join(found[:3])}{'; ...' if len(found) > 3 else ''})", stacklevel=3)
+
+
+def _number_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def _warn_of_a_burn_in_longer_than_the_run(where: str, burn_in: int, net, steps: int, lr: float) -> None:
     """A fine-tuning run of a cfg written for training from scratch (yolo-fastest's burn_in=4000)
     would otherwise learn nothing, silently: the LR ramps as (step / burn_in)^power. `where` names
@@ -347,8 +369,8 @@ class GivenHyperparameters:
         for group in groups:
             if self.momentum is not None:
                 group["momentum"] = self.momentum
-            if self.weight_decay is not None and group["weight_decay"] > 0:  # conv weights only
-                group["weight_decay"] = self.weight_decay
+        if self.weight_decay is not None:
+            groups[DECAYED_GROUP]["weight_decay"] = self.weight_decay   # conv weights only (a decay of 0 too)
 
 
 def fit_detector(model: nn.Module, train_source: DetectionSource, val_source: DetectionSource | None,

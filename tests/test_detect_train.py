@@ -133,6 +133,13 @@ def test_resume_takes_a_newly_given_lr_momentum_and_weight_decay(tmp_path, shape
     assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx([0.002 * factor] * 2)
     assert [g["momentum"] for g in resumed.optimizer.param_groups] == [0.8, 0.8]
     assert [g["weight_decay"] for g in resumed.optimizer.param_groups] == [0.001, 0.0]
+    # found by a review: the conv weights' group was told by its decay > 0, so a run begun without decay kept none
+    from_no_decay = fit_detector(tiny_model(tmp_path), source, None,
+                                 replace(config, epochs=1, weight_decay=0.0, out_dir=tmp_path / "none"))
+    assert [g["weight_decay"] for g in from_no_decay.optimizer.param_groups] == [0.0, 0.0]
+    resumed = fit_detector(tiny_model(tmp_path), source, None, replace(config, epochs=2, resume=tmp_path / "none",
+                                                                       out_dir=tmp_path / "none", weight_decay=5e-4))
+    assert [g["weight_decay"] for g in resumed.optimizer.param_groups] == [5e-4, 0.0]
 
 
 def train_cli_args(tmp_path, data, epochs: int = 1) -> argparse.Namespace:
@@ -426,6 +433,27 @@ def test_per_layer_training_options_darknet_would_apply_are_warned_of(shapes, tm
         build_detector_trainer(load_darknet(path), source, None, config)
     path.write_text(TINY_CFG.replace("[convolutional]\n", "[convolutional]\nstopbackward=0\nlearning_rate=1\n", 1)
                     .replace("[yolo]\n", "[yolo]\nlearning_rate=0.1\n", 1))     # a [yolo] has no weights to scale
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_detector_trainer(load_darknet(path), source, None, config)     # the values that change nothing
+
+
+def test_net_training_options_darknet_would_apply_are_warned_of(shapes, tmp_path):
+    """Found by a review: [net] adam=1 and the blur, noise, mixup and cutmix augmentations were
+    parsed and dropped silently."""
+    import warnings
+
+    from detector.train import build_detector_trainer
+
+    _, source = shapes
+    config = DetectTrainConfig(epochs=2, batch_size=4, eval_every=0, device="cpu", progress=False, workers=0,
+                               burn_in=0)
+    path = tmp_path / "adam.cfg"
+    path.write_text(TINY_CFG.replace("[net]\n", "[net]\nadam=1\nB1=0.9\nmixup=1\nblur=0\n", 1))
+    with pytest.warns(UserWarning, match=r"2 \[net\] training option\(s\) of the cfg are not applied: this trainer "
+                                         r"uses SGD .*\(.*adam.cfg:2 \[net\]: adam=1; .*adam.cfg:4 \[net\]: mixup=1\)"):
+        build_detector_trainer(load_darknet(path), source, None, config)
+    path.write_text(TINY_CFG.replace("[net]\n", "[net]\nadam=0\ncutmix=0\n", 1))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_detector_trainer(load_darknet(path), source, None, config)     # the values that change nothing
