@@ -292,6 +292,9 @@ def load_yolo_dataset(data_yaml: str | Path, split: str = "val") -> DetectionSou
     if not labelled:
         warnings.warn(f"{where}: none of its {len(records)} images has a label file (expected e.g. "
                       f"{label_path(image_paths[0])}); all are used as images without objects", stacklevel=2)
+    elif not any(len(record.classes) for record in records):
+        warnings.warn(f"{where}: its {labelled} label file(s) list no object; all {len(records)} images are used as "
+                      f"images without objects (COCO's mAP of them is -1, undefined)", stacklevel=2)
     if repeated:
         warnings.warn(f"{where}: {_label_lines(len(repeated), 'repeat', 'repeats')} an earlier line of their file "
                       f"and {_were(len(repeated))} dropped (one object each, as Ultralytics takes them); "

@@ -240,6 +240,12 @@ def test_yolo_dataset_non_numeric_stems_get_sequential_ids(tmp_path):
     with pytest.warns(UserWarning, match="none of its 2 images has a label file"):
         records = load_yolo_dataset(tmp_path / "data.yaml").records
     assert [r.image_id for r in records] == [1, 2]
+    for name in ("cat", "dog"):
+        (tmp_path / "labels" / f"{name}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "labels" / f"{name}.txt").write_text("")
+    with pytest.warns(UserWarning, match=r"its 2 label file\(s\) list no object; all 2 images are used as images "
+                                         r"without objects \(COCO's mAP of them is -1"):     # found by a review
+        load_yolo_dataset(tmp_path / "data.yaml")
 
 
 @pytest.mark.parametrize("line, message", [
