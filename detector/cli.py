@@ -16,7 +16,7 @@ from data.sources import coco_class_names, parse_class_names, read_data_yaml, re
 from detector.cfg import check_rgb_input
 from detector.export import check_class_names
 from detector.loading import load_detector
-from engine import resolve_device
+from engine import distributed, resolve_device
 from yolo_admm.arguments import parse_arguments
 
 MODES = {
@@ -26,6 +26,7 @@ MODES = {
     "prune": ("detector.cli_prune", "the main job: global ADMM pruning, retraining, evaluation, export"),
     "export": ("detector.cli_export", "export to Darknet .weights, ONNX and a compact sparse archive"),
 }
+ONE_PROCESS_MODES = ("predict", "eval", "export")     # refused under torchrun with several processes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,9 @@ def main(argv: list[str]) -> int:
         args = parse_arguments(build_parser(), argv)
     except SystemExit as exit_request:  # --help, or a usage error argparse already printed
         return int(exit_request.code or 0)
+    if args.mode in ONE_PROCESS_MODES and distributed.launched_processes() > 1:
+        raise distributed.EveryRankError(f"detect {args.mode} runs in one process (it does not train, and its "
+                                         f"processes would write the same files): run it without torchrun")
     try:
         return args.run(args)
     except KeyboardInterrupt:

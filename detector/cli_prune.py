@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--burn-in", type=int, help="warm-up optimizer steps (default 0: the model is pretrained)")
     parser.add_argument("--batch-size", type=int,
                         help="images per forward pass (default: [net] batch/subdivisions); gradients are "
-                             "accumulated over passes until an optimizer step has seen the cfg's [net] batch")
+                             "accumulated over passes until an optimizer step has seen the cfg's [net] batch "
+                             "(a warning says where this size cannot make it)")
     parser.add_argument("--img-size", type=network_size,
                         help="network input side (default: the cfg's width, which must equal its height)")
     parser.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")

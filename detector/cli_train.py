@@ -42,6 +42,7 @@ from detector.train import DetectTrainConfig, check_training_options, fit_detect
 from detector.weights import WeightsHeader
 from engine import (atomic_write_json, changed_settings, describe_changes, distributed, find_latest_checkpoint,
                     output_folder, resolved_paths, run_folder_lock, seed_everything)
+from engine.distributed import EveryRankError
 from yolo_admm.wording import counted
 
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume", "progress",
@@ -203,7 +204,8 @@ def resume_point(args: argparse.Namespace) -> str | None:
     (so the same command resumes an interrupted run), else None.
 
     Raises:
-        ValueError: --out holds checkpoints of a run with other settings.
+        ValueError: --out holds checkpoints of a run with other settings (an `EveryRankError`: every
+            rank reads the same record, rank 0 says so).
     """
     if args.resume:
         check_explicit_resume(args)
@@ -216,7 +218,7 @@ def resume_point(args: argparse.Namespace) -> str | None:
     if changed:
         details = describe_changes(changed, as_flags=True)
         on_purpose = all(name in EXPLICIT_RESUME_FLAGS for name, _, _ in changed)
-        raise ValueError(f"--out {args.out}: expected a new folder or one of a run with the same settings, found "
+        raise EveryRankError(f"--out {args.out}: expected a new folder or one of a run with the same settings, found "
                          f"the checkpoints ({latest.name}) of a run with other settings ({details}); choose "
                          f"another --out" + (f", or continue that run with --resume {args.out}" if on_purpose else ""))
     if distributed.is_main():
@@ -232,8 +234,11 @@ def check_explicit_resume(args: argparse.Namespace) -> None:
     saved = recorded_settings(resume if resume.is_dir() else resume.parent)
     changed = [] if saved is None else changed_settings(saved, recorded_args(args),
                                                         ignore=RESUMABLE_FLAGS | EXPLICIT_RESUME_FLAGS)
+    if [name for name, _, _ in changed] == ["processes"]:
+        raise EveryRankError(f"--resume {args.resume}: its run had other settings ({describe_changes(changed, True)}); "
+                         f"resume it with as many processes as it ran with (they set its optimizer steps)")
     if changed:
-        raise ValueError(f"--resume {args.resume}: its run had other settings ({describe_changes(changed, True)}); "
+        raise EveryRankError(f"--resume {args.resume}: its run had other settings ({describe_changes(changed, True)}); "
                          f"an explicit resume may change --lr, --momentum and --weight-decay besides what a rerun "
                          f"may; to train on with other settings, start a new run from its weights (detect export "
                          f"--checkpoint {args.resume} --formats darknet --out DIR, then --weights "

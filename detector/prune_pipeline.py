@@ -64,6 +64,7 @@ from detector.weights import WeightsHeader
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, describe_changes,
                     distributed, find_latest_checkpoint, held_iteration, output_folder, remove_stale_temp_files,
                     resolve_device, resolved_paths, run_folder_lock, seeded_cpu_stream, unreadable_detail)
+from engine.distributed import EveryRankError
 from yolo_admm.wording import counted
 
 LOG = logging.getLogger("yolo_admm.prune")
@@ -138,7 +139,7 @@ class RunContext:
             epochs=epochs, batch_size=job.batch_size, img_size=self.size, lr=job.lr, burn_in=job.burn_in,
             augment=job.augment, mosaic=job.mosaic, multi_scale=job.multi_scale, ema=False, eval_every=0,
             workers=job.workers, device=job.device, amp=job.amp, out_dir=checkpoint_dir, progress=job.progress,
-            resume=checkpoint_dir if find_latest_checkpoint(checkpoint_dir) else None)
+            resume=checkpoint_dir if distributed.broadcast_object(find_latest_checkpoint(checkpoint_dir)) else None)
 
     @torch.no_grad()
     def recalibrate_batchnorm(self, model: torch.nn.Module) -> None:
@@ -257,7 +258,7 @@ def run_admm(ctx: RunContext, model: torch.nn.Module, sparsity: float, folder: P
 def prune_stage(ctx: RunContext, sparsity: float, folder: Path) -> tuple[torch.nn.Module, pruning.Masks]:
     """Stages 2-3: the pruning method, then the hard prune (saved to ``hard_prune.pt``)."""
     state_path = folder / "hard_prune.pt"
-    if state_path.is_file():
+    if distributed.broadcast_object(state_path.is_file()):        # rank 0's view, as for every stage
         return load_state(state_path, ctx)
     model = ctx.load_model()
     method = pruning.pruning_method(ctx.job.method)
@@ -276,7 +277,7 @@ def retrain_stage(ctx: RunContext, model: torch.nn.Module, masks: pruning.Masks,
                   folder: Path) -> torch.nn.Module:
     """Stage 4: masked retraining (saved to ``retrained.pt``)."""
     state_path = folder / "retrained.pt"
-    if state_path.is_file():
+    if distributed.broadcast_object(state_path.is_file()):
         return load_state(state_path, ctx)[0]
     admm = pruning.pruning_method(ctx.job.method).kind == "admm"
     epochs = ctx.job.retrain_epochs + (0 if admm else ctx.job.admm_epochs)   # the same budget for every method
@@ -427,15 +428,21 @@ def write_or_check_config(job: PruneJob, path: Path) -> None:
     its settings must be the same, except those in RESUMABLE_CHANGES. (A run that failed before
     finishing any stage, on bad input say, may be run again with corrected settings.) Paths are
     written and compared absolute; the number of processes is recorded too (it sets the optimizer
-    steps per epoch, and so when the ADMM updates come), a folder from before that as 1."""
+    steps per epoch, and so when the ADMM updates come), a folder from before that as 1. Every
+    rank reads the same record: a refusal is an `engine.distributed.EveryRankError`, said once."""
     settings = {**resolved_paths(asdict(job), PATH_SETTINGS), RECORDED_ONLY: distributed.world_size()}
     if path.is_file() and (path.parent / "dense.json").is_file():
         before = resolved_paths(yaml.safe_load(path.read_text()) or {}, PATH_SETTINGS)   # older runs: as given
         before.setdefault(RECORDED_ONLY, 1)
         changed = changed_settings(before, settings, ignore=RESUMABLE_CHANGES)
+        if [name for name, _, _ in changed] == [RECORDED_ONLY]:
+            raise EveryRankError(f"{path}: this run folder holds a run of {changed[0][1]} processes, and this command "
+                             f"runs {changed[0][2]} (they set its optimizer steps); resume it with torchrun "
+                             f"--nproc_per_node {changed[0][1]}, or export a finished sparsity in one process with "
+                             f"detect export --checkpoint {path.parent}/sparsity_S/retrained.pt")
         if changed:
             details = describe_changes(changed)
-            raise ValueError(f"{path}: this run folder holds a run with other settings ({details}); "
+            raise EveryRankError(f"{path}: this run folder holds a run with other settings ({details}); "
                              f"resume with the same settings or choose another --out")
     if distributed.is_main():
         atomic_write_bytes(path, yaml.safe_dump(settings, sort_keys=False).encode("utf-8"))

@@ -210,6 +210,8 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
                       f"(their training batch commented out below it?): each optimizer step sees one image; set "
                       f"the cfg's training batch and subdivisions (or, in detect train, --batch-size and "
                       f"--accumulate)", stacklevel=3)
+    if config.accumulate is None:
+        _warn_of_another_step_batch(net, batch_size, accumulate, distributed.world_size())
     _warn_of_a_burn_in_longer_than_the_run(
         "the given burn_in" if config.burn_in is not None else net.source.of("burn_in"), burn_in, model.net,
         config.epochs * math.ceil(len(batches) / accumulate), _pick(config.lr, net.learning_rate))
@@ -338,6 +340,20 @@ def _number_or_none(text: str) -> float | None:
         return float(text)
     except ValueError:
         return None
+
+
+def _warn_of_another_step_batch(net, batch_size: int, accumulate: int, processes: int) -> None:
+    """Gradient accumulation makes an optimizer step see the cfg's `batch` images where the batch per
+    pass and process allows; where it does not (a --batch-size x processes above the cfg's batch,
+    or not dividing it), the cfg's schedule in steps spans other numbers of images: say so."""
+    seen = batch_size * accumulate * processes
+    if net.batch > 1 and seen != net.batch:
+        warnings.warn(f"{net.source.of('batch')}: an optimizer step sees {seen} images ({batch_size} per pass x "
+                      f"{accumulate} pass{'es' * (accumulate != 1)} x {processes} process{'es' * (processes != 1)}), "
+                      f"not the cfg's "
+                      f"batch={net.batch}, so its schedule in steps (burn_in, steps, max_batches) spans "
+                      f"{seen / net.batch:.3g}x the images; a --batch-size that divides {net.batch / processes:g} "
+                      f"keeps the cfg's batch", stacklevel=3)
 
 
 def _warn_of_a_burn_in_longer_than_the_run(where: str, burn_in: int, net, steps: int, lr: float) -> None:

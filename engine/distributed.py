@@ -40,6 +40,12 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def launched_processes() -> int:
+    """How many processes torchrun started for this run (its WORLD_SIZE), 1 without torchrun;
+    known before the process group is joined."""
+    return _env_int("WORLD_SIZE") if launched_by_torchrun() else 1
+
+
 def init_from_env(device: str | torch.device | None = None,
                   timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
     """Join the torchrun process group (once) and return this process's device.

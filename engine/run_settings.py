@@ -24,15 +24,22 @@ def changed_settings(before: Mapping[str, Any], now: Mapping[str, Any],
     return changes
 
 
+# Settings a run records that no flag of its command sets: how the command line changes them.
+NOT_FLAGS = {"processes": "torchrun --nproc_per_node"}
+
+
 def describe_changes(changes: Iterable[tuple[str, Any, Any]], as_flags: bool = False) -> str:
     """`changed_settings`' result for an error message: "name: before -> now" (as_flags: "--name
-    before -> now"), joined by "; ", with None shown as "not given" (an option left to its default
-    or, for a setting an older run did not record, one it did not have)."""
+    before -> now", or for a setting in `NOT_FLAGS` what sets it), joined by "; ", with None shown
+    as "not given" (an option left to its default or, for a setting an older run did not record,
+    one it did not have)."""
     def shown(value: Any) -> str:
         return "not given" if value is None else repr(value)
 
     def name(key: str) -> str:
-        return f"--{key.replace('_', '-')} " if as_flags else f"{key}: "
+        if not as_flags:
+            return f"{key}: "
+        return f"{NOT_FLAGS[key]} " if key in NOT_FLAGS else f"--{key.replace('_', '-')} "
 
     return "; ".join(f"{name(key)}{shown(old)} -> {shown(new)}" for key, old, new in changes)
 

@@ -391,6 +391,7 @@ class Trainer:
         path = Path(self.config.resume)
         if path.is_dir():                                # its newest checkpoint, named in messages
             path = find_latest_checkpoint(path) or path
+        path = Path(distributed.broadcast_object(str(path)))   # rank 0's, which a shared folder shows all
         state = load_checkpoint(path, map_location=self.device)
         try:
             unwrap(self.model).load_state_dict(state["model"])

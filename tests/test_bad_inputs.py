@@ -572,7 +572,7 @@ def test_the_version_is_known_without_installing(monkeypatch, capsys):
     assert capsys.readouterr().out.startswith("yolo-admm 0.")
 
 
-def test_a_resume_with_another_number_of_processes_is_refused(base: Path, tmp_path: Path, capsys):
+def test_a_resume_with_another_number_of_processes_is_refused(base: Path, tmp_path: Path, capsys, monkeypatch):
     """Found by a torchrun review: a detect prune resumed by one process instead of two counted the
     optimizer steps anew and made 2 ADMM updates of 3; detect train shifted its LR schedule."""
     ws = Workspace.create(tmp_path, base)
@@ -585,20 +585,31 @@ def test_a_resume_with_another_number_of_processes_is_refused(base: Path, tmp_pa
     capsys.readouterr()
     assert main(detect_train(ws, out=ws.out / "train")) == 2
     refusal = capsys.readouterr().err
-    assert "other settings (--processes 2 -> 1); choose another --out\n" in refusal     # no --resume hint: refused too
+    assert "other settings (torchrun --nproc_per_node 2 -> 1); choose another --out\n" in refusal   # no --resume hint
     train = ws.out / "train"            # found by a review: an explicit --resume continued with any settings
     assert main(detect_train(ws, "--resume", str(train), out=train, epochs=2)) == 2
-    assert (f"--resume {train}: its run had other settings (--processes 2 -> 1); an explicit resume may change "
-            f"--lr, --momentum and --weight-decay") in capsys.readouterr().err
+    assert (f"--resume {train}: its run had other settings (torchrun --nproc_per_node 2 -> 1); resume it with as "
+            f"many processes as it ran with") in capsys.readouterr().err          # found by a review: --processes
     assert main(detect_train(ws, "--resume", str(train / "epoch_0001.pt"), "--batch-size", "1",
                              out=ws.out / "elsewhere", epochs=2)) == 2
-    assert "its run had other settings (--batch-size 2 -> 1; --processes 2 -> 1)" in capsys.readouterr().err
+    assert "its run had other settings (--batch-size 2 -> 1; torchrun --nproc_per_node 2 -> 1)" in \
+        capsys.readouterr().err
     (train / "args.json").write_text((train / "args.json").read_text().replace('"processes": 2', '"processes": 1'))
     assert main(detect_train(ws, "--resume", str(train), "--lr", "0.001", out=train, epochs=2)) == 0   # on purpose
     assert main(detect_prune(ws)) == 2
-    assert "other settings (processes: 2 -> 1)" in capsys.readouterr().err
+    assert (f"config.yaml: this run folder holds a run of 2 processes, and this command runs 1 (they set its "
+            f"optimizer steps); resume it with torchrun --nproc_per_node 2, or export a finished sparsity in one "
+            f"process with detect export --checkpoint {ws.out / 'prune'}/sparsity_S/retrained.pt") in \
+        capsys.readouterr().err
     config = ws.out / "prune" / "config.yaml"                             # still usable as a --config
     assert main(["detect", "prune", "--config", str(config), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    import yolo_admm.cli
+
+    monkeypatch.setattr(yolo_admm.cli, "is_rank0", lambda: False)   # found by a review: every rank said it
+    capsys.readouterr()
+    assert main(detect_prune(ws)) == 2 and capsys.readouterr().err == ""
+    assert main(detect_train(ws, "--resume", str(train), "--batch-size", "1", out=train, epochs=3)) == 2
+    assert capsys.readouterr().err == ""
 
 
 def test_torchrun_stops_are_one_line_each(monkeypatch, capsys):
@@ -1068,6 +1079,24 @@ def test_warnings_print_once_under_torchrun(capsys, monkeypatch):
         monkeypatch.setenv("RANK", rank)
         show(UserWarning("3 image(s) in no class folder"), UserWarning, "cifar.py", 42)
         assert capsys.readouterr().err == expected, rank
+
+
+def test_modes_that_do_not_train_are_refused_under_torchrun_once(capsys, monkeypatch, tmp_path):
+    """Found by a review: under torchrun every rank of detect predict and export wrote the same --out
+    (a rank removed the other's staging folder; predict refused its peer's files), and eval printed
+    its table once per rank."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    outputs = {"predict": ["--out", str(tmp_path / "predict"), "img.jpg"],
+               "export": ["--out", str(tmp_path / "export")],
+               "eval": ["--data", "d.yaml", "--json-out", str(tmp_path / "eval" / "m.json")]}
+    for mode, rest in outputs.items():
+        for rank, expected in (("1", ""), ("0", f"yolo-admm detect: error: detect {mode} runs in one process (it "
+                                                f"does not train, and its processes would write the same files): "
+                                                f"run it without torchrun\n")):
+            monkeypatch.setenv("RANK", rank)
+            assert main(["detect", mode, "--weights", "w.yaspars", *rest]) == 2
+            assert capsys.readouterr().err == expected, (mode, rank)
+        assert not (tmp_path / mode).exists()
 
 
 def test_under_torchrun_rank_0_alone_prints_argument_errors_and_other_ranks_name_themselves(capsys, monkeypatch):

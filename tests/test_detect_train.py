@@ -285,6 +285,28 @@ def test_default_batching_keeps_the_cfgs_batch_per_step_over_processes():
     assert default_batching(16, 1, 2, accumulate=3) == (8, 3)
 
 
+def test_a_batch_size_that_cannot_make_the_cfgs_batch_per_step_is_warned_of(shapes, tmp_path):
+    """Found by a torchrun review: --batch-size 16 on 2 processes made every step see 32 images of a
+    cfg written for 16, and its schedule in steps then spanned twice the images, without a word."""
+    from detector.train import _warn_of_another_step_batch, build_detector_trainer
+
+    _, source = shapes
+    config = DetectTrainConfig(epochs=2, batch_size=3, eval_every=0, device="cpu", progress=False, burn_in=0)
+    with pytest.warns(UserWarning, match=r"tiny.cfg:\d+ \[net\]: an optimizer step sees 9 images \(3 per pass x "
+                                         r"3 passes x 1 process\), not the cfg's batch=8, so its schedule in steps "
+                                         r"\(burn_in, steps, max_batches\) spans 1.12x the images; a --batch-size "
+                                         r"that divides 8 keeps the cfg's batch"):
+        build_detector_trainer(tiny_model(tmp_path), source, None, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_detector_trainer(tiny_model(tmp_path), source, None, replace(config, batch_size=2))   # 2 x 4 passes
+        build_detector_trainer(tiny_model(tmp_path), source, None, replace(config, accumulate=1))  # as asked
+    net = tiny_model(tmp_path).net
+    with pytest.warns(UserWarning, match=r"sees 16 images \(8 per pass x 1 pass x 2 processes\), not the cfg's "
+                                         r"batch=8, .* spans 2x the images; a --batch-size that divides 4 keeps"):
+        _warn_of_another_step_batch(net, 8, 1, 2)
+
+
 def test_a_burn_in_longer_than_the_run_is_warned_of(shapes, tmp_path):
     """Found by a review: fine-tuning yolo-fastest (burn_in=4000) on a small set learned nothing,
     silently: the learning rate stayed near 1e-17."""

@@ -160,6 +160,26 @@ def admm_from_rank_seeded_weights() -> dict:
     return {"weight": model.weight.detach().clone(), "Z": admm.Z[0].clone(), "support": admm.support[0].clone()}
 
 
+def epoch_resumed_from_a_stale_view(root: Path) -> int:
+    """Rank 1 given a folder that lacks rank 0's newest checkpoint (as a network file system's cache
+    can lag behind a write): every rank must resume from the checkpoint rank 0 finds."""
+    dist.barrier()                                   # rank 0's retraining checkpoints are written
+    newest = root / "rank0" / "retrain"
+    stale = root / "stale_view"
+    if distributed.rank() == 1:
+        stale.mkdir()
+        (stale / "epoch_0001.pt").write_bytes((newest / "epoch_0001.pt").read_bytes())
+    dist.barrier()
+    dataset = make_dataset()
+    loader = DataLoader(dataset, batch_size=4, sampler=distributed.distributed_sampler(dataset, seed=0))
+    model = make_model()
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), cross_entropy, loader,
+                      TrainConfig(epochs=3, device="cpu", resume=newest if distributed.rank() == 0 else stale,
+                                  progress=False))
+    trainer._load_resume_state()
+    return trainer.epoch
+
+
 def worker(local_rank: int, port: int, root: str) -> None:
     """One of the WORLD processes, set up as torchrun sets up its workers (environment variables; the
     rendezvous store is the launcher's, which every rank joins as a client)."""
@@ -172,7 +192,8 @@ def worker(local_rank: int, port: int, root: str) -> None:
     result.update(device=str(device), rank=distributed.rank(), world=distributed.world_size(),
                   nan_stops=stops_together_on_a_nan(Path(root)), seeded=admm_from_rank_seeded_weights(),
                   streams=resumed_with_rank_streams(Path(root) / "streams"),
-                  over_reported=weights_after_an_over_reported_epoch())
+                  over_reported=weights_after_an_over_reported_epoch(),
+                  stale_view_epoch=epoch_resumed_from_a_stale_view(Path(root)))
     torch.save(result, Path(root) / f"result_rank{local_rank}.pt")
     dist.barrier()  # every rank is past its last collective
     # Leave without tearing gloo down. Once (one clean-clone run of many) rank 1 died of SIGABRT,
@@ -255,6 +276,13 @@ def test_only_rank_zero_writes_and_every_rank_resumes_from_it(runs):
                                                                            "history.csv"]
     assert sorted(p.name for p in (root / "rank0" / "retrain").iterdir()) == ["epoch_0001.pt", "epoch_0002.pt",
                                                                               "history.csv"]
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_zero_finds(runs):
+    """Found by a review: each rank looked for the newest checkpoint itself, so a rank whose view of
+    the folder lagged resumed elsewhere, and the ranks' collectives then mixed."""
+    _, ranks, _ = runs
+    assert [result["stale_view_epoch"] for result in ranks] == [2, 2]
 
 
 def test_each_rank_resumes_its_own_random_streams(runs):
