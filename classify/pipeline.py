@@ -410,7 +410,8 @@ def run_phase(model: nn.Module, spec: ModelSpec, loaders: tuple[DataLoader, Data
     total_steps = max(1, epochs * len(train_loader))
     scheduler = cosine_scheduler(optimizer, total_steps, lr_span) if lr_span is not None else None
     phase_dir = Path(settings.checkpoint_dir) / phase if settings.checkpoint_dir is not None else None
-    resume = phase_dir if settings.resume and phase_dir and find_latest_checkpoint(phase_dir) else None
+    found = distributed.broadcast_object(find_latest_checkpoint(phase_dir)) if settings.resume and phase_dir else None
+    resume = phase_dir if found else None                    # rank 0's view decides for every rank
     averaging = ({"ema": True, "ema_decay": settings.ema, "ema_tau": settings.ema_tau}
                  if settings.ema is not None else {})
     config = TrainConfig(epochs=epochs, device=str(device), checkpoint_dir=phase_dir, resume=resume,

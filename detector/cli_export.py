@@ -31,7 +31,7 @@ from detector.loading import load_detector
 from detector.export import FORMAT_SUFFIXES, FORMATS, check_export, export_model, export_targets
 from detector.model import DarknetModel, load_darknet
 from detector.weights import WeightsHeader
-from engine import atomic_write_json, load_error_summary, output_folder, remove_stale_temp_files
+from engine import atomic_write_json, load_error_summary, output_folder
 from engine.checkpoint import checked_trainer_checkpoint, checkpoint_file, find_latest_checkpoint, read_checkpoint_file
 from pruning.masks import Masks
 from pruning.sparse_archive import is_sparse_archive
@@ -92,7 +92,6 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {args.out}: this export would overwrite its own input {output}; "
                              f"export into another folder")
     output_folder(args.out, "--out")                # after the inputs are known good: no empty folder
-    remove_stale_temp_files(args.out)               # what an export a kill cut short left
     masks = Masks.from_model(model)
     json_path = args.out / "export.json"
     earlier = exported_files(json_path)

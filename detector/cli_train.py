@@ -42,7 +42,6 @@ from detector.train import DetectTrainConfig, check_training_options, fit_detect
 from detector.weights import WeightsHeader
 from engine import (atomic_write_json, changed_settings, describe_changes, distributed, find_latest_checkpoint,
                     output_folder, resolved_paths, run_folder_lock, seed_everything)
-from engine.distributed import EveryRankError
 from yolo_admm.wording import counted
 
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume", "progress",
@@ -201,48 +200,50 @@ def recorded_args(args: argparse.Namespace) -> dict:
 
 def resume_point(args: argparse.Namespace) -> str | None:
     """--resume, else --out when it already holds checkpoints of a run with the same settings
-    (so the same command resumes an interrupted run), else None.
+    (so the same command resumes an interrupted run), else None. Under torchrun, what rank 0 finds
+    decides for every rank.
 
     Raises:
-        ValueError: --out holds checkpoints of a run with other settings (an `EveryRankError`: every
-            rank reads the same record, rank 0 says so).
+        EveryRankError (a ValueError, said once): --out holds checkpoints of a run with other
+            settings, or --resume continues a run with settings an explicit resume may not change.
     """
     if args.resume:
-        check_explicit_resume(args)
+        distributed.raise_on_every_rank(explicit_resume_problem(args))
         return args.resume
-    latest = find_latest_checkpoint(args.out)
+    latest = distributed.broadcast_object(find_latest_checkpoint(args.out))
     if latest is None:
         return None
     changed = changed_settings(recorded_settings(args.out) or {"processes": 1}, recorded_args(args),
                                ignore=RESUMABLE_FLAGS)
+    problem = None
     if changed:
-        details = describe_changes(changed, as_flags=True)
         on_purpose = all(name in EXPLICIT_RESUME_FLAGS for name, _, _ in changed)
-        raise EveryRankError(f"--out {args.out}: expected a new folder or one of a run with the same settings, found "
-                         f"the checkpoints ({latest.name}) of a run with other settings ({details}); choose "
-                         f"another --out" + (f", or continue that run with --resume {args.out}" if on_purpose else ""))
+        problem = (f"--out {args.out}: expected a new folder or one of a run with the same settings, found the "
+                   f"checkpoints ({latest.name}) of a run with other settings ({describe_changes(changed, True)}); "
+                   f"choose another --out" + (f", or continue that run with --resume {args.out}" if on_purpose else ""))
+    distributed.raise_on_every_rank(problem)
     if distributed.is_main():
         print(f"resuming from {latest} (this command already ran in --out {args.out})")
     return str(args.out)
 
 
-def check_explicit_resume(args: argparse.Namespace) -> None:
-    """ValueError when the run --resume continues (the args.json beside its checkpoint, where there
-    is one) had other settings than these flags, beyond `RESUMABLE_FLAGS` and `EXPLICIT_RESUME_FLAGS`:
-    another dataset, batch, input size or number of processes would continue another run."""
+def explicit_resume_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong when the run --resume continues (the args.json beside its checkpoint, where
+    there is one) had other settings than these flags, beyond `RESUMABLE_FLAGS` and
+    `EXPLICIT_RESUME_FLAGS`: another dataset, batch, input size or number of processes would
+    continue another run. None when nothing is."""
     resume = Path(args.resume)
     saved = recorded_settings(resume if resume.is_dir() else resume.parent)
     changed = [] if saved is None else changed_settings(saved, recorded_args(args),
                                                         ignore=RESUMABLE_FLAGS | EXPLICIT_RESUME_FLAGS)
+    if not changed:
+        return None
+    found = f"--resume {args.resume}: its run had other settings ({describe_changes(changed, True)}); "
     if [name for name, _, _ in changed] == ["processes"]:
-        raise EveryRankError(f"--resume {args.resume}: its run had other settings ({describe_changes(changed, True)}); "
-                         f"resume it with as many processes as it ran with (they set its optimizer steps)")
-    if changed:
-        raise EveryRankError(f"--resume {args.resume}: its run had other settings ({describe_changes(changed, True)}); "
-                         f"an explicit resume may change --lr, --momentum and --weight-decay besides what a rerun "
-                         f"may; to train on with other settings, start a new run from its weights (detect export "
-                         f"--checkpoint {args.resume} --formats darknet --out DIR, then --weights "
-                         f"DIR/model.weights)")
+        return found + "resume it with as many processes as it ran with (they set its optimizer steps)"
+    return found + (f"an explicit resume may change --lr, --momentum and --weight-decay besides what a rerun may; "
+                    f"to train on with other settings, start a new run from its weights (detect export "
+                    f"--checkpoint {args.resume} --formats darknet --out DIR, then --weights DIR/model.weights)")
 
 
 def recorded_settings(folder: Path) -> dict | None:

@@ -40,7 +40,8 @@ from detector.cfg import (ConvolutionalSection, DarknetCfg, DarknetError, Maxpoo
 from detector.model import DarknetModel, load_darknet
 from detector.postprocess import flatten_heads
 from detector.weights import write_weights
-from engine import atomic_write_bytes, load_error_summary
+from engine import atomic_write_bytes, held_interrupts, load_error_summary
+from engine.checkpoint import STAGING_FOLDER_PREFIX
 from pruning.atomic_file import check_writable
 from pruning.masks import Masks
 from pruning.sparse_archive import check_decoded, load_sparse_archive, save_sparse_archive
@@ -554,9 +555,10 @@ def export_model(model: DarknetModel, out_dir: str | os.PathLike, formats: Itera
     for that size: the ONNX input, and the `[net]` width and height of the cfg written beside the
     .weights and into the archive.
 
-    The files are written and checked in a hidden folder in `out_dir` (`.STEM.XXXXXXXX.tmp`), then
-    moved into place together: a failed check or an interrupt leaves an earlier export there as it
-    was, not some files of each model.
+    The files are written and checked in a hidden folder in `out_dir`
+    (`.yolo-admm-export.STEM.XXXXXXXX.tmp`, which `engine.remove_stale_temp_files` removes after a
+    kill), then moved into place together, with interrupts held: a failed check or an interrupt
+    leaves an earlier export there as it was, not some files of each model.
 
     Returns:
         dict `dense_fp32_bytes` and, per format exported, that exporter's report.
@@ -569,7 +571,7 @@ def export_model(model: DarknetModel, out_dir: str | os.PathLike, formats: Itera
     out_dir.mkdir(parents=True, exist_ok=True)
     for target in export_targets(out_dir, formats, stem):
         check_writable(target)                       # a folder in a file's place: now, not after the others
-    with tempfile.TemporaryDirectory(prefix=f".{stem}.", suffix=".tmp", dir=out_dir) as staging:
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_FOLDER_PREFIX}{stem}.", suffix=".tmp", dir=out_dir) as staging:
         staged = Path(staging)
         report: dict = {"dense_fp32_bytes": dense_fp32_bytes(model)}
         if "darknet" in formats:
@@ -578,8 +580,9 @@ def export_model(model: DarknetModel, out_dir: str | os.PathLike, formats: Itera
             report["onnx"] = export_onnx(model, staged / f"{stem}.onnx", img_size)
         if "compact" in formats:
             report["compact"] = export_compact(model, masks, staged / f"{stem}.yaspars", value_format)
-        for written in sorted(staged.iterdir()):
-            os.replace(written, out_dir / written.name)
+        with held_interrupts():                      # the files move in together, or not at all
+            for written in sorted(staged.iterdir()):
+                os.replace(written, out_dir / written.name)
     return _moved_paths(report, staged, out_dir)
 
 

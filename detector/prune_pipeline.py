@@ -64,7 +64,6 @@ from detector.weights import WeightsHeader
 from engine import (atomic_torch_save, atomic_write_bytes, atomic_write_json, changed_settings, describe_changes,
                     distributed, find_latest_checkpoint, held_iteration, output_folder, remove_stale_temp_files,
                     resolve_device, resolved_paths, run_folder_lock, seeded_cpu_stream, unreadable_detail)
-from engine.distributed import EveryRankError
 from yolo_admm.wording import counted
 
 LOG = logging.getLogger("yolo_admm.prune")
@@ -315,6 +314,7 @@ def run_sparsity(ctx: RunContext, sparsity: float, dense: dict[str, Any]) -> dic
     done = {} if finished is None else {name: report for name, report in finished["exports"].items()
                                         if not isinstance(report, dict)
                                         or exported_files_exist(report, folder / "export")}
+    done = distributed.broadcast_object(done)          # rank 0's view: every rank takes the same stages
     if finished is not None and set(ctx.job.export) <= set(done):
         return finished          # else a rerun asks for formats it has not written (or whose files are gone)
     started = time.perf_counter()
@@ -428,24 +428,30 @@ def write_or_check_config(job: PruneJob, path: Path) -> None:
     its settings must be the same, except those in RESUMABLE_CHANGES. (A run that failed before
     finishing any stage, on bad input say, may be run again with corrected settings.) Paths are
     written and compared absolute; the number of processes is recorded too (it sets the optimizer
-    steps per epoch, and so when the ADMM updates come), a folder from before that as 1. Every
-    rank reads the same record: a refusal is an `engine.distributed.EveryRankError`, said once."""
+    steps per epoch, and so when the ADMM updates come), a folder from before that as 1. Under
+    torchrun, rank 0's record decides: a refusal is an `engine.distributed.EveryRankError`, said once."""
     settings = {**resolved_paths(asdict(job), PATH_SETTINGS), RECORDED_ONLY: distributed.world_size()}
-    if path.is_file() and (path.parent / "dense.json").is_file():
-        before = resolved_paths(yaml.safe_load(path.read_text()) or {}, PATH_SETTINGS)   # older runs: as given
-        before.setdefault(RECORDED_ONLY, 1)
-        changed = changed_settings(before, settings, ignore=RESUMABLE_CHANGES)
-        if [name for name, _, _ in changed] == [RECORDED_ONLY]:
-            raise EveryRankError(f"{path}: this run folder holds a run of {changed[0][1]} processes, and this command "
-                             f"runs {changed[0][2]} (they set its optimizer steps); resume it with torchrun "
-                             f"--nproc_per_node {changed[0][1]}, or export a finished sparsity in one process with "
-                             f"detect export --checkpoint {path.parent}/sparsity_S/retrained.pt")
-        if changed:
-            details = describe_changes(changed)
-            raise EveryRankError(f"{path}: this run folder holds a run with other settings ({details}); "
-                             f"resume with the same settings or choose another --out")
+    distributed.raise_on_every_rank(config_problem(settings, path) if distributed.is_main() else None)
     if distributed.is_main():
         atomic_write_bytes(path, yaml.safe_dump(settings, sort_keys=False).encode("utf-8"))
+
+
+def config_problem(settings: dict[str, Any], path: Path) -> str | None:
+    """What refuses `settings` in the run folder of the config.yaml at ``path``, or None."""
+    if not (path.is_file() and (path.parent / "dense.json").is_file()):
+        return None
+    before = resolved_paths(yaml.safe_load(path.read_text()) or {}, PATH_SETTINGS)   # older runs: as given
+    before.setdefault(RECORDED_ONLY, 1)
+    changed = changed_settings(before, settings, ignore=RESUMABLE_CHANGES)
+    if [name for name, _, _ in changed] == [RECORDED_ONLY]:
+        return (f"{path}: this run folder holds a run of {changed[0][1]} processes, and this command runs "
+                f"{changed[0][2]} (they set its optimizer steps); resume it with torchrun --nproc_per_node "
+                f"{changed[0][1]}, or export a finished sparsity in one process with detect export --checkpoint "
+                f"{path.parent}/sparsity_S/retrained.pt")
+    if changed:
+        return (f"{path}: this run folder holds a run with other settings ({describe_changes(changed)}); "
+                f"resume with the same settings or choose another --out")
+    return None
 
 
 def log_to_file(path: Path) -> logging.Handler:

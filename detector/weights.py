@@ -150,17 +150,16 @@ def read_weights(path: str | Path, model: DarknetModel, partial: bool = False) -
         warnings.warn(f"{path}: weights for the first {len(held)} of {len(spans)} convolutional layers ({last}), "
                       f"a partial file as `darknet partial` writes: the other {len(spans) - len(held)} keep "
                       f"their initialisation", stacklevel=3)
-    read = []
-    with path.open("rb") as f:
+    with path.open("rb") as f, torch.no_grad():
+        f.seek(header.nbytes)
+        for span in held:                    # a first pass checks, a layer at a time: nothing is loaded
+            start = f.tell()
+            _check_finite(path, span, start, [_read_floats(f, tensor.numel())
+                                              for tensor in span.block.darknet_tensors()])
         f.seek(header.nbytes)
         for span in held:
-            start = f.tell()
-            layer = [(tensor, _read_floats(f, tensor.numel())) for tensor in span.block.darknet_tensors()]
-            _check_finite(path, span, start, layer)
-            read += layer
-    with torch.no_grad():                    # only once the whole file is known good
-        for tensor, values in read:
-            tensor.copy_(torch.from_numpy(values).view_as(tensor))
+            for tensor in span.block.darknet_tensors():
+                tensor.copy_(torch.from_numpy(_read_floats(f, tensor.numel())).view_as(tensor))
     return header
 
 
@@ -170,11 +169,11 @@ def _read_floats(handle: BinaryIO, count: int) -> np.ndarray:
     return values
 
 
-def _check_finite(path: Path, span: _LayerSpan, start: int, read: list[tuple[torch.Tensor, np.ndarray]]) -> None:
+def _check_finite(path: Path, span: _LayerSpan, start: int, read: list[np.ndarray]) -> None:
     """DarknetError naming the file and the layer when the values read for it hold NaN or infinity."""
-    bad = sum(int(values.size - np.isfinite(values).sum()) for _, values in read)
+    bad = sum(int(values.size - np.isfinite(values).sum()) for values in read)
     if bad:
-        end = start + 4 * sum(values.size for _, values in read)
+        end = start + 4 * sum(values.size for values in read)
         raise DarknetError(f"{path}: bytes {start}..{end} ({span.describe()}) hold {bad} NaN or infinite "
                            f"value(s); expected finite weights (a damaged file, or one a diverging training wrote)")
 

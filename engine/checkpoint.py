@@ -20,6 +20,7 @@ from pruning.atomic_file import write_atomically
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)\.pt$")
 TEMP_FILE_PATTERN = re.compile(r"^\..+\.\w{8}\.tmp$")   # what atomic_write's mkstemp names: .NAME.XXXXXXXX.tmp
 REQUIRED_KEYS = ("epoch", "step", "model")
+STAGING_FOLDER_PREFIX = ".yolo-admm-export."    # detector.export.export_model's: the only folders removed
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -168,11 +169,12 @@ def remove_older_checkpoints(directory: str | os.PathLike, keep: int) -> list[Pa
 
 def remove_stale_temp_files(directory: str | os.PathLike, recursive: bool = False) -> list[Path]:
     """Delete the temporary files of atomic writes that a kill interrupted (`.NAME.XXXXXXXX.tmp`),
-    and the staging folders of exports (`detector.export.export_model`, named alike), in `directory`
-    (and below it, if `recursive`); returns them. Only while nothing writes there."""
+    and the staging folders of exports (`detector.export.export_model`'s, `.yolo-admm-export.` +
+    the same), in `directory` (and below it, if `recursive`); returns them. Only while nothing
+    writes there (under `run_folder_lock`)."""
     entries = Path(directory).rglob(".*.tmp") if recursive else Path(directory).glob(".*.tmp")
     stale = [entry for entry in entries if TEMP_FILE_PATTERN.match(entry.name) and not entry.is_symlink()
-             and (entry.is_file() or entry.is_dir())]
+             and (entry.is_file() or entry.is_dir() and entry.name.startswith(STAGING_FOLDER_PREFIX))]
     for entry in stale:
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)

@@ -305,6 +305,9 @@ def test_a_batch_size_that_cannot_make_the_cfgs_batch_per_step_is_warned_of(shap
     with pytest.warns(UserWarning, match=r"sees 16 images \(8 per pass x 1 pass x 2 processes\), not the cfg's "
                                          r"batch=8, .* spans 2x the images; a --batch-size that divides 4 keeps"):
         _warn_of_another_step_batch(net, 8, 1, 2)
+    with pytest.warns(UserWarning, match=r"sees 9 images \(1 per pass x 3 passes x 3 processes\), .*; 3 processes "
+                                         r"cannot share it evenly: a number of processes that divides it can"):
+        _warn_of_another_step_batch(net, 1, 3, 3)                      # found by a review: "divides 2.66667"
 
 
 def test_a_burn_in_longer_than_the_run_is_warned_of(shapes, tmp_path):
