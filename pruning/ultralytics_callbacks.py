@@ -145,6 +145,14 @@ class UltralyticsADMM:
             yolo.add_callback(event, callback)
 
     def on_train_start(self, trainer) -> None:
+        teacher = getattr(trainer.args, "distill_model", None)
+        if teacher is not None:
+            raise ValueError(
+                f"UltralyticsADMM does not prune a distillation run (distill_model={teacher!r}): the"
+                f" trainer's model then holds training-only projector convolutions that would take part of"
+                f" the global budget, and the saved student would miss the target sparsity; train without"
+                f" distill_model"
+            )
         if trainer.epochs < self.admm_epochs:
             raise ValueError(
                 f"UltralyticsADMM needs epochs >= {self.admm_epochs} ({self.admm_iters} ADMM iterations of"
@@ -299,7 +307,11 @@ class UltralyticsADMM:
             self.masks = Masks(state["masks"]).to(next(trainer.model.parameters()).device)
         else:
             self.admm = ADMM(trainer.model, self._config_for(trainer.model))
-            self.admm.load_state_dict(state["admm"])
+            try:
+                self.admm.load_state_dict(state["admm"])
+            except ValueError as error:                     # the frozen weights, which are never pruned, moved
+                raise ValueError(f"{path}: {error}; the frozen layers (freeze=) are left out of the pruned set, so"
+                                 f" resume with the freeze= the run started with") from None
         self._attach(trainer)
 
     def _check_settings(self, saved: dict | None, path: Path) -> None:

@@ -169,6 +169,18 @@ def test_resume_with_another_schedule_is_refused(yolo_class, data_yaml, tmp_path
               resume=True)
 
 
+def test_resume_with_other_frozen_layers_names_freeze(yolo_class, data_yaml, tmp_path):
+    """Found by a review: Ultralytics lets a resume change freeze=, and the pruned set (frozen layers
+    are left out) then differed from the saved state's with a message that did not say why."""
+    with pytest.raises(Interrupt):
+        train(yolo_class, data_yaml, tmp_path, make_pruner(), epochs=3, interrupt_after_epoch=0)
+    weights = tmp_path / "run" / "weights"
+    with pytest.raises(ValueError, match=rf"{STATE_FILE}: ADMM state 'Z' layers differ: .*; the frozen layers "
+                                         rf"\(freeze=\) are left out of the pruned set, so resume with the freeze="):
+        train(yolo_class, data_yaml, tmp_path, make_pruner(), epochs=3, model=weights / "last.pt", resume=True,
+              freeze=3)
+
+
 def test_ultralytics_clips_the_kept_gradients_alone(yolo_class, data_yaml, tmp_path, monkeypatch):
     """Found by a review: the pruned gradients were zeroed in the optimizer's pre-step hook, after
     Ultralytics' clip to a total norm of 10 had counted them, which shrank the kept weights' steps."""
@@ -304,6 +316,17 @@ def test_a_run_that_stops_before_the_cut_says_so(yolo_class, data_yaml, tmp_path
 def test_too_few_epochs_for_the_admm_phase_is_a_clear_error(yolo_class, data_yaml, tmp_path):
     with pytest.raises(ValueError, match=r"needs epochs >= 4 .*got epochs=3"):
         train(yolo_class, data_yaml, tmp_path, make_pruner(admm_iters=4), epochs=3)
+
+
+def test_a_distillation_run_is_refused():
+    """Found by a review: Ultralytics' distillation wraps the student with training-only projector
+    convolutions, which took part of the global budget; the saved student missed the target."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(args=SimpleNamespace(distill_model="teacher.pt", resume=False), epochs=10)
+    with pytest.raises(ValueError, match=r"does not prune a distillation run \(distill_model='teacher.pt'\): .*"
+                                         r"projector convolutions"):
+        make_pruner().on_train_start(trainer)
 
 
 @pytest.mark.parametrize("kwargs, message", [
