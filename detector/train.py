@@ -129,10 +129,8 @@ def darknet_lr_factor(iteration: int, net, burn_in: int) -> float:
         return float(net.options.get("scale", 1.0)) ** (iteration // int(net.options.get("step", 1)))
     if policy == "exp":
         return float(net.options.get("gamma", 1.0)) ** iteration
-    if policy == "poly":
-        return max(0.0, 1.0 - iteration / max(net.max_batches, 1)) ** power
     check_lr_policy(net)
-    raise AssertionError(f"policy {policy} in POLICIES without a rate")
+    return max(0.0, 1.0 - iteration / max(net.max_batches, 1)) ** power        # poly
 
 
 def check_lr_policy(net) -> None:
@@ -353,8 +351,7 @@ def _warn_of_another_step_batch(net, batch_size: int, accumulate: int, processes
     if net.batch > 1 and seen != net.batch:
         warnings.warn(f"{net.source.of('batch')}: an optimizer step sees {seen} images ({batch_size} per pass x "
                       f"{accumulate} pass{'es' * (accumulate != 1)} x {processes} process{'es' * (processes != 1)}), "
-                      f"not the cfg's "
-                      f"batch={net.batch}, so its schedule in steps (burn_in, steps, max_batches) spans "
+                      f"not the cfg's batch={net.batch}, so its schedule in steps (burn_in, steps, max_batches) spans "
                       f"{seen / net.batch:.3g}x the images; {advice}", stacklevel=3)
 
 

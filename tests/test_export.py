@@ -714,8 +714,8 @@ def test_a_missing_or_damaged_archive_and_a_bad_embedded_cfg_are_named(pruned, t
                                          r"file to end there"):
         load_detector(None, str(tmp_path / "appended.yaspars"))
     state = dict(pruned[0].state_dict())
-    state[COMPACT_CFG_KEY] = torch.frombuffer(bytearray(DEMO_CFG.read_text().replace("classes=4", "classes=5")
-                                                        .replace("filters=27", "filters=30").encode()), dtype=torch.uint8)
+    five_classes = DEMO_CFG.read_text().replace("classes=4", "classes=5").replace("filters=27", "filters=30")
+    state[COMPACT_CFG_KEY] = torch.frombuffer(bytearray(five_classes.encode()), dtype=torch.uint8)
     save_sparse_archive(state, tmp_path / "other.yaspars")
     with pytest.raises(ValueError) as refused:           # found by a review: torch's message, a line per tensor
         load_detector(None, str(tmp_path / "other.yaspars"))
