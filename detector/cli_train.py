@@ -139,8 +139,9 @@ def train_config(args: argparse.Namespace) -> DetectTrainConfig:
 def run(args: argparse.Namespace) -> int:
     config = train_config(args)
     config.device = str(distributed.init_from_env(config.device))  # joins torchrun's group, if any
-    check_training_options(detector.parse_cfg(args.cfg), config.img_size, config.augment, config.multi_scale)
-    output_folder(args.out, "--out")                # on every rank, so that every rank stops on a bad one
+    with distributed.checked_on_every_rank():       # bad input: said once, not by every rank
+        check_training_options(detector.parse_cfg(args.cfg), config.img_size, config.augment, config.multi_scale)
+        output_folder(args.out, "--out")            # on every rank, so that every rank stops on a bad one
     with run_folder_lock(args.out, "--out"):        # one job per folder
         return train_in_folder(args, config)
 
@@ -148,10 +149,11 @@ def run(args: argparse.Namespace) -> int:
 def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
     """Train (or resume) into --out, which this job holds; rank 0 writes the weights and prints."""
     config.resume = resume_point(args)
-    train_source, val_source = load_sources(args)
-    data_name = str(args.data or args.annotations)  # where the class names come from, for messages
-    class_names = writable_class_names(train_source, data_name)
-    model = load_to_train(args.cfg, args.weights, partial=True)
+    with distributed.checked_on_every_rank():
+        train_source, val_source = load_sources(args)
+        data_name = str(args.data or args.annotations)  # where the class names come from, for messages
+        class_names = writable_class_names(train_source, data_name)
+        model = load_to_train(args.cfg, args.weights, partial=True)
     if distributed.is_main():
         atomic_write_json(args.out / "args.json", recorded_args(args))
     seed_everything(args.seed)

@@ -471,7 +471,8 @@ def run_job(job: PruneJob) -> dict[str, Any]:
     and the per-sparsity folders, and returns the results. Holds ``<out>`` meanwhile
     (`engine.run_folder_lock`): a second job on the same folder is refused."""
     distributed.init_from_env(resolve_device(job.device))  # joins torchrun's group, if any
-    check_job(job)
+    with distributed.checked_on_every_rank():             # bad input: said once, not by every rank
+        check_job(job)
     torch.manual_seed(job.seed)
     root = output_folder(job.out, "--out")
     with run_folder_lock(root, "--out"):
@@ -499,7 +500,8 @@ def stage_records(root: Path) -> list[Path]:
 
 
 def _run_stages(job: PruneJob) -> dict[str, Any]:
-    ctx = make_context(job)
+    with distributed.checked_on_every_rank():
+        ctx = make_context(job)
     started = time.perf_counter()
     dense = stage_done(ctx.root / "dense.json") or ctx.record("dense", ctx.load_model(), ctx.root)
     sweep = [run_sparsity(ctx, float(s), dense) for s in job.sparsity]

@@ -13,6 +13,7 @@ than one process is initialised: `rank()` is 0, `world_size()` is 1, `is_main()`
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from datetime import timedelta
 from typing import Any, Iterable
@@ -129,6 +130,25 @@ def raise_on_every_rank(problem: str | None) -> None:
     problem = broadcast_object(problem)
     if problem is not None:
         raise EveryRankError(problem)
+
+
+@contextlib.contextmanager
+def checked_on_every_rank():
+    """Run the checks in the block on every rank and stop every rank on the first bad input any
+    rank found (a ValueError or OSError): said once, by rank 0, naming the rank where not its own,
+    instead of once per rank. Not distributed: the error passes through as it is. Every rank must
+    reach the end of the block (a collective gathers what each found)."""
+    problem = None
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        if not is_distributed():
+            raise
+        problem = str(error)
+    found = [(index, text) for index, text in enumerate(all_gather_object(problem)) if text is not None]
+    if found:
+        index, text = found[0]
+        raise EveryRankError(text if index == 0 else f"{text} (on rank {index})")
 
 
 def is_distributed() -> bool:

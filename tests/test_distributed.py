@@ -180,6 +180,23 @@ def epoch_resumed_from_a_stale_view(root: Path) -> int:
     return trainer.epoch
 
 
+def what_every_rank_says_of_bad_input() -> list[str]:
+    """Bad input found by one rank only, in `distributed.checked_on_every_rank`: every rank stops
+    with the same error (said once on the command line), naming the rank that found it."""
+    said = []
+    for failing_rank, error in ((1, ValueError("data.yaml: split 'val' has no images")),
+                                (0, FileNotFoundError("weights.weights: not found"))):
+        try:
+            with distributed.checked_on_every_rank():
+                if distributed.rank() == failing_rank:
+                    raise error
+        except distributed.EveryRankError as stop:
+            said.append(str(stop))
+    with distributed.checked_on_every_rank():
+        pass                                              # nothing found: nothing raised
+    return said
+
+
 def worker(local_rank: int, port: int, root: str) -> None:
     """One of the WORLD processes, set up as torchrun sets up its workers (environment variables; the
     rendezvous store is the launcher's, which every rank joins as a client)."""
@@ -193,7 +210,8 @@ def worker(local_rank: int, port: int, root: str) -> None:
                   nan_stops=stops_together_on_a_nan(Path(root)), seeded=admm_from_rank_seeded_weights(),
                   streams=resumed_with_rank_streams(Path(root) / "streams"),
                   over_reported=weights_after_an_over_reported_epoch(),
-                  stale_view_epoch=epoch_resumed_from_a_stale_view(Path(root)))
+                  stale_view_epoch=epoch_resumed_from_a_stale_view(Path(root)),
+                  bad_input=what_every_rank_says_of_bad_input())
     torch.save(result, Path(root) / f"result_rank{local_rank}.pt")
     dist.barrier()  # every rank is past its last collective
     # Leave without tearing gloo down. Once (one clean-clone run of many) rank 1 died of SIGABRT,
@@ -283,6 +301,13 @@ def test_every_rank_resumes_from_the_checkpoint_rank_zero_finds(runs):
     the folder lagged resumed elsewhere, and the ranks' collectives then mixed."""
     _, ranks, _ = runs
     assert [result["stale_view_epoch"] for result in ranks] == [2, 2]
+
+
+def test_bad_input_one_rank_finds_stops_every_rank_with_one_message(runs):
+    """Found by a torchrun review: every rank printed its own copy of a bad --data or cfg error."""
+    _, ranks, _ = runs
+    expected = ["data.yaml: split 'val' has no images (on rank 1)", "weights.weights: not found"]
+    assert [result["bad_input"] for result in ranks] == [expected, expected]
 
 
 def test_each_rank_resumes_its_own_random_streams(runs):
