@@ -90,7 +90,10 @@ def job_of(args: argparse.Namespace) -> PruneJob:
 
 
 def run(args: argparse.Namespace) -> int:
-    job = job_of(args)
+    try:
+        job = job_of(args)
+    except ValueError as error:               # every rank reads the same flags and --config: said once
+        raise distributed.EveryRankError(str(error)) from None
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     if job.weights is None and distributed.is_main():
         warnings.warn(f"no --weights: pruning {job.cfg} with its random initial weights", stacklevel=2)

@@ -137,7 +137,10 @@ def train_config(args: argparse.Namespace) -> DetectTrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = train_config(args)
+    try:
+        config = train_config(args)
+    except ValueError as error:               # every rank reads the same flags: said once
+        raise distributed.EveryRankError(str(error)) from None
     config.device = str(distributed.init_from_env(config.device))  # joins torchrun's group, if any
     with distributed.checked_on_every_rank():       # bad input: said once, not by every rank
         check_training_options(detector.parse_cfg(args.cfg), config.img_size, config.augment, config.multi_scale)

@@ -197,8 +197,8 @@ def stage_done(path: Path) -> dict[str, Any] | None:
         except OSError as error:
             damaged = f"{path}: cannot read this stage record ({error.strerror or error})"
     record, damaged = distributed.broadcast_object((record, damaged))
-    if damaged is not None:                     # on every rank, so none waits for the others
-        raise ValueError(damaged)
+    if damaged is not None:                     # on every rank, so none waits for the others; said once
+        raise distributed.EveryRankError(damaged)
     return record
 
 
@@ -440,7 +440,14 @@ def config_problem(settings: dict[str, Any], path: Path) -> str | None:
     """What refuses `settings` in the run folder of the config.yaml at ``path``, or None."""
     if not (path.is_file() and (path.parent / "dense.json").is_file()):
         return None
-    before = resolved_paths(yaml.safe_load(path.read_text()) or {}, PATH_SETTINGS)   # older runs: as given
+    try:
+        recorded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        recorded = f"a file YAML cannot read ({str(error).splitlines()[0]})"
+    if not isinstance(recorded, dict):
+        found = recorded if isinstance(recorded, str) else f"a YAML {type(recorded).__name__}"
+        return f"{path}: expected the settings this run recorded, found {found}; restore it, or choose another --out"
+    before = resolved_paths(recorded, PATH_SETTINGS)                                  # older runs: as given
     before.setdefault(RECORDED_ONLY, 1)
     changed = changed_settings(before, settings, ignore=RESUMABLE_CHANGES)
     if [name for name, _, _ in changed] == [RECORDED_ONLY]:
@@ -473,8 +480,8 @@ def run_job(job: PruneJob) -> dict[str, Any]:
     distributed.init_from_env(resolve_device(job.device))  # joins torchrun's group, if any
     with distributed.checked_on_every_rank():             # bad input: said once, not by every rank
         check_job(job)
+        root = output_folder(job.out, "--out")
     torch.manual_seed(job.seed)
-    root = output_folder(job.out, "--out")
     with run_folder_lock(root, "--out"):
         write_or_check_config(job, root / "config.yaml")
         if distributed.is_main():                            # temp files of writes a kill cut short
@@ -503,7 +510,11 @@ def _run_stages(job: PruneJob) -> dict[str, Any]:
     with distributed.checked_on_every_rank():
         ctx = make_context(job)
     started = time.perf_counter()
-    dense = stage_done(ctx.root / "dense.json") or ctx.record("dense", ctx.load_model(), ctx.root)
+    dense = stage_done(ctx.root / "dense.json")
+    if dense is None:
+        with distributed.checked_on_every_rank():          # the weights file is first read here
+            model = ctx.load_model()
+        dense = ctx.record("dense", model, ctx.root)
     sweep = [run_sparsity(ctx, float(s), dense) for s in job.sparsity]
     if len(sweep) > 1 and distributed.is_main():
         save_sweep_plot(sweep, ctx.root / "map_vs_sparsity.png", job.method)

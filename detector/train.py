@@ -185,8 +185,9 @@ def build_detector_trainer(model: nn.Module, train_source: DetectionSource,
         ValueError: the dataset's classes do not match the model's, or a setting is invalid.
     """
     net = model.net
-    check_classes(model.cfg.path, int(model.heads[0].num_classes), train_source, val_source)
     device = distributed.init_from_env(resolve_device(config.device))  # joins torchrun's group, if any
+    with distributed.checked_on_every_rank():                          # said once, not by every rank
+        check_classes(model.cfg.path, int(model.heads[0].num_classes), train_source, val_source)
     size = training_side(model.cfg, config.img_size)
     batch_size, accumulate = default_batching(net.batch, net.subdivisions, distributed.world_size(),
                                               config.batch_size, config.accumulate)

@@ -370,7 +370,7 @@ class Trainer:
         latest = find_latest_checkpoint(folder) if folder is not None and distributed.is_main() else None
         latest = distributed.broadcast_object(latest)
         if latest is not None:
-            raise ValueError(f"{folder}: holds the checkpoints of an earlier run (newest: {Path(latest).name}); "
+            raise distributed.EveryRankError(f"{folder}: holds the checkpoints of an earlier run (newest: {Path(latest).name}); "
                              f"resume that run, or train into a folder without checkpoints")
 
     def _refuse_later_checkpoints(self) -> None:
@@ -381,7 +381,7 @@ class Trainer:
         latest = find_latest_checkpoint(folder) if folder is not None and distributed.is_main() else None
         latest = distributed.broadcast_object(latest)
         if latest is not None and checkpoint_epoch(latest) > self.epoch:
-            raise ValueError(f"{folder}: holds checkpoints past the resumed epoch {self.epoch} (newest: "
+            raise distributed.EveryRankError(f"{folder}: holds checkpoints past the resumed epoch {self.epoch} (newest: "
                              f"{Path(latest).name}), which keeping the newest would prefer to this run's; "
                              f"resume from the newest, or write into a folder without them")
 
@@ -392,12 +392,13 @@ class Trainer:
         if path.is_dir():                                # its newest checkpoint, named in messages
             path = find_latest_checkpoint(path) or path
         path = Path(distributed.broadcast_object(str(path)))   # rank 0's, which a shared folder shows all
-        state = load_checkpoint(path, map_location=self.device)
-        try:
-            unwrap(self.model).load_state_dict(state["model"])
-        except RuntimeError as error:
-            raise ValueError(f"{path}: the checkpoint's weights do not fit the model being trained: "
-                             f"{load_error_summary(error)}") from error
+        with distributed.checked_on_every_rank():               # a bad checkpoint: said once
+            state = load_checkpoint(path, map_location=self.device)
+            try:
+                unwrap(self.model).load_state_dict(state["model"])
+            except RuntimeError as error:
+                raise ValueError(f"{path}: the checkpoint's weights do not fit the model being trained: "
+                                 f"{load_error_summary(error)}") from error
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])

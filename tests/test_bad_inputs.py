@@ -1109,8 +1109,13 @@ def test_under_torchrun_rank_0_alone_prints_argument_errors_and_other_ranks_name
                  ["detect", "eval", "--conf"]):
         assert main(argv) == 2 and capsys.readouterr().err == "", argv
     assert main(["detect", "eval", "--help"]) == 0 and capsys.readouterr() == ("", "")    # nor its help
-    assert main(["detect", "train", "--cfg", "none.cfg", "--data", "d.yaml", "--out", "o", "--batch-size", "0"]) == 2
-    assert capsys.readouterr().err == "yolo-admm detect: error (rank 1): --batch-size must be >= 1, found 0\n"
+    bad_flags = (["detect", "train", "--cfg", "none.cfg", "--data", "d.yaml", "--out", "o", "--batch-size", "0"],
+                 ["detect", "prune", "--cfg", "none.cfg", "--data", "d.yaml", "--out", "o", "--rho", "-1"])
+    for argv in bad_flags:                     # every rank reads the same flags: rank 0 says it
+        assert main(argv) == 2 and capsys.readouterr().err == "", argv
     monkeypatch.setenv("RANK", "0")
+    assert main(bad_flags[0]) == 2
+    assert capsys.readouterr().err == "yolo-admm detect: error: --batch-size must be >= 1, found 0\n"
+    assert main(bad_flags[1]) == 2 and "rho must be > 0.0" in capsys.readouterr().err
     assert main(["classify", "prune", "--model", "lenet5", "--data", "d", "--sparsity", "2"]) == 2
     assert "--sparsity: must be in [0, 1)" in capsys.readouterr().err

@@ -188,6 +188,13 @@ def test_a_damaged_stage_file_is_named_with_what_to_do(shapes_yaml, uninterrupte
     (out / "dense.json").write_text('{"stage": "dense", "map50": ')
     with pytest.raises(ValueError, match=r"dense.json: damaged stage record .*delete it to run that stage again"):
         run_job(tiny_job(shapes_yaml, out))
+    (out / "config.yaml").write_text("cfg: [unclosed\n")              # found by a review: a yaml traceback
+    with pytest.raises(ValueError, match=r"config.yaml: expected the settings this run recorded, found a file YAML "
+                                         r"cannot read \(.*\); restore it, or choose another --out"):
+        run_job(tiny_job(shapes_yaml, out))
+    (out / "config.yaml").write_text("- a list\n")
+    with pytest.raises(ValueError, match=r"config.yaml: expected the settings this run recorded, found a YAML list"):
+        run_job(tiny_job(shapes_yaml, out))
 
 
 def test_a_weight_pattern_that_matches_nothing_fails_before_the_dense_stage(shapes_yaml, tmp_path):
