@@ -370,8 +370,9 @@ class Trainer:
         latest = find_latest_checkpoint(folder) if folder is not None and distributed.is_main() else None
         latest = distributed.broadcast_object(latest)
         if latest is not None:
-            raise distributed.EveryRankError(f"{folder}: holds the checkpoints of an earlier run (newest: {Path(latest).name}); "
-                             f"resume that run, or train into a folder without checkpoints")
+            raise distributed.EveryRankError(f"{folder}: holds the checkpoints of an earlier run (newest: "
+                                             f"{Path(latest).name}); resume that run, or train into a folder "
+                                             f"without checkpoints")
 
     def _refuse_later_checkpoints(self) -> None:
         """A resumed run must not write into a folder that holds checkpoints past its resume point
@@ -381,9 +382,10 @@ class Trainer:
         latest = find_latest_checkpoint(folder) if folder is not None and distributed.is_main() else None
         latest = distributed.broadcast_object(latest)
         if latest is not None and checkpoint_epoch(latest) > self.epoch:
-            raise distributed.EveryRankError(f"{folder}: holds checkpoints past the resumed epoch {self.epoch} (newest: "
-                             f"{Path(latest).name}), which keeping the newest would prefer to this run's; "
-                             f"resume from the newest, or write into a folder without them")
+            raise distributed.EveryRankError(f"{folder}: holds checkpoints past the resumed epoch {self.epoch} "
+                                             f"(newest: {Path(latest).name}), which keeping the newest would prefer "
+                                             f"to this run's; resume from the newest, or write into a folder without "
+                                             f"them")
 
     def _load_resume_state(self) -> dict[str, Any]:
         """Restore everything but the callbacks from `config.resume`; returns the callbacks' states."""
