@@ -346,14 +346,15 @@ def _warn_of_another_step_batch(net, batch_size: int, accumulate: int, processes
     pass and process allows; where it does not (a --batch-size x processes above the cfg's batch,
     or not dividing it), the cfg's schedule in steps spans other numbers of images: say so."""
     seen = batch_size * accumulate * processes
+    if net.batch <= 1 or seen == net.batch:
+        return
     advice = (f"a --batch-size that divides {net.batch // processes} keeps the cfg's batch"
               if net.batch % processes == 0 else
               f"{processes} processes cannot share it evenly: a number of processes that divides it can")
-    if net.batch > 1 and seen != net.batch:
-        warnings.warn(f"{net.source.of('batch')}: an optimizer step sees {seen} images ({batch_size} per pass x "
-                      f"{accumulate} pass{'es' * (accumulate != 1)} x {processes} process{'es' * (processes != 1)}), "
-                      f"not the cfg's batch={net.batch}, so its schedule in steps (burn_in, steps, max_batches) spans "
-                      f"{seen / net.batch:.3g}x the images; {advice}", stacklevel=3)
+    warnings.warn(f"{net.source.of('batch')}: an optimizer step sees {seen} images ({batch_size} per pass x "
+                  f"{accumulate} pass{'es' * (accumulate != 1)} x {processes} process{'es' * (processes != 1)}), "
+                  f"not the cfg's batch={net.batch}, so its schedule in steps (burn_in, steps, max_batches) spans "
+                  f"{seen / net.batch:.3g}x the images; {advice}", stacklevel=3)
 
 
 def _warn_of_a_burn_in_longer_than_the_run(where: str, burn_in: int, net, steps: int, lr: float) -> None:
