@@ -41,7 +41,7 @@ from detector.model import DarknetModel, load_darknet
 from detector.postprocess import flatten_heads
 from detector.weights import write_weights
 from engine import atomic_write_bytes, held_interrupts, load_error_summary
-from engine.checkpoint import STAGING_FOLDER_PREFIX
+from engine.staging_folder import remove_abandoned_staging_folders, staging_folder
 from pruning.atomic_file import check_writable
 from pruning.masks import Masks
 from pruning.sparse_archive import check_decoded, load_sparse_archive, save_sparse_archive
@@ -556,9 +556,10 @@ def export_model(model: DarknetModel, out_dir: str | os.PathLike, formats: Itera
     .weights and into the archive.
 
     The files are written and checked in a hidden folder in `out_dir`
-    (`.yolo-admm-export.STEM.XXXXXXXX.tmp`, which `engine.remove_stale_temp_files` removes after a
-    kill), then moved into place together, with interrupts held: a failed check or an interrupt
-    leaves an earlier export there as it was, not some files of each model.
+    (`.yolo-admm-export.STEM.XXXXXXXX.tmp`, held while in use: the next export there or a prune run
+    removes it after a kill, `engine.staging_folder`), then moved into place together, with
+    interrupts held: a failed check or an interrupt leaves an earlier export there as it was, not
+    some files of each model.
 
     Returns:
         dict `dense_fp32_bytes` and, per format exported, that exporter's report.
@@ -571,8 +572,8 @@ def export_model(model: DarknetModel, out_dir: str | os.PathLike, formats: Itera
     out_dir.mkdir(parents=True, exist_ok=True)
     for target in export_targets(out_dir, formats, stem):
         check_writable(target)                       # a folder in a file's place: now, not after the others
-    with tempfile.TemporaryDirectory(prefix=f"{STAGING_FOLDER_PREFIX}{stem}.", suffix=".tmp", dir=out_dir) as staging:
-        staged = Path(staging)
+    remove_abandoned_staging_folders(out_dir)        # what killed exports left
+    with staging_folder(out_dir, stem) as staged:
         report: dict = {"dense_fp32_bytes": dense_fp32_bytes(model)}
         if "darknet" in formats:
             report["darknet"] = export_darknet(model, staged / f"{stem}.weights")

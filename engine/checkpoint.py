@@ -9,18 +9,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import torch
 
-from pruning.atomic_file import write_atomically
+from engine.staging_folder import STAGING_FOLDER_PREFIX, remove_abandoned_staging_folders
+from pruning.atomic_file import TEMP_FILE_PREFIX, write_atomically
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)\.pt$")
-TEMP_FILE_PATTERN = re.compile(r"^\..+\.\w{8}\.tmp$")   # what atomic_write's mkstemp names: .NAME.XXXXXXXX.tmp
+TEMP_FILE_PATTERN = re.compile(rf"^{re.escape(TEMP_FILE_PREFIX)}.+\.\w{{8}}\.tmp$")   # what atomic_write makes
 REQUIRED_KEYS = ("epoch", "step", "model")
-STAGING_FOLDER_PREFIX = ".yolo-admm-export."    # detector.export.export_model's: the only folders removed
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -168,16 +167,15 @@ def remove_older_checkpoints(directory: str | os.PathLike, keep: int) -> list[Pa
 
 
 def remove_stale_temp_files(directory: str | os.PathLike, recursive: bool = False) -> list[Path]:
-    """Delete the temporary files of atomic writes that a kill interrupted (`.NAME.XXXXXXXX.tmp`),
-    and the staging folders of exports (`detector.export.export_model`'s, `.yolo-admm-export.` +
-    the same), in `directory` (and below it, if `recursive`); returns them. Only while nothing
-    writes there (under `run_folder_lock`)."""
-    entries = Path(directory).rglob(".*.tmp") if recursive else Path(directory).glob(".*.tmp")
-    stale = [entry for entry in entries if TEMP_FILE_PATTERN.match(entry.name) and not entry.is_symlink()
-             and (entry.is_file() or entry.is_dir() and entry.name.startswith(STAGING_FOLDER_PREFIX))]
+    """Delete the temporary files of atomic writes that a kill interrupted
+    (`.yolo-admm-write.NAME.XXXXXXXX.tmp`) in `directory` (and below it, if `recursive`), only while
+    nothing writes there (under `run_folder_lock`), and the staging folders killed exports left
+    (`engine.staging_folder`; the files in a staging folder are its job's); returns them."""
+    pattern = f"{TEMP_FILE_PREFIX}*.tmp"
+    entries = Path(directory).rglob(pattern) if recursive else Path(directory).glob(pattern)
+    stale = [entry for entry in entries
+             if TEMP_FILE_PATTERN.match(entry.name) and entry.is_file() and not entry.is_symlink()
+             and not any(part.startswith(STAGING_FOLDER_PREFIX) for part in entry.relative_to(directory).parts)]
     for entry in stale:
-        if entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-    return stale
+        entry.unlink(missing_ok=True)
+    return stale + remove_abandoned_staging_folders(directory, recursive)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+TEMP_FILE_PREFIX = ".yolo-admm-write."   # temporary files are .yolo-admm-write.NAME.XXXXXXXX.tmp
+
 
 def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (see ``write_atomically``)."""
@@ -36,7 +38,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) 
     check_writable(path)
     handled_before = sys.exc_info()[1]       # an interrupt handled by our caller is not this write's
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_FILE_PREFIX}{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)

@@ -224,7 +224,7 @@ def test_find_latest_and_load_errors(tmp_path):
     assert engine.find_latest_checkpoint(tmp_path) is None
     for epoch in (2, 10, 9):
         engine.save_checkpoint({"epoch": epoch, "step": 0, "model": {}}, tmp_path)
-    (tmp_path / ".epoch_0011.pt.abc.tmp").write_bytes(b"junk")
+    (tmp_path / ".yolo-admm-write.epoch_0011.pt.abc.tmp").write_bytes(b"junk")
     assert engine.find_latest_checkpoint(tmp_path).name == "epoch_0010.pt"
     with pytest.raises(FileNotFoundError, match="missing.pt: checkpoint file not found"):
         engine.load_checkpoint(tmp_path / "missing.pt")
@@ -489,10 +489,13 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     for epoch in (1, 2, 3, 10):
         (tmp_path / f"epoch_{epoch:04d}.pt").write_bytes(b"x")
     (tmp_path / "history.csv").write_text("keep me")
-    (tmp_path / ".epoch_0004.pt.x7_kq2mz.tmp").write_bytes(b"cut short")      # a save a kill interrupted
+    (tmp_path / ".yolo-admm-write.epoch_0004.pt.x7_kq2mz.tmp").write_bytes(b"cut short")   # a save a kill cut
+    (tmp_path / ".notes.20241127.tmp").write_text("the user's")    # found by a review: it was removed too
     removed = remove_older_checkpoints(tmp_path, keep=2)
-    assert sorted(p.name for p in removed) == [".epoch_0004.pt.x7_kq2mz.tmp", "epoch_0001.pt", "epoch_0002.pt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0003.pt", "epoch_0010.pt", "history.csv"]
+    assert sorted(p.name for p in removed) == [".yolo-admm-write.epoch_0004.pt.x7_kq2mz.tmp", "epoch_0001.pt",
+                                               "epoch_0002.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.20241127.tmp", "epoch_0003.pt", "epoch_0010.pt",
+                                                          "history.csv"]
 
 
 def test_an_unreadable_newest_checkpoint_says_which_to_resume_from(tmp_path):

@@ -179,7 +179,8 @@ def test_a_damaged_stage_file_is_named_with_what_to_do(shapes_yaml, uninterrupte
     with pytest.raises(ValueError, match=r"retrained.pt: damaged stage state \(EOFError: empty or cut short\)"):
         run_job(tiny_job(shapes_yaml, out))
     state.write_bytes((out / "sparsity_0.6" / "hard_prune.pt").read_bytes()[:5000])   # torch: OSError (a fuzz)
-    stale = [out / "sparsity_0.6" / ".retrained.pt.k3j_x9q2.tmp", out / "sparsity_0.6" / "admm" / ".epoch_0002.pt.a1b2c3d4.tmp"]
+    stale = [out / "sparsity_0.6" / ".yolo-admm-write.retrained.pt.k3j_x9q2.tmp",
+             out / "sparsity_0.6" / "admm" / ".yolo-admm-write.epoch_0002.pt.a1b2c3d4.tmp"]
     for path in stale:                                          # what writes a kill cut short leave
         path.write_bytes(b"partial")
     with pytest.raises(ValueError, match=r"retrained.pt: damaged stage state \(OSError: .*delete it to run that stage"):
