@@ -41,7 +41,7 @@ from detector.model import DarknetModel, load_darknet
 from detector.postprocess import flatten_heads
 from detector.weights import write_weights
 from engine import atomic_write_bytes, held_interrupts, load_error_summary
-from engine.staging_folder import remove_abandoned_staging_folders, staging_folder
+from engine.staging_folder import remove_abandoned_staging_folders, staged_files, staging_folder
 from pruning.atomic_file import check_writable
 from pruning.masks import Masks
 from pruning.sparse_archive import check_decoded, load_sparse_archive, save_sparse_archive
@@ -556,8 +556,8 @@ def export_model(model: DarknetModel, out_dir: str | os.PathLike, formats: Itera
     .weights and into the archive.
 
     The files are written and checked in a hidden folder in `out_dir`
-    (`.yolo-admm-export.STEM.XXXXXXXX.tmp`, held while in use: the next export there or a prune run
-    removes it after a kill, `engine.staging_folder`), then moved into place together, with
+    (`.yolo-admm-export.STEM.XXXXXXXX.tmp`, held while in use: the next export there, a prune run
+    or a trainer removes it after a kill, `engine.staging_folder`), then moved into place together, with
     interrupts held: a failed check or an interrupt leaves an earlier export there as it was, not
     some files of each model.
 
@@ -582,7 +582,7 @@ def export_model(model: DarknetModel, out_dir: str | os.PathLike, formats: Itera
         if "compact" in formats:
             report["compact"] = export_compact(model, masks, staged / f"{stem}.yaspars", value_format)
         with held_interrupts():                      # the files move in together, or not at all
-            for written in sorted(staged.iterdir()):
+            for written in staged_files(staged):
                 os.replace(written, out_dir / written.name)
     return _moved_paths(report, staged, out_dir)
 

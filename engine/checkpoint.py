@@ -14,8 +14,8 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
-from engine.staging_folder import STAGING_FOLDER_PREFIX, remove_abandoned_staging_folders
-from pruning.atomic_file import TEMP_FILE_PREFIX, write_atomically
+from engine.staging_folder import remove_abandoned_staging_folders
+from pruning.atomic_file import TEMP_FILE_PREFIX, remove_unheld, write_atomically
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)\.pt$")
 TEMP_FILE_PATTERN = re.compile(rf"^{re.escape(TEMP_FILE_PREFIX)}.+\.\w{{8}}\.tmp$")   # what atomic_write makes
@@ -167,15 +167,12 @@ def remove_older_checkpoints(directory: str | os.PathLike, keep: int) -> list[Pa
 
 
 def remove_stale_temp_files(directory: str | os.PathLike, recursive: bool = False) -> list[Path]:
-    """Delete the temporary files of atomic writes that a kill interrupted
-    (`.yolo-admm-write.NAME.XXXXXXXX.tmp`) in `directory` (and below it, if `recursive`), only while
-    nothing writes there (under `run_folder_lock`), and the staging folders killed exports left
-    (`engine.staging_folder`; the files in a staging folder are its job's); returns them."""
+    """Delete what kills left in `directory` (and below it, if `recursive`): the temporary files of
+    atomic writes (`.yolo-admm-write.NAME.XXXXXXXX.tmp`) and the staging folders of exports
+    (`engine.staging_folder`) that no live process holds; returns those removed."""
     pattern = f"{TEMP_FILE_PREFIX}*.tmp"
     entries = Path(directory).rglob(pattern) if recursive else Path(directory).glob(pattern)
     stale = [entry for entry in entries
              if TEMP_FILE_PATTERN.match(entry.name) and entry.is_file() and not entry.is_symlink()
-             and not any(part.startswith(STAGING_FOLDER_PREFIX) for part in entry.relative_to(directory).parts)]
-    for entry in stale:
-        entry.unlink(missing_ok=True)
+             and remove_unheld(entry, lambda entry=entry: entry.unlink(missing_ok=True))]
     return stale + remove_abandoned_staging_folders(directory, recursive)

@@ -29,15 +29,10 @@ from pathlib import Path
 from typing import IO
 
 from engine import distributed
-
-try:
-    import fcntl
-except ImportError:                     # Windows
-    fcntl = None
+from pruning.atomic_file import hold
 
 LOCK_FILE = ".yolo-admm.lock"
 ORPHAN_WAIT_S = 10.0          # how long the forked workers of an ended holder may keep its lock
-_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 @contextmanager
@@ -83,9 +78,6 @@ def _hold(folder: Path, flag: str) -> tuple[IO[str] | None, str | None]:
 def _take(path: Path) -> tuple[IO[str] | None, str | None]:
     """(the open, locked file, None), or (None, a description of the holder) when another holds it;
     (None, None) when this file system cannot lock (a warning says so)."""
-    if fcntl is None:
-        _warn_unlocked(path, "this platform has no fcntl")
-        return None, None
     try:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     except OSError as err:
@@ -94,17 +86,17 @@ def _take(path: Path) -> tuple[IO[str] | None, str | None]:
         raise
     handle = os.fdopen(descriptor, "r+", encoding="utf-8")
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
+        held = hold(handle.fileno(), wait=False)
+    except OSError:
+        handle.close()
+        raise
+    if held is False:
         holder = handle.read().strip() or "another process"
         handle.close()
         return None, holder
-    except OSError as err:
+    if held is None:
         handle.close()
-        if err.errno not in _UNSUPPORTED:
-            raise
-        _warn_unlocked(path, err.strerror or str(err))
+        _warn_unlocked(path, "this platform or file system cannot lock files")
         return None, None
     handle.truncate(0)
     handle.seek(0)

@@ -1,11 +1,18 @@
 """Atomic file writes: a temporary file beside the target, fsync, then ``os.replace``, so readers
 see the old file or the new one, never a partial one.
 
+The temporary file (``.yolo-admm-write.NAME.XXXXXXXX.tmp``) is held with an exclusive ``flock``
+until it is in place. The operating system lets the lock go when the writer's process ends, however
+it ends, so a sweep (``remove_unheld``) removes what a killed write left and never a live write's
+file. Where ``fcntl`` or ``flock`` is unavailable (Windows; some file systems) nothing is held and
+nothing is swept.
+
 The one writer of the project: ``pruning`` imports only torch and the standard library, so it
 lives here, and ``engine``'s ``atomic_write`` family builds on it.
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -14,7 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+try:
+    import fcntl
+except ImportError:                     # Windows
+    fcntl = None
+
 TEMP_FILE_PREFIX = ".yolo-admm-write."   # temporary files are .yolo-admm-write.NAME.XXXXXXXX.tmp
+UNLOCKABLE = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}   # flock's "not on this file system"
 
 
 def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
@@ -38,16 +51,16 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) 
     check_writable(path)
     handled_before = sys.exc_info()[1]       # an interrupt handled by our caller is not this write's
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_FILE_PREFIX}{path.name}.", suffix=".tmp")
+    handle, temp_name = _held_temp_file(path)
     try:
-        with os.fdopen(handle, "wb") as stream:
+        with os.fdopen(handle, "wb") as stream:     # closing it lets the hold go: after the replace
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(temp_name, 0o666 & ~mask)  # mkstemp makes 0600
-        os.replace(temp_name, path)
+            mask = os.umask(0)
+            os.umask(mask)
+            os.fchmod(stream.fileno(), 0o666 & ~mask)  # mkstemp makes 0600
+            os.replace(temp_name, path)
     except BaseException as error:
         Path(temp_name).unlink(missing_ok=True)
         interrupt = _interrupt_behind(error, handled_before)
@@ -55,6 +68,57 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) 
             raise interrupt from None   # Ctrl-C stays Ctrl-C (see _interrupt_behind)
         raise
     return path
+
+
+def _held_temp_file(path: Path) -> tuple[int, str]:
+    """(descriptor, name) of a new temporary file beside ``path``, held; made again when a sweep
+    removed it before it was held."""
+    while True:
+        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_FILE_PREFIX}{path.name}.", suffix=".tmp")
+        try:
+            held = hold(descriptor, wait=True)
+        except BaseException:
+            os.close(descriptor)
+            Path(name).unlink(missing_ok=True)
+            raise
+        if held is not True or os.fstat(descriptor).st_nlink > 0:
+            return descriptor, name
+        os.close(descriptor)                    # a sweep removed it while this waited for its hold
+
+
+def hold(descriptor: int, wait: bool) -> bool | None:
+    """Take an exclusive ``flock`` on ``descriptor`` (a file opened for reading and writing): True
+    once held, False when another process holds it and ``wait`` is False, None where this platform
+    or file system cannot lock. Closing the descriptor lets it go."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as err:
+        if err.errno in UNLOCKABLE:
+            return None
+        raise
+    return True
+
+
+def remove_unheld(hold_file: Path, remove: Callable[[], Any], create: bool = False) -> bool:
+    """Call ``remove()`` while holding ``hold_file`` (a temporary file, or the file that holds a
+    folder; ``create`` it if missing), unless a live process holds it: whether it did. Whoever made
+    it and waits for its hold finds it unlinked, and makes another."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+    try:
+        descriptor = os.open(hold_file, flags, 0o600)
+    except OSError:                                  # gone, a link, or not ours to open
+        return False
+    try:
+        if hold(descriptor, wait=False) is not True:
+            return False
+        remove()
+        return True
+    finally:
+        os.close(descriptor)
 
 
 def _interrupt_behind(error: BaseException, handled_before: BaseException | None) -> KeyboardInterrupt | None:

@@ -196,6 +196,7 @@ class UltralyticsADMM:
                 f"before the cut at the end of epoch"
                 f" {self.admm_epochs} (a time limit or a stop?): {trainer.save_dir} holds unpruned weights, and"
                 f" Ultralytics has stripped last.pt for good; train again with epochs >= {self.admm_epochs}"
+                f" (and no time= limit, or one long enough for them: time= sets epochs)"
             )
         rows = layer_table(trainer.model, self.masks)
         ema = getattr(trainer, "ema", None)

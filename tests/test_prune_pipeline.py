@@ -183,9 +183,14 @@ def test_a_damaged_stage_file_is_named_with_what_to_do(shapes_yaml, uninterrupte
              out / "sparsity_0.6" / "admm" / ".yolo-admm-write.epoch_0002.pt.a1b2c3d4.tmp"]
     for path in stale:                                          # what writes a kill cut short leave
         path.write_bytes(b"partial")
+    elsewhere = tmp_path / "elsewhere" / ".yolo-admm-write.big.pt.abcdefgh.tmp"   # found by a review: behind a
+    elsewhere.parent.mkdir()                                                      # link, it was removed too
+    elsewhere.write_bytes(b"not this run's")
+    (out / "sparsity_0.9").symlink_to(elsewhere.parent)
     with pytest.raises(ValueError, match=r"retrained.pt: damaged stage state \(OSError: .*delete it to run that stage"):
         run_job(tiny_job(shapes_yaml, out))
-    assert not any(path.exists() for path in stale)
+    assert not any(path.exists() for path in stale) and elsewhere.exists()
+    (out / "sparsity_0.9").unlink()
     (out / "dense.json").write_text('{"stage": "dense", "map50": ')
     with pytest.raises(ValueError, match=r"dense.json: damaged stage record .*delete it to run that stage again"):
         run_job(tiny_job(shapes_yaml, out))

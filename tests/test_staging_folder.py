@@ -3,6 +3,7 @@ staging folders of exports, which a live job holds (`engine.staging_folder`) so 
 them from under it."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,28 +14,33 @@ import pytest
 import detector
 from detector.cfgs import cfg_path
 from detector.export import export_model
-from engine import remove_stale_temp_files
-from engine import staging_folder as staging_module
+from engine import atomic_write_bytes, remove_stale_temp_files
+from pruning import atomic_file
 from engine.staging_folder import remove_abandoned_staging_folders, staging_folder
 
 REPO = Path(__file__).resolve().parents[1]
 HOLD_STAGING = """
 import sys
+from engine import atomic_write
 from engine.staging_folder import staging_folder
 with staging_folder(sys.argv[1], "pruned") as folder:
-    (folder / "pruned.weights").write_bytes(b"half written")
-    (folder / ".yolo-admm-write.pruned.onnx.a1b2c3d4.tmp").write_bytes(b"being written")
-    print(folder, flush=True)
-    sys.stdin.read()
+    (folder / "pruned.weights").write_bytes(b"written")
+    def being_written(stream):
+        stream.write(b"half an ONNX file")
+        stream.flush()
+        print(folder, flush=True)
+        sys.stdin.read()
+    atomic_write(folder / "pruned.onnx", being_written)
 """
-KILLED_WRITE = """
-import os, signal, sys
+LIVE_WRITE = """
+import sys
 from engine import atomic_write
-def write_then_die(stream):
+def being_written(stream):
     stream.write(b"half a checkpoint")
     stream.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-atomic_write(sys.argv[1], write_then_die)
+    print("writing", flush=True)
+    sys.stdin.read()
+atomic_write(sys.argv[1], being_written)
 """
 
 
@@ -57,45 +63,81 @@ def test_a_live_exports_staging_folder_is_left_and_a_killed_ones_removed_by_the_
     model's files) for good, and a sweep under a run folder's lock could take a live export's."""
     staging, holder = live_export
     out = staging.parent
-    users = out / ".backup.20241127.tmp"             # a folder of the user's, named alike
-    users.mkdir()
+    users = [out / ".backup.20241127.tmp", out / ".yolo-admm-export.my backup.tmp"]   # the user's, named alike
+    for folder in users:
+        folder.mkdir()
     assert staging.name.startswith(".yolo-admm-export.pruned.") and staging.is_dir()
-    assert remove_stale_temp_files(out.parent, recursive=True) == []       # its files are its job's too
-    assert sorted(p.name for p in staging.iterdir()) == [".yolo-admm-write.pruned.onnx.a1b2c3d4.tmp",
-                                                         "pruned.weights"]
+    staged = sorted(p.name for p in staging.iterdir())
+    assert remove_stale_temp_files(out.parent, recursive=True) == []
+    assert sorted(p.name for p in staging.iterdir()) == staged and len(staged) == 3   # .held, its writes
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     assert staging.is_dir()                          # nothing removes it at the kill itself
     model = detector.load_darknet(cfg_path("demo-tiny.cfg"))
     export_model(model, out, ["darknet"], stem="pruned")
-    assert sorted(p.name for p in out.iterdir()) == [".backup.20241127.tmp", "pruned.cfg", "pruned.weights"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(folder.name for folder in users), "pruned.cfg",
+                                                            "pruned.weights"])
 
 
-def test_a_write_killed_half_way_leaves_a_file_the_sweep_knows(tmp_path):
-    """The name the writer gives its temporary file is the one the sweep looks for."""
-    killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(tmp_path / "epoch_0003.pt")], cwd=REPO)
-    assert killed.returncode == -signal.SIGKILL
-    left = list(tmp_path.iterdir())
+def test_a_live_write_is_left_and_a_killed_ones_file_removed(tmp_path):
+    """Found by a review: a rerun's sweep removed the temporary file of a checkpoint another job
+    (a train run in a prune run's folder) was writing, and that job failed. The name the writer
+    gives its temporary file is the one the sweep looks for."""
+    writer = subprocess.Popen([sys.executable, "-c", LIVE_WRITE, str(tmp_path / "epoch_0003.pt")], cwd=REPO,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        (tmp_path / ".notes.20241127.tmp").write_text("the user's")
+        assert remove_stale_temp_files(tmp_path) == []
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    finally:
+        writer.kill()
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".yolo-admm-write.epoch_0003.pt.")]
     assert len(left) == 1 and left[0].read_bytes() == b"half a checkpoint"
-    (tmp_path / ".notes.20241127.tmp").write_text("the user's")
     assert remove_stale_temp_files(tmp_path) == left
     assert [p.name for p in tmp_path.iterdir()] == [".notes.20241127.tmp"]
 
 
-def test_a_folder_swept_between_its_making_and_its_lock_is_made_again(tmp_path, monkeypatch):
-    """A sweep may take a new staging folder before its job holds it; the job makes another."""
-    real_flock, made = staging_module.fcntl.flock, []
+def sweep_at_first_hold(monkeypatch, folder: Path, sweep) -> list[Path]:
+    """Run `sweep(folder)` once, at the first hold taken (while the holder has not got it yet):
+    returns what it removed."""
+    real_flock, swept = atomic_file.fcntl.flock, []
 
     def swept_first(descriptor, operation):
-        if not made:
-            made.append(sorted(tmp_path.iterdir())[0])
-            assert remove_abandoned_staging_folders(tmp_path) == made    # the sweep takes it, unheld
+        if not swept:
+            swept.append(None)
+            swept[:] = sweep(folder)
         real_flock(descriptor, operation)
 
-    monkeypatch.setattr(staging_module.fcntl, "flock", swept_first)
+    monkeypatch.setattr(atomic_file.fcntl, "flock", swept_first)
+    return swept
+
+
+def test_a_folder_swept_between_its_making_and_its_hold_is_made_again(tmp_path, monkeypatch):
+    swept = sweep_at_first_hold(monkeypatch, tmp_path, remove_abandoned_staging_folders)
     with staging_folder(tmp_path, "m") as folder:
-        assert folder.is_dir() and folder != made[0]
+        assert len(swept) == 1 and folder.is_dir() and folder != swept[0]
         (folder / "m.weights").write_bytes(b"x")
         monkeypatch.undo()
         assert remove_abandoned_staging_folders(tmp_path) == []          # held now
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_temporary_file_swept_between_its_making_and_its_hold_is_made_again(tmp_path, monkeypatch):
+    swept = sweep_at_first_hold(monkeypatch, tmp_path, remove_stale_temp_files)
+    atomic_write_bytes(tmp_path / "epoch_0001.pt", b"whole")
+    assert len(swept) == 1 and swept[0].name.startswith(".yolo-admm-write.epoch_0001.pt.")
+    assert [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == [("epoch_0001.pt", b"whole")]
+
+
+def test_a_temporary_file_is_held_until_it_is_in_place(tmp_path, monkeypatch):
+    real_replace, swept = os.replace, []
+
+    def swept_first(source, target):
+        swept.extend(remove_stale_temp_files(tmp_path))
+        real_replace(source, target)
+
+    monkeypatch.setattr(atomic_file.os, "replace", swept_first)
+    atomic_write_bytes(tmp_path / "epoch_0001.pt", b"whole")
+    assert swept == [] and [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == [("epoch_0001.pt", b"whole")]
