@@ -328,7 +328,16 @@ def test_update_is_projection_then_dual_step_with_rescaled_u():
     assert stats["iteration"] == 1 and stats["rho"] == 1.0 and stats["next_rho"] == 2.0
     assert math.isclose(stats["primal_residual"], primal, rel_tol=1e-5)
     assert math.isclose(stats["dual_residual"], dual, rel_tol=1e-5)
-    assert [admm.update()["next_rho"] for _ in range(2)] == [3.0, 3.0]   # capped at rho_max
+    with torch.no_grad():                                    # again, now that U is not zero
+        for param in admm.params:
+            param.add_(torch.randn_like(param))
+    weights, u_prev = [p.detach().clone() for p in admm.params], [u.clone() for u in admm.U]
+    assert all(bool(u.any()) for u in u_prev)
+    assert admm.update()["next_rho"] == 3.0                                  # capped at rho_max
+    targets = [w + u for w, u in zip(weights, u_prev)]
+    for got, target, kept in zip(admm.Z, targets, global_topk_masks(targets, admm.k)):
+        assert torch.equal(got, target * kept)
+    assert admm.update()["next_rho"] == 3.0
 
 
 def test_a_state_dict_taken_earlier_stays_current_through_updates_and_the_hard_prune():

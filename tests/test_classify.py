@@ -491,6 +491,7 @@ def test_tiny_end_to_end_train_and_prune(tmp_path, capsys):
     assert classify_main([*prune, "--json-out", str(out), "--out", str(tmp_path / "pruned.pt")]) == 0
     result = json.loads(out.read_text())
     assert result["kept"] == round(0.1 * LENET5_PRUNABLE_WEIGHTS) and result["sparsity"] == pytest.approx(0.9)
+    assert result["dense_accuracy"] == json.loads((tmp_path / "dense.json").read_text())["accuracy"]   # same model
     assert result["run"]["data"] == str(data.resolve()) and len(result["run"]["weights_sha256"]) == 64
     assert (result["run"]["train"]["optimizer"], result["run"]["train"]["batch_size"]) == ("adam", 32)
     assert result["mask_violations"] == 0
@@ -617,6 +618,32 @@ def test_tiny_magnitude_uniform_prunes_every_layer_alike(tmp_path):
     assert result["run"]["prune"]["rho"] == 0.5                             # recorded all the same
     assert (result["settings"]["prune"]["distill"], result["settings"]["prune"]["distill_temperature"]) == (0.5, 2.0)
     assert result["epochs"] == {"admm": 0, "retrain": 1} and result["mask_violations"] == 0
+
+
+def test_tiny_layerwise_admm_prunes_every_layer_alike(tmp_path, monkeypatch):
+    """Zhang et al.'s layer-wise ADMM: with no ratio per layer given, each layer at the target. Each
+    accuracy of the JSON is the one measured on its stage's model."""
+    data = tmp_path / "mnist"
+    write_mnist_like(data, n_train=64, n_test=20)
+    model, _ = prepare("lenet5", data)
+    torch.save(model.state_dict(), tmp_path / "dense.pt")
+    out = tmp_path / "layerwise.json"
+    measured = []                              # the zero fraction of each model measured; it scores its index
+
+    def zero_fraction_scored(model, loader, device=None):
+        weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+        measured.append(sum(int((p == 0).sum()) for p in weights) / sum(p.numel() for p in weights))
+        return float(len(measured) - 1)
+
+    monkeypatch.setattr(classify.pipeline, "evaluate_accuracy", zero_fraction_scored)
+    assert classify_main(["prune", "--model", "lenet5", "--data", str(data), "--weights", str(tmp_path / "dense.pt"),
+                          "--sparsity", "0.8", "--method", "admm-layerwise", "--admm-iters", "1",
+                          "--retrain-epochs", "0", "--json-out", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    assert [row["kept"] for row in result["layers"]] == [100, 5000, 80000, 1000]
+    assert result["epochs"] == {"admm": 1, "retrain": 0} and result["mask_violations"] == 0
+    stages = [measured[int(result[key])] for key in ("dense_accuracy", "accuracy_after_hard_prune", "pruned_accuracy")]
+    assert stages[0] == 0.0 and stages[1] == stages[2] == pytest.approx(0.8)
 
 
 def test_prune_model_measures_a_wrapped_model_by_its_own_names(tmp_path):

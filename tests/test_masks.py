@@ -88,6 +88,34 @@ def test_masks_survive_many_optimizer_steps_with_state_and_ema(name):
     assert expected_state <= set(optimizer.state[model[0].weight])
 
 
+class PullsTowardEarlierWeights(torch.optim.SGD):
+    """An optimizer that moves weights whose gradient is zero, as Lookahead does toward a slow copy
+    (here kept outside ``optimizer.state``, where no mask reaches it)."""
+
+    def __init__(self, params, **kwargs):
+        params = list(params)
+        super().__init__(params, **kwargs)
+        self.earlier = [param.detach().clone() for param in params]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for param, earlier in zip(self.param_groups[0]["params"], self.earlier):
+            param.lerp_(earlier, 0.5)
+        return loss
+
+
+def test_masks_are_applied_after_every_step_whatever_the_optimizer_does():
+    torch.manual_seed(0)
+    model = small_convnet()
+    optimizer = PullsTowardEarlierWeights(model.parameters(), lr=0.05)     # the dense weights: the slow copy
+    masks = magnitude_prune(model, 0.8)
+    trainer = SimpleNamespace(model=model, optimizer=optimizer, ema=None)
+    callback = MaskCallback(masks)
+    callback.on_train_start(trainer)
+    masked_train(trainer, callback, 0, 5, check=lambda: assert_pruned_positions_zero(masks, model))
+
+
 def test_apply_clears_existing_optimizer_state_and_ema_given_as_module():
     torch.manual_seed(0)
     model = small_convnet()
