@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import torch
 
-from engine.staging_folder import remove_abandoned_staging_folders
+from engine.staging_folder import remove_abandoned_staging_folders, walk
 from pruning.atomic_file import TEMP_FILE_PREFIX, remove_unheld, write_atomically
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)\.pt$")
@@ -170,9 +171,7 @@ def remove_stale_temp_files(directory: str | os.PathLike, recursive: bool = Fals
     """Delete what kills left in `directory` (and below it, if `recursive`): the temporary files of
     atomic writes (`.yolo-admm-write.NAME.XXXXXXXX.tmp`) and the staging folders of exports
     (`engine.staging_folder`) that no live process holds; returns those removed."""
-    pattern = f"{TEMP_FILE_PREFIX}*.tmp"
-    entries = Path(directory).rglob(pattern) if recursive else Path(directory).glob(pattern)
-    stale = [entry for entry in entries
-             if TEMP_FILE_PATTERN.match(entry.name) and entry.is_file() and not entry.is_symlink()
-             and remove_unheld(entry, lambda entry=entry: entry.unlink(missing_ok=True))]
+    stale = [entry for parent, _, file_names in walk(directory, recursive)
+             for entry in (parent / name for name in file_names if TEMP_FILE_PATTERN.match(name))
+             if not entry.is_symlink() and remove_unheld(entry, partial(entry.unlink, missing_ok=True))]
     return stale + remove_abandoned_staging_folders(directory, recursive)

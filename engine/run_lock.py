@@ -1,7 +1,7 @@
 """One job per run folder.
 
-Two jobs writing one run folder would overwrite each other's checkpoints, and each would sweep
-the other's half-written temporary files away. `run_folder_lock` takes an exclusive `flock` on
+Two jobs writing one run folder would overwrite each other's checkpoints and records.
+`run_folder_lock` takes an exclusive `flock` on
 `FOLDER/.yolo-admm.lock` for as long as the job runs; a second job on the same folder stops at
 once with an error naming the holder. The operating system lets the lock go when the holder's
 process ends, however it ends (SIGKILL included), so a killed run never leaves a stale lock: the
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO
 
 from engine import distributed
-from pruning.atomic_file import hold
+from pruning.atomic_file import CAN_HOLD, hold
 
 LOCK_FILE = ".yolo-admm.lock"
 ORPHAN_WAIT_S = 10.0          # how long the forked workers of an ended holder may keep its lock
@@ -78,6 +78,9 @@ def _hold(folder: Path, flag: str) -> tuple[IO[str] | None, str | None]:
 def _take(path: Path) -> tuple[IO[str] | None, str | None]:
     """(the open, locked file, None), or (None, a description of the holder) when another holds it;
     (None, None) when this file system cannot lock (a warning says so)."""
+    if not CAN_HOLD:
+        _warn_unlocked(path, "this platform has no fcntl")
+        return None, None
     try:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     except OSError as err:

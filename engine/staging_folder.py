@@ -16,9 +16,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
-from pruning.atomic_file import hold, remove_unheld
+from pruning.atomic_file import NO_FOLLOW, hold, remove_unheld
 
 STAGING_FOLDER_PREFIX = ".yolo-admm-export."
 STAGING_FOLDER_PATTERN = re.compile(rf"^{re.escape(STAGING_FOLDER_PREFIX)}.+\.\w{{8}}\.tmp$")  # what a sweep removes
@@ -46,15 +47,23 @@ def staged_files(folder: Path) -> list[Path]:
 def remove_abandoned_staging_folders(directory: str | os.PathLike, recursive: bool = False) -> list[Path]:
     """Delete the staging folders in `directory` (and below it, if `recursive`) that no live job
     holds; returns those removed."""
-    pattern = f"{STAGING_FOLDER_PREFIX}*.tmp"
-    candidates = Path(directory).rglob(pattern) if recursive else Path(directory).glob(pattern)
     removed = []
-    for folder in candidates:
-        if (STAGING_FOLDER_PATTERN.match(folder.name) and folder.is_dir() and not folder.is_symlink()
-                and remove_unheld(folder / HOLD_FILE, lambda: shutil.rmtree(folder, ignore_errors=True), create=True)
-                and not folder.exists()):
-            removed.append(folder)
+    for parent, folder_names, _ in walk(directory, recursive):
+        for folder in (parent / name for name in folder_names if STAGING_FOLDER_PATTERN.match(name)):
+            remove = partial(shutil.rmtree, folder, ignore_errors=True)
+            if not folder.is_symlink() and remove_unheld(folder / HOLD_FILE, remove, create=True) and not folder.exists():
+                removed.append(folder)
     return removed
+
+
+def walk(directory: str | os.PathLike, recursive: bool) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """(folder, the names of its folders, the names of its files) for `directory` and, if
+    `recursive`, each folder below it, as `os.walk`: links are not followed, and a folder that
+    vanishes meanwhile (another job's, removed) is passed over. Staging folders are not entered:
+    what is in one is its job's."""
+    for folder, folder_names, file_names in os.walk(directory):
+        yield Path(folder), folder_names, file_names
+        folder_names[:] = [name for name in folder_names if recursive and not STAGING_FOLDER_PATTERN.match(name)]
 
 
 def _held_staging_folder(parent: Path, stem: str) -> tuple[Path, int]:
@@ -63,7 +72,7 @@ def _held_staging_folder(parent: Path, stem: str) -> tuple[Path, int]:
     while True:
         folder = Path(tempfile.mkdtemp(prefix=f"{STAGING_FOLDER_PREFIX}{stem}.", suffix=".tmp", dir=parent))
         try:
-            descriptor = os.open(folder / HOLD_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            descriptor = os.open(folder / HOLD_FILE, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o600)
         except FileNotFoundError:               # a sweep removed the folder already
             continue
         try:

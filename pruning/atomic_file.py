@@ -28,6 +28,8 @@ except ImportError:                     # Windows
 
 TEMP_FILE_PREFIX = ".yolo-admm-write."   # temporary files are .yolo-admm-write.NAME.XXXXXXXX.tmp
 UNLOCKABLE = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}   # flock's "not on this file system"
+CAN_HOLD = fcntl is not None
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)           # Windows has none (and no links to fear there)
 
 
 def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
@@ -51,7 +53,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) 
     check_writable(path)
     handled_before = sys.exc_info()[1]       # an interrupt handled by our caller is not this write's
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = _held_temp_file(path)
+    handle, temp_name, held = _held_temp_file(path)
     try:
         with os.fdopen(handle, "wb") as stream:     # closing it lets the hold go: after the replace
             write(stream)
@@ -59,7 +61,10 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) 
             os.fsync(stream.fileno())
             mask = os.umask(0)
             os.umask(mask)
-            os.fchmod(stream.fileno(), 0o666 & ~mask)  # mkstemp makes 0600
+            os.chmod(temp_name, 0o666 & ~mask)     # mkstemp makes 0600
+            if held:
+                os.replace(temp_name, path)
+        if not held:                                # Windows renames no open file
             os.replace(temp_name, path)
     except BaseException as error:
         Path(temp_name).unlink(missing_ok=True)
@@ -70,9 +75,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) 
     return path
 
 
-def _held_temp_file(path: Path) -> tuple[int, str]:
-    """(descriptor, name) of a new temporary file beside ``path``, held; made again when a sweep
-    removed it before it was held."""
+def _held_temp_file(path: Path) -> tuple[int, str, bool]:
+    """(descriptor, name, whether it is held) of a new temporary file beside ``path``; made again
+    when a sweep removed it before it was held."""
     while True:
         descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_FILE_PREFIX}{path.name}.", suffix=".tmp")
         try:
@@ -82,7 +87,7 @@ def _held_temp_file(path: Path) -> tuple[int, str]:
             Path(name).unlink(missing_ok=True)
             raise
         if held is not True or os.fstat(descriptor).st_nlink > 0:
-            return descriptor, name
+            return descriptor, name, held is True
         os.close(descriptor)                    # a sweep removed it while this waited for its hold
 
 
@@ -107,7 +112,9 @@ def remove_unheld(hold_file: Path, remove: Callable[[], Any], create: bool = Fal
     """Call ``remove()`` while holding ``hold_file`` (a temporary file, or the file that holds a
     folder; ``create`` it if missing), unless a live process holds it: whether it did. Whoever made
     it and waits for its hold finds it unlinked, and makes another."""
-    flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+    if not CAN_HOLD:
+        return False
+    flags = os.O_RDWR | NO_FOLLOW | (os.O_CREAT if create else 0)
     try:
         descriptor = os.open(hold_file, flags, 0o600)
     except OSError:                                  # gone, a link, or not ours to open

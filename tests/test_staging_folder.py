@@ -4,6 +4,7 @@ them from under it."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import detector
 from detector.cfgs import cfg_path
 from detector.export import export_model
 from engine import atomic_write_bytes, remove_stale_temp_files
+from engine import staging_folder as staging_module
 from pruning import atomic_file
 from engine.staging_folder import remove_abandoned_staging_folders, staging_folder
 
@@ -141,3 +143,47 @@ def test_a_temporary_file_is_held_until_it_is_in_place(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic_file.os, "replace", swept_first)
     atomic_write_bytes(tmp_path / "epoch_0001.pt", b"whole")
     assert swept == [] and [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == [("epoch_0001.pt", b"whole")]
+
+
+def test_a_folder_removed_by_another_job_during_a_recursive_sweep_is_passed_over(tmp_path, monkeypatch):
+    """Found by a review: the sweep walked with rglob, which raised when a folder it had listed
+    (a live export's scratch folder, another sweep's catch) vanished before it got there, and
+    stopped a prune run at its start."""
+    from engine import checkpoint
+
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".yolo-admm-write.a.pt.abcdefgh.tmp").write_bytes(b"cut short")
+    real, removed_meanwhile = checkpoint.remove_unheld, []
+
+    def another_job_removes_the_other_folder(path, *args, **kwargs):
+        if not removed_meanwhile:
+            removed_meanwhile.append(tmp_path / ("two" if path.parent.name == "one" else "one"))
+            shutil.rmtree(removed_meanwhile[0])
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "remove_unheld", another_job_removes_the_other_folder)
+    swept = remove_stale_temp_files(tmp_path, recursive=True)
+    assert len(swept) == 1 and swept[0].parent not in removed_meanwhile
+    assert list(tmp_path.iterdir()) == [swept[0].parent]
+
+
+def test_where_nothing_can_be_held_writes_work_and_nothing_is_swept(tmp_path, monkeypatch, recwarn):
+    """As on Windows: no fcntl, no O_NOFOLLOW, no fchmod (a review found all three failing)."""
+    from engine import run_lock, run_folder_lock
+
+    monkeypatch.setattr(atomic_file, "fcntl", None)
+    for module in (atomic_file, run_lock):
+        monkeypatch.setattr(module, "CAN_HOLD", False)
+    monkeypatch.setattr(staging_module, "NO_FOLLOW", 0)
+    monkeypatch.delattr(os, "O_NOFOLLOW")
+    monkeypatch.delattr(os, "fchmod")
+    with run_folder_lock(tmp_path, "--out"):
+        atomic_write_bytes(tmp_path / "epoch_0001.pt", b"whole")
+        with staging_folder(tmp_path, "m") as folder:
+            (folder / "m.weights").write_bytes(b"x")
+            assert remove_abandoned_staging_folders(tmp_path) == []
+        (tmp_path / ".yolo-admm-write.epoch_0002.pt.abcdefgh.tmp").write_bytes(b"cut short")
+        assert remove_stale_temp_files(tmp_path, recursive=True) == []
+    assert (tmp_path / "epoch_0001.pt").read_bytes() == b"whole"
+    assert "nothing stops a second job" in str(recwarn.pop(UserWarning).message)
