@@ -51,8 +51,8 @@ def remove_abandoned_staging_folders(directory: str | os.PathLike, recursive: bo
     for parent, folder_names, _ in walk(directory, recursive):
         for folder in (parent / name for name in folder_names if STAGING_FOLDER_PATTERN.match(name)):
             remove = partial(shutil.rmtree, folder, ignore_errors=True)
-            if not folder.is_symlink() and remove_unheld(folder / HOLD_FILE, remove, create=True) and not folder.exists():
-                removed.append(folder)
+            if not folder.is_symlink() and remove_unheld(folder / HOLD_FILE, remove, create=True):
+                removed += [] if folder.exists() else [folder]      # not what a permission kept
     return removed
 
 
