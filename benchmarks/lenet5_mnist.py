@@ -94,7 +94,11 @@ side, load ~3; seeds 6-9 two side by side on 2026-11-27 beside a Ctrl-C fuzz, lo
 each, the first runs whose JSON holds the dense hash; seeds 10-11 two side by side the same day,
 load ~2, 19.5 min each), and with a weight average in the
 retraining, ``--ema 0.999 --out .../lenet5_mnist_sgd_ema0.999_seed0.json`` and ``--ema 0.9995|0.9998
---ema-tau 500 --out .../lenet5_mnist_sgd_ema0.9995|0.9998_tau500_seed0.json``.
+--ema-tau 500 --out .../lenet5_mnist_sgd_ema0.9995|0.9998_tau500_seed0.json``. The three methods on one
+dense model (2026-11-28, another 2-core machine, an AMD EPYC, whose first run trained the dense model
+again: 99.28%; three side by side, load ~3, 54-55 min each): the seed-0 command with ``--configs
+admm-global:0.99|magnitude-global:0.99|magnitude-uniform:0.99 --out
+.../lenet5_mnist_sgd_epyc|_mag|_uniform_seed0.json``.
 
 Accuracies are on the full 10k MNIST test set; each configuration ran once (seed 0 unless the
 file name says otherwise). Torch runs with 1 thread: on this shared machine (load average ~10 on 2
