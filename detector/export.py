@@ -557,9 +557,9 @@ def export_model(model: DarknetModel, out_dir: str | os.PathLike, formats: Itera
 
     The files are written and checked in a hidden folder in `out_dir`
     (`.yolo-admm-export.STEM.XXXXXXXX.tmp`, held while in use: the next export there, a prune run
-    or a trainer removes it after a kill, `engine.staging_folder`), then moved into place together, with
-    interrupts held: a failed check or an interrupt leaves an earlier export there as it was, not
-    some files of each model.
+    or a trainer removes it after a kill, `engine.staging_folder`), then moved into place
+    together, with interrupts held: a failed check or an interrupt leaves an earlier export there
+    as it was, not some files of each model.
 
     Returns:
         dict `dense_fp32_bytes` and, per format exported, that exporter's report.

@@ -484,9 +484,8 @@ def run_job(job: PruneJob) -> dict[str, Any]:
     torch.manual_seed(job.seed)
     with run_folder_lock(root, "--out"):
         write_or_check_config(job, root / "config.yaml")
-        if distributed.is_main():                            # temp files of writes a kill cut short
-            for folder in (root, *(path for path in root.glob("sparsity_*/") if not path.is_symlink())):
-                remove_stale_temp_files(folder, recursive=folder != root)
+        if distributed.is_main():                            # what writes a kill cut short left
+            remove_stale_temp_files(root, recursive=True)
         handler = log_to_file(root / "log.txt") if distributed.is_main() else None
         try:
             if distributed.is_main():

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
-from engine.staging_folder import remove_abandoned_staging_folders, walk
+from engine.staging_folder import remove_abandoned_staging_folders, walk_to_sweep
 from pruning.atomic_file import TEMP_FILE_PREFIX, remove_unheld, write_atomically
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)\.pt$")
@@ -171,7 +171,7 @@ def remove_stale_temp_files(directory: str | os.PathLike, recursive: bool = Fals
     """Delete what kills left in `directory` (and below it, if `recursive`): the temporary files of
     atomic writes (`.yolo-admm-write.NAME.XXXXXXXX.tmp`) and the staging folders of exports
     (`engine.staging_folder`) that no live process holds; returns those removed."""
-    stale = [entry for parent, _, file_names in walk(directory, recursive)
+    stale = [entry for parent, _, file_names in walk_to_sweep(directory, recursive)
              for entry in (parent / name for name in file_names if TEMP_FILE_PATTERN.match(name))
              if not entry.is_symlink() and remove_unheld(entry, partial(entry.unlink, missing_ok=True))]
     return stale + remove_abandoned_staging_folders(directory, recursive)

@@ -1,14 +1,13 @@
 """One job per run folder.
 
 Two jobs writing one run folder would overwrite each other's checkpoints and records.
-`run_folder_lock` takes an exclusive `flock` on
-`FOLDER/.yolo-admm.lock` for as long as the job runs; a second job on the same folder stops at
-once with an error naming the holder. The operating system lets the lock go when the holder's
-process ends, however it ends (SIGKILL included), so a killed run never leaves a stale lock: the
-next job resumes it. Data-loader worker processes forked by the holder share its lock until they
-exit too, a second or so later: a job that finds the lock held by a process of this host that has
-ended waits up to `ORPHAN_WAIT_S` for them. The file itself stays, holding the last holder's
-description.
+`run_folder_lock` takes an exclusive `flock` on `FOLDER/.yolo-admm.lock` for as long as the job
+runs; a second job on the same folder stops at once with an error naming the holder. The
+operating system lets the lock go when the holder's process ends, however it ends (SIGKILL
+included), so a killed run never leaves a stale lock: the next job resumes it. Data-loader
+worker processes forked by the holder share its lock until they exit too, a second or so later: a
+job that finds the lock held by a process of this host that has ended waits up to `ORPHAN_WAIT_S`
+for them. The file itself stays, holding the last holder's description.
 
 Rank 0 alone takes the lock under torchrun (it alone writes the folder), and every rank raises
 when it cannot. Where `fcntl` or `flock` is unavailable (Windows; some network file systems) the
@@ -99,7 +98,7 @@ def _take(path: Path) -> tuple[IO[str] | None, str | None]:
         return None, holder
     if held is None:
         handle.close()
-        _warn_unlocked(path, "this platform or file system cannot lock files")
+        _warn_unlocked(path, "this file system cannot lock files")
         return None, None
     handle.truncate(0)
     handle.seek(0)

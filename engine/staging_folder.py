@@ -48,15 +48,16 @@ def remove_abandoned_staging_folders(directory: str | os.PathLike, recursive: bo
     """Delete the staging folders in `directory` (and below it, if `recursive`) that no live job
     holds; returns those removed."""
     removed = []
-    for parent, folder_names, _ in walk(directory, recursive):
+    for parent, folder_names, _ in walk_to_sweep(directory, recursive):
         for folder in (parent / name for name in folder_names if STAGING_FOLDER_PATTERN.match(name)):
-            remove = partial(shutil.rmtree, folder, ignore_errors=True)
-            if not folder.is_symlink() and remove_unheld(folder / HOLD_FILE, remove, create=True):
-                removed += [] if folder.exists() else [folder]      # not what a permission kept
+            remove = partial(shutil.rmtree, folder, ignore_errors=True)      # what it cannot remove stays
+            if (not folder.is_symlink() and remove_unheld(folder / HOLD_FILE, remove, create=True)
+                    and not folder.exists()):
+                removed.append(folder)
     return removed
 
 
-def walk(directory: str | os.PathLike, recursive: bool) -> Iterator[tuple[Path, list[str], list[str]]]:
+def walk_to_sweep(directory: str | os.PathLike, recursive: bool) -> Iterator[tuple[Path, list[str], list[str]]]:
     """(folder, the names of its folders, the names of its files) for `directory` and, if
     `recursive`, each folder below it, as `os.walk`: links are not followed, and a folder that
     vanishes meanwhile (another job's, removed) is passed over. Staging folders are not entered:
