@@ -524,6 +524,16 @@ def test_tiny_end_to_end_train_and_prune(tmp_path, capsys):
     assert len(seconds) == 3 and seconds[0] == result["history"]["admm"][0]["seconds"]   # epoch 1: before the kill
     assert resumed_result["train_time_s"] == pytest.approx(sum(seconds))               # counted all the same
 
+    # killed after the last ADMM epoch, before the hard prune: the ADMM state comes back, and so does the model
+    shutil.rmtree(tmp_path / "ckpt" / "retrain")
+    assert classify_main([*prune, "--resume", "--json-out", str(tmp_path / "after-admm.json"),
+                          "--out", str(tmp_path / "after-admm.pt")]) == 0
+    after_admm = load_weights(LeNet5(), tmp_path / "after-admm.pt")
+    assert all(torch.equal(a, b) for a, b in zip(after_admm.state_dict().values(), pruned.state_dict().values()))
+    after_admm_result = json.loads((tmp_path / "after-admm.json").read_text())
+    assert after_admm_result["admm_updates"] == result["admm_updates"]
+    assert after_admm_result["accuracy_after_hard_prune"] == result["accuracy_after_hard_prune"]
+
     # the folder holds this run: a new run there is refused, and so is a resume with other settings
     with pytest.raises(ValueError, match=r"ckpt: holds the checkpoints of an earlier run \(retrain/epoch_0001.pt\)"):
         classify_main(prune)
