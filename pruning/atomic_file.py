@@ -111,7 +111,8 @@ def hold(descriptor: int, wait: bool) -> bool | None:
 def remove_unheld(hold_file: Path, remove: Callable[[], Any], create: bool = False) -> bool:
     """Call ``remove()`` while holding ``hold_file`` (a temporary file, or the file that holds a
     folder; ``create`` it if missing), unless a live process holds it: whether it did. Whoever made
-    it and waits for its hold finds it unlinked, and makes another."""
+    it and waits for its hold finds it unlinked, and makes another. What cannot be removed (in a
+    folder not ours to write) stays: False."""
     if not CAN_HOLD:
         return False
     flags = os.O_RDWR | NO_FOLLOW | (os.O_CREAT if create else 0)
@@ -124,6 +125,8 @@ def remove_unheld(hold_file: Path, remove: Callable[[], Any], create: bool = Fal
             return False
         remove()
         return True
+    except PermissionError:
+        return False
     finally:
         os.close(descriptor)
 

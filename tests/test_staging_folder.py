@@ -168,6 +168,25 @@ def test_a_folder_removed_by_another_job_during_a_recursive_sweep_is_passed_over
     assert list(tmp_path.iterdir()) == [swept[0].parent]
 
 
+def test_a_leftover_that_cannot_be_removed_stays_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """A killed write's file in a folder not ours to write (an earlier run's, made read-only) made
+    the sweep raise PermissionError, and so stopped a prune run at its start."""
+    name = ".yolo-admm-write.epoch_0002.pt.abcdefgh.tmp"
+    for folder in ("read_only", "writable"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_bytes(b"cut short")
+    real_unlink = Path.unlink
+
+    def unlink(path, missing_ok=False):          # as for a user other than root (the tests may run as root)
+        if path.parent.name == "read_only":
+            raise PermissionError(13, "Permission denied", str(path))
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert remove_stale_temp_files(tmp_path, recursive=True) == [tmp_path / "writable" / name]
+    assert (tmp_path / "read_only" / name).read_bytes() == b"cut short"
+
+
 def test_where_nothing_can_be_held_writes_work_and_nothing_is_swept(tmp_path, monkeypatch, recwarn):
     """As on Windows: no fcntl, no O_NOFOLLOW, no fchmod (a review found all three failing)."""
     from engine import run_lock, run_folder_lock
