@@ -174,7 +174,7 @@ def coco_class_names(annotations_json: str | Path) -> list[str]:
 
 def _read_coco_json(annotations_json: Path) -> dict:
     """A COCO instances json without its segmentations, checked to have 'images', 'annotations' and
-    'categories' lists and every category an integer id and a name; categories sorted by id."""
+    'categories' lists and every category a unique integer id and a name; categories sorted by id."""
     if not annotations_json.is_file():
         raise FileNotFoundError(f"{annotations_json}: COCO annotations json not found")
     with open(annotations_json, encoding="utf-8") as f:
@@ -189,6 +189,10 @@ def _read_coco_json(annotations_json: Path) -> dict:
     for category in coco["categories"]:
         _check_entry(category, {"id": int, "name": str}, "category", annotations_json)
     coco["categories"] = sorted(coco["categories"], key=lambda c: c["id"])
+    for earlier, category in zip(coco["categories"], coco["categories"][1:]):
+        if category["id"] == earlier["id"]:
+            raise ValueError(f"{annotations_json}: category id {category['id']} is listed twice in 'categories' "
+                             f"({earlier['name']!r} and {category['name']!r}); expected unique ids")
     return coco
 
 
@@ -350,7 +354,8 @@ def read_utf8(path: Path) -> str:
 
 
 def read_data_yaml(data_yaml: Path) -> dict:
-    """An Ultralytics data yaml as a dict (a UTF-8 byte order mark allowed; `validation:` read as `val:`)."""
+    """An Ultralytics data yaml as a dict (a UTF-8 byte order mark allowed; `validation:` read as `val:`;
+    a split given as empty text or an empty list read as absent)."""
     text = read_utf8(data_yaml)
     try:
         spec = yaml.safe_load(text)
@@ -360,6 +365,10 @@ def read_data_yaml(data_yaml: Path) -> dict:
         raise ValueError(f"{data_yaml}: expected a mapping with 'names' and the splits, found {type(spec).__name__}")
     if spec.get("val") is None and spec.get("validation") is not None:
         spec["val"] = spec["validation"]
+    for split in ("train", "val", "test"):
+        entry = spec.get(split)
+        if entry == [] or (isinstance(entry, str) and not entry.strip()):   # `val: ''`: none, as Ultralytics
+            spec[split] = None
     return spec
 
 
@@ -394,6 +403,9 @@ def _split_images(entry: str | list, root: Path, data_yaml: Path, split: str) ->
             raise ValueError(f"{data_yaml}: split {split!r}: entry {item!r}: expected the path of a folder of "
                              f"images or of a .txt list, found {type(item).__name__}")
         item = str(item)
+        if not item.strip():
+            raise ValueError(f"{data_yaml}: split {split!r}: an empty path among its entries {entry!r}; "
+                             f"expected the path of a folder of images or of a .txt list")
         location = Path(item) if Path(item).is_absolute() else root / item
         if not location.exists() and str(item).startswith("../") and (root / str(item)[3:]).exists():
             location = root / str(item)[3:]         # Roboflow's exports write ../train/images beside the yaml

@@ -117,6 +117,8 @@ def _break(coco: dict, defect: str) -> None:
         coco["annotations"][0]["bbox"] = [10, 10, -5, -5]
     elif defect == "image id twice":
         coco["images"][1]["id"] = 11
+    elif defect == "category id twice":          # found by a review: both classes were scored as category 7
+        coco["categories"][2]["id"] = 7
 
 
 @pytest.mark.parametrize("defect, message", [
@@ -128,6 +130,7 @@ def _break(coco: dict, defect: str) -> None:
     ("bbox with text", r"annotation id 1: expected 'bbox' \[x, y, w, h\] of numbers with w, h >= 0, found \[1, 2, 'x', 4\]"),
     ("bbox with negative size", r"annotation id 1: expected 'bbox' .* found \[10, 10, -5, -5\]"),
     ("image id twice", r"image id 11 is listed twice in 'images'"),
+    ("category id twice", r"category id 7 is listed twice in 'categories' \('cat' and 'toaster'\)"),
 ])
 def test_coco_json_bad_entries_name_the_file_and_the_entry(tmp_path, defect, message):
     path = write_coco(tmp_path)
@@ -280,6 +283,14 @@ def test_yolo_dataset_bad_yaml_errors(tmp_path):
         yaml_path.write_text(f"path: ..\nval: {entry}\nnames: [dog]\n")
         with pytest.raises(ValueError, match=f"data.yaml: split 'val': entry {found}"):
             load_yolo_dataset(yaml_path)
+    # found by a review: an empty entry was the root folder, so `val: ''` validated on the training images
+    for blank in ("''", "[]", "' '"):
+        yaml_path.write_text(f"path: ..\ntrain: images/val\nval: {blank}\nnames: [dog]\n")
+        with pytest.raises(ValueError, match=r"data.yaml: split 'val' not found; the yaml has \['train'\]"):
+            load_yolo_dataset(yaml_path)
+    yaml_path.write_text("path: ..\nval: [images/val, '']\nnames: [dog]\n")
+    with pytest.raises(ValueError, match=r"data.yaml: split 'val': an empty path among its entries"):
+        load_yolo_dataset(yaml_path)
     yaml_path.write_text("path: ..\nval: images/val\nnames:\n  - dog\n  -\n")
     with pytest.raises(ValueError, match="data.yaml: 'names' entry 1: expected a class name, found None"):
         load_yolo_dataset(yaml_path)
