@@ -12,8 +12,9 @@ augmented at S and then resized).
 Edge cases, each reported once:
 - images without boxes are ordinary samples;
 - crowd boxes are removed;
-- boxes reaching outside their image are clipped to it, and boxes narrower or lower than 1 px
-  (after clipping) or not finite are dropped: ONE warning counts both and names a few images;
+- boxes reaching outside their image are clipped to it, and boxes without area (after clipping)
+  or not finite are dropped: ONE warning counts both and names a few images (a size limit, for
+  boxes too small to learn from, applies to the augmented output: `AugmentConfig.min_box_size`);
 - a missing image file is skipped (one warning names them); an image that fails to decode is
   replaced by another sample and named in a warning, once per file and process.
 
@@ -49,7 +50,6 @@ from data.sources import DetectionRecord, DetectionSource
 if TYPE_CHECKING:
     import albumentations as A
 
-MIN_BOX_PIXELS = 1.0
 MOSAIC_PARTNERS = 3
 _NAMED_IN_WARNINGS = 5
 
@@ -157,7 +157,7 @@ def clean_records(records: Sequence[DetectionRecord]) -> list[DetectionRecord]:
         limit = np.array([record.width, record.height] * 2, np.float32)
         inside = np.clip(boxes, 0, limit)
         finite = np.isfinite(boxes).all(axis=1)
-        valid = finite & ((inside[:, 2:] - inside[:, :2]) >= MIN_BOX_PIXELS).all(axis=1)
+        valid = finite & ((inside[:, 2:] - inside[:, :2]) > 0).all(axis=1)   # sizes in pixels of the output, later
         changed = valid & (inside != boxes).any(axis=1)
         clipped += int(changed.sum())
         dropped += int((~valid).sum())
@@ -168,8 +168,8 @@ def clean_records(records: Sequence[DetectionRecord]) -> list[DetectionRecord]:
     if missing:
         warnings.warn(f"skipping {len(missing)} missing training image(s): {_some(missing)}", stacklevel=2)
     if clipped or dropped:
-        warnings.warn(f"training labels: {clipped} box(es) clipped to their image, {dropped} degenerate or "
-                      f"non-finite box(es) (< {MIN_BOX_PIXELS:g} px after clipping) dropped, in "
+        warnings.warn(f"training labels: {clipped} box(es) clipped to their image, {dropped} box(es) without "
+                      f"area after clipping, or not finite, dropped, in "
                       f"{len(touched)} image(s): {_some(touched)}", stacklevel=2)
     return cleaned
 
