@@ -14,8 +14,10 @@
    Padding takes the image's mean colour, as Darknet's does.
 2. stretch to `size` x `size`,
 3. horizontal flip,
-4. colour jitter: hue shift in [-hue, hue] of the colour circle, saturation and brightness
-   (Darknet's exposure) factors in [1/s, s] and [1/e, e].
+4. Darknet's colour jitter (`DarknetColour`): in HSV, a hue shift in [-hue, hue] of the colour
+   circle, and the saturation and value (brightness, Darknet's exposure) multiplied by factors
+   drawn as Darknet's `rand_scale` draws them: in [1, s], inverted half of the time, so that an
+   image is as often darker as brighter.
 
 `build_mosaic_transform(config)` joins four such augmented `size` x `size` images (the dataset
 passes three as `mosaic_metadata`) into a 2x2 mosaic (`albumentations.Mosaic`), cut at seams that
@@ -44,6 +46,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 
 from data.geometry import LETTERBOX_FILL
 
@@ -59,8 +62,9 @@ class AugmentConfig:
         size: output side in pixels (a multiple of 32).
         letterbox: keep the aspect ratio and pad (Darknet `letter_box=1`), else stretch.
         hue: max hue shift as a fraction of the colour circle (Darknet `hue`, 0..0.5).
-        saturation: saturation factor range [1/saturation, saturation] (Darknet `saturation`, >= 1).
-        exposure: brightness factor range [1/exposure, exposure] (Darknet `exposure`, >= 1).
+        saturation: saturation factors in [1/saturation, saturation], drawn as Darknet draws them
+            (`darknet_scale`; Darknet `saturation`, >= 1).
+        exposure: brightness factors in [1/exposure, exposure], drawn alike (Darknet `exposure`, >= 1).
         flip: probability of a horizontal flip (Darknet `flip=1` flips half the images).
         jitter: each side is cropped or padded by up to this fraction of the image's width or height,
             drawn apart (Darknet's `[yolo] jitter`, in [0, 0.5)).
@@ -165,6 +169,51 @@ class DarknetCrop(A.CropAndPad):
         return chosen
 
 
+class DarknetColour(A.ImageOnlyTransform):
+    """Darknet's colour jitter, step 4 of the module docstring, as `image_data_augmentation` applies
+    it to 8-bit images: hue, saturation and value in OpenCV's HSV (hue 0..179), the factors drawn
+    by `darknet_scale`. Darknet adds the hue shift to the 8-bit hue and clips it; here it turns
+    round the circle. (albumentations' ColorJitter draws its factors uniformly in [1/s, s], which
+    brightens on average, 1.08x for s = 1.5, and blends with grey for saturation, which also
+    changes the brightness.)"""
+
+    def __init__(self, hue: float, saturation: float, exposure: float, p: float = 1.0):
+        super().__init__(p=p)
+        self.hue, self.saturation, self.exposure = float(hue), float(saturation), float(exposure)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("hue", "saturation", "exposure")
+
+    def get_params(self) -> dict:
+        return {"hue_shift": self.py_random.uniform(-self.hue, self.hue),        # Darknet's order of draws
+                "saturation_factor": darknet_scale(self.py_random, self.saturation),
+                "value_factor": darknet_scale(self.py_random, self.exposure)}
+
+    def apply(self, img, hue_shift: float, saturation_factor: float, value_factor: float, **params):
+        return scale_hsv(img, hue_shift, saturation_factor, value_factor)
+
+
+def darknet_scale(rng, limit: float) -> float:
+    """A factor as Darknet's `rand_scale(limit)`: uniform in [1, limit], and its inverse half of the time."""
+    factor = rng.uniform(1.0, limit)
+    return factor if rng.random() < 0.5 else 1.0 / factor
+
+
+def scale_hsv(image: np.ndarray, hue_shift: float, saturation_factor: float, value_factor: float) -> np.ndarray:
+    """uint8 RGB `image` with its hue turned by `hue_shift` of the colour circle and its HSV
+    saturation and value multiplied (rounded, clipped to 0..255, as OpenCV's 8-bit arithmetic); a
+    grey image (one channel) has its values multiplied, as Darknet does."""
+    levels = np.arange(256, dtype=np.float64)
+    value = np.clip(np.rint(levels * value_factor), 0, 255).astype(np.uint8)
+    if image.ndim == 2 or image.shape[-1] == 1:
+        return value[image]
+    hue = ((np.arange(256) + round(hue_shift * 180)) % 180).astype(np.uint8)
+    saturation = np.clip(np.rint(levels * saturation_factor), 0, 255).astype(np.uint8)
+    h, s, v = cv2.split(cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2HSV))
+    hsv = cv2.merge([cv2.LUT(h, hue), cv2.LUT(s, saturation), cv2.LUT(v, value)])
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
 def _resize_crop_range(resize: float) -> tuple[float, float]:
     """(low, high): Darknet's `resize` moves a side by a fraction of the width or height drawn in
     this range (> 0 crops): [(1 - r) / 2, (1 - 1 / r) / 2] for r = resize >= 1; for resize < 1,
@@ -200,9 +249,7 @@ def build_train_transform(config: AugmentConfig) -> A.Compose:
         DarknetCrop(config.jitter, config.resize, config.letterbox),
         A.Resize(config.size, config.size, interpolation=cv2.INTER_LINEAR),
         A.HorizontalFlip(p=config.flip),
-        A.ColorJitter(brightness=(1 / config.exposure, config.exposure), contrast=(1.0, 1.0),
-                      saturation=(1 / config.saturation, config.saturation),
-                      hue=(-config.hue, config.hue), p=1.0),
+        DarknetColour(config.hue, config.saturation, config.exposure),
     ]
     return A.Compose(steps, bbox_params=_bbox_params(0.0))
 
