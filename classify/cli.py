@@ -24,7 +24,8 @@ from classify.pipeline import (ADMM_LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, P
                                check_weight_patterns, evaluate_accuracy, make_eval_loader, model_spec, prepare,
                                prune_model, save_prune_plots, save_weights, train_model)
 from classify.run_record import claim_checkpoint_dir, run_identity
-from engine import atomic_write_json, distributed, output_file, output_folder, resolve_device, run_folder_lock
+from engine import (atomic_write_json, distributed, output_file, output_folder, refuse_overwriting_inputs,
+                    resolve_device, run_folder_lock)
 from yolo_admm.arguments import parse_arguments, pattern_list
 from yolo_admm.wording import counted
 
@@ -196,11 +197,14 @@ def check_output_file(path: Path | None, flag: str) -> None:
 
 
 def check_output_files(args: argparse.Namespace) -> None:
-    """Before any work: --out and --json-out can be written, and are not one file."""
+    """Before any work: --out and --json-out can be written, are not one file, and neither is --weights."""
     check_output_file(args.out, "--out")
     check_output_file(args.json_out, "--json-out")
     if args.out is not None and args.json_out is not None and args.out.resolve() == args.json_out.resolve():
         raise ValueError(f"--out and --json-out both name {args.out}: the JSON would overwrite the weights")
+    for flag, path in (("--out", args.out), ("--json-out", args.json_out)):
+        if path is not None:
+            refuse_overwriting_inputs([path], {"--weights": args.weights}, f"{flag} {path}")
 
 
 def check_checkpoint_dir(args: argparse.Namespace) -> None:
@@ -290,6 +294,8 @@ def report_prune(args: argparse.Namespace, model: nn.Module, result: dict) -> No
           f"({result['wall_time_s']:.0f} s, after {result['load_time_s']:.0f} s reading the data and weights)")
     if args.out is not None:
         print(f"pruned weights: {save_weights(model, args.out)}")
+    else:
+        print("pruned weights: not saved (no --out)")
     if args.json_out is not None:
         atomic_write_json(args.json_out, result)
         plots = save_prune_plots(result, args.json_out)

@@ -12,7 +12,8 @@ DIR/model.names), DIR/model.onnx (decoding included, checked in onnxruntime) and
 (compact sparse archive, fp16 or --int8 nonzeros), with the class names (--names, those of an
 archive given as --weights, or those of the data a run records) in each; prints their sizes against
 the dense fp32 model and the archive's entropy bound, and writes the numbers to DIR/export.json.
-The sparsity pattern is read from the weights' zeros. An export may not overwrite its own inputs.
+The sparsity pattern is read from the weights' zeros. An export may not overwrite its own inputs,
+nor files of its names in a DIR that holds no DIR/export.json of an earlier export.
 An export into DIR replaces the one before it: once the new files are written, the files the
 earlier DIR/export.json lists and this export did not write again are removed (this export's
 inputs excepted).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -31,10 +33,11 @@ from detector.loading import load_detector
 from detector.export import FORMAT_SUFFIXES, FORMATS, check_export, export_model, export_targets
 from detector.model import DarknetModel, load_darknet
 from detector.weights import WeightsHeader
-from engine import atomic_write_json, load_error_summary, output_folder
+from engine import atomic_write_json, load_error_summary, output_folder, refuse_overwriting_inputs
 from engine.checkpoint import checked_trainer_checkpoint, checkpoint_file, find_latest_checkpoint, read_checkpoint_file
 from pruning.masks import Masks
 from pruning.sparse_archive import is_sparse_archive
+from yolo_admm.wording import counted
 
 STAGE_FILE_KEYS = {"model", "masks"}     # detect prune's sparsity_S/hard_prune.pt and retrained.pt
 STAGE_FILE_OPTIONAL_KEYS = {"weights_header"}
@@ -86,15 +89,19 @@ def run(args: argparse.Namespace) -> int:
         model.class_names = recorded_class_names(data, int(model.heads[0].num_classes))
     value_format = "int8" if args.int8 else "fp16"
     check_export(model, args.formats, value_format, img_size)
-    inputs = {Path(path).resolve() for path in (cfg, args.weights, args.checkpoint, args.names) if path}
-    for output in export_targets(args.out, args.formats, EXPORT_STEM):
-        if output.resolve() in inputs:
-            raise ValueError(f"--out {args.out}: this export would overwrite its own input {output}; "
-                             f"export into another folder")
+    given = {"--cfg": cfg, "--weights": args.weights, "--checkpoint": args.checkpoint, "--names": args.names}
+    inputs = {Path(path).resolve() for path in given.values() if path}
+    targets = export_targets(args.out, args.formats, EXPORT_STEM)
+    refuse_overwriting_inputs(targets, given, f"--out {args.out}")
+    json_path = args.out / "export.json"
+    foreign = [target for target in targets if os.path.lexists(target)] if not os.path.lexists(json_path) else []
+    if foreign:                                     # a folder no detect export wrote into: the user's files
+        raise ValueError(f"--out {args.out}: expected a new folder or one an earlier detect export wrote into (its "
+                         f"export.json is not there), found {counted(len(foreign), 'file')} that this export "
+                         f"would replace ({', '.join(t.name for t in foreign)}); choose another --out")
+    earlier = exported_files(json_path)
     output_folder(args.out, "--out")                # after the inputs are known good: no empty folder
     masks = Masks.from_model(model)
-    json_path = args.out / "export.json"
-    earlier = exported_files(json_path)
     report = export_model(model, args.out, args.formats, masks, value_format, img_size, stem=EXPORT_STEM)
     print(format_report(report))
     atomic_write_json(json_path, report)

@@ -9,12 +9,13 @@ import argparse
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from detector.cli import network_size
 from detector.export import FORMATS as EXPORT_FORMATS
 from detector.prune_job import METHODS, PruneJob
 from detector.prune_pipeline import format_stage_table, run_job
-from engine import distributed
+from engine import distributed, refuse_overwriting_inputs
 from yolo_admm.arguments import pattern_list
 
 
@@ -65,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ramp-iters", type=int, help="ADMM iterations the ramp takes (default: two thirds of them)")
     parser.add_argument("--retrain-epochs", type=int, help="masked retraining epochs (default 4)")
     parser.add_argument("--lr", type=float, help="learning rate (default: the cfg's [net] learning_rate)")
-    parser.add_argument("--burn-in", type=int, help="warm-up optimizer steps (default 0: the model is pretrained)")
+    parser.add_argument("--burn-in", type=int,
+                        help="warm-up optimizer steps at the start of each phase, ADMM and retraining "
+                             "(default 0: the model is pretrained)")
     parser.add_argument("--batch-size", type=int,
                         help="images per forward pass (default: [net] batch/subdivisions); gradients are "
                              "accumulated over passes until an optimizer step has seen the cfg's [net] batch "
@@ -92,6 +95,10 @@ def job_of(args: argparse.Namespace) -> PruneJob:
 def run(args: argparse.Namespace) -> int:
     try:
         job = job_of(args)
+        refuse_overwriting_inputs(written_files(job), {
+            "--config": args.config, "--cfg": job.cfg, "--weights": job.weights, "--data": job.data,
+            "--train-annotations": job.train_annotations, "--val-annotations": job.val_annotations},
+            f"--out {job.out}")
     except ValueError as error:               # every rank reads the same flags and --config: said once
         raise distributed.EveryRankError(str(error)) from None
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -102,6 +109,14 @@ def run(args: argparse.Namespace) -> int:
         print(format_stage_table(results["sweep"]))
         print(f"\nresults: {job.out}/results.json")
     return 0
+
+
+def written_files(job: PruneJob) -> list[Path]:
+    """The files of fixed names a run writes into --out; its config.yaml only when that is not
+    already the record of this run (which a resume writes again, with the same settings)."""
+    out = Path(job.out)
+    recorded = (out / "dense.json").is_file()
+    return [out / "log.txt", out / "results.json", *([] if recorded else [out / "config.yaml"])]
 
 
 def interrupted_hint(args: argparse.Namespace) -> str:

@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import detector
+import pruning
 from data.sources import DetectionSource, load_coco_json, load_yolo_dataset, read_data_yaml
 from detector.class_checks import check_same_classes
 from detector.cli import network_size
@@ -41,7 +42,7 @@ from detector.loading import load_to_train
 from detector.train import DetectTrainConfig, check_training_options, fit_detector
 from detector.weights import WeightsHeader
 from engine import (atomic_write_json, changed_settings, describe_changes, distributed, find_latest_checkpoint,
-                    output_folder, resolved_paths, run_folder_lock, seed_everything)
+                    output_folder, refuse_overwriting_inputs, resolved_paths, run_folder_lock, seed_everything)
 from yolo_admm.wording import counted
 
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume", "progress",
@@ -144,9 +145,18 @@ def run(args: argparse.Namespace) -> int:
     config.device = str(distributed.init_from_env(config.device))  # joins torchrun's group, if any
     with distributed.checked_on_every_rank():       # bad input: said once, not by every rank
         check_training_options(detector.parse_cfg(args.cfg), config.img_size, config.augment, config.multi_scale)
+        inputs = {"--cfg": args.cfg, "--weights": args.weights, "--data": args.data,
+                  "--annotations": args.annotations, "--val-annotations": args.val_annotations}
+        refuse_overwriting_inputs(written_files(args), inputs, f"--out {args.out}")
         output_folder(args.out, "--out")            # on every rank, so that every rank stops on a bad one
     with run_folder_lock(args.out, "--out"):        # one job per folder
         return train_in_folder(args, config)
+
+
+def written_files(args: argparse.Namespace) -> list[Path]:
+    """The files of fixed names a run writes into --out (the trained .weights and .names among them)."""
+    stem = Path(args.cfg).stem
+    return [args.out / name for name in (f"{stem}.weights", f"{stem}.names", "args.json", "history.csv")]
 
 
 def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
@@ -157,6 +167,11 @@ def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
         data_name = str(args.data or args.annotations)  # where the class names come from, for messages
         class_names = writable_class_names(train_source, data_name)
         model = load_to_train(args.cfg, args.weights, partial=True)
+    zero = pruning.table_totals(pruning.layer_table(model))["sparsity"]
+    if zero > 0.5:
+        warnings.warn(f"--weights {args.weights}: {100 * zero:.1f}% of its conv weights are zero (a pruned model?); "
+                      f"detect train does not keep them at zero, so the model it writes is dense again",
+                      stacklevel=2)
     if distributed.is_main():
         atomic_write_json(args.out / "args.json", recorded_args(args))
     seed_everything(args.seed)

@@ -5,7 +5,7 @@ from engine.checkpoint import (atomic_torch_save, atomic_write, atomic_write_byt
                                save_checkpoint, unreadable_detail)
 from engine.ema import ModelEMA
 from engine.interrupts import held_interrupts, held_iteration
-from engine.output_paths import output_file, output_folder
+from engine.output_paths import output_file, output_folder, refuse_overwriting_inputs
 from engine.rng import seed_everything, seeded_cpu_stream
 from engine.run_lock import run_folder_lock
 from engine.run_settings import changed_settings, describe_changes, resolved_paths
@@ -31,6 +31,7 @@ __all__ = [
     "load_error_summary",
     "output_file",
     "output_folder",
+    "refuse_overwriting_inputs",
     "move_to_device",
     "remove_stale_temp_files",
     "resolve_device",

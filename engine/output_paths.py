@@ -1,10 +1,12 @@
 """Output paths checked before any long work: a folder created and probed, a file whose folder
-takes it, each error naming the command-line option that gave the path."""
+takes it, no output that is one of the command's inputs; each error names the command-line option
+that gave the path."""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable, Mapping
 
 from pruning.atomic_file import check_writable
 
@@ -49,3 +51,20 @@ def output_file(path: str | os.PathLike, flag: str) -> Path:
         raise ValueError(f"{flag} {err}") from None
     output_folder(path.parent, f"{flag} {path}: its folder")
     return path
+
+
+def refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Mapping[str, str | os.PathLike | None],
+                              where: str) -> None:
+    """Refuse, before any work, a command whose `outputs` (the files it writes) include one of its
+    `inputs` (option -> path; None where not given): writing it would replace the user's file.
+
+    Raises:
+        ValueError: names `where` (the option that placed the outputs, with its value), the file
+            and the option that gave it as input.
+    """
+    given = {Path(path).resolve(): flag for flag, path in inputs.items() if path is not None}
+    for output in outputs:
+        flag = given.get(Path(output).resolve())
+        if flag is not None:
+            raise ValueError(f"{where}: this run would overwrite its own input {output} ({flag}); "
+                             f"write its outputs elsewhere")

@@ -188,6 +188,16 @@ def _without_progress(args_json: Path) -> None:
     args_json.write_text(json.dumps(saved))
 
 
+def pruned_weights(ws: Workspace) -> Path:
+    """The workspace's model with 80% of its conv weights zeroed, as pruned.weights."""
+    model = detector.load_darknet(ws.cfg, ws.weights)
+    for name, weight in model.named_parameters():
+        if name.endswith("conv.weight"):
+            weight.data[weight.abs() < weight.abs().flatten().quantile(0.85)] = 0
+    detector.write_weights(ws.root / "pruned.weights", model)
+    return ws.root / "pruned.weights"
+
+
 def yaml_with_names(ws: Workspace, names: str) -> Path:
     return ws.write("ds/other.yaml", f"train: images/train\nval: images/val\nnames: [{names}]\n")
 
@@ -263,6 +273,15 @@ def corrected_prune_runs_in_the_same_folder(ws: Workspace, argv: list[str], caps
     assert not (ws.out / "prune" / "dense.json").exists()
     assert main(detect_prune(ws)) == 0
     assert (ws.out / "prune" / "results.json").is_file()
+
+
+def a_runs_own_config_resumes_it(ws: Workspace, argv: list[str], capsys) -> None:
+    """The config.yaml a run recorded is no user's file: given as --config, it resumes that run."""
+    (ws.out / "prune" / "config.yaml").unlink()
+    assert main(detect_prune(ws)) == 0
+    finished = {path: path.read_bytes() for path in (ws.out / "prune").rglob("*.pt")}
+    assert main(argv) == 0
+    assert {path: path.read_bytes() for path in (ws.out / "prune").rglob("*.pt")} == finished   # resumed, not redone
 
 
 @dataclass(frozen=True)
@@ -461,6 +480,21 @@ CASES = [
                      ["detect", "export", "--cfg", str(ws.root / "other.cfg"), "--checkpoint", str(ws.out),
                       "--formats", "compact", "--out", str(ws.root / "export")]][2],
          ("{out}: its model does not fit {root}/other.cfg: size mismatch for",)),
+    # --- outputs that are inputs: found by a review, each replaced the user's file
+    Case("train-out-holds-its-weights", lambda ws: detect_train(ws, "--weights", str(ws.out / "tiny.weights")),
+         ("--out {out}: this run would overwrite its own input {out}/tiny.weights (--weights)",)),
+    Case("prune-out-holds-its-job-file", lambda ws: detect_prune(ws, "--config", str(ws.out / "prune" / "config.yaml")),
+         ("--out {out}/prune: this run would overwrite its own input {out}/prune/config.yaml (--config)",),
+         files={"out/prune/config.yaml": "# the user's job\nsparsity: [0.5]\n"}, then=a_runs_own_config_resumes_it),
+    Case("export-over-files-no-export-wrote",
+         lambda ws: ["detect", "export", "--cfg", str(ws.cfg), "--weights", str(ws.weights), "--formats", "onnx",
+                     "--out", str(ws.out / "export")],
+         ("--out {out}/export: expected a new folder or one an earlier detect export wrote into (its export.json "
+          "is not there), found 1 file that this export would replace (model.onnx); choose another --out",),
+         files={"out/export/model.onnx": "the user's"}),
+    Case("train-from-a-pruned-model", lambda ws: detect_train(ws, "--weights", str(pruned_weights(ws))),
+         ("--weights {root}/pruned.weights: 8", "% of its conv weights are zero (a pruned model?); detect train does "
+          "not keep them at zero, so the model it writes is dense again"), code=0),
     Case("unwritable-out-export",
          lambda ws: ["detect", "export", "--cfg", str(ws.cfg), "--weights", str(ws.weights), "--formats", "compact",
                      "--out", str(ws.out / "metrics.json" / "export")],
@@ -535,6 +569,12 @@ def test_a_resume_may_spell_its_paths_otherwise(base: Path, tmp_path: Path, caps
     assert main(relative[1]) == 0
     assert main(detect_prune(ws, "--lr", "0.5")) == 2
     assert "other settings (lr: not given -> 0.5)" in capsys.readouterr().err        # and a real change is refused
+
+
+def test_the_command_without_a_task_is_a_usage_error(capsys):
+    assert main([]) == 2
+    assert "usage: yolo-admm TASK MODE" in capsys.readouterr().err
+    assert main(["--help"]) == 0 and "usage: yolo-admm TASK MODE" in capsys.readouterr().out
 
 
 def test_the_command_says_its_version(capsys):

@@ -443,12 +443,16 @@ def test_cli_refuses_what_a_review_found_accepted(tmp_path, capsys):
         ([*train, "--lr", "inf"], "lr must be a finite number > 0, found inf"),
         ([*train, "--out", str(tmp_path / "same"), "--json-out", str(tmp_path / "same")],
          f"--out and --json-out both name {tmp_path}/same"),
+        ([*prune, "--out", str(tmp_path / "w.pt")],         # the dense input model was replaced
+         f"--out {tmp_path}/w.pt: this run would overwrite its own input {tmp_path}/w.pt (--weights)"),
+        ([*train, "--weights", str(tmp_path / "w.pt"), "--json-out", str(tmp_path / "w.pt")],
+         f"--json-out {tmp_path}/w.pt: this run would overwrite its own input {tmp_path}/w.pt (--weights)"),
     ]
     for argv, message in cases:
         assert yolo_admm_main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
-    assert not (tmp_path / "same").exists()
+    assert not (tmp_path / "same").exists() and not (tmp_path / "w.pt").exists()
 
 
 def test_ctrl_c_says_what_was_kept_and_how_to_go_on(tmp_path, capsys, monkeypatch):

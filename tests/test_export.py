@@ -635,7 +635,7 @@ def test_predict_eval_and_export_take_a_compact_archive_without_its_cfg(pruned, 
     assert "model.onnx: an ONNX file, which runs in onnxruntime or OpenCV" in capsys.readouterr().err
     before = archive.read_bytes()                 # found by a review: an --int8 export in place replaced the fp16 input
     assert main(["detect", "export", "--weights", str(archive), "--out", str(tmp_path), "--int8"]) == 2
-    assert f"this export would overwrite its own input {archive}" in capsys.readouterr().err
+    assert f"this run would overwrite its own input {archive} (--weights)" in capsys.readouterr().err
     assert archive.read_bytes() == before and (tmp_path / "model.onnx").read_bytes() == b"an onnx file"  # nothing
 
 

@@ -49,7 +49,10 @@ RAISE_LOST_INTERRUPT_AFTER_S = 4.0
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help"}:
+    if not argv:                                       # as `yolo-admm detect` without a mode: a usage error
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] in {"-h", "--help"}:
         print(USAGE)
         return 0
     if argv[0] == "--version":
