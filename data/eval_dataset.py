@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +27,7 @@ from data.sources import TRANSPOSING_ORIENTATIONS, DetectionSource, exif_orienta
 # pixels agree; OpenCV's turns equal PIL's `ImageOps.exif_transpose` (tests/test_sources.py).
 _STORED = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 _TURNED = cv2.IMREAD_COLOR
+JPEG_TAIL_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,21 @@ def read_rgb(path: str | Path, orientation: int = 1) -> np.ndarray:
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: image not found")
         raise ValueError(f"{path}: not a readable image")
+    if _is_cut_short_jpeg(Path(path)):          # libjpeg's own warning names no file
+        warnings.warn(f"{path}: a JPEG without its end marker (cut short?): its missing part is decoded as grey",
+                      stacklevel=2)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _is_cut_short_jpeg(path: Path) -> bool:
+    """Whether `path` is a JPEG (by its first bytes) whose last `JPEG_TAIL_BYTES` hold no end-of-image
+    marker: a file cut short, of which OpenCV decodes the part that is there (some cameras append
+    data after the marker, hence a tail rather than the last two bytes)."""
+    with open(path, "rb") as stream:
+        if stream.read(2) != b"\xff\xd8":
+            return False
+        stream.seek(max(0, os.fstat(stream.fileno()).st_size - JPEG_TAIL_BYTES))
+        return b"\xff\xd9" not in stream.read()
 
 
 def read_annotated_image(path: str | Path, orientation: int, annotated_wh: tuple[int, int]) -> np.ndarray:

@@ -251,8 +251,10 @@ def _build_yolo(section: YoloSection, ctx: BuildContext) -> BuiltLayer:
                                  f"{section.classes})), found {src.channels}")
     stride_x, stride_y = ctx.net.width / src.width, ctx.net.height / src.height
     if stride_x != stride_y:
-        raise ctx.error(section, f"expected the same stride along x and y, found "
-                                 f"{stride_x:g} and {stride_y:g}")
+        raise ctx.error(section, f"expected the same stride along x and y, found {stride_x:g} and {stride_y:g} "
+                                 f"([net] width={ctx.net.width} and height={ctx.net.height} at {src.width}x"
+                                 f"{src.height} cells; each should be a multiple of the network's downsampling, "
+                                 f"32 in most YOLO cfgs)")
     return BuiltLayer(YoloHead(section, stride_x), (ctx.index - 1,), src)
 
 

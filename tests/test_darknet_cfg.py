@@ -287,6 +287,14 @@ def test_build_errors_name_the_layer_and_what_was_expected(tmp_path):
     with pytest.raises(DarknetError, match=r":23 \[yolo\] \(layer 4\): expected classes=2 as in the first \[yolo\] "
                                            r"\(.*t.cfg:10 \[yolo\]\), found classes=3"):
         build_layers(detector.parse_cfg(write_cfg(tmp_path, two_heads)))
+    # found by a review: a [net] width that is no multiple of 32 was named only by the strides it made
+    strided = ("[convolutional]\nfilters=6\nsize=1\nstride=32\n\n"
+               "[yolo]\nmask=0\nanchors=10,20\nclasses=1\nnum=1\n")
+    narrow = write_cfg(tmp_path, strided, size=320)
+    narrow.write_text(narrow.read_text().replace("width=320", "width=300", 1))
+    with pytest.raises(DarknetError, match=r"expected the same stride along x and y, found 30 and 32 \(\[net\] "
+                                           r"width=300 and height=320 at 10x10 cells; each should be a multiple"):
+        build_layers(detector.parse_cfg(narrow))
 
 
 def test_missing_files_and_bad_net_section(tmp_path):

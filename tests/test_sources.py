@@ -365,6 +365,22 @@ def test_images_are_turned_by_their_exif_orientation_as_pil_turns_them(tmp_path,
     np.testing.assert_array_equal(read_rgb(path), stored)                       # 1: as stored
 
 
+def test_a_jpeg_cut_short_is_named_in_a_warning(tmp_path):
+    """Found by a review: OpenCV decodes what there is of a truncated JPEG, grey below, and libjpeg
+    prints "Premature end of JPEG file" without naming the file; a 10,000-image split hides it."""
+    from data.eval_dataset import read_rgb
+
+    image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    encoded = cv2.imencode(".jpg", image)[1].tobytes()
+    (tmp_path / "whole.jpg").write_bytes(encoded)
+    (tmp_path / "trailer.jpg").write_bytes(encoded + bytes(1000))       # data after the end marker: whole
+    (tmp_path / "cut.jpg").write_bytes(encoded[:len(encoded) // 2])
+    with pytest.warns(UserWarning, match=f"{tmp_path / 'cut.jpg'}: a JPEG without its end marker") as caught:
+        for name in ("whole.jpg", "trailer.jpg", "cut.jpg"):
+            assert read_rgb(tmp_path / name).shape == (64, 64, 3)
+    assert len(caught) == 1
+
+
 def test_yolo_labels_are_of_the_image_as_its_exif_orientation_shows_it(tmp_path):
     """Found by a review: a phone photo stored sideways (orientation 6) was read as stored, while
     its labels, like Ultralytics' and Darknet's, are of the image as displayed."""
