@@ -35,6 +35,13 @@ Other seeds of the two global methods at 50% (2.4-4.1 min each, 2026-11-27)::
         --sparsities 0.5 --seed 1 --out-root runs/bench_prune_yolo_fastest_seed1 \
         --json benchmarks/results/prune_yolo_fastest_seed1.json        (and the same with 2)
 
+The same three seeds with Darknet's colour jitter (commit 92d98c1; 2.0-4.1 min each, 2026-11-28, an
+AMD EPYC, seeds 0 and 1 side by side, then 2)::
+
+    .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
+        --sparsities 0.5 --seed 0 --out-root runs/bench_prune_yolo_fastest_hsv_seed0 \
+        --json benchmarks/results/prune_yolo_fastest_hsv_seed0.json    (and the same with 1, 2)
+
 A twice longer budget (admm 3 x 2 + retrain 6 epochs; 9.3 min)::
 
     .venv/bin/python benchmarks/prune_yolo_fastest.py --threads 1 --methods admm-global,magnitude-global \
