@@ -227,11 +227,19 @@ def prune_run_checkpoint(path: Path) -> Path:
     if path.is_dir() and find_latest_checkpoint(path) is None and (path / RETRAINED_STAGE_FILE).is_file():
         print(f"export: {path / RETRAINED_STAGE_FILE}, the final model of this prune run's sparsity folder")
         return path / RETRAINED_STAGE_FILE
+    sparsity_folders = sorted(final.parent.name for final in path.glob(f"sparsity_*/{RETRAINED_STAGE_FILE}"))
+    if path.is_dir() and find_latest_checkpoint(path) is None and sparsity_folders:
+        raise FileNotFoundError(f"{path}: a detect prune run's folder, with a final model per sparsity: expected "
+                                f"--checkpoint {path}/sparsity_S, one of "
+                                f"{', '.join(sparsity_folders)}")
     file = checkpoint_file(path)
     final = file.parent.parent / RETRAINED_STAGE_FILE
     if file.parent.name == "retrain" and final.is_file():
         warnings.warn(f"{file}: a checkpoint of the retraining, before the run's final BatchNorm recalibration; "
                       f"the model the run measured and exported is {final}", stacklevel=2)
+    if file.parent.name == "admm" and file.parent.parent.name.startswith("sparsity_"):
+        warnings.warn(f"{file}: a checkpoint of the ADMM phase, before the hard prune: its weights are not pruned; "
+                      f"the pruned model is {final}", stacklevel=2)
     return file
 
 

@@ -389,14 +389,27 @@ def check_weight_patterns(job: PruneJob) -> None:
 
 
 def check_job(job: PruneJob) -> None:
-    """What the cfg alone can refuse, before the run folder is made or written: an export that
-    this OpenCV cannot check, the training options of its last [yolo] (`check_training_options`),
-    and the weight patterns and floors (`check_weight_patterns`)."""
+    """What can be refused before the run folder is made or written: an export that this OpenCV
+    cannot check, the training options of the cfg's last [yolo] (`check_training_options`), the
+    weight patterns and floors (`check_weight_patterns`), and missing weights or data."""
     cfg = detector.parse_cfg(job.cfg)
     if "darknet" in job.export:  # fail before the training, not after it
         require_opencv_darknet_importer(cfg)
     check_training_options(cfg, job.img_size, job.augment, job.multi_scale)
     check_weight_patterns(job)
+    check_input_paths(job)
+
+
+def check_input_paths(job: PruneJob) -> None:
+    """That the job's weights and data are there, before a run folder is made for them (reading
+    them comes later, in the run)."""
+    expected = {"weights": "file", "data": "file", "train_images": "folder", "train_annotations": "file",
+                "val_images": "folder", "val_annotations": "file"}
+    for setting, kind in expected.items():
+        path = getattr(job, setting)
+        if path is not None and not (Path(path).is_dir() if kind == "folder" else Path(path).is_file()):
+            found = "a folder" if Path(path).is_dir() else "a file" if Path(path).exists() else "nothing"
+            raise FileNotFoundError(f"{path}: expected the {kind} of the job's {setting}, found {found}")
 
 
 def make_context(job: PruneJob) -> RunContext:

@@ -596,7 +596,9 @@ def test_a_refused_export_predict_or_prune_leaves_no_empty_folder(base: Path, tm
                  "--out", str(tmp_path / "e")]) == 2                  # found by a review: left an empty folder
     assert not (tmp_path / "e").exists()
     for refused in (["--include", "re:(conv"], ["--exclude", "*"],     # not a regex; leaves nothing to prune
-                    ["--cfg", str(selu), "--export", "darknet"]):     # an export OpenCV 4 could not check
+                    ["--cfg", str(selu), "--export", "darknet"],      # an export OpenCV 4 could not check
+                    ["--data", str(ws.root / "nowhere.yaml")],         # found by a review: a run folder was
+                    ["--weights", str(ws.root / "nowhere.weights")]):  # made, with config.yaml, log.txt, lock
         assert main(detect_prune(ws, *refused, out=tmp_path / "q")) == 2
         assert not (tmp_path / "q").exists()
 

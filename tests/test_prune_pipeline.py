@@ -477,6 +477,15 @@ def test_export_of_a_stage_file_takes_the_cfg_its_run_records(uninterrupted, tmp
                  "--formats", "compact"]) == 0
     assert (f"a checkpoint of the retraining, before the run's final BatchNorm recalibration; the model the run "
             f"measured and exported is {folder / 'retrained.pt'}") in capsys.readouterr().err
+    # found by a new-user review: the run's own folder was "no checkpoint", and the ADMM phase's unpruned
+    # weights were exported with no word that they are not the pruned model
+    assert main(["detect", "export", "--checkpoint", str(uninterrupted["out"]), "--out", str(tmp_path / "e")]) == 2
+    assert (f"{uninterrupted['out']}: a detect prune run's folder, with a final model per sparsity: expected "
+            f"--checkpoint {uninterrupted['out']}/sparsity_S, one of sparsity_0.6") in capsys.readouterr().err
+    assert main(["detect", "export", "--checkpoint", str(folder / "admm"), "--out", str(tmp_path / "f"),
+                 "--formats", "compact"]) == 0
+    assert (f"a checkpoint of the ADMM phase, before the hard prune: its weights are not pruned; the pruned model "
+            f"is {folder / 'retrained.pt'}") in capsys.readouterr().err
     elsewhere = tmp_path / "project" / "downloads" / "ckpt" / "retrained.pt"
     elsewhere.parent.mkdir(parents=True)
     shutil.copy(stage_file, elsewhere)
