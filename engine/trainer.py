@@ -167,6 +167,9 @@ class Trainer:
         if self._resume_pending:
             self._load_callback_states(self._load_resume_state())   # before on_train_start, which uses them
             self._refuse_later_checkpoints()
+            if self.epoch > total:
+                warnings.warn(f"{self.last_checkpoint}: the run is at epoch {self.epoch}, past the {total} epochs "
+                              f"asked for: nothing is trained", stacklevel=2)
         elif self.epoch == 0 and self.step == 0:
             self._refuse_earlier_checkpoints()
         self._call("on_train_start")

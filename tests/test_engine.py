@@ -483,6 +483,16 @@ def test_a_new_run_refuses_a_folder_of_earlier_checkpoints_and_resumes_from_it(t
     assert resumed.epoch == 5
 
 
+def test_a_resume_asked_for_fewer_epochs_than_it_has_says_it_trains_nothing(tmp_path):
+    """Found by a review: a finished 3-epoch detect train run again with --epochs 1 said only
+    "done: 3 epochs"."""
+    make_trainer(tmp_path, [], epochs=3).fit()
+    again = make_trainer(tmp_path, [], epochs=1, resume=tmp_path / "ckpt")
+    with pytest.warns(UserWarning, match=r"epoch_0003.pt: the run is at epoch 3, past the 1 epochs asked for: "
+                                         r"nothing is trained"):
+        assert len(again.fit()) == 3 and again.epoch == 3
+
+
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     from engine.checkpoint import remove_older_checkpoints
 
