@@ -77,9 +77,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("conf", "iou"):
         if not 0 <= getattr(args, name) <= 1:
             raise ValueError(f"--{name} must be in [0, 1], found {getattr(args, name)}")
-    if args.max_det < 1 or args.batch_size < 1 or (args.workers or 0) < 0:
-        raise ValueError(f"--max-det and --batch-size must be >= 1 and --workers >= 0, found "
-                         f"{args.max_det}, {args.batch_size}, {args.workers}")
+    for flag, value, low in (("--max-det", args.max_det, 1), ("--batch-size", args.batch_size, 1),
+                             ("--workers", args.workers, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, found {value}")
     if args.max_det > MAX_DET:         # pycocotools' summary reads maxDets=100 whatever else is scored
         raise ValueError(f"--max-det must be at most {MAX_DET}, found {args.max_det}: COCO's mAP scores the best "
                          f"{MAX_DET} detections of each image, so more would not count")

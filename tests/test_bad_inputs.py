@@ -330,6 +330,8 @@ CASES = [
          lambda ws: detect_eval(ws, cfg=ws.write("bad.cfg", TINY_CFG.replace("filters=16", "filters=1x6", 1))),
          (f"{{root}}/bad.cfg:{FILTERS_LINE} [convolutional] (layer 2)", "option 'filters'",
           "expected an integer, found '1x6'")),
+    Case("eval-batch-size-zero", lambda ws: detect_eval(ws, "--batch-size", "0"),  # named with two others once
+         ("--batch-size must be >= 1, found 0",), absent=("--max-det",)),
     Case("eval-max-det-above-coco-s-100", lambda ws: detect_eval(ws, "--max-det", "300"),    # were not scored
          ("--max-det must be at most 100, found 300: COCO's mAP scores the best 100 detections of each image",)),
     # --- data
