@@ -161,16 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     """The `classify` parser with the train, eval and prune modes."""
     parser = argparse.ArgumentParser(prog="yolo-admm classify", description="LeNet-5 / ResNet-56 classifiers.")
     modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
-    train = modes.add_parser("train", help="dense training")
+    train = modes.add_parser("train", help="dense training", description=(
+        "Train LeNet-5 or ResNet-56 densely, from --weights or from a seeded initialisation, and save "
+        "the weights to --out."))
     add_common_arguments(train, "train")
     train.add_argument("--epochs", type=int, default=10,
                        help="training epochs (default 10; 0 writes the initial weights, seeded by --seed)")
     add_training_arguments(train)
     train.add_argument("--out", type=Path, default=None,
                        help=f"write the weights here (default: {DEFAULT_RUN_DIR}/MODEL-dense.pt)")
-    evaluate = modes.add_parser("eval", help="top-1 accuracy on the test set")
+    evaluate = modes.add_parser("eval", help="top-1 accuracy on the test set",
+                                description="Top-1 accuracy of --weights on the test split of --data.")
     add_common_arguments(evaluate, "eval")
-    prune = modes.add_parser("prune", help="dense eval -> prune -> masked retrain -> eval")
+    prune = modes.add_parser("prune", help="dense eval -> prune -> masked retrain -> eval", description=(
+        "Evaluate the dense --weights, remove --sparsity of the prunable weights with --method, retrain "
+        "with the masks fixed and evaluate again; --out saves the pruned weights, --json-out the result "
+        "with its per-layer table (plots beside it)."))
     add_common_arguments(prune, "prune")
     add_prune_arguments(prune)
     add_training_arguments(prune)
