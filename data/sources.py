@@ -374,8 +374,11 @@ def read_data_yaml(data_yaml: Path) -> dict:
 
 def parse_class_names(spec: dict, data_yaml: Path) -> list[str]:
     """The class names of a parsed data yaml: `names` as a list, or a dict {0: name, ...} with keys
-    0..n-1 (numbers, or their text)."""
+    0..n-1 (numbers, or their text); without `names`, `nc` numbered ones (class_0, class_1, ...)."""
     names = spec.get("names") if isinstance(spec, dict) else None
+    count = _whole_number(spec.get("nc")) if isinstance(spec, dict) else None
+    if names is None and count is not None and count >= 1:      # nc alone: numbered classes, as Ultralytics names them
+        names = [f"class_{index}" for index in range(count)]
     if isinstance(names, dict):
         keys = {key if _whole_number(key) is None else _whole_number(key): value for key, value in names.items()}
         if set(keys) != set(range(len(names))):

@@ -294,6 +294,9 @@ def test_yolo_dataset_bad_yaml_errors(tmp_path):
     yaml_path.write_text("path: ..\nval: images/val\nnames:\n  - dog\n  -\n")
     with pytest.raises(ValueError, match="data.yaml: 'names' entry 1: expected a class name, found None"):
         load_yolo_dataset(yaml_path)
+    yaml_path.write_text("path: ..\nval: images/val\nnc: 2\n")     # found by a review: Ultralytics takes nc alone
+    with pytest.warns(UserWarning, match="coordinates outside"):      # the dataset's own line 3
+        assert load_yolo_dataset(yaml_path).class_names == ["class_0", "class_1"]
     yaml_path.write_text("path: ..\nval: images/val\nnames: [dog, no]\n")
     with pytest.raises(ValueError, match=r"'names' entry 1: expected a class name, found False \(yaml reads"):
         load_yolo_dataset(yaml_path)
