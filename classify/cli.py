@@ -30,6 +30,7 @@ from yolo_admm.arguments import parse_arguments, pattern_list
 from yolo_admm.wording import counted
 
 DEFAULT_RUN_DIR = Path("runs/classify")
+PRUNED_ZERO_FRACTION = 0.2     # more zero Conv/Linear weights than this: a pruned model (a trained dense one has ~none)
 
 
 def sparsity_fraction(text: str) -> float:
@@ -225,7 +226,11 @@ def join_torchrun(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    args.out = args.out or DEFAULT_RUN_DIR / f"{args.model}-dense.pt"
+    if args.out is None:
+        args.out = DEFAULT_RUN_DIR / f"{args.model}-dense.pt"
+        if args.out.exists():
+            warnings.warn(f"no --out: this run's weights replace {args.out}, an earlier run's; give --out to keep "
+                          f"both", stacklevel=2)
     check_output_files(args)
     check_checkpoint_dir(args)
     join_torchrun(args)
@@ -235,7 +240,7 @@ def run_train(args: argparse.Namespace) -> int:
         claim_checkpoint_dir(settings, identity)
         model, datasets = prepare(args.model, args.data, args.weights, seed=args.seed)
         zero = weight_sparsity(model) if args.weights is not None else 0.0
-        if zero > 0.5:
+        if zero > PRUNED_ZERO_FRACTION:
             warnings.warn(f"--weights {args.weights}: {100 * zero:.1f}% of its Conv/Linear weights are zero (a pruned "
                           f"model?); train does not keep them at zero: to retrain a pruned model with its masks "
                           f"fixed, use classify prune", stacklevel=2)

@@ -172,10 +172,11 @@ class DarknetCrop(A.CropAndPad):
 class DarknetColour(A.ImageOnlyTransform):
     """Darknet's colour jitter, step 4 of the module docstring, as `image_data_augmentation` applies
     it to 8-bit images: hue, saturation and value in OpenCV's HSV (hue 0..179), the factors drawn
-    by `darknet_scale`. Darknet adds the hue shift to the 8-bit hue and clips it; here it turns
-    round the circle. (albumentations' ColorJitter draws its factors uniformly in [1/s, s], which
-    brightens on average, 1.08x for s = 1.5, and blends with grey for saturation, which also
-    changes the brightness.)"""
+    by `darknet_scale`; an image drawn no change is left as it is (the HSV round trip alone moves
+    pixels by a few levels). Darknet adds the hue shift to the 8-bit hue, which clips at 0, so a
+    shift below red stays red; here every shift turns round the circle. (albumentations'
+    ColorJitter draws its factors uniformly in [1/s, s], which brightens on average, 1.08x for
+    s = 1.5, and blends with grey for saturation, which also changes the brightness.)"""
 
     def __init__(self, hue: float, saturation: float, exposure: float, p: float = 1.0):
         super().__init__(p=p)
@@ -203,6 +204,8 @@ def scale_hsv(image: np.ndarray, hue_shift: float, saturation_factor: float, val
     """uint8 RGB `image` with its hue turned by `hue_shift` of the colour circle and its HSV
     saturation and value multiplied (rounded, clipped to 0..255, as OpenCV's 8-bit arithmetic); a
     grey image (one channel) has its values multiplied, as Darknet does."""
+    if hue_shift == 0 and saturation_factor == 1 and value_factor == 1:     # as Darknet: no round trip
+        return image
     levels = np.arange(256, dtype=np.float64)
     value = np.clip(np.rint(levels * value_factor), 0, 255).astype(np.uint8)
     if image.ndim == 2 or image.shape[-1] == 1:

@@ -17,6 +17,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from data.geometry import FitTransform, fit_transform, place_on_canvas, resize_content
@@ -56,14 +57,22 @@ def read_rgb(path: str | Path, orientation: int = 1) -> np.ndarray:
 
 
 def _is_cut_short_jpeg(path: Path) -> bool:
-    """Whether `path` is a JPEG (by its first bytes) whose last `JPEG_TAIL_BYTES` hold no end-of-image
-    marker: a file cut short, of which OpenCV decodes the part that is there (some cameras append
-    data after the marker, hence a tail rather than the last two bytes)."""
+    """Whether `path` is a JPEG (by its first bytes) cut short, of which OpenCV decodes the part
+    that is there. Its last `JPEG_TAIL_BYTES` holding the end-of-image marker say it is whole (at
+    the cost of reading them); otherwise (a file cut short, or one with more data after the
+    marker, as a motion photo's video) PIL decodes it to tell, and raises where it is cut short."""
     with open(path, "rb") as stream:
         if stream.read(2) != b"\xff\xd8":
             return False
         stream.seek(max(0, os.fstat(stream.fileno()).st_size - JPEG_TAIL_BYTES))
-        return b"\xff\xd9" not in stream.read()
+        if b"\xff\xd9" in stream.read():
+            return False
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except OSError:                                  # "image file is truncated"
+        return True
+    return False
 
 
 def read_annotated_image(path: str | Path, orientation: int, annotated_wh: tuple[int, int]) -> np.ndarray:

@@ -188,7 +188,8 @@ def _read_coco_json(annotations_json: Path) -> dict:
                              f"'{key}' list, found none")
     for category in coco["categories"]:
         _check_entry(category, {"id": int, "name": str}, "category", annotations_json)
-    coco["categories"] = sorted(coco["categories"], key=lambda c: c["id"])
+    unique = {(c["id"], c["name"]): c for c in coco["categories"]}      # the same entry twice: once
+    coco["categories"] = sorted(unique.values(), key=lambda c: c["id"])
     for earlier, category in zip(coco["categories"], coco["categories"][1:]):
         if category["id"] == earlier["id"]:
             raise ValueError(f"{annotations_json}: category id {category['id']} is listed twice in 'categories' "
@@ -363,12 +364,12 @@ def read_data_yaml(data_yaml: Path) -> dict:
         raise ValueError(f"{data_yaml}: not valid yaml ({' '.join(str(err).split())})") from None
     if not isinstance(spec, dict):
         raise ValueError(f"{data_yaml}: expected a mapping with 'names' and the splits, found {type(spec).__name__}")
-    if spec.get("val") is None and spec.get("validation") is not None:
-        spec["val"] = spec["validation"]
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "validation", "test"):
         entry = spec.get(split)
         if entry == [] or (isinstance(entry, str) and not entry.strip()):   # `val: ''`: none, as Ultralytics
             spec[split] = None
+    if spec.get("val") is None and spec.get("validation") is not None:
+        spec["val"] = spec["validation"]
     return spec
 
 

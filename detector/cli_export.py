@@ -239,7 +239,8 @@ def prune_run_checkpoint(path: Path) -> Path:
                       f"the model the run measured and exported is {final}", stacklevel=2)
     if file.parent.name == "admm" and file.parent.parent.name.startswith("sparsity_"):
         warnings.warn(f"{file}: a checkpoint of the ADMM phase, before the hard prune: its weights are not pruned; "
-                      f"the pruned model is {final}", stacklevel=2)
+                      f"the pruned model is {final}{'' if final.is_file() else ', once the run has finished'}",
+                      stacklevel=2)
     return file
 
 

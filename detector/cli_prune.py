@@ -11,9 +11,11 @@ import sys
 import warnings
 from pathlib import Path
 
+import yaml
+
 from detector.cli import network_size
 from detector.export import FORMATS as EXPORT_FORMATS
-from detector.prune_job import METHODS, PruneJob
+from detector.prune_job import METHODS, RECORDED_ONLY, PruneJob
 from detector.prune_pipeline import format_stage_table, run_job
 from engine import distributed, refuse_overwriting_inputs
 from yolo_admm.arguments import pattern_list
@@ -112,11 +114,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def written_files(job: PruneJob) -> list[Path]:
-    """The files of fixed names a run writes into --out; its config.yaml only when that is not
-    already the record of this run (which a resume writes again, with the same settings)."""
+    """The files of fixed names a run writes into --out; its config.yaml only when that is not a
+    run's record (which a resume writes again, with the same settings, or refuses)."""
     out = Path(job.out)
-    recorded = (out / "dense.json").is_file()
-    return [out / "log.txt", out / "results.json", *([] if recorded else [out / "config.yaml"])]
+    config = out / "config.yaml"
+    return [out / "log.txt", out / "results.json", *([] if is_run_record(config) else [config])]
+
+
+def is_run_record(path: Path) -> bool:
+    """Whether the config.yaml at `path` is what a run wrote: it records the number of processes
+    (`RECORDED_ONLY`), which no job file sets, or a stage finished beside it (older runs)."""
+    if (path.parent / "dense.json").is_file():
+        return True
+    try:
+        recorded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(recorded, dict) and RECORDED_ONLY in recorded
 
 
 def interrupted_hint(args: argparse.Namespace) -> str:

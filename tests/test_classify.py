@@ -586,6 +586,11 @@ def test_the_seed_fixes_the_initial_weights_of_classify_train(tmp_path, monkeypa
     train[train.index("--epochs") + 1] = "0"                            # the initial weights themselves
     assert classify_main([*train, "--out", str(tmp_path / "init.pt")]) == 0
     assert torch.equal(torch.load(tmp_path / "init.pt", weights_only=True)["conv1.weight"], first.conv1.weight)
+    monkeypatch.chdir(tmp_path)                  # found by a review: a second run replaced the default --out silently
+    assert classify_main(train) == 0
+    with pytest.warns(UserWarning, match=r"no --out: this run's weights replace runs/classify/lenet5-dense.pt, an "
+                                         r"earlier run's; give --out to keep both"):
+        assert classify_main([*train, "--seed", "2"]) == 0
 
 
 class RandomlyAugmented(torch.utils.data.Dataset):

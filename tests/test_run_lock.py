@@ -129,7 +129,7 @@ def snapshot(folder: Path) -> dict[Path, bytes]:
 
 @pytest.mark.parametrize("command", [
     ["detect", "train", "--cfg", "{demo_cfg}", "--data", "{root}/none.yaml", "--out", "{run}"],   # checked first
-    ["detect", "prune", "--cfg", "{demo_cfg}", "--data", "{root}/none.yaml", "--out", "{run}"],  # checked first
+    ["detect", "prune", "--cfg", "{demo_cfg}", "--data", "{demo_cfg}", "--out", "{run}"],   # there; read after the lock
     ["classify", "train", "--model", "lenet5", "--data", "{root}/none", "--checkpoint-dir", "{run}",
      "--out", "{root}/lenet5.pt"],
     ["classify", "prune", "--model", "lenet5", "--data", "{root}/none", "--weights", "{root}/none.pt", "--sparsity", "0.9",

@@ -141,6 +141,15 @@ def test_coco_json_bad_entries_name_the_file_and_the_entry(tmp_path, defect, mes
         load_coco_json(tmp_path / "images", path)
 
 
+def test_a_category_listed_twice_alike_is_one(tmp_path):
+    """A review: the same entry twice (id and name) is harmless, and pycocotools keeps one."""
+    path = write_coco(tmp_path)
+    coco = json.loads(path.read_text())
+    coco["categories"].append(dict(coco["categories"][0]))
+    path.write_text(json.dumps(coco))
+    assert load_coco_json(tmp_path / "images", path).class_names == ["bird", "cat", "toaster"]
+
+
 def test_coco_json_whole_numbers_may_be_written_as_floats_or_text(tmp_path):
     path = write_coco(tmp_path)
     coco = json.loads(path.read_text())
@@ -288,6 +297,9 @@ def test_yolo_dataset_bad_yaml_errors(tmp_path):
         yaml_path.write_text(f"path: ..\ntrain: images/val\nval: {blank}\nnames: [dog]\n")
         with pytest.raises(ValueError, match=r"data.yaml: split 'val' not found; the yaml has \['train'\]"):
             load_yolo_dataset(yaml_path)
+    yaml_path.write_text("path: ..\nval: ''\nvalidation: images/val\nnames: [dog, person]\n")  # a review
+    with pytest.warns(UserWarning, match="coordinates outside"):      # the dataset's own line 3
+        assert len(load_yolo_dataset(yaml_path).records) == 2
     yaml_path.write_text("path: ..\nval: [images/val, '']\nnames: [dog]\n")
     with pytest.raises(ValueError, match=r"data.yaml: split 'val': an empty path among its entries"):
         load_yolo_dataset(yaml_path)
@@ -377,9 +389,10 @@ def test_a_jpeg_cut_short_is_named_in_a_warning(tmp_path):
     encoded = cv2.imencode(".jpg", image)[1].tobytes()
     (tmp_path / "whole.jpg").write_bytes(encoded)
     (tmp_path / "trailer.jpg").write_bytes(encoded + bytes(1000))       # data after the end marker: whole
+    (tmp_path / "video.jpg").write_bytes(encoded + bytes(100_000))      # as a motion photo (a review)
     (tmp_path / "cut.jpg").write_bytes(encoded[:len(encoded) // 2])
     with pytest.warns(UserWarning, match=f"{tmp_path / 'cut.jpg'}: a JPEG without its end marker") as caught:
-        for name in ("whole.jpg", "trailer.jpg", "cut.jpg"):
+        for name in ("whole.jpg", "trailer.jpg", "video.jpg", "cut.jpg"):
             assert read_rgb(tmp_path / name).shape == (64, 64, 3)
     assert len(caught) == 1
 

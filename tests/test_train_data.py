@@ -180,6 +180,8 @@ def test_colour_is_scaled_in_hsv_as_darknet_does():
     red = np.array([[[255, 0, 0]]], np.uint8)
     assert scale_hsv(red, -0.25, 1.0, 1.0).tolist() == [[[128, 0, 255]]]        # 0 - 90 degrees: violet
     assert scale_hsv(red, 0.5, 1.0, 1.0).tolist() == [[[0, 255, 255]]]          # half the circle: cyan
+    photo = (np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)
+    assert scale_hsv(photo, 0.0, 1.0, 1.0) is photo                              # found by a review: no round trip
     grey = np.full((2, 2), 100, np.uint8)
     assert scale_hsv(grey, 0.3, 1.5, 0.5).tolist() == [[50, 50], [50, 50]]      # one channel: the value alone
 
