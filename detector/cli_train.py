@@ -252,8 +252,10 @@ def explicit_resume_problem(args: argparse.Namespace) -> str | None:
     """What is wrong when the run --resume continues (the args.json beside its checkpoint, where
     there is one) had other settings than these flags, beyond `RESUMABLE_FLAGS` and
     `EXPLICIT_RESUME_FLAGS`: another dataset, batch, input size or number of processes would
-    continue another run. None when nothing is."""
+    continue another run; or nothing is there. None when nothing is wrong."""
     resume = Path(args.resume)
+    if not resume.exists():                           # before the data is read, not after
+        return f"--resume {args.resume}: expected a checkpoint file or a folder of them, found nothing"
     saved = recorded_settings(resume if resume.is_dir() else resume.parent)
     changed = [] if saved is None else changed_settings(saved, recorded_args(args),
                                                         ignore=RESUMABLE_FLAGS | EXPLICIT_RESUME_FLAGS)

@@ -501,6 +501,9 @@ CASES = [
          ("--out {out}/export: expected a new folder or one an earlier detect export wrote into (its export.json "
           "is not there), found 1 file that this export would replace (model.onnx); choose another --out",),
          files={"out/export/model.onnx": "the user's"}),
+    Case("train-resume-from-nothing", lambda ws: detect_train(ws, "--resume", str(ws.root / "nowhere")),
+         ("--resume {root}/nowhere: expected a checkpoint file or a folder of them, found nothing",),
+         absent=("burn_in",)),       # found by a review: said after the data was read and the warnings given
     Case("train-from-a-pruned-model", lambda ws: detect_train(ws, "--weights", str(pruned_weights(ws))),
          ("--weights {root}/pruned.weights: 50.0% of its conv weights are zero (a pruned model?); detect train does "
           "not keep them at zero, so the model it writes is dense again",), code=0),
