@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             "--config": args.config, "--cfg": job.cfg, "--weights": job.weights, "--data": job.data,
             "--train-annotations": job.train_annotations, "--val-annotations": job.val_annotations},
             f"--out {job.out}")
+        check_no_foreign_config(job)
     except ValueError as error:               # every rank reads the same flags and --config: said once
         raise distributed.EveryRankError(str(error)) from None
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -119,6 +120,16 @@ def written_files(job: PruneJob) -> list[Path]:
     out = Path(job.out)
     config = out / "config.yaml"
     return [out / "log.txt", out / "results.json", *([] if is_run_record(config) else [config])]
+
+
+def check_no_foreign_config(job: PruneJob) -> None:
+    """A config.yaml in --out that no run wrote (a user's file kept there) would be replaced by the
+    run's record: refused, naming it."""
+    config = Path(job.out) / "config.yaml"
+    if config.exists() and not is_run_record(config):
+        raise ValueError(f"--out {job.out}: holds a config.yaml that no run wrote (it records no '{RECORDED_ONLY}'), "
+                         f"which this run would replace with its own record; expected a new folder or a run's own: "
+                         f"move that file, or choose another --out")
 
 
 def is_run_record(path: Path) -> bool:

@@ -495,6 +495,9 @@ CASES = [
     Case("prune-out-holds-its-job-file", lambda ws: detect_prune(ws, "--config", str(ws.out / "prune" / "config.yaml")),
          ("--out {out}/prune: this run would overwrite its own input {out}/prune/config.yaml (--config)",),
          files={"out/prune/config.yaml": "# the user's job\nsparsity: [0.5]\n"}, then=a_runs_own_config_resumes_it),
+    Case("prune-out-holds-a-users-config", detect_prune,
+         ("--out {out}/prune: holds a config.yaml that no run wrote (it records no 'processes'), which this run "
+          "would replace",), files={"out/prune/config.yaml": "# the user's notes\n"}),
     Case("export-over-files-no-export-wrote",
          lambda ws: ["detect", "export", "--cfg", str(ws.cfg), "--weights", str(ws.weights), "--formats", "onnx",
                      "--out", str(ws.out / "export")],
