@@ -30,7 +30,6 @@ from yolo_admm.arguments import parse_arguments, pattern_list
 from yolo_admm.wording import counted
 
 DEFAULT_RUN_DIR = Path("runs/classify")
-PRUNED_ZERO_FRACTION = 0.2     # more zero Conv/Linear weights than this: a pruned model (a trained dense one has ~none)
 
 
 def sparsity_fraction(text: str) -> float:
@@ -239,8 +238,8 @@ def run_train(args: argparse.Namespace) -> int:
     with run_folder_lock(settings.checkpoint_dir, "--checkpoint-dir"):   # one job per folder
         claim_checkpoint_dir(settings, identity)
         model, datasets = prepare(args.model, args.data, args.weights, seed=args.seed)
-        zero = weight_sparsity(model) if args.weights is not None else 0.0
-        if zero > PRUNED_ZERO_FRACTION:
+        zero = pruning.weight_sparsity(model) if args.weights is not None else 0.0
+        if zero > pruning.PRUNED_ZERO_FRACTION:
             warnings.warn(f"--weights {args.weights}: {100 * zero:.1f}% of its Conv/Linear weights are zero (a pruned "
                           f"model?); train does not keep them at zero: to retrain a pruned model with its masks "
                           f"fixed, use classify prune", stacklevel=2)
@@ -261,15 +260,10 @@ def run_eval(args: argparse.Namespace) -> int:
     model.to(resolve_device(settings.device))
     loader = make_eval_loader(model_spec(args.model), datasets["test"], settings)
     accuracy = evaluate_accuracy(model, loader, settings.device)
-    zero = weight_sparsity(model)
+    zero = pruning.weight_sparsity(model)
     pruned = f"; {100 * zero:.2f}% of its Conv/Linear weights are zero" if zero > 0 else ""
     print(f"{args.model} {args.weights}: top-1 {accuracy:.2f}% on {len(loader.dataset)} test images{pruned}")
     return 0
-
-
-def weight_sparsity(model: nn.Module) -> float:
-    """The fraction of zeros among the model's Conv/Linear weights."""
-    return pruning.table_totals(pruning.layer_table(model))["sparsity"]
 
 
 def run_prune(args: argparse.Namespace) -> int:

@@ -115,16 +115,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def written_files(job: PruneJob) -> list[Path]:
-    """The files of fixed names a run writes into --out; its config.yaml only when that is not a
-    run's record (which a resume writes again, with the same settings, or refuses)."""
-    out = Path(job.out)
-    config = out / "config.yaml"
-    return [out / "log.txt", out / "results.json", *([] if is_run_record(config) else [config])]
+    """The files of fixed names a run writes into --out, but its config.yaml: a run's own record
+    there is written again, another file refused (`check_no_foreign_config`)."""
+    return [Path(job.out) / "log.txt", Path(job.out) / "results.json"]
 
 
 def check_no_foreign_config(job: PruneJob) -> None:
-    """A config.yaml in --out that no run wrote (a user's file kept there) would be replaced by the
-    run's record: refused, naming it."""
+    """A config.yaml in --out that no run wrote (a user's file kept there, or given as --config)
+    would be replaced by the run's record: refused, naming it."""
     config = Path(job.out) / "config.yaml"
     if config.exists() and not is_run_record(config):
         raise ValueError(f"--out {job.out}: holds a config.yaml that no run wrote (it records no '{RECORDED_ONLY}'), "

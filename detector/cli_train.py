@@ -45,7 +45,6 @@ from engine import (atomic_write_json, changed_settings, describe_changes, distr
                     output_folder, refuse_overwriting_inputs, resolved_paths, run_folder_lock, seed_everything)
 from yolo_admm.wording import counted
 
-PRUNED_ZERO_FRACTION = 0.2     # more zero conv weights than this: a pruned model (a trained dense one has ~none)
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "eval_every", "resume", "progress",
                    "out"}                                 # a run folder copied or moved resumes where it is
 EXPLICIT_RESUME_FLAGS = {"lr", "momentum", "weight_decay",     # what an explicit --resume may change besides
@@ -168,8 +167,8 @@ def train_in_folder(args: argparse.Namespace, config: DetectTrainConfig) -> int:
         data_name = str(args.data or args.annotations)  # where the class names come from, for messages
         class_names = writable_class_names(train_source, data_name)
         model = load_to_train(args.cfg, args.weights, partial=True)
-    zero = pruning.table_totals(pruning.layer_table(model))["sparsity"]
-    if zero > PRUNED_ZERO_FRACTION:
+    zero = pruning.weight_sparsity(model)
+    if zero > pruning.PRUNED_ZERO_FRACTION:
         warnings.warn(f"--weights {args.weights}: {100 * zero:.1f}% of its conv weights are zero (a pruned model?); "
                       f"detect train does not keep them at zero, so the model it writes is dense again",
                       stacklevel=2)

@@ -16,7 +16,8 @@ from pruning.projection import (
     layerwise_topk_masks,
     magnitude_keys,
 )
-from pruning.report import format_table, layer_table, save_kept_fraction_plot, table_totals
+from pruning.report import (PRUNED_ZERO_FRACTION, format_table, layer_table, save_kept_fraction_plot, table_totals,
+                            weight_sparsity)
 from pruning.selection import canonical_name, check_selection, layer_floors, name_matches, prunable_parameters
 from pruning.sparse_archive import check_decoded, entropy_bound, load_sparse_archive, save_sparse_archive
 from pruning.ultralytics_callbacks import UltralyticsADMM
@@ -28,6 +29,7 @@ __all__ = [
     "attach_masks", "UltralyticsADMM",
     "check_sparsity", "floor_counts", "global_topk_masks", "kept_count",
     "layerwise_topk_masks", "magnitude_keys", "format_table", "layer_table", "save_kept_fraction_plot",
+    "PRUNED_ZERO_FRACTION", "weight_sparsity",
     "table_totals", "canonical_name", "check_selection", "layer_floors", "name_matches", "prunable_parameters",
     "check_decoded", "entropy_bound", "load_sparse_archive", "save_sparse_archive",
 ]

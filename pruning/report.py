@@ -63,6 +63,14 @@ def table_totals(rows: Sequence[dict]) -> dict:
     return {"params": params, "kept": kept, "kept_pct": 100.0 * kept_fraction, "sparsity": 1.0 - kept_fraction}
 
 
+PRUNED_ZERO_FRACTION = 0.2   # more zero prunable weights than this: a pruned model (a trained dense one has ~none)
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """The fraction of zeros among the model's prunable weights (Conv and Linear, by default)."""
+    return table_totals(layer_table(model))["sparsity"]
+
+
 def format_table(rows: Sequence[dict]) -> str:
     """Fixed-width text table of ``rows`` with a total line."""
     header = ("layer", "shape", "params", "kept", "kept %")

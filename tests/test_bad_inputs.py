@@ -493,7 +493,8 @@ CASES = [
     Case("train-out-holds-its-weights", lambda ws: detect_train(ws, "--weights", str(ws.out / "tiny.weights")),
          ("--out {out}: this run would overwrite its own input {out}/tiny.weights (--weights)",)),
     Case("prune-out-holds-its-job-file", lambda ws: detect_prune(ws, "--config", str(ws.out / "prune" / "config.yaml")),
-         ("--out {out}/prune: this run would overwrite its own input {out}/prune/config.yaml (--config)",),
+         ("--out {out}/prune: holds a config.yaml that no run wrote (it records no 'processes'), which this run "
+          "would replace",),
          files={"out/prune/config.yaml": "# the user's job\nsparsity: [0.5]\n"}, then=a_runs_own_config_resumes_it),
     Case("prune-out-holds-a-users-config", detect_prune,
          ("--out {out}/prune: holds a config.yaml that no run wrote (it records no 'processes'), which this run "
